@@ -1,0 +1,1 @@
+"""procward: an async multi-instance process supervisor."""

@@ -1,0 +1,57 @@
+"""The manifest: its models, its units, and loading it with every problem placed in the file.
+
+Public names live here; the submodules hold one idea each.
+"""
+
+from .loader import ManifestError, Problem, load_manifest, parse_manifest
+from .models import (
+    Backoff,
+    ControlSettings,
+    DependencyCondition,
+    FifoStream,
+    FileStream,
+    InheritStream,
+    InstanceConfig,
+    InstanceLogs,
+    LogSettings,
+    LogStream,
+    Manifest,
+    NullStream,
+    RestartPolicy,
+    ServiceSettings,
+    StdoutStream,
+    StopPolicy,
+    StreamSpec,
+    read_env_file,
+)
+from .units import format_duration, parse_duration, parse_signal, parse_size, signal_name
+
+__all__ = [
+    "Backoff",
+    "ControlSettings",
+    "DependencyCondition",
+    "FifoStream",
+    "FileStream",
+    "InheritStream",
+    "InstanceConfig",
+    "InstanceLogs",
+    "LogSettings",
+    "LogStream",
+    "Manifest",
+    "ManifestError",
+    "NullStream",
+    "Problem",
+    "RestartPolicy",
+    "ServiceSettings",
+    "StdoutStream",
+    "StopPolicy",
+    "StreamSpec",
+    "format_duration",
+    "load_manifest",
+    "parse_duration",
+    "parse_manifest",
+    "parse_signal",
+    "parse_size",
+    "read_env_file",
+    "signal_name",
+]

@@ -1,0 +1,410 @@
+"""The manifest's models: what a person may write, with defaults and meaning.
+
+Every model refuses unknown keys, so a misspelt key is an error at load time
+rather than a setting silently ignored for months. Descriptions here are the
+source of ``docs/manifest.md`` and of the JSON Schema editors use.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shlex
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from .units import Duration, Signal, Size, Umask
+
+INSTANCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _relative_to_manifest(value: str | None, info: ValidationInfo) -> str | None:
+    """Make a path absolute against the manifest's folder (the loader passes it as context).
+
+    Resolved at load time so that two manifests compare equal on reload exactly
+    when they mean the same files, and so that no later module guesses a base.
+    An empty path stays empty: for a stream it means "not set up".
+    """
+    base = (info.context or {}).get("base_dir")
+    if not value or base is None:
+        return value
+    path = Path(os.path.expanduser(value))
+    return str(path if path.is_absolute() else Path(base) / path)
+
+
+RelativePath = Annotated[str, AfterValidator(_relative_to_manifest)]
+
+
+# -- stdio ------------------------------------------------------------------------------------
+
+
+class LogStream(StrictModel):
+    """A pipe the service captures into the instance's rotating log (see ``logs``)."""
+
+    kind: Literal["log"] = "log"
+
+
+class NullStream(StrictModel):
+    """``/dev/null``."""
+
+    kind: Literal["null"] = "null"
+
+
+class InheritStream(StrictModel):
+    """The service's own stream of the same number."""
+
+    kind: Literal["inherit"] = "inherit"
+
+
+class FileStream(StrictModel):
+    """A regular file: read for stdin; for output, created when missing, appended to or truncated."""
+
+    kind: Literal["file"] = "file"
+    path: RelativePath = Field(description="Relative paths are relative to the manifest's folder.")
+    mode: Literal["append", "truncate"] = "append"
+
+
+class FifoStream(StrictModel):
+    """An existing fifo, opened read-write so that opening never blocks the service."""
+
+    kind: Literal["fifo"] = "fifo"
+    path: RelativePath = Field(description="Relative paths are relative to the manifest's folder.")
+
+
+class StdoutStream(StrictModel):
+    """stderr only: the same file descriptor as stdout, like ``2>&1``."""
+
+    kind: Literal["stdout"] = "stdout"
+
+
+_KEYWORDS = {"log": LogStream, "null": NullStream, "inherit": InheritStream, "stdout": StdoutStream}
+
+
+def _stream_from_yaml(value: Any) -> Any:
+    """Turn the short forms (``log``, ``/var/log/x``, ``{file: ...}``) into tagged dicts."""
+    if value is None:
+        # YAML reads a bare `null` as None: that is the `null` form, /dev/null.
+        return {"kind": "null"}
+    if isinstance(value, str):
+        if value in _KEYWORDS:
+            return {"kind": value}
+        return {"kind": "file", "path": value}
+    if isinstance(value, dict) and "kind" not in value:
+        if "file" in value:
+            return {"kind": "file", "path": value["file"], **{k: v for k, v in value.items() if k != "file"}}
+        if "fifo" in value:
+            return {"kind": "fifo", "path": value["fifo"], **{k: v for k, v in value.items() if k != "fifo"}}
+        raise ValueError("a stream mapping needs a 'file' or a 'fifo' key")
+    return value
+
+
+_STREAM_SCHEMA_SHORT = {
+    "type": "string",
+    "description": "log, null, inherit, or a path to a file",
+}
+_STREAM_SCHEMA_OBJECTS = [
+    {
+        "type": "object",
+        "properties": {"file": {"type": "string"}, "mode": {"enum": ["append", "truncate"]}},
+        "required": ["file"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"fifo": {"type": "string"}},
+        "required": ["fifo"],
+        "additionalProperties": False,
+    },
+]
+
+
+def _stream_type(*kinds: type[StrictModel]) -> Any:
+    members: Any = kinds[0]
+    for kind in kinds[1:]:
+        members = members | kind
+    return Annotated[
+        members,
+        Field(discriminator="kind"),
+        BeforeValidator(_stream_from_yaml),
+        WithJsonSchema({"anyOf": [_STREAM_SCHEMA_SHORT, *_STREAM_SCHEMA_OBJECTS]}),
+    ]
+
+
+InputStream = _stream_type(NullStream, InheritStream, FileStream, FifoStream)
+OutputStream = _stream_type(LogStream, NullStream, InheritStream, FileStream, FifoStream)
+ErrorStream = _stream_type(LogStream, NullStream, InheritStream, FileStream, FifoStream, StdoutStream)
+StreamSpec = LogStream | NullStream | InheritStream | FileStream | FifoStream | StdoutStream
+
+
+# -- logs, restart, stop ----------------------------------------------------------------------
+
+
+class LogSettings(StrictModel):
+    """How captured output is kept on disk and in memory."""
+
+    max_bytes: Size = Field(50 * 1024**2, description="Rotate the file when it would grow past this.")
+    backups: int = Field(5, ge=0, description="Rotated files kept: NAME.out.log.1 … .N.")
+    timestamps: bool = Field(False, description="Prefix each line with an ISO-8601 UTC time.")
+
+
+class InstanceLogs(StrictModel):
+    """Per-instance log settings; unset keys take the service's ``supervisor.logs`` values."""
+
+    max_bytes: Size | None = Field(None, description="Default: supervisor.logs.max_bytes.")
+    backups: int | None = Field(None, ge=0, description="Default: supervisor.logs.backups.")
+    timestamps: bool | None = Field(None, description="Default: supervisor.logs.timestamps.")
+    stdout_file: RelativePath | None = Field(None, description="Default: <state_dir>/logs/NAME.out.log.")
+    stderr_file: RelativePath | None = Field(None, description="Default: <state_dir>/logs/NAME.err.log.")
+
+    def resolved(self, defaults: LogSettings) -> LogSettings:
+        return LogSettings(
+            max_bytes=defaults.max_bytes if self.max_bytes is None else self.max_bytes,
+            backups=defaults.backups if self.backups is None else self.backups,
+            timestamps=defaults.timestamps if self.timestamps is None else self.timestamps,
+        )
+
+
+class Backoff(StrictModel):
+    """Delay before the next start after a failure: initial × factor^n, capped, with a little jitter."""
+
+    initial: Duration = Field(0.1, description="Delay after the first failure.")
+    factor: float = Field(2.0, ge=1.0, description="Growth per consecutive failure.")
+    max: Duration = Field(30.0, description="The delay never grows past this.")
+    reset_after: Duration = Field(60.0, description="Up this long, the delay starts over.")
+
+
+class RestartPolicy(StrictModel):
+    """When an ended instance is started again, and when the service gives up."""
+
+    policy: Literal["no", "on-failure", "always"] = Field(
+        "on-failure",
+        description="on-failure: an exit code outside success_codes, or a signal death.",
+    )
+    success_codes: list[int] = Field([0], description="Exit codes that count as success.")
+    min_uptime: Duration = Field(1.0, description="An exit sooner than this is a failed start.")
+    backoff: Backoff = Backoff()
+    max_restarts: int = Field(10, ge=0, description="More restarts than this within window: failed.")
+    window: Duration = Field(300.0, description="The window max_restarts counts in.")
+
+
+class StopPolicy(StrictModel):
+    """How an instance is stopped."""
+
+    signal: Signal = Field(15, description="Sent first (TERM, INT, QUIT, a number…).")
+    timeout: Duration = Field(10.0, description="Then SIGKILL.")
+    group: bool = Field(
+        True, description="Signal the whole process group, and kill what is left of it on exit."
+    )
+
+
+DependencyCondition = Literal["started", "ready", "completed", "completed_successfully"]
+
+
+def _depends_from_yaml(value: Any) -> Any:
+    if isinstance(value, list):
+        return {name: "started" for name in value}
+    return value
+
+
+# -- instance ---------------------------------------------------------------------------------
+
+
+class InstanceConfig(StrictModel):
+    """One program, started ``replicas`` times."""
+
+    command: str | list[str] = Field(
+        description="A list of arguments, or a string split as a shell would split it."
+    )
+    shell: bool = Field(False, description="Run the command string through /bin/sh -c.")
+    cwd: RelativePath | None = Field(None, description="Relative to the manifest's folder.")
+    env: dict[str, str] = Field({}, description="Merged over the service's environment.")
+    inherit_env: bool = Field(True, description="false: start from an empty environment.")
+    env_file: RelativePath | None = Field(None, description="KEY=VALUE lines, applied before env.")
+    user: str | int | None = Field(None, description="Run as this user (the service must be root).")
+    group: str | int | None = Field(None, description="Run with this group.")
+    umask: Umask | None = Field(None, description="Octal, e.g. '022'.")
+    replicas: int = Field(
+        1, ge=0, description="How many copies; more than one are named NAME-0, NAME-1, …"
+    )
+    autostart: bool = Field(True, description="Start when the service starts.")
+    stdin: InputStream = Field(NullStream(), description="Where fd 0 comes from.")  # type: ignore[valid-type]
+    stdout: OutputStream = Field(LogStream(), description="Where fd 1 goes.")  # type: ignore[valid-type]
+    stderr: ErrorStream = Field(LogStream(), description="Where fd 2 goes; 'stdout' merges it.")  # type: ignore[valid-type]
+    logs: InstanceLogs = InstanceLogs()
+    restart: RestartPolicy = RestartPolicy()
+    stop: StopPolicy = StopPolicy()
+    depends_on: Annotated[dict[str, DependencyCondition], BeforeValidator(_depends_from_yaml)] = Field(
+        {}, description="Other instances (by manifest name) and the condition to wait for."
+    )
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_scalars(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: ("true" if v is True else "false" if v is False else str(v))
+                if isinstance(v, int | float | bool)
+                else v
+                for k, v in value.items()
+            }
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _command_splits(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            try:
+                if not shlex.split(value):
+                    raise ValueError("the command is empty")
+            except ValueError as exc:
+                raise ValueError(f"cannot split the command: {exc}") from None
+        elif not value:
+            raise ValueError("the command is empty")
+        return value
+
+    _env_from_file: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _read_env_file(self) -> InstanceConfig:
+        """Read env_file at load time: a missing file is a load error, not a 3 a.m. restart error."""
+        if self.env_file:
+            self._env_from_file = read_env_file(Path(self.env_file))
+        return self
+
+    def environment(self, service_env: dict[str, str]) -> dict[str, str]:
+        """The child's environment: the service's (unless inherit_env is false), env_file, env."""
+        env = dict(service_env) if self.inherit_env else {}
+        env.update(self._env_from_file)
+        env.update(self.env)
+        return env
+
+    @property
+    def argv(self) -> list[str]:
+        """The argument vector to execute: the shell's when ``shell`` is set."""
+        if self.shell:
+            text = self.command if isinstance(self.command, str) else shlex.join(self.command)
+            return ["/bin/sh", "-c", text]
+        return shlex.split(self.command) if isinstance(self.command, str) else list(self.command)
+
+    def replica_names(self, name: str) -> list[str]:
+        if self.replicas == 1:
+            return [name]
+        return [f"{name}-{i}" for i in range(self.replicas)]
+
+
+# -- service ----------------------------------------------------------------------------------
+
+
+class ControlSettings(StrictModel):
+    """Where the control API listens."""
+
+    socket: RelativePath | None = Field(None, description="Default: <state_dir>/control.sock (mode 0600).")
+    tcp: str | None = Field(
+        None, description="Also listen on HOST:PORT, a loopback address only; needs token_file."
+    )
+    token_file: RelativePath | None = Field(None, description="The bearer token TCP clients must send.")
+
+    @field_validator("tcp")
+    @classmethod
+    def _loopback_only(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not HOST:PORT, e.g. 127.0.0.1:9001")
+        host = host.strip("[]")
+        if host != "localhost":
+            try:
+                loopback = ipaddress.ip_address(host).is_loopback
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IP address") from None
+            if not loopback:
+                raise ValueError(f"{host} is not a loopback address: only 127.0.0.0/8 or ::1")
+        return value
+
+    @model_validator(mode="after")
+    def _tcp_needs_token(self) -> ControlSettings:
+        if self.tcp and not self.token_file:
+            raise ValueError("control.tcp needs control.token_file: TCP clients must authenticate")
+        return self
+
+
+class ServiceSettings(StrictModel):
+    """Settings of the service itself."""
+
+    state_dir: RelativePath = Field(
+        ".supervisor", validate_default=True, description="Relative to the manifest's folder."
+    )
+    control: ControlSettings = ControlSettings()
+    shutdown_timeout: Duration = Field(
+        30.0, description="How long a shutdown waits for all instances before SIGKILL."
+    )
+    logs: LogSettings = LogSettings()
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse ``KEY=VALUE`` lines (``export`` prefixes, comments, quotes) as docker and systemd do."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read env_file {str(path)!r}: {exc.strerror}") from None
+    env: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ValueError(f"env_file {str(path)!r} line {number}: expected KEY=VALUE, got {raw!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key] = value
+    return env
+
+
+InstanceName = Annotated[str, Field(pattern=INSTANCE_NAME_PATTERN)]
+
+
+class Manifest(StrictModel):
+    """A whole manifest file."""
+
+    version: Literal[1] = Field(description="The manifest format; 1 is the only one.")
+    # Validated from {} when absent, so that state_dir is resolved against the manifest's folder.
+    supervisor: ServiceSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
+    instances: dict[InstanceName, InstanceConfig] = {}
+
+    _source: Path | None = PrivateAttr(None)
+
+    @property
+    def source(self) -> Path | None:
+        """The file this manifest was loaded from, for messages and reloads."""
+        return self._source
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.supervisor.state_dir)
+
+    @property
+    def control_socket(self) -> Path:
+        socket = self.supervisor.control.socket
+        return Path(socket) if socket else self.state_dir / "control.sock"
