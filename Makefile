@@ -14,11 +14,11 @@ run: $(BIN)/supervisor
 	$(BIN)/supervisor run -f configs/demo.yaml
 
 test: $(BIN)/supervisor
-	$(BIN)/ruff check supervisor tests bench
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/supervisor
-	$(BIN)/ruff check supervisor tests bench
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache
