@@ -1,0 +1,472 @@
+"""The OS edge: start a child with given fds in its own session, wait for it, signal it, reap it.
+
+Why not ``anyio.open_process``: on Python 3.11 asyncio waits for each child with a
+thread of its own (1,000 children, 1,001 threads). Here one child costs one pidfd:
+``os.pidfd_open`` gives an fd that becomes readable when the process exits, and the
+event loop waits on it like on a socket, under asyncio and trio alike.
+
+Where pidfd is missing (kernels before 5.3, or a seccomp profile that refuses the
+call) waiting falls back to the slower path: peeking with ``waitid(WNOHANG|WNOWAIT)``
+on a growing interval, 5 ms up to 250 ms. So an exit is seen up to 250 ms late, and
+each waiting child costs a wake-up four times a second. ``USE_PIDFD`` turns pidfd off
+(tests use it to exercise the fallback).
+
+Races handled here, and where:
+
+- **pid reuse.** A pid is ours until we reap it, so nothing signals a pid after it
+  was reaped (``Child.send_signal``), and the leftovers of a process group are killed
+  while the leader is still a zombie, which keeps the pgid from being reused
+  (``Child._reap``).
+- **Stolen exit statuses.** The service is a child subreaper, so orphaned
+  grandchildren become its children and must be reaped too. The orphan reaper peeks
+  with ``WNOWAIT`` first and only reaps pids that are not registered direct children,
+  whose statuses belong to their ``Child.wait`` (``reap_orphans``). For the same
+  reason ``subprocess.Popen`` is never allowed to reap a child behind our back.
+- **The parent dies while the child starts.** ``PR_SET_PDEATHSIG`` only covers a
+  death after it is set; the child checks its parent pid right after setting it.
+
+Everything here runs in the event-loop thread: ``spawn`` because the parent-death
+signal fires when the *thread* that forked exits, the registry and the reaper
+because they are not locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as errno_codes
+import grp
+import os
+import pwd
+import resource
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+
+import anyio
+
+__all__ = [
+    "USE_PIDFD",
+    "Child",
+    "ExitStatus",
+    "SpawnError",
+    "become_subreaper",
+    "living_children",
+    "raise_fd_limit",
+    "reap_orphans",
+    "run_orphan_reaper",
+    "spawn",
+]
+
+#: Wait for exits with a pidfd; False forces the polling fallback (set automatically on ENOSYS).
+USE_PIDFD: bool = hasattr(os, "pidfd_open")
+
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_POLL_FIRST = 0.005
+_POLL_MAX = 0.25
+_SWEEP_INTERVAL = 5.0
+
+try:
+    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # not Linux
+    _prctl = None
+else:
+    _prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]  # type: ignore[union-attr]
+    _prctl.restype = ctypes.c_int  # type: ignore[union-attr]
+
+#: Registered direct children, pid -> Child, from spawn until reaped.
+_children: dict[int, Child] = {}
+#: The RLIMIT_NOFILE the service started with; children get it back (see raise_fd_limit).
+_inherited_nofile: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """How a process ended. ``code`` and ``signal`` are both None if someone else reaped it."""
+
+    pid: int
+    code: int | None
+    signal: int | None
+    at: float
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"killed by {name}"
+        if self.code is not None:
+            return f"exit code {self.code}"
+        return "exit status lost (reaped elsewhere)"
+
+    def succeeded(self, success_codes: Collection[int]) -> bool:
+        return self.signal is None and self.code is not None and self.code in success_codes
+
+
+def _exit_status(pid: int, status: int) -> ExitStatus:
+    if os.WIFSIGNALED(status):
+        return ExitStatus(pid, None, os.WTERMSIG(status), time.time())
+    return ExitStatus(pid, os.WEXITSTATUS(status), None, time.time())
+
+
+class SpawnError(Exception):
+    """The command could not start (no such file, not executable, bad cwd, unknown user...)."""
+
+    def __init__(self, argv: Sequence[str], cwd: str | None, errno: int | None, reason: str) -> None:
+        super().__init__(list(argv), cwd, errno, reason)
+        self.argv = list(argv)
+        self.cwd = cwd
+        self.errno = errno
+        self.reason = reason
+
+    def __str__(self) -> str:
+        command = " ".join(self.argv) if self.argv else "an empty command"
+        where = f" in {self.cwd}" if self.cwd else ""
+        return f"cannot start {command}{where}: {self.reason}"
+
+
+class Child:
+    """A direct child, from spawn until reaped.
+
+    One pidfd per child, and one task at a time parked on it: both backends refuse a
+    second waiter on the same fd (BusyResourceError), so the first caller of ``wait``
+    watches and the others wait for it to finish or be cancelled, then look again.
+    """
+
+    def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], kill_group_on_exit: bool) -> None:
+        self.pid: int = popen.pid
+        self.pgid: int = popen.pid  # a new session: setsid() ran before exec, and Popen returns after exec
+        self.argv = argv
+        self.started_at: float = time.time()
+        self.exit: ExitStatus | None = None
+        self.kill_group_on_exit = kill_group_on_exit
+        # Kept only so that Popen never reaps: its __del__ and subprocess._cleanup() poll
+        # children whose returncode is None. _reap sets returncode.
+        self._popen = popen
+        self._pidfd = _open_pidfd(self.pid)
+        self._watcher: anyio.Event | None = None  # set while a task is parked on the pidfd
+        _children[self.pid] = self
+
+    def __repr__(self) -> str:
+        state = self.exit.describe() if self.exit else "running"
+        return f"<Child pid={self.pid} {self.argv[0]!r} {state}>"
+
+    def send_signal(self, sig: int, *, group: bool = True) -> bool:
+        """Signal the process group (or the leader alone); False if nothing was there.
+
+        Never after reaping: the pid may belong to someone else by then.
+        """
+        if self.exit is not None:
+            return False
+        try:
+            if group:
+                os.killpg(self.pgid, sig)
+            else:
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
+    async def wait(self) -> ExitStatus:
+        """Wait for the leader to exit, reap it, and return how it ended.
+
+        Reaping happens with no checkpoint after the wake-up, so a cancelled waiter
+        either reaped (and ``exit`` is set for everyone) or did not touch anything.
+        """
+        while self.exit is None:
+            if self._watcher is not None:
+                await self._watcher.wait()
+                continue
+            self._watcher = done = anyio.Event()
+            try:
+                if self._pidfd is not None:
+                    await anyio.wait_readable(self._pidfd)
+                    self._reap(block=True)
+                else:
+                    await self._poll_until_exited()
+            finally:
+                self._watcher = None
+                done.set()
+                if self.exit is not None:
+                    self._close_pidfd()  # poll() may have reaped while we were parked on it
+        return self.exit
+
+    def poll(self) -> ExitStatus | None:
+        """Reap the child if it has exited, without blocking."""
+        self._reap(block=False)
+        return self.exit
+
+    async def _poll_until_exited(self) -> None:
+        """The fallback without pidfd: peek on a growing interval."""
+        delay = _POLL_FIRST
+        while not self._reap(block=False):
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _POLL_MAX)
+
+    def _reap(self, *, block: bool) -> bool:
+        """Reap the leader if it has exited (``block``: we know it has); True once reaped.
+
+        Peek first (WNOWAIT): while the leader is an unreaped zombie its pid, and so its
+        pgid, cannot be reused, which makes killing the rest of its group safe.
+        """
+        if self.exit is not None:
+            return True
+        flags = os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG)
+        try:
+            if os.waitid(os.P_PID, self.pid, flags) is None:
+                return False
+        except ChildProcessError:  # reaped by someone else: the pid is not ours any more
+            self._finish(ExitStatus(self.pid, None, None, time.time()))
+            return True
+        if self.kill_group_on_exit:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.pgid, signal.SIGKILL)
+        _, status = os.waitpid(self.pid, 0)  # a zombie: returns at once
+        self._finish(_exit_status(self.pid, status))
+        return True
+
+    def _finish(self, status: ExitStatus) -> None:
+        self.exit = status
+        self._popen.returncode = status.code if status.code is not None else -(status.signal or 0)
+        _children.pop(self.pid, None)
+        if self._watcher is None:  # else the watcher closes it: never close an fd a loop is polling
+            self._close_pidfd()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def _open_pidfd(pid: int) -> int | None:
+    global USE_PIDFD
+    if not USE_PIDFD:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError as exc:  # ENOSYS, or EPERM from seccomp, or out of fds: poll this one
+        if exc.errno in (errno_codes.ENOSYS, errno_codes.EPERM):
+            USE_PIDFD = False
+        return None
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    stdin: int | None,
+    stdout: int | None,
+    stderr: int | None,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    user: str | int | None = None,
+    group: str | int | None = None,
+    umask: int | None = None,
+    parent_death_signal: int | None = signal.SIGKILL,
+    kill_group_on_exit: bool = True,
+) -> Child:
+    """Start ``argv`` in a new session with the given fds as its 0/1/2 (None: /dev/null).
+
+    Call it from the event-loop thread: the parent-death signal is sent when the
+    thread that forked exits, not the process, so a worker thread would kill the
+    child as soon as the thread pool retires it. The fds passed in stay open (the
+    caller closes its copies); every other fd of the service is closed in the child.
+    A failing chdir or exec in the child comes back from Popen as an OSError, and
+    becomes a SpawnError like every other reason the command cannot start.
+
+    ``user`` alone also sets the user's primary group and, when the service runs as
+    root, its supplementary groups: a child dropped to a user must not keep root's.
+    """
+    argv = list(argv)
+    if not argv:
+        raise SpawnError(argv, cwd, None, "empty command")
+    try:
+        uid, gid, groups = _credentials(user, group)
+        popen = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=subprocess.DEVNULL if stdout is None else stdout,
+            stderr=subprocess.DEVNULL if stderr is None else stderr,
+            cwd=cwd,
+            env=env,
+            user=uid,
+            group=gid,
+            extra_groups=groups,
+            umask=-1 if umask is None else umask,
+            start_new_session=True,
+            close_fds=True,
+            preexec_fn=_child_setup(os.getpid(), parent_death_signal, _inherited_nofile),
+        )
+    except OSError as exc:
+        raise SpawnError(argv, cwd, exc.errno, str(exc)) from exc
+    except KeyError as exc:
+        raise SpawnError(argv, cwd, None, str(exc.args[0] if exc.args else exc)) from exc
+    except (ValueError, subprocess.SubprocessError) as exc:
+        raise SpawnError(argv, cwd, None, str(exc)) from exc
+    return Child(popen, argv, kill_group_on_exit)
+
+
+def _credentials(
+    user: str | int | None, group: str | int | None
+) -> tuple[int | None, int | None, list[int] | None]:
+    """(uid, gid, supplementary groups) for Popen; a KeyError names what is unknown.
+
+    Only root may (and must) set the supplementary groups: a child dropped to a user
+    must not keep root's.
+    """
+    gid = None
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid if isinstance(group, str) else group
+        except KeyError:
+            raise KeyError(f"unknown group {group!r}") from None
+    if user is None:
+        return None, gid, None
+    root = os.geteuid() == 0
+    try:
+        entry = pwd.getpwnam(user) if isinstance(user, str) else pwd.getpwuid(user)
+    except KeyError:
+        if isinstance(user, str):
+            raise KeyError(f"unknown user {user!r}") from None
+        return user, gid, [] if root else None  # a bare uid without a passwd entry
+    gid = entry.pw_gid if gid is None else gid
+    return entry.pw_uid, gid, os.getgrouplist(entry.pw_name, gid) if root else None
+
+
+def _child_setup(
+    parent: int, death_signal: int | None, nofile: tuple[int, int] | None
+) -> Callable[[], None] | None:
+    """What runs in the child between fork and exec (after setuid, which would clear PDEATHSIG).
+
+    None when there is nothing to do, so that Popen may use the faster vfork.
+    """
+    if death_signal is None and nofile is None:
+        return None
+
+    def setup() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        if death_signal is not None and _prctl is not None:
+            if _prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+            if os.getppid() != parent:  # the parent died before we asked: the signal will never come
+                os.kill(os.getpid(), death_signal)
+
+    return setup
+
+
+# -- orphans ---------------------------------------------------------------------------------
+
+
+def become_subreaper() -> bool:
+    """Adopt orphaned descendants (instead of init), so they can be reaped and counted."""
+    if _prctl is None:
+        return False
+    return _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def reap_orphans() -> list[ExitStatus]:
+    """Reap every exited child that is not a registered direct child, without blocking.
+
+    ``waitid(P_ALL, WNOWAIT)`` shows one exited child without reaping it. An orphan is
+    reaped and the peek repeated; a registered child is left alone for its ``wait``,
+    but it hides whatever exited after it, so then every child is looked at by pid.
+    """
+    reaped: list[ExitStatus] = []
+    seen: set[int] = set()
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # no children at all
+            return reaped
+        if info is None:
+            return reaped
+        if info.si_pid in _children or info.si_pid in seen:
+            break
+        seen.add(info.si_pid)
+        _reap_orphan(info.si_pid, reaped)
+    for pid in living_children():
+        if pid not in _children:
+            _reap_orphan(pid, reaped)
+    return reaped
+
+
+def _reap_orphan(pid: int, into: list[ExitStatus]) -> None:
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return
+    if got:
+        into.append(_exit_status(pid, status))
+
+
+async def run_orphan_reaper(sweep_interval: float = _SWEEP_INTERVAL) -> None:
+    """Reap orphans on every SIGCHLD, and sweep now and then: pending signals coalesce."""
+    with anyio.open_signal_receiver(signal.SIGCHLD) as signals:
+        while True:
+            reap_orphans()
+            with anyio.move_on_after(sweep_interval):
+                await anext(signals)
+
+
+def living_children() -> list[int]:
+    """Pids whose parent is this process (any thread), exited-but-unreaped ones included."""
+    pids: list[int] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except FileNotFoundError:
+        return pids
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.extend(int(pid) for pid in f.read().split())
+        except FileNotFoundError:
+            if tid == str(os.getpid()):  # the main thread is never gone: no CONFIG_PROC_CHILDREN
+                return _children_from_stat()
+    return pids
+
+
+def _children_from_stat() -> list[int]:
+    """The slower way to list children: the ppid field of every /proc/PID/stat."""
+    me = os.getpid()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:
+            pids.append(int(name))
+    return pids
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit.
+
+    1,000 instances need about 3,000 fds (a pidfd and log pipes each). Children get the
+    limit the service started with back, as systemd does: programs that size tables
+    or close-loops by the soft limit, or use select(), expect the usual 1,024.
+    """
+    global _inherited_nofile
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # the soft limit cannot exceed fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            target = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return soft
+        if _inherited_nofile is None:
+            _inherited_nofile = (soft, hard)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
