@@ -1,0 +1,481 @@
+"""LogSink on real pipes and files.
+
+Each test builds the pipe the way the stdio layer does: the test keeps the read end
+(non-blocking) and opens a fresh write end per "run" through /proc/self/fd. Nothing
+here sleeps: a test knows the sink has taken bytes in when a follower hands them over,
+or because cancelling ``run()`` drains the pipe.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+from anyio.abc import TaskGroup
+
+from supervisor.logs import LogSink, set_pipe_size
+
+pytestmark = pytest.mark.anyio
+
+STAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z ")
+
+
+class Pipe:
+    """A log pipe: one read end for the test's whole life, write ends opened and closed per run."""
+
+    def __init__(self) -> None:
+        self.read_fd, first = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.read_fd, False)
+        os.close(first)  # like the stdio layer between runs: no writer yet
+        self._writers: set[int] = set()
+
+    def open_writer(self, sink: LogSink) -> int:
+        """Hand out a new write end, and tell the sink in the same breath, as the instance does."""
+        fd = os.open(f"/proc/self/fd/{self.read_fd}", os.O_WRONLY | os.O_CLOEXEC)
+        self._writers.add(fd)
+        sink.writer_attached()
+        return fd
+
+    def close_writer(self, fd: int) -> None:
+        self._writers.discard(fd)
+        os.close(fd)
+
+    def close(self) -> None:
+        for fd in (*self._writers, self.read_fd):
+            os.close(fd)
+
+
+@pytest.fixture
+def pipe() -> Iterator[Pipe]:
+    p = Pipe()
+    yield p
+    p.close()
+
+
+@asynccontextmanager
+async def running(sink: LogSink) -> AsyncIterator[TaskGroup]:
+    """Run the sink's loop; on the way out cancel it (which drains the pipe) and close it."""
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sink.run)
+            yield tg
+            tg.cancel_scope.cancel()
+    finally:
+        await sink.aclose()
+
+
+class Reader:
+    """Collects what a follower hands over, so a test can wait for bytes to go through the sink."""
+
+    def __init__(self, follower: AsyncIterator[bytes]) -> None:
+        self.follower = follower
+        self.data = bytearray()
+        self.chunks: list[bytes] = []
+
+    async def until(self, size: int) -> bytes:
+        with anyio.fail_after(10):
+            while len(self.data) < size:
+                chunk = await anext(self.follower)
+                self.chunks.append(chunk)
+                self.data += chunk
+        return bytes(self.data)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+async def run_child(pipe: Pipe, sink: LogSink, code: str) -> None:
+    """Run a Python child with a fresh write end of the pipe as its stdout, and wait for it."""
+    fd = pipe.open_writer(sink)
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=fd)
+    pipe.close_writer(fd)  # the child holds the only write end now
+    with anyio.fail_after(15):
+        assert await anyio.to_thread.run_sync(child.wait) == 0
+
+
+def numbered(start: int, stop: int) -> bytes:
+    return b"".join(b"line %06d %s\n" % (i, b"x" * (i % 37)) for i in range(start, stop))
+
+
+async def settle() -> None:
+    """Let the event loop go round many times: a sink that spins would read on each round."""
+    for _ in range(500):
+        await anyio.lowlevel.checkpoint()
+
+
+# -- runs, EOF and order ----------------------------------------------------------------------
+
+
+async def test_successive_writers_every_line_once_in_order(pipe: Pipe, tmp_path: Path) -> None:
+    sink = LogSink(pipe.read_fd, tmp_path / "out.log")
+    expected = b""
+    async with running(sink), sink.follow() as follower:
+        reader = Reader(follower)
+        for run in range(4):
+            start, stop = run * 500, (run + 1) * 500
+            expected += numbered(start, stop)
+            code = (
+                "import sys\n"
+                f"for i in range({start}, {stop}):\n"
+                "    sys.stdout.write('line %06d %s\\n' % (i, 'x' * (i % 37)))\n"
+                "    if i % 100 == 0: sys.stdout.flush()\n"
+            )
+            await run_child(pipe, sink, code)
+            await reader.until(len(expected))
+
+            # The child is gone and its bytes are in: the pipe is at EOF, and the loop
+            # waits for writer_attached() instead of reading an empty pipe again and again.
+            await settle()
+            reads = sink.reads
+            await settle()
+            assert sink.reads == reads
+    assert (tmp_path / "out.log").read_bytes() == expected
+    assert reader.data == expected
+    assert sink.bytes_written == len(expected)
+
+
+async def test_direct_writes_across_runs_and_partial_last_line(pipe: Pipe, tmp_path: Path) -> None:
+    sink = LogSink(pipe.read_fd, tmp_path / "out.log")
+    # Subscribed before the loop starts and unsubscribed after it is closed, so the
+    # follower sees what aclose() hands over.
+    async with sink.follow() as follower, running(sink):
+        reader = Reader(follower)
+        fd = pipe.open_writer(sink)
+        os.write(fd, b"one\ntw")
+        pipe.close_writer(fd)
+        await reader.until(4)
+        await settle()
+        fd = pipe.open_writer(sink)  # the next run finishes the line the last one started
+        os.write(fd, b"o\nthree")
+        pipe.close_writer(fd)
+    assert (tmp_path / "out.log").read_bytes() == b"one\ntwo\nthree"
+    assert sink.tail(3) == [b"one", b"two", b"three"]
+    # A sink that is closed hands followers the unfinished last line, then ends them.
+    assert reader.data + b"".join([chunk async for chunk in follower]) == b"one\ntwo\nthree"
+
+
+async def test_writer_attached_before_run_is_not_missed(pipe: Pipe, tmp_path: Path) -> None:
+    sink = LogSink(pipe.read_fd, tmp_path / "out.log")
+    fd = pipe.open_writer(sink)
+    os.write(fd, b"early\n")
+    async with running(sink), sink.follow() as follower:
+        os.write(fd, b"late\n")
+        assert await Reader(follower).until(11) == b"early\nlate\n"
+    assert (tmp_path / "out.log").read_bytes() == b"early\nlate\n"
+
+
+# -- rotation ---------------------------------------------------------------------------------
+
+
+async def test_rotation_keeps_whole_lines_and_backups(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path, max_bytes=1000, backups=3)
+    stream = numbered(0, 600)
+    lines = set(stream.splitlines(keepends=True))
+    async with running(sink), sink.follow() as follower:
+        reader = Reader(follower)
+        fd = pipe.open_writer(sink)
+        # Slices that cut lines anywhere, each read in by itself: a follower gets the
+        # lines a slice completes only after the sink has read that slice.
+        for start in range(0, len(stream), 333):
+            os.write(fd, stream[start : start + 333])
+            await reader.until(stream.rfind(b"\n", 0, start + 333) + 1)
+        pipe.close_writer(fd)
+
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["out.log", "out.log.1", "out.log.2", "out.log.3"]
+    longest = max(len(line) for line in lines)
+    contents = [(tmp_path / name).read_bytes() for name in ("out.log.3", "out.log.2", "out.log.1", "out.log")]
+    for content in contents:
+        assert content.endswith(b"\n")
+        assert all(line in lines for line in content.splitlines(keepends=True))
+        # Only the rest of a line that was started in a file can take it past the limit.
+        assert len(content) <= 1000 + longest
+    kept = b"".join(contents)
+    assert stream.endswith(kept)
+    assert stream[-len(kept) - 1 : -len(kept)] == b"\n"
+    assert sum(len(c) for c in contents[:-1]) > 2000
+
+
+async def test_rotation_of_one_big_chunk(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path, max_bytes=1000, backups=2)
+    stream = numbered(0, 300)
+    async with running(sink):
+        fd = pipe.open_writer(sink)
+        os.write(fd, stream)  # one read, many rotations within it
+        pipe.close_writer(fd)
+    assert not (tmp_path / "out.log.3").exists()
+    contents = [(tmp_path / name).read_bytes() for name in ("out.log.2", "out.log.1", "out.log")]
+    assert all(0 < len(c) <= 1000 and c.endswith(b"\n") for c in contents)
+    assert stream.endswith(b"".join(contents))
+
+
+async def test_line_longer_than_max_bytes_goes_whole_into_one_file(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path, max_bytes=100, backups=2)
+    long_line = b"L" * 250 + b"\n"
+    async with running(sink):
+        fd = pipe.open_writer(sink)
+        os.write(fd, b"short\n" + long_line + b"after\n")
+        pipe.close_writer(fd)
+    assert (tmp_path / "out.log.2").read_bytes() == b"short\n"
+    assert (tmp_path / "out.log.1").read_bytes() == long_line
+    assert path.read_bytes() == b"after\n"
+
+
+async def test_no_backups_truncates_in_place(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path, max_bytes=500, backups=0)
+    stream = numbered(0, 100)
+    async with running(sink), sink.follow() as follower:
+        reader = Reader(follower)
+        fd = pipe.open_writer(sink)
+        for start in range(0, len(stream), 200):
+            os.write(fd, stream[start : start + 200])
+            await reader.until(stream.rfind(b"\n", 0, start + 200) + 1)
+        pipe.close_writer(fd)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.log"]
+    content = path.read_bytes()
+    assert 0 < len(content) <= 500 + 60
+    assert stream.endswith(content)
+    assert stream[-len(content) - 1 : -len(content)] == b"\n"
+
+
+# -- tail -------------------------------------------------------------------------------------
+
+
+async def test_tail_last_lines(pipe: Pipe, tmp_path: Path) -> None:
+    sink = LogSink(pipe.read_fd, tmp_path / "out.log")
+    stream = numbered(0, 50)
+    async with running(sink), sink.follow() as follower:
+        fd = pipe.open_writer(sink)
+        for line in stream.splitlines(keepends=True):
+            os.write(fd, line)
+        await Reader(follower).until(len(stream))
+        assert sink.tail(10) == stream.splitlines()[-10:]
+        assert sink.tail(1000) == stream.splitlines()
+        assert sink.tail(0) == []
+        os.write(fd, b"\npartial")
+        pipe.close_writer(fd)
+    assert sink.tail(3) == [stream.splitlines()[-1], b"", b"partial"]
+
+
+async def test_tail_is_bounded_and_leaves_out_a_cut_line(pipe: Pipe, tmp_path: Path) -> None:
+    sink = LogSink(pipe.read_fd, tmp_path / "out.log", tail_bytes=100)
+    async with running(sink), sink.follow() as follower:
+        reader = Reader(follower)
+        fd = pipe.open_writer(sink)
+        sent = 0
+        for i in range(40):
+            line = b"%02d-%s\n" % (i, b"y" * 20)  # 24 bytes: 100 is never a line boundary
+            os.write(fd, line)
+            sent += len(line)
+            await reader.until(sent)
+        pipe.close_writer(fd)
+    assert sink.tail(100) == [b"%02d-%s" % (i, b"y" * 20) for i in range(36, 40)]
+    assert sink.tail(2) == [b"38-" + b"y" * 20, b"39-" + b"y" * 20]
+
+
+# -- followers --------------------------------------------------------------------------------
+
+
+async def test_follow_gets_only_what_comes_after_subscribing(pipe: Pipe, tmp_path: Path) -> None:
+    sink = LogSink(pipe.read_fd, tmp_path / "out.log")
+    async with running(sink), sink.follow() as early:
+        fd = pipe.open_writer(sink)
+        os.write(fd, b"before\n")
+        await Reader(early).until(7)
+        async with sink.follow() as late:
+            os.write(fd, b"after 1\nafter")
+            os.write(fd, b" 2\n")
+            assert await Reader(late).until(16) == b"after 1\nafter 2\n"
+        pipe.close_writer(fd)
+
+
+async def test_slow_follower_never_blocks_the_writer(pipe: Pipe, tmp_path: Path) -> None:
+    sink = LogSink(pipe.read_fd, tmp_path / "out.log", follower_buffer=4)
+    total = 100 * 100_000
+    code = f"import sys; sys.stdout.buffer.write((b'x' * 99 + b'\\n') * {total // 100})"
+    async with sink.follow() as slow, running(sink):
+        # The follower reads nothing while a child writes 10 MB: the child still ends.
+        await run_child(pipe, sink, code)
+        await sink.aclose()  # takes in what is left in the pipe, then ends the follower
+    chunks = [chunk async for chunk in slow]
+    assert len(chunks) <= 5
+    match = re.fullmatch(rb"\[supervisor\] follower too slow: (\d+) bytes dropped\n", chunks[-1])
+    assert match is not None
+    # Nothing unaccounted for: what it got plus what it was told it missed is everything.
+    assert sum(map(len, chunks[:-1])) + int(match[1]) == total
+    assert sink.bytes_written == total
+    assert os.path.getsize(tmp_path / "out.log") == total
+
+
+async def test_follower_gets_marker_then_live_lines(pipe: Pipe, tmp_path: Path) -> None:
+    sink = LogSink(pipe.read_fd, tmp_path / "out.log", follower_buffer=2)
+    async with running(sink), sink.follow() as slow, sink.follow() as fast:
+        fast_reader, slow_reader = Reader(fast), Reader(slow)
+        fd = pipe.open_writer(sink)
+        for i in range(5):
+            os.write(fd, b"%d\n" % i)
+            await fast_reader.until(2 * (i + 1))
+        assert await slow_reader.until(2) == b"0\n"
+        # Room again, but it has not caught up yet: still dropped, so the marker stays
+        # where the gap is instead of one marker after every line.
+        os.write(fd, b"gone\n")
+        await fast_reader.until(15)
+        marker = b"[supervisor] follower too slow: 11 bytes dropped\n"
+        # It reads what it had, then learns about the gap at once, not at the next line.
+        assert await slow_reader.until(4 + len(marker)) == b"0\n1\n" + marker
+        os.write(fd, b"live\n")
+        assert await slow_reader.until(4 + len(marker) + 5) == b"0\n1\n" + marker + b"live\n"
+        pipe.close_writer(fd)
+
+
+# -- bytes kept exactly -----------------------------------------------------------------------
+
+
+async def test_timestamps_prefix_each_line_once(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path, timestamps=True)
+    async with running(sink), sink.follow() as follower:
+        reader = Reader(follower)
+        fd = pipe.open_writer(sink)
+        os.write(fd, b"first\nsplit ")  # one atomic write: read in together
+        await reader.until(len(b"2026-01-01T00:00:00.000Z first\n"))
+        os.write(fd, b"line\n\nlast")
+        pipe.close_writer(fd)
+    lines = path.read_bytes().split(b"\n")
+    assert len(lines) == 4
+    assert all(STAMP.match(line) for line in lines)
+    assert [STAMP.sub(b"", line) for line in lines] == [b"first", b"split line", b"", b"last"]
+    assert [STAMP.sub(b"", line) for line in sink.tail(4)] == [b"first", b"split line", b"", b"last"]
+
+
+async def test_one_megabyte_line_and_binary_bytes_kept_exactly(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path, max_bytes=512 * 1024, backups=1)
+    big_line = os.urandom(1024 * 1024).replace(b"\n", b"\0") + b"\n"
+    binary = bytes(range(256)) * 3 + b"\xff\xfe\x00\xc3(\x00"  # \0, invalid UTF-8, no last newline
+    data = big_line + binary
+    async with running(sink):
+        fd = pipe.open_writer(sink)
+        await anyio.to_thread.run_sync(write_all, fd, data)  # 1 MB does not fit in the pipe
+        pipe.close_writer(fd)
+    # The line longer than max_bytes was written whole to one file; the rest went to the next.
+    assert (tmp_path / "out.log.1").read_bytes() + path.read_bytes() == data
+    assert (tmp_path / "out.log.1").read_bytes() == big_line
+
+
+async def test_one_megabyte_line_without_rotation(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path)
+    big_line = b"z" * (1024 * 1024) + b"\n"
+    async with running(sink), sink.follow() as follower:
+        fd = pipe.open_writer(sink)
+        await anyio.to_thread.run_sync(write_all, fd, big_line)
+        # Followers get the line whole, however many reads it took.
+        assert (await Reader(follower).until(len(big_line))) == big_line
+        pipe.close_writer(fd)
+    assert path.read_bytes() == big_line
+
+
+# -- reopen, cancellation, closing ------------------------------------------------------------
+
+
+async def test_reopen_after_the_file_was_moved_away(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path)
+    async with running(sink), sink.follow() as follower:
+        reader = Reader(follower)
+        fd = pipe.open_writer(sink)
+        os.write(fd, b"old 1\nold 2\n")
+        await reader.until(12)
+        path.rename(tmp_path / "out.log.moved")
+        os.write(fd, b"still old\n")  # goes where the open file went
+        await reader.until(22)
+        sink.reopen()
+        os.write(fd, b"new\n")
+        await reader.until(26)
+        pipe.close_writer(fd)
+    assert (tmp_path / "out.log.moved").read_bytes() == b"old 1\nold 2\nstill old\n"
+    assert path.read_bytes() == b"new\n"
+    assert sink.path == path
+
+
+async def test_cancellation_drains_the_pipe(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path)
+    pending = numbered(0, 1000)[:50_000]  # fits in the pipe; ends mid-line
+    fd = pipe.open_writer(sink)
+    async with anyio.create_task_group() as tg, sink.follow() as follower:
+        tg.start_soon(sink.run)
+        os.write(fd, b"ready\n")
+        await Reader(follower).until(6)  # the loop is up and waiting on the pipe
+        os.write(fd, pending)
+        tg.cancel_scope.cancel()  # no await in between: only the drain can take it in
+    assert path.read_bytes() == b"ready\n" + pending
+
+    # What a child writes after the loop ended (while it is being killed) is taken in by aclose().
+    os.write(fd, b"last words\n")
+    await sink.aclose()
+    assert path.read_bytes() == b"ready\n" + pending + b"last words\n"
+    pipe.close_writer(fd)
+
+
+async def test_aclose_stops_a_running_loop(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path)
+    fd = pipe.open_writer(sink)
+    async with anyio.create_task_group() as tg, sink.follow() as follower:
+        tg.start_soon(sink.run)
+        os.write(fd, b"hello\n")
+        await Reader(follower).until(6)
+        os.write(fd, b"bye\n")
+        with anyio.fail_after(5):
+            await sink.aclose()  # run() returns, so the task group can end
+    assert path.read_bytes() == b"hello\nbye\n"
+    with anyio.fail_after(5):
+        await sink.run()  # a closed sink has nothing to do
+    pipe.close_writer(fd)
+
+
+async def test_file_is_created_at_run_and_not_inherited(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path)
+    assert not path.exists()
+    async with running(sink), sink.follow() as follower:
+        fd = pipe.open_writer(sink)
+        os.write(fd, b"x\n")
+        await Reader(follower).until(2)
+        assert path.stat().st_mode & 0o007 == 0
+        target = os.path.realpath(path)
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+        same = [n for n in fds if os.path.realpath(f"/proc/self/fd/{n}") == target]
+        assert len(same) == 1
+        assert fcntl.fcntl(same[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        pipe.close_writer(fd)
+
+
+def test_set_pipe_size(pipe: Pipe) -> None:
+    assert set_pipe_size(pipe.read_fd, 256 * 1024) == 256 * 1024
+    assert fcntl.fcntl(pipe.read_fd, 1032) == 256 * 1024
+    # Failures are not errors: the pipe keeps the size it has.
+    assert set_pipe_size(pipe.read_fd, -1) == 256 * 1024
+    not_a_pipe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        assert set_pipe_size(not_a_pipe) == 0
+    finally:
+        os.close(not_a_pipe)
