@@ -1,0 +1,448 @@
+"""One instance's life: its state machine, restart policy, backoff and stop.
+
+An ``Instance`` lives as long as the manifest names it. Its log pipes and
+sinks live that long too (decision 7); each *run* of its program is one
+``Child``. Requests (start, stop, restart, signal) are serialised by one lock,
+so twenty restarts fired at once run one after another and end with exactly
+one process. The automatic part (waiting for exits, backing off, starting
+again) is one task, the *supervise loop*, which a stop cancels before it
+signals the child: so an exit caused by a stop is never mistaken for a crash.
+
+Every transition goes through ``_transition``, which asserts the state it
+leaves against ARCHITECTURE.md's table and publishes the event.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections import deque
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+
+from .config import InstanceConfig, LogSettings, ServiceSettings
+from .events import EventBus, State, Transition
+from .logs import LogSink
+from .process import Child, ExitStatus, SpawnError, spawn
+from .stdio import LogPipe, Stdio, StdioError
+
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING}),
+    # A one-shot job that ends with a success code before min_uptime is done, not a failed
+    # start: starting -> exited (an addition to ARCHITECTURE.md's table, see docs/guide.md).
+    State.STARTING: frozenset({State.RUNNING, State.BACKOFF, State.STOPPING, State.EXITED}),
+    State.RUNNING: frozenset({State.EXITED, State.BACKOFF, State.STOPPING}),
+    State.BACKOFF: frozenset({State.STARTING, State.STOPPED, State.FAILED}),
+    State.STOPPING: frozenset({State.STOPPED}),
+    State.EXITED: frozenset({State.STARTING}),
+    State.FAILED: frozenset({State.STARTING}),
+}
+
+
+class InvalidRequest(Exception):
+    """A request that makes no sense in the instance's current state; nothing was changed."""
+
+    def __init__(self, instance: str, message: str) -> None:
+        self.instance = instance
+        super().__init__(f"{instance}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceStatus:
+    """A snapshot of one instance, as `supervisor status` shows it."""
+
+    name: str
+    group: str
+    state: State
+    pid: int | None
+    started_at: float | None
+    uptime_s: float | None
+    restarts: int
+    exit_code: int | None
+    exit_signal: int | None
+    reason: str | None
+    ready: bool | None
+    stdin: str
+    stdout: str
+    stderr: str
+    log_files: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceContext:
+    """What an instance needs from the service around it."""
+
+    settings: ServiceSettings
+    bus: EventBus
+    environ: Mapping[str, str]
+
+
+class Instance:
+    """One named instance: a state machine driving successive runs of one program."""
+
+    def __init__(self, name: str, group: str, config: InstanceConfig, context: InstanceContext) -> None:
+        self.name = name
+        self.group = group
+        self.config = config
+        self._context = context
+        self._state = State.STOPPED
+        self._child: Child | None = None
+        self._last_exit: ExitStatus | None = None
+        self._reason: str | None = None
+        self._restarts = 0
+        self._failures = 0  # consecutive failures: the backoff exponent
+        self._recent_restarts: deque[float] = deque()
+        self._lock = anyio.Lock()
+        self._changed = anyio.Event()
+        self._closed = anyio.Event()
+        self._tg: TaskGroup | None = None
+        self._loop_scope: anyio.CancelScope | None = None
+        self._loop_done: anyio.Event | None = None
+        self._pipes: dict[str, LogPipe] = {}
+        self._sinks: dict[str, LogSink] = {}
+        self._targets = {"stdin": "", "stdout": "", "stderr": ""}
+
+    # -- facts -----------------------------------------------------------------------------
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        child = self._child
+        return child.pid if child is not None and child.exit is None else None
+
+    @property
+    def sinks(self) -> Mapping[str, LogSink]:
+        """The log sinks by stream name ("stdout", "stderr"), for tail and follow."""
+        return self._sinks
+
+    @property
+    def log_settings(self) -> LogSettings:
+        return self.config.logs.resolved(self._context.settings.logs)
+
+    def status(self) -> InstanceStatus:
+        child = self._child
+        alive = child is not None and child.exit is None
+        started = child.started_at if child is not None and alive else None
+        last = self._last_exit
+        return InstanceStatus(
+            name=self.name,
+            group=self.group,
+            state=self._state,
+            pid=child.pid if alive and child is not None else None,
+            started_at=started,
+            uptime_s=None if started is None else max(0.0, time.time() - started),
+            restarts=self._restarts,
+            exit_code=last.code if last else None,
+            exit_signal=last.signal if last else None,
+            reason=self._reason,
+            ready=None,
+            stdin=self._targets["stdin"] or _describe(self.config.stdin),
+            stdout=self._targets["stdout"] or _describe(self.config.stdout),
+            stderr=self._targets["stderr"] or _describe(self.config.stderr),
+            log_files={stream: str(sink.path) for stream, sink in self._sinks.items()},
+        )
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Own the log pipes and sinks, and host the supervise loop, until ``close()``."""
+        self._open_logs()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                for sink in self._sinks.values():
+                    tg.start_soon(sink.run)
+                task_status.started()
+                await self._closed.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True):
+                await self._kill_now()
+                for sink in self._sinks.values():
+                    await sink.aclose()
+            for pipe in self._pipes.values():
+                pipe.close()
+
+    async def close(self) -> None:
+        """Stop the program if it runs, then end ``run()``: the instance is gone."""
+        async with self._lock:
+            if self._state.alive:
+                await self._stop_locked("removed")
+            self._closed.set()
+
+    def _open_logs(self) -> None:
+        """Create the instance's log pipes once: they outlive every run of the program."""
+        settings = self.log_settings
+        logs_dir = Path(self._context.settings.state_dir) / "logs"
+        wanted = {"stdout": self.config.stdout, "stderr": self.config.stderr}
+        custom = {"stdout": self.config.logs.stdout_file, "stderr": self.config.logs.stderr_file}
+        suffix = {"stdout": "out", "stderr": "err"}
+        for stream, spec in wanted.items():
+            if not _may_need_log(spec):
+                continue
+            path = Path(custom[stream]) if custom[stream] else logs_dir / f"{self.name}.{suffix[stream]}.log"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pipe = LogPipe()
+            self._pipes[stream] = pipe
+            self._sinks[stream] = LogSink(
+                pipe.read_fd,
+                path,
+                max_bytes=settings.max_bytes,
+                backups=settings.backups,
+                timestamps=settings.timestamps,
+            )
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the program now; returns once it is spawned (or has failed to spawn)."""
+        async with self._lock:
+            if self._state.alive:
+                raise InvalidRequest(self.name, f"already {self._state}")
+            await self._start_locked()
+
+    async def stop(self) -> None:
+        """Stop the program (stop signal, then SIGKILL after stop.timeout); cancels a pending restart."""
+        async with self._lock:
+            if not self._state.alive:
+                raise InvalidRequest(self.name, f"not running ({self._state})")
+            await self._stop_locked("stopped on request")
+
+    async def restart(self) -> None:
+        """Stop if running, then start: one request, so concurrent restarts never overlap."""
+        async with self._lock:
+            if self._state.alive:
+                await self._stop_locked("restarting on request")
+            await self._start_locked()
+
+    def signal(self, sig: int) -> None:
+        """Send a signal to the running program (its group when stop.group is set)."""
+        child = self._child
+        if child is None or child.exit is not None or self._state not in (
+            State.STARTING,
+            State.RUNNING,
+            State.STOPPING,
+        ):
+            raise InvalidRequest(self.name, f"cannot signal: not running ({self._state})")
+        if not child.send_signal(sig, group=self.config.stop.group):
+            raise InvalidRequest(self.name, "cannot signal: the process has just ended")
+
+    async def wait(self, timeout: float | None = None) -> ExitStatus | None:
+        """The current run's exit (or the last one if nothing runs); None when the timeout passes."""
+        child = self._child
+        if child is None or child.exit is not None:
+            return self._last_exit
+        with anyio.move_on_after(timeout):
+            return await child.wait()
+        return None
+
+    async def wait_for(self, states: Collection[State], timeout: float | None = None) -> bool:
+        """Wait until the instance is in one of ``states``; False when the timeout passes."""
+        with anyio.move_on_after(timeout):
+            while self._state not in states:
+                await self._changed.wait()
+            return True
+        return False
+
+    # -- the machine -----------------------------------------------------------------------
+
+    def _transition(self, to: State, *, reason: str | None = None, exit: ExitStatus | None = None) -> None:
+        leaving = self._state
+        assert to in _ALLOWED[leaving], f"{self.name}: no transition {leaving} -> {to}"
+        self._state = to
+        if reason is not None:
+            self._reason = reason
+        elif to is State.RUNNING:
+            self._reason = None
+        child = self._child
+        pid = exit.pid if exit else (child.pid if child is not None else None)
+        self._context.bus.publish(
+            Transition(
+                instance=self.name,
+                group=self.group,
+                from_state=leaving,
+                to_state=to,
+                pid=pid,
+                exit_code=exit.code if exit else None,
+                exit_signal=exit.signal if exit else None,
+                reason=reason,
+            )
+        )
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def _start_locked(self) -> None:
+        if self._tg is None:
+            raise InvalidRequest(self.name, "the instance is not open (it was removed)")
+        self._failures = 0
+        self._recent_restarts.clear()
+        await self._tg.start(self._supervise)
+
+    async def _stop_locked(self, reason: str) -> None:
+        # Shielded: a stop abandoned halfway (a client hung up) would leave a live child in
+        # `stopping` for ever. It is bounded anyway, by stop.timeout and then SIGKILL.
+        with anyio.CancelScope(shield=True):
+            await self._stop_shielded(reason)
+
+    async def _stop_shielded(self, reason: str) -> None:
+        await self._cancel_loop()
+        if self._state is State.BACKOFF:
+            self._transition(State.STOPPED, reason=reason)
+            return
+        if self._state in (State.STARTING, State.RUNNING):
+            self._transition(State.STOPPING, reason=reason)
+        child = self._child
+        if child is not None and child.exit is None:
+            stop = self.config.stop
+            child.send_signal(stop.signal, group=stop.group)
+            with anyio.move_on_after(stop.timeout):
+                await child.wait()
+            if child.exit is None:
+                child.send_signal(signal.SIGKILL, group=True)
+                reason = f"{reason}; killed after {stop.timeout:g}s"
+                await child.wait()
+            self._last_exit = child.exit
+        if self._state is State.STOPPING:
+            self._transition(State.STOPPED, reason=reason, exit=self._last_exit)
+
+    async def _cancel_loop(self) -> None:
+        scope, done = self._loop_scope, self._loop_done
+        if scope is not None and done is not None:
+            scope.cancel()
+            await done.wait()
+
+    async def _kill_now(self) -> None:
+        """The service is going away: no grace, but reap what we started."""
+        child = self._child
+        if child is not None and child.exit is None:
+            child.send_signal(signal.SIGKILL, group=True)
+            self._last_exit = await child.wait()
+
+    async def _supervise(self, *, task_status: TaskStatus[None]) -> None:
+        """Start, watch, back off and start again, as the restart policy says.
+
+        ``task_status.started()`` is called right after the first spawn attempt,
+        so that ``start()`` returns with the program spawned (or failed to).
+        """
+        scope = anyio.CancelScope()
+        done = anyio.Event()
+        self._loop_scope, self._loop_done = scope, done
+        announced = False
+        try:
+            with scope:
+                while True:
+                    # Spawn first, then announce: the STARTING event carries the new pid. Nothing
+                    # awaits in between, so no one can observe the state before the transition.
+                    try:
+                        child: Child | str = self._spawn()
+                    except (SpawnError, StdioError) as exc:
+                        child = str(exc)
+                    self._transition(State.STARTING)
+                    if not announced:
+                        announced = True
+                        task_status.started()
+                    why = child if isinstance(child, str) else await self._watch(child)
+                    if why is None or not await self._back_off(why):
+                        return
+        finally:
+            self._loop_scope = self._loop_done = None
+            done.set()
+            if not announced:
+                task_status.started()
+
+    async def _watch(self, child: Child) -> str | None:
+        """Wait for this run to end. Returns why it must be retried, or None when it is done."""
+        restart = self.config.restart
+        early = True
+        with anyio.move_on_after(restart.min_uptime):
+            await child.wait()
+        if child.exit is None:
+            early = False
+            self._transition(State.RUNNING)
+            await child.wait()
+        status = child.exit
+        assert status is not None
+        self._last_exit = status
+        uptime = status.at - child.started_at
+        if uptime >= restart.backoff.reset_after:
+            self._failures = 0
+        succeeded = status.succeeded(restart.success_codes)
+        if (restart.policy == "no" and not early) or (restart.policy != "always" and succeeded):
+            self._transition(State.EXITED, reason=status.describe(), exit=status)
+            return None
+        if early:
+            return f"{status.describe()} after {uptime:.2f}s, before min_uptime"
+        return status.describe()
+
+    async def _back_off(self, why: str) -> bool:
+        """BACKOFF, then FAILED at the restart limit (False), or a pause before the next start."""
+        restart = self.config.restart
+        self._transition(State.BACKOFF, reason=why, exit=self._last_exit if self._child else None)
+        now = time.monotonic()
+        recent = self._recent_restarts
+        while recent and now - recent[0] > restart.window:
+            recent.popleft()
+        if len(recent) >= restart.max_restarts:
+            self._transition(
+                State.FAILED,
+                reason=f"gave up after {len(recent)} restarts within {restart.window:g}s; last: {why}",
+            )
+            return False
+        delay = min(restart.backoff.initial * restart.backoff.factor**self._failures, restart.backoff.max)
+        delay *= 1 + random.uniform(0, 0.1)
+        self._failures += 1
+        await anyio.sleep(delay)
+        recent.append(time.monotonic())
+        self._restarts += 1
+        return True
+
+    def _spawn(self) -> Child:
+        """Open this run's stdio, spawn, and let go of every child-side fd at once (decision 1)."""
+        config = self.config
+        self._child = None
+        stdio = Stdio.from_config(
+            self.name, config.stdin, config.stdout, config.stderr, log_pipes=self._pipes
+        )
+        try:
+            self._targets = stdio.describe()
+            for sink in self._sinks.values():
+                sink.writer_attached()
+            with stdio.take() as fds:
+                self._child = spawn(
+                    config.argv,
+                    stdin=fds.stdin,
+                    stdout=fds.stdout,
+                    stderr=fds.stderr,
+                    cwd=config.cwd,
+                    env=config.environment(dict(self._context.environ)),
+                    user=config.user,
+                    group=config.group,
+                    umask=config.umask,
+                    kill_group_on_exit=config.stop.group,
+                )
+        finally:
+            stdio.close()
+        return self._child
+
+
+def _may_need_log(spec: Any) -> bool:
+    """A log pipe is needed for `log`, and for forms that fall back to the log when not set up."""
+    kind = spec.kind
+    return kind == "log" or kind == "fifo" or (kind == "file" and not spec.path)
+
+
+def _describe(spec: Any) -> str:
+    kind = spec.kind
+    path = getattr(spec, "path", "")
+    return f"{kind}:{path}" if path else kind
+

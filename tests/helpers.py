@@ -1,0 +1,109 @@
+"""Shared test helpers: a manager running in a task group, and event collection."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+
+from supervisor.config import Manifest, parse_manifest
+from supervisor.events import Transition
+from supervisor.instance import Instance
+from supervisor.manager import Manager
+
+
+def manifest_from(text: str, folder: Path) -> Manifest:
+    path = folder / "supervisor.yaml"
+    path.write_text(textwrap.dedent(text))
+    return parse_manifest(path.read_text(), path)
+
+
+class Recorder:
+    """Every transition the bus publishes, kept in order, with a way to wait for one."""
+
+    def __init__(self) -> None:
+        self.events: list[Transition] = []
+        self._changed = anyio.Event()
+
+    async def collect(self, manager: Manager, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with manager.events.subscribe(buffer=100_000) as events:
+            task_status.started()
+            async for event in events:
+                assert isinstance(event, Transition), f"events were dropped: {event}"
+                self.events.append(event)
+                changed, self._changed = self._changed, anyio.Event()
+                changed.set()
+
+    async def until(self, condition: object, timeout: float = 10) -> None:
+        """Wait, event by event, until ``condition()`` holds."""
+        assert callable(condition)
+        with anyio.fail_after(timeout):
+            while not condition():
+                await self._changed.wait()
+
+    def of(self, name: str) -> list[Transition]:
+        return [e for e in self.events if e.instance == name]
+
+    async def wait_for(self, predicate: object, timeout: float = 10) -> Transition:
+        """The first event (past or future) for which ``predicate(event)`` is true."""
+        assert callable(predicate)
+        with anyio.fail_after(timeout):
+            while True:
+                for event in self.events:
+                    if predicate(event):
+                        return event
+                await self._changed.wait()
+
+
+@asynccontextmanager
+async def running(manifest: Manifest) -> AsyncIterator[tuple[Manager, Recorder]]:
+    """A manager running ``manifest``, shut down (gracefully) when the block ends."""
+    manager = Manager(manifest)
+    recorder = Recorder()
+    async with anyio.create_task_group() as tg:
+        await tg.start(recorder.collect, manager)
+        await tg.start(manager.run)
+        try:
+            yield manager, recorder
+        finally:
+            with anyio.CancelScope(shield=True):
+                await manager.shutdown()
+            tg.cancel_scope.cancel()
+
+
+async def wait_for_output(instance: Instance, needle: bytes, timeout: float = 10) -> None:
+    """Wait until the instance's stdout log shows ``needle`` (a readiness line the test's program prints)."""
+    sink = instance.sinks["stdout"]
+    with anyio.fail_after(timeout):
+        async with sink.follow() as chunks:
+            if any(needle in line for line in sink.tail(1000)):
+                return
+            async for chunk in chunks:
+                if needle in chunk:
+                    return
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def wait_gone(pid: int, timeout: float = 10) -> None:
+    """Wait for a process that is not our child to end, through a pidfd (no polling)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        with anyio.fail_after(timeout):
+            await anyio.wait_readable(fd)
+    finally:
+        os.close(fd)
