@@ -101,6 +101,7 @@ class Instance:
         self._lock = anyio.Lock()
         self._changed = anyio.Event()
         self._closed = anyio.Event()
+        self._closing = False
         self._tg: TaskGroup | None = None
         self._loop_scope: anyio.CancelScope | None = None
         self._loop_done: anyio.Event | None = None
@@ -176,6 +177,7 @@ class Instance:
     async def close(self) -> None:
         """Stop the program if it runs, then end ``run()``: the instance is gone."""
         async with self._lock:
+            self._closing = True  # requests queued behind this one must not start it again
             if self._state.alive:
                 await self._stop_locked("removed")
             self._closed.set()
@@ -282,8 +284,8 @@ class Instance:
         changed.set()
 
     async def _start_locked(self) -> None:
-        if self._tg is None:
-            raise InvalidRequest(self.name, "the instance is not open (it was removed)")
+        if self._tg is None or self._closing:
+            raise InvalidRequest(self.name, "the instance is closing (removed, or the service is stopping)")
         self._failures = 0
         self._recent_restarts.clear()
         await self._tg.start(self._supervise)

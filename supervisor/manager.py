@@ -64,6 +64,7 @@ class Manager:
         self._tg: TaskGroup | None = None
         self._done = anyio.Event()
         self._apply_lock = anyio.Lock()
+        self._closing = False
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -84,6 +85,8 @@ class Manager:
     async def apply(self, manifest: Manifest) -> ReloadReport:
         """Make the running set match ``manifest``; instances that did not change are left alone."""
         async with self._apply_lock:
+            if self._closing:
+                raise InvalidRequest("service", "the service is shutting down")
             old_settings = self.manifest.supervisor
             self.manifest = manifest
             plan = _plan(manifest)
@@ -163,23 +166,17 @@ class Manager:
         What is still alive when the timeout passes is killed with SIGKILL as the
         instances close.
         """
-        instances = list(self._instances.values())
-        with anyio.move_on_after(self.manifest.supervisor.shutdown_timeout):
-            async with anyio.create_task_group() as tg:
-                for instance in instances:
-                    if instance.state.alive:
-                        tg.start_soon(_stop_quietly, instance)
-        self._done.set()
+        async with self._apply_lock:  # a reload under way finishes first; later ones are refused
+            self._closing = True
+            instances = list(self._instances.values())
+            with anyio.move_on_after(self.manifest.supervisor.shutdown_timeout):
+                async with anyio.create_task_group() as tg:
+                    for instance in instances:
+                        tg.start_soon(instance.close)
+            self._done.set()
 
     def count(self, state: State) -> int:
         return sum(1 for i in self._instances.values() if i.state is state)
-
-
-async def _stop_quietly(instance: Instance) -> None:
-    try:
-        await instance.stop()
-    except InvalidRequest:
-        pass  # it ended by itself meanwhile
 
 
 def _plan(manifest: Manifest) -> dict[str, _Plan]:

@@ -377,3 +377,28 @@ def _is_write_end(fd: int) -> bool:
     except FileNotFoundError:
         return False
     return False
+
+
+async def test_requests_queued_behind_a_shutdown_do_not_start_anything(tmp_path: Path) -> None:
+    manifest = manifest_from(
+        """
+        version: 1
+        instances:
+          slow:
+            command: ["sh", "-c", "trap 'sleep 0.3; exit 0' TERM; echo ready; while true; do sleep 1; done"]
+            restart: {min_uptime: 0}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        instance = manager.instances["slow"]
+        await wait_for_output(instance, b"ready")  # the trap is set
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(manager.shutdown)
+            await events.wait_for(_to(State.STOPPING, "slow"))
+            with pytest.raises(InvalidRequest, match="closing"):
+                await instance.restart()  # queued behind the stop, refused once it is done
+            with pytest.raises(InvalidRequest, match="shutting down"):
+                await manager.apply(manifest)
+        assert instance.state is State.STOPPED
+        assert [e.to_state for e in events.of("slow")].count(State.STARTING) == 1
