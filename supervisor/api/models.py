@@ -1,0 +1,218 @@
+"""The control API's wire models: what goes over the socket, as JSON.
+
+These are the server's contract and the source of its OpenAPI document. The
+CLI does not import them (pydantic costs tens of milliseconds at start-up):
+it reads the same JSON as plain dicts, so a field renamed here must be
+renamed in ``cli.py`` too. The tests check both ends against each other.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from ..config import signal_name
+from ..config.units import Duration, Signal
+from ..events import State
+
+if TYPE_CHECKING:
+    from ..instance import InstanceStatus
+
+__all__ = [
+    "ActionRequest",
+    "ActionResponse",
+    "ErrorBody",
+    "EventBody",
+    "Health",
+    "InstanceResult",
+    "ReloadBody",
+    "ReopenBody",
+    "ShutdownBody",
+    "SignalRequest",
+    "Status",
+    "WaitRequest",
+    "wire_status",
+]
+
+
+class _Wire(BaseModel):
+    # Requests refuse unknown keys, as the manifest does: a misspelt `timout` must not be ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+_TIMEOUT = "Seconds (a number) or a duration such as '30s', '2m' or '500ms'."
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+
+class Status(BaseModel):
+    """One instance, as ``supervisor status`` shows it."""
+
+    name: str = Field(description="The replica's name: NAME, or NAME-i with replicas.")
+    group: str = Field(description="The manifest's name for it (the same for every replica).")
+    state: State
+    pid: int | None = Field(description="null when no process runs.")
+    started_at: float | None = Field(description="Unix time the current process started; null when none.")
+    uptime_s: float | None = Field(description="Seconds since started_at; null when no process runs.")
+    restarts: int = Field(description="Automatic restarts since the last start by hand.")
+    exit_code: int | None = Field(description="The last exit's code; null if it was a signal or none yet.")
+    exit_signal: str | None = Field(description="The last exit's signal name (SIGKILL…); null if none.")
+    reason: str | None = Field(description="Why it is in this state (the last exit, an error, a request).")
+    ready: bool | None = Field(description="Readiness, where a probe is configured; null otherwise.")
+    stdin: str = Field(description="Where fd 0 comes from (null, inherit, file:PATH, fifo:PATH).")
+    stdout: str = Field(description="Where fd 1 goes (log, null, inherit, file:PATH, fifo:PATH).")
+    stderr: str = Field(description="Where fd 2 goes (as stdout, or 'stdout' when merged).")
+    log_files: dict[str, str] = Field(description="The captured streams' log files, by stream name.")
+
+
+def wire_status(status: InstanceStatus) -> dict[str, Any]:
+    """A ``Status`` as a plain dict, built without validation.
+
+    ``GET /v1/instances`` answers with thousands of these on a big manifest, and
+    every ``supervisor status`` waits for it; the tests check that the result
+    validates as ``Status``.
+    """
+    return {
+        "name": status.name,
+        "group": status.group,
+        "state": str(status.state),
+        "pid": status.pid,
+        "started_at": status.started_at,
+        "uptime_s": None if status.uptime_s is None else round(status.uptime_s, 3),
+        "restarts": status.restarts,
+        "exit_code": status.exit_code,
+        "exit_signal": signal_name(status.exit_signal) if status.exit_signal else None,
+        "reason": status.reason,
+        "ready": status.ready,
+        "stdin": status.stdin,
+        "stdout": status.stdout,
+        "stderr": status.stderr,
+        "log_files": dict(status.log_files),
+    }
+
+
+class Health(BaseModel):
+    """The service answers: who it is and what it runs."""
+
+    ok: bool = True
+    pid: int = Field(description="The service's process id.")
+    manifest: str | None = Field(description="The manifest file the service runs.")
+    instances: int = Field(description="How many instances (replicas) the manifest has.")
+    states: dict[str, int] = Field(description="How many instances are in each state (only non-zero).")
+
+
+class InstanceResult(BaseModel):
+    """The outcome of one request on one instance."""
+
+    name: str
+    ok: bool = Field(description="The instance reached the requested state (or took the request).")
+    state: State = Field(description="Its state when the answer was made.")
+    pid: int | None = None
+    error: str | None = Field(None, description="Why not, when ok is false.")
+
+
+class ActionResponse(BaseModel):
+    """Per-instance results; the HTTP status is 200 when every one is ok, 409 otherwise."""
+
+    ok: bool
+    results: list[InstanceResult]
+
+
+class ReloadBody(BaseModel):
+    """What a reload did, by replica name."""
+
+    added: list[str]
+    removed: list[str]
+    changed: list[str]
+    unchanged: list[str]
+
+
+class ShutdownBody(BaseModel):
+    ok: bool = True
+    message: str = "shutting down: stopping every instance"
+
+
+class ReopenBody(BaseModel):
+    reopened: int = Field(description="How many log files were reopened.")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: one sentence, and the particulars (problems, fields) when there are some."""
+
+    error: str
+    details: list[Any] = []
+
+
+class EventBody(BaseModel):
+    """One transition, as each ``data:`` line of ``GET /v1/events`` carries it."""
+
+    instance: str
+    group: str
+    from_state: State
+    to_state: State
+    at: float = Field(description="Unix time of the transition.")
+    pid: int | None
+    exit_code: int | None
+    exit_signal: str | None
+    reason: str | None
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+class _Selection(_Wire):
+    names: list[str] = Field(
+        [],
+        description="Instance names, manifest names (every replica) or globs such as 'web-*'.",
+    )
+    all: bool = Field(False, description="Every instance; names must then be empty.")
+
+    @model_validator(mode="after")
+    def _names_or_all(self) -> _Selection:
+        if self.all and self.names:
+            raise ValueError("give names or all, not both")
+        if not self.all and not self.names:
+            raise ValueError("name some instances, or set all to true")
+        return self
+
+    @property
+    def patterns(self) -> list[str]:
+        """What ``Manager.select`` takes: no pattern selects every instance."""
+        return [] if self.all else self.names
+
+
+class ActionRequest(_Selection):
+    """start, stop or restart some instances."""
+
+    wait: bool = Field(
+        True,
+        description=(
+            "Answer once each instance reached its new state (stop: stopped; start and restart: "
+            "running, or exited with success for a one-shot job). false: answer once the request "
+            "is under way."
+        ),
+    )
+    timeout: Duration | None = Field(
+        None,
+        description=_TIMEOUT + " Default: the instance's restart.min_uptime + 10s (stop: stop.timeout + 5s).",
+    )
+
+    def timeout_for(self, default: float) -> float:
+        return default if self.timeout is None else self.timeout
+
+
+class SignalRequest(_Selection):
+    """Send a signal to some instances' processes (the whole group when stop.group is set)."""
+
+    signal: Signal = Field(description="A name (HUP, SIGUSR1) or a number.", examples=["HUP", 15])
+
+
+class WaitRequest(_Selection):
+    """Wait until some instances are in one of the given states."""
+
+    state: Annotated[list[State], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
+        description="A state, or a list of states any of which will do."
+    )
+    timeout: Duration | None = Field(None, description=_TIMEOUT + " Default: 30s.")

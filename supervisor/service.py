@@ -1,0 +1,220 @@
+"""``supervisor run``: the manager, the control server, signals, and the service's own stdio.
+
+The service is the one long-lived process. It owns a task group holding the
+manager (and through it every instance), the control server and the orphan
+reaper, and it turns signals into requests: TERM and INT shut down
+gracefully (a second INT kills at once), HUP reloads the manifest, USR2
+reopens every log file for an external logrotate.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import anyio
+
+from .config import Manifest, ManifestError, load_manifest
+from .events import Transition
+from .manager import Manager, ReloadReport
+from .process import become_subreaper, living_children, raise_fd_limit, run_orphan_reaper
+from .stdio import Stdio, StdioStream
+
+log = logging.getLogger("supervisor")
+
+
+class Service:
+    """One running manifest: what ``supervisor run`` keeps alive until it is told to stop."""
+
+    def __init__(self, manifest: Manifest, *, environ: Mapping[str, str] | None = None) -> None:
+        self.manifest = manifest
+        self.manager = Manager(manifest, environ=environ)
+        self._stopping = False
+        self._cancel: anyio.CancelScope | None = None
+        self._manager_done = anyio.Event()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until shutdown; the manager's instances are all stopped when this returns."""
+        # The control plane is imported only by the service, never by `supervisor status`.
+        from .api.server import ControlListeners, serve_control
+
+        state_dir = self.manifest.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        # Bound before any instance starts: a second service on this manifest stops here.
+        listeners = ControlListeners(self.manifest)
+        with anyio.CancelScope() as self._cancel:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._log_transitions)
+                tg.start_soon(run_orphan_reaper)
+                tg.start_soon(self._handle_signals)
+                try:
+                    await tg.start(self._run_manager)
+                except BaseException:
+                    listeners.close()
+                    raise
+                await tg.start(functools.partial(serve_control, self.manager, self, listeners=listeners))
+                log.info(
+                    "supervising %d instances from %s (pid %d)",
+                    len(self.manager.instances),
+                    self.manifest.source,
+                    os.getpid(),
+                )
+                task_status.started()
+                await self._manager_done.wait()
+                tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await _reap_leftovers()
+        log.info("stopped")
+
+    async def _run_manager(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        await self.manager.run(task_status=task_status)
+        self._manager_done.set()
+
+    # -- requests (from signals and from the control API) ------------------------------------
+
+    async def reload(self) -> ReloadReport:
+        """Re-read the manifest file; a manifest with errors changes nothing (ManifestError)."""
+        source = self.manifest.source
+        assert source is not None
+        manifest = load_manifest(source)
+        report = await self.manager.apply(manifest)
+        self.manifest = manifest
+        log.info(
+            "reloaded %s: added %s, removed %s, changed %s, unchanged %d",
+            source,
+            report.added or "none",
+            report.removed or "none",
+            report.changed or "none",
+            len(report.unchanged),
+        )
+        return report
+
+    async def shutdown(self) -> None:
+        """Stop every instance gracefully, then end ``run()``."""
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("shutting down: stopping %d instances", len(self.manager.instances))
+        await self.manager.shutdown()
+
+    def kill(self) -> None:
+        """No grace: cancel everything; instances SIGKILL their groups as they close."""
+        log.warning("killing every instance now")
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    def reopen_logs(self) -> int:
+        count = 0
+        for instance in self.manager.instances.values():
+            for sink in instance.sinks.values():
+                sink.reopen()
+                count += 1
+        log.info("reopened %d log files", count)
+        return count
+
+    # -- the service's own background tasks --------------------------------------------------
+
+    async def _handle_signals(self) -> None:
+        interrupts = 0
+        with anyio.open_signal_receiver(
+            signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2
+        ) as signals:
+            async with anyio.create_task_group() as tg:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        tg.start_soon(self._reload_logged)
+                    elif signum == signal.SIGUSR2:
+                        self.reopen_logs()
+                    elif signum == signal.SIGINT and interrupts:
+                        self.kill()
+                    else:
+                        interrupts += signum == signal.SIGINT
+                        log.info("got %s", signal.Signals(signum).name)
+                        tg.start_soon(self.shutdown)
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ManifestError as exc:
+            log.error("reload refused, nothing changed:\n%s", exc)
+
+    async def _log_transitions(self) -> None:
+        async with self.manager.events.subscribe() as events:
+            async for event in events:
+                if isinstance(event, Transition):
+                    log.info("%s", event.describe())
+                else:
+                    log.warning("the service log missed %d events", event.count)
+
+
+async def _reap_leftovers() -> None:
+    """Kill what is still our child (daemons that escaped their group and were reparented to us)."""
+    leftovers = living_children()
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in leftovers:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    if leftovers:
+        log.warning("killed %d processes left behind by instances", len(leftovers))
+
+
+def run_service(
+    manifest_path: Path,
+    *,
+    log_file: Path | None = None,
+    backend: str = "asyncio",
+) -> int:
+    """The whole of ``supervisor run``: returns the exit status."""
+    try:
+        manifest = load_manifest(manifest_path)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    own = Stdio.service()
+    with own.guard():
+        if log_file is not None:
+            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            redirected = Stdio(own.stdin.clone(), StdioStream(1, fd), StdioStream(2, os.dup(fd)))
+            redirected.redirect()
+            redirected.close()
+        _configure_logging()
+        raise_fd_limit()
+        if not become_subreaper():
+            log.warning("cannot become a child subreaper: orphaned grandchildren go to init")
+        from .api.server import ControlError
+
+        status = 0
+        try:
+            anyio.run(_serve, manifest, backend=backend)
+        except* ControlError as group:
+            for error in group.exceptions:
+                log.error("cannot start: %s", error)
+            status = 1
+    own.close()
+    return status
+
+
+async def _serve(manifest: Manifest) -> None:
+    # Built inside the event loop: anyio's events and locks belong to a running loop.
+    await Service(manifest).run()
+
+
+def _configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger("supervisor")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False

@@ -1,0 +1,189 @@
+"""``supervisor run`` as a whole: refusing a bad manifest, signals, its own log, its socket."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from .service_fixture import SUPERVISOR, ServiceProcess, pid_gone, processes_with, write_manifest
+
+Start = Callable[..., ServiceProcess]
+
+
+def test_a_bad_manifest_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    marker = tmp_path / "started"
+    manifest = write_manifest(
+        tmp_path,
+        f"""
+        version: 1
+        instances:
+          fine:
+            command: ["touch", "{marker}"]
+          web:
+            command: run-web
+            restart: {{min_uptime: soon}}
+            stoop: {{}}
+        """,
+    )
+    result = subprocess.run(
+        [*SUPERVISOR, "run", "-f", str(manifest)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == "2 problems in the manifest:"
+    assert f"{manifest}:7:" in result.stderr and "min_uptime" in result.stderr
+    assert f"{manifest}:8:" in result.stderr and "stoop" in result.stderr
+    assert not marker.exists() and not (tmp_path / ".supervisor").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_two_hundred_instances_and_leaves_nothing(service: Start) -> None:
+    marker = "314.15"
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          many:
+            command: ["sleep", "{marker}"]
+            replicas: 200
+            restart: {{min_uptime: 0}}
+            stdout: null
+            stderr: null
+        """
+    )
+    svc.wait_for(["many"], "running", timeout=60)
+    pids = [s["pid"] for s in svc.status().values()]
+    assert len(pids) == 200 and all(pids)
+    assert sorted(processes_with(marker)) == sorted(pids)
+    started = time.monotonic()
+    assert svc.stop(timeout=60) == 0
+    assert time.monotonic() - started < 30
+    assert [pid for pid in pids if not pid_gone(pid)] == []
+    assert processes_with(marker) == []
+    assert "got SIGTERM" in svc.log() and svc.log().rstrip().endswith("stopped")
+
+
+def test_a_second_sigint_kills_at_once(service: Start, tmp_path: Path) -> None:
+    svc = service(
+        """
+        version: 1
+        instances:
+          stubborn:
+            command: ["sh", "-c", "trap '' TERM; echo ready; exec sleep 300"]
+            restart: {min_uptime: 0}
+            stop: {timeout: 60s}
+        """
+    )
+    svc.wait_for(["stubborn"], "running")
+    svc.wait_output("stubborn", b"ready")  # the trap is set once it says so
+    pid = svc.status()["stubborn"]["pid"]
+    svc.proc.send_signal(signal.SIGINT)
+    svc.wait_for(["stubborn"], "stopping")  # the graceful stop waits for up to 60s …
+    started = time.monotonic()
+    svc.proc.send_signal(signal.SIGINT)  # … unless told again
+    assert svc.proc.wait(timeout=20) == 0
+    assert time.monotonic() - started < 10
+    assert pid_gone(pid)
+    assert "killing every instance now" in svc.log()
+
+
+def test_log_file_takes_the_services_own_log(service: Start, tmp_path: Path) -> None:
+    log_file = tmp_path / "service-own.log"
+    svc = service(
+        """
+        version: 1
+        instances:
+          one: {command: ["sleep", "300"], restart: {min_uptime: 0}}
+        """,
+        args=("--log-file", str(log_file)),
+    )
+    svc.wait_for(["one"], "running")
+    assert svc.stop() == 0
+    text = log_file.read_text()
+    assert "supervising 1 instances" in text and "one: starting -> running" in text
+    assert text.rstrip().endswith("stopped")
+    assert "supervising" not in svc.log()  # nothing went to the service's stderr
+
+
+def test_a_second_service_on_the_same_socket_is_refused(service: Start, tmp_path: Path) -> None:
+    marker = "161.8"
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          one: {{command: ["sleep", "{marker}"], restart: {{min_uptime: 0}}}}
+        """
+    )
+    svc.wait_for(["one"], "running")
+    second = subprocess.run(
+        [*SUPERVISOR, "run", "-f", str(svc.manifest)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert second.returncode == 1
+    assert f"another service answers at {svc.socket}" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert len(processes_with(marker)) == 1  # the second one started nothing
+    assert svc.client().health()["pid"] == svc.pid
+
+
+def test_a_stale_socket_file_is_replaced_and_other_files_are_not(service: Start, tmp_path: Path) -> None:
+    state = tmp_path / ".supervisor"
+    state.mkdir(mode=0o700)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(state / "control.sock"))
+    stale.close()  # the file stays; nobody listens: what a killed service leaves
+    svc = service("version: 1\ninstances: {one: {command: [sleep, '300']}}\n")
+    assert svc.client().health()["ok"]
+    assert svc.stop() == 0
+
+    (state / "control.sock").write_text("not a socket")
+    refused = subprocess.run(
+        [*SUPERVISOR, "run", "-f", str(svc.manifest)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert refused.returncode == 1 and "is not a socket" in refused.stderr
+    assert (state / "control.sock").read_text() == "not a socket"
+    (state / "control.sock").unlink()
+
+
+def test_the_service_runs_with_a_umask_that_would_expose_the_socket(service: Start) -> None:
+    old = os.umask(0)
+    try:
+        svc = service("version: 1\ninstances: {one: {command: [sleep, '300']}}\n")
+    finally:
+        os.umask(old)
+    assert oct(svc.socket.stat().st_mode & 0o777) == oct(0o600)
+
+
+def test_an_orphaned_grandchild_is_adopted_and_reaped(service: Start, tmp_path: Path) -> None:
+    """A double fork: the grandchild's parent exits, the service adopts it and reaps it when it ends."""
+    pidfile = tmp_path / "orphan.pid"
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          forker:
+            command: ["sh", "-c", "(sleep 271.8 & echo $$! > {pidfile}); echo ready; exec sleep 300"]
+            restart: {{min_uptime: 0}}
+        """
+    )
+    svc.wait_output("forker", b"ready")
+    orphan = int(pidfile.read_text())
+    assert _parent_of(orphan) == svc.pid  # the subshell is gone: the subreaper adopted the sleep
+    os.kill(orphan, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while os.path.exists(f"/proc/{orphan}"):  # a zombie still has its /proc entry: only a reap ends it
+        assert time.monotonic() < deadline, f"the orphan {orphan} was not reaped:\n{svc.log()}"
+        with pytest.raises(subprocess.TimeoutExpired):
+            svc.proc.wait(timeout=0.05)  # a bounded wait that also notices the service dying
+    assert svc.status("forker")["forker"]["state"] == "running"  # its exit was not mistaken for the leader's
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[1])
