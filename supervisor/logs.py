@@ -23,15 +23,20 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
+import itertools
 import logging
 import os
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from glob import escape as glob_escape
 from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+from anyio.lowlevel import RunVar
 
 __all__ = ["LogSink", "set_pipe_size"]
 
@@ -39,9 +44,10 @@ logger = logging.getLogger(__name__)
 
 # One os.read asks for this much; a pipe hands over at most its capacity.
 _READ_SIZE = 1024 * 1024
-# Bytes read per wakeup before the loop lets other tasks run: one chatty child must not
-# starve the rest of the service.
-_WAKEUP_BUDGET = 4 * _READ_SIZE
+# Bytes one sink reads in one turn on the event loop, and how many sinks may read in one
+# round of the loop (see _read_turn).
+_TURN_BUDGET = 512 * 1024
+_SINKS_PER_ROUND = 4
 # Bytes read when draining without blocking at shutdown. A writer that keeps pace with
 # the reader (a grandchild that outlived its parent, say) must not hold shutdown forever.
 _DRAIN_LIMIT = 64 * _READ_SIZE
@@ -100,6 +106,94 @@ def _stamp_lines(data: bytes, stamp: bytes, at_line_start: bool) -> bytes:
     return stamp + body if at_line_start else body
 
 
+# Turns to read, shared by every sink of one event loop (a RunVar: tests run several loops).
+_TURNS: RunVar[anyio.Semaphore] = RunVar("supervisor.logs.turns")
+
+
+@contextlib.asynccontextmanager
+async def _read_turn() -> AsyncIterator[None]:
+    """A turn to read, held across one round of the event loop.
+
+    Every ready task runs once per round of the loop, and a control request needs a few
+    rounds to be answered. With a hundred chatty children, a round that let every sink
+    read its fill would take tens of milliseconds, so `supervisor status` would take
+    half a second. Instead at most ``_SINKS_PER_ROUND`` sinks read in one round; the
+    others wait their turn, first come first served, off the loop's ready queue. The
+    children meanwhile wait on their full pipes: backpressure, nothing is dropped.
+    """
+    try:
+        turns = _TURNS.get()
+    except LookupError:
+        turns = anyio.Semaphore(_SINKS_PER_ROUND)
+        _TURNS.set(turns)
+    try:
+        turns.acquire_nowait()  # no extra round when a turn is free (and nobody queues)
+    except anyio.WouldBlock:
+        await turns.acquire()
+    try:
+        yield
+    finally:
+        turns.release()
+
+
+# -- dropped files --------------------------------------------------------------------------
+
+
+class _Reclaimer:
+    """Unlinks dropped log files on one background thread, shared by every sink.
+
+    Unlinking a file frees its page cache there and then: about 15 ms for a 20 MB file
+    just written. Done on the event loop at each rotation, that stalls every other
+    instance's logs and the control API; with many chatty children it adds up to most
+    of the loop's time. So a rotation only renames the doomed file out of the way (a
+    cheap rename: its target is a fresh name) and hands it over here. One thread for
+    the whole service, started on the first drop, is all this costs.
+
+    A file handed over just before the service dies stays behind under its
+    ``.dropped-…`` name; a sink removes such leftovers of its own when it starts.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+        self._names = itertools.count()
+
+    def doomed_name(self, path: Path) -> Path:
+        """A fresh name beside ``path`` to rename a file to before it is dropped."""
+        return path.with_name(f"{path.name}.dropped-{os.getpid()}-{next(self._names)}")
+
+    def drop(self, path: Path) -> None:
+        with self._lock:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="log-reclaimer", daemon=True)
+                self._thread.start()
+        self._queue.put(path)
+
+    def wait_idle(self) -> None:
+        """Block until every file handed over so far is gone (at close: nothing left behind)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0)
+
+    def _work(self) -> None:
+        while True:
+            path = self._queue.get()
+            try:
+                path.unlink()
+            except OSError as exc:
+                logger.warning("cannot remove the dropped log file %s: %s", path, exc)
+            with self._idle:
+                self._pending -= 1
+                if not self._pending:
+                    self._idle.notify_all()
+
+
+_RECLAIMER = _Reclaimer()
+
+
 # -- the file -------------------------------------------------------------------------------
 
 
@@ -109,7 +203,7 @@ class _RotatingFile:
     When a write would take the file past ``max_bytes``, the bytes up to the last
     newline that still fits go into the current file, the file is shifted to
     ``path.1`` (``path.1`` to ``path.2`` … and the oldest beyond ``backups`` dropped;
-    with ``backups == 0`` the file is truncated in place instead), and the rest goes
+    with ``backups == 0`` the file is dropped and started anew), and the rest goes
     into a fresh file. So a line is never split across two files, and that wins over
     the size limit: a single line longer than ``max_bytes`` goes whole into one file,
     and a line that was already started in a file when its end arrives is finished in
@@ -136,12 +230,22 @@ class _RotatingFile:
 
     def open(self) -> None:
         if self._fd is None:
+            self._remove_leftovers()
             self._open()
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
+
+    def _remove_leftovers(self) -> None:
+        """Files dropped by a service that died before its reclaimer removed them."""
+        try:
+            leftovers = list(self.path.parent.glob(f"{glob_escape(self.path.name)}*.dropped-*"))
+        except OSError:
+            return
+        for leftover in leftovers:
+            _RECLAIMER.drop(leftover)
 
     def reopen(self) -> None:
         """Let go of a file an external tool moved away, and start a new one at ``path``."""
@@ -177,10 +281,8 @@ class _RotatingFile:
             pos = stop
             rotated = False
 
-    def _open(self, *, truncate: bool = False) -> None:
+    def _open(self) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        if truncate:
-            flags |= os.O_TRUNC
         try:
             fd = os.open(self.path, flags, _FILE_MODE)
         except OSError as exc:
@@ -191,16 +293,28 @@ class _RotatingFile:
         self._size = os.fstat(fd).st_size
 
     def _rotate(self) -> None:
+        """Shift the backups up by one and start a new file.
+
+        The file that falls off the end is renamed away first and unlinked by the
+        reclaimer's thread, so every rename here has a free target: replacing a file
+        (by rename or truncation) would free the old one on the event loop.
+        """
         self.close()
-        if self.backups == 0:
-            self._open(truncate=True)
-            return
         try:
+            oldest = self._backup(self.backups) if self.backups else self.path
+            doomed = _RECLAIMER.doomed_name(oldest)
+            try:
+                os.rename(oldest, doomed)
+            except FileNotFoundError:
+                pass
+            else:
+                _RECLAIMER.drop(doomed)
             for index in range(self.backups - 1, 0, -1):
                 with contextlib.suppress(FileNotFoundError):
-                    os.replace(self._backup(index), self._backup(index + 1))
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self.path, self._backup(1))
+                    os.rename(self._backup(index), self._backup(index + 1))
+            if self.backups:
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(self.path, self._backup(1))
         except OSError as exc:
             # The old file stays where it is and keeps growing; the next write tries again.
             if not self._rotation_failing:
@@ -454,7 +568,10 @@ class LogSink:
     async def _read_loop(self) -> None:
         while True:
             generation = self._generation
-            outcome = self._read(_WAKEUP_BUDGET)
+            async with _read_turn():
+                outcome = self._read(_TURN_BUDGET)
+                if outcome is _ReadOutcome.BUDGET:
+                    await anyio.lowlevel.checkpoint()  # the rest of the round belongs to others
             if outcome is _ReadOutcome.EMPTY:
                 await anyio.wait_readable(self._read_fd)
             elif outcome is _ReadOutcome.EOF:
@@ -462,14 +579,12 @@ class LogSink:
                 while self._generation == generation:
                     moved = self._generation_moved = anyio.Event()
                     await moved.wait()
-            else:
-                await anyio.lowlevel.checkpoint()
 
     def _read(self, budget: int) -> _ReadOutcome:
         """Read and take in chunks until the pipe is empty or at EOF, or ``budget`` is spent."""
         while budget > 0:
             try:
-                data = os.read(self._read_fd, _READ_SIZE)
+                data = os.read(self._read_fd, min(budget, _READ_SIZE))
             except BlockingIOError:
                 return _ReadOutcome.EMPTY
             self.reads += 1
@@ -563,6 +678,7 @@ class LogSink:
             return
         self._closed = True
         self._drain()
+        _RECLAIMER.wait_idle()  # rotated-out files are gone before the sink is
         if self._carry:
             line = b"".join(self._carry)
             self._carry.clear()

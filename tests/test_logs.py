@@ -236,7 +236,7 @@ async def test_line_longer_than_max_bytes_goes_whole_into_one_file(pipe: Pipe, t
     assert path.read_bytes() == b"after\n"
 
 
-async def test_no_backups_truncates_in_place(pipe: Pipe, tmp_path: Path) -> None:
+async def test_no_backups_starts_the_file_anew(pipe: Pipe, tmp_path: Path) -> None:
     path = tmp_path / "out.log"
     sink = LogSink(pipe.read_fd, path, max_bytes=500, backups=0)
     stream = numbered(0, 100)
