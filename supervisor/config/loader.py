@@ -81,16 +81,23 @@ class _Source:
     def build(self, node: yaml.Node, path: KeyPath) -> Any:
         self.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
         if isinstance(node, yaml.MappingNode):
-            _CONSTRUCTOR.flatten_mapping(node)
+            _CONSTRUCTOR.flatten_mapping(node)  # `<<: *anchor` pairs first, so written keys win
             data: dict[Any, Any] = {}
+            written: set[Any] = set()  # keys written in this mapping, not merged into it
             for key_node, value_node in node.value:
-                key = self.scalar(key_node, path)
+                # A key is a name as written: `8080:` or `on:` must not become an int or a bool.
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = self.interpolate(key_node.value, path)
+                else:
+                    key = self.scalar(key_node, path)
                 if not isinstance(key, str | int) or isinstance(key, bool):
                     key = str(key)
                 child = (*path, key)
                 self.keys[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                if key in data:
-                    self.problem(child, f"the key {key!r} is given twice", at_key=True)
+                if node.start_mark.index <= key_node.start_mark.index < node.end_mark.index:
+                    if key in written:
+                        self.problem(child, f"the key {key!r} is given twice", at_key=True)
+                    written.add(key)
                 data[key] = self.build(value_node, child)
             return data
         if isinstance(node, yaml.SequenceNode):
@@ -301,10 +308,28 @@ def _key_path(loc: tuple[Any, ...], source: _Source, *, keep_last: bool) -> KeyP
     """
     path: KeyPath = ()
     for index, part in enumerate(loc):
+        if _is_stream_kind(loc, index):
+            continue
         candidate = (*path, part)
         if candidate in source.values or (keep_last and index == len(loc) - 1):
             path = candidate
     return path
+
+
+def _is_stream_kind(loc: tuple[Any, ...], index: int) -> bool:
+    """Whether ``loc[index]`` is the kind pydantic names a stream's member by, not a key of the file.
+
+    For ``stdout: {file: out.log, mode: apend}`` pydantic says ``stdout.file.mode``: the kind,
+    then the field. The short form has a ``file`` (or ``fifo``) key too, but it holds only the
+    path; every other field of the stream is that key's sibling.
+    """
+    return (
+        index == 3
+        and len(loc) > 4
+        and loc[0] == "instances"
+        and loc[2] in ("stdin", "stdout", "stderr")
+        and loc[4] != "path"
+    )
 
 
 def _model_at(path: KeyPath) -> type[BaseModel] | None:

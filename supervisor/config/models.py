@@ -58,40 +58,46 @@ RelativePath = Annotated[str, AfterValidator(_relative_to_manifest)]
 class LogStream(StrictModel):
     """A pipe the service captures into the instance's rotating log (see ``logs``)."""
 
-    kind: Literal["log"] = "log"
+    kind: Literal["log"] = Field("log", description="The long form's tag: {kind: log}.")
 
 
 class NullStream(StrictModel):
     """``/dev/null``."""
 
-    kind: Literal["null"] = "null"
+    kind: Literal["null"] = Field("null", description="The long form's tag: {kind: null}.")
 
 
 class InheritStream(StrictModel):
     """The service's own stream of the same number."""
 
-    kind: Literal["inherit"] = "inherit"
+    kind: Literal["inherit"] = Field("inherit", description="The long form's tag: {kind: inherit}.")
 
 
 class FileStream(StrictModel):
     """A regular file: read for stdin; for output, created when missing, appended to or truncated."""
 
-    kind: Literal["file"] = "file"
-    path: RelativePath = Field(description="Relative paths are relative to the manifest's folder.")
-    mode: Literal["append", "truncate"] = "append"
+    kind: Literal["file"] = Field("file", description="The long form's tag: {kind: file, path: …}.")
+    path: RelativePath = Field(
+        description="The file; written `file: PATH` in the short form. Relative to the manifest's folder."
+    )
+    mode: Literal["append", "truncate"] = Field(
+        "append", description="Output only: truncate empties the file at every start of the program."
+    )
 
 
 class FifoStream(StrictModel):
     """An existing fifo, opened read-write so that opening never blocks the service."""
 
-    kind: Literal["fifo"] = "fifo"
-    path: RelativePath = Field(description="Relative paths are relative to the manifest's folder.")
+    kind: Literal["fifo"] = Field("fifo", description="The long form's tag: {kind: fifo, path: …}.")
+    path: RelativePath = Field(
+        description="The fifo; written `fifo: PATH` in the short form. Relative to the manifest's folder."
+    )
 
 
 class StdoutStream(StrictModel):
     """stderr only: the same file descriptor as stdout, like ``2>&1``."""
 
-    kind: Literal["stdout"] = "stdout"
+    kind: Literal["stdout"] = Field("stdout", description="The long form's tag: {kind: stdout}.")
 
 
 _KEYWORDS = {"log": LogStream, "null": NullStream, "inherit": InheritStream, "stdout": StdoutStream}
@@ -167,11 +173,19 @@ class LogSettings(StrictModel):
 class InstanceLogs(StrictModel):
     """Per-instance log settings; unset keys take the service's ``supervisor.logs`` values."""
 
-    max_bytes: Size | None = Field(None, description="Default: supervisor.logs.max_bytes.")
-    backups: int | None = Field(None, ge=0, description="Default: supervisor.logs.backups.")
-    timestamps: bool | None = Field(None, description="Default: supervisor.logs.timestamps.")
-    stdout_file: RelativePath | None = Field(None, description="Default: <state_dir>/logs/NAME.out.log.")
-    stderr_file: RelativePath | None = Field(None, description="Default: <state_dir>/logs/NAME.err.log.")
+    max_bytes: Size | None = Field(
+        None, description="Rotate past this size. Unset: supervisor.logs.max_bytes."
+    )
+    backups: int | None = Field(None, ge=0, description="Rotated files kept. Unset: supervisor.logs.backups.")
+    timestamps: bool | None = Field(
+        None, description="Prefix lines with a UTC time. Unset: supervisor.logs.timestamps."
+    )
+    stdout_file: RelativePath | None = Field(
+        None, description="The log of captured stdout. Unset: <state_dir>/logs/NAME.out.log."
+    )
+    stderr_file: RelativePath | None = Field(
+        None, description="The log of captured stderr. Unset: <state_dir>/logs/NAME.err.log."
+    )
 
     def resolved(self, defaults: LogSettings) -> LogSettings:
         return LogSettings(
@@ -195,11 +209,15 @@ class RestartPolicy(StrictModel):
 
     policy: Literal["no", "on-failure", "always"] = Field(
         "on-failure",
-        description="on-failure: an exit code outside success_codes, or a signal death.",
+        description=(
+            "When to restart a program that was up past min_uptime: no: never; on-failure: after"
+            " an exit code outside success_codes, or a death by a signal; always: after any exit."
+            " A failed start is retried under every policy."
+        ),
     )
     success_codes: list[int] = Field([0], description="Exit codes that count as success.")
     min_uptime: Duration = Field(1.0, description="An exit sooner than this is a failed start.")
-    backoff: Backoff = Backoff()
+    backoff: Backoff = Field(Backoff(), description="The delay before each restart.")
     max_restarts: int = Field(10, ge=0, description="More restarts than this within window: failed.")
     window: Duration = Field(300.0, description="The window max_restarts counts in.")
 
@@ -208,7 +226,7 @@ class StopPolicy(StrictModel):
     """How an instance is stopped."""
 
     signal: Signal = Field(15, description="Sent first (TERM, INT, QUIT, a number…).")
-    timeout: Duration = Field(10.0, description="Then SIGKILL.")
+    timeout: Duration = Field(10.0, description="How long to wait after the signal before SIGKILL.")
     group: bool = Field(
         True, description="Signal the whole process group, and kill what is left of it on exit."
     )
@@ -233,13 +251,19 @@ class InstanceConfig(StrictModel):
         description="A list of arguments, or a string split as a shell would split it."
     )
     shell: bool = Field(False, description="Run the command string through /bin/sh -c.")
-    cwd: RelativePath | None = Field(None, description="Relative to the manifest's folder.")
+    cwd: RelativePath | None = Field(
+        None, description="The working folder, relative to the manifest's folder. Unset: the service's."
+    )
     env: dict[str, str] = Field({}, description="Merged over the service's environment.")
     inherit_env: bool = Field(True, description="false: start from an empty environment.")
-    env_file: RelativePath | None = Field(None, description="KEY=VALUE lines, applied before env.")
+    env_file: RelativePath | None = Field(
+        None, description="A file of KEY=VALUE lines, read at load time, applied before env."
+    )
     user: str | int | None = Field(None, description="Run as this user (the service must be root).")
     group: str | int | None = Field(None, description="Run with this group.")
-    umask: Umask | None = Field(None, description="Octal, e.g. '022'.")
+    umask: Umask | None = Field(
+        None, description="The file mode creation mask, octal, e.g. '022'. Unset: the service's."
+    )
     replicas: int = Field(
         1, ge=0, description="How many copies; more than one are named NAME-0, NAME-1, …"
     )
@@ -247,9 +271,9 @@ class InstanceConfig(StrictModel):
     stdin: InputStream = Field(NullStream(), description="Where fd 0 comes from.")  # type: ignore[valid-type]
     stdout: OutputStream = Field(LogStream(), description="Where fd 1 goes.")  # type: ignore[valid-type]
     stderr: ErrorStream = Field(LogStream(), description="Where fd 2 goes; 'stdout' merges it.")  # type: ignore[valid-type]
-    logs: InstanceLogs = InstanceLogs()
-    restart: RestartPolicy = RestartPolicy()
-    stop: StopPolicy = StopPolicy()
+    logs: InstanceLogs = Field(InstanceLogs(), description="Where and how captured output is kept.")
+    restart: RestartPolicy = Field(RestartPolicy(), description="When the program is started again.")
+    stop: StopPolicy = Field(StopPolicy(), description="How the program is stopped.")
     depends_on: Annotated[dict[str, DependencyCondition], BeforeValidator(_depends_from_yaml)] = Field(
         {}, description="Other instances (by manifest name) and the condition to wait for."
     )
@@ -350,13 +374,15 @@ class ServiceSettings(StrictModel):
     """Settings of the service itself."""
 
     state_dir: RelativePath = Field(
-        ".supervisor", validate_default=True, description="Relative to the manifest's folder."
+        ".supervisor",
+        validate_default=True,
+        description="The service's folder: control socket, logs. Relative to the manifest's folder.",
     )
-    control: ControlSettings = ControlSettings()
+    control: ControlSettings = Field(ControlSettings(), description="Where the control API listens.")
     shutdown_timeout: Duration = Field(
         30.0, description="How long a shutdown waits for all instances before SIGKILL."
     )
-    logs: LogSettings = LogSettings()
+    logs: LogSettings = Field(LogSettings(), description="Log defaults for every instance.")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -390,8 +416,10 @@ class Manifest(StrictModel):
 
     version: Literal[1] = Field(description="The manifest format; 1 is the only one.")
     # Validated from {} when absent, so that state_dir is resolved against the manifest's folder.
-    supervisor: ServiceSettings = Field(default_factory=dict, validate_default=True)  # type: ignore[arg-type]
-    instances: dict[InstanceName, InstanceConfig] = {}
+    supervisor: ServiceSettings = Field(  # type: ignore[arg-type]
+        default_factory=dict, validate_default=True, description="Settings of the service itself."
+    )
+    instances: dict[InstanceName, InstanceConfig] = Field({}, description="The programs to run, by name.")
 
     _source: Path | None = PrivateAttr(None)
 
