@@ -174,12 +174,12 @@ class Instance:
             for pipe in self._pipes.values():
                 pipe.close()
 
-    async def close(self) -> None:
+    async def close(self, reason: str = "removed") -> None:
         """Stop the program if it runs, then end ``run()``: the instance is gone."""
         async with self._lock:
             self._closing = True  # requests queued behind this one must not start it again
             if self._state.alive:
-                await self._stop_locked("removed")
+                await self._stop_locked(reason)
             self._closed.set()
 
     def _open_logs(self) -> None:

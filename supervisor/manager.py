@@ -172,7 +172,7 @@ class Manager:
             with anyio.move_on_after(self.manifest.supervisor.shutdown_timeout):
                 async with anyio.create_task_group() as tg:
                     for instance in instances:
-                        tg.start_soon(instance.close)
+                        tg.start_soon(instance.close, "the service is shutting down")
             self._done.set()
 
     def count(self, state: State) -> int:

@@ -402,3 +402,5 @@ async def test_requests_queued_behind_a_shutdown_do_not_start_anything(tmp_path:
                 await manager.apply(manifest)
         assert instance.state is State.STOPPED
         assert [e.to_state for e in events.of("slow")].count(State.STARTING) == 1
+        stopped = await events.wait_for(_to(State.STOPPED, "slow"))
+        assert stopped.reason == "the service is shutting down"
