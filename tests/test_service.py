@@ -187,3 +187,29 @@ def test_an_orphaned_grandchild_is_adopted_and_reaped(service: Start, tmp_path: 
 def _parent_of(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_sigusr2_reopens_the_log_files_after_logrotate_moved_them(service: Start, tmp_path: Path) -> None:
+    fifo = tmp_path / "poke"
+    os.mkfifo(fifo)
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          talker:
+            command: ["sh", "-c", "echo before; read line < {fifo}; echo after; exec sleep 300"]
+            restart: {{min_uptime: 0}}
+        """
+    )
+    svc.wait_output("talker", b"before")
+    log = Path(svc.status("talker")["talker"]["log_files"]["stdout"])
+    moved = log.with_name("talker.out.log.moved")
+    log.rename(moved)  # what logrotate does, before it signals the service
+    svc.proc.send_signal(signal.SIGUSR2)
+    svc.wait_log("reopened 2 log files")
+    assert log.read_bytes() == b""  # a new, empty file at the configured path
+    with open(fifo, "w") as poke:
+        poke.write("go\n")
+    svc.wait_output("talker", b"after")
+    assert moved.read_bytes() == b"before\n"
+    assert log.read_bytes() == b"after\n"
