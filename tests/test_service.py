@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.api.client import Client, ClientError
+
 from .service_fixture import SUPERVISOR, ServiceProcess, pid_gone, processes_with, write_manifest
 
 Start = Callable[..., ServiceProcess]
@@ -213,3 +215,71 @@ def test_sigusr2_reopens_the_log_files_after_logrotate_moved_them(service: Start
     svc.wait_output("talker", b"after")
     assert moved.read_bytes() == b"before\n"
     assert log.read_bytes() == b"after\n"
+
+
+def _unshare_works() -> bool:
+    try:
+        command = ["unshare", "--pid", "--fork", "--mount-proc", "true"]
+        probe = subprocess.run(command, capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return probe.returncode == 0
+
+
+def _children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            found += [int(p) for p in children.read().split()]
+    return found
+
+
+@pytest.mark.skipif(not _unshare_works(), reason="needs unshare(1) and the right to make a PID namespace")
+def test_as_pid_1_it_reaps_orphans_and_stops_on_sigterm(tmp_path: Path) -> None:
+    """`supervisor run` as the init of a PID namespace, as in a container."""
+    marker = "271.9"
+    manifest = write_manifest(
+        tmp_path,
+        f"""
+        version: 1
+        instances:
+          forker:
+            command: ["sh", "-c", "(sleep {marker} &); echo ready; exec sleep 300"]
+            restart: {{min_uptime: 0}}
+        """,
+    )
+    unshare = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", *SUPERVISOR, "run", "-f", str(manifest)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        client = Client(tmp_path / ".supervisor" / "control.sock", timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert client.health()["pid"] == 1  # the init of its namespace
+                break
+            except ClientError:
+                assert time.monotonic() < deadline and unshare.poll() is None, "the service did not answer"
+                with pytest.raises(subprocess.TimeoutExpired):
+                    unshare.wait(timeout=0.05)  # a bounded wait that also notices the service dying
+        with client.follow("forker", lines=100) as chunks:
+            assert any(b"ready" in chunk for chunk in chunks)
+        (init,) = _children_of(unshare.pid)  # the service's pid outside the namespace
+        (orphan,) = processes_with(marker)
+        assert orphan in _children_of(init)  # its parent exited: PID 1 adopted it
+        os.kill(orphan, signal.SIGKILL)
+        while os.path.exists(f"/proc/{orphan}"):  # a zombie keeps its /proc entry: only a reap ends it
+            assert time.monotonic() < deadline + 20, "the orphan was not reaped"
+            with pytest.raises(subprocess.TimeoutExpired):
+                unshare.wait(timeout=0.05)
+        os.kill(init, signal.SIGTERM)  # from outside: PID 1 gets only the signals it handles
+        assert unshare.wait(timeout=60) == 0
+        stderr = unshare.stderr.read().decode() if unshare.stderr else ""
+        assert "got SIGTERM" in stderr and stderr.rstrip().endswith("stopped")
+    finally:
+        if unshare.poll() is None:
+            unshare.kill()
+            unshare.wait()
