@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import fcntl
 import itertools
 import logging
 import os
@@ -38,7 +37,7 @@ import anyio
 import anyio.lowlevel
 from anyio.lowlevel import RunVar
 
-__all__ = ["LogSink", "set_pipe_size"]
+__all__ = ["LogSink"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,26 +56,6 @@ _MAX_CARRY = 4 * _READ_SIZE
 # New files are not world-readable: captured output often holds secrets.
 _FILE_MODE = 0o640
 
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
-_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
-
-
-def set_pipe_size(fd: int, size: int = 256 * 1024) -> int:
-    """Ask the kernel for a bigger pipe buffer; return the size the pipe ends up with.
-
-    The default 64 KiB makes a chatty child wake the reader four times as often as a
-    256 KiB buffer does. Failure is not an error (the size may exceed
-    /proc/sys/fs/pipe-max-size, or the user's pipe quota): the pipe just stays as it
-    was. Returns 0 when the size cannot even be read (not a pipe, or not Linux).
-    """
-    try:
-        return fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
-    except (OSError, OverflowError):
-        pass
-    try:
-        return fcntl.fcntl(fd, _F_GETPIPE_SZ)
-    except OSError:
-        return 0
 
 
 # -- timestamps -------------------------------------------------------------------------------

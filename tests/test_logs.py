@@ -22,7 +22,7 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import TaskGroup
 
-from supervisor.logs import LogSink, set_pipe_size
+from supervisor.logs import LogSink
 
 pytestmark = pytest.mark.anyio
 
@@ -467,15 +467,3 @@ async def test_file_is_created_at_run_and_not_inherited(pipe: Pipe, tmp_path: Pa
         assert len(same) == 1
         assert fcntl.fcntl(same[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         pipe.close_writer(fd)
-
-
-def test_set_pipe_size(pipe: Pipe) -> None:
-    assert set_pipe_size(pipe.read_fd, 256 * 1024) == 256 * 1024
-    assert fcntl.fcntl(pipe.read_fd, 1032) == 256 * 1024
-    # Failures are not errors: the pipe keeps the size it has.
-    assert set_pipe_size(pipe.read_fd, -1) == 256 * 1024
-    not_a_pipe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        assert set_pipe_size(not_a_pipe) == 0
-    finally:
-        os.close(not_a_pipe)
