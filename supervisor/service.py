@@ -84,7 +84,14 @@ class Service:
         assert source is not None
         manifest = load_manifest(source)
         report = await self.manager.apply(manifest)
-        self.manifest = manifest
+        old, self.manifest = self.manifest, manifest
+        control = (manifest.control_socket, manifest.supervisor.control)
+        if (old.control_socket, old.supervisor.control) != control:
+            log.warning(
+                "the control settings changed; they apply when the service starts again "
+                "(the control API stays on %s)",
+                old.control_socket,
+            )
         log.info(
             "reloaded %s: added %s, removed %s, changed %s, unchanged %d",
             source,

@@ -152,3 +152,14 @@ def test_reload_with_no_service_is_exit_2(tmp_path: Path) -> None:
         check=False,
     )
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+
+
+def test_a_changed_control_socket_is_reported_and_the_old_one_kept(service: Start, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, BEFORE)
+    svc = service(manifest)
+    svc.wait_for(["keep"], "running")
+    moved = tmp_path / "elsewhere.sock"
+    manifest.write_text(f"supervisor: {{control: {{socket: {moved}}}}}\n" + BEFORE)
+    assert reload_json(svc)["changed"] == []  # the instances do not depend on it
+    svc.wait_log("the control settings changed; they apply when the service starts again")
+    assert svc.client().health()["ok"] and not moved.exists()
