@@ -193,6 +193,10 @@ class Instance:
             if not _may_need_log(spec):
                 continue
             path = Path(custom[stream]) if custom[stream] else logs_dir / f"{self.name}.{suffix[stream]}.log"
+            if custom[stream] and self.name != self.group:
+                # Replicas must not share a file: two sinks rotating one file lose lines.
+                replica = self.name.removeprefix(self.group)  # "-0", "-1", …
+                path = path.with_name(f"{path.stem}{replica}{path.suffix}")
             path.parent.mkdir(parents=True, exist_ok=True)
             pipe = LogPipe()
             self._pipes[stream] = pipe

@@ -86,3 +86,25 @@ async def test_stderr_merged_into_stdout_keeps_both_in_order(tmp_path: Path) -> 
         assert instance.sinks["stdout"].tail(10) == [b"out-1", b"err-1", b"out-2", b"err-2", b"done"]
         text = Path(instance.status().log_files["stdout"]).read_text()
         assert text == "out-1\nerr-1\nout-2\nerr-2\ndone\n"
+
+
+async def test_replicas_with_a_custom_log_file_each_get_their_own(tmp_path: Path) -> None:
+    manifest = manifest_from(
+        """
+        version: 1
+        instances:
+          web:
+            command: ["sh", "-c", "echo i am $$$$; exec sleep 300"]
+            replicas: 2
+            logs: {stdout_file: logs/web.log}
+            restart: {min_uptime: 0}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, _events):
+        for name in ("web-0", "web-1"):
+            instance = manager.instances[name]
+            await wait_for_output(instance, b"i am")
+            path = Path(instance.status().log_files["stdout"])
+            assert path == tmp_path / "logs" / f"{name}.log"
+            assert path.read_text() == f"i am {instance.pid}\n"

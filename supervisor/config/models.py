@@ -181,10 +181,14 @@ class InstanceLogs(StrictModel):
         None, description="Prefix lines with a UTC time. Unset: supervisor.logs.timestamps."
     )
     stdout_file: RelativePath | None = Field(
-        None, description="The log of captured stdout. Unset: <state_dir>/logs/NAME.out.log."
+        None,
+        description="The log of captured stdout. Unset: <state_dir>/logs/NAME.out.log. "
+        "With replicas, each gets its own file: web.log becomes web-0.log, web-1.log …",
     )
     stderr_file: RelativePath | None = Field(
-        None, description="The log of captured stderr. Unset: <state_dir>/logs/NAME.err.log."
+        None,
+        description="The log of captured stderr. Unset: <state_dir>/logs/NAME.err.log. "
+        "With replicas, each gets its own file, as for stdout_file.",
     )
 
     def resolved(self, defaults: LogSettings) -> LogSettings:
