@@ -20,6 +20,7 @@ from typing import Annotated, Any
 import pytest
 from pydantic import BaseModel
 
+from supervisor.api.client import _interpolate as client_interpolate
 from supervisor.config import (
     FifoStream,
     FileStream,
@@ -368,6 +369,9 @@ def test_env_file_problems_are_load_errors(tmp_path: Path) -> None:
         ("${EMPTY}", ""),
         ("${EMPTY:-fallback}", "fallback"),
         ("${MISSING:-}", ""),
+        ("${MISSING-fallback}", "fallback"),  # without the colon, as in a shell: unset only
+        ("${EMPTY-fallback}", ""),
+        ("${PORT-80}", "8080"),
         ("$$", "$"),
         ("cost: $$5", "cost: $5"),
         ("$${PORT}", "${PORT}"),
@@ -380,6 +384,8 @@ def test_interpolation(tmp_path: Path, written: str, value: str) -> None:
     environ = {"PORT": "8080", "HOST": "example", "EMPTY": "", "LOOP": "${PORT}"}
     config = web_config(tmp_path, f"env: {{X: '{written}'}}", environ)
     assert config.env["X"] == value
+    # The CLI finds the socket without the loader (no pydantic at its start): same reading.
+    assert client_interpolate(written, environ) == value
 
 
 def test_interpolation_reaches_keys_and_non_string_values(tmp_path: Path) -> None:

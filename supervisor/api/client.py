@@ -108,7 +108,7 @@ def connect_unix(path: str | os.PathLike[str], timeout: float | None = None) -> 
 
 # -- the socket named by a manifest --------------------------------------------------------------
 
-_INTERPOLATION = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\})")
+_INTERPOLATION = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?)-([^}]*))?\})")
 
 
 def socket_from_manifest(manifest: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Path:
@@ -154,13 +154,16 @@ def socket_from_manifest(manifest: str | os.PathLike[str], environ: Mapping[str,
 
 
 def _interpolate(text: str, environ: Mapping[str, str]) -> str:
-    """``${VAR}``, ``${VAR:-default}`` and ``$$``, as the manifest loader reads them."""
+    """``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` and ``$$``, as the manifest loader reads them."""
 
     def substitute(match: re.Match[str]) -> str:
-        dollar, name, default = match.groups()
+        dollar, name, colon, default = match.groups()
         if dollar:
             return "$"
-        return environ.get(name) or (default if default is not None else environ.get(name, ""))
+        value = environ.get(name)
+        if default is not None and (value is None or (colon and not value)):
+            return default
+        return value or ""
 
     return _INTERPOLATION.sub(substitute, text) if "$" in text else text
 

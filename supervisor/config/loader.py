@@ -26,7 +26,8 @@ from .models import INSTANCE_NAME_PATTERN, Manifest
 
 KeyPath = tuple[str | int, ...]
 
-_INTERPOLATION = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|\{([^}]*)\})")
+# $$ | ${NAME} | ${NAME:-default} (unset or empty) | ${NAME-default} (unset only) | ${anything else}
+_INTERPOLATION = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?)-([^}]*))?\}|\{([^}]*)\})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,21 +114,19 @@ class _Source:
         return value
 
     def interpolate(self, text: str, path: KeyPath) -> str:
-        """``${VAR}``, ``${VAR:-default}`` from the environment; ``$$`` is a literal ``$``."""
+        """``${VAR}``, ``${VAR:-default}``, ``${VAR-default}`` as a shell reads them; ``$$`` is ``$``."""
         if "$" not in text:
             return text
 
         def substitute(match: re.Match[str]) -> str:
-            dollar, name, default, bad = match.groups()
+            dollar, name, colon, default, bad = match.groups()
             if dollar:
                 return "$"
             if bad is not None:
                 self.problem(path, f"${{{bad}}} is not a variable reference: write ${{NAME}}")
                 return match.group(0)
             value = self.environ.get(name)
-            if value:
-                return value
-            if default is not None:
+            if default is not None and (value is None or (colon and not value)):
                 return default
             if value is not None:
                 return value
