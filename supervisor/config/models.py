@@ -299,10 +299,11 @@ class InstanceConfig(StrictModel):
     def _command_splits(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, str):
             try:
-                if not shlex.split(value):
-                    raise ValueError("the command is empty")
+                words = shlex.split(value)
             except ValueError as exc:
                 raise ValueError(f"cannot split the command: {exc}") from None
+            if not words:
+                raise ValueError("the command is empty")
         elif not value:
             raise ValueError("the command is empty")
         return value
