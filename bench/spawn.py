@@ -7,6 +7,9 @@ Both run in this one process, one after the other, on the same machine:
 - ours: a Manager with one instance of N replicas (``min_uptime: 0``, stdio to
   /dev/null as in the baseline), from ``run()`` until the N-th `running` event.
 
+Also, for the record, the plain loop through ``setpriv --pdeathsig=KILL`` (how the
+supervisor sets the parent-death signal): what that signal costs by itself.
+
 Usage: python bench/spawn.py [N] [--backend asyncio|trio] [--logs]
 (--logs gives each instance its stdout/stderr log pipes and sinks, which the baseline lacks.)
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,12 +36,12 @@ from supervisor.manager import Manager
 from supervisor.process import raise_fd_limit
 
 
-def baseline(n: int) -> float:
+def baseline(n: int, prefix: tuple[str, ...] = ()) -> float:
     started = time.perf_counter()
     children = []
     for _ in range(n):
         child = subprocess.Popen(
-            ["sleep", "300"],
+            [*prefix, "sleep", "300"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -101,6 +105,8 @@ def main() -> None:
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
         plain = baseline(args.n)
+        setpriv = shutil.which("setpriv")
+        with_death_signal = baseline(args.n, (setpriv, "--pdeathsig=KILL", "--")) if setpriv else None
         supervised = anyio.run(ours, args.n, Path(tmp), args.logs, backend=args.backend)
     cpu = next(
         (
@@ -114,6 +120,13 @@ def main() -> None:
     print(f"plain Popen+pidfd loop: {args.n} children in {plain:.3f}s ({args.n / plain:.0f}/s)")
     print(f"supervisor, all running: {args.n} instances in {supervised:.3f}s ({args.n / supervised:.0f}/s)")
     print(f"ratio supervisor/plain: {supervised / plain:.2f}x (target: <= 1.5x)")
+    if with_death_signal is not None:
+        # What the parent-death signal costs by itself, and what is left for the rest of ours.
+        print(
+            f"plain loop through setpriv --pdeathsig: {with_death_signal:.3f}s "
+            f"({with_death_signal / plain:.2f}x the plain loop; supervisor is "
+            f"{supervised / with_death_signal:.2f}x this)"
+        )
 
 
 if __name__ == "__main__":
