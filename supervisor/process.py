@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import anyio
 
 __all__ = [
+    "USE_LAUNCHER",
     "USE_PIDFD",
     "Child",
     "ExitStatus",
@@ -66,6 +67,9 @@ __all__ = [
 
 #: Wait for exits with a pidfd; False forces the polling fallback (set automatically on ENOSYS).
 USE_PIDFD: bool = hasattr(os, "pidfd_open")
+#: Set the parent-death signal and fd limit through util-linux (see ``_launcher``); False forces
+#: the ``preexec_fn`` fallback, which is also what happens when util-linux is missing.
+USE_LAUNCHER: bool = True
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -354,7 +358,7 @@ def _launcher(death_signal: int | None, nofile: tuple[int, int] | None) -> list[
     work in C after a vfork, for a fraction of that (bench/spawn.py). Without them
     (no util-linux), ``_child_setup`` does it the slow way.
     """
-    if death_signal is None and nofile is None:
+    if (death_signal is None and nofile is None) or not USE_LAUNCHER:
         return []
     global _tools
     if _tools is None:

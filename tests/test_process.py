@@ -394,21 +394,23 @@ async def test_wait_uses_no_threads(children: list[Child]) -> None:
 
 PARENT_DEATH = """
     import os, signal, sys
+    from supervisor import process
     from supervisor.process import spawn
     death = None if sys.argv[1] == "none" else signal.SIGKILL
+    process.USE_LAUNCHER = sys.argv[2] == "launcher"
     child = spawn(["sleep", "30"], stdin=None, stdout=None, stderr=None, parent_death_signal=death)
     print(child.pid, flush=True)
     sys.stdin.read()
 """
 
 
+@pytest.mark.parametrize("how", ["launcher", "preexec"])
 @pytest.mark.parametrize("death", ["kill", "none"])
-async def test_parent_death_signal(death: str) -> None:
+async def test_parent_death_signal(death: str, how: str) -> None:
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
-    helper = spawn(
-        [sys.executable, "-c", textwrap.dedent(PARENT_DEATH), death], stdin=in_r, stdout=out_w, stderr=None
-    )
+    script = textwrap.dedent(PARENT_DEATH)
+    helper = spawn([sys.executable, "-c", script, death, how], stdin=in_r, stdout=out_w, stderr=None)
     os.close(in_r)
     os.close(out_w)
     try:
@@ -533,8 +535,10 @@ def test_orphans_are_reaped_without_stealing(backend: str) -> None:
 
 
 FD_LIMIT = """
-    import json, os, resource
+    import json, os, resource, sys
+    from supervisor import process
     from supervisor.process import raise_fd_limit, spawn
+    process.USE_LAUNCHER = sys.argv[1] == "launcher"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
     raised = raise_fd_limit()
@@ -548,8 +552,9 @@ FD_LIMIT = """
 """
 
 
-def test_raise_fd_limit_not_for_children() -> None:
-    report = run_script(FD_LIMIT)
+@pytest.mark.parametrize("how", ["launcher", "preexec"])
+def test_raise_fd_limit_not_for_children(how: str) -> None:
+    report = run_script(FD_LIMIT, how)
     assert report["raised"] == report["now"] > 256
     if report["hard"] != -1:  # RLIM_INFINITY: raised to fs.nr_open instead
         assert report["raised"] == report["hard"]
