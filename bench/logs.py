@@ -100,7 +100,9 @@ def main() -> None:
         writer = folder / "writer.py"
         writer.write_text(WRITER)
         for run in range(args.repeat):
+            os.sync()  # each run starts with no dirty pages left by the one before
             plains.append(direct(writer, total, folder))
+            os.sync()
             elapsed, cpu, written = anyio.run(
                 captured, writer, total, folder / str(run), backend=args.backend
             )

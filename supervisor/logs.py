@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import fcntl
 import itertools
 import logging
 import os
@@ -55,6 +56,53 @@ _DRAIN_LIMIT = 64 * _READ_SIZE
 _MAX_CARRY = 4 * _READ_SIZE
 # New files are not world-readable: captured output often holds secrets.
 _FILE_MODE = 0o640
+# What a chatty child's pipe grows to (see _PipeGrowth).
+_BIG_PIPE = 1024 * 1024
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+
+
+class _PipeGrowth:
+    """Bigger pipe buffers for the children that fill theirs, within a budget.
+
+    A pipe starts at the kernel's default (64 KiB). When the sink reads a whole pipe's
+    worth in one go, the child refills it as fast as it is drained and waits on it: the
+    sink grows it to ``_BIG_PIPE``, so that child wakes the service (and waits) far
+    less often; one chatty child is then captured at
+    about 0.9 of the speed of a direct write instead of 0.75 (bench/logs.py). Quiet
+    children keep the small default.
+
+    The budget bounds what full pipes may hold in kernel memory. And Linux caps the
+    pipe buffers one unprivileged user holds (``fs.pipe-user-pages-soft``, 64 MiB by
+    default); past that cap every *new* pipe gets 8 KiB, so an unprivileged service
+    grows pipes by no more than a quarter of it. A sink gives its share back when it
+    closes.
+    """
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    @property
+    def limit(self) -> int:
+        return (256 if os.geteuid() == 0 else 16) * 1024 * 1024
+
+    def grow(self, fd: int, current: int) -> int:
+        """Grow the pipe at ``fd`` to ``_BIG_PIPE`` if the budget allows; its size now."""
+        extra = _BIG_PIPE - current
+        if extra <= 0 or self.used + extra > self.limit:
+            return current
+        try:
+            size = fcntl.fcntl(fd, _F_SETPIPE_SZ, _BIG_PIPE)
+        except OSError:  # a kernel limit or the user's quota: it stays as it is
+            return current
+        self.used += size - current
+        return size
+
+    def give_back(self, amount: int) -> None:
+        self.used -= amount
+
+
+_PIPE_GROWTH = _PipeGrowth()
 
 
 
@@ -480,6 +528,10 @@ class LogSink:
         follower_buffer: int = 1024,
     ) -> None:
         self._read_fd = read_fd
+        try:
+            self._pipe_size = self._initial_pipe_size = fcntl.fcntl(read_fd, _F_GETPIPE_SZ)
+        except OSError:  # not a pipe (a test's file, say): nothing to grow
+            self._pipe_size = self._initial_pipe_size = _BIG_PIPE
         self._file = _RotatingFile(Path(path), max_bytes, backups)
         self._timestamps = timestamps
         self._tail = _Tail(tail_bytes)
@@ -561,6 +613,7 @@ class LogSink:
 
     def _read(self, budget: int) -> _ReadOutcome:
         """Read and take in chunks until the pipe is empty or at EOF, or ``budget`` is spent."""
+        taken = 0
         while budget > 0:
             try:
                 data = os.read(self._read_fd, min(budget, _READ_SIZE))
@@ -569,6 +622,9 @@ class LogSink:
             self.reads += 1
             if not data:
                 return _ReadOutcome.EOF
+            taken += len(data)
+            if taken >= self._pipe_size:  # it refills as fast as we read: the child waits on us
+                self._pipe_size = _PIPE_GROWTH.grow(self._read_fd, self._pipe_size)
             self._take(data)
             budget -= len(data)
         return _ReadOutcome.BUDGET
@@ -657,6 +713,7 @@ class LogSink:
             return
         self._closed = True
         self._drain()
+        _PIPE_GROWTH.give_back(self._pipe_size - self._initial_pipe_size)
         _RECLAIMER.wait_idle()  # rotated-out files are gone before the sink is
         if self._carry:
             line = b"".join(self._carry)

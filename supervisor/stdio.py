@@ -45,35 +45,8 @@ __all__ = [
 log = logging.getLogger("supervisor.stdio")
 
 _NAMES = ("stdin", "stdout", "stderr")
-_PIPE_SIZE = 256 * 1024
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
-class _PipeBudget:
-    """How many log pipes may get the bigger buffer.
-
-    A bigger buffer means fewer wake-ups for a chatty child. But Linux caps the pipe
-    buffers one unprivileged user holds (``fs.pipe-user-pages-soft``, 64 MiB by default),
-    and past that cap every new pipe gets 8 KiB. Enlarging every pipe would bring that
-    cliff down from about 500 instances to 128; so an unprivileged service enlarges the
-    first pipes only, up to a quarter of the default cap. Root is not capped.
-    """
-
-    LIMIT = 16 * 1024 * 1024
-
-    def __init__(self) -> None:
-        self.used = 0
-
-    def take(self) -> bool:
-        if os.geteuid() == 0:
-            return True
-        if self.used + _PIPE_SIZE > self.LIMIT:
-            return False
-        self.used += _PIPE_SIZE
-        return True
-
-
-_PIPE_BUDGET = _PipeBudget()
 
 
 class StdioError(Exception):
@@ -214,11 +187,8 @@ class LogPipe:
     def __init__(self) -> None:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
+            # Its buffer size is the reader's business: LogSink grows a chatty child's pipe.
             os.set_blocking(read_fd, False)
-            # Fewer wake-ups for a chatty child; a kernel limit or quota just leaves the default.
-            if _PIPE_BUDGET.take():
-                with contextlib.suppress(OSError):
-                    fcntl.fcntl(read_fd, _F_SETPIPE_SZ, _PIPE_SIZE)
         except BaseException:
             os.close(read_fd)
             raise

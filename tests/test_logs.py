@@ -9,10 +9,12 @@ or because cancelling ``run()`` drains the pipe.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import subprocess
 import sys
+import textwrap
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,6 +24,7 @@ import anyio.lowlevel
 import pytest
 from anyio.abc import TaskGroup
 
+from supervisor import logs
 from supervisor.logs import LogSink
 
 pytestmark = pytest.mark.anyio
@@ -467,3 +470,79 @@ async def test_file_is_created_at_run_and_not_inherited(pipe: Pipe, tmp_path: Pa
         assert len(same) == 1
         assert fcntl.fcntl(same[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         pipe.close_writer(fd)
+
+
+# -- pipe size --------------------------------------------------------------------------------
+
+
+def pipe_size(fd: int) -> int:
+    return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+async def test_a_full_pipe_grows_and_a_quiet_one_does_not(tmp_path: Path) -> None:
+    chatty, quiet = Pipe(), Pipe()
+    try:
+        default = pipe_size(chatty.read_fd)
+        loud = LogSink(chatty.read_fd, tmp_path / "chatty.log")
+        calm = LogSink(quiet.read_fd, tmp_path / "quiet.log")
+        before = logs._PIPE_GROWTH.used
+        async with running(loud), running(calm):
+            fd = chatty.open_writer(loud)
+            for _ in range(default // 1024):  # exactly full: the sink finds it so on its next read
+                os.write(fd, (b"y" * 63 + b"\n") * 16)
+            chatty.close_writer(fd)
+            fd = quiet.open_writer(calm)
+            os.write(fd, b"hello\n")
+            quiet.close_writer(fd)
+            await anyio.wait_all_tasks_blocked()  # both sinks have read all and wait for a writer
+            assert (loud.bytes_written, calm.bytes_written) == (default, 6)
+            assert pipe_size(chatty.read_fd) == 1024 * 1024
+            assert pipe_size(quiet.read_fd) == default
+            assert logs._PIPE_GROWTH.used == before + 1024 * 1024 - default
+        assert logs._PIPE_GROWTH.used == before  # given back at close
+    finally:
+        chatty.close()
+        quiet.close()
+
+
+PIPE_BUDGET = """
+    import fcntl, json, os, sys
+    import anyio
+    from supervisor import logs
+    from supervisor.logs import LogSink
+
+    async def main():
+        pipes, sinks = [], []
+        count = logs._PIPE_GROWTH.limit // (1024 * 1024 - 65536) + 3
+        for i in range(count):
+            read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+            os.set_blocking(read_fd, False)
+            os.write(write_fd, b"x" * fcntl.fcntl(read_fd, fcntl.F_GETPIPE_SZ))  # full
+            pipes.append((read_fd, write_fd))
+            sinks.append(LogSink(read_fd, sys.argv[1] + f"/{i}.log"))
+        async with anyio.create_task_group() as tg:
+            for sink in sinks:
+                tg.start_soon(sink.run)
+            await anyio.wait_all_tasks_blocked()  # every sink has read its pipe and waits for more
+            assert all(sink.bytes_written == 65536 for sink in sinks)
+            tg.cancel_scope.cancel()
+        sizes = [fcntl.fcntl(r, fcntl.F_GETPIPE_SZ) for r, _ in pipes]
+        print(json.dumps({"sizes": sizes, "used": logs._PIPE_GROWTH.used, "limit": logs._PIPE_GROWTH.limit}))
+
+    anyio.run(main)
+"""
+
+
+def test_pipe_growth_stops_at_its_budget(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(PIPE_BUDGET), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    grown = [size for size in report["sizes"] if size == 1024 * 1024]
+    assert len(grown) == report["limit"] // (1024 * 1024 - 65536)  # as many as fit, then no more
+    assert report["used"] <= report["limit"]
+    assert len(report["sizes"]) - len(grown) == 3
