@@ -15,12 +15,27 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from supervisor.api.client import Client, ClientError
 
 SUPERVISOR = [sys.executable, "-m", "supervisor"]
+
+
+def wait_until(done: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    """Until ``done()``; between looks, a bounded wait on ``proc`` (which must not exit meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{what} did not happen within {timeout}s")
+        try:
+            code = proc.wait(timeout=min(0.05, left))
+        except subprocess.TimeoutExpired:
+            continue
+        raise AssertionError(f"the service exited with {code} before {what}")
 
 
 def write_manifest(folder: Path, text: str, name: str = "supervisor.yaml") -> Path:
@@ -66,35 +81,17 @@ class ServiceProcess:
 
     def wait_ready(self, timeout: float = 30) -> None:
         """Until ``/v1/health`` answers; fails at once if the service exits."""
-        deadline = time.monotonic() + timeout
-        client = self.client(timeout=5)
-        while True:
-            try:
-                client.health()
-                return
-            except ClientError:
-                pass
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"the service did not answer within {timeout}s:\n{self.log()}")
-            try:
-                code = self.proc.wait(timeout=min(0.05, left))
-            except subprocess.TimeoutExpired:
-                continue
-            raise AssertionError(f"the service exited with {code} before answering:\n{self.log()}")
+        self.wait_until(lambda: answers(self.client(timeout=5)), timeout, "an answer on the socket")
 
     def wait_log(self, text: str, timeout: float = 20) -> None:
         """Until the service's own log shows ``text``; waits on the process between looks."""
-        deadline = time.monotonic() + timeout
-        while text not in self.log():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"{text!r} not in the service's log after {timeout}s:\n{self.log()}")
-            try:
-                code = self.proc.wait(timeout=min(0.05, left))
-            except subprocess.TimeoutExpired:
-                continue
-            raise AssertionError(f"the service exited with {code}:\n{self.log()}")
+        self.wait_until(lambda: text in self.log(), timeout, f"{text!r} in the service's log")
+
+    def wait_until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        try:
+            wait_until(done, self.proc, timeout, what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{self.log()}") from None
 
     def cli(self, *args: str, timeout: float = 60, socket: bool = True) -> subprocess.CompletedProcess[str]:
         """``supervisor ARGS -s SOCKET``; the completed process, output as text."""
@@ -134,6 +131,14 @@ class ServiceProcess:
             return self.proc.returncode
         finally:
             self._output_file.close()
+
+
+def answers(client: Client) -> bool:
+    try:
+        client.health()
+    except ClientError:
+        return False
+    return True
 
 
 def pid_gone(pid: int) -> bool:

@@ -12,9 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.api.client import Client, ClientError
+from supervisor.api.client import Client
 
-from .service_fixture import SUPERVISOR, ServiceProcess, pid_gone, processes_with, write_manifest
+from .service_fixture import (
+    SUPERVISOR,
+    ServiceProcess,
+    answers,
+    pid_gone,
+    processes_with,
+    wait_until,
+    write_manifest,
+)
 
 Start = Callable[..., ServiceProcess]
 
@@ -178,11 +186,8 @@ def test_an_orphaned_grandchild_is_adopted_and_reaped(service: Start, tmp_path: 
     orphan = int(pidfile.read_text())
     assert _parent_of(orphan) == svc.pid  # the subshell is gone: the subreaper adopted the sleep
     os.kill(orphan, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while os.path.exists(f"/proc/{orphan}"):  # a zombie still has its /proc entry: only a reap ends it
-        assert time.monotonic() < deadline, f"the orphan {orphan} was not reaped:\n{svc.log()}"
-        with pytest.raises(subprocess.TimeoutExpired):
-            svc.proc.wait(timeout=0.05)  # a bounded wait that also notices the service dying
+    # A zombie still has its /proc entry: only a reap ends it.
+    svc.wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), 20, f"the reaping of orphan {orphan}")
     assert svc.status("forker")["forker"]["state"] == "running"  # its exit was not mistaken for the leader's
 
 
@@ -256,25 +261,15 @@ def test_as_pid_1_it_reaps_orphans_and_stops_on_sigterm(tmp_path: Path) -> None:
     )
     try:
         client = Client(tmp_path / ".supervisor" / "control.sock", timeout=30)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert client.health()["pid"] == 1  # the init of its namespace
-                break
-            except ClientError:
-                assert time.monotonic() < deadline and unshare.poll() is None, "the service did not answer"
-                with pytest.raises(subprocess.TimeoutExpired):
-                    unshare.wait(timeout=0.05)  # a bounded wait that also notices the service dying
+        wait_until(lambda: answers(client), unshare, 30, "an answer on the socket")
+        assert client.health()["pid"] == 1  # the init of its namespace
         with client.follow("forker", lines=100) as chunks:
             assert any(b"ready" in chunk for chunk in chunks)
         (init,) = _children_of(unshare.pid)  # the service's pid outside the namespace
         (orphan,) = processes_with(marker)
         assert orphan in _children_of(init)  # its parent exited: PID 1 adopted it
         os.kill(orphan, signal.SIGKILL)
-        while os.path.exists(f"/proc/{orphan}"):  # a zombie keeps its /proc entry: only a reap ends it
-            assert time.monotonic() < deadline + 20, "the orphan was not reaped"
-            with pytest.raises(subprocess.TimeoutExpired):
-                unshare.wait(timeout=0.05)
+        wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), unshare, 20, "the reaping of the orphan")
         os.kill(init, signal.SIGTERM)  # from outside: PID 1 gets only the signals it handles
         assert unshare.wait(timeout=60) == 0
         stderr = unshare.stderr.read().decode() if unshare.stderr else ""
