@@ -18,6 +18,7 @@ Three decisions shape it (ARCHITECTURE.md, decisions 1–3):
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import fcntl
@@ -80,7 +81,24 @@ class _Box:
         self.holders = 1
 
 
-class StdioStream:
+class _ClosedOnExit(abc.ABC):
+    """``with thing:`` closes it on the way out, whatever passes through."""
+
+    __slots__ = ()
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class StdioStream(_ClosedOnExit):
     """One standard stream's file descriptor (or none), shareable by clones.
 
     Clones exist for ``2>&1``: stderr is the *same* fd as stdout, not a dup of it, so the child
@@ -161,19 +179,11 @@ class StdioStream:
             fd, box.fd = box.fd, None
             os.close(fd)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"StdioStream({self.number}, fd={self.fd}, target={self.target!r})"
 
 
-class LogPipe:
+class LogPipe(_ClosedOnExit):
     """The pipe of a `log` stream. It belongs to the instance, not to one run (decision 7).
 
     The service keeps the read end for the instance's whole life; each run gets a fresh write end
@@ -214,19 +224,11 @@ class LogPipe:
             self._closed = True
             os.close(self.read_fd)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"LogPipe(read_fd={self.read_fd}{', closed' if self._closed else ''})"
 
 
-class TakenFds:
+class TakenFds(_ClosedOnExit):
     """The fds moved out of a `Stdio` for one spawn: pass them to the spawn, then close them.
 
     Closing right after the spawn is the point (decision 1): the child has its own copies, and
@@ -247,19 +249,11 @@ class TakenFds:
         for fd in fds:
             os.close(fd)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"TakenFds(stdin={self.stdin}, stdout={self.stdout}, stderr={self.stderr})"
 
 
-class Stdio:
+class Stdio(_ClosedOnExit):
     """The three standard streams of one spawn (or of the service itself)."""
 
     __slots__ = ("stderr", "stdin", "stdout")
@@ -355,14 +349,6 @@ class Stdio:
     def describe(self) -> dict[str, str]:
         """Where each stream goes, for status: ``{"stdin": "null", "stdout": "log", ...}``."""
         return {"stdin": self.stdin.target, "stdout": self.stdout.target, "stderr": self.stderr.target}
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"Stdio({self.stdin!r}, {self.stdout!r}, {self.stderr!r})"

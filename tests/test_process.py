@@ -246,15 +246,20 @@ async def test_user_drops_groups(tmp_path: Path) -> None:
 # -- signals and groups -----------------------------------------------------------------------
 
 
-async def test_signal_reaches_the_group(children: list[Child]) -> None:
+async def spawn_with_grandchild(children: list[Child]) -> tuple[Child, int]:
+    """A shell that starts a ``sleep`` in its group and waits: (the shell, the sleep's pid)."""
     out_r, out_w = os.pipe()
     child = spawn(["sh", "-c", "sleep 30 & echo $!; wait"], stdin=None, stdout=out_w, stderr=None)
     children.append(child)
     os.close(out_w)
     try:
-        grandchild = int(await read_line(out_r))
+        return child, int(await read_line(out_r))
     finally:
         os.close(out_r)
+
+
+async def test_signal_reaches_the_group(children: list[Child]) -> None:
+    child, grandchild = await spawn_with_grandchild(children)
     assert os.getpgid(grandchild) == child.pgid
     assert child.send_signal(signal.SIGTERM, group=True)
     await gone(grandchild)
@@ -264,14 +269,7 @@ async def test_signal_reaches_the_group(children: list[Child]) -> None:
 
 
 async def test_leader_alone_and_group_killed_on_exit(wait_path: str, children: list[Child]) -> None:
-    out_r, out_w = os.pipe()
-    child = spawn(["sh", "-c", "sleep 30 & echo $!; wait"], stdin=None, stdout=out_w, stderr=None)
-    children.append(child)
-    os.close(out_w)
-    try:
-        grandchild = int(await read_line(out_r))
-    finally:
-        os.close(out_r)
+    child, grandchild = await spawn_with_grandchild(children)
     assert child.send_signal(signal.SIGKILL, group=False)
     with anyio.fail_after(5):
         assert (await child.wait()).signal == signal.SIGKILL
