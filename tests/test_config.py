@@ -701,30 +701,50 @@ def test_loading_the_same_file_twice_gives_equal_manifests(tmp_path: Path) -> No
 # -- depends_on ---------------------------------------------------------------------------------
 
 
-def test_depends_on_as_a_list_means_started(tmp_path: Path) -> None:
+def test_depends_on_as_a_list_means_ready(tmp_path: Path) -> None:
     text = web("depends_on: [db, cache]") + "  db: {command: x}\n  cache: {command: x}\n"
-    assert load(tmp_path, text).instances["web"].depends_on == {"db": "started", "cache": "started"}
+    deps = load(tmp_path, text).instances["web"].depends_on
+    assert {name: (d.condition, d.restart) for name, d in deps.items()} == {
+        "db": ("ready", False),
+        "cache": ("ready", False),
+    }
 
 
 def test_depends_on_as_a_mapping_of_conditions(tmp_path: Path) -> None:
     text = (
-        web("depends_on: {db: ready, migrate: completed_successfully, seed: completed, log: started}")
+        web(
+            "depends_on: {db: ready, migrate: {condition: completed, restart: true}, seed: running, "
+            "log: started, cache: {}}"
+        )
         + "  db: {command: x}\n  migrate: {command: x}\n  seed: {command: x}\n  log: {command: x}\n"
+        + "  cache: {command: x}\n"
     )
-    assert load(tmp_path, text).instances["web"].depends_on == {
-        "db": "ready",
-        "migrate": "completed_successfully",
-        "seed": "completed",
-        "log": "started",
+    deps = load(tmp_path, text).instances["web"].depends_on
+    assert {name: (d.condition, d.restart) for name, d in deps.items()} == {
+        "db": ("ready", False),
+        "migrate": ("completed", True),
+        "seed": ("running", False),
+        "log": ("started", False),
+        "cache": ("ready", False),
     }
+
+
+def test_an_all_digit_name_works_in_the_list_form(tmp_path: Path) -> None:
+    text = "version: 1\ninstances:\n  '8080': {command: x}\n  web: {command: x, depends_on: [8080]}\n"
+    assert list(load(tmp_path, text).instances["web"].depends_on) == ["8080"]
 
 
 def test_a_bad_condition_is_refused(tmp_path: Path) -> None:
     problem = only(problems(tmp_path, web("depends_on: {db: healthy}") + "  db: {command: x}\n"))
     assert (problem.path, problem.line, problem.column) == ("instances.web.depends_on.db", 5, 22)
-    assert problem.message == (
-        "Input should be 'started', 'ready', 'completed' or 'completed_successfully' (got 'healthy')"
-    )
+    assert problem.message == "Input should be 'started', 'running', 'ready' or 'completed' (got 'healthy')"
+
+
+def test_completed_on_an_instance_that_always_restarts_is_refused(tmp_path: Path) -> None:
+    text = web("depends_on: {job: completed}") + "  job: {command: x, restart: {policy: always}}\n"
+    problem = only(problems(tmp_path, text))
+    assert (problem.path, problem.line) == ("instances.web.depends_on.job", 5)
+    assert "job has restart.policy always and never completes" in problem.message
 
 
 def test_unknown_and_self_dependencies(tmp_path: Path) -> None:

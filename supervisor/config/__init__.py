@@ -3,11 +3,11 @@
 Public names live here; the submodules hold one idea each.
 """
 
+from .checks import AliveCheck, Dependency, ReadyCheck
 from .loader import ManifestError, Problem, load_manifest, parse_manifest
 from .models import (
     Backoff,
     ControlSettings,
-    DependencyCondition,
     FifoStream,
     FileStream,
     InheritStream,
@@ -27,9 +27,10 @@ from .models import (
 from .units import format_duration, parse_duration, parse_signal, parse_size, signal_name
 
 __all__ = [
+    "AliveCheck",
     "Backoff",
     "ControlSettings",
-    "DependencyCondition",
+    "Dependency",
     "FifoStream",
     "FileStream",
     "InheritStream",
@@ -41,6 +42,7 @@ __all__ = [
     "ManifestError",
     "NullStream",
     "Problem",
+    "ReadyCheck",
     "RestartPolicy",
     "ServiceSettings",
     "StdoutStream",

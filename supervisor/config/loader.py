@@ -210,8 +210,10 @@ def _check_instances(data: dict[str, Any], source: _Source) -> None:
         deps = spec.get("depends_on") or {}
         names = deps if isinstance(deps, list) else list(deps) if isinstance(deps, dict) else []
         graph[str(name)] = []
-        for index, dep in enumerate(names):
-            where: KeyPath = ("instances", name, "depends_on", index if isinstance(deps, list) else dep)
+        for index, written in enumerate(names):
+            where: KeyPath = ("instances", name, "depends_on", index if isinstance(deps, list) else written)
+            # An all-digit name reads as an int (`depends_on: [8080]`): it is still a name.
+            dep = str(written) if isinstance(written, int) and not isinstance(written, bool) else written
             if dep == name:
                 source.problem(where, f"{name} cannot depend on itself", at_key=True)
             elif dep not in instances:
@@ -219,6 +221,13 @@ def _check_instances(data: dict[str, Any], source: _Source) -> None:
                 source.problem(where, f"unknown instance {dep!r}{hint}", at_key=True)
             else:
                 graph[str(name)].append(str(dep))
+                if _condition(deps, written) == "completed" and _policy(instances[dep]) == "always":
+                    source.problem(
+                        where,
+                        f"{name} waits for {dep} to complete, but {dep} has restart.policy always "
+                        "and never completes (use on-failure or no for a one-shot job)",
+                        at_key=True,
+                    )
     for cycle in _cycles(graph):
         first = cycle[0]
         source.problem(
@@ -227,6 +236,19 @@ def _check_instances(data: dict[str, Any], source: _Source) -> None:
             at_key=True,
         )
     _check_replica_names(instances, source)
+
+
+def _condition(deps: Any, name: Any) -> Any:
+    """The condition an edge names in the raw data (a list means the default, ready)."""
+    if not isinstance(deps, dict):
+        return "ready"
+    edge = deps.get(name)
+    return edge.get("condition", "ready") if isinstance(edge, dict) else edge if edge is not None else "ready"
+
+
+def _policy(spec: Any) -> Any:
+    restart = spec.get("restart") if isinstance(spec, dict) else None
+    return restart.get("policy", "on-failure") if isinstance(restart, dict) else "on-failure"
 
 
 def _check_replica_names(instances: dict[str, Any], source: _Source) -> None:

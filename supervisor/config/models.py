@@ -15,9 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationInfo,
@@ -26,13 +24,11 @@ from pydantic import (
     model_validator,
 )
 
+from .base import StrictModel
+from .checks import AliveCheck, Dependencies, ReadyCheck
 from .units import Duration, Signal, Size, Umask
 
 INSTANCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _relative_to_manifest(value: str | None, info: ValidationInfo) -> str | None:
@@ -236,15 +232,6 @@ class StopPolicy(StrictModel):
     )
 
 
-DependencyCondition = Literal["started", "ready", "completed", "completed_successfully"]
-
-
-def _depends_from_yaml(value: Any) -> Any:
-    if isinstance(value, list):
-        return {name: "started" for name in value}
-    return value
-
-
 # -- instance ---------------------------------------------------------------------------------
 
 
@@ -278,9 +265,32 @@ class InstanceConfig(StrictModel):
     logs: InstanceLogs = Field(InstanceLogs(), description="Where and how captured output is kept.")
     restart: RestartPolicy = Field(RestartPolicy(), description="When the program is started again.")
     stop: StopPolicy = Field(StopPolicy(), description="How the program is stopped.")
-    depends_on: Annotated[dict[str, DependencyCondition], BeforeValidator(_depends_from_yaml)] = Field(
-        {}, description="Other instances (by manifest name) and the condition to wait for."
+    depends_on: Dependencies = Field(
+        {},
+        description="Other instances (by manifest name) to wait for before starting: a list (each must be "
+        "ready), or a mapping of name to a condition or to {condition, restart}.",
     )
+    ready: ReadyCheck | None = Field(
+        None, description="When a started instance is ready (one probe kind). Unset: ready when running."
+    )
+    alive: AliveCheck | None = Field(
+        None, description="A liveness check (exec, http or tcp); failures in a row restart the instance."
+    )
+    watchdog: Duration | None = Field(
+        None,
+        description="ready: {notify: true} only: without WATCHDOG=1 this often, the instance gets "
+        "watchdog_signal, then SIGKILL after stop.timeout, and is restarted.",
+    )
+    watchdog_signal: Signal = Field(6, description="Sent when the watchdog expires (ABRT, as systemd does).")
+
+    @model_validator(mode="after")
+    def _watchdog_needs_notify(self) -> InstanceConfig:
+        if self.watchdog is not None:
+            if self.ready is None or self.ready.kind != "notify":
+                raise ValueError("watchdog needs ready: {notify: true}: the program pings over sd_notify")
+            if self.watchdog <= 0:
+                raise ValueError("watchdog must be longer than 0s")
+        return self
 
     @field_validator("env", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ from annotated_types import Ge
 from pydantic import AfterValidator, BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
-from . import models, units
+from . import checks, models, units
 from .loader import ManifestError, parse_manifest
 
 __all__ = ["render"]
@@ -42,10 +42,11 @@ _PLURALS = {"integer": "integers", "string": "strings", "name": "names", "number
 
 #: What an instance waits for under each ``depends_on`` condition.
 _CONDITIONS = {
-    "started": "the other instance has been started (the default, and what the list form means)",
-    "ready": "the other instance is up and reports itself ready",
-    "completed": "the other instance ran and ended, whatever its exit status",
-    "completed_successfully": "the other instance ran and ended with one of its `success_codes`",
+    "started": "the other instance has been spawned (it is `starting` or `running`, or ran and ended)",
+    "running": "the other instance is up past its `restart.min_uptime` (and ready, if it has a check)",
+    "ready": "its readiness check passed; without a check, the same as `running` (the default, and "
+    "what the list form means)",
+    "completed": "the other instance ran and exited with one of its `success_codes` (a one-shot job)",
 }
 
 
@@ -87,8 +88,14 @@ def _stream_kinds(tp: Any) -> list[str]:
 
 def _nested(tp: Any) -> tuple[type[BaseModel], str] | None:
     """The model a field holds, and the key-path suffix to reach it (``.NAME`` in a mapping)."""
-    while typing.get_origin(tp) is Annotated:
-        tp = typing.get_args(tp)[0]
+    while typing.get_origin(tp) is Annotated or _is_union(tp):
+        if _is_union(tp):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return None
+            tp = args[0]
+        else:
+            tp = typing.get_args(tp)[0]
     if _is_model(tp):
         return tp, ""
     if typing.get_origin(tp) is dict and _is_model(value := typing.get_args(tp)[1]):
@@ -100,8 +107,8 @@ def _type_text(tp: Any, path: str) -> str:
     func = _validator(tp)
     if func is models._stream_from_yaml:
         return "stream: " + ", ".join(f"`{kind}`" for kind in _stream_kinds(tp))
-    if func is models._depends_from_yaml:
-        return "list of names, or mapping of name to condition"
+    if func is checks._dependencies_from_yaml:
+        return "list of names, or mapping of name to condition or to a mapping (see `.NAME`)"
     if func in _UNITS:
         return _UNITS[func]
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -464,14 +471,14 @@ def _streams_section() -> list[str]:
 
 
 def _dependencies_section() -> list[str]:
-    values = list(typing.get_args(models.DependencyCondition))
+    values = list(typing.get_args(checks.DependencyConditionName))
     if set(values) != set(_CONDITIONS):
         raise AssertionError(f"conditions changed: {values}; update _CONDITIONS in reference.py")
     listed = _load(
         "version: 1\ninstances:\n  db: {command: run-db}\n  web: {command: run-web, depends_on: [db]}\n"
     )
     as_list = _accepts(listed, "depends_on: [db]").instances["web"].depends_on
-    shown = "{" + ", ".join(f"{k}: {v}" for k, v in as_list.items()) + "}"
+    shown = "{" + ", ".join(f"{k}: {v.condition}" for k, v in as_list.items()) + "}"
     cycle = _load(
         "version: 1\ninstances:\n"
         "  a: {command: x, depends_on: [b]}\n  b: {command: x, depends_on: {a: completed}}\n"

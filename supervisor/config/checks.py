@@ -1,0 +1,211 @@
+"""Readiness and liveness checks, and dependency edges, as a manifest writes them.
+
+A check is one mapping with exactly one probe kind (``exec``, ``http``, ``tcp``,
+``log``, ``notify``) and its settings. The kind is found at load time, so a
+check with two kinds, none, or a setting that belongs to another kind (``expect``
+on a tcp check) is an error with its place in the file, not a surprise when the
+instance first starts.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from .base import StrictModel
+from .units import Duration
+
+ProbeKind = Literal["exec", "http", "tcp", "log", "notify"]
+_KINDS: tuple[ProbeKind, ...] = ("exec", "http", "tcp", "log", "notify")
+_HTTP_ONLY = ("expect", "body")
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:80`` for IPv6) as (host, port); ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT, e.g. 127.0.0.1:5432")
+    return host, int(port)
+
+
+class _Check(StrictModel):
+    """What readiness and liveness checks share: the probe kinds that poll, and their timing."""
+
+    exec: str | list[str] | None = Field(
+        None,
+        description="Run this command (a list, or a string split as a shell would); exit 0 passes. "
+        "It runs in the instance's folder, with its environment and user.",
+    )
+    http: str | None = Field(
+        None, description="GET this http:// or https:// URL; a status in expect (and body, if set) passes."
+    )
+    tcp: str | None = Field(None, description="Connect to HOST:PORT; an accepted connection passes.")
+    expect: list[Annotated[int, Field(ge=100, le=599)]] | None = Field(
+        None, description="http only: the status codes that pass. Unset: any 2xx or 3xx."
+    )
+    body: str | None = Field(None, description="http only: the answer's body must contain this text.")
+    interval: Duration = Field(1.0, description="Time between two probes.")
+    timeout: Duration = Field(1.0, description="A probe that takes longer fails.")
+    initial_delay: Duration = Field(0.0, description="Wait this long after the start before the first probe.")
+
+    @property
+    def kind(self) -> ProbeKind:
+        for kind in _KINDS:
+            if getattr(self, kind, None) not in (None, False):
+                return kind
+        raise AssertionError("validated checks have a kind")
+
+    @property
+    def argv(self) -> list[str]:
+        """The exec probe's argument vector."""
+        command = self.exec
+        assert command is not None
+        return shlex.split(command) if isinstance(command, str) else list(command)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.tcp is not None
+        return split_address(self.tcp)
+
+    @field_validator("exec")
+    @classmethod
+    def _exec_splits(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is None:
+            return value
+        try:
+            words = shlex.split(value) if isinstance(value, str) else value
+        except ValueError as exc:
+            raise ValueError(f"cannot split the command: {exc}") from None
+        if not words or not words[0]:
+            raise ValueError("the command is empty")
+        return value
+
+    @field_validator("http")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError for a port out of range
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        return value
+
+    @field_validator("tcp")
+    @classmethod
+    def _tcp_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_address(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> _Check:
+        given = [kind for kind in _KINDS if getattr(self, kind, None) not in (None, False)]
+        if len(given) != 1:
+            kinds = ", ".join(k for k in _KINDS if k in type(self).model_fields)
+            found = f"found {' and '.join(given)}" if given else "found none"
+            raise ValueError(f"a check takes exactly one probe kind ({kinds}); {found}")
+        if given[0] != "http":
+            for key in _HTTP_ONLY:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key!r} belongs to an http check, not to a {given[0]} check")
+        return self
+
+
+class ReadyCheck(_Check):
+    """When a started instance counts as ready: it stays ``starting`` (and its dependents wait) until then.
+
+    Checked from the start of each run until it first passes; after that,
+    liveness (``alive``) watches the instance.
+    """
+
+    log: str | None = Field(
+        None,
+        description="A regular expression (Python syntax) searched in each line the instance writes "
+        "to a captured stdout or stderr.",
+    )
+    notify: bool | None = Field(
+        None,
+        description="true: the sd_notify protocol. The instance gets NOTIFY_SOCKET and is ready when "
+        "it sends READY=1; STATUS=, WATCHDOG=1, RELOADING=1, STOPPING=1 and MAINPID= are understood.",
+    )
+    success_threshold: int = Field(1, ge=1, le=1000, description="Passes in a row that make it ready.")
+    start_timeout: Duration | None = Field(
+        60.0,
+        description="Not ready by then is a failed start: the program is stopped and backs off, "
+        "with the probe's last error as the reason. null: wait for ever.",
+    )
+
+    @field_validator("log")
+    @classmethod
+    def _log_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not value:
+                raise ValueError("the pattern is empty: it would match every line")
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("notify")
+    @classmethod
+    def _notify_true(cls, value: bool | None) -> bool | None:
+        if value is False:
+            raise ValueError("write notify: true, or leave the key out")
+        return value
+
+
+class AliveCheck(_Check):
+    """How a running instance is checked for life: failures in a row restart it."""
+
+    interval: Duration = Field(10.0, description="Time between two probes.")
+    failure_threshold: int = Field(
+        3, ge=1, le=1000, description="This many failures in a row restart the instance."
+    )
+
+
+DependencyConditionName = Literal["started", "running", "ready", "completed"]
+
+
+class Dependency(StrictModel):
+    """One edge of the dependency graph: what this instance waits for in another one."""
+
+    condition: DependencyConditionName = Field(
+        "ready",
+        description="started: spawned; running: up past min_uptime; ready: its readiness check passed "
+        "(without one, the same as running); completed: a one-shot job that exited with a success code.",
+    )
+    restart: bool = Field(
+        False,
+        description="When the other instance restarts, restart this one too, once the other meets "
+        "the condition again.",
+    )
+
+
+def _dependencies_from_yaml(value: Any) -> Any:
+    """``[db, cache]`` (each ready), ``{db: started}`` and ``{db: {condition: …}}`` as one mapping."""
+
+    def name(key: Any) -> Any:
+        # An all-digit name reads as an int in YAML (`depends_on: [8080]`): it is still a name.
+        return str(key) if isinstance(key, int) and not isinstance(key, bool) else key
+
+    if isinstance(value, list):
+        return {name(item): {} for item in value}
+    if isinstance(value, dict):
+        return {
+            name(key): {"condition": item} if isinstance(item, str) else {} if item is None else item
+            for key, item in value.items()
+        }
+    return value
+
+
+Dependencies = Annotated[dict[str, Dependency], BeforeValidator(_dependencies_from_yaml)]
