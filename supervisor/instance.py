@@ -28,7 +28,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from .config import InstanceConfig, LogSettings, ServiceSettings
 from .events import EventBus, State, Transition
-from .logs import LogSink
+from .logs import LogFileError, LogSink
 from .process import Child, ExitStatus, SpawnError, spawn
 from .stdio import LogPipe, Stdio, StdioError
 
@@ -197,7 +197,6 @@ class Instance:
                 # Replicas must not share a file: two sinks rotating one file lose lines.
                 replica = self.name.removeprefix(self.group)  # "-0", "-1", …
                 path = path.with_name(f"{path.stem}{replica}{path.suffix}")
-            path.parent.mkdir(parents=True, exist_ok=True)
             pipe = LogPipe()
             self._pipes[stream] = pipe
             self._sinks[stream] = LogSink(
@@ -351,7 +350,7 @@ class Instance:
                     # awaits in between, so no one can observe the state before the transition.
                     try:
                         child: Child | str = self._spawn()
-                    except (SpawnError, StdioError) as exc:
+                    except (SpawnError, StdioError, LogFileError) as exc:
                         child = str(exc)
                     self._transition(State.STARTING)
                     if not announced:
@@ -422,6 +421,7 @@ class Instance:
         try:
             self._targets = stdio.describe()
             for sink in self._sinks.values():
+                sink.open()  # its folder is made here: LogFileError fails this start, not the service
                 sink.writer_attached()
             with stdio.take() as fds:
                 self._child = spawn(
