@@ -217,8 +217,8 @@ class RotatingFile:
             self._failed(str(exc))
 
     def reopen(self) -> None:
-        """Let go of a file an external tool moved away, and start a new one at ``path``."""
-        self._close_file()
+        """Let go of a file (and folder) an external tool moved away, and start anew at ``path``."""
+        self.close()
         self.open_quietly()
 
     def close(self) -> None:

@@ -238,7 +238,7 @@ class LogSink:
 
     @property
     def bytes_lost(self) -> int:
-        """Bytes the file could not take (disk errors, a refused path), exactly.
+        """Bytes the file could not take (disk errors, a refused path), exactly, timestamps included.
 
         The tail and the followers got them all the same.
         """

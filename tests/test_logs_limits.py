@@ -265,3 +265,21 @@ async def test_a_log_folder_that_cannot_be_created_is_a_clear_error(
     assert reason in message
     assert "Errno" not in message
     await sink.aclose()
+
+
+async def test_reopen_follows_a_log_folder_that_was_moved_away(pipe: Pipe, tmp_path: Path) -> None:  # noqa: F811
+    folder = tmp_path / "logs"
+    sink = LogSink(pipe.read_fd, folder / "out.log")
+    async with running(sink), sink.follow() as follower:
+        reader = Reader(follower)
+        fd = pipe.open_writer(sink)
+        os.write(fd, b"old\n")
+        await reader.until(4)
+        folder.rename(tmp_path / "logs.old")  # the whole folder, as some rotation schemes do
+        sink.reopen()  # makes the folder again, and the file in it
+        os.write(fd, b"new\n")
+        await reader.until(8)
+        pipe.close_writer(fd)
+    assert (tmp_path / "logs.old" / "out.log").read_bytes() == b"old\n"
+    assert (folder / "out.log").read_bytes() == b"new\n"
+    assert sink.bytes_lost == 0
