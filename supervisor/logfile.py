@@ -202,6 +202,8 @@ class RotatingFile:
         """Open the folder (creating it) and the file if not open yet; ``LogFileError`` if they cannot be."""
         if self._fd is not None:
             return
+        if "\0" in str(self.path):  # the OS would raise ValueError, which nobody above expects
+            raise LogFileError(f"the log file path {str(self.path)!r} contains a NUL byte")
         if self._folder_fd is None:
             self._folder_fd = open_folder(self.path.parent)
             self._remove_leftovers()

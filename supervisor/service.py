@@ -52,6 +52,9 @@ class Service:
             listeners = ControlListeners(self.manifest)
         except OSError as exc:  # its folder cannot be made, a name too long…: one line, not a traceback
             raise ControlError(_socket_problem(self.manifest.control_socket, exc)) from None
+        except ValueError:  # a NUL byte in the path
+            path = str(self.manifest.control_socket)
+            raise ControlError(f"control socket {path!r}: a NUL byte is not allowed in a path") from None
         with anyio.CancelScope() as self._cancel:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._log_transitions)

@@ -27,6 +27,8 @@ class StateDirError(Exception):
 
 def prepare_state_dir(path: Path) -> None:
     """Make ``path`` (mode 0700, its missing parents as ``mkdir -p`` does), or check the one that is there."""
+    if "\0" in str(path):  # the OS would raise ValueError, which nobody above expects
+        raise StateDirError(f"state_dir {str(path)!r} contains a NUL byte")
     try:
         _make(path)
     except FileExistsError:

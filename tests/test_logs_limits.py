@@ -283,3 +283,14 @@ async def test_reopen_follows_a_log_folder_that_was_moved_away(pipe: Pipe, tmp_p
     assert (tmp_path / "logs.old" / "out.log").read_bytes() == b"old\n"
     assert (folder / "out.log").read_bytes() == b"new\n"
     assert sink.bytes_lost == 0
+
+
+async def test_a_nul_byte_in_the_path_is_a_clear_error(pipe: Pipe, tmp_path: Path) -> None:  # noqa: F811
+    sink = LogSink(pipe.read_fd, tmp_path / "a\0b" / "out.log")
+    with pytest.raises(LogFileError, match="contains a NUL byte"):
+        sink.open()
+    async with running(sink):  # and the loop counts the losses instead of raising ValueError
+        fd = pipe.open_writer(sink)
+        os.write(fd, b"lost\n")
+        pipe.close_writer(fd)
+    assert sink.bytes_lost == 5

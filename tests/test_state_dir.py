@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.statedir import StateDirError, prepare_state_dir
+
 from .service_fixture import SUPERVISOR, ServiceProcess, write_manifest
 
 Start = Callable[..., ServiceProcess]
@@ -74,6 +76,11 @@ def test_a_control_socket_that_cannot_be_made_is_one_line(
     line = run_refused(manifest)
     assert "cannot start" in line and "control" in line
     assert reason in line
+
+
+def test_a_nul_byte_in_the_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StateDirError, match="contains a NUL byte"):
+        prepare_state_dir(tmp_path / "a\0b")
 
 
 # -- whose folder it is ---------------------------------------------------------------------
