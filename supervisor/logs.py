@@ -11,11 +11,10 @@ writes as fast as it can, which shapes everything here:
   Python. Work per chunk is a handful of Python operations whatever the chunk holds.
 * The loop writes everything it read before it reads more. When the disk is slower
   than the child, the pipe fills and the child waits: backpressure, nothing dropped.
-* A follower (``supervisor logs -f``) can never slow the loop: each one has a bounded
-  queue, and a follower that falls behind misses data and is told how much.
-
-* Nothing a reader does holds the service's memory: the tail and each follower's queue
-  are bounded in bytes (``logtail.py``).
+* A follower (``supervisor logs -f``) can never slow the loop, nor hold the service's
+  memory: each one has a queue bounded in bytes, and a follower that falls behind
+  misses data and is told how much. The tail too is bounded by what it costs
+  (``logtail.py``).
 
 The file, its rotation, its folder and what it refuses to follow are ``logfile.py``.
 """
