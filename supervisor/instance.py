@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from .config import InstanceConfig, LogSettings, ServiceSettings
 from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription
-from .logs import LogSink
+from .logs import LogFileError, LogSink
 from .probes import ExecContext
 from .process import Child, ExitStatus, SpawnError, spawn
 from .stdio import LogPipe, Stdio, StdioError
@@ -248,7 +248,6 @@ class Instance:
                 # Replicas must not share a file: two sinks rotating one file lose lines.
                 replica = self.name.removeprefix(self.group)  # "-0", "-1", …
                 path = path.with_name(f"{path.stem}{replica}{path.suffix}")
-            path.parent.mkdir(parents=True, exist_ok=True)
             pipe = LogPipe()
             self._pipes[stream] = pipe
             self._sinks[stream] = LogSink(
@@ -441,7 +440,7 @@ class Instance:
             # awaits in between, so no one can observe the state before the transition.
             try:
                 child = self._spawn()
-            except (SpawnError, StdioError) as exc:
+            except (SpawnError, StdioError, LogFileError) as exc:
                 self._transition(State.STARTING)
                 announce()
                 return str(exc)
@@ -542,6 +541,7 @@ class Instance:
         try:
             self._targets = stdio.describe()
             for sink in self._sinks.values():
+                sink.open()  # its folder is made here: LogFileError fails this start, not the service
                 sink.writer_attached()
             with stdio.take() as fds:
                 self._child = spawn(
