@@ -74,6 +74,8 @@ class InstanceStatus:
     ready: bool | None
     last_check: str | None
     status_text: str | None
+    log_bytes_lost: int
+    log_error: str | None
     stdin: str
     stdout: str
     stderr: str
@@ -196,6 +198,8 @@ class Instance:
             ready=self._health.ready,
             last_check=self._health.last_check,
             status_text=self._health.status_text,
+            log_bytes_lost=sum(sink.bytes_lost for sink in self._sinks.values()),
+            log_error=next((e for sink in self._sinks.values() if (e := sink.write_error)), None),
             stdin=self._targets["stdin"] or _describe(self.config.stdin),
             stdout=self._targets["stdout"] or _describe(self.config.stdout),
             stderr=self._targets["stderr"] or _describe(self.config.stderr),
@@ -256,7 +260,14 @@ class Instance:
                 max_bytes=settings.max_bytes,
                 backups=settings.backups,
                 timestamps=settings.timestamps,
+                on_loss_change=self._log_loss_changed,
             )
+
+    def _log_loss_changed(self, sink: LogSink) -> None:
+        """A log file stopped taking output (a full disk), or takes it again: say so, once each."""
+        error = sink.write_error
+        message = error or f"{sink.path}: writing again ({sink.bytes_lost} bytes were lost)"
+        self._context.bus.publish(Update(self.name, self.group, "logs", error is None, message))
 
     # -- requests --------------------------------------------------------------------------
 
