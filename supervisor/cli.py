@@ -257,13 +257,51 @@ def cmd_wait(args: argparse.Namespace, client: Client) -> int:
 
 
 def _check_logs(args: argparse.Namespace) -> None:
-    if args.reopen and args.name:
+    if args.reopen and args.names:
         raise _Failure("logs --reopen takes no instance name: it reopens every log file", 2)
-    if not args.reopen and not args.name:
+    if not args.reopen and not args.names:
         hint = ""
         if args.file_from_f:
             hint = f" ('-f {args.file}' names the manifest; to follow, put -f after the name)"
         raise _Failure(f"logs: name an instance{hint}", 2)
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _log_sources(args: argparse.Namespace, client: Client, stream: str) -> tuple[list[str], bool]:
+    """The instances whose logs to show, and whether their lines get a name in front.
+
+    One exact instance name keeps the plain output scripts rely on; several
+    names, a glob or a manifest name with replicas are expanded by the service
+    and prefixed (``--prefix``/``--no-prefix`` decide otherwise).
+    """
+    names: list[str] = list(args.names)
+    single = len(names) == 1 and not _GLOB.search(names[0])
+    if single:
+        from .api.client import APIError
+
+        try:
+            client.instance(names[0])
+        except APIError as exc:
+            if exc.status != 404:
+                raise
+            single = False  # maybe a manifest name: the status below expands it (or says none)
+    if single:
+        chosen = names
+    else:
+        statuses = client.status(names)
+        chosen = []
+        for status in statuses:
+            if status[stream] == "log":
+                chosen.append(status["name"])
+            else:
+                note = f"{status['name']}'s {stream} is not captured (it goes to {status[stream]}): skipped"
+                print(f"supervisor: {note}", file=sys.stderr)
+        if not chosen:
+            raise _Failure(f"logs: none of the selected instances has a captured {stream}")
+    prefix = (not single) if args.prefix is None else bool(args.prefix)
+    return chosen, prefix
 
 
 def cmd_logs(args: argparse.Namespace, client: Client) -> int:
@@ -273,13 +311,28 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
         return 0
     stream = "stderr" if args.stderr else "stdout"
     out = sys.stdout.buffer
+    names, prefixed = _log_sources(args, client, stream)
+    if len(names) == 1 and not prefixed:
+        if not args.follow:
+            out.write(client.logs(names[0], stream=stream, lines=args.lines))
+            out.flush()
+            return 0
+        with client.follow(names[0], stream=stream, lines=args.lines) as chunks:
+            for chunk in chunks:
+                out.write(chunk)
+                out.flush()
+        return 0
+    width = max(len(name) for name in names)
+    labels = {name: (name.ljust(width) + " | ").encode() if prefixed else b"" for name in names}
     if not args.follow:
-        out.write(client.logs(args.name, stream=stream, lines=args.lines))
+        for name in names:
+            text = client.logs(name, stream=stream, lines=args.lines)
+            out.writelines(labels[name] + line for line in text.splitlines(keepends=True))
         out.flush()
         return 0
-    with client.follow(args.name, stream=stream, lines=args.lines) as chunks:
-        for chunk in chunks:
-            out.write(chunk)
+    with client.follow_many(names, stream=stream, lines=args.lines) as lines:
+        for name, line in lines:
+            out.write(labels[name] + line)
             out.flush()
     return 0
 
@@ -366,8 +419,10 @@ def add_control_commands(sub: Any) -> None:
     _control_args(sig)
     sig.set_defaults(func=_control(cmd_signal))
 
-    logs = sub.add_parser("logs", help="an instance's captured output: the last lines, or follow")
-    logs.add_argument("name", nargs="?", metavar="NAME")
+    logs = sub.add_parser("logs", help="instances' captured output: the last lines, or follow")
+    logs.add_argument(
+        "names", nargs="*", metavar="NAME", help="instance, manifest name or glob; several: each line named"
+    )
     logs.add_argument("-n", "--lines", type=int, default=10, help="how many of the last lines (default 10)")
     logs.add_argument(
         "-f",
@@ -381,6 +436,11 @@ def add_control_commands(sub: Any) -> None:
     logs.add_argument("--file", type=Path, dest="file", help=f"the manifest (default: {DEFAULT_MANIFEST})")
     logs.add_argument("--stderr", action="store_true", help="the stderr log instead of stdout")
     logs.add_argument("--reopen", action="store_true", help="reopen every log file (after logrotate)")
+    logs.add_argument(
+        "--prefix",
+        action=argparse.BooleanOptionalAction,
+        help="put each line's instance name in front (default: when more than one instance is asked for)",
+    )
     _control_args(logs, file_flag=False)
     logs.set_defaults(
         func=_control(cmd_logs, _check_logs), file=Path(DEFAULT_MANIFEST), follow=False, file_from_f=False

@@ -18,7 +18,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -231,6 +231,28 @@ class _Response:
     def read(self) -> bytes:
         return b"".join(self.chunks())
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read1_nonblocking(self) -> bytes | None:
+        """What has arrived, read without waiting: bytes, ``b""`` at the end, None when nothing yet.
+
+        For a selector over several answers (``supervisor.api.multiplex``). The buffered
+        reader says ``b""`` both for "nothing yet" and for the end: a peek at the socket
+        tells the two apart.
+        """
+        if self._sock.gettimeout() != 0.0:
+            self._sock.setblocking(False)
+        try:
+            data = self._file.read1(65536)
+            if data:
+                return data
+            return None if self._sock.recv(1, socket.MSG_PEEK) else b""
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""  # the connection broke: the stream is over
+
     def json(self) -> Any:
         body = self.read()
         if not body:
@@ -386,6 +408,24 @@ class Client:
         """
         with self._stream(_logs_path(name, stream, lines, follow=True)) as response:
             yield response.chunks()
+
+    @contextmanager
+    def follow_many(
+        self, names: Sequence[str], *, stream: str = "stdout", lines: int = 10
+    ) -> Iterator[Iterator[tuple[str, bytes]]]:
+        """``follow`` for several instances at once: ``(name, line)`` pairs in arrival order.
+
+        Each instance's last ``lines`` lines come first (as they arrive), then
+        what is written; the iterator ends when every stream has ended.
+        """
+        from .multiplex import interleave_lines
+
+        with ExitStack() as stack:
+            opened = [
+                (name, stack.enter_context(self._stream(_logs_path(name, stream, lines, follow=True))))
+                for name in names
+            ]
+            yield interleave_lines(opened)
 
     @contextmanager
     def events(self) -> Iterator[Iterator[dict[str, Any]]]:
