@@ -39,9 +39,16 @@ def _manifest_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.detach:
+        from .detach import start_detached
+
+        options = {"log_file": args.log_file, "pidfile": args.pidfile, "backend": args.backend}
+        return start_detached(args.file, timeout=args.timeout, **options)
     from .service import run_service
 
-    return run_service(args.file, log_file=args.log_file, backend=args.backend)
+    return run_service(
+        args.file, log_file=args.log_file, backend=args.backend, pidfile=args.pidfile, ready_fd=args.ready_fd
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -472,9 +479,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the manifest's instances in the foreground")
+    run = sub.add_parser("run", help="run the manifest's instances (in the foreground, or -d)")
     _manifest_arg(run)
-    run.add_argument("--log-file", type=Path, help="the service's own log (default: its stderr)")
+    run.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="start in the background; return once the instances are up, and show them",
+    )
+    run.add_argument(
+        "--log-file", type=Path, help="the service's own log (default: stderr; -d: <state_dir>/service.log)"
+    )
+    run.add_argument("--pidfile", type=Path, help="write the service's pid here (removed when it ends)")
+    run.add_argument(
+        "--timeout", type=_duration, default=60.0, help="-d: give up waiting after this (default 60s)"
+    )
+    run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
