@@ -240,9 +240,24 @@ def _report(args: argparse.Namespace, answer: dict[str, Any], done: str) -> int:
     return 0 if answer["ok"] else 1
 
 
+_DOING = {"start": "starting", "stop": "stopping", "restart": "restarting"}
+
+
 def cmd_action(args: argparse.Namespace, client: Client) -> int:
+    from contextlib import nullcontext
+
+    from .progress import progress, targets_for
+
     names, every = _selection(args)
-    answer = client.action(args.command, names, all=every, wait=not args.no_wait, timeout=args.timeout)
+    targets, initial = targets_for(args.command)
+    label = _DOING[args.command]
+    shown = (
+        nullcontext()
+        if args.no_wait
+        else progress(client, label, names, every=every, targets=targets, count_initial=initial)
+    )
+    with shown:
+        answer = client.action(args.command, names, all=every, wait=not args.no_wait, timeout=args.timeout)
     return _report(args, answer, "" if not args.no_wait else f"{args.command} requested")
 
 
@@ -259,7 +274,10 @@ def cmd_wait(args: argparse.Namespace, client: Client) -> int:
     unknown = [state for state in states if state not in STATES]
     if unknown or not states:
         raise _Failure(f"--state: {', '.join(unknown) or 'nothing'}: expected one of {', '.join(STATES)}", 2)
-    answer = client.wait(names, states, all=every, timeout=args.timeout)
+    from .progress import progress
+
+    with progress(client, "waiting", names, every=every, targets=states, count_initial=True):
+        answer = client.wait(names, states, all=every, timeout=args.timeout)
     return _report(args, answer, "")
 
 

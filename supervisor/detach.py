@@ -143,9 +143,12 @@ def _report(manifest: Manifest, pid: int, log_file: Path, deadline: float) -> in
         for replica in config.replica_names(name)
     ]
     where = f"the service runs (pid {pid}, log {log_file})"
+    from .progress import progress
+
     try:
         if names:
-            client.wait(names, list(SETTLED), timeout=max(0.0, deadline - time.monotonic()))
+            with progress(client, "starting", names, every=False, targets=SETTLED, count_initial=True):
+                client.wait(names, list(SETTLED), timeout=max(0.0, deadline - time.monotonic()))
         statuses = client.status()
     except ClientError as exc:
         print(f"supervisor: {where}, but does not answer: {exc}", file=sys.stderr)

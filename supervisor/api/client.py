@@ -27,6 +27,7 @@ __all__ = [
     "APIError",
     "Client",
     "ClientError",
+    "EventStream",
     "ServiceUnavailable",
     "connect_unix",
     "socket_from_manifest",
@@ -438,6 +439,16 @@ class Client:
         with self._stream("/v1/events") as response:
             yield _server_sent_events(response)
 
+    def event_stream(self) -> EventStream:
+        """Like ``events()``, as an object another thread may ``interrupt()`` (the CLI's progress line)."""
+        response = self._open("GET", "/v1/events")
+        if response.status >= 400:
+            try:
+                raise _api_error(response.status, response.json())
+            finally:
+                response.close()
+        return EventStream(response)
+
     def reload(self) -> dict[str, Any]:
         return self.request("POST", "/v1/reload")  # type: ignore[no-any-return]
 
@@ -446,6 +457,29 @@ class Client:
 
     def reopen_logs(self) -> dict[str, Any]:
         return self.request("POST", "/v1/logs/reopen")  # type: ignore[no-any-return]
+
+
+class EventStream:
+    """The event stream, subscribed from the moment this exists; iterate it in one thread.
+
+    ``interrupt()`` may come from another thread: it shuts the socket down, so
+    the iteration ends at once; ``close()`` then frees it.
+    """
+
+    def __init__(self, response: _Response) -> None:
+        self._response = response
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return _server_sent_events(self._response)
+
+    def interrupt(self) -> None:
+        try:
+            self._response._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already, or the service went away
+
+    def close(self) -> None:
+        self._response.close()
 
 
 def _logs_path(name: str, stream: str, lines: int, *, follow: bool) -> str:
