@@ -491,6 +491,37 @@ def add_control_commands(sub: Any) -> None:
     shutdown.set_defaults(func=_control(cmd_shutdown))
 
 
+# -- shell completion ------------------------------------------------------------------------------
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import script
+
+    print(script(args.shell, build_parser(), STATES), end="")
+    return 0
+
+
+def cmd_names(args: argparse.Namespace) -> int:
+    """Instance names for the completion scripts: one a line; nothing (and 0) when no service answers."""
+    from .api.client import Client, ClientError
+
+    try:
+        statuses = Client(_address(args), token=os.environ.get(TOKEN_ENV), timeout=2).status()
+    except (ClientError, _Failure, OSError, ValueError):
+        return 0
+    print("\n".join(str(s["name"]) for s in statuses if isinstance(s, dict) and "name" in s))
+    return 0
+
+
+def add_completion_commands(sub: Any) -> None:
+    completion = sub.add_parser("completion", help="print a shell completion script (bash, zsh, fish)")
+    completion.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL", help="bash, zsh, fish")
+    completion.set_defaults(func=cmd_completion)
+    names = sub.add_parser("_names")  # no help: hidden; the completion scripts' source of names
+    _control_args(names)
+    names.set_defaults(func=cmd_names)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="supervisor", description="An async multi-instance process supervisor."
@@ -524,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     add_control_commands(sub)
+    add_completion_commands(sub)
     return parser
 
 
