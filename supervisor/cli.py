@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .detach import start_detached
 
         options = {"log_file": args.log_file, "pidfile": args.pidfile, "backend": args.backend}
-        return start_detached(args.file, timeout=args.timeout, **options)
+        return start_detached(args.file, timeout=args.timeout, table=format_status, **options)
     from .service import run_service
 
     return run_service(

@@ -21,6 +21,7 @@ import os
 import select
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,8 @@ SETTLED = ("running", "exited", "failed")
 #: Exit status when the service runs but some autostart instance did not come up.
 SOME_FAILED = 3
 _LOG_LINES = 20
+#: How the caller prints statuses (the CLI's table).
+Table = Callable[[list[dict[str, Any]]], str]
 
 
 def start_detached(
@@ -46,14 +49,21 @@ def start_detached(
     pidfile: Path | None,
     backend: str,
     timeout: float,
+    table: Table,
 ) -> int:
+    """The whole of ``supervisor run -d``; ``table`` formats the statuses it prints at the end."""
     try:
         manifest = load_manifest(manifest_path)
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return 1
     if log_file is None:
-        manifest.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            manifest.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            print(f"supervisor: cannot create the state dir {manifest.state_dir}: {reason}", file=sys.stderr)
+            return 1
         log_file = manifest.state_dir / "service.log"
     log_file = log_file.absolute()
     if pidfile is not None:
@@ -85,7 +95,7 @@ def start_detached(
     if pid is None:
         print(f"supervisor: the service could not start{_log_since(log_file, offset)}", file=sys.stderr)
         return 1
-    return _report(manifest, pid, log_file, deadline)
+    return _report(manifest, pid, log_file, deadline, table)
 
 
 def _spawn(argv: list[str], log_fd: int, deadline: float) -> int | None:
@@ -130,10 +140,9 @@ def _spawn(argv: list[str], log_fd: int, deadline: float) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _report(manifest: Manifest, pid: int, log_file: Path, deadline: float) -> int:
+def _report(manifest: Manifest, pid: int, log_file: Path, deadline: float, table: Table) -> int:
     """Wait for the autostart instances to settle; the status table; 0, or SOME_FAILED."""
     from .api.client import Client, ClientError
-    from .cli import format_status
 
     client = Client(manifest.control_socket)
     names = [
@@ -153,7 +162,7 @@ def _report(manifest: Manifest, pid: int, log_file: Path, deadline: float) -> in
     except ClientError as exc:
         print(f"supervisor: {where}, but does not answer: {exc}", file=sys.stderr)
         return 1
-    print(format_status(statuses))
+    print(table(statuses))
     failed = [s for s in statuses if s["name"] in names and not _came_up(manifest, s)]
     if failed:
         listing = ", ".join(f"{s['name']} ({s['reason'] or s['state']})" for s in failed)

@@ -192,7 +192,11 @@ def run_service(
     socket, then closes it; the waiting CLI takes EOF without a pid as failure.
     """
     if ready_fd is not None:
-        os.set_inheritable(ready_fd, False)  # for us alone: an instance holding it would hide our end
+        try:
+            os.set_inheritable(ready_fd, False)  # for us alone: an instance holding it would hide our end
+        except OSError as exc:
+            print(f"supervisor: --ready-fd {ready_fd}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     try:
         manifest = load_manifest(manifest_path)
     except ManifestError as exc:
