@@ -329,6 +329,18 @@ def _log_sources(args: argparse.Namespace, client: Client, stream: str) -> tuple
     return chosen, prefix
 
 
+def _room_for_sockets(count: int) -> None:
+    """One socket per followed instance: raise the soft open-file limit to the hard one if need be."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = count + 32  # stdio, the selector, Python's own
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise _Failure(f"following {count} instances needs {needed} open files; the limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
+
+
 def cmd_logs(args: argparse.Namespace, client: Client) -> int:
     if args.reopen:
         answer = client.reopen_logs()
@@ -355,6 +367,7 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
             out.writelines(labels[name] + line for line in text.splitlines(keepends=True))
         out.flush()
         return 0
+    _room_for_sockets(len(names))
     with client.follow_many(names, stream=stream, lines=args.lines) as lines:
         for name, line in lines:
             out.write(labels[name] + line)

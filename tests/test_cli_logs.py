@@ -163,3 +163,52 @@ def test_chunked_decoder_takes_the_wire_in_any_slices() -> None:
         assert "longer than 1 KiB" in str(exc)
     else:
         raise AssertionError("a size line without end was buffered without bound")
+
+
+def test_following_many_raises_the_open_file_limit_or_says_why(service: Start, tmp_path: Path) -> None:
+    import resource
+
+    svc = service(
+        """
+        version: 1
+        instances:
+          many:
+            command: ["sh", "-c", "echo up; exec sleep 300"]
+            replicas: 40
+            restart: {min_uptime: 0}
+        """
+    )
+    ok(svc.cli("wait", "--all", "--state", "running"))
+    svc.wait_output("many-39", b"up")
+
+    def limit(soft: int, hard: int) -> Callable[[], None]:
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    # 40 sockets under a soft limit of 30: raised to the hard limit, and every stream followed.
+    follower = subprocess.Popen(
+        [*SUPERVISOR, "logs", "many", "-n", "1", "-f", "-s", str(svc.socket)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=limit(30, 1024),
+    )
+    try:
+        assert follower.stdout is not None
+        seen = b""
+        for n in range(40):
+            line = f"many-{n}".ljust(7).encode() + b" | up\n"
+            if line not in seen:
+                seen += _read_until(follower.stdout.fileno(), line)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(timeout=20) == 130
+    # A hard limit too low: one clear line, not "no service answers".
+    capped = subprocess.run(
+        [*SUPERVISOR, "logs", "many", "-f", "-s", str(svc.socket)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=limit(30, 30),
+        check=False,
+    )
+    assert capped.returncode == 1
+    assert capped.stderr == "supervisor: following 40 instances needs 72 open files; the limit is 30\n"
