@@ -192,3 +192,47 @@ def test_instances_that_do_not_come_up_exit_3(
 def test_detach_is_in_the_help() -> None:
     usage = ok(subprocess.run([*SUPERVISOR, "run", "--help"], capture_output=True, text=True, check=False))
     assert "--detach" in usage.stdout and "--pidfile" in usage.stdout and "--ready-fd" not in usage.stdout
+
+
+def _controlling_terminal() -> None:
+    """In the child before exec: a session of its own, with the pty on stdin as its terminal."""
+    import fcntl
+    import termios
+
+    os.setsid()
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def test_closing_the_terminal_does_not_reach_the_service(
+    detached: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    write_manifest(tmp_path, MANIFEST)
+    master, slave = os.openpty()
+    try:
+        cli = subprocess.Popen(
+            [*SUPERVISOR, "run", "-d"],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=tmp_path,
+            preexec_fn=_controlling_terminal,
+        )
+        os.close(slave)
+        seen = b""
+        while b"the service runs" not in seen:
+            ready, _, _ = select.select([master], [], [], 30)
+            assert ready, f"no answer from run -d on its terminal: {seen!r}"
+            seen += os.read(master, 4096)
+        assert cli.wait(timeout=30) == 0, seen
+        pid = _service_pid(tmp_path)
+        assert pid is not None
+    finally:
+        os.close(master)  # hang up: the terminal is gone
+    second = detached()  # (registers the running service with the fixture, should this test fail)
+    assert second.returncode == 1 and "another service answers" in second.stderr
+    assert _service_pid(tmp_path) == pid and ok(run("status", cwd=tmp_path)).stdout.count("running") == 2
+    ok(run("shutdown", cwd=tmp_path))
+    assert _wait_gone(pid)
+    log = (tmp_path / ".supervisor" / "service.log").read_text()
+    # In the terminal's session it would have had a SIGHUP, which the service takes as "reload".
+    assert "got SIGHUP" not in log and "reloaded" not in log and "supervising 4 instances" in log, log
