@@ -237,7 +237,8 @@ def _zsh(commands: list[_Command]) -> str:
             f"            paths=({_words(c.paths)}) values=({_words(c.values)})\n"
             f"            choices=({_words(choices)}) names={int(c.names)} first=({_words(c.first)}) ;;"
         )
-    described = [f"{c.name}:{c.help}".replace("\\", "\\\\") for c in commands]
+    # _describe splits "name:help" at the first unescaped colon.
+    described = [f"{c.name}:" + c.help.replace("\\", "\\\\").replace(":", "\\:") for c in commands]
     return _ZSH.replace("@COMMANDS@", _words(described)).replace("@CASES@", "\n".join(cases))
 
 

@@ -96,10 +96,12 @@ def test_zsh_script_parses_and_completes_names(service: Start, tmp_path: Path) -
         compadd() {{ [[ $1 == -- ]] && shift; print -l -- "$@" }}
         compdef() {{ }}
         _files() {{ print FILES }}
+        _describe() {{ print -l -- ${{(P)4}} }}
         source {script}
         words=({PROGRAM} restart w); CURRENT=3; PREFIX=w; _supervisor; print -r -- ---
         words=({PROGRAM} run --pidfile ''); CURRENT=4; PREFIX=''; _supervisor; print -r -- ---
-        words=({PROGRAM} wait --state ''); CURRENT=4; PREFIX=''; _supervisor
+        words=({PROGRAM} wait --state ''); CURRENT=4; PREFIX=''; _supervisor; print -r -- ---
+        words=({PROGRAM} re); CURRENT=2; PREFIX=re; _supervisor
     """
     result = subprocess.run(
         ["zsh", "-f", "-c", program],
@@ -110,10 +112,13 @@ def test_zsh_script_parses_and_completes_names(service: Start, tmp_path: Path) -
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    names, files, states = result.stdout.split("---\n")
+    names, files, states, commands = result.stdout.split("---\n")
     assert names.split() == ["web-0", "web-1", "worker"]
     assert files.split() == ["FILES"]
     assert "running" in states.split() and "exited" in states.split()
+    described = commands.splitlines()
+    assert "restart:restart instances; waits until they run again" in described
+    assert "_names" not in commands and any(line.startswith("completion:") for line in described)
 
 
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed (apt-get install fish)")
