@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,6 +84,17 @@ def test_names_prints_nothing_when_no_service_answers(tmp_path: Path) -> None:
     stale = tmp_path / "stale.sock"
     stale.write_bytes(b"")  # a plain file where a socket should be
     assert run("_names", "-s", str(stale)).stdout == ""
+    # A socket that takes the connection and never answers: given up on within the 2s bound.
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(tmp_path / "silent.sock"))
+    silent.listen()
+    try:
+        started = time.monotonic()
+        quiet = run("_names", "-s", str(tmp_path / "silent.sock"))
+        assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+        assert time.monotonic() - started < 15
+    finally:
+        silent.close()
     usage = ok(run("--help")).stdout
     assert "completion" in usage and "_names" not in usage
 
