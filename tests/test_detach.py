@@ -135,15 +135,16 @@ def test_a_live_pidfile_refuses_a_stale_one_is_replaced(
 
     assert live_service(pidfile) == pid
     again = detached("--pidfile", str(pidfile))
-    assert again.returncode == 1 and again.stdout == ""
+    assert again.returncode == 1 and again.stdout == "", again.stderr
     refusal = f"supervisor: pidfile {pidfile} names a running service (pid {pid}): stop it first\n"
-    assert again.stderr == refusal
+    assert again.stderr == refusal, again.stderr
     other = tmp_path / "other"
     other.mkdir()
     write_manifest(other, MANIFEST)
     foreground = run("run", "--pidfile", str(pidfile), cwd=other)
-    assert foreground.returncode == 1
-    assert f"cannot start: pidfile {pidfile} names a running service (pid {pid})" in foreground.stderr
+    assert foreground.returncode == 1, foreground.stderr
+    refused = f"cannot start: pidfile {pidfile} names a running service (pid {pid})"
+    assert refused in foreground.stderr, foreground.stderr
     assert int(pidfile.read_text()) == pid  # the refused service did not remove the live one's file
 
 
