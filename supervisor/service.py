@@ -22,7 +22,7 @@ import anyio
 
 from .config import Manifest, ManifestError, load_manifest
 from .events import Transition, Update
-from .manager import Manager, ReloadReport
+from .manager import ApplyError, Manager, ReloadReport
 from .process import become_subreaper, living_children, raise_fd_limit, run_orphan_reaper
 from .statedir import StateDirError, prepare_state_dir
 from .stdio import Stdio, StdioStream
@@ -155,7 +155,7 @@ class Service:
     async def _reload_logged(self) -> None:
         try:
             await self.reload()
-        except ManifestError as exc:
+        except (ManifestError, ApplyError) as exc:
             log.error("reload refused, nothing changed:\n%s", exc)
 
     async def _log_transitions(self) -> None:
