@@ -53,6 +53,8 @@ class ReloadReport:
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    #: Entries whose replica count a ``scale`` had changed and this manifest sets back.
+    rescaled: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,7 @@ class Manager:
         self._apply_lock = anyio.Lock()
         self._closing = False
         self._roster = anyio.Event()  # set (and replaced) whenever an instance is added or removed
+        self._scaled: dict[str, int] = {}  # entry -> its count in the manifest, while scale() rules
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -99,7 +102,41 @@ class Manager:
     # -- applying a manifest -----------------------------------------------------------------
 
     async def apply(self, manifest: Manifest) -> ReloadReport:
+        """Make the running set match ``manifest`` (a reload): counts set by ``scale`` go back."""
+        async with self._apply_lock:
+            report = await self._apply(manifest)
+            for group in self._scaled:
+                if (entry := manifest.instances.get(group)) is not None:
+                    report.rescaled.append(f"{group}: back to the manifest's {entry.replicas} replicas")
+            self._scaled.clear()
+            return report
+
+    async def scale(self, counts: Mapping[str, int]) -> ReloadReport:
+        """Run ``counts[NAME]`` replicas of each named entry until the next reload.
+
+        New replicas start (when the entry autostarts); the highest-numbered ones
+        go. Going from one replica to more renames ``web`` to ``web-0`` … (so
+        ``web`` is replaced), as a reload does.
+        """
+        async with self._apply_lock:
+            entries = dict(self.manifest.instances)
+            for group, count in counts.items():
+                if group not in entries:
+                    raise UnknownInstance(group, entries)
+                if not 0 <= count <= MAX_SCALE:
+                    raise InvalidRequest(group, f"cannot scale to {count}: give 0 to {MAX_SCALE} replicas")
+                entries[group] = entries[group].model_copy(update={"replicas": count})
+            manifest = self.manifest.model_copy(update={"instances": entries})
+            before = {group: self.manifest.instances[group].replicas for group in counts}
+            report = await self._apply(manifest)
+            for group, count in before.items():
+                self._scaled.setdefault(group, count)
+            return report
+
+    async def _apply(self, manifest: Manifest) -> ReloadReport:
         """Make the running set match ``manifest``; instances that did not change are left alone.
+
+        Called with the apply lock held.
 
         Transactional: what the change needs (descriptors, log pipes, notify
         sockets) is checked and made before any running instance is touched. If
@@ -107,41 +144,40 @@ class Manager:
         nothing changed. Only then are the old instances stopped and the new
         ones started; a new instance that cannot spawn fails on its own.
         """
-        async with self._apply_lock:
-            if self._closing:
-                raise InvalidRequest("service", "the service is shutting down")
-            plan = _plan(manifest)
-            settings_changed = _instance_settings(self.manifest.supervisor) != _instance_settings(
-                manifest.supervisor
-            )
-            leaving = [n for n in self._instances if n not in plan]
-            changed = [
-                n
-                for n, p in plan.items()
-                if n in self._instances
-                and (settings_changed or _comparable(self._instances[n].config) != _comparable(p.config))
-            ]
-            added = [n for n in plan if n not in self._instances]
-            report = ReloadReport(
-                added=added,
-                removed=leaving,
-                changed=changed,
-                unchanged=[n for n in plan if n in self._instances and n not in changed],
-            )
-            _check_descriptors(
-                [plan[n].config for n in [*changed, *added]],
-                [self._instances[n].config for n in [*leaving, *changed]],
-            )
-            prepared = await self._prepare([(n, plan[n]) for n in [*changed, *added]], manifest.supervisor)
+        if self._closing:
+            raise InvalidRequest("service", "the service is shutting down")
+        plan = _plan(manifest)
+        settings_changed = _instance_settings(self.manifest.supervisor) != _instance_settings(
+            manifest.supervisor
+        )
+        leaving = [n for n in self._instances if n not in plan]
+        changed = [
+            n
+            for n, p in plan.items()
+            if n in self._instances
+            and (settings_changed or _comparable(self._instances[n].config) != _comparable(p.config))
+        ]
+        added = [n for n in plan if n not in self._instances]
+        report = ReloadReport(
+            added=added,
+            removed=leaving,
+            changed=changed,
+            unchanged=[n for n in plan if n in self._instances and n not in changed],
+        )
+        _check_descriptors(
+            [plan[n].config for n in [*changed, *added]],
+            [self._instances[n].config for n in [*leaving, *changed]],
+        )
+        prepared = await self._prepare([(n, plan[n]) for n in [*changed, *added]], manifest.supervisor)
 
-            self.manifest = manifest
-            await self.stop_in_order([self._instances[n] for n in [*leaving, *changed]], "removed")
-            old = self._instances
-            self._instances = {name: prepared.get(name) or old[name] for name in plan}
-            self._roster_changed()
-            to_start = [i for i in prepared.values() if i.config.autostart]
-            await self._start_all(to_start)
-            return report
+        self.manifest = manifest
+        await self.stop_in_order([self._instances[n] for n in [*leaving, *changed]], "removed")
+        old = self._instances
+        self._instances = {name: prepared.get(name) or old[name] for name in plan}
+        self._roster_changed()
+        to_start = [i for i in prepared.values() if i.config.autostart]
+        await self._start_all(to_start)
+        return report
 
     async def _prepare(
         self, plans: list[tuple[str, _Plan]], settings: ServiceSettings
@@ -303,6 +339,9 @@ def _instance_settings(settings: ServiceSettings) -> tuple[object, ...]:
     """The service settings an instance depends on (a change restarts every instance)."""
     return (settings.state_dir, settings.logs)
 
+
+#: The most replicas ``scale`` gives one entry (the loader bounds the manifest's own counts).
+MAX_SCALE = 10_000
 
 #: Descriptors kept free for the control plane, probes and spawning, whatever the instances need.
 _FD_RESERVE = 64

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from supervisor.events import State
-from supervisor.manager import ApplyError, descriptors_per_instance
+from supervisor.instance import InvalidRequest
+from supervisor.manager import ApplyError, UnknownInstance, descriptors_per_instance
 
 from .helpers import manifest_from, running
 
@@ -54,3 +55,27 @@ async def test_the_instances_keep_the_manifest_order_after_a_change(tmp_path: Pa
         report = await manager.apply(changed)
         assert report.changed == ["b"]
         assert list(manager.instances) == ["keep", "b", "c"]
+
+
+async def test_scale_adds_and_removes_replicas_until_the_next_reload(tmp_path: Path) -> None:
+    text = BASE + "  web: {command: [sleep, '60'], replicas: 2, restart: {min_uptime: 0}}\n"
+    manifest = manifest_from(text, tmp_path)
+    async with running(manifest) as (manager, events):
+        await events.until(lambda: manager.count(State.RUNNING) == 3)
+        pids = {name: manager.instances[name].pid for name in ("web-0", "web-1")}
+        report = await manager.scale({"web": 4})
+        assert (report.added, report.removed) == (["web-2", "web-3"], [])
+        assert report.unchanged == ["keep", "web-0", "web-1"]
+        await events.until(lambda: manager.count(State.RUNNING) == 5)
+        assert {name: manager.instances[name].pid for name in pids} == pids
+        report = await manager.scale({"web": 3})
+        assert report.removed == ["web-3"] and list(manager.instances) == ["keep", "web-0", "web-1", "web-2"]
+        with pytest.raises(UnknownInstance):
+            await manager.scale({"nope": 2})
+        with pytest.raises(InvalidRequest, match="cannot scale to -1"):
+            await manager.scale({"web": -1})
+        # A reload brings the manifest's count back, and says so.
+        report = await manager.apply(manifest_from(text, tmp_path))
+        assert report.removed == ["web-2"] and report.rescaled == ["web: back to the manifest's 2 replicas"]
+        assert list(manager.instances) == ["keep", "web-0", "web-1"]
+        assert manager.manifest.source == (tmp_path / "supervisor.yaml").resolve()
