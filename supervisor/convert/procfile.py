@@ -9,14 +9,13 @@ does the same.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
 
 from ..config import read_env_file
 from .notes import Converted, ConvertError, read_source
-from .writer import Draft, instance_name
+from .writer import Draft, instance_name, relative_path
 
 _LINE = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")
 MAX_ENTRIES = 1000
@@ -41,7 +40,7 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
     env_path = folder / ".env"
     has_env = env_path.is_file()
     base = _base_port(env_path) if has_env else BASE_PORT
-    cwd = os.path.relpath(folder, output.resolve().parent)
+    cwd = relative_path(folder, output) or "."
     seen: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -68,7 +67,7 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
             raise ConvertError(source, number, f"more than {MAX_ENTRIES} process types")
         spec: dict[str, object] = {"command": command, "shell": True, "cwd": cwd}
         if has_env:
-            spec["env_file"] = os.path.relpath(env_path, output.resolve().parent)
+            spec["env_file"] = relative_path(env_path, output)
         port = base + 100 * len(draft.instances)
         spec["env"] = {"PORT": str(port)}
         spec["restart"] = {"policy": "no"}

@@ -85,7 +85,10 @@ class _Units:
         for key, value in config.env.items():
             text = f"{key}={value}".replace("\\", "\\\\").replace('"', '\\"')
             service.append(f'Environment="{_escape(text)}"')
-        if config.user is not None:
+        if config.user in ("nobody", 65534):
+            service.append("DynamicUser=yes")
+            note(entry, ("user",), "approximated", "DynamicUser=yes: systemd warns against the user nobody")
+        elif config.user is not None:
             service.append(f"User={config.user}")
         if config.group is not None:
             service.append(f"Group={config.group}")

@@ -33,6 +33,13 @@ def literal(text: str) -> str:
     return text.replace("$", "$$")
 
 
+def relative_path(path: Path, output: Path) -> str:
+    """``path`` relative to the manifest's folder where it lies inside it, else absolute."""
+    folder = output.resolve().parent
+    target = path.resolve()
+    return str(target.relative_to(folder)) if target.is_relative_to(folder) else str(target)
+
+
 def instance_name(name: str) -> str:
     """A foreign name as a manifest instance name (lower case; other characters become '-')."""
     cleaned = _NAME_BAD.sub("-", name.lower()).strip("-_.")
@@ -41,7 +48,7 @@ def instance_name(name: str) -> str:
 
 def _scalar(value: Any) -> str:
     if isinstance(value, str):
-        text = value if isinstance(value, Interp) else literal(value)
+        text = str.__str__(value) if isinstance(value, Interp) else literal(value)
         dumped = yaml.safe_dump(text, width=1 << 30, allow_unicode=True)
         return dumped.strip().removesuffix("...").rstrip()
     if value is None:
