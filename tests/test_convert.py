@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -112,14 +113,16 @@ def test_supervisord_doc_shapes(tmp_path: Path) -> None:
 
 
 def test_procfile_as_foreman(tmp_path: Path) -> None:
-    text, notes = convert(DATA / "procfile" / "Procfile", DATA / "procfile" / "supervisor.yaml")
-    manifest = load_manifest(DATA / "procfile" / "supervisor.yaml")
-    (DATA / "procfile" / "supervisor.yaml").unlink()
+    for name in ("Procfile", ".env"):
+        shutil.copy(DATA / "procfile" / name, tmp_path / name)
+    text, notes = convert(tmp_path / "Procfile", tmp_path / "supervisor.yaml")
+    assert "cwd: ." in text and "env_file: .env" in text  # beside the manifest: relative
+    manifest = load_manifest(tmp_path / "supervisor.yaml")
     assert list(manifest.instances) == ["web", "worker", "release_task"]
     ports = [c.env["PORT"] for c in manifest.instances.values()]
     assert ports == ["6100", "6200", "6300"]  # PORT from .env, + 100 a line
     worker = manifest.instances["worker"]
-    assert worker.shell and worker.env_file == str(DATA / "procfile" / ".env")
+    assert worker.shell and worker.env_file == str(tmp_path / ".env") and worker.cwd == str(tmp_path)
     assert worker.environment({})["GREETING"] == "hi there"
     assert '"worker on $$PORT with $$GREETING"' in text  # the shell expands them, not the loader
     assert any(":5: this line is not a process" in n for n in notes)
@@ -140,6 +143,22 @@ def test_process_compose(tmp_path: Path) -> None:
     joined = "\n".join(notes)
     for key in ("shutdown.command", "is_daemon", "namespace", "log_level", "failure_threshold"):
         assert f": {key}: " in joined, key
+
+
+def test_process_compose_variables(tmp_path: Path) -> None:
+    """$VAR and ${VAR} are read at load time: from the .env beside the file now, else by the loader."""
+    (tmp_path / ".env").write_text("VERSION=1.2.3\n")
+    (tmp_path / "process-compose.yaml").write_text(
+        "processes:\n"
+        "  dl:\n"
+        '    command: "echo ${VERSION} $HOME_DIR_X $$literal cost 5$"\n'
+        "    environment: ['REPLICA=$PC_REPLICA_NUM']\n"
+    )
+    text, notes = convert(tmp_path / "process-compose.yaml", tmp_path / "supervisor.yaml")
+    assert "echo 1.2.3 ${HOME_DIR_X-} $$literal cost 5$$" in text
+    dl = load_manifest(tmp_path / "supervisor.yaml", environ={"HOME_DIR_X": "/h"}).instances["dl"]
+    assert dl.command == "echo 1.2.3 /h $literal cost 5$" and dl.env_file == str(tmp_path / ".env")
+    assert any("PC_REPLICA_NUM: dropped" in n for n in notes)
 
 
 def test_detect_format() -> None:

@@ -148,6 +148,15 @@ def test_export_of_a_bad_manifest_names_the_line(tmp_path: Path) -> None:
         systemd.export(bad.read_text(), bad, name="x")
 
 
+def test_systemd_refuses_a_million_units(tmp_path: Path) -> None:
+    huge = tmp_path / "supervisor.yaml"
+    huge.write_text("version: 1\ninstances:\n  a:\n    command: x\n    replicas: 1000000\n")
+    with pytest.raises(ConvertError, match=r"supervisor\.yaml:5: 1000000 units"):
+        systemd.export(huge.read_text(), huge, name="x")
+    k8s = kubernetes.export(huge.read_text(), huge, name="x", image="i")  # just a number there
+    assert "replicas: 1000000" in k8s.files["a.yaml"]
+
+
 # -- round trips: foreign config in, systemd and Kubernetes out; what is lost was announced ----------
 
 

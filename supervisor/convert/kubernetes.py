@@ -16,8 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from ..config import InstanceConfig
-from ..config.checks import _Check
+from ..config import AliveCheck, InstanceConfig, ReadyCheck
 from .exportbase import Source, check_name
 from .notes import ConvertError, Exported
 
@@ -52,7 +51,7 @@ class _Objects:
     def labels(self, entry: str) -> dict[str, str]:
         return {"app.kubernetes.io/name": dns_name(entry), "app.kubernetes.io/part-of": dns_name(self.name)}
 
-    def probe(self, entry: str, key: str, check: _Check) -> dict[str, Any] | None:
+    def probe(self, entry: str, key: str, check: ReadyCheck | AliveCheck) -> dict[str, Any] | None:
         note = self.source.note
         probe: dict[str, Any] = {}
         if check.kind == "exec":

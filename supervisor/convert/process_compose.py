@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..config import signal_name
+from ..config import read_env_file, signal_name
 from .notes import Converted, ConvertError, read_source
 from .positions import KeyPath, load_yaml
-from .writer import Draft, Interp, instance_name
+from .writer import Draft, Interp, instance_name, relative_path
 
 MAX_ENTRIES = 1000
 MAX_REPLICAS = 1000
@@ -33,7 +33,7 @@ _PROCESS_KEYS = {
     "liveness_probe", "shutdown", "replicas", "disabled", "is_daemon", "log_location", "description",
     "ready_log_line", "namespace",
 }  # fmt: skip
-_ENV_REF = re.compile(r"\$(\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
+_ENV_REF = re.compile(r"\$(\$|\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
 
 
 class _Reader:
@@ -43,6 +43,8 @@ class _Reader:
         self.source = source
         self.lines = lines
         self.draft = draft
+        self.dotenv: dict[str, str] = {}
+        self.env_file: str | None = None
 
     def at(self, *path: str | int) -> tuple[str, int | None]:
         for end in range(len(path), -1, -1):
@@ -64,14 +66,24 @@ class _Reader:
         return str(value)
 
 
-def _interp(text: str) -> str:
-    """process-compose expands ``$VAR`` and ``${VAR}`` at load time (unset: empty); so does the loader."""
+def _interp(text: str, dotenv: dict[str, str] | None = None) -> str:
+    """process-compose's load-time ``$VAR`` / ``${VAR}`` (unset: empty; ``$$``: a ``$``) for the loader.
+
+    A name the ``.env`` beside the file defines takes that value now, as process-compose
+    would; any other name is left to the loader as ``${VAR-}``, read when the manifest loads.
+    """
     if "$" not in text:
         return text
     out, last = [], 0
     for match in _ENV_REF.finditer(text):
         out.append(text[last : match.start()].replace("$", "$$"))
-        out.append("${" + match.group(1).strip("{}") + "-}")
+        name = match.group(1).strip("{}")
+        if name == "$":
+            out.append("$$")
+        elif dotenv and name in dotenv:
+            out.append(dotenv[name].replace("$", "$$"))
+        else:
+            out.append("${" + name + "-}")
         last = match.end()
     out.append(text[last:].replace("$", "$$"))
     return Interp("".join(out))
@@ -80,7 +92,7 @@ def _interp(text: str) -> str:
 def _environment(reader: _Reader, value: Any, path: tuple[str | int, ...]) -> dict[str, str]:
     """``["KEY=value", …]`` (or a mapping) as a dict."""
     if isinstance(value, dict):
-        return {str(k): _interp(reader.text(v, (*path, str(k)))) for k, v in value.items()}
+        return {str(k): _interp(reader.text(v, (*path, str(k))), reader.dotenv) for k, v in value.items()}
     if not isinstance(value, list):
         raise reader.fail(path, "expected a list of KEY=value strings")
     env: dict[str, str] = {}
@@ -88,7 +100,7 @@ def _environment(reader: _Reader, value: Any, path: tuple[str | int, ...]) -> di
         key, sep, text = reader.text(item, (*path, index)).partition("=")
         if not sep or not key:
             raise reader.fail((*path, index), f"expected KEY=value, got {item!r}")
-        env[key] = _interp(text)
+        env[key] = _interp(text, reader.dotenv)
     return env
 
 
@@ -98,7 +110,7 @@ def _probe(reader: _Reader, value: Any, path: tuple[str | int, ...], ready: bool
     check: dict[str, Any] = {}
     if isinstance(value.get("exec"), dict) and "command" in value["exec"]:
         command = reader.text(value["exec"]["command"], (*path, "exec", "command"))
-        check["exec"] = ["/bin/sh", "-c", _interp(command)]
+        check["exec"] = ["/bin/sh", "-c", _interp(command, reader.dotenv)]
         reader.draft.note(
             reader.at(*path, "exec"),
             "exec",
@@ -216,13 +228,25 @@ def _process(
     if not isinstance(spec, dict) or "command" not in spec:
         raise reader.fail(path, "expected a mapping with a command")
     out: dict[str, Any] = {
-        "command": _interp(reader.text(spec["command"], (*path, "command"))),
+        "command": _interp(reader.text(spec["command"], (*path, "command")), reader.dotenv),
         "shell": True,
     }
     if not out["command"].strip():
         raise reader.fail((*path, "command"), "the command is empty")
+    if reader.env_file:
+        out["env_file"] = reader.env_file
+        reader.draft.comment(
+            (entry, "env_file"), "process-compose gives every process the .env beside its file"
+        )
+    if "PC_REPLICA_NUM" in str(spec) or "PC_PROC_NAME" in str(spec):
+        reader.draft.note(
+            reader.at(*path),
+            "PC_REPLICA_NUM",
+            "dropped",
+            "not set by the service: each replica gets the same env",
+        )
     if "working_dir" in spec:
-        out["cwd"] = _interp(reader.text(spec["working_dir"], (*path, "working_dir")))
+        out["cwd"] = _interp(reader.text(spec["working_dir"], (*path, "working_dir")), reader.dotenv)
     env = {
         **glob_env,
         **(
@@ -237,7 +261,9 @@ def _process(
         out["replicas"] = int(reader.number(spec["replicas"], (*path, "replicas"), 0, MAX_REPLICAS))
     if "log_location" in spec:
         out["stderr"] = "stdout"
-        out["logs"] = {"stdout_file": _interp(reader.text(spec["log_location"], (*path, "log_location")))}
+        out["logs"] = {
+            "stdout_file": _interp(reader.text(spec["log_location"], (*path, "log_location")), reader.dotenv)
+        }
         reader.draft.comment((entry, "stderr"), "process-compose writes both streams to log_location")
     out["restart"] = (
         _availability(reader, spec["availability"], name, entry)
@@ -305,6 +331,13 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
     draft = Draft(source, "process-compose")
     data, lines = load_yaml(text, source)
     reader = _Reader(source, lines, draft)
+    dotenv = source.resolve().parent / ".env"
+    if dotenv.is_file():
+        try:
+            reader.dotenv = read_env_file(dotenv)
+        except ValueError as exc:
+            raise ConvertError(dotenv, None, str(exc)) from None
+        reader.env_file = relative_path(dotenv, output)
     if not isinstance(data, dict) or not isinstance(data.get("processes"), dict):
         raise ConvertError(source, 1, "expected a mapping with processes: {name: {command: …}}")
     processes: dict[Any, Any] = data["processes"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import configparser
 import glob
 import itertools
+import os
 import re
 import shlex
 import socket
@@ -188,8 +189,6 @@ class _Expansions(dict[str, Any]):
     def __missing__(self, key: str) -> Any:
         if key.startswith("ENV_") and _ENV_NAME.fullmatch(key[4:]):
             if self.environ:
-                import os
-
                 if key[4:] in os.environ:
                     return os.environ[key[4:]]
                 raise KeyError(key)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from ..config import InstanceConfig, format_duration, signal_name
 from .exportbase import Source, check_name
-from .notes import Exported
+from .notes import ConvertError, Exported
 
 _PLAIN = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
 STEPS_VERSION = 254
+MAX_UNITS = 10_000
 
 
 def _escape(text: str) -> str:
@@ -293,6 +294,13 @@ class _Units:
 def export(text: str, file: Path, *, name: str, version: int = STEPS_VERSION) -> Exported:
     """The units for the manifest ``text`` (read from ``file``): {file name: unit text}, and notes."""
     source = Source(text, file)
+    total = sum(config.replicas for _, config in source.instances())
+    if total > MAX_UNITS:
+        big = max(source.instances(), key=lambda item: item[1].replicas)[0]
+        line = source.lines.get(("instances", big, "replicas"))
+        raise ConvertError(
+            file, line, f"{total} units (replicas of {big}…): more than {MAX_UNITS} is not a deployment"
+        )
     units = _Units(source, check_name(name), version)
     files = {units.file_name(entry): units.service(entry, config) for entry, config in source.instances()}
     files[f"{name}.target"] = units.target()
