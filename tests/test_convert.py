@@ -154,11 +154,34 @@ def test_process_compose_variables(tmp_path: Path) -> None:
         '    command: "echo ${VERSION} $HOME_DIR_X $$literal cost 5$"\n'
         "    environment: ['REPLICA=$PC_REPLICA_NUM']\n"
     )
-    text, notes = convert(tmp_path / "process-compose.yaml", tmp_path / "supervisor.yaml")
+    text, _ = convert(tmp_path / "process-compose.yaml", tmp_path / "supervisor.yaml")
     assert "echo 1.2.3 ${HOME_DIR_X-} $$literal cost 5$$" in text
     dl = load_manifest(tmp_path / "supervisor.yaml", environ={"HOME_DIR_X": "/h"}).instances["dl"]
     assert dl.command == "echo 1.2.3 /h $literal cost 5$" and dl.env_file == str(tmp_path / ".env")
-    assert any("PC_REPLICA_NUM: dropped" in n for n in notes)
+    assert dl.env["REPLICA"] == "0"  # one replica: number 0, filled in
+
+
+def test_process_compose_replica_number_splits(tmp_path: Path) -> None:
+    """A replica number in a key makes one instance per replica, named as replicas would be."""
+    (tmp_path / "process-compose.yaml").write_text(
+        "processes:\n"
+        "  server:\n"
+        "    command: python3 -m http.server 404{{.PC_REPLICA_NUM}}\n"
+        "    replicas: 2\n"
+        "    readiness_probe:\n"
+        "      http_get: {host: 127.0.0.1, port: '404{{.PC_REPLICA_NUM}}', scheme: http}\n"
+        "  client:\n"
+        "    command: 'curl 127.0.0.1:4040'\n"
+        "    depends_on: {server: {condition: process_healthy}}\n"
+    )
+    _, notes = convert(tmp_path / "process-compose.yaml", tmp_path / "supervisor.yaml")
+    manifest = load_manifest(tmp_path / "supervisor.yaml")
+    servers = [manifest.instances[f"server-{i}"] for i in (0, 1)]
+    assert [s.command for s in servers] == [f"python3 -m http.server 404{i}" for i in (0, 1)]
+    assert [s.ready.http for s in servers if s.ready] == [f"http://127.0.0.1:404{i}/" for i in (0, 1)]
+    assert [s.env["PC_REPLICA_NUM"] for s in servers] == ["0", "1"]
+    assert dict.fromkeys(manifest.instances["client"].depends_on) == {"server-0": None, "server-1": None}
+    assert any(":4: replicas: approximated: 2 instances server-0 … server-1" in n for n in notes)
 
 
 def test_detect_format() -> None:

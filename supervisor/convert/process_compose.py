@@ -56,6 +56,8 @@ class _Reader:
         return ConvertError(*self.at(*path), f"{'.'.join(map(str, path))}: {message}")
 
     def number(self, value: Any, path: tuple[str | int, ...], low: float = 0, high: float = 10**7) -> float:
+        if isinstance(value, str) and re.fullmatch(r"\d{1,9}", value.strip()):
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
             raise self.fail(path, f"expected a number from {low:g} to {high:g}, got {value!r}")
         return value
@@ -221,9 +223,8 @@ def _shutdown(reader: _Reader, value: Any, name: str, entry: str) -> dict[str, A
 
 
 def _process(
-    reader: _Reader, name: str, spec: Any, names: dict[str, str], glob_env: dict[str, str]
+    reader: _Reader, name: str, spec: Any, entry: str, names: dict[str, list[str]], glob_env: dict[str, str]
 ) -> dict[str, Any]:
-    entry = names[name]
     path = ("processes", name)
     if not isinstance(spec, dict) or "command" not in spec:
         raise reader.fail(path, "expected a mapping with a command")
@@ -282,7 +283,7 @@ def _process(
     if "liveness_probe" in spec:
         out["alive"] = _probe(reader, spec["liveness_probe"], (*path, "liveness_probe"), ready=False)
     if "depends_on" in spec:
-        out["depends_on"] = _depends_on(reader, spec["depends_on"], name, names)
+        out["depends_on"] = _depends_on(reader, spec["depends_on"], name, entry, names)
     if spec.get("is_daemon"):
         out["restart"] = {**out["restart"], "policy": "no"}
         reader.draft.note(
@@ -303,7 +304,9 @@ def _process(
     return out
 
 
-def _depends_on(reader: _Reader, value: Any, name: str, names: dict[str, str]) -> dict[str, Any]:
+def _depends_on(
+    reader: _Reader, value: Any, name: str, entry: str, names: dict[str, list[str]]
+) -> dict[str, Any]:
     path = ("processes", name, "depends_on")
     if not isinstance(value, dict):
         raise reader.fail(path, "expected a mapping of process name to {condition: …}")
@@ -316,14 +319,71 @@ def _depends_on(reader: _Reader, value: Any, name: str, names: dict[str, str]) -
             raise reader.fail(
                 (*path, str(other)), f"condition: expected one of {', '.join(_CONDITIONS)}, got {condition!r}"
             )
-        deps[names[other]] = _CONDITIONS[condition]
+        for target in names[other]:
+            deps[target] = _CONDITIONS[condition]
         if condition == "process_completed":
             reader.draft.note(
                 reader.at(*path, str(other), "condition"), "process_completed", "approximated",
                 "completed means exited with a success code; process-compose accepts any exit",
-                at=(names[name], "depends_on", names[other]),
+                at=(entry, "depends_on", names[other][0]),
             )  # fmt: skip
     return deps
+
+
+_REPLICA_REF = re.compile(
+    r"\{\{\s*\.(PC_REPLICA_NUM|PC_PROC_NAME)\s*\}\}|\$\{?(PC_REPLICA_NUM|PC_PROC_NAME)\}?(?!\w)"
+)
+
+
+def _uses_replica(spec: Any) -> bool:
+    return "PC_REPLICA_NUM" in repr(spec) or "PC_PROC_NAME" in repr(spec)
+
+
+def _with_replica(value: Any, name: str, number: int) -> Any:
+    """``{{.PC_REPLICA_NUM}}``, ``$PC_REPLICA_NUM`` (and PC_PROC_NAME) filled in, as process-compose does."""
+    if isinstance(value, str):
+        return _REPLICA_REF.sub(lambda m: str(number) if "REPLICA" in m.group(0) else name, value)
+    if isinstance(value, dict):
+        return {k: _with_replica(v, name, number) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_replica(v, name, number) for v in value]
+    return value
+
+
+def _as_list(environment: Any) -> list[Any]:
+    if isinstance(environment, dict):
+        return [f"{k}={v}" for k, v in environment.items()]
+    return list(environment) if isinstance(environment, list) else []
+
+
+def _entries(reader: _Reader, processes: dict[Any, Any]) -> dict[str, list[str]]:
+    """The manifest entries of each process: one, or one per replica where the replica number is used."""
+    names: dict[str, list[str]] = {}
+    taken: set[str] = set()
+    for name, spec in processes.items():
+        entry = instance_name(str(name))
+        if entry != str(name):
+            reader.draft.note(
+                reader.at("processes", str(name)), str(name), "approximated", f"named {entry!r}"
+            )
+        replicas = spec.get("replicas", 1) if isinstance(spec, dict) else 1
+        path = ("processes", str(name), "replicas")
+        count = int(reader.number(replicas, path, 0, MAX_REPLICAS))
+        entries = [entry]
+        if count > 1 and _uses_replica(spec):
+            entries = [f"{entry}-{i}" for i in range(count)]
+            reader.draft.note(
+                reader.at(*path), "replicas", "approximated",
+                f"{count} instances {entries[0]} … {entries[-1]}: PC_REPLICA_NUM differs per replica",
+            )  # fmt: skip
+        for one in entries:
+            if one in taken:
+                raise reader.fail(
+                    ("processes", str(name)), f"{name!r} and another process both become {one!r}"
+                )
+            taken.add(one)
+        names[str(name)] = entries
+    return names
 
 
 def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] = read_source) -> Converted:
@@ -343,16 +403,7 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
     processes: dict[Any, Any] = data["processes"]
     if len(processes) > MAX_ENTRIES:
         raise ConvertError(source, lines.get(("processes",)), f"more than {MAX_ENTRIES} processes")
-    names: dict[str, str] = {}
-    for name in processes:
-        entry = instance_name(str(name))
-        if entry in names.values():
-            raise ConvertError(
-                *reader.at("processes", str(name)), f"{name!r} and another process both become {entry!r}"
-            )
-        names[str(name)] = entry
-        if entry != str(name):
-            draft.note(reader.at("processes", str(name)), str(name), "approximated", f"named {entry!r}")
+    names = _entries(reader, processes)
     glob_env = _environment(reader, data["environment"], ("environment",)) if "environment" in data else {}
     for key in data:
         if key not in _TOP_KEYS:
@@ -362,5 +413,11 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
         elif key == "shell":
             draft.note(reader.at("shell"), "shell", "approximated", "commands run through /bin/sh -c")
     for name, spec in processes.items():
-        draft.instances[names[str(name)]] = _process(reader, str(name), spec, names, glob_env)
+        entries = names[str(name)]
+        for number, entry in enumerate(entries):
+            one = _with_replica(spec, str(name), number) if _uses_replica(spec) else spec
+            if len(entries) > 1:
+                one = {k: v for k, v in one.items() if k != "replicas"}
+                one["environment"] = [*_as_list(one.get("environment")), f"PC_REPLICA_NUM={number}"]
+            draft.instances[entry] = _process(reader, str(name), one, entry, names, glob_env)
     return Converted(draft.text(output), draft.sorted_notes())

@@ -43,10 +43,9 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
     cwd = relative_path(folder, output) or "."
     seen: dict[str, int] = {}
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
+        if not raw.strip() or raw.lstrip().startswith("#"):
             continue
-        match = _LINE.match(line)
+        match = _LINE.match(raw)  # as honcho matches it: from the line's first character
         if not match:
             draft.note(
                 (str(source), number),
