@@ -161,6 +161,17 @@ def test_process_compose_variables(tmp_path: Path) -> None:
     assert dl.env["REPLICA"] == "0"  # one replica: number 0, filled in
 
 
+def test_process_compose_block_command(tmp_path: Path) -> None:
+    """A multi-line command (a YAML block scalar) comes through whole."""
+    (tmp_path / "process-compose.yaml").write_text(
+        "processes:\n  job:\n    command: |\n      echo 'one'\n      echo \"two\" 100%\n"
+    )
+    text, _ = convert(tmp_path / "process-compose.yaml", tmp_path / "supervisor.yaml")
+    assert 'command: "echo \'one\'\\necho \\"two\\" 100%\\n"' in text
+    job = load_manifest(tmp_path / "supervisor.yaml").instances["job"]
+    assert job.command == "echo 'one'\necho \"two\" 100%\n" and job.shell
+
+
 def test_process_compose_replica_number_splits(tmp_path: Path) -> None:
     """A replica number in a key makes one instance per replica, named as replicas would be."""
     (tmp_path / "process-compose.yaml").write_text(

@@ -157,6 +157,39 @@ def test_systemd_refuses_a_million_units(tmp_path: Path) -> None:
     assert "replicas: 1000000" in k8s.files["a.yaml"]
 
 
+def test_systemd_awkward_values(tmp_path: Path) -> None:
+    """Line breaks, quotes, % and $ survive into a unit that verifies; a relative program becomes absolute."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "app").write_text("#!/bin/sh\nexit 0\n")
+    (tmp_path / "bin" / "app").chmod(0o755)
+    manifest = tmp_path / "supervisor.yaml"
+    manifest.write_text(
+        "version: 1\ninstances:\n  app:\n"
+        "    command: ['bin/app', \"two\\nlines\", '50% of $$HOME']\n"
+        '    env: {NOTE: "say \\"hi\\"\\n100%"}\n'
+    )
+    result = systemd.export(manifest.read_text(), manifest, name="odd", version=local_systemd())
+    verify(write(result.files, tmp_path / "units"))
+    unit = result.files["odd-app.service"]
+    assert unit_values(unit, "ExecStart") == [f'{tmp_path}/bin/app "two\\nlines" "50%% of $$HOME"']
+    assert unit_values(unit, "Environment") == ['"NOTE=say \\"hi\\"\\n100%%"']
+    assert any("app.command: approximated" in str(n) for n in result.notes)
+    manifest.write_text('version: 1\ninstances:\n  app:\n    command: x\n    cwd: "/tmp/a\\nb"\n')
+    with pytest.raises(ConvertError, match=r"supervisor\.yaml:3: app: .* line break"):
+        systemd.export(manifest.read_text(), manifest, name="odd")
+
+
+def test_supervisord_continuation_lines(tmp_path: Path) -> None:
+    """configparser joins an indented continuation with a line break: the command reads it as a space."""
+    (tmp_path / "s.conf").write_text("[program:a]\ncommand=/bin/echo one\n  two\n")
+    imported = import_file(tmp_path / "s.conf", tmp_path / "supervisor.yaml")
+    (tmp_path / "supervisor.yaml").write_text(imported.text)
+    config = load_manifest(tmp_path / "supervisor.yaml").instances["a"]
+    assert config.argv == ["/bin/echo", "one", "two"]
+    units = systemd.export(imported.text, tmp_path / "supervisor.yaml", name="c", version=local_systemd())
+    assert unit_values(units.files["c-a.service"], "ExecStart") == ["/bin/echo one two"]
+
+
 # -- round trips: foreign config in, systemd and Kubernetes out; what is lost was announced ----------
 
 

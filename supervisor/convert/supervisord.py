@@ -193,7 +193,7 @@ class _Expansions(dict[str, Any]):
                     return os.environ[key[4:]]
                 raise KeyError(key)
             self.refs.append(key[4:])
-            return f"\x01{len(self.refs) - 1}\x01"
+            return f"\x00{len(self.refs) - 1}\x00"  # no NUL gets this far: convert() refuses them
         raise KeyError(key)
 
 
@@ -213,7 +213,7 @@ def _expand(value: str, names: dict[str, Any], where: Where, *, environ: bool = 
         ) from None
     if not refs:
         return out
-    parts = out.split("\x01")
+    parts = out.split("\x00")
     return Interp(
         "".join(literal(p) if i % 2 == 0 else "${" + refs[int(p)] + "}" for i, p in enumerate(parts))
     )
@@ -523,6 +523,10 @@ def _order_by_priority(draft: Draft, priorities: dict[str, tuple[int, Where]]) -
 
 def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] = read_source) -> Converted:
     """supervisord's config ``text`` (from ``source``) as a manifest to be written at ``output``."""
+    if "\0" in text:
+        raise ConvertError(
+            source, text.count("\n", 0, text.index("\0")) + 1, "a NUL byte: this is not a text file"
+        )
     config = _Config(source)
     draft = Draft(source, "supervisord")
     config.read(text, source)

@@ -21,9 +21,21 @@ STEPS_VERSION = 254
 MAX_UNITS = 10_000
 
 
+class _LineBreak(ValueError):
+    """A value that a unit file cannot hold on one line (a path or a name with a line break)."""
+
+
 def _escape(text: str) -> str:
     """A value for a unit file: specifiers (``%``) escaped, so systemd reads it back unchanged."""
+    if "\n" in text or "\r" in text:
+        raise _LineBreak(text)
     return text.replace("%", "%%")
+
+
+def _quoted(text: str) -> str:
+    """A double-quoted value with C escapes (Environment=), specifiers escaped."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return '"' + escaped.replace("\t", "\\t").replace("%", "%%") + '"'
 
 
 def _word(arg: str) -> str:
@@ -78,14 +90,20 @@ class _Units:
             service += ["Type=oneshot", "RemainAfterExit=yes"]
         else:
             service.append("Type=simple")
-        service.append(f"ExecStart={_command(config.argv)}")
+        argv = config.argv
+        if "/" in argv[0] and not argv[0].startswith("/"):
+            # systemd takes a bare name (searched in PATH) or an absolute path, never ./bin/app.
+            base = config.cwd or str(self.source.file.resolve().parent)
+            argv = [str(Path(base) / argv[0]), *argv[1:]]
+            if not config.cwd:
+                note(entry, ("command",), "approximated", f"{argv[0]}: relative to the manifest's folder")
+        service.append(f"ExecStart={_command(argv)}")
         if config.cwd:
             service.append(f"WorkingDirectory={_escape(config.cwd)}")
         if config.env_file:
             service.append(f"EnvironmentFile={_escape(config.env_file)}")
         for key, value in config.env.items():
-            text = f"{key}={value}".replace("\\", "\\\\").replace('"', '\\"')
-            service.append(f'Environment="{_escape(text)}"')
+            service.append(f"Environment={_quoted(f'{key}={value}')}")
         if config.user in ("nobody", 65534):
             service.append("DynamicUser=yes")
             note(entry, ("user",), "approximated", "DynamicUser=yes: systemd warns against the user nobody")
@@ -302,6 +320,14 @@ def export(text: str, file: Path, *, name: str, version: int = STEPS_VERSION) ->
             file, line, f"{total} units (replicas of {big}…): more than {MAX_UNITS} is not a deployment"
         )
     units = _Units(source, check_name(name), version)
-    files = {units.file_name(entry): units.service(entry, config) for entry, config in source.instances()}
+    files = {}
+    for entry, config in source.instances():
+        try:
+            files[units.file_name(entry)] = units.service(entry, config)
+        except _LineBreak as exc:
+            line = source.lines.get(("instances", entry))
+            raise ConvertError(
+                file, line, f"{entry}: {exc.args[0]!r} has a line break; a unit cannot hold it"
+            ) from None
     files[f"{name}.target"] = units.target()
     return Exported(files, source.sorted_notes())

@@ -49,7 +49,9 @@ def instance_name(name: str) -> str:
 def _scalar(value: Any) -> str:
     if isinstance(value, str):
         text = str.__str__(value) if isinstance(value, Interp) else literal(value)
-        dumped = yaml.safe_dump(text, width=1 << 30, allow_unicode=True)
+        # A line break would fold the scalar over several lines: quote it on one, with escapes.
+        style = '"' if any(c in text for c in "\n\r") else None
+        dumped = yaml.safe_dump(text, width=1 << 30, allow_unicode=True, default_style=style)
         return dumped.strip().removesuffix("...").rstrip()
     if value is None:
         return "null"
