@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -276,6 +277,18 @@ def test_hostile_input(tmp_path: Path, name: str, content: str | bytes, where: s
         timeout=60,
     )
     assert cli.returncode == 1 and "Traceback" not in cli.stderr and f"{source}{where}: " in cli.stderr
+
+
+def test_not_a_config_file(tmp_path: Path) -> None:
+    """A fifo (never written to), a folder and a file of 5 MB are refused at once, by name."""
+    os.mkfifo(tmp_path / "Procfile")
+    (tmp_path / "folder.conf").mkdir()
+    (tmp_path / "big.conf").write_bytes(b"; padding\n" * 500_000)
+    for name, message in (("Procfile", "not a regular file"), ("folder.conf", "not a regular file"),
+                          ("big.conf", "is not a config"), ("missing.conf", "cannot read")):  # fmt: skip
+        with pytest.raises(ConvertError, match=message) as caught:
+            import_file(tmp_path / name, tmp_path / "supervisor.yaml")
+        assert str(caught.value).startswith(f"{tmp_path / name}: ")
 
 
 def test_include_loop_through_an_included_file(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ Input that cannot be converted at all is a :class:`ConvertError` with its place.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -78,8 +80,16 @@ def check_text(data: bytes, file: str | Path, *, limit: int = MAX_SOURCE_BYTES) 
 def read_source(path: Path) -> str:
     """Read a foreign config from disk with :func:`check_text`'s checks; an OS error is a ConvertError."""
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_SOURCE_BYTES + 1)
+        # O_NONBLOCK: a fifo given by mistake must not hang the command until someone writes to it.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ConvertError(path, None, f"cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConvertError(path, None, "not a regular file")
+    with os.fdopen(fd, "rb") as file:
+        try:
+            data = file.read(MAX_SOURCE_BYTES + 1)
+        except OSError as exc:
+            raise ConvertError(path, None, f"cannot read: {exc.strerror}") from None
     return check_text(data, path)
