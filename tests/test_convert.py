@@ -93,7 +93,9 @@ def test_supervisord_doc_shapes(tmp_path: Path) -> None:
     web = manifest.instances["web"]
     assert "${WEB_PORT}" in text and web.command == "python3 -m http.server 8000 --bind 127.0.0.1"
     assert web.cwd == str(DATA / "supervisord")  # %(here)s
-    assert web.env == {"GREETING": "hello, world", "MODE": "prod", "EMPTY": ""}
+    # [supervisord] environment= reaches every program; the program's own wins
+    assert web.env == {"TZ": "UTC", "GREETING": "hello, world", "MODE": "prod", "EMPTY": ""}
+    assert manifest.instances["cron"].env == {"TZ": "UTC", "MODE": "dev"}
     assert web.restart.policy == "always" and web.restart.min_uptime == 2
     assert web.stop.signal == 2 and web.stop.group is True
     # numprocs with %(process_num)s only in the name: replicas; in the command too: one instance each
@@ -110,7 +112,7 @@ def test_supervisord_doc_shapes(tmp_path: Path) -> None:
     assert migrate.stdout.kind == "null" and migrate.stderr.kind == "log"
     cron = str(DATA / "supervisord" / "conf.d" / "cron.conf")
     assert f"{cron}:5: stdout_syslog: dropped" in "\n".join(notes)
-    assert any(":49: [group:backend]: dropped" in n for n in notes)
+    assert any(":50: [group:backend]: dropped" in n for n in notes)
 
 
 def test_procfile_as_foreman(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ _BOOLEANS = {
 }
 _RESTART = {"true": "always", "false": "no", "unexpected": "on-failure"}
 _DROPPED_SECTIONS = {
-    "supervisord": "settings of supervisord itself: the service's are under `supervisor:` in the manifest",
+    "supervisord": "settings of supervisord itself (but environment=, given to every instance)",
     "unix_http_server": "the control socket is <state_dir>/control.sock (supervisor.control)",
     "inet_http_server": "TCP control is supervisor.control.tcp, with a bearer token",
     "supervisorctl": "the `supervisor` command finds the socket from the manifest",
@@ -521,6 +521,21 @@ def _order_by_priority(draft: Draft, priorities: dict[str, tuple[int, Where]]) -
                 draft.comment((name, "depends_on"), f"priority={priority}: started after priority {previous}")
 
 
+def _service_environment(config: _Config, draft: Draft) -> None:
+    """[supervisord] environment= reaches every child: merged under each instance's own env."""
+    if not config.parser.has_option("supervisord", "environment"):
+        return
+    where = config.at("supervisord", "environment")
+    names = {"here": str(config.here.get("supervisord", config.main.resolve().parent))}
+    pairs = parse_environment(config.parser.get("supervisord", "environment"), where)
+    env = {str(_expand(k, names, where)): _expand(v, names, where) for k, v in pairs.items()}
+    for name, spec in draft.instances.items():
+        spec["env"] = {**env, **spec.get("env", {})}
+        draft.comment(
+            (name, "env"), "with [supervisord] environment=, as supervisord passes it to every program"
+        )
+
+
 def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] = read_source) -> Converted:
     """supervisord's config ``text`` (from ``source``) as a manifest to be written at ``output``."""
     if "\0" in text:
@@ -556,4 +571,5 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
     if len(draft.instances) > MAX_PROCS:
         raise ConvertError(source, None, f"more than {MAX_PROCS} instances")
     _order_by_priority(draft, priorities)
+    _service_environment(config, draft)
     return Converted(draft.text(output), draft.sorted_notes())
