@@ -227,6 +227,22 @@ def test_imported_supervisord_runs(tmp_path: Path, service: Callable[..., Servic
     running.wait_output("echo-1", f"from echo in {tmp_path}".encode())
 
 
+def test_imported_process_compose_runs(tmp_path: Path, service: Callable[..., ServiceProcess]) -> None:
+    (tmp_path / "process-compose.yaml").write_text(
+        "environment: ['GREETING=hello']\n"
+        "processes:\n"
+        "  hello:\n"
+        "    command: echo \"$$GREETING from $$PWD\"; exec tail -f /dev/null\n"
+        f"    working_dir: {tmp_path}\n"
+        "    availability: {restart: always}\n"
+        "    shutdown: {signal: 15, timeout_seconds: 3}\n"
+    )
+    convert(tmp_path / "process-compose.yaml", tmp_path / "supervisor.yaml")
+    running = service(tmp_path / "supervisor.yaml")
+    running.wait_for(["hello"], "running")
+    running.wait_output("hello", f"hello from {tmp_path}".encode())
+
+
 # -- hostile input: a clear error with file:line, never a traceback --------------------------------
 
 
