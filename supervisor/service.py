@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio
 
 from .config import Manifest, ManifestError, load_manifest
-from .events import Transition
+from .events import Transition, Update
 from .manager import Manager, ReloadReport
 from .process import become_subreaper, living_children, raise_fd_limit, run_orphan_reaper
 from .stdio import Stdio, StdioStream
@@ -154,7 +154,7 @@ class Service:
     async def _log_transitions(self) -> None:
         async with self.manager.events.subscribe() as events:
             async for event in events:
-                if isinstance(event, Transition):
+                if isinstance(event, Transition | Update):
                     log.info("%s", event.describe())
                 else:
                     log.warning("the service log missed %d events", event.count)

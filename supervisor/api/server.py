@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from ..config import Manifest, ManifestError
-from ..events import State, Transition
+from ..events import State, Transition, Update
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager, ReloadReport, UnknownInstance
 from .client import ServiceUnavailable, connect_unix, unix_address
@@ -338,12 +338,14 @@ def create_app(
     async def wait(body: WaitRequest) -> Response:
         """Wait until each selected instance is in one of ``state`` (default timeout 30s)."""
         timeout = _WAIT_DEFAULT if body.timeout is None else body.timeout
-        wanted = frozenset(body.state)
+        wanted = frozenset(str(state) for state in body.state)
         instances = manager.select(body.patterns)
         results: dict[str, dict[str, Any]] = {}
 
         async def one(instance: Instance) -> None:
-            reached = await instance.wait_for(wanted, timeout)
+            reached = await instance.wait_until(
+                lambda: instance.state in wanted or ("ready" in wanted and instance.is_ready), timeout
+            )
             error = None if reached else f"not {' or '.join(sorted(wanted))} after {timeout:g}s"
             results[instance.name] = _result(instance, reached, error)
 
@@ -428,7 +430,13 @@ def create_app(
                             except StopAsyncIteration:
                                 return
                             data = json.dumps(event.to_dict(), separators=(",", ":")).encode()
-                            kind = b"" if isinstance(event, Transition) else b"event: dropped\n"
+                            kind = (
+                                b""
+                                if isinstance(event, Transition)
+                                else b"event: update\n"
+                                if isinstance(event, Update)
+                                else b"event: dropped\n"
+                            )
                             chunk = b"%sdata: %s\n\n" % (kind, data)
                         yield chunk
 
