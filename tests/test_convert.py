@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import zipfile
@@ -232,7 +233,7 @@ def test_imported_process_compose_runs(tmp_path: Path, service: Callable[..., Se
         "environment: ['GREETING=hello']\n"
         "processes:\n"
         "  hello:\n"
-        "    command: echo \"$$GREETING from $$PWD\"; exec tail -f /dev/null\n"
+        '    command: echo "$$GREETING from $$PWD"; exec tail -f /dev/null\n'
         f"    working_dir: {tmp_path}\n"
         "    availability: {restart: always}\n"
         "    shutdown: {signal: 15, timeout_seconds: 3}\n"
@@ -241,6 +242,33 @@ def test_imported_process_compose_runs(tmp_path: Path, service: Callable[..., Se
     running = service(tmp_path / "supervisor.yaml")
     running.wait_for(["hello"], "running")
     running.wait_output("hello", f"hello from {tmp_path}".encode())
+
+
+def test_imported_process_compose_graph_runs(tmp_path: Path, service: Callable[..., ServiceProcess]) -> None:
+    """process_healthy and process_completed_successfully keep their order under the real service."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "process-compose.yaml").write_text(
+        "processes:\n"
+        "  db:\n"
+        f"    command: python3 -m http.server {port} --bind 127.0.0.1\n"
+        f"    readiness_probe: {{http_get: {{host: 127.0.0.1, port: {port}, path: /}}, period_seconds: 1}}\n"
+        "  migrate:\n"
+        f"    command: python3 -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:{port}/')\""
+        " && echo migrated\n"
+        "    availability: {restart: 'no'}\n"
+        "    depends_on: {db: {condition: process_healthy}}\n"
+        "  api:\n"
+        "    command: echo api up; exec tail -f /dev/null\n"
+        "    depends_on: {migrate: {condition: process_completed_successfully}}\n"
+    )
+    convert(tmp_path / "process-compose.yaml", tmp_path / "supervisor.yaml")
+    running = service(tmp_path / "supervisor.yaml")
+    running.wait_for(["api"], "running", timeout=60)
+    assert running.status("migrate")["migrate"]["state"] == "exited"
+    running.wait_output("migrate", b"migrated")
+    running.wait_output("api", b"api up")
 
 
 # -- hostile input: a clear error with file:line, never a traceback --------------------------------
