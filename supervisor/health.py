@@ -120,6 +120,8 @@ class Health:
         config = self._config
         if config.ready is not None:
             self.ready = False
+        for kind in ("ready", "alive", "watchdog"):  # each run's first outcome is news
+            self._outcomes.pop(kind, None)
         self._notified_ready = anyio.Event()
         self._watchdog_armed = anyio.Event()
         self._watchdog_trigger = False

@@ -29,7 +29,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from .config import InstanceConfig, LogSettings, ServiceSettings
 from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription
-from .logs import LogSink
+from .logs import LogFileError, LogSink
 from .probes import ExecContext
 from .process import Child, ExitStatus, SpawnError, spawn
 from .stdio import LogPipe, Stdio, StdioError
@@ -74,6 +74,8 @@ class InstanceStatus:
     ready: bool | None
     last_check: str | None
     status_text: str | None
+    log_bytes_lost: int
+    log_error: str | None
     stdin: str
     stdout: str
     stderr: str
@@ -196,6 +198,8 @@ class Instance:
             ready=self._health.ready,
             last_check=self._health.last_check,
             status_text=self._health.status_text,
+            log_bytes_lost=sum(sink.bytes_lost for sink in self._sinks.values()),
+            log_error=next((e for sink in self._sinks.values() if (e := sink.write_error)), None),
             stdin=self._targets["stdin"] or _describe(self.config.stdin),
             stdout=self._targets["stdout"] or _describe(self.config.stdout),
             stderr=self._targets["stderr"] or _describe(self.config.stderr),
@@ -248,7 +252,6 @@ class Instance:
                 # Replicas must not share a file: two sinks rotating one file lose lines.
                 replica = self.name.removeprefix(self.group)  # "-0", "-1", …
                 path = path.with_name(f"{path.stem}{replica}{path.suffix}")
-            path.parent.mkdir(parents=True, exist_ok=True)
             pipe = LogPipe()
             self._pipes[stream] = pipe
             self._sinks[stream] = LogSink(
@@ -257,7 +260,14 @@ class Instance:
                 max_bytes=settings.max_bytes,
                 backups=settings.backups,
                 timestamps=settings.timestamps,
+                on_loss_change=self._log_loss_changed,
             )
+
+    def _log_loss_changed(self, sink: LogSink) -> None:
+        """A log file stopped taking output (a full disk), or takes it again: say so, once each."""
+        error = sink.write_error
+        message = error or f"{sink.path}: writing again ({sink.bytes_lost} bytes were lost)"
+        self._context.bus.publish(Update(self.name, self.group, "logs", error is None, message))
 
     # -- requests --------------------------------------------------------------------------
 
@@ -441,7 +451,7 @@ class Instance:
             # awaits in between, so no one can observe the state before the transition.
             try:
                 child = self._spawn()
-            except (SpawnError, StdioError) as exc:
+            except (SpawnError, StdioError, LogFileError) as exc:
                 self._transition(State.STARTING)
                 announce()
                 return str(exc)
@@ -542,6 +552,7 @@ class Instance:
         try:
             self._targets = stdio.describe()
             for sink in self._sinks.values():
+                sink.open()  # its folder is made here: LogFileError fails this start, not the service
                 sink.writer_attached()
             with stdio.take() as fds:
                 self._child = spawn(

@@ -13,8 +13,9 @@ import functools
 import logging
 import os
 import signal
+import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import anyio
@@ -23,6 +24,7 @@ from .config import Manifest, ManifestError, load_manifest
 from .events import Transition, Update
 from .manager import Manager, ReloadReport
 from .process import become_subreaper, living_children, raise_fd_limit, run_orphan_reaper
+from .statedir import StateDirError, prepare_state_dir
 from .stdio import Stdio, StdioStream
 
 log = logging.getLogger("supervisor")
@@ -41,13 +43,18 @@ class Service:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until shutdown; the manager's instances are all stopped when this returns."""
         # The control plane is imported only by the service, never by `supervisor status`.
-        from .api.server import ControlListeners, serve_control
+        from .api.server import ControlError, ControlListeners, serve_control
 
-        state_dir = self.manifest.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(state_dir, 0o700)
+        # Made 0700 if missing; an existing one must be ours and private, and is not chmod-ed.
+        prepare_state_dir(self.manifest.state_dir)
         # Bound before any instance starts: a second service on this manifest stops here.
-        listeners = ControlListeners(self.manifest)
+        try:
+            listeners = ControlListeners(self.manifest)
+        except OSError as exc:  # its folder cannot be made, a name too long…: one line, not a traceback
+            raise ControlError(_socket_problem(self.manifest.control_socket, exc)) from None
+        except ValueError:  # a NUL byte in the path
+            path = str(self.manifest.control_socket)
+            raise ControlError(f"control socket {path!r}: a NUL byte is not allowed in a path") from None
         with anyio.CancelScope() as self._cancel:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._log_transitions)
@@ -160,6 +167,18 @@ class Service:
                     log.warning("the service log missed %d events", event.count)
 
 
+def _socket_problem(path: Path, exc: OSError) -> str:
+    folder = path.parent
+    try:
+        found = os.stat(folder)
+    except OSError:
+        pass
+    else:
+        if not stat.S_ISDIR(found.st_mode):  # mkdir -p says "File exists", which helps nobody
+            return f"control socket {path}: {folder} is not a folder"
+    return f"control socket {path}: {exc.strerror or exc}"
+
+
 async def _reap_leftovers() -> None:
     """Kill what is still our child (daemons that escaped their group and were reparented to us)."""
     leftovers = living_children()
@@ -182,8 +201,21 @@ def run_service(
     *,
     log_file: Path | None = None,
     backend: str = "asyncio",
+    pidfile: Path | None = None,
+    ready_fd: int | None = None,
 ) -> int:
-    """The whole of ``supervisor run``: returns the exit status."""
+    """The whole of ``supervisor run``: returns the exit status.
+
+    ``ready_fd`` is set by ``run -d`` (supervisor.detach): the service reads
+    stdin from /dev/null and writes its pid to that fd once it answers on its
+    socket, then closes it; the waiting CLI takes EOF without a pid as failure.
+    """
+    if ready_fd is not None:
+        try:
+            os.set_inheritable(ready_fd, False)  # for us alone: an instance holding it would hide our end
+        except OSError as exc:
+            print(f"supervisor: --ready-fd {ready_fd}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     try:
         manifest = load_manifest(manifest_path)
     except ManifestError as exc:
@@ -191,31 +223,67 @@ def run_service(
         return 1
     own = Stdio.service()
     with own.guard():
-        if log_file is not None:
-            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            redirected = Stdio(own.stdin.clone(), StdioStream(1, fd), StdioStream(2, os.dup(fd)))
-            redirected.redirect()
-            redirected.close()
+        if log_file is not None or ready_fd is not None:
+            try:
+                _redirect_own_stdio(own, log_file, detached=ready_fd is not None)
+            except OSError as exc:
+                reason = exc.strerror or exc
+                print(f"supervisor: cannot open the log file {log_file}: {reason}", file=sys.stderr)
+                own.close()
+                return 1
         _configure_logging()
         raise_fd_limit()
         if not become_subreaper():
             log.warning("cannot become a child subreaper: orphaned grandchildren go to init")
         from .api.server import ControlError
+        from .pidfile import PidfileError, live_service, remove_pidfile, write_pidfile
 
         status = 0
         try:
-            anyio.run(_serve, manifest, backend=backend)
-        except* ControlError as group:
+            if pidfile is not None and (other := live_service(pidfile)):
+                raise PidfileError(f"pidfile {pidfile} names a running service (pid {other}): stop it first")
+
+            def ready() -> None:
+                if pidfile is not None:
+                    write_pidfile(pidfile)
+                if ready_fd is not None:
+                    with open(ready_fd, "wb", closefd=True) as notify:
+                        notify.write(f"{os.getpid()}\n".encode())
+
+            anyio.run(_serve, manifest, ready, backend=backend)
+        except* (ControlError, StateDirError, PidfileError) as group:
             for error in group.exceptions:
                 log.error("cannot start: %s", error)
             status = 1
+        finally:
+            if pidfile is not None:
+                remove_pidfile(pidfile)
     own.close()
     return status
 
 
-async def _serve(manifest: Manifest) -> None:
+def _redirect_own_stdio(own: Stdio, log_file: Path | None, *, detached: bool) -> None:
+    """Output to ``log_file`` (kept when None); when detached, input from /dev/null."""
+    stdin = StdioStream(0, os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)) if detached else own.stdin.clone()
+    if log_file is None:
+        out, err = own.stdout.clone(), own.stderr.clone()
+    else:
+        try:
+            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError:
+            stdin.close()
+            raise
+        out, err = StdioStream(1, fd), StdioStream(2, os.dup(fd))
+    redirected = Stdio(stdin, out, err)
+    redirected.redirect()
+    redirected.close()
+
+
+async def _serve(manifest: Manifest, ready: Callable[[], None]) -> None:
     # Built inside the event loop: anyio's events and locks belong to a running loop.
-    await Service(manifest).run()
+    async with anyio.create_task_group() as tg:
+        await tg.start(Service(manifest).run)
+        ready()
 
 
 def _configure_logging() -> None:

@@ -65,6 +65,8 @@ class Status(BaseModel):
     )
     last_check: str | None = Field(description="The last readiness or liveness probe's result.")
     status_text: str | None = Field(description="The last STATUS= text the program sent over sd_notify.")
+    log_bytes_lost: int = Field(description="Captured bytes the log files could not take (a full disk).")
+    log_error: str | None = Field(description="Why a log file takes no output now; null when it does.")
     stdin: str = Field(description="Where fd 0 comes from (null, inherit, file:PATH, fifo:PATH).")
     stdout: str = Field(description="Where fd 1 goes (log, null, inherit, file:PATH, fifo:PATH).")
     stderr: str = Field(description="Where fd 2 goes (as stdout, or 'stdout' when merged).")
@@ -92,6 +94,8 @@ def wire_status(status: InstanceStatus) -> dict[str, Any]:
         "ready": status.ready,
         "last_check": status.last_check,
         "status_text": status.status_text,
+        "log_bytes_lost": status.log_bytes_lost,
+        "log_error": status.log_error,
         "stdin": status.stdin,
         "stdout": status.stdout,
         "stderr": status.stderr,

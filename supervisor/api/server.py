@@ -538,8 +538,10 @@ class _Actions:
             instances = self.manager.select(body.patterns)
             results: dict[str, dict[str, Any]] = {}
 
+            selected = {instance.name for instance in instances}
+
             async def one(instance: Instance) -> None:
-                results[instance.name] = await self.perform(verb, instance, body)
+                results[instance.name] = await self.perform(verb, instance, body, selected)
 
             await self.unless_closing(_all(one, instances))
             return _action_response(
@@ -561,7 +563,9 @@ class _Actions:
             await work
             tg.cancel_scope.cancel()
 
-    async def perform(self, verb: str, instance: Instance, body: ActionRequest) -> dict[str, Any]:
+    async def perform(
+        self, verb: str, instance: Instance, body: ActionRequest, selected: Collection[str] = ()
+    ) -> dict[str, Any]:
         if body.all and (verb == "start") == instance.state.alive and verb != "restart":
             # `stop --all` means "nothing runs afterwards": one already down is not an error
             # (nor one already up for `start --all`). A name given explicitly still is.
@@ -578,6 +582,11 @@ class _Actions:
             # Here, not in the request's task: the request may go (client gone, no-wait, timeout);
             # what it asked for is carried out all the same.
             try:
+                if verb == "stop":
+                    # Dependents stopped in the same request go first (`stop --all` in reverse order).
+                    for dependent in self.manager.dependents(instance):
+                        if dependent.name in selected:
+                            await dependent.wait_until(lambda d=dependent: not d.state.alive)  # type: ignore[misc]
                 await request()
             except InvalidRequest as exc:
                 refused.append(_refusal(instance, exc))
