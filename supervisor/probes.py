@@ -237,7 +237,7 @@ async def _http_get(parts: SplitResult, want_body: bool) -> tuple[int, str]:
     request = conn.send(h11.Request(method="GET", target=target, headers=headers))
     request += conn.send(h11.EndOfMessage()) or b""
     sock = await _connect(parts.hostname or "", parts.port or 80)
-    status, content = 0, bytearray()
+    status, content, read = 0, bytearray(), 0
     try:
         await _send_all(sock, request)
         while True:
@@ -246,12 +246,14 @@ async def _http_get(parts: SplitResult, want_body: bool) -> tuple[int, str]:
                 conn.receive_data(await _receive(sock))
             elif isinstance(event, h11.Response):
                 status = event.status_code
-                if not want_body:
-                    break
             elif isinstance(event, h11.Data):
-                content += event.data
-                if len(content) >= _HTTP_BODY_MAX:
-                    break  # enough to look in: a probe does not read a whole download
+                # Read to the end (closing with unread data resets the server's connection, which
+                # fills its log), keeping what a body check needs, up to a bound.
+                if want_body and len(content) < _HTTP_BODY_MAX:
+                    content += event.data[: _HTTP_BODY_MAX - len(content)]
+                read += len(event.data)
+                if read >= _HTTP_BODY_MAX:
+                    break  # a probe does not read a whole download
             elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                 break
     finally:
