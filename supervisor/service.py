@@ -21,6 +21,7 @@ import anyio
 
 from .config import Manifest, ManifestError, load_manifest
 from .events import Transition
+from .guardian import Guardian
 from .manager import Manager, ReloadReport
 from .process import become_subreaper, living_children, raise_fd_limit, run_orphan_reaper
 from .stdio import Stdio, StdioStream
@@ -48,8 +49,11 @@ class Service:
         os.chmod(state_dir, 0o700)
         # Bound before any instance starts: a second service on this manifest stops here.
         listeners = ControlListeners(self.manifest)
+        guardian = _start_guardian()
         with anyio.CancelScope() as self._cancel:
             async with anyio.create_task_group() as tg:
+                if guardian is not None:
+                    tg.start_soon(guardian.watch)
                 tg.start_soon(self._log_transitions)
                 tg.start_soon(run_orphan_reaper)
                 tg.start_soon(self._handle_signals)
@@ -57,6 +61,9 @@ class Service:
                     await tg.start(self._run_manager)
                 except BaseException:
                     listeners.close()
+                    if guardian is not None:
+                        with anyio.CancelScope(shield=True):
+                            await guardian.stop()
                     raise
                 await tg.start(functools.partial(serve_control, self.manager, self, listeners=listeners))
                 log.info(
@@ -69,6 +76,8 @@ class Service:
                 await self._manager_done.wait()
                 tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
+            if guardian is not None:  # before the leftovers: it is one of our children
+                await guardian.stop()
             await _reap_leftovers()
         log.info("stopped")
 
@@ -158,6 +167,15 @@ class Service:
                     log.info("%s", event.describe())
                 else:
                     log.warning("the service log missed %d events", event.count)
+
+
+def _start_guardian() -> Guardian | None:
+    """The second line of defence of decision 6 (guardian.py); the service runs on without it."""
+    try:
+        return Guardian.start()
+    except OSError as exc:
+        log.warning("cannot start the guardian (%s): instances' children may outlive the service", exc)
+        return None
 
 
 async def _reap_leftovers() -> None:
