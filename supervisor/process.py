@@ -102,16 +102,13 @@ _inherited_nofile: tuple[int, int] | None = None
 class GroupWatch(Protocol):
     """Told of every process group from its spawn until its leader is reaped (the guardian).
 
-    ``fd`` is the write end of a pipe the starting child writes ``+PID\\n`` to itself,
-    before the program runs (a single digit on the fast path: the gate is a POSIX
-    shell, which names fds 0 to 9 only); None when the watch cannot take that.
+    ``fd``: a pipe the starting child writes ``+PID\\n`` to itself before the program
+    runs (used by the gate only if 0-9: a POSIX shell names no other fd), or None.
     """
 
-    @property
-    def fd(self) -> int | None: ...
+    fd: int | None
 
     def started(self, pgid: int) -> None: ...
-
     def ended(self, pgid: int) -> None: ...
 
 
@@ -414,9 +411,8 @@ def _launcher(
         return []
     global _tools
     if _tools is None:
-        setpriv, prlimit, sh = shutil.which("setpriv"), shutil.which("prlimit"), shutil.which("sh")
-        found = setpriv and prlimit and sh and _setpriv_knows_pdeathsig(setpriv)
-        _tools = (setpriv, prlimit, sh) if found else ()  # type: ignore[assignment]
+        found = [shutil.which(tool) or "" for tool in ("setpriv", "prlimit", "sh")]
+        _tools = tuple(found) if all(found) and _setpriv_knows_pdeathsig(found[0]) else ()
     if not _tools:
         return []
     setpriv, prlimit, sh = _tools
