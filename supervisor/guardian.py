@@ -54,8 +54,6 @@ MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 #: The largest pid Linux can hand out (PID_MAX_LIMIT); anything above is not a process group.
 PID_MAX = 1 << 22
-#: Where a starting child writes "+PID": the lowest free fd from here (the gate needs 0-9).
-LOW_FD = 3
 
 
 # -- the program ------------------------------------------------------------------------------
@@ -239,8 +237,9 @@ class Guardian:
     It is the ``process.GroupWatch``: registered with ``process.watch_groups``, it hears
     of every spawn and every reaped leader. The guardian process is a ``process.Child``
     (so the orphan reaper leaves its exit status alone). Writes never block the event
-    loop: the pipe is non-blocking and 1 MiB deep, and a guardian that stops reading
-    costs a warning, not a frozen service.
+    loop: the pipe is non-blocking and 1 MiB deep. A guardian that leaves it full is
+    stuck (or SIGSTOPped): it is killed and replaced, which also frees any starting
+    child blocked on its registration (the gate's write is a blocking one).
     """
 
     def __init__(self, cgroup: Path | None) -> None:
@@ -249,7 +248,7 @@ class Guardian:
         self._fd: int | None = None
         self._restarts: list[float] = []
         self._stopping = False
-        self._warned_full = False
+        self._proc_ours = _proc_is_ours()
         self._log = _logger()
 
     @classmethod
@@ -258,7 +257,13 @@ class Guardian:
         from . import process
 
         guardian = cls(delegated_cgroup(guardian_log=_logger()) if cgroup else None)
-        guardian._spawn()
+        try:
+            guardian._spawn()
+        except BaseException:
+            if guardian.cgroup is not None:
+                with contextlib.suppress(OSError):
+                    guardian.cgroup.rmdir()
+            raise
         if guardian.cgroup is not None and not _move(os.getpid(), guardian.cgroup):
             with contextlib.suppress(OSError):
                 guardian.cgroup.rmdir()
@@ -274,7 +279,8 @@ class Guardian:
 
     @property
     def fd(self) -> int | None:
-        return self._fd
+        """For the gate, which opens /proc/SERVICE/fd/FD: only where /proc is our pid namespace's."""
+        return self._fd if self._proc_ours else None
 
     def started(self, pgid: int) -> None:
         self._send(b"+%d\n" % pgid)
@@ -343,11 +349,11 @@ class Guardian:
             os.close(read)
         self.child = process.Child(popen, argv, kill_group_on_exit=False)
         os.set_blocking(write, False)
-        if self._fd is None:  # the first one: the lowest free fd from LOW_FD, for the gate
-            self._fd = fcntl.fcntl(write, fcntl.F_DUPFD_CLOEXEC, LOW_FD)
-        else:  # a restart: same fd number, new pipe (starting children hold the old one briefly)
+        if self._fd is None:
+            self._fd = write
+        else:  # a restart keeps the fd number the gate is told (the old pipe is gone with it)
             os.dup2(write, self._fd, inheritable=False)
-        os.close(write)
+            os.close(write)
         for pgid in process.running_groups():
             if pgid != self.child.pid:
                 self.started(pgid)
@@ -357,10 +363,9 @@ class Guardian:
             return
         try:
             os.write(self._fd, line)
-        except BlockingIOError:
-            if not self._warned_full:
-                self._warned_full = True
-                self._log.warning("the guardian (pid %d) does not read: groups go unguarded", self.pid)
+        except BlockingIOError:  # 1 MiB unread: it is stopped or stuck, and starting children would block
+            if self.child is not None and self.child.send_signal(signal.SIGKILL, group=False):
+                self._log.warning("the guardian (pid %d) does not read: killed, to be replaced", self.pid)
         except BrokenPipeError:
             pass  # it died: watch() restarts it and tells the new one every running group
 

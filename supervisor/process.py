@@ -102,8 +102,9 @@ _inherited_nofile: tuple[int, int] | None = None
 class GroupWatch(Protocol):
     """Told of every process group from its spawn until its leader is reaped (the guardian).
 
-    ``fd``: a pipe the starting child writes ``+PID\\n`` to itself before the program
-    runs (used by the gate only if 0-9: a POSIX shell names no other fd), or None.
+    ``fd``: the service's write end of a pipe the starting child writes ``+PID\\n`` to
+    itself before the program runs (the gate opens it as /proc/SERVICE/fd/FD: a POSIX
+    shell names no fd above 9, and none is passed that could leak), or None.
     """
 
     fd: int | None
@@ -330,9 +331,8 @@ def spawn(
         raise SpawnError(argv, cwd, None, "empty command")
     nofile = _inherited_nofile
     watch = _watch
-    register = watch.fd if watch is not None else None
-    gate_fd = register if register is not None and 0 <= register <= 9 else None
-    launcher = _launcher(parent_death_signal, nofile, gate_fd, env)
+    register = watch.fd if watch is not None and parent_death_signal is not None else None
+    launcher = _launcher(parent_death_signal, nofile, register, env)
     try:
         uid, gid, groups = _credentials(user, group)
         if launcher:
@@ -350,7 +350,6 @@ def spawn(
             umask=-1 if umask is None else umask,
             start_new_session=True,
             close_fds=True,
-            pass_fds=(gate_fd,) if launcher and gate_fd is not None else (),
             preexec_fn=None if launcher else _child_setup(os.getpid(), parent_death_signal, nofile, register),
         )
     except OSError as exc:
@@ -434,14 +433,15 @@ def _gate(check_parent: bool, register: int | None, *, keep_pwd: bool) -> str:
 
     It runs once the parent-death signal is set, so a parent still there is a parent
     whose death will kill us: otherwise it is gone already, and the program must not
-    start (exit 125). Then the child tells the watch its pid, closes that fd, and
-    execs the program. dash exports a PWD of its own, so the program's is put back.
+    start (exit 125). Then the child tells the watch its pid through the parent's fd
+    (opening a pipe's /proc link opens the pipe) and execs the program. dash exports
+    a PWD of its own, so the program's is put back.
     """
     lines = []
     if check_parent:
         lines.append('[ "$PPID" = "$1" ] || exit 125')
-    if register is not None:
-        lines.append(f'echo "+$$" >&{register} 2>/dev/null; exec {register}>&-')
+    if register is not None:  # only while the parent is known to be there: never a reused pid's fd
+        lines.append(f'echo "+$$" 2>/dev/null >"/proc/$1/fd/{register}"')
     lines.append('PWD=$2; export PWD' if keep_pwd else "unset PWD")
     lines.append('shift 2; exec "$@"')
     return "\n".join(lines)
