@@ -24,7 +24,7 @@ Races handled here, and where:
   reason ``subprocess.Popen`` is never allowed to reap a child behind our back.
 - **The parent dies while the child starts.** ``PR_SET_PDEATHSIG`` only covers a
   death after it is set, so the parent pid is checked right after setting it: by
-  ``_child_setup`` on the slow path, by the gate (``_GATE``, a ``sh -c`` exec'd after
+  ``_child_setup`` on the slow path, by the gate (``_gate``: a ``sh -c`` exec'd after
   ``setpriv``) on the fast path. A child whose parent is gone exits before the program.
 - **The program forks before anyone knows its group.** Where a group watch is set
   (``watch_groups``: the service's guardian), the starting child writes its own pid
