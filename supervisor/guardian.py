@@ -366,8 +366,8 @@ class Guardian:
         except BlockingIOError:  # 1 MiB unread: it is stopped or stuck, and starting children would block
             if self.child is not None and self.child.send_signal(signal.SIGKILL, group=False):
                 self._log.warning("the guardian (pid %d) does not read: killed, to be replaced", self.pid)
-        except BrokenPipeError:
-            pass  # it died: watch() restarts it and tells the new one every running group
+        except OSError:  # EPIPE: it died; watch() restarts it and tells the new one every running group
+            pass
 
     def _detach(self) -> None:
         from . import process

@@ -23,14 +23,10 @@ Races handled here, and where:
   whose statuses belong to their ``Child.wait`` (``reap_orphans``). For the same
   reason ``subprocess.Popen`` is never allowed to reap a child behind our back.
 - **The parent dies while the child starts.** ``PR_SET_PDEATHSIG`` only covers a
-  death after it is set, so the parent pid is checked right after setting it: by
-  ``_child_setup`` on the slow path, by the gate (``_gate``: a ``sh -c`` exec'd after
-  ``setpriv``) on the fast path. A child whose parent is gone exits before the program.
-- **The program forks before anyone knows its group.** Where a group watch is set
-  (``watch_groups``: the service's guardian), the starting child writes its own pid
-  to the watch's pipe *before* it execs the program, after the parent check; so a
-  service killed at any moment of a spawn leaves either a child that never runs the
-  program, or a group the guardian has heard of (guardian.py).
+  death after it is set, so the parent pid is checked after setting it (``_child_setup``,
+  or ``_gate`` after ``setpriv``), and then the child tells the group watch (the
+  guardian, guardian.py) its pid, all before the program runs: a service killed at
+  any moment of a spawn leaves a child that never runs the program, or a known group.
 
 Everything here runs in the event-loop thread: ``spawn`` because the parent-death
 signal fires when the *thread* that forked exits, the registry and the reaper
@@ -358,7 +354,7 @@ def spawn(
         raise SpawnError(argv, cwd, None, str(exc.args[0] if exc.args else exc)) from exc
     except (ValueError, subprocess.SubprocessError) as exc:
         raise SpawnError(argv, cwd, None, str(exc)) from exc
-    if watch is not None:  # also where the child could not register itself (no gate, a high fd)
+    if watch is not None:  # again: a child dropped to another user cannot open the service's /proc
         watch.started(popen.pid)
     return Child(popen, argv, kill_group_on_exit)
 
@@ -431,11 +427,10 @@ def _launcher(
 def _gate(check_parent: bool, register: int | None, *, keep_pwd: bool) -> str:
     """The shell script between ``setpriv`` and the program; its arguments: parent pid, $PWD.
 
-    It runs once the parent-death signal is set, so a parent still there is a parent
-    whose death will kill us: otherwise it is gone already, and the program must not
-    start (exit 125). Then the child tells the watch its pid through the parent's fd
-    (opening a pipe's /proc link opens the pipe) and execs the program. dash exports
-    a PWD of its own, so the program's is put back.
+    Once the death signal is set, a parent still there is one whose death kills us;
+    else it is gone, and the program must not start (exit 125). Then the child tells
+    the watch its pid through the parent's fd (opening a pipe's /proc link opens the
+    pipe). dash exports a PWD of its own: the program's is put back.
     """
     lines = []
     if check_parent:
