@@ -23,10 +23,10 @@ Races handled here, and where:
   whose statuses belong to their ``Child.wait`` (``reap_orphans``). For the same
   reason ``subprocess.Popen`` is never allowed to reap a child behind our back.
 - **The parent dies while the child starts.** ``PR_SET_PDEATHSIG`` only covers a
-  death after it is set. The slow path (``_child_setup``) checks the parent pid right
-  after setting it; the fast path (util-linux ``setpriv`` exec'd in front of the
-  program, see ``_launcher``) does not, so a service killed within that millisecond
-  can leave the child it was starting behind.
+  death after it is set, so the parent pid is checked after setting it (``_child_setup``,
+  or ``_gate`` after ``setpriv``), and then the child tells the group watch (the
+  guardian, guardian.py) its pid, all before the program runs: a service killed at
+  any moment of a spawn leaves a child that never runs the program, or a known group.
 
 Everything here runs in the event-loop thread: ``spawn`` because the parent-death
 signal fires when the *thread* that forked exits, the registry and the reaper
@@ -48,6 +48,7 @@ import subprocess
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import anyio
 
@@ -56,13 +57,16 @@ __all__ = [
     "USE_PIDFD",
     "Child",
     "ExitStatus",
+    "GroupWatch",
     "SpawnError",
     "become_subreaper",
     "living_children",
     "raise_fd_limit",
     "reap_orphans",
     "run_orphan_reaper",
+    "running_groups",
     "spawn",
+    "watch_groups",
 ]
 
 #: Wait for exits with a pidfd; False forces the polling fallback (set automatically on ENOSYS).
@@ -89,6 +93,34 @@ else:
 _children: dict[int, Child] = {}
 #: The RLIMIT_NOFILE the service started with; children get it back (see raise_fd_limit).
 _inherited_nofile: tuple[int, int] | None = None
+
+
+class GroupWatch(Protocol):
+    """Told of every process group from its spawn until its leader is reaped (the guardian).
+
+    ``fd``: the service's write end of a pipe the starting child writes ``+PID\\n`` to
+    itself before the program runs (the gate opens it as /proc/SERVICE/fd/FD: a POSIX
+    shell names no fd above 9, and none is passed that could leak), or None.
+    """
+
+    fd: int | None
+
+    def started(self, pgid: int) -> None: ...
+    def ended(self, pgid: int) -> None: ...
+
+
+_watch: GroupWatch | None = None
+
+
+def watch_groups(watch: GroupWatch | None) -> None:
+    """Tell ``watch`` of every group spawned from now on, and of its end (None: stop telling)."""
+    global _watch
+    _watch = watch
+
+
+def running_groups() -> list[int]:
+    """The process groups of the direct children not reaped yet (for a watch that starts late)."""
+    return [child.pgid for child in _children.values()]
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +273,8 @@ class Child:
         self.exit = status
         self._popen.returncode = status.code if status.code is not None else -(status.signal or 0)
         _children.pop(self.pid, None)
+        if _watch is not None:
+            _watch.ended(self.pgid)
         if self._watcher is None:  # else the watcher closes it: never close an fd a loop is polling
             self._close_pidfd()
 
@@ -292,7 +326,9 @@ def spawn(
     if not argv:
         raise SpawnError(argv, cwd, None, "empty command")
     nofile = _inherited_nofile
-    launcher = _launcher(parent_death_signal, nofile)
+    watch = _watch
+    register = watch.fd if watch is not None and parent_death_signal is not None else None
+    launcher = _launcher(parent_death_signal, nofile, register, env)
     try:
         uid, gid, groups = _credentials(user, group)
         if launcher:
@@ -310,7 +346,7 @@ def spawn(
             umask=-1 if umask is None else umask,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=None if launcher else _child_setup(os.getpid(), parent_death_signal, nofile),
+            preexec_fn=None if launcher else _child_setup(os.getpid(), parent_death_signal, nofile, register),
         )
     except OSError as exc:
         raise SpawnError(argv, cwd, exc.errno, str(exc)) from exc
@@ -318,6 +354,8 @@ def spawn(
         raise SpawnError(argv, cwd, None, str(exc.args[0] if exc.args else exc)) from exc
     except (ValueError, subprocess.SubprocessError) as exc:
         raise SpawnError(argv, cwd, None, str(exc)) from exc
+    if watch is not None:  # again: a child dropped to another user cannot open the service's /proc
+        watch.started(popen.pid)
     return Child(popen, argv, kill_group_on_exit)
 
 
@@ -348,32 +386,60 @@ def _credentials(
     return entry.pw_uid, gid, os.getgrouplist(entry.pw_name, gid) if root else None
 
 
-def _launcher(death_signal: int | None, nofile: tuple[int, int] | None) -> list[str]:
-    """util-linux's ``prlimit`` and ``setpriv`` to run before the program, or [] to do without.
+def _launcher(
+    death_signal: int | None,
+    nofile: tuple[int, int] | None,
+    register: int | None,
+    env: Mapping[str, str] | None,
+) -> list[str]:
+    """util-linux's ``prlimit`` and ``setpriv``, then the gate, to run before the program; or [].
 
     The parent-death signal and the fd limit must be set in the child, between fork
     and exec. Doing that in Python (``preexec_fn``) makes Popen fork instead of vfork
     and run Python in the child: 3 to 6 ms per spawn in a service with a big heap,
     against 0.5 ms. Two small programs exec'd in front of the command do the same
     work in C after a vfork, for a fraction of that (bench/spawn.py). Without them
-    (no util-linux), ``_child_setup`` does it the slow way.
+    (no util-linux), ``_child_setup`` does it the slow way. The gate (``_gate``) adds
+    about 0.1 ms: one more exec, of the POSIX shell.
     """
-    if (death_signal is None and nofile is None) or not USE_LAUNCHER:
+    if (death_signal is None and nofile is None and register is None) or not USE_LAUNCHER:
         return []
     global _tools
     if _tools is None:
-        setpriv, prlimit = shutil.which("setpriv"), shutil.which("prlimit")
-        _tools = (setpriv, prlimit) if setpriv and prlimit and _setpriv_knows_pdeathsig(setpriv) else ()
+        found = [shutil.which(tool) or "" for tool in ("setpriv", "prlimit", "sh")]
+        _tools = tuple(found) if all(found) and _setpriv_knows_pdeathsig(found[0]) else ()
     if not _tools:
         return []
-    setpriv, prlimit = _tools
+    setpriv, prlimit, sh = _tools
     launcher: list[str] = []
     if nofile is not None:
         soft, hard = ("unlimited" if v == resource.RLIM_INFINITY else str(v) for v in nofile)
         launcher += [prlimit, f"--nofile={soft}:{hard}", "--"]
     if death_signal is not None:
         launcher += [setpriv, f"--pdeathsig={signal.Signals(death_signal).name.removeprefix('SIG')}", "--"]
+    if death_signal is not None or register is not None:
+        pwd = (env if env is not None else os.environ).get("PWD")
+        script = _gate(death_signal is not None, register, keep_pwd=pwd is not None)
+        launcher += [sh, "-c", script, "gate", str(os.getpid()), pwd or ""]
     return launcher
+
+
+def _gate(check_parent: bool, register: int | None, *, keep_pwd: bool) -> str:
+    """The shell script between ``setpriv`` and the program; its arguments: parent pid, $PWD.
+
+    Once the death signal is set, a parent still there is one whose death kills us;
+    else it is gone, and the program must not start (exit 125). Then the child tells
+    the watch its pid through the parent's fd (opening a pipe's /proc link opens the
+    pipe). dash exports a PWD of its own: the program's is put back.
+    """
+    lines = []
+    if check_parent:
+        lines.append('[ "$PPID" = "$1" ] || exit 125')
+    if register is not None:  # only while the parent is known to be there: never a reused pid's fd
+        lines.append(f'echo "+$$" 2>/dev/null >"/proc/$1/fd/{register}"')
+    lines.append('PWD=$2; export PWD' if keep_pwd else "unset PWD")
+    lines.append('shift 2; exec "$@"')
+    return "\n".join(lines)
 
 
 def _setpriv_knows_pdeathsig(setpriv: str) -> bool:
@@ -385,7 +451,7 @@ def _setpriv_knows_pdeathsig(setpriv: str) -> bool:
     return "--pdeathsig" in help_text
 
 
-#: (setpriv, prlimit) once looked up; () when either is missing.
+#: (setpriv, prlimit, sh) once looked up; () when one is missing.
 _tools: tuple[str, ...] | None = None
 
 
@@ -411,13 +477,14 @@ def _check_program(program: str, cwd: str | None, env: Mapping[str, str] | None)
 
 
 def _child_setup(
-    parent: int, death_signal: int | None, nofile: tuple[int, int] | None
+    parent: int, death_signal: int | None, nofile: tuple[int, int] | None, register: int | None
 ) -> Callable[[], None] | None:
     """What runs in the child between fork and exec (after setuid, which would clear PDEATHSIG).
 
-    None when there is nothing to do, so that Popen may use the faster vfork.
+    The same steps as the launcher and its gate. None when there is nothing to do,
+    so that Popen may use the faster vfork.
     """
-    if death_signal is None and nofile is None:
+    if death_signal is None and nofile is None and register is None:
         return None
 
     def setup() -> None:
@@ -428,6 +495,9 @@ def _child_setup(
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
             if os.getppid() != parent:  # the parent died before we asked: the signal will never come
                 os.kill(os.getpid(), death_signal)
+        if register is not None:  # still open here: close_fds runs after this, CLOEXEC at exec
+            with contextlib.suppress(OSError):
+                os.write(register, b"+%d\n" % os.getpid())
 
     return setup
 

@@ -22,6 +22,7 @@ import anyio
 
 from .config import Manifest, ManifestError, load_manifest
 from .events import Transition, Update
+from .guardian import Guardian
 from .manager import ApplyError, Manager, ReloadReport
 from .process import become_subreaper, living_children, raise_fd_limit, run_orphan_reaper
 from .statedir import StateDirError, prepare_state_dir
@@ -55,8 +56,11 @@ class Service:
         except ValueError:  # a NUL byte in the path
             path = str(self.manifest.control_socket)
             raise ControlError(f"control socket {path!r}: a NUL byte is not allowed in a path") from None
+        guardian = _start_guardian()
         with anyio.CancelScope() as self._cancel:
             async with anyio.create_task_group() as tg:
+                if guardian is not None:
+                    tg.start_soon(guardian.watch)
                 tg.start_soon(self._log_transitions)
                 tg.start_soon(run_orphan_reaper)
                 tg.start_soon(self._handle_signals)
@@ -64,6 +68,9 @@ class Service:
                     await tg.start(self._run_manager)
                 except BaseException:
                     listeners.close()
+                    if guardian is not None:
+                        with anyio.CancelScope(shield=True):
+                            await guardian.stop()
                     raise
                 await tg.start(functools.partial(serve_control, self.manager, self, listeners=listeners))
                 log.info(
@@ -76,6 +83,8 @@ class Service:
                 await self._manager_done.wait()
                 tg.cancel_scope.cancel()
         with anyio.CancelScope(shield=True):
+            if guardian is not None:  # before the leftovers: it is one of our children
+                await guardian.stop()
             await _reap_leftovers()
         log.info("stopped")
 
@@ -177,6 +186,15 @@ def _socket_problem(path: Path, exc: OSError) -> str:
         if not stat.S_ISDIR(found.st_mode):  # mkdir -p says "File exists", which helps nobody
             return f"control socket {path}: {folder} is not a folder"
     return f"control socket {path}: {exc.strerror or exc}"
+
+
+def _start_guardian() -> Guardian | None:
+    """The second line of defence of decision 6 (guardian.py); the service runs on without it."""
+    try:
+        return Guardian.start()
+    except OSError as exc:
+        log.warning("cannot start the guardian (%s): instances' children may outlive the service", exc)
+        return None
 
 
 async def _reap_leftovers() -> None:

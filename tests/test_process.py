@@ -75,6 +75,30 @@ async def gone(pid: int, timeout: float = 5) -> None:
         os.close(pidfd)
 
 
+def argv0(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return os.path.basename(cmdline.read().split(b"\0")[0].decode())
+    except OSError:
+        return ""
+
+
+async def exec_done(pid: int, program: str, timeout: float = 10) -> None:
+    """Until ``pid`` runs ``program``: past the launcher and the gate, which exec themselves away.
+
+    Between looks, a bounded wait on the process's own exit (a pidfd), never a sleep.
+    """
+    pidfd = os.pidfd_open(pid)
+    try:
+        with anyio.fail_after(timeout):
+            while argv0(pid) != program:
+                with anyio.move_on_after(0.005):
+                    await anyio.wait_readable(pidfd)
+                    raise AssertionError(f"{pid} ended before it ran {program}")
+    finally:
+        os.close(pidfd)
+
+
 def run_script(script: str, *args: str) -> dict[str, object]:
     """Run ``script`` in a fresh interpreter (for what pytest itself must not become), return its JSON."""
     done = subprocess.run(
@@ -200,6 +224,7 @@ async def test_none_is_dev_null_and_nothing_else_leaks(children: list[Child]) ->
     os.set_inheritable(leak_w, True)
     try:
         child = sleeper(children)
+        await exec_done(child.pid, "sleep")  # the fds of sleep, not of the launcher before it
         fds = {
             int(fd): os.readlink(f"/proc/{child.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{child.pid}/fd")
         }
@@ -417,6 +442,9 @@ async def test_parent_death_signal(death: str, how: str) -> None:
     finally:
         os.close(out_r)
     try:
+        # The death signal is set before the program runs: kill the helper once sleep runs.
+        # (Before that, the gate's parent check stops an orphaned launcher: test_gate_*.)
+        await exec_done(grandchild, "sleep")
         helper.send_signal(signal.SIGKILL, group=False)
         with anyio.fail_after(5):
             assert (await helper.wait()).signal == signal.SIGKILL
@@ -431,6 +459,60 @@ async def test_parent_death_signal(death: str, how: str) -> None:
     finally:
         os.close(pidfd)
         os.close(in_w)
+
+
+def test_gate_stops_a_child_whose_parent_is_gone(tmp_path: Path) -> None:
+    """The window setpriv leaves: the parent died before the death signal was set. No program then."""
+    script = process._gate(True, None, keep_pwd=False)
+    ran = tmp_path / "ran"
+    orphaned = subprocess.run(["sh", "-c", script, "gate", "1", "", "touch", str(ran)], timeout=20)
+    assert orphaned.returncode == 125 and not ran.exists()
+    ours = subprocess.run(["sh", "-c", script, "gate", str(os.getpid()), "", "touch", str(ran)], timeout=20)
+    assert ours.returncode == 0 and ran.exists()
+
+
+WATCH = """
+    import fcntl, json, os, sys
+    from supervisor import process
+    process.USE_LAUNCHER = sys.argv[1] == "launcher"
+    env = {"PATH": os.environ["PATH"], **json.loads(sys.argv[2])}
+    read, write = os.pipe2(os.O_CLOEXEC)
+    high = fcntl.fcntl(write, fcntl.F_DUPFD_CLOEXEC, 100)  # a POSIX shell cannot name it
+    os.close(write)
+    os.set_blocking(read, False)
+    calls = []
+
+    class Watch:
+        fd = high
+        def started(self, pgid): calls.append(["started", pgid])
+        def ended(self, pgid): calls.append(["ended", pgid])
+
+    process.watch_groups(Watch())
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    program = "import os, sys; print(os.environ.get('PWD', 'unset'), flush=True); sys.stdin.read()"
+    child = process.spawn([sys.executable, "-c", program], stdin=in_r, stdout=out_w, stderr=None, env=env)
+    os.close(in_r)
+    os.close(out_w)
+    pwd = os.read(out_r, 1000).decode().strip()  # blocks until the program runs
+    registered = os.read(read, 100).decode()  # so it must be here already
+    fds = sorted(int(fd) for fd in os.listdir(f"/proc/{child.pid}/fd"))
+    os.close(in_w)
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+    child.poll()
+    output = {"fds": fds, "pwd": pwd}
+    print(json.dumps({"pid": child.pid, "registered": registered, "calls": calls, "out": output}))
+"""
+
+
+@pytest.mark.parametrize("how", ["launcher", "preexec"])
+@pytest.mark.parametrize("pwd", [None, "/no/such/folder"])
+def test_child_registers_its_group_before_the_program_runs(how: str, pwd: str | None) -> None:
+    report = run_script(WATCH, how, json.dumps({"PWD": pwd} if pwd else {}))
+    pid = report["pid"]
+    assert report["registered"] == f"+{pid}\n"  # written by the child itself, before exec
+    assert report["calls"] == [["started", pid], ["ended", pid]]
+    assert report["out"] == {"fds": [0, 1, 2], "pwd": pwd or "unset"}  # no fd of the watch; PWD as given
 
 
 ORPHANS = """

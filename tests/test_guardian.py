@@ -1,0 +1,322 @@
+"""Nothing outlives the service: `kill -9` of a real `supervisor run`, then no process of any group.
+
+Each test names its processes with a marker argument unique to it, snapshots them by
+pid *and* start time (field 22 of /proc/PID/stat: a pid reused meanwhile is not the
+same process), kills the service with SIGKILL, waits for the guardian to finish
+(its pidfd), then for every process of the snapshot (their pidfds), then looks again
+for anything with the marker. No sleeps: every wait is on a pidfd or a bounded
+``proc.wait``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from supervisor import guardian
+
+from .service_fixture import SUPERVISOR, ServiceProcess, processes_with, wait_until, write_manifest
+
+CGROUP_MODES = ["cgroup", "guardian-only"]
+
+
+def unique_marker() -> str:
+    """A sleep duration no other run on this machine uses: other checkouts run the same tests."""
+    return f"1001.{os.getpid()}{random.randrange(10**6):06d}"
+
+
+def start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot); None if gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
+def snapshot(marker: str) -> dict[int, str]:
+    found = {pid: start_time(pid) for pid in processes_with(marker)}
+    return {pid: start for pid, start in found.items() if start is not None}
+
+
+def wait_dead(pids: dict[int, str], timeout: float = 20) -> list[str]:
+    """Wait on a pidfd per process (pid, start time); what still runs the same process after it."""
+    survivors = []
+    deadline = time.monotonic() + timeout
+    for pid, start in pids.items():
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if start_time(pid) != start:  # the pidfd is someone else's: ours is gone
+                continue
+            left = max(0.0, deadline - time.monotonic())
+            if not select.select([pidfd], [], [], left)[0] and start_time(pid) == start:
+                survivors.append(f"{pid} {Path(f'/proc/{pid}/cmdline').read_bytes()!r}")
+        finally:
+            os.close(pidfd)
+    return survivors
+
+
+def children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            found += [int(p) for p in children.read().split()]
+    return found
+
+
+def guardians_of(svc: ServiceProcess) -> list[int]:
+    found = []
+    for pid in children_of(svc.pid):
+        try:
+            if b"guardian.py" in Path(f"/proc/{pid}/cmdline").read_bytes():  # empty for a zombie
+                found.append(pid)
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def guardian_of(svc: ServiceProcess) -> int:
+    (pid,) = guardians_of(svc)
+    return pid
+
+
+def wait_pid(pid: int, timeout: float = 30) -> None:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        assert select.select([pidfd], [], [], timeout)[0], f"pid {pid} still there after {timeout}s"
+    finally:
+        os.close(pidfd)
+
+
+def kill_9(svc: ServiceProcess) -> None:
+    svc.proc.send_signal(signal.SIGKILL)
+    assert svc.proc.wait(timeout=30) == -signal.SIGKILL
+    svc.expected_exit = None
+
+
+def cgroup_dir(svc: ServiceProcess) -> Path | None:
+    own = guardian._own_cgroup()
+    return None if own is None else own / f"procward-{svc.pid}"
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+    started: list[ServiceProcess] = []
+    yield started
+    for svc in started:
+        code = svc.stop()
+        if svc.expected_exit is not None:
+            assert code == svc.expected_exit, svc.log()
+
+
+def start(services: list[ServiceProcess], folder: Path, manifest: str, mode: str) -> ServiceProcess:
+    path = write_manifest(folder, manifest)
+    svc = ServiceProcess(path, env={"SUPERVISOR_CGROUP": "on" if mode == "cgroup" else "off"})
+    services.append(svc)
+    svc.wait_ready()
+    if mode == "cgroup" and "instances run in cgroup" not in svc.log():
+        pytest.skip("no writable cgroup v2 here")
+    return svc
+
+
+NEW_GROUP = "import os, subprocess, sys; subprocess.Popen(['sleep', sys.argv[1]], process_group=0); " + (
+    "os.execvp('sleep', ['sleep', sys.argv[1]])"
+)
+
+
+def forkers(marker: str, replicas: int) -> str:
+    """Shells that fork two background sleeps, and one program that puts a child in a group of its own.
+
+    That is ``2 + 3 × replicas`` processes with the marker, in as many sessions as instances.
+    """
+    return f"""
+        version: 1
+        instances:
+          forker:
+            command: ["sh", "-c", "sleep {marker} & sleep {marker} & wait", "{marker}"]
+            replicas: {replicas}
+            restart: {{min_uptime: 0}}
+          regrouper:
+            command: ["{sys.executable}", "-c", "{NEW_GROUP}", "{marker}"]
+            restart: {{min_uptime: 0}}
+        """
+
+
+@pytest.mark.parametrize("mode", CGROUP_MODES)
+def test_kill_9_leaves_no_process_of_any_group(
+    tmp_path: Path, services: list[ServiceProcess], mode: str
+) -> None:
+    marker = unique_marker()
+    svc = start(services, tmp_path, forkers(marker, 4), mode)
+    # forker-N: sh + 2 sleeps; jobs: sh + sleep + subshell + its sleep
+    svc.wait_until(lambda: len(snapshot(marker)) == 4 * 3 + 2, 30, "every instance's grandchildren")
+    before = snapshot(marker)
+    assert len({os.getpgid(pid) for pid in before}) == 4 + 2  # one group escaped its leader's
+    keeper = guardian_of(svc)
+    kill_9(svc)
+    wait_pid(keeper)  # the guardian has done its work and is gone, not a zombie left to init
+    assert wait_dead(before) == []
+    assert snapshot(marker) == {}
+    assert f"the service (pid {svc.pid}) died" in svc.log()
+    cgroup = cgroup_dir(svc)
+    if mode == "cgroup":
+        assert cgroup is not None and not cgroup.exists()
+        assert "killed and removed cgroup" in svc.log()
+    else:  # said once, and the guardian alone did it
+        assert svc.log().count("no cgroup for the instances (SUPERVISOR_CGROUP is off)") == 1
+
+
+def test_cgroup_kills_what_left_the_session(tmp_path: Path, services: list[ServiceProcess]) -> None:
+    """A daemon that made a session of its own escapes group and session; not the cgroup."""
+    marker = unique_marker()
+    manifest = f"""
+        version: 1
+        instances:
+          daemonizer:
+            command: ["sh", "-c", "setsid sleep {marker} & wait; exec sleep {marker}", "{marker}"]
+            restart: {{min_uptime: 0}}
+        """
+    svc = start(services, tmp_path, manifest, "cgroup")
+    svc.wait_until(lambda: len(snapshot(marker)) == 2, 30, "the daemon and the instance")
+    before = snapshot(marker)
+    assert len({os.getsid(pid) for pid in before}) == 2  # really another session
+    keeper = guardian_of(svc)
+    kill_9(svc)
+    wait_pid(keeper)
+    assert wait_dead(before) == []
+
+
+@pytest.mark.parametrize("mode", CGROUP_MODES)
+def test_kill_9_during_a_start_of_300(tmp_path: Path, services: list[ServiceProcess], mode: str) -> None:
+    marker = unique_marker()
+    manifest = f"""
+        version: 1
+        instances:
+          many:
+            command: ["sh", "-c", "sleep {marker} & sleep {marker} & wait", "{marker}"]
+            replicas: 300
+            restart: {{min_uptime: 0}}
+        """
+    svc = start(services, tmp_path, manifest, mode)
+    # Mid-start: some instances have forked, others are being spawned right now.
+    svc.wait_until(lambda: len(processes_with(marker)) >= 60, 60, "the start of 60 processes")
+    keeper = guardian_of(svc)
+    kill_9(svc)
+    wait_pid(keeper)
+    for _ in range(3):  # what the first look finds dying, the second must not find at all
+        left = snapshot(marker)
+        assert wait_dead(left) == []
+    assert snapshot(marker) == {}
+
+
+def test_guardian_killed_is_replaced_and_still_guards(tmp_path: Path, services: list[ServiceProcess]) -> None:
+    marker = unique_marker()
+    svc = start(services, tmp_path, forkers(marker, 2), "guardian-only")
+    svc.wait_until(lambda: len(snapshot(marker)) == 2 * 3 + 2, 30, "every instance's grandchildren")
+    first = guardian_of(svc)
+    os.kill(first, signal.SIGKILL)
+    svc.wait_log("the guardian ended (killed by SIGKILL): starting another")
+    svc.wait_until(lambda: guardians_of(svc) not in ([], [first]), 10, "a new guardian")
+    assert not os.path.exists(f"/proc/{first}")  # reaped by the service, not left a zombie
+    second = guardian_of(svc)
+    before = snapshot(marker)
+    kill_9(svc)
+    wait_pid(second)
+    assert wait_dead(before) == []
+
+
+@pytest.mark.parametrize("mode", CGROUP_MODES)
+def test_clean_stop_ends_the_guardian(tmp_path: Path, services: list[ServiceProcess], mode: str) -> None:
+    marker = unique_marker()
+    svc = start(services, tmp_path, forkers(marker, 1), mode)
+    svc.wait_until(lambda: len(snapshot(marker)) == 3 + 2, 30, "every instance's grandchildren")
+    keeper = guardian_of(svc)
+    assert os.getsid(keeper) == keeper != os.getsid(svc.pid)  # out of reach of the service's group
+    fds = {int(fd): os.readlink(f"/proc/{keeper}/fd/{fd}") for fd in os.listdir(f"/proc/{keeper}/fd")}
+    assert sorted(fds) == [0, 1, 2, 3]  # none of the service's sockets, pipes or log files
+    assert fds[0].startswith("pipe:") and fds[1] == "/dev/null" and fds[3] == "anon_inode:[pidfd]"
+    assert fds[2] == os.readlink(f"/proc/{svc.pid}/fd/2")  # the service's stderr: its one line of report
+    assert svc.stop() == 0
+    svc.expected_exit = None
+    assert not os.path.exists(f"/proc/{keeper}")  # ended and reaped by the service
+    assert snapshot(marker) == {}
+    assert "died" not in svc.log()
+    cgroup = cgroup_dir(svc)
+    assert cgroup is None or not cgroup.exists()
+
+
+def test_pid_namespace_kills_everything(tmp_path: Path) -> None:
+    """The strongest mode: the service as PID 1 of its own namespace; its death ends the namespace."""
+    marker = unique_marker()
+    unshare_pid = ["unshare", "--pid", "--fork", "--mount-proc"]
+    probe = subprocess.run([*unshare_pid, "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip("needs unshare(1) and the right to make a PID namespace")
+    manifest = write_manifest(tmp_path, forkers(marker, 2).replace("sleep", "setsid sleep", 1))
+    unshare = subprocess.Popen(
+        [*unshare_pid, *SUPERVISOR, "run", "-f", str(manifest)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "SUPERVISOR_CGROUP": "off"},
+    )
+    try:
+        wait_until(lambda: len(snapshot(marker)) == 2 * 3 + 2, unshare, 30, "every instance's grandchildren")
+        before = snapshot(marker)
+        (init,) = children_of(unshare.pid)
+        os.kill(init, signal.SIGKILL)
+        unshare.wait(timeout=30)  # its child, our PID 1, is gone: so is the namespace
+        assert wait_dead(before) == []
+        assert snapshot(marker) == {}
+    finally:
+        if unshare.poll() is None:
+            unshare.kill()
+            unshare.wait()
+
+
+# -- the guardian program alone, fed by a stand-in service -------------------------------------
+
+STAND_IN = """
+    import json, os, subprocess, sys
+    from supervisor import guardian
+    read, write = os.pipe()
+    keeper = subprocess.Popen(
+        [sys.executable, "-S", "-I", guardian.__file__, str(os.getpid())],
+        stdin=read, stdout=subprocess.DEVNULL, start_new_session=True,
+    )
+    os.close(read)
+    victim = subprocess.Popen(["sleep", "1006.5"], stdout=subprocess.DEVNULL, start_new_session=True)
+    hostile = b"+0\\n+1\\n+-5\\n+99999999999999999999\\n+%d\\n-abc\\n\\0\\n" % keeper.pid + b"x" * 100
+    os.write(write, hostile + b"\\n+%d\\n+4194305\\n" % victim.pid)
+    print(json.dumps({"guardian": keeper.pid, "victim": victim.pid}), flush=True)
+    os._exit(0)  # no goodbye: as if killed; the pipe closes, the pidfd turns readable
+"""
+
+
+def test_guardian_program_ignores_garbage_and_kills_the_group() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(STAND_IN)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    pids = json.loads(done.stdout)
+    wait_pid(pids["guardian"])  # survived its own pid written to it, and ended on its own
+    wait_pid(pids["victim"])
+    assert "SIGKILLed 1 of the 1 process groups it knew" in done.stderr
