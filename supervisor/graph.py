@@ -51,12 +51,20 @@ def unmet(dependency: Instance, condition: str) -> str | None:
 
 
 class DependencyGate:
-    """One instance's edges, as ``Instance`` asks about them before each start."""
+    """One instance's edges, as ``Instance`` asks about them before each start.
 
-    def __init__(self, edges: Mapping[str, Dependency], lookup: Lookup, roster: Callable[[], anyio.Event]):
+    ``events(group)`` is the manager's: an event set at the next transition of
+    any replica of ``group`` (or a change of the set of instances). A gate waits
+    on one event per entry it depends on, not one per replica, so a thousand
+    waiting instances cost a thousand waits, whatever the width of the graph.
+    """
+
+    def __init__(
+        self, edges: Mapping[str, Dependency], lookup: Lookup, events: Callable[[str], anyio.Event]
+    ) -> None:
         self._edges = dict(edges)
         self._lookup = lookup
-        self._roster = roster
+        self._events = events
 
     def blocker(self) -> str | None:
         for group, edge in self._edges.items():
@@ -70,11 +78,12 @@ class DependencyGate:
         return None
 
     async def changed(self) -> None:
-        """Until any dependency makes a transition, or the set of instances changes."""
-        waits: list[Callable[[], Awaitable[object]]] = [self._roster().wait]
-        for group in self._edges:
-            waits.extend(dependency.changed().wait for dependency in self._lookup(group))
-        await first_of(waits)
+        """Until a replica of an entry this one depends on makes a transition."""
+        events = [self._events(group) for group in self._edges]
+        if len(events) == 1:
+            await events[0].wait()
+        else:
+            await first_of([event.wait for event in events])
 
 
 async def first_of(waits: Sequence[Callable[[], Awaitable[object]]]) -> None:

@@ -102,6 +102,8 @@ class InstanceContext:
     bus: EventBus
     environ: Mapping[str, str]
     dependencies: Dependencies | None = None
+    #: Told the instance's group name at each transition (the manager wakes what waits on it).
+    on_transition: Callable[[str], None] | None = None
 
 
 class Instance:
@@ -356,6 +358,8 @@ class Instance:
         )
         changed, self._changed = self._changed, anyio.Event()
         changed.set()
+        if self._context.on_transition is not None:
+            self._context.on_transition(self.group)
 
     async def _start_locked(self) -> None:
         if self._tg is None or self._closing:

@@ -81,7 +81,9 @@ class Manager:
         self._done = anyio.Event()
         self._apply_lock = anyio.Lock()
         self._closing = False
-        self._roster = anyio.Event()  # set (and replaced) whenever an instance is added or removed
+        # Per manifest entry: set (and dropped) at the next transition of one of its replicas, or
+        # when the set of instances changes. What waiting instances sleep on.
+        self._group_events: dict[str, anyio.Event] = {}
         self._scaled: dict[str, int] = {}  # entry -> its count in the manifest, while scale() rules
 
     @property
@@ -199,17 +201,33 @@ class Manager:
         assert self._tg is not None, "apply() needs run() to be running"
         gate = None
         if plan.config.depends_on:
-            gate = DependencyGate(plan.config.depends_on, self.replicas, lambda: self._roster)
+            gate = DependencyGate(plan.config.depends_on, self.replicas, self._group_event)
         context = InstanceContext(
-            settings=settings, bus=self.events, environ=self._environ, dependencies=gate
+            settings=settings,
+            bus=self.events,
+            environ=self._environ,
+            dependencies=gate,
+            on_transition=self._group_changed,
         )
         instance = Instance(name, plan.group, plan.config, context)
         await self._tg.start(instance.run)
         return instance
 
+    def _group_event(self, group: str) -> anyio.Event:
+        event = self._group_events.get(group)
+        if event is None:
+            event = self._group_events[group] = anyio.Event()
+        return event
+
+    def _group_changed(self, group: str) -> None:
+        event = self._group_events.pop(group, None)
+        if event is not None:
+            event.set()
+
     def _roster_changed(self) -> None:
-        roster, self._roster = self._roster, anyio.Event()
-        roster.set()
+        events, self._group_events = self._group_events, {}
+        for event in events.values():
+            event.set()
 
     def replicas(self, group: str) -> list[Instance]:
         """The instances of one manifest entry."""
