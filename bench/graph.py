@@ -154,7 +154,15 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
+class _Health(http.server.BaseHTTPRequestHandler):
+    """What a health route answers: 200 and two bytes, nothing logged."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -181,7 +189,7 @@ def main() -> None:
         f"  READY=1 -> ready event: median {figures['median_ms']:.2f} ms, p99 {figures['p99_ms']:.2f} ms"
         " (target: median <= 5 ms)"
     )
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     idle, probed = probing_cpu(args.probe_instances, args.probe_seconds, server.server_address[1])
     print(
