@@ -246,8 +246,10 @@ def test_umask_is_octal_text(tmp_path: Path) -> None:
     assert config.umask == 0o027
     assert config.model_dump(mode="json")["umask"] == "027"
     # YAML 1.1 reads an unquoted 022 as octal, and an unquoted 27 as decimal: the docs say quote it.
+    # Unquoted digits are read as a shell's `umask 022` and `umask 27` read them: octal.
     assert web_config(tmp_path, "umask: 022").umask == 0o022
-    assert web_config(tmp_path, "umask: 27").umask == 27
+    assert web_config(tmp_path, "umask: 27").umask == 0o027
+    assert web_config(tmp_path, "umask: 0o77").umask == 0o077
     problem = only(problems(tmp_path, web("umask: '089'")))
     assert problem.path == "instances.web.umask"
     assert "'089' is not an octal umask" in problem.message
