@@ -19,7 +19,6 @@ from pydantic import (
     Field,
     PrivateAttr,
     StrictInt,
-    StrictStr,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -251,6 +250,15 @@ class StopPolicy(StrictModel):
     )
 
 
+def _user_or_group(value: Any) -> Any:
+    """A name, or a number the kernel takes as an id (-1 and 2**32-1 mean "unchanged" to it)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
+        return value
+    raise ValueError(f"expected a name or a number from 0 to {2**32 - 2} (got {value!r})")
+
+
 # -- instance ---------------------------------------------------------------------------------
 
 
@@ -269,10 +277,10 @@ class InstanceConfig(StrictModel):
     env_file: RelativePath | None = Field(
         None, description="A file of KEY=VALUE lines, read at load time, applied before env."
     )
-    user: StrictStr | Annotated[StrictInt, Field(ge=0, lt=2**32 - 1)] | None = Field(
+    user: Annotated[str | int | None, BeforeValidator(_user_or_group)] = Field(
         None, description="Run as this user, a name or a uid (the service must be root)."
     )
-    group: StrictStr | Annotated[StrictInt, Field(ge=0, lt=2**32 - 1)] | None = Field(
+    group: Annotated[str | int | None, BeforeValidator(_user_or_group)] = Field(
         None, description="Run with this group, a name or a gid."
     )
     umask: Umask | None = Field(
