@@ -200,6 +200,8 @@ def _dependencies_from_yaml(value: Any) -> Any:
         return str(key) if isinstance(key, int) and not isinstance(key, bool) else key
 
     if isinstance(value, list):
+        if not all(isinstance(item, str | int) for item in value):
+            raise ValueError("depends_on lists instance names")
         return {name(item): {} for item in value}
     if isinstance(value, dict):
         return {

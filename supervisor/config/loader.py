@@ -313,6 +313,8 @@ def _check_instances(data: dict[str, Any], source: _Source) -> None:
             where: KeyPath = ("instances", name, "depends_on", index if isinstance(deps, list) else written)
             # An all-digit name reads as an int (`depends_on: [8080]`): it is still a name.
             dep = str(written) if isinstance(written, int) and not isinstance(written, bool) else written
+            if not isinstance(dep, str):
+                continue  # not a name at all: the models say what is expected
             if dep == name:
                 source.problem(where, f"{name} cannot depend on itself", at_key=True)
             elif dep not in instances:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -439,12 +440,37 @@ class ServiceSettings(StrictModel):
     logs: LogSettings = Field(LogSettings(), description="Log defaults for every instance.")
 
 
+#: The largest env_file read: the manifest's own limit.
+MAX_ENV_FILE_BYTES = 1024 * 1024
+
+
+def _read_small_file(path: Path, key: str) -> str:
+    """A regular file's UTF-8 text, refused past MAX_ENV_FILE_BYTES.
+
+    Opened without blocking and checked before reading: ``/dev/zero`` would fill
+    memory and a fifo would never answer, inside a reload.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ValueError(f"cannot read {key} {str(path)!r}: {reason}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{key} {str(path)!r} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_ENV_FILE_BYTES + 1)
+    if len(data) > MAX_ENV_FILE_BYTES:
+        raise ValueError(f"{key} {str(path)!r} is larger than {MAX_ENV_FILE_BYTES // 1024} KiB")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{key} {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse ``KEY=VALUE`` lines (``export`` prefixes, comments, quotes) as docker and systemd do."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ValueError(f"cannot read env_file {str(path)!r}: {exc.strerror}") from None
+    text = _read_small_file(path, "env_file")
     env: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
