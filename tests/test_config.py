@@ -860,22 +860,26 @@ def test_unknown_keys_are_placed_at_the_key_with_a_suggestion(
         (
             "version: 1\ninstances:\n  web:\n    command: [a, b\n    replicas: 2\n",
             (5, 13),
-            "YAML syntax error: expected ',' or ']', but got ':' (while parsing a flow sequence)",
+            "expected ',' or ']'",
         ),
         (
             "version: 1\ninstances:\n  web:\n    command: a\n   replicas: 2\n",
             (5, 4),
-            "YAML syntax error: expected <block end>, but found '<block mapping start>'",
+            "(while parsing a block mapping)",
         ),
-        ("version: 1\n\tinstances: {}\n", (2, 1), "YAML syntax error: found character '\\t'"),
+        ("version: 1\n\tinstances: {}\n", (2, 1), ("found a tab character", "found character '\\t'")),
     ],
 )
 def test_yaml_syntax_errors_have_line_and_column(
-    tmp_path: Path, text: str, where: tuple[int, int], message: str
+    tmp_path: Path, text: str, where: tuple[int, int], message: str | tuple[str, str]
 ) -> None:
+    # The words are libyaml's, or PyYAML's where it is built without libyaml: a phrase both use,
+    # or each one's.
     problem = only(problems(tmp_path, text))
     assert ((problem.line, problem.column), problem.path) == (where, "")
-    assert problem.message.startswith(message)
+    phrases = (message,) if isinstance(message, str) else message
+    assert problem.message.startswith("YAML syntax error: ")
+    assert any(phrase in problem.message for phrase in phrases), problem.message
 
 
 @pytest.mark.parametrize(

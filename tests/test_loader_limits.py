@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor.config import Manifest, ManifestError, load_manifest, parse_manifest
+from supervisor.config import Manifest, ManifestError, load_manifest, parse_manifest, yaml_source
 from supervisor.config.yaml_source import MAX_DEPTH, MAX_MANIFEST_BYTES
 
 from .service_fixture import SUPERVISOR
@@ -62,6 +62,26 @@ def test_nesting_to_the_limit_loads_and_one_level_more_is_refused(tmp_path: Path
 
     assert "unknown key 'x'" in first_problem(tmp_path, nested(MAX_DEPTH - 2))
     assert f"nested more than {MAX_DEPTH} levels deep" in first_problem(tmp_path, nested(MAX_DEPTH))
+
+
+@pytest.mark.parametrize("parser", ["libyaml", "python"])
+def test_both_parsers_place_every_corpus_file_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parser: str
+) -> None:
+    """The corpus through each parser in-process: libyaml where PyYAML has it, PyYAML's own elsewhere."""
+    if parser == "python":
+        monkeypatch.setattr(yaml_source, "_Loader", yaml_source._PyLoader)
+    elif not yaml.__with_libyaml__:
+        pytest.skip("PyYAML is built without libyaml here")
+    corpus = Path(__file__).parent / "corpus"
+    expected = yaml.safe_load((corpus / "expected.yaml").read_text())
+    for name, want in expected.items():
+        path = corpus / f"{name}.yaml"
+        with pytest.raises(ManifestError) as refused:
+            parse_manifest(path.read_bytes(), path, {})
+        first = refused.value.problems[0]
+        assert (first.line, first.column) == (want["line"], want["column"]), (name, str(first))
+        assert want["phrase"] in str(first), (name, str(first))
 
 
 # -- YAML 1.2 readings, and what a person means --------------------------------------------------

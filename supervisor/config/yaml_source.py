@@ -177,6 +177,7 @@ class _Composer(Composer):
     def __init__(self) -> None:
         super().__init__()
         self._depth = 0
+        self._count = 0
         self._open: set[str] = set()
 
     def compose_node(self, parent: Any, index: Any) -> Any:
@@ -193,6 +194,9 @@ class _Composer(Composer):
             return AliasNode(self.anchors[anchor], event.start_mark, anchor)
         event = self.peek_event()
         _check_tag(event)
+        self._count += 1
+        if self._count > MAX_VALUES:
+            raise _at(event.start_mark, f"the manifest holds more than {MAX_VALUES:,} values")
         if self._depth >= MAX_DEPTH:
             raise _at(event.start_mark, f"the manifest is nested more than {MAX_DEPTH} levels deep")
         anchor = event.anchor
@@ -211,9 +215,11 @@ class _Composer(Composer):
 
 
     def compose_scalar_node(self, anchor: Any) -> Any:
-        explicit = self.peek_event().tag is not None  # `!!str 1` and `! 1` are not read by the schema
+        event = self.peek_event()
         node = super().compose_scalar_node(anchor)
-        node.plain = node.style is None and not explicit
+        # Unquoted and untagged (`!!str 1` and `! 1` are not read by the schema). The implicit flag,
+        # not the style: libyaml and PyYAML give a plain scalar different styles.
+        node.plain = event.tag is None and event.implicit[0]
         return node
 
 
@@ -247,7 +253,9 @@ def _check_tag(event: Any) -> None:
     raise _at(event.start_mark, message)
 
 
-class _Loader(Reader, Scanner, Parser, _Composer, _CoreResolver):
+class _PyLoader(Reader, Scanner, Parser, _Composer, _CoreResolver):
+    """PyYAML's own scanner and parser, in Python: the fallback where libyaml is missing."""
+
     def __init__(self, text: str) -> None:
         Reader.__init__(self, text)
         Scanner.__init__(self)
@@ -256,12 +264,31 @@ class _Loader(Reader, Scanner, Parser, _Composer, _CoreResolver):
         _CoreResolver.__init__(self)
 
 
+_Loader: Any = _PyLoader
+if yaml.__with_libyaml__:
+    from yaml.cyaml import CParser
+
+    class _CLoader(CParser, _Composer, _CoreResolver):  # type: ignore[misc]
+        """libyaml's scanner and parser (six times faster), our composer on its events.
+
+        CParser composes nodes itself too, recursively and without limits: only its
+        events are used (``compose`` calls the Python composer's ``get_single_node``).
+        """
+
+        def __init__(self, text: str) -> None:
+            CParser.__init__(self, text)
+            _Composer.__init__(self)
+            _CoreResolver.__init__(self)
+
+    _Loader = _CLoader
+
+
 def compose(text: str) -> yaml.Node | None:
     """The one document in ``text`` as nodes (None when empty); SourceError says what and where."""
     text = check_text(text)
     loader = _Loader(text)
     try:
-        return loader.get_single_node()
+        return _Composer.get_single_node(loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = f"YAML syntax error: {exc.problem or exc}"
