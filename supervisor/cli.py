@@ -25,7 +25,7 @@ TOKEN_ENV = "SUPERVISOR_TOKEN"
 Command = Callable[[argparse.Namespace], int]
 ControlCommand = Callable[[argparse.Namespace, "Client"], int]
 
-STATES = ("stopped", "starting", "running", "backoff", "stopping", "exited", "failed")
+STATES = ("stopped", "waiting", "starting", "running", "backoff", "stopping", "exited", "failed", "ready")
 
 
 def _manifest_arg(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +56,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     replicas = sum(c.replicas for c in manifest.instances.values())
     extra = f" ({replicas} replicas)" if replicas != count else ""
     print(f"ok: {count} instance{'s' if count != 1 else ''}{extra}")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from .config import ManifestError, load_manifest
+    from .config.dependencies import render_dot, render_text
+
+    try:
+        manifest = load_manifest(args.file)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(render_dot(manifest) if args.dot else render_text(manifest))
     return 0
 
 
@@ -172,7 +185,7 @@ def _info(status: dict[str, Any]) -> str:
     if status["reason"]:
         return str(status["reason"])
     if status["state"] in ("starting", "running"):
-        return ""
+        return str(status.get("status_text") or "")
     if status["exit_signal"]:
         return f"last exit: killed by {status['exit_signal']}"
     if status["exit_code"] is not None:
@@ -181,12 +194,13 @@ def _info(status: dict[str, Any]) -> str:
 
 
 def format_status(statuses: list[dict[str, Any]]) -> str:
-    """The ``supervisor status`` table: name, state, pid, uptime, restarts, and why."""
-    header = ("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "INFO")
+    """The ``supervisor status`` table: name, state, readiness, pid, uptime, restarts, and why."""
+    header = ("NAME", "STATE", "READY", "PID", "UPTIME", "RESTARTS", "INFO")
     rows = [
         (
             s["name"],
             s["state"],
+            {True: "yes", False: "no"}.get(s.get("ready"), "-"),  # type: ignore[arg-type]
             str(s["pid"]) if s["pid"] is not None else "-",
             _uptime(s["uptime_s"]),
             str(s["restarts"]),
@@ -421,6 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a manifest and list every problem")
     _manifest_arg(validate)
     validate.set_defaults(func=cmd_validate)
+
+    graph = sub.add_parser("graph", help="print the dependency graph, in start order (or --dot)")
+    _manifest_arg(graph)
+    graph.add_argument("--dot", action="store_true", help="Graphviz's dot language")
+    graph.set_defaults(func=cmd_graph)
 
     schema = sub.add_parser("schema", help="print the manifest's JSON Schema")
     schema.set_defaults(func=cmd_schema)

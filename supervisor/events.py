@@ -24,6 +24,7 @@ class State(StrEnum):
     """The states of ARCHITECTURE.md's table."""
 
     STOPPED = "stopped"
+    WAITING = "waiting"
     STARTING = "starting"
     RUNNING = "running"
     BACKOFF = "backoff"
@@ -34,7 +35,7 @@ class State(StrEnum):
     @property
     def alive(self) -> bool:
         """A process exists, or one is about to be started again without anyone asking."""
-        return self in (State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING)
+        return self in (State.WAITING, State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,32 @@ class Transition:
 
 
 @dataclass(frozen=True, slots=True)
+class Update:
+    """A fact about an instance that changed without a transition.
+
+    ``kind`` says which: ``ready`` (a readiness probe's outcome), ``alive`` (a
+    liveness probe's), ``watchdog``, ``notify`` (an sd_notify STATUS= text or
+    state), ``waiting`` (what a waiting instance waits for now). Published only
+    when the outcome changes, so a probe that fails the same way every second
+    is one event, not a flood.
+    """
+
+    instance: str
+    group: str
+    kind: str
+    ok: bool | None
+    message: str | None
+    at: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        outcome = "" if self.ok is None else (" ok" if self.ok else " failing")
+        return f"{self.instance}: {self.kind}{outcome}" + (f" ({self.message})" if self.message else "")
+
+
+@dataclass(frozen=True, slots=True)
 class Dropped:
     """Told to a slow subscriber in place of the events it missed."""
 
@@ -82,7 +109,7 @@ class Dropped:
         return {"dropped": self.count}
 
 
-Event = Transition | Dropped
+Event = Transition | Update | Dropped
 
 
 class _Subscriber:

@@ -18,30 +18,34 @@ import random
 import signal
 import time
 from collections import deque
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .config import InstanceConfig, LogSettings, ServiceSettings
-from .events import EventBus, State, Transition
-from .logs import LogSink
+from .events import EventBus, State, Transition, Update
+from .health import Health, LogSubscription
+from .logs import LogFileError, LogSink
+from .probes import ExecContext
 from .process import Child, ExitStatus, SpawnError, spawn
 from .stdio import LogPipe, Stdio, StdioError
 
 _ALLOWED: dict[State, frozenset[State]] = {
-    State.STOPPED: frozenset({State.STARTING}),
+    State.STOPPED: frozenset({State.WAITING, State.STARTING}),
+    State.WAITING: frozenset({State.STARTING, State.STOPPED}),
     # A one-shot job that ends with a success code before min_uptime is done, not a failed
     # start: starting -> exited (an addition to ARCHITECTURE.md's table, see docs/guide.md).
     State.STARTING: frozenset({State.RUNNING, State.BACKOFF, State.STOPPING, State.EXITED}),
     State.RUNNING: frozenset({State.EXITED, State.BACKOFF, State.STOPPING}),
-    State.BACKOFF: frozenset({State.STARTING, State.STOPPED, State.FAILED}),
+    # backoff -> waiting: a dependency went down meanwhile; the next try waits for it.
+    State.BACKOFF: frozenset({State.WAITING, State.STARTING, State.STOPPED, State.FAILED}),
     State.STOPPING: frozenset({State.STOPPED}),
-    State.EXITED: frozenset({State.STARTING}),
-    State.FAILED: frozenset({State.STARTING}),
+    State.EXITED: frozenset({State.WAITING, State.STARTING}),
+    State.FAILED: frozenset({State.WAITING, State.STARTING}),
 }
 
 
@@ -68,10 +72,26 @@ class InstanceStatus:
     exit_signal: int | None
     reason: str | None
     ready: bool | None
+    last_check: str | None
+    status_text: str | None
+    log_bytes_lost: int
+    log_error: str | None
     stdin: str
     stdout: str
     stderr: str
     log_files: Mapping[str, str]
+
+
+class Dependencies(Protocol):
+    """What an instance waits for before each start (the manager knows the other instances)."""
+
+    def blocker(self) -> str | None:
+        """Why the instance may not start now (a dependency and its condition), or None."""
+        ...
+
+    async def changed(self) -> None:
+        """Return once something ``blocker`` looks at may have changed."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +101,7 @@ class InstanceContext:
     settings: ServiceSettings
     bus: EventBus
     environ: Mapping[str, str]
+    dependencies: Dependencies | None = None
 
 
 class Instance:
@@ -108,6 +129,8 @@ class Instance:
         self._pipes: dict[str, LogPipe] = {}
         self._sinks: dict[str, LogSink] = {}
         self._targets = {"stdin": "", "stdout": "", "stderr": ""}
+        self._health = Health(name, group, config, context.bus)
+        self._trouble: str | None = None  # why a check stopped the current run
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -119,6 +142,33 @@ class Instance:
     def pid(self) -> int | None:
         child = self._child
         return child.pid if child is not None and child.exit is None else None
+
+    @property
+    def reason(self) -> str | None:
+        return self._reason
+
+    @property
+    def ready(self) -> bool | None:
+        """None without a readiness check; else whether the current run passed it."""
+        return self._health.ready
+
+    @property
+    def completed(self) -> bool:
+        """Ran and exited with one of its success codes (a one-shot job done)."""
+        last = self._last_exit
+        return (
+            self._state is State.EXITED
+            and last is not None
+            and last.succeeded(self.config.restart.success_codes)
+        )
+
+    @property
+    def last_exit(self) -> ExitStatus | None:
+        return self._last_exit
+
+    def changed(self) -> anyio.Event:
+        """An event set at the next transition (a new one after each)."""
+        return self._changed
 
     @property
     def sinks(self) -> Mapping[str, LogSink]:
@@ -145,7 +195,11 @@ class Instance:
             exit_code=last.code if last else None,
             exit_signal=last.signal if last else None,
             reason=self._reason,
-            ready=None,
+            ready=self._health.ready,
+            last_check=self._health.last_check,
+            status_text=self._health.status_text,
+            log_bytes_lost=sum(sink.bytes_lost for sink in self._sinks.values()),
+            log_error=next((e for sink in self._sinks.values() if (e := sink.write_error)), None),
             stdin=self._targets["stdin"] or _describe(self.config.stdin),
             stdout=self._targets["stdout"] or _describe(self.config.stdout),
             stderr=self._targets["stderr"] or _describe(self.config.stderr),
@@ -173,6 +227,7 @@ class Instance:
                     await sink.aclose()
             for pipe in self._pipes.values():
                 pipe.close()
+            self._health.close()
 
     async def close(self, reason: str = "removed") -> None:
         """Stop the program if it runs, then end ``run()``: the instance is gone."""
@@ -197,7 +252,6 @@ class Instance:
                 # Replicas must not share a file: two sinks rotating one file lose lines.
                 replica = self.name.removeprefix(self.group)  # "-0", "-1", …
                 path = path.with_name(f"{path.stem}{replica}{path.suffix}")
-            path.parent.mkdir(parents=True, exist_ok=True)
             pipe = LogPipe()
             self._pipes[stream] = pipe
             self._sinks[stream] = LogSink(
@@ -206,7 +260,14 @@ class Instance:
                 max_bytes=settings.max_bytes,
                 backups=settings.backups,
                 timestamps=settings.timestamps,
+                on_loss_change=self._log_loss_changed,
             )
+
+    def _log_loss_changed(self, sink: LogSink) -> None:
+        """A log file stopped taking output (a full disk), or takes it again: say so, once each."""
+        error = sink.write_error
+        message = error or f"{sink.path}: writing again ({sink.bytes_lost} bytes were lost)"
+        self._context.bus.publish(Update(self.name, self.group, "logs", error is None, message))
 
     # -- requests --------------------------------------------------------------------------
 
@@ -224,11 +285,11 @@ class Instance:
                 raise InvalidRequest(self.name, f"not running ({self._state})")
             await self._stop_locked("stopped on request")
 
-    async def restart(self) -> None:
+    async def restart(self, because: str = "on request") -> None:
         """Stop if running, then start: one request, so concurrent restarts never overlap."""
         async with self._lock:
             if self._state.alive:
-                await self._stop_locked("restarting on request")
+                await self._stop_locked(f"restarting {because}")
             await self._start_locked()
 
     def signal(self, sig: int) -> None:
@@ -254,11 +315,20 @@ class Instance:
 
     async def wait_for(self, states: Collection[State], timeout: float | None = None) -> bool:
         """Wait until the instance is in one of ``states``; False when the timeout passes."""
+        return await self.wait_until(lambda: self._state in states, timeout)
+
+    async def wait_until(self, condition: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Wait, transition by transition, until ``condition()`` holds; False when the timeout passes."""
         with anyio.move_on_after(timeout):
-            while self._state not in states:
+            while not condition():
                 await self._changed.wait()
             return True
         return False
+
+    @property
+    def is_ready(self) -> bool:
+        """Running, and ready where a readiness check is configured: what dependents wait for."""
+        return self._state is State.RUNNING and self._health.ready is not False
 
     # -- the machine -----------------------------------------------------------------------
 
@@ -302,21 +372,15 @@ class Instance:
 
     async def _stop_shielded(self, reason: str) -> None:
         await self._cancel_loop()
-        if self._state is State.BACKOFF:
+        if self._state in (State.BACKOFF, State.WAITING):
             self._transition(State.STOPPED, reason=reason)
             return
         if self._state in (State.STARTING, State.RUNNING):
             self._transition(State.STOPPING, reason=reason)
         child = self._child
         if child is not None and child.exit is None:
-            stop = self.config.stop
-            child.send_signal(stop.signal, group=stop.group)
-            with anyio.move_on_after(stop.timeout):
-                await child.wait()
-            if child.exit is None:
-                child.send_signal(signal.SIGKILL, group=True)
-                reason = f"{reason}; killed after {stop.timeout:g}s"
-                await child.wait()
+            if await self._terminate(child, self.config.stop.signal):
+                reason = f"{reason}; killed after {self.config.stop.timeout:g}s"
             self._last_exit = child.exit
         if self._state is State.STOPPING:
             self._transition(State.STOPPED, reason=reason, exit=self._last_exit)
@@ -335,53 +399,94 @@ class Instance:
             self._last_exit = await child.wait()
 
     async def _supervise(self, *, task_status: TaskStatus[None]) -> None:
-        """Start, watch, back off and start again, as the restart policy says.
+        """Wait for dependencies, start, watch, back off and start again, as the policy says.
 
-        ``task_status.started()`` is called right after the first spawn attempt,
-        so that ``start()`` returns with the program spawned (or failed to).
+        ``task_status.started()`` is called right after the first spawn attempt (or
+        on entering ``waiting``), so that ``start()`` returns with the program
+        spawned, failed to spawn, or waiting for its dependencies.
         """
         scope = anyio.CancelScope()
         done = anyio.Event()
         self._loop_scope, self._loop_done = scope, done
         announced = False
+
+        def announce() -> None:
+            nonlocal announced
+            if not announced:
+                announced = True
+                task_status.started()
+
         try:
             with scope:
                 while True:
-                    # Spawn first, then announce: the STARTING event carries the new pid. Nothing
-                    # awaits in between, so no one can observe the state before the transition.
-                    try:
-                        child: Child | str = self._spawn()
-                    except (SpawnError, StdioError) as exc:
-                        child = str(exc)
-                    self._transition(State.STARTING)
-                    if not announced:
-                        announced = True
-                        task_status.started()
-                    why = child if isinstance(child, str) else await self._watch(child)
+                    await self._wait_for_dependencies(announce)
+                    why = await self._run_once(announce)
                     if why is None or not await self._back_off(why):
                         return
         finally:
             self._loop_scope = self._loop_done = None
             done.set()
-            if not announced:
-                task_status.started()
+            announce()
 
-    async def _watch(self, child: Child) -> str | None:
+    async def _wait_for_dependencies(self, announce: Callable[[], None]) -> None:
+        """Stay ``waiting`` until every dependency meets its condition; nothing polls."""
+        dependencies = self._context.dependencies
+        if dependencies is None or (blocker := dependencies.blocker()) is None:
+            return
+        self._transition(State.WAITING, reason=blocker)
+        announce()
+        while True:
+            await dependencies.changed()
+            now = dependencies.blocker()
+            if now is None:
+                return
+            if now != self._reason:
+                self._reason = now
+                self._context.bus.publish(Update(self.name, self.group, "waiting", None, now))
+
+    async def _run_once(self, announce: Callable[[], None]) -> str | None:
+        """One run: spawn, watch until it ends. Returns why to retry, or None when done."""
+        async with self._health.log_subscription(list(self._sinks.values())) as followers:
+            # Spawn first, then announce: the STARTING event carries the new pid. Nothing
+            # awaits in between, so no one can observe the state before the transition.
+            try:
+                child = self._spawn()
+            except (SpawnError, StdioError, LogFileError) as exc:
+                self._transition(State.STARTING)
+                announce()
+                return str(exc)
+            self._transition(State.STARTING)
+            announce()
+            return await self._watch(child, followers)
+
+    async def _watch(self, child: Child, followers: LogSubscription) -> str | None:
         """Wait for this run to end. Returns why it must be retried, or None when it is done."""
         restart = self.config.restart
-        early = True
-        with anyio.move_on_after(restart.min_uptime):
-            await child.wait()
-        if child.exit is None:
-            early = False
+        self._trouble = None
+        running = False
+
+        def on_running() -> None:
+            nonlocal running
+            running = True
             self._transition(State.RUNNING)
+
+        async def kill(reason: str, sig: int | None) -> None:
+            self._trouble = reason
+            await self._terminate(child, self.config.stop.signal if sig is None else sig)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._health.watch_run, child, followers, self._exec_context(), on_running, kill)
             await child.wait()
+            tg.cancel_scope.cancel()
         status = child.exit
         assert status is not None
         self._last_exit = status
         uptime = status.at - child.started_at
         if uptime >= restart.backoff.reset_after:
             self._failures = 0
+        if self._trouble is not None:
+            return self._trouble
+        early = not running
         succeeded = status.succeeded(restart.success_codes)
         if (restart.policy == "no" and not early) or (restart.policy != "always" and succeeded):
             self._transition(State.EXITED, reason=status.describe(), exit=status)
@@ -389,6 +494,31 @@ class Instance:
         if early:
             return f"{status.describe()} after {uptime:.2f}s, before min_uptime"
         return status.describe()
+
+    async def _terminate(self, child: Child, sig: int) -> bool:
+        """``sig``, then SIGKILL to the group after stop.timeout; True if it took the SIGKILL.
+
+        Returns once the leader is reaped.
+        """
+        stop = self.config.stop
+        child.send_signal(sig, group=stop.group)
+        with anyio.move_on_after(stop.timeout):
+            await child.wait()
+        if child.exit is not None:
+            return False
+        child.send_signal(signal.SIGKILL, group=True)
+        await child.wait()
+        return True
+
+    def _exec_context(self) -> ExecContext:
+        config = self.config
+        return ExecContext(
+            cwd=config.cwd,
+            env=config.environment(dict(self._context.environ)),
+            user=config.user,
+            group=config.group,
+            umask=config.umask,
+        )
 
     async def _back_off(self, why: str) -> bool:
         """BACKOFF, then FAILED at the restart limit (False), or a pause before the next start."""
@@ -422,6 +552,7 @@ class Instance:
         try:
             self._targets = stdio.describe()
             for sink in self._sinks.values():
+                sink.open()  # its folder is made here: LogFileError fails this start, not the service
                 sink.writer_attached()
             with stdio.take() as fds:
                 self._child = spawn(
@@ -430,7 +561,7 @@ class Instance:
                     stdout=fds.stdout,
                     stderr=fds.stderr,
                     cwd=config.cwd,
-                    env=config.environment(dict(self._context.environ)),
+                    env={**config.environment(dict(self._context.environ)), **self._health.environment()},
                     user=config.user,
                     group=config.group,
                     umask=config.umask,

@@ -11,11 +11,12 @@ writes as fast as it can, which shapes everything here:
   Python. Work per chunk is a handful of Python operations whatever the chunk holds.
 * The loop writes everything it read before it reads more. When the disk is slower
   than the child, the pipe fills and the child waits: backpressure, nothing dropped.
-* A follower (``supervisor logs -f``) can never slow the loop: each one has a bounded
-  queue, and a follower that falls behind misses data and is told how much.
+* A follower (``supervisor logs -f``) can never slow the loop, nor hold the service's
+  memory: each one has a queue bounded in bytes, and a follower that falls behind
+  misses data and is told how much. The tail too is bounded by what it costs
+  (``logtail.py``).
 
-The file is written with ``os.write`` on an ``O_APPEND`` descriptor: no user-space
-buffer, so there is nothing to lose on a crash of the service and nothing to flush.
+The file, its rotation, its folder and what it refuses to follow are ``logfile.py``.
 """
 
 from __future__ import annotations
@@ -23,22 +24,20 @@ from __future__ import annotations
 import contextlib
 import enum
 import fcntl
-import itertools
 import logging
 import os
-import queue
-import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator
-from glob import escape as glob_escape
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
 import anyio.lowlevel
 from anyio.lowlevel import RunVar
 
-__all__ = ["LogSink"]
+from .logfile import LogFileError, RotatingFile
+from .logtail import Follower, Tail
+
+__all__ = ["LogFileError", "LogSink"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +53,6 @@ _DRAIN_LIMIT = 64 * _READ_SIZE
 # Followers get whole lines; a "line" that grows past this without a newline is handed
 # over in pieces rather than kept in memory without bound.
 _MAX_CARRY = 4 * _READ_SIZE
-# New files are not world-readable: captured output often holds secrets.
-_FILE_MODE = 0o640
 # What a chatty child's pipe grows to (see _PipeGrowth).
 _BIG_PIPE = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -163,338 +160,6 @@ async def _read_turn() -> AsyncIterator[None]:
         turns.release()
 
 
-# -- dropped files --------------------------------------------------------------------------
-
-
-class _Reclaimer:
-    """Unlinks dropped log files on one background thread, shared by every sink.
-
-    Unlinking a file frees its page cache there and then: about 15 ms for a 20 MB file
-    just written. Done on the event loop at each rotation, that stalls every other
-    instance's logs and the control API; with many chatty children it adds up to most
-    of the loop's time. So a rotation only renames the doomed file out of the way (a
-    cheap rename: its target is a fresh name) and hands it over here. One thread for
-    the whole service, started on the first drop, is all this costs.
-
-    A file handed over just before the service dies stays behind under its
-    ``.dropped-…`` name; a sink removes such leftovers of its own when it starts.
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Path] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
-        self._pending = 0
-        self._thread: threading.Thread | None = None
-        self._names = itertools.count()
-
-    def doomed_name(self, path: Path) -> Path:
-        """A fresh name beside ``path`` to rename a file to before it is dropped."""
-        return path.with_name(f"{path.name}.dropped-{os.getpid()}-{next(self._names)}")
-
-    def drop(self, path: Path) -> None:
-        with self._lock:
-            self._pending += 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="log-reclaimer", daemon=True)
-                self._thread.start()
-        self._queue.put(path)
-
-    def wait_idle(self) -> None:
-        """Block until every file handed over so far is gone (at close: nothing left behind)."""
-        with self._idle:
-            self._idle.wait_for(lambda: self._pending == 0)
-
-    def _work(self) -> None:
-        while True:
-            path = self._queue.get()
-            try:
-                path.unlink()
-            except OSError as exc:
-                logger.warning("cannot remove the dropped log file %s: %s", path, exc)
-            with self._idle:
-                self._pending -= 1
-                if not self._pending:
-                    self._idle.notify_all()
-
-
-_RECLAIMER = _Reclaimer()
-
-
-# -- the file -------------------------------------------------------------------------------
-
-
-class _RotatingFile:
-    """The file at ``path``, rotated by size at line boundaries.
-
-    When a write would take the file past ``max_bytes``, the bytes up to the last
-    newline that still fits go into the current file, the file is shifted to
-    ``path.1`` (``path.1`` to ``path.2`` … and the oldest beyond ``backups`` dropped;
-    with ``backups == 0`` the file is dropped and started anew), and the rest goes
-    into a fresh file. So a line is never split across two files, and that wins over
-    the size limit: a single line longer than ``max_bytes`` goes whole into one file,
-    and a line that was already started in a file when its end arrives is finished in
-    that file. Either way that file ends up larger than ``max_bytes``. A ``max_bytes``
-    of 0 or less turns rotation off.
-
-    Disk errors (full disk, a removed directory) must not take the instance down:
-    they are logged once per streak, the bytes are counted in ``bytes_lost``, and the
-    next write tries again.
-    """
-
-    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
-        self.path = path
-        self.max_bytes = max_bytes
-        self.backups = max(0, backups)
-        self.bytes_written = 0
-        self.bytes_lost = 0
-        self._fd: int | None = None
-        self._size = 0
-        # The last byte written is not a newline: a line is in progress in this file.
-        self._mid_line = False
-        self._failing = False
-        self._rotation_failing = False
-
-    def open(self) -> None:
-        if self._fd is None:
-            self._remove_leftovers()
-            self._open()
-
-    def close(self) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
-
-    def _remove_leftovers(self) -> None:
-        """Files dropped by a service that died before its reclaimer removed them."""
-        try:
-            leftovers = list(self.path.parent.glob(f"{glob_escape(self.path.name)}*.dropped-*"))
-        except OSError:
-            return
-        for leftover in leftovers:
-            _RECLAIMER.drop(leftover)
-
-    def reopen(self) -> None:
-        """Let go of a file an external tool moved away, and start a new one at ``path``."""
-        self.close()
-        self._open()
-
-    def write(self, data: bytes) -> None:
-        limit = self.max_bytes
-        view = memoryview(data)
-        if limit <= 0:
-            self._emit(view)
-            return
-        pos, end = 0, len(data)
-        rotated = False  # just rotated for the line at pos
-        while pos < end:
-            room = limit - self._size
-            if end - pos <= room:
-                self._emit(view[pos:])
-                return
-            cut = data.rfind(b"\n", pos, pos + room) if room > 0 else -1
-            if cut >= 0:
-                stop = cut + 1  # what fits; the next pass rotates
-            elif self._mid_line or self._size == 0 or rotated:
-                # Finish the line in progress, or write whole a line that no file can take
-                # (longer than max_bytes, or the file could not be moved away).
-                newline = data.find(b"\n", pos)
-                stop = end if newline < 0 else newline + 1
-            else:
-                self._rotate()
-                rotated = True
-                continue
-            self._emit(view[pos:stop])
-            pos = stop
-            rotated = False
-
-    def _open(self) -> None:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        try:
-            fd = os.open(self.path, flags, _FILE_MODE)
-        except OSError as exc:
-            self._size = 0
-            self._failed(exc)
-            return
-        self._fd = fd
-        self._size = os.fstat(fd).st_size
-
-    def _rotate(self) -> None:
-        """Shift the backups up by one and start a new file.
-
-        The file that falls off the end is renamed away first and unlinked by the
-        reclaimer's thread, so every rename here has a free target: replacing a file
-        (by rename or truncation) would free the old one on the event loop.
-        """
-        self.close()
-        try:
-            oldest = self._backup(self.backups) if self.backups else self.path
-            doomed = _RECLAIMER.doomed_name(oldest)
-            try:
-                os.rename(oldest, doomed)
-            except FileNotFoundError:
-                pass
-            else:
-                _RECLAIMER.drop(doomed)
-            for index in range(self.backups - 1, 0, -1):
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(self._backup(index), self._backup(index + 1))
-            if self.backups:
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(self.path, self._backup(1))
-        except OSError as exc:
-            # The old file stays where it is and keeps growing; the next write tries again.
-            if not self._rotation_failing:
-                self._rotation_failing = True
-                logger.error("log file %s: cannot rotate: %s", self.path, exc)
-        else:
-            self._rotation_failing = False
-        self._open()
-
-    def _backup(self, index: int) -> Path:
-        return self.path.with_name(f"{self.path.name}.{index}")
-
-    def _emit(self, view: memoryview) -> None:
-        """Write all of ``view``: ``os.write`` may take only part of it."""
-        self._mid_line = view[-1] != ord("\n")
-        if self._fd is None:
-            self._open()
-            if self._fd is None:
-                self.bytes_lost += len(view)
-                return
-        while view:
-            try:
-                written = os.write(self._fd, view)
-            except OSError as exc:
-                self.bytes_lost += len(view)
-                self._failed(exc)
-                return
-            view = view[written:]
-            self._size += written
-            self.bytes_written += written
-        if self._failing:
-            self._failing = False
-            logger.warning("log file %s: writing again (%d bytes lost so far)", self.path, self.bytes_lost)
-
-    def _failed(self, exc: OSError) -> None:
-        if not self._failing:
-            self._failing = True
-            logger.error("log file %s: %s; output is dropped until writing works again", self.path, exc)
-
-
-# -- the tail ---------------------------------------------------------------------------------
-
-
-class _Tail:
-    """The last ``limit`` bytes as written, as the chunks they came in.
-
-    Appending is O(1) per chunk; splitting into lines waits until someone asks, which
-    is rare next to how often chunks arrive.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self._limit = max(0, limit)
-        self._chunks: deque[bytes] = deque()
-        self._size = 0
-        # The kept bytes begin a line (nothing trimmed yet, or trimmed right after a newline).
-        self._starts_line = True
-
-    def append(self, data: bytes) -> None:
-        if not self._limit:
-            return
-        self._chunks.append(data)
-        self._size += len(data)
-        excess = self._size - self._limit
-        while excess > 0:
-            first = self._chunks[0]
-            if len(first) <= excess:
-                self._chunks.popleft()
-                self._starts_line = first.endswith(b"\n")
-                cut = len(first)
-            else:
-                self._chunks[0] = first[excess:]
-                self._starts_line = first[excess - 1] == ord("\n")
-                cut = excess
-            self._size -= cut
-            excess -= cut
-
-    def lines(self, n: int) -> list[bytes]:
-        """The last ``n`` lines, without newlines; a line cut off by trimming is left out."""
-        if n <= 0 or not self._size:
-            return []
-        data = b"".join(self._chunks)
-        if data.endswith(b"\n"):
-            data = data[:-1]
-        lines = data.rsplit(b"\n", n)
-        if len(lines) > n or not self._starts_line:
-            del lines[0]
-        return lines
-
-
-# -- followers --------------------------------------------------------------------------------
-
-
-def _dropped_marker(count: int) -> bytes:
-    return b"[supervisor] follower too slow: %d bytes dropped\n" % count
-
-
-class _Follower:
-    """One subscriber's bounded queue of whole-line chunks.
-
-    ``offer`` never waits: a full queue means the follower misses the chunk, and the
-    bytes are counted. Once it has read everything it had before the gap, it first
-    gets a marker line saying how much it missed, then live data again. Until then
-    new chunks are dropped too: a follower just a little slower than the child gets
-    one marker per gap, not a marker after every other line.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self._capacity = max(1, capacity)
-        self._queue: deque[bytes] = deque()
-        self._dropped = 0
-        self._closed = False
-        self._wakeup: anyio.Event | None = None
-
-    def offer(self, chunk: bytes) -> None:
-        if (self._dropped and self._queue) or len(self._queue) >= self._capacity:
-            self._dropped += len(chunk)
-            return
-        if self._dropped:
-            self._queue.append(_dropped_marker(self._dropped))
-            self._dropped = 0
-        self._queue.append(chunk)
-        self._wake()
-
-    def close(self) -> None:
-        self._closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
-            self._wakeup = None
-
-    def __aiter__(self) -> _Follower:
-        return self
-
-    async def __anext__(self) -> bytes:
-        # A checkpoint even when data is ready: a follower that never waits must still
-        # let the read loop (and everything else) run. Taken before popping, so a
-        # cancellation here loses nothing.
-        await anyio.lowlevel.checkpoint()
-        while True:
-            if self._queue:
-                return self._queue.popleft()
-            if self._dropped:
-                # The gap is the last thing that happened: say so now, not at the next line.
-                count, self._dropped = self._dropped, 0
-                return _dropped_marker(count)
-            if self._closed:
-                raise StopAsyncIteration
-            self._wakeup = anyio.Event()
-            await self._wakeup.wait()
-
-
 # -- the sink ---------------------------------------------------------------------------------
 
 
@@ -514,6 +179,13 @@ class LogSink:
 
     The sink does not own ``read_fd``: its owner closes it, after ``aclose()``. Like
     everything in the core, it is used from the event loop's thread only.
+
+    ``open()`` opens the file (and creates its folder) up front and raises
+    ``LogFileError`` when it cannot: the instance calls it before each spawn, so a log
+    that cannot be written fails that instance with the reason, not the service. The
+    loop never raises for the file: from then on, trouble with it is counted in
+    ``bytes_lost`` and said in ``write_error``, and ``on_loss_change(sink)`` is called
+    when a streak of losses starts and when it ends (it must be quick, and not raise).
     """
 
     def __init__(
@@ -525,18 +197,20 @@ class LogSink:
         backups: int = 5,
         timestamps: bool = False,
         tail_bytes: int = 256 * 1024,
-        follower_buffer: int = 1024,
+        follower_bytes: int = 1024 * 1024,
+        on_loss_change: Callable[[LogSink], None] | None = None,
     ) -> None:
         self._read_fd = read_fd
         try:
             self._pipe_size = self._initial_pipe_size = fcntl.fcntl(read_fd, _F_GETPIPE_SZ)
         except OSError:  # not a pipe (a test's file, say): nothing to grow
             self._pipe_size = self._initial_pipe_size = _BIG_PIPE
-        self._file = _RotatingFile(Path(path), max_bytes, backups)
+        hook = None if on_loss_change is None else lambda: on_loss_change(self)
+        self._file = RotatingFile(Path(path), max_bytes, backups, on_change=hook)
         self._timestamps = timestamps
-        self._tail = _Tail(tail_bytes)
-        self._follower_buffer = follower_buffer
-        self._followers: list[_Follower] = []
+        self._tail = Tail(tail_bytes)
+        self._follower_bytes = follower_bytes
+        self._followers: list[Follower] = []
         # The line in progress (bytes since the last newline), so followers get whole lines.
         self._carry: list[bytes] = []
         self._carry_size = 0
@@ -563,8 +237,26 @@ class LogSink:
 
     @property
     def bytes_lost(self) -> int:
-        """Bytes the file could not take (disk errors); tail and followers still got them."""
+        """Bytes the file could not take (disk errors, a refused path), exactly, timestamps included.
+
+        The tail and the followers got them all the same.
+        """
         return self._file.bytes_lost
+
+    @property
+    def write_error(self) -> str | None:
+        """Why output is being dropped right now (names the file); None while writing works."""
+        return self._file.write_error
+
+    def open(self) -> None:
+        """Open the file, creating its folder, if not open yet.
+
+        Raises ``LogFileError`` (with a message naming the path and the reason) when the
+        folder cannot be created or opened, or the file is a symlink, not a regular
+        file, or cannot be opened. Call it from the event loop's thread, as the rest.
+        """
+        if not self._closed:
+            self._file.open()
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -578,7 +270,7 @@ class LogSink:
             return
         if self._run_scope is not None:
             raise RuntimeError(f"log sink for {self.path} is already running")
-        self._file.open()
+        self._file.open_quietly()
         done = self._run_done = anyio.Event()
         try:
             with anyio.CancelScope() as scope:
@@ -685,7 +377,7 @@ class LogSink:
 
         The iterator ends when the sink is closed. Leaving the context unsubscribes.
         """
-        follower = _Follower(self._follower_buffer)
+        follower = Follower(self._follower_bytes)
         if self._closed:
             follower.close()
         self._followers.append(follower)
@@ -714,7 +406,6 @@ class LogSink:
         self._closed = True
         self._drain()
         _PIPE_GROWTH.give_back(self._pipe_size - self._initial_pipe_size)
-        _RECLAIMER.wait_idle()  # rotated-out files are gone before the sink is
         if self._carry:
             line = b"".join(self._carry)
             self._carry.clear()

@@ -4,6 +4,13 @@ The manager owns one task group for as long as the service runs; every
 instance's ``run()`` lives in it. Applying a manifest compares each replica's
 configuration with what runs: new ones start, removed ones stop, changed ones
 are replaced, and unchanged ones are not touched (same process, same pid).
+
+Starts are ordered by the dependency graph without a scheduler: every instance
+is asked to start at once and waits (``waiting``) for its dependencies through
+a ``DependencyGate``, so independent branches come up concurrently and the whole
+graph in the time of its longest path. Stops go in reverse order (dependents
+first), and a dependency that restarts restarts the dependents whose edge says
+``restart: true``.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .config import InstanceConfig, Manifest, ServiceSettings
-from .events import EventBus, State
+from .config.dependencies import levels
+from .events import EventBus, State, Transition
+from .graph import DependencyGate, in_reverse_order
 from .instance import Instance, InstanceContext, InstanceStatus, InvalidRequest
 
 
@@ -65,6 +74,7 @@ class Manager:
         self._done = anyio.Event()
         self._apply_lock = anyio.Lock()
         self._closing = False
+        self._roster = anyio.Event()  # set (and replaced) whenever an instance is added or removed
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -74,6 +84,7 @@ class Manager:
         """Host every instance until ``shutdown()``; started once the manifest is applied."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            await tg.start(self._restart_dependents)
             await self.apply(self.manifest)
             task_status.started()
             await self._done.wait()
@@ -105,9 +116,10 @@ class Manager:
             report.unchanged.extend(n for n in plan if n in self._instances and n not in changed)
             report.added.extend(n for n in plan if n not in self._instances)
 
-            async with anyio.create_task_group() as tg:
-                for name in [*leaving, *changed]:
-                    tg.start_soon(self._instances.pop(name).close)
+            await self.stop_in_order([self._instances[n] for n in [*leaving, *changed]], "removed")
+            for name in [*leaving, *changed]:
+                del self._instances[name]
+            self._roster_changed()
 
             to_start: list[Instance] = []
             for name in [*changed, *report.added]:
@@ -119,23 +131,91 @@ class Manager:
 
     async def _open(self, name: str, plan: _Plan, settings: ServiceSettings) -> Instance:
         assert self._tg is not None, "apply() needs run() to be running"
-        context = InstanceContext(settings=settings, bus=self.events, environ=self._environ)
+        gate = None
+        if plan.config.depends_on:
+            gate = DependencyGate(plan.config.depends_on, self.replicas, lambda: self._roster)
+        context = InstanceContext(
+            settings=settings, bus=self.events, environ=self._environ, dependencies=gate
+        )
         instance = Instance(name, plan.group, plan.config, context)
         await self._tg.start(instance.run)
         self._instances[name] = instance
+        self._roster_changed()
         return instance
 
+    def _roster_changed(self) -> None:
+        roster, self._roster = self._roster, anyio.Event()
+        roster.set()
+
+    def replicas(self, group: str) -> list[Instance]:
+        """The instances of one manifest entry."""
+        return [instance for instance in self._instances.values() if instance.group == group]
+
+    def dependents(self, instance: Instance) -> list[Instance]:
+        """The instances that depend on ``instance`` directly (through its manifest entry)."""
+        return [i for i in self._instances.values() if instance.group in i.config.depends_on]
+
+    async def stop_in_order(self, instances: Sequence[Instance], reason: str) -> None:
+        """Close ``instances``: dependents first, independent branches concurrently."""
+
+        async def close(instance: Instance) -> None:
+            await instance.close(reason)
+
+        await in_reverse_order(instances, close)
+
+    async def _restart_dependents(self, *, task_status: TaskStatus[None]) -> None:
+        """``restart: true`` edges: when a dependency starts again, restart what runs on top of it.
+
+        A dependent whose current run began before the dependency's new start is
+        restarted; its new start then waits until the dependency meets the
+        condition again. A dependent that is waiting (the first start of all)
+        is not touched.
+        """
+        async with self.events.subscribe(buffer=65536) as events:
+            task_status.started()
+            async for event in events:
+                if not isinstance(event, Transition) or event.to_state is not State.STARTING:
+                    continue
+                source = self._instances.get(event.instance)
+                if source is None:
+                    continue
+                for dependent in self.dependents(source):
+                    edge = dependent.config.depends_on[source.group]
+                    started = dependent.status().started_at
+                    if edge.restart and started is not None and started < event.at:
+                        assert self._tg is not None
+                        self._tg.start_soon(self._restart_quietly, dependent, source.name)
+
     @staticmethod
-    async def _start_all(instances: Sequence[Instance]) -> None:
+    async def _restart_quietly(instance: Instance, because: str) -> None:
+        if instance.state in (State.STARTING, State.RUNNING):
+            try:
+                await instance.restart(f"because {because} restarted")
+            except InvalidRequest:
+                pass  # closing, or stopped meanwhile by a request: nothing to restart
+
+    async def _start_all(self, instances: Sequence[Instance]) -> None:
+        """Start level by level of the graph (each level concurrently).
+
+        ``start`` returns once a program is spawned or waiting, so this costs no
+        more than one concurrent start; it only makes sure a dependent finds its
+        dependencies already asked to start, and so waits with the right reason.
+        """
+
         async def start(instance: Instance) -> None:
             try:
                 await instance.start()
             except InvalidRequest:
                 pass  # started meanwhile by a request: that is what we wanted
 
-        async with anyio.create_task_group() as tg:
-            for instance in instances:
-                tg.start_soon(start, instance)
+        depth = levels(self.manifest)
+        by_level: dict[int, list[Instance]] = {}
+        for instance in instances:
+            by_level.setdefault(depth.get(instance.group, 0), []).append(instance)
+        for level in sorted(by_level):
+            async with anyio.create_task_group() as tg:
+                for instance in by_level[level]:
+                    tg.start_soon(start, instance)
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -170,9 +250,7 @@ class Manager:
             self._closing = True
             instances = list(self._instances.values())
             with anyio.move_on_after(self.manifest.supervisor.shutdown_timeout):
-                async with anyio.create_task_group() as tg:
-                    for instance in instances:
-                        tg.start_soon(instance.close, "the service is shutting down")
+                await self.stop_in_order(instances, "the service is shutting down")
             self._done.set()
 
     def count(self, state: State) -> int:

@@ -13,6 +13,7 @@ import functools
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,9 +21,10 @@ from pathlib import Path
 import anyio
 
 from .config import Manifest, ManifestError, load_manifest
-from .events import Transition
+from .events import Transition, Update
 from .manager import Manager, ReloadReport
 from .process import become_subreaper, living_children, raise_fd_limit, run_orphan_reaper
+from .statedir import StateDirError, prepare_state_dir
 from .stdio import Stdio, StdioStream
 
 log = logging.getLogger("supervisor")
@@ -41,13 +43,18 @@ class Service:
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until shutdown; the manager's instances are all stopped when this returns."""
         # The control plane is imported only by the service, never by `supervisor status`.
-        from .api.server import ControlListeners, serve_control
+        from .api.server import ControlError, ControlListeners, serve_control
 
-        state_dir = self.manifest.state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(state_dir, 0o700)
+        # Made 0700 if missing; an existing one must be ours and private, and is not chmod-ed.
+        prepare_state_dir(self.manifest.state_dir)
         # Bound before any instance starts: a second service on this manifest stops here.
-        listeners = ControlListeners(self.manifest)
+        try:
+            listeners = ControlListeners(self.manifest)
+        except OSError as exc:  # its folder cannot be made, a name too long…: one line, not a traceback
+            raise ControlError(_socket_problem(self.manifest.control_socket, exc)) from None
+        except ValueError:  # a NUL byte in the path
+            path = str(self.manifest.control_socket)
+            raise ControlError(f"control socket {path!r}: a NUL byte is not allowed in a path") from None
         with anyio.CancelScope() as self._cancel:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._log_transitions)
@@ -155,10 +162,22 @@ class Service:
     async def _log_transitions(self) -> None:
         async with self.manager.events.subscribe() as events:
             async for event in events:
-                if isinstance(event, Transition):
+                if isinstance(event, Transition | Update):
                     log.info("%s", event.describe())
                 else:
                     log.warning("the service log missed %d events", event.count)
+
+
+def _socket_problem(path: Path, exc: OSError) -> str:
+    folder = path.parent
+    try:
+        found = os.stat(folder)
+    except OSError:
+        pass
+    else:
+        if not stat.S_ISDIR(found.st_mode):  # mkdir -p says "File exists", which helps nobody
+            return f"control socket {path}: {folder} is not a folder"
+    return f"control socket {path}: {exc.strerror or exc}"
 
 
 async def _reap_leftovers() -> None:
@@ -206,7 +225,7 @@ def run_service(
         status = 0
         try:
             anyio.run(_serve, manifest, backend=backend)
-        except* ControlError as group:
+        except* (ControlError, StateDirError) as group:
             for error in group.exceptions:
                 log.error("cannot start: %s", error)
             status = 1

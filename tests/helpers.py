@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 
 from supervisor.config import Manifest, parse_manifest
-from supervisor.events import Transition
+from supervisor.events import Dropped, Transition, Update
 from supervisor.instance import Instance
 from supervisor.manager import Manager
 
@@ -27,14 +27,18 @@ class Recorder:
 
     def __init__(self) -> None:
         self.events: list[Transition] = []
+        self.updates: list[Update] = []
         self._changed = anyio.Event()
 
     async def collect(self, manager: Manager, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with manager.events.subscribe(buffer=100_000) as events:
             task_status.started()
             async for event in events:
-                assert isinstance(event, Transition), f"events were dropped: {event}"
-                self.events.append(event)
+                assert not isinstance(event, Dropped), f"events were dropped: {event}"
+                if isinstance(event, Update):
+                    self.updates.append(event)
+                else:
+                    self.events.append(event)
                 changed, self._changed = self._changed, anyio.Event()
                 changed.set()
 

@@ -57,16 +57,16 @@ def test_status_as_a_table_and_as_json(service: Start) -> None:
     svc = service(MANIFEST)
     ok(svc.cli("wait", "web", "worker", "--state", "running"))
     table = ok(svc.cli("status")).stdout.splitlines()
-    assert table[0].split() == ["NAME", "STATE", "PID", "UPTIME", "RESTARTS", "INFO"]
+    assert table[0].split() == ["NAME", "STATE", "READY", "PID", "UPTIME", "RESTARTS", "INFO"]
     rows = {line.split()[0]: line.split() for line in table[1:]}
     assert set(rows) == {"web-0", "web-1", "worker", "job"}
-    assert rows["web-0"][1] == "running" and rows["web-0"][2].isdigit() and rows["web-0"][4] == "0"
-    assert rows["job"][1:4] == ["stopped", "-", "-"]
+    assert rows["web-0"][1:3] == ["running", "-"] and rows["web-0"][3].isdigit() and rows["web-0"][5] == "0"
+    assert rows["job"][1:5] == ["stopped", "-", "-", "-"]
 
     statuses = json.loads(ok(svc.cli("status", "--json")).stdout)
     assert [s["name"] for s in statuses] == ["web-0", "web-1", "worker", "job"]
     by_name = {s["name"]: s for s in statuses}
-    assert int(rows["worker"][2]) == by_name["worker"]["pid"]
+    assert int(rows["worker"][3]) == by_name["worker"]["pid"]
     assert by_name["web-1"]["group"] == "web" and by_name["web-1"]["stdout"] == "log"
     assert by_name["job"]["pid"] is None and by_name["job"]["state"] == "stopped"
 

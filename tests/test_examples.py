@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from .service_fixture import ServiceProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -28,7 +32,25 @@ def test_shipped_manifest_validates(manifest: Path) -> None:
 
 def test_demo_has_what_the_readme_promises() -> None:
     result = supervisor("validate", "-f", str(ROOT / "configs" / "demo.yaml"))
-    assert result.stdout.strip() == "ok: 4 instances (5 replicas)"
+    assert result.stdout.strip() == "ok: 6 instances (7 replicas)"
+
+
+def test_the_demo_runs_as_a_graph(service: Callable[..., ServiceProcess], tmp_path: Path) -> None:
+    """The demo itself, on a free port and in a private state dir: the graph comes up in order."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    text = (ROOT / "configs" / "demo.yaml").read_text()
+    text = text.replace("8765", port).replace("../.supervisor/demo", str(tmp_path / "state"))
+    text = text.replace("cwd: ..", f"cwd: {ROOT}")
+    svc = service(text, socket=tmp_path / "state" / "control.sock")
+    svc.wait_for(["workers", "heartbeat"], "running", timeout=60)
+    status = svc.status()
+    assert status["migrate"]["state"] == "exited" and status["migrate"]["exit_code"] == 0
+    assert status["web"]["ready"] is True and status["heartbeat"]["ready"] is True
+    assert (status["heartbeat"]["status_text"] or "").startswith("beat ")
+    for worker in ("workers-0", "workers-1"):
+        assert status[worker]["started_at"] >= status["web"]["started_at"]
 
 
 def test_validate_reports_every_problem_and_exits_1(tmp_path: Path) -> None:

@@ -226,17 +226,60 @@ async def test_rotation_of_one_big_chunk(pipe: Pipe, tmp_path: Path) -> None:
     assert stream.endswith(b"".join(contents))
 
 
-async def test_line_longer_than_max_bytes_goes_whole_into_one_file(pipe: Pipe, tmp_path: Path) -> None:
+async def test_line_longer_than_max_bytes_is_cut_at_the_limit(pipe: Pipe, tmp_path: Path) -> None:
     path = tmp_path / "out.log"
-    sink = LogSink(pipe.read_fd, path, max_bytes=100, backups=2)
+    sink = LogSink(pipe.read_fd, path, max_bytes=100, backups=3)
     long_line = b"L" * 250 + b"\n"
     async with running(sink):
         fd = pipe.open_writer(sink)
         os.write(fd, b"short\n" + long_line + b"after\n")
         pipe.close_writer(fd)
-    assert (tmp_path / "out.log.2").read_bytes() == b"short\n"
-    assert (tmp_path / "out.log.1").read_bytes() == long_line
-    assert path.read_bytes() == b"after\n"
+    # The long line starts in a file of its own; no file may take it whole, so it is cut
+    # at the size limit (its end is not within an eighth of max_bytes of the limit).
+    assert (tmp_path / "out.log.3").read_bytes() == b"short\n"
+    assert (tmp_path / "out.log.2").read_bytes() == b"L" * 100
+    assert (tmp_path / "out.log.1").read_bytes() == b"L" * 100
+    assert path.read_bytes() == b"L" * 50 + b"\n" + b"after\n"
+
+
+async def test_a_line_that_ends_within_reach_is_not_cut(pipe: Pipe, tmp_path: Path) -> None:
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path, max_bytes=1000, backups=3)
+    started = b"s" * 900  # a line started in this file, its end beyond the limit but within reach
+    longer = b"m" * 1100 + b"\n"  # longer than max_bytes, but its end is within reach
+    async with running(sink), sink.follow() as follower:
+        reader = Reader(follower)
+        fd = pipe.open_writer(sink)
+        os.write(fd, b"x" * 10 + b"\n" + started)
+        await reader.until(11)
+        os.write(fd, b"s" * 150 + b"\n" + longer + b"end\n")
+        pipe.close_writer(fd)
+    assert (tmp_path / "out.log.2").read_bytes() == b"x" * 10 + b"\n" + started + b"s" * 150 + b"\n"
+    assert (tmp_path / "out.log.1").read_bytes() == longer
+    assert path.read_bytes() == b"end\n"
+
+
+async def test_output_without_newlines_still_rotates(pipe: Pipe, tmp_path: Path) -> None:
+    """A progress bar redrawn with \\r never ends a line: the file is cut at max_bytes anyway."""
+    path = tmp_path / "out.log"
+    sink = LogSink(pipe.read_fd, path, max_bytes=10_000, backups=3)
+    total = 100 * 1000
+    code = (
+        "import sys\n"
+        f"for i in range({total // 10}):\n"
+        "    sys.stdout.write('\\r[%7d]' % i)\n"
+        "    if i % 97 == 0: sys.stdout.flush()\n"
+    )
+    async with running(sink):
+        await run_child(pipe, sink, code)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["out.log", "out.log.1", "out.log.2", "out.log.3"]
+    sizes = [(tmp_path / name).stat().st_size for name in names]
+    assert sizes == [10_000] * 4  # 100,000 bytes: ten files' worth, exactly
+    assert sink.bytes_written == total
+    order = ("out.log.3", "out.log.2", "out.log.1", "out.log")
+    content = b"".join((tmp_path / name).read_bytes() for name in order)
+    assert content == b"".join(b"\r[%7d]" % i for i in range(total // 10 - 4000, total // 10))
 
 
 async def test_no_backups_starts_the_file_anew(pipe: Pipe, tmp_path: Path) -> None:
@@ -309,7 +352,7 @@ async def test_follow_gets_only_what_comes_after_subscribing(pipe: Pipe, tmp_pat
 
 
 async def test_slow_follower_never_blocks_the_writer(pipe: Pipe, tmp_path: Path) -> None:
-    sink = LogSink(pipe.read_fd, tmp_path / "out.log", follower_buffer=4)
+    sink = LogSink(pipe.read_fd, tmp_path / "out.log", follower_bytes=64 * 1024)
     total = 100 * 100_000
     code = f"import sys; sys.stdout.buffer.write((b'x' * 99 + b'\\n') * {total // 100})"
     async with sink.follow() as slow, running(sink):
@@ -317,7 +360,9 @@ async def test_slow_follower_never_blocks_the_writer(pipe: Pipe, tmp_path: Path)
         await run_child(pipe, sink, code)
         await sink.aclose()  # takes in what is left in the pipe, then ends the follower
     chunks = [chunk async for chunk in slow]
-    assert len(chunks) <= 5
+    # Bounded in bytes: what it holds while it does not read is at most 64 KiB, or one
+    # chunk when a single chunk is bigger than that (it is taken whole into an empty queue).
+    assert sum(map(len, chunks[:-1])) <= max(64 * 1024, len(chunks[0]))
     match = re.fullmatch(rb"\[supervisor\] follower too slow: (\d+) bytes dropped\n", chunks[-1])
     assert match is not None
     # Nothing unaccounted for: what it got plus what it was told it missed is everything.
@@ -327,7 +372,7 @@ async def test_slow_follower_never_blocks_the_writer(pipe: Pipe, tmp_path: Path)
 
 
 async def test_follower_gets_marker_then_live_lines(pipe: Pipe, tmp_path: Path) -> None:
-    sink = LogSink(pipe.read_fd, tmp_path / "out.log", follower_buffer=2)
+    sink = LogSink(pipe.read_fd, tmp_path / "out.log", follower_bytes=4)
     async with running(sink), sink.follow() as slow, sink.follow() as fast:
         fast_reader, slow_reader = Reader(fast), Reader(slow)
         fd = pipe.open_writer(sink)
@@ -369,7 +414,7 @@ async def test_timestamps_prefix_each_line_once(pipe: Pipe, tmp_path: Path) -> N
 
 async def test_one_megabyte_line_and_binary_bytes_kept_exactly(pipe: Pipe, tmp_path: Path) -> None:
     path = tmp_path / "out.log"
-    sink = LogSink(pipe.read_fd, path, max_bytes=512 * 1024, backups=1)
+    sink = LogSink(pipe.read_fd, path, max_bytes=512 * 1024, backups=3)
     big_line = os.urandom(1024 * 1024).replace(b"\n", b"\0") + b"\n"
     binary = bytes(range(256)) * 3 + b"\xff\xfe\x00\xc3(\x00"  # \0, invalid UTF-8, no last newline
     data = big_line + binary
@@ -377,9 +422,11 @@ async def test_one_megabyte_line_and_binary_bytes_kept_exactly(pipe: Pipe, tmp_p
         fd = pipe.open_writer(sink)
         await anyio.to_thread.run_sync(write_all, fd, data)  # 1 MB does not fit in the pipe
         pipe.close_writer(fd)
-    # The line longer than max_bytes was written whole to one file; the rest went to the next.
-    assert (tmp_path / "out.log.1").read_bytes() + path.read_bytes() == data
-    assert (tmp_path / "out.log.1").read_bytes() == big_line
+    # The line twice as long as max_bytes was cut at the limit, twice; the newline that
+    # ends it was within reach of the second cut, so it stays with the line's end.
+    files = [(tmp_path / name).read_bytes() for name in ("out.log.2", "out.log.1", "out.log")]
+    assert b"".join(files) == data
+    assert [len(f) for f in files] == [512 * 1024, 512 * 1024 + 1, len(binary)]
 
 
 async def test_one_megabyte_line_without_rotation(pipe: Pipe, tmp_path: Path) -> None:

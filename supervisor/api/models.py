@@ -8,7 +8,7 @@ renamed in ``cli.py`` too. The tests check both ends against each other.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -60,7 +60,13 @@ class Status(BaseModel):
     exit_code: int | None = Field(description="The last exit's code; null if it was a signal or none yet.")
     exit_signal: str | None = Field(description="The last exit's signal name (SIGKILL…); null if none.")
     reason: str | None = Field(description="Why it is in this state (the last exit, an error, a request).")
-    ready: bool | None = Field(description="Readiness, where a probe is configured; null otherwise.")
+    ready: bool | None = Field(
+        description="Whether the current run passed its readiness check; null without a check."
+    )
+    last_check: str | None = Field(description="The last readiness or liveness probe's result.")
+    status_text: str | None = Field(description="The last STATUS= text the program sent over sd_notify.")
+    log_bytes_lost: int = Field(description="Captured bytes the log files could not take (a full disk).")
+    log_error: str | None = Field(description="Why a log file takes no output now; null when it does.")
     stdin: str = Field(description="Where fd 0 comes from (null, inherit, file:PATH, fifo:PATH).")
     stdout: str = Field(description="Where fd 1 goes (log, null, inherit, file:PATH, fifo:PATH).")
     stderr: str = Field(description="Where fd 2 goes (as stdout, or 'stdout' when merged).")
@@ -86,6 +92,10 @@ def wire_status(status: InstanceStatus) -> dict[str, Any]:
         "exit_signal": signal_name(status.exit_signal) if status.exit_signal else None,
         "reason": status.reason,
         "ready": status.ready,
+        "last_check": status.last_check,
+        "status_text": status.status_text,
+        "log_bytes_lost": status.log_bytes_lost,
+        "log_error": status.log_error,
         "stdin": status.stdin,
         "stdout": status.stdout,
         "stderr": status.stderr,
@@ -212,7 +222,10 @@ class SignalRequest(_Selection):
 class WaitRequest(_Selection):
     """Wait until some instances are in one of the given states."""
 
-    state: Annotated[list[State], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
-        description="A state, or a list of states any of which will do."
+    state: Annotated[
+        list[State | Literal["ready"]], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)
+    ] = Field(
+        description="A state, or a list of states any of which will do. `ready`: running and ready "
+        "(for an instance without a readiness check, the same as running)."
     )
     timeout: Duration | None = Field(None, description=_TIMEOUT + " Default: 30s.")

@@ -39,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from ..config import Manifest, ManifestError
-from ..events import State, Transition
+from ..events import State, Transition, Update
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager, ReloadReport, UnknownInstance
 from .client import ServiceUnavailable, connect_unix, unix_address
@@ -338,12 +338,14 @@ def create_app(
     async def wait(body: WaitRequest) -> Response:
         """Wait until each selected instance is in one of ``state`` (default timeout 30s)."""
         timeout = _WAIT_DEFAULT if body.timeout is None else body.timeout
-        wanted = frozenset(body.state)
+        wanted = frozenset(str(state) for state in body.state)
         instances = manager.select(body.patterns)
         results: dict[str, dict[str, Any]] = {}
 
         async def one(instance: Instance) -> None:
-            reached = await instance.wait_for(wanted, timeout)
+            reached = await instance.wait_until(
+                lambda: instance.state in wanted or ("ready" in wanted and instance.is_ready), timeout
+            )
             error = None if reached else f"not {' or '.join(sorted(wanted))} after {timeout:g}s"
             results[instance.name] = _result(instance, reached, error)
 
@@ -428,7 +430,13 @@ def create_app(
                             except StopAsyncIteration:
                                 return
                             data = json.dumps(event.to_dict(), separators=(",", ":")).encode()
-                            kind = b"" if isinstance(event, Transition) else b"event: dropped\n"
+                            kind = (
+                                b""
+                                if isinstance(event, Transition)
+                                else b"event: update\n"
+                                if isinstance(event, Update)
+                                else b"event: dropped\n"
+                            )
                             chunk = b"%sdata: %s\n\n" % (kind, data)
                         yield chunk
 
@@ -530,8 +538,10 @@ class _Actions:
             instances = self.manager.select(body.patterns)
             results: dict[str, dict[str, Any]] = {}
 
+            selected = {instance.name for instance in instances}
+
             async def one(instance: Instance) -> None:
-                results[instance.name] = await self.perform(verb, instance, body)
+                results[instance.name] = await self.perform(verb, instance, body, selected)
 
             await self.unless_closing(_all(one, instances))
             return _action_response(
@@ -553,7 +563,9 @@ class _Actions:
             await work
             tg.cancel_scope.cancel()
 
-    async def perform(self, verb: str, instance: Instance, body: ActionRequest) -> dict[str, Any]:
+    async def perform(
+        self, verb: str, instance: Instance, body: ActionRequest, selected: Collection[str] = ()
+    ) -> dict[str, Any]:
         if body.all and (verb == "start") == instance.state.alive and verb != "restart":
             # `stop --all` means "nothing runs afterwards": one already down is not an error
             # (nor one already up for `start --all`). A name given explicitly still is.
@@ -570,6 +582,11 @@ class _Actions:
             # Here, not in the request's task: the request may go (client gone, no-wait, timeout);
             # what it asked for is carried out all the same.
             try:
+                if verb == "stop":
+                    # Dependents stopped in the same request go first (`stop --all` in reverse order).
+                    for dependent in self.manager.dependents(instance):
+                        if dependent.name in selected:
+                            await dependent.wait_until(lambda d=dependent: not d.state.alive)  # type: ignore[misc]
                 await request()
             except InvalidRequest as exc:
                 refused.append(_refusal(instance, exc))

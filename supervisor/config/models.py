@@ -316,6 +316,13 @@ class InstanceConfig(StrictModel):
     watchdog_signal: Signal = Field(6, description="Sent when the watchdog expires (ABRT, as systemd does).")
 
     @model_validator(mode="after")
+    def _log_check_needs_a_log(self) -> InstanceConfig:
+        captured = "log" in (self.stdout.kind, self.stderr.kind)
+        if self.ready is not None and self.ready.kind == "log" and not captured:
+            raise ValueError("ready: {log: …} reads captured output, but neither stdout nor stderr is `log`")
+        return self
+
+    @model_validator(mode="after")
     def _watchdog_needs_notify(self) -> InstanceConfig:
         if self.watchdog is not None:
             if self.ready is None or self.ready.kind != "notify":

@@ -1,0 +1,243 @@
+"""One instance's health across its runs: readiness, liveness, the watchdog and sd_notify.
+
+``Instance`` owns the state machine; this owns what the checks found out and
+the watchers that find it, one run at a time (``watch_run``). It never changes
+the instance's state itself: it calls back when the run is up (``on_running``)
+and asks the instance to stop the program (``kill``) when a check says so, so
+every transition still goes through the instance's one ``_transition``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
+
+import anyio
+
+from .config import InstanceConfig
+from .events import EventBus, Update
+from .logs import LogSink
+from .probes import (
+    ExecContext,
+    NotifyMessage,
+    NotifySocket,
+    ProbeFailed,
+    until_failed,
+    until_log_line,
+    until_ready,
+)
+from .process import Child
+
+#: Stop the run's program (with this signal, or the stop signal when None), then SIGKILL.
+Kill = Callable[[str, int | None], Awaitable[None]]
+
+
+class LogSubscription:
+    """The followers a log check reads: left as soon as the check passed (unread, they cost copies)."""
+
+    def __init__(self) -> None:
+        self.stack = AsyncExitStack()
+        self.followers: list[AsyncIterator[bytes]] = []
+
+    async def aclose(self) -> None:
+        self.followers.clear()
+        await self.stack.aclose()
+
+
+class Health:
+    """What the checks say about one instance, and the watchers of its current run."""
+
+    def __init__(self, name: str, group: str, config: InstanceConfig, bus: EventBus) -> None:
+        self._name = name
+        self._group = group
+        self._config = config
+        self._bus = bus
+        check = config.ready
+        #: None without a readiness check; else whether the current run passed it.
+        self.ready: bool | None = None if check is None else False
+        #: The last probe result (ready or alive), for status.
+        self.last_check: str | None = None
+        #: The last STATUS= text an sd_notify program sent.
+        self.status_text: str | None = None
+        self._outcomes: dict[str, object] = {}
+        self._notify = NotifySocket() if check is not None and check.kind == "notify" else None
+        self._notified_ready = anyio.Event()
+        self._watchdog_ping = anyio.Event()
+        self._watchdog_armed = anyio.Event()
+        self._watchdog_trigger = False
+        self._main_pid: int | None = None
+
+    def close(self) -> None:
+        if self._notify is not None:
+            self._notify.close()
+
+    def environment(self) -> dict[str, str]:
+        """What a notify program needs in its environment, as systemd gives it."""
+        env: dict[str, str] = {}
+        if self._notify is not None:
+            env["NOTIFY_SOCKET"] = self._notify.address
+            if self._config.watchdog is not None:
+                env["WATCHDOG_USEC"] = str(max(1, round(self._config.watchdog * 1_000_000)))
+        return env
+
+    def note(self, kind: str, ok: bool | None, message: str | None) -> None:
+        """Publish an ``Update`` when the outcome of ``kind`` changes (the message alone, for texts)."""
+        outcome = ok if ok is not None else message
+        if self._outcomes.get(kind, ...) == outcome:
+            return
+        self._outcomes[kind] = outcome
+        self._bus.publish(Update(self._name, self._group, kind, ok, message))
+
+    @contextlib.asynccontextmanager
+    async def log_subscription(self, sinks: Sequence[LogSink]) -> AsyncIterator[LogSubscription]:
+        """Follow the sinks for a log check; enter before the spawn, so that no line is missed."""
+        subscription = LogSubscription()
+        async with subscription.stack:
+            check = self._config.ready
+            if check is not None and check.kind == "log":
+                for sink in sinks:
+                    subscription.followers.append(await subscription.stack.enter_async_context(sink.follow()))
+            yield subscription
+
+    # -- one run ---------------------------------------------------------------------------
+
+    async def watch_run(
+        self,
+        child: Child,
+        followers: LogSubscription,
+        context: ExecContext,
+        on_running: Callable[[], None],
+        kill: Kill,
+    ) -> None:
+        """Watch one run until it ends (the caller cancels this when the program exits).
+
+        The run is up once ``restart.min_uptime`` passed and the readiness check
+        (if any) passed; ``on_running`` is called then, and liveness takes over.
+        """
+        config = self._config
+        if config.ready is not None:
+            self.ready = False
+        for kind in ("ready", "alive", "watchdog"):  # each run's first outcome is news
+            self._outcomes.pop(kind, None)
+        self._notified_ready = anyio.Event()
+        self._watchdog_armed = anyio.Event()
+        self._watchdog_trigger = False
+        self._main_pid = None
+        async with anyio.create_task_group() as tg:
+            if self._notify is not None:
+                tg.start_soon(self._serve_notify, child)
+                if config.watchdog is not None:
+                    tg.start_soon(self._watch_dog, config.watchdog, kill)
+            async with anyio.create_task_group() as startup:
+                startup.start_soon(anyio.sleep, config.restart.min_uptime)
+                if config.ready is not None:
+                    startup.start_soon(self._become_ready, followers, context, kill)
+            on_running()
+            if config.alive is not None:
+                reason = await until_failed(config.alive, context, self._report("alive"))
+                self.note("alive", False, f"restarting: {reason}")
+                await kill(f"liveness: {reason}", None)
+                await anyio.sleep_forever()  # the program is gone: the caller cancels us
+
+    async def _become_ready(self, followers: LogSubscription, context: ExecContext, kill: Kill) -> None:
+        check = self._config.ready
+        assert check is not None
+        limit = math.inf if check.start_timeout is None else check.start_timeout
+        with anyio.move_on_after(limit):
+            if check.kind == "notify":
+                await self._notified_ready.wait()
+                result = "READY=1"
+            elif check.kind == "log":
+                assert check.log is not None
+                try:
+                    result = await until_log_line(list(followers.followers), check.log)
+                except ProbeFailed:
+                    await anyio.sleep_forever()  # the sinks closed: the instance is going away
+            else:
+                await until_ready(check, context, self._report("ready"))
+                result = self.last_check or "passed"
+            await followers.aclose()
+            self.ready = True
+            self.last_check = result
+            self.note("ready", True, result)
+            return
+        await followers.aclose()
+        why = self.last_check if self._outcomes.get("ready") is False else None
+        reason = f"not ready after {check.start_timeout:g}s" + (f": {why}" if why else "")
+        self.note("ready", False, reason)
+        await kill(reason, None)
+        await anyio.sleep_forever()
+
+    def _report(self, kind: str) -> Callable[[bool, str], None]:
+        def report(ok: bool, message: str) -> None:
+            self.last_check = message
+            self.note(kind, ok, message)
+
+        return report
+
+    # -- sd_notify -------------------------------------------------------------------------
+
+    async def _serve_notify(self, child: Child) -> None:
+        assert self._notify is not None
+        while True:
+            message = await self._notify.receive()
+            if self._from_run(message.pid, child):
+                self._take(message)
+
+    def _from_run(self, pid: int, child: Child) -> bool:
+        """A datagram counts only from the run's own process group (or its declared MAINPID)."""
+        if pid in (child.pid, self._main_pid):
+            return True
+        try:
+            return os.getpgid(pid) == child.pgid
+        except OSError:  # gone already, or not visible: it cannot be told apart from a stranger
+            return False
+
+    def _take(self, message: NotifyMessage) -> None:
+        fields = message.fields
+        main = fields.get("MAINPID", "")
+        if main.isdigit():
+            self._main_pid = int(main)
+        status = message.status
+        if status is not None:
+            self.status_text = status
+            self.note("notify", None, status)
+        if fields.get("RELOADING") == "1" and self.ready:
+            self.ready = False
+            self.note("ready", False, "RELOADING=1")
+        if fields.get("STOPPING") == "1":
+            self.note("notify", None, "STOPPING=1")
+        if fields.get("READY") == "1":
+            self._watchdog_armed.set()
+            if not self._notified_ready.is_set():
+                self._notified_ready.set()
+            elif not self.ready:  # ready again after RELOADING=1
+                self.ready = True
+                self.last_check = "READY=1"
+                self.note("ready", True, "READY=1")
+        ping = fields.get("WATCHDOG")
+        if ping in ("1", "trigger"):
+            self._watchdog_trigger = ping == "trigger"
+            self._watchdog_armed.set()
+            self._watchdog_ping.set()
+
+    async def _watch_dog(self, interval: float, kill: Kill) -> None:
+        """Armed at READY=1 or the first ping: a slow start is ``ready.start_timeout``'s business."""
+        await self._watchdog_armed.wait()
+        while True:
+            ping = self._watchdog_ping = anyio.Event()
+            with anyio.move_on_after(interval) as scope:
+                await ping.wait()
+            if scope.cancelled_caught or self._watchdog_trigger:
+                break
+        if self._watchdog_trigger:
+            reason = "watchdog: the program sent WATCHDOG=trigger"
+        else:
+            reason = f"watchdog: no WATCHDOG=1 within {interval:g}s"
+        self.note("watchdog", False, reason)
+        await kill(reason, self._config.watchdog_signal)
+        await anyio.sleep_forever()
+

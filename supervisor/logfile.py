@@ -1,0 +1,374 @@
+"""A log file on disk: opened without following symlinks, rotated by size, losses counted.
+
+The file and its folder are opened so that nothing planted in the folder can redirect
+output: the folder with ``O_DIRECTORY | O_NOFOLLOW`` (a symlinked folder is refused),
+then every open, rename and unlink relative to that folder's descriptor, and the file
+with ``O_NOFOLLOW | O_NONBLOCK`` and checked to be a regular file (a symlink to a
+root-owned file is refused; a planted fifo neither blocks the service nor takes the
+output). The service checks the state folder itself (``statedir.py``).
+
+The file is written with ``os.write`` on an ``O_APPEND`` descriptor: no user-space
+buffer, so there is nothing to lose on a crash of the service and nothing to flush.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import logging
+import os
+import queue
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+__all__ = ["LogFileError", "RotatingFile"]
+
+logger = logging.getLogger("supervisor.logs")
+
+# New files are not world-readable: captured output often holds secrets.
+_FILE_MODE = 0o640
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = (
+    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+)
+# A line in progress may take a file this far past max_bytes (a fraction of it) to end
+# in that file; a line that does not end within reach is cut at max_bytes.
+_REACH_FRACTION = 8
+
+
+class LogFileError(Exception):
+    """A log file or its folder cannot be used; the message names the path and why."""
+
+
+def open_folder(folder: Path) -> int:
+    """A descriptor of ``folder`` (created if missing); never through a symlink at its last step."""
+    try:
+        return os.open(folder, _FOLDER_FLAGS)
+    except OSError as exc:
+        first = exc
+    try:
+        found: os.stat_result | None = os.lstat(folder)
+    except OSError:  # missing, or a step on the way is missing or not a folder
+        found = None
+    if found is not None:
+        if stat.S_ISLNK(found.st_mode):
+            raise LogFileError(
+                f"the log folder {folder} is a symlink, and symlinks are not followed there: "
+                "point the manifest at the real folder"
+            )
+        if not stat.S_ISDIR(found.st_mode):
+            raise LogFileError(f"the log folder {folder} is not a folder")
+        raise LogFileError(f"cannot open the log folder {folder}: {first.strerror}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        return os.open(folder, _FOLDER_FLAGS)
+    except OSError as exc:
+        raise LogFileError(f"cannot create the log folder {folder}: {exc.strerror}") from None
+
+
+def open_file(folder_fd: int, path: Path) -> int:
+    """An append descriptor of the regular file ``path.name`` in the folder open at ``folder_fd``."""
+    try:
+        fd = os.open(path.name, _FILE_FLAGS, _FILE_MODE, dir_fd=folder_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LogFileError(
+                f"the log file {path} is a symlink, and symlinks are not followed there: "
+                "point the manifest at the real file"
+            ) from None
+        if exc.errno == errno.ENXIO:  # a fifo nobody reads
+            raise LogFileError(f"the log file {path} is not a regular file (a fifo)") from None
+        raise LogFileError(f"cannot open the log file {path}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise LogFileError(f"the log file {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
+
+
+# -- dropped files --------------------------------------------------------------------------
+
+
+class _Reclaimer:
+    """Unlinks dropped log files on one background thread, shared by every sink.
+
+    Unlinking a file frees its page cache there and then: about 15 ms for a 20 MB file
+    just written. Done on the event loop at each rotation, that stalls every other
+    instance's logs and the control API; with many chatty children it adds up to most
+    of the loop's time. So a rotation only renames the doomed file out of the way (a
+    cheap rename: its target is a fresh name) and hands it over here. One thread for
+    the whole service, started on the first drop, is all this costs.
+
+    Files are handed over as a name in a folder descriptor; the file that owns the
+    descriptor waits until the reclaimer is idle before it closes it. A file handed
+    over just before the service dies stays behind under its ``.dropped-…`` name; a
+    file removes such leftovers of its own when it opens.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[int, str, Path]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+        self._names = itertools.count()
+
+    def doomed_name(self, name: str) -> str:
+        """A fresh name beside ``name`` to rename a file to before it is dropped."""
+        return f"{name}.dropped-{os.getpid()}-{next(self._names)}"
+
+    def drop(self, folder_fd: int, name: str, folder: Path) -> None:
+        with self._lock:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="log-reclaimer", daemon=True)
+                self._thread.start()
+        self._queue.put((folder_fd, name, folder))
+
+    def wait_idle(self) -> None:
+        """Block until every file handed over so far is gone (at close: nothing left behind)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending == 0)
+
+    def _work(self) -> None:
+        while True:
+            folder_fd, name, folder = self._queue.get()
+            try:
+                os.unlink(name, dir_fd=folder_fd)
+            except OSError as exc:
+                logger.warning("cannot remove the dropped log file %s: %s", folder / name, exc.strerror)
+            with self._idle:
+                self._pending -= 1
+                if not self._pending:
+                    self._idle.notify_all()
+
+
+_RECLAIMER = _Reclaimer()
+
+
+# -- the file -------------------------------------------------------------------------------
+
+
+class RotatingFile:
+    """The file at ``path``, rotated by size, cut at line ends where it can be.
+
+    When a write would take the file past ``max_bytes``, the bytes up to the last
+    newline that still fits go into the current file, the file is shifted to
+    ``path.1`` (``path.1`` to ``path.2`` … and the oldest beyond ``backups`` dropped;
+    with ``backups == 0`` the file is dropped and started anew), and the rest goes
+    into a fresh file. A line that does not fit starts in the fresh file. A line
+    already started in a file, or longer than a whole file, ends in that file if its
+    end is within reach (an eighth of ``max_bytes`` past the limit); otherwise it is
+    cut at ``max_bytes`` and goes on in the next file. So output without newlines (a
+    ``\\r`` progress bar) rotates like any other, and no file grows past
+    ``max_bytes`` plus an eighth. A ``max_bytes`` of 0 or less turns rotation off.
+
+    Disk errors (full disk, a removed folder, a refused path) must not take the
+    instance down: they are logged once per streak, the bytes are counted in
+    ``bytes_lost``, ``write_error`` says why while the streak lasts, ``on_change`` is
+    called when a streak starts and when it ends, and the next write tries again.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        max_bytes: int,
+        backups: int,
+        *,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backups = max(0, backups)
+        self.bytes_written = 0
+        self.bytes_lost = 0
+        #: Why output is being dropped now; None while writing works.
+        self.write_error: str | None = None
+        self._on_change = on_change
+        self._folder_fd: int | None = None
+        self._fd: int | None = None
+        self._size = 0
+        # The last byte written is not a newline: a line is in progress in this file.
+        self._mid_line = False
+        self._rotation_failing = False
+
+    # -- opening and closing ------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the folder (creating it) and the file if not open yet; ``LogFileError`` if they cannot be."""
+        if self._fd is not None:
+            return
+        if "\0" in str(self.path):  # the OS would raise ValueError, which nobody above expects
+            raise LogFileError(f"the log file path {str(self.path)!r} contains a NUL byte")
+        if self._folder_fd is None:
+            self._folder_fd = open_folder(self.path.parent)
+            self._remove_leftovers()
+        self._fd = open_file(self._folder_fd, self.path)
+        self._size = os.fstat(self._fd).st_size
+
+    def open_quietly(self) -> None:
+        """``open()``, with a failure counted as the start of a streak of losses instead of raised."""
+        try:
+            self.open()
+        except LogFileError as exc:
+            self._size = 0
+            self._failed(str(exc))
+
+    def reopen(self) -> None:
+        """Let go of a file (and folder) an external tool moved away, and start anew at ``path``."""
+        self.close()
+        self.open_quietly()
+
+    def close(self) -> None:
+        """Close the file and its folder, once the files dropped so far are gone (none left behind)."""
+        self._close_file()
+        _RECLAIMER.wait_idle()  # it may still unlink in our folder: the descriptor must stay open
+        folder_fd, self._folder_fd = self._folder_fd, None
+        if folder_fd is not None:
+            os.close(folder_fd)
+
+    def _close_file(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def _remove_leftovers(self) -> None:
+        """Files dropped by a service that died before its reclaimer removed them."""
+        assert self._folder_fd is not None
+        try:
+            names = os.listdir(self._folder_fd)
+        except OSError:
+            return
+        prefix = self.path.name
+        for name in names:
+            if name.startswith(prefix) and ".dropped-" in name[len(prefix) :]:
+                _RECLAIMER.drop(self._folder_fd, name, self.path.parent)
+
+    # -- writing ------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        limit = self.max_bytes
+        view = memoryview(data)
+        if limit <= 0:
+            self._emit(view)
+            return
+        reach = limit + limit // _REACH_FRACTION  # how far a file may grow to end a line
+        pos, end = 0, len(data)
+        rotated = False  # just rotated for the line at pos
+        while pos < end:
+            room = limit - self._size
+            if end - pos <= room:
+                self._emit(view[pos:])
+                return
+            cut = data.rfind(b"\n", pos, pos + room) if room > 0 else -1
+            if cut >= 0:
+                stop = cut + 1  # what fits; the next pass rotates
+            elif self._size and not self._mid_line and not rotated:
+                self._rotate()  # a line that does not fit starts in a fresh file
+                rotated = True
+                continue
+            else:
+                # A line started in this file, or one longer than a file: it ends here if
+                # its end is within reach, else it is cut at the limit.
+                allowance = reach - self._size
+                newline = data.find(b"\n", pos, pos + allowance) if allowance > 0 else -1
+                if newline >= 0:
+                    stop = newline + 1
+                elif room > 0:
+                    stop = pos + room
+                elif not rotated:
+                    self._rotate()
+                    rotated = True
+                    continue
+                else:  # the full file could not be moved away: write on rather than loop
+                    newline = data.find(b"\n", pos)
+                    stop = end if newline < 0 else newline + 1
+            self._emit(view[pos:stop])
+            pos = stop
+            rotated = False
+
+    def _rotate(self) -> None:
+        """Shift the backups up by one and start a new file.
+
+        The file that falls off the end is renamed away first and unlinked by the
+        reclaimer's thread, so every rename here has a free target: replacing a file
+        (by rename or truncation) would free the old one on the event loop. Renames
+        replace names and never follow them: a symlink planted as ``path.1`` is just
+        replaced.
+        """
+        self._close_file()
+        folder = self._folder_fd
+        if folder is not None:
+            try:
+                self._shift(folder)
+            except OSError as exc:
+                # The old file stays where it is and keeps growing; the next write tries again.
+                if not self._rotation_failing:
+                    self._rotation_failing = True
+                    logger.error("log file %s: cannot rotate: %s", self.path, exc.strerror)
+            else:
+                self._rotation_failing = False
+        self.open_quietly()
+
+    def _shift(self, folder: int) -> None:
+        def rename(old: str, new: str) -> None:
+            os.rename(old, new, src_dir_fd=folder, dst_dir_fd=folder)
+
+        oldest = self._backup(self.backups) if self.backups else self.path.name
+        doomed = _RECLAIMER.doomed_name(oldest)
+        try:
+            rename(oldest, doomed)
+        except FileNotFoundError:
+            pass
+        else:
+            _RECLAIMER.drop(folder, doomed, self.path.parent)
+        for index in range(self.backups - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                rename(self._backup(index), self._backup(index + 1))
+        if self.backups:
+            with contextlib.suppress(FileNotFoundError):
+                rename(self.path.name, self._backup(1))
+
+    def _backup(self, index: int) -> str:
+        return f"{self.path.name}.{index}"
+
+    def _emit(self, view: memoryview) -> None:
+        """Write all of ``view``: ``os.write`` may take only part of it."""
+        self._mid_line = view[-1] != ord("\n")
+        if self._fd is None:
+            self.open_quietly()
+            if self._fd is None:
+                self.bytes_lost += len(view)
+                return
+        fd = self._fd
+        while view:
+            try:
+                written = os.write(fd, view)
+            except OSError as exc:
+                self.bytes_lost += len(view)
+                self._failed(f"log file {self.path}: {exc.strerror}")
+                return
+            view = view[written:]
+            self._size += written
+            self.bytes_written += written
+        if self.write_error is not None:
+            self.write_error = None
+            logger.warning("log file %s: writing again (%d bytes lost so far)", self.path, self.bytes_lost)
+            self._changed()
+
+    def _failed(self, message: str) -> None:
+        if self.write_error is None:
+            self.write_error = message
+            logger.error("%s; output is dropped until writing works again", message)
+            self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:  # the owner's hook: its bug must not stop the log loop
+                logger.exception("log file %s: the on_change hook failed", self.path)

@@ -1,0 +1,316 @@
+"""Readiness and liveness probes: exec, http, tcp, a log line, and the sd_notify protocol.
+
+A probe is one bounded attempt (``probe_once``); the loops around it
+(``until_ready``, ``until_failed``) run in the instance's task group, one task
+per check and no thread: exec probes spawn through ``process.spawn`` (a pidfd,
+as every child of the service), http goes through httpx on the running anyio
+backend, tcp through ``anyio.connect_tcp``. The log probe reads the instance's
+own log sink (no second pipe), and ``NotifySocket`` is one datagram socket per
+instance that speaks systemd's notify protocol.
+
+Results go back through a callback, not an event: the instance decides what a
+result means for its state, and publishes an event only when the outcome changes.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import os
+import re
+import secrets
+import signal
+import socket
+import struct
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from .config import AliveCheck, ReadyCheck
+from .process import SpawnError, spawn
+
+__all__ = [
+    "ExecContext",
+    "NotifyMessage",
+    "NotifySocket",
+    "ProbeFailed",
+    "probe_once",
+    "until_failed",
+    "until_log_line",
+    "until_ready",
+]
+
+Check = ReadyCheck | AliveCheck
+#: Report one probe's outcome: (passed, what happened).
+Report = Callable[[bool, str], None]
+
+# An exec probe's output kept for the failure message: its last line is what a person wants.
+_EXEC_OUTPUT = 4096
+# systemd reads notify datagrams of up to this size; longer ones are cut off and ignored.
+_NOTIFY_MAX = 4096
+_STATUS_MAX = 200
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class ProbeFailed(Exception):
+    """One attempt did not pass; the message says why, for the instance's status."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExecContext:
+    """Where an exec probe runs: the instance's folder, environment and credentials."""
+
+    cwd: str | None
+    env: Mapping[str, str]
+    user: str | int | None = None
+    group: str | int | None = None
+    umask: int | None = None
+
+
+async def probe_once(check: Check, context: ExecContext) -> str:
+    """One attempt, bounded by ``check.timeout``: what passed, or ``ProbeFailed`` saying why."""
+    kind = check.kind
+    with anyio.move_on_after(check.timeout):
+        if kind == "exec":
+            return await _exec(check.argv, context)
+        if kind == "http":
+            assert check.http is not None
+            return await _http(check.http, check.expect, check.body, check.timeout)
+        if kind == "tcp":
+            return await _tcp(*check.address)
+        raise AssertionError(f"{kind} checks are not polled")
+    raise ProbeFailed(f"{kind} probe timed out after {check.timeout:g}s")
+
+
+async def until_ready(check: ReadyCheck, context: ExecContext, report: Report) -> None:
+    """Probe every ``interval`` until ``success_threshold`` passes in a row."""
+    await anyio.sleep(check.initial_delay)
+    passes = 0
+    while True:
+        try:
+            result = await probe_once(check, context)
+        except ProbeFailed as exc:
+            passes = 0
+            report(False, str(exc))
+        else:
+            passes += 1
+            report(True, result)
+            if passes >= check.success_threshold:
+                return
+        await anyio.sleep(check.interval)
+
+
+async def until_failed(check: AliveCheck, context: ExecContext, report: Report) -> str:
+    """Probe every ``interval``; return the last error after ``failure_threshold`` failures in a row."""
+    await anyio.sleep(check.initial_delay)
+    failures = 0
+    while True:
+        try:
+            result = await probe_once(check, context)
+        except ProbeFailed as exc:
+            failures += 1
+            report(False, f"{exc} ({failures} of {check.failure_threshold})")
+            if failures >= check.failure_threshold:
+                return str(exc)
+        else:
+            failures = 0
+            report(True, result)
+        await anyio.sleep(check.interval)
+
+
+async def until_log_line(followers: Iterable[AsyncIterator[bytes]], pattern: str) -> str:
+    """Wait for a line that ``pattern`` matches in what the followers (``LogSink.follow()``) bring.
+
+    The caller subscribes before it spawns the program, so that no line falls
+    between the spawn and the first look. Lines are matched one by one (a
+    pattern never spans two), as text, with undecodable bytes replaced.
+    """
+    regex = re.compile(pattern)
+    matched: list[str] = []
+
+    async def watch(chunks: AsyncIterator[bytes], tg: anyio.abc.TaskGroup) -> None:
+        async for chunk in chunks:
+            for raw in chunk.splitlines():
+                line = raw.decode(errors="replace")
+                if regex.search(line):
+                    matched.append(line)
+                    tg.cancel_scope.cancel()
+                    return
+
+    async with anyio.create_task_group() as tg:
+        for chunks in followers:
+            tg.start_soon(watch, chunks, tg)
+    if not matched:  # every stream ended (the sinks closed): the instance is going away
+        raise ProbeFailed("the log ended before a line matched")
+    return f"log line matched: {matched[0][:200]}"
+
+
+# -- exec, http, tcp ----------------------------------------------------------------------------
+
+
+async def _exec(argv: list[str], context: ExecContext) -> str:
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        try:
+            child = spawn(
+                argv,
+                stdin=None,
+                stdout=write_fd,
+                stderr=write_fd,
+                cwd=context.cwd,
+                env=context.env,
+                user=context.user,
+                group=context.group,
+                umask=context.umask,
+            )
+        except SpawnError as exc:
+            raise ProbeFailed(str(exc)) from None
+        finally:
+            os.close(write_fd)
+        output = bytearray()
+        try:
+            while True:
+                await anyio.wait_readable(read_fd)
+                try:
+                    data = os.read(read_fd, 65536)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    break
+                output += data
+                del output[:-_EXEC_OUTPUT]
+            status = await child.wait()
+        finally:
+            if child.exit is None:  # timed out or cancelled: no probe outlives its attempt
+                with anyio.CancelScope(shield=True):
+                    child.send_signal(signal.SIGKILL, group=True)
+                    await child.wait()
+    finally:
+        os.close(read_fd)
+    if status.succeeded([0]):
+        return f"{argv[0]} exited 0"
+    last = output.decode(errors="replace").strip().splitlines()
+    detail = f": {last[-1][:200]}" if last else ""
+    raise ProbeFailed(f"{argv[0]}: {status.describe()}{detail}")
+
+
+async def _http(url: str, expect: list[int] | None, body: str | None, timeout: float) -> str:
+    import httpx  # only services with an http probe pay for it
+
+    try:
+        async with httpx.AsyncClient(timeout=timeout, verify=False, follow_redirects=False) as client:
+            response = await client.get(url, headers={"User-Agent": "procward-probe"})
+    except httpx.HTTPError as exc:
+        raise ProbeFailed(f"GET {url}: {_reason(exc)}") from None
+    status = response.status_code
+    if (status not in expect) if expect else not 200 <= status < 400:
+        wanted = ", ".join(map(str, expect)) if expect else "2xx or 3xx"
+        raise ProbeFailed(f"GET {url}: status {status}, expected {wanted}")
+    if body is not None and body not in response.text:
+        raise ProbeFailed(f"GET {url}: status {status}, but the body lacks {body!r}")
+    return f"GET {url}: status {status}"
+
+
+def _reason(exc: BaseException) -> str:
+    """The root cause in a person's words: "connection refused", not "All connection attempts failed"."""
+    cause: BaseException = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+    if isinstance(cause, OSError) and cause.errno:
+        return os.strerror(cause.errno).lower()  # asyncio's own text names the address again
+    return str(cause) or str(exc) or type(exc).__name__
+
+
+async def _tcp(host: str, port: int) -> str:
+    try:
+        stream = await anyio.connect_tcp(host, port)
+    except OSError as exc:
+        raise ProbeFailed(f"connect {host}:{port}: {_reason(exc)}") from None
+    await stream.aclose()
+    return f"connect {host}:{port}: accepted"
+
+
+# -- sd_notify ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyMessage:
+    """One datagram: who sent it (from the kernel's credentials) and its KEY=VALUE pairs."""
+
+    pid: int
+    fields: Mapping[str, str]
+
+    @property
+    def status(self) -> str | None:
+        text = self.fields.get("STATUS")
+        if text is None:
+            return None
+        return "".join(c if c.isprintable() else " " for c in text)[:_STATUS_MAX]
+
+
+class NotifySocket:
+    """An instance's ``NOTIFY_SOCKET``: a datagram socket in the abstract namespace.
+
+    Abstract, so that no path length limit, folder permission or leftover file
+    gets in the way (a program that runs as another user can still reach it); a
+    random name, so that nothing guesses it. The kernel tells the sender's pid
+    with each datagram (``SO_PASSCRED``): the instance accepts a message only
+    from a process of its own group, so another program cannot make it ready.
+    """
+
+    def __init__(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
+        try:
+            name = f"procward/{os.getpid()}/{secrets.token_hex(8)}"
+            sock.bind(b"\0" + name.encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        #: The value of NOTIFY_SOCKET, as sd_notify(3) reads it ('@' for the abstract namespace).
+        self.address = "@" + name
+
+    def close(self) -> None:
+        self._sock.close()
+
+    async def receive(self) -> NotifyMessage:
+        """The next well-formed datagram; cut-off ones and ones without credentials are skipped."""
+        space = socket.CMSG_SPACE(_CREDENTIALS.size) + socket.CMSG_SPACE(16 * 4)
+        while True:
+            await anyio.wait_readable(self._sock)
+            try:
+                data, ancillary, flags, _ = self._sock.recvmsg(_NOTIFY_MAX, space)
+            except (BlockingIOError, InterruptedError):
+                continue
+            pid = _sender(ancillary)
+            if pid is not None and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                return NotifyMessage(pid, _fields(data))
+
+
+def _sender(ancillary: list[tuple[int, int, bytes]]) -> int | None:
+    """The sender's pid; closes any descriptor passed along (we keep none)."""
+    pid = None
+    for level, kind, data in ancillary:
+        if level != socket.SOL_SOCKET:
+            continue
+        if kind == socket.SCM_CREDENTIALS and len(data) >= _CREDENTIALS.size:
+            pid = _CREDENTIALS.unpack_from(data)[0]
+        elif kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            for fd in fds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+    return pid
+
+
+def _fields(data: bytes) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in data.decode(errors="replace").split("\n"):
+        key, sep, value = line.partition("=")
+        if sep and key and key.isupper():
+            fields[key] = value
+    return fields

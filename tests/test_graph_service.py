@@ -1,0 +1,123 @@
+"""The service graph through a real ``supervisor run``: status, wait, graph, stop --all, events."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .service_fixture import SUPERVISOR, ServiceProcess, write_manifest
+
+Start = Callable[..., ServiceProcess]
+
+MANIFEST = r"""
+version: 1
+instances:
+  db:
+    command: [sh, -c, 'echo "database system is ready"; exec sleep 300']
+    ready: {log: 'system is ready'}
+    restart: {min_uptime: 0}
+  migrate:
+    command: [sh, -c, 'echo migrated']
+    restart: {policy: "no", min_uptime: 0}
+  api:
+    command: [sleep, "300"]
+    restart: {min_uptime: 0}
+    depends_on:
+      db: {condition: ready}
+      migrate: {condition: completed}
+  worker:
+    command: [sleep, "300"]
+    replicas: 2
+    restart: {min_uptime: 0}
+    depends_on: [api]
+  seeder:
+    command: [sleep, "300"]
+    autostart: false
+  report:
+    command: [sleep, "300"]
+    depends_on: {seeder: started}
+"""
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[str]:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\nstderr: {result.stderr}"
+    return result
+
+
+def test_status_wait_and_the_waiting_reason(service: Start) -> None:
+    svc = service(MANIFEST)
+    ok(svc.cli("wait", "worker", "--state", "ready", "--timeout", "30"))
+    statuses = json.loads(ok(svc.cli("status", "--json")).stdout)
+    by_name: dict[str, dict[str, Any]] = {s["name"]: s for s in statuses}
+    assert by_name["db"]["ready"] is True
+    assert by_name["db"]["last_check"] == "log line matched: database system is ready"
+    assert by_name["api"]["ready"] is None and by_name["api"]["state"] == "running"
+    assert by_name["migrate"]["state"] == "exited" and by_name["migrate"]["exit_code"] == 0
+    assert by_name["report"]["state"] == "waiting"
+    assert by_name["report"]["reason"] == "waiting for seeder (started): seeder is stopped; start it"
+    table = {line.split()[0]: line for line in ok(svc.cli("status")).stdout.splitlines()[1:]}
+    assert table["db"].split()[1:3] == ["running", "yes"]
+    assert table["report"].split()[1] == "waiting"
+    assert table["report"].endswith("waiting for seeder (started): seeder is stopped; start it")
+    # A wait for readiness that cannot happen says so, with the state.
+    late = svc.cli("wait", "report", "--state", "ready", "--timeout", "0.3")
+    assert late.returncode == 1 and "not ready after 0.3s" in late.stderr
+    ok(svc.cli("start", "seeder"))
+    ok(svc.cli("wait", "report", "--state", "running", "--timeout", "30"))
+
+
+def test_stop_all_stops_dependents_first_and_events_carry_updates(service: Start) -> None:
+    svc = service(MANIFEST)
+    svc.wait_for(["worker"], "running", timeout=30)
+    client = svc.client(timeout=10)  # an event that never comes fails the read, not the whole run
+    with client.events() as events:
+        ok(svc.cli("restart", "db"))
+        update = next(e for e in events if e.get("kind") == "ready" and e["instance"] == "db")
+        assert update["ok"] is True and update["message"].startswith("log line matched")
+    with client.events() as events:
+        ok(svc.cli("stop", "--all"))
+        stopped: list[str] = []
+        order: list[tuple[str, str]] = []
+        for event in events:
+            if "to_state" in event and event["to_state"] in ("stopping", "stopped"):
+                order.append((event["instance"], event["to_state"]))
+                if event["to_state"] == "stopped":
+                    stopped.append(event["instance"])
+            if {"db", "api", "worker-0", "worker-1"} <= set(stopped):
+                break
+    position = {item: index for index, item in enumerate(order)}
+    assert position[("api", "stopping")] > position[("worker-0", "stopped")]
+    assert position[("api", "stopping")] > position[("worker-1", "stopped")]
+    assert position[("db", "stopping")] > position[("api", "stopped")]
+
+
+def test_graph_prints_start_order_and_dot(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, MANIFEST)
+    text = subprocess.run(
+        [*SUPERVISOR, "graph", "-f", str(manifest)], capture_output=True, text=True, check=True
+    ).stdout
+    lines = [line.split() for line in text.splitlines()]
+    assert [line[:2] for line in lines] == [
+        ["0", "db"],
+        ["0", "migrate"],
+        ["0", "seeder"],
+        ["1", "api"],
+        ["1", "report"],
+        ["2", "worker"],
+    ]
+    api = next(line for line in text.splitlines() if line.split()[1] == "api")
+    assert api.endswith("<- db (ready), migrate (completed)")
+    assert "worker ×2" in text and "[ready: log]" in text
+    dot = subprocess.run(
+        [*SUPERVISOR, "graph", "--dot", "-f", str(manifest)], capture_output=True, text=True, check=True
+    ).stdout
+    assert dot.startswith("digraph supervisor {") and dot.rstrip().endswith("}")
+    assert '"api" -> "migrate" [label="completed"];' in dot
+    assert '"worker" -> "api" [label="ready"];' in dot
+    text = "version: 1\ninstances: {a: {command: x, depends_on: [a]}}\n"
+    cyclic = write_manifest(tmp_path, text, "bad.yaml")
+    bad = subprocess.run([*SUPERVISOR, "graph", "-f", str(cyclic)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "a cannot depend on itself" in bad.stderr

@@ -1,0 +1,96 @@
+"""Stuck log readers against a real ``supervisor run``: they miss data, they never pin the service's memory.
+
+A reader of ``logs -f`` that stops reading (a paused ``| less``) is a real HTTP client
+on the real control socket that reads the answer's headers and then nothing more.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from .service_fixture import ServiceProcess
+
+MEGABYTES = 200
+
+CHATTY = f"""
+    version: 1
+    supervisor:
+      logs: {{max_bytes: 4MB, backups: 1}}
+    instances:
+      chatty:
+        # {MEGABYTES} MB of 100-byte lines as fast as the pipe takes them, then done.
+        command:
+          - python3
+          - -c
+          - |
+            import os
+            block = (b"x" * 99 + b"\\n") * 10_000
+            for _ in range({MEGABYTES}):
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(1, view):]
+        autostart: false
+        restart: {{policy: "no"}}
+"""
+
+
+def peak_rss_kib(pid: int) -> int:
+    """The process's resident high-water mark (VmHWM): a peak between two looks is not missed."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmHWM in /proc/{pid}/status")
+
+
+def stuck_reader(path: Path, name: str) -> socket.socket:
+    """``logs NAME -f`` that reads the answer's headers, then never reads again."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(20)
+    sock.connect(str(path))
+    sock.sendall(f"GET /v1/instances/{name}/logs?follow=true&lines=0 HTTP/1.1\r\nHost: sv\r\n\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):  # byte by byte: not one byte of the body is taken
+        byte = sock.recv(1)
+        assert byte, f"the service closed the stream: {head!r}"
+        head += byte
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock  # the headers mean the service follows the stream now
+
+
+def read_until_marker(sock: socket.socket) -> tuple[int, int]:
+    """Read what the stuck reader was owed; (bytes read, bytes it was told it missed)."""
+    seen = b""
+    marker = re.compile(rb"\[supervisor\] follower too slow: (\d+) bytes dropped\n")
+    while not marker.search(seen[-4096:] if len(seen) > 4096 else seen):
+        chunk = sock.recv(1024 * 1024)
+        assert chunk, "the stream ended without a marker"
+        seen += chunk
+    return len(seen), sum(int(m[1]) for m in marker.finditer(seen))
+
+
+def test_stuck_followers_do_not_hold_the_service_s_memory(
+    service: Callable[..., ServiceProcess],
+) -> None:
+    svc = service(CHATTY)
+    readers = [stuck_reader(svc.socket, "chatty") for _ in range(6)]
+    try:
+        before = peak_rss_kib(svc.pid)
+        svc.client().start(["chatty"])
+        svc.wait_for(["chatty"], "exited", timeout=300)
+        grown_mib = (peak_rss_kib(svc.pid) - before) / 1024
+        # Each reader may hold 1 MiB queued plus what is on its way to the socket: six of
+        # them, a few MiB each. Unbounded queues held the whole flood (MEGABYTES).
+        assert grown_mib < 48, f"the service grew by {grown_mib:.0f} MiB with {len(readers)} stuck readers"
+        total = MEGABYTES * 1_000_000
+        for sock in readers:
+            read, missed = read_until_marker(sock)
+            # Told how much it missed: nearly everything, since it read nothing.
+            assert total - 16 * 1024 * 1024 < missed <= total, (read, missed)
+        assert svc.status("chatty")["chatty"]["state"] == "exited"
+    finally:
+        for sock in readers:
+            sock.close()

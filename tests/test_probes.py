@@ -1,0 +1,343 @@
+"""Readiness, liveness, sd_notify and the watchdog, with real processes, sockets and servers."""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import signal
+import socket
+import textwrap
+from pathlib import Path
+
+import anyio
+import pytest
+
+from supervisor.config import ManifestError
+from supervisor.events import State
+from supervisor.probes import ExecContext, ProbeFailed, probe_once
+
+from .helpers import manifest_from, running
+
+pytestmark = pytest.mark.anyio
+
+NOTIFY_PROGRAM = """
+import os, signal, socket, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+signal.signal(signal.SIGABRT, lambda *_: os._exit(42))
+address = os.environ["NOTIFY_SOCKET"].replace("@", "\\0", 1)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+for message in sys.argv[1:]:
+    if message == "wait":
+        signal.sigwait({signal.SIGUSR1})
+    else:
+        sock.sendto(message.replace("|", "\\n").encode(), address)
+while True:
+    signal.pause()  # a handler (ABRT's) can run here, unlike in sigwait
+"""
+
+
+def _to(state: State, name: str):  # type: ignore[no-untyped-def]
+    return lambda e: e.to_state is state and e.instance == name
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _notify_program(tmp_path: Path) -> Path:
+    path = tmp_path / "notify.py"
+    path.write_text(textwrap.dedent(NOTIFY_PROGRAM))
+    return path
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
+
+
+def _send(address: str, payload: bytes, fds: list[int] | None = None) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        target = address.replace("@", "\0", 1)
+        if fds:
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+            sock.sendmsg([payload], ancillary, 0, target)
+        else:
+            sock.sendto(payload, target)
+
+
+# -- sd_notify ----------------------------------------------------------------------------------
+
+
+async def test_notify_ready_status_and_a_foreign_ready_is_ignored(tmp_path: Path) -> None:
+    program = _notify_program(tmp_path)
+    manifest = manifest_from(
+        f"""
+        version: 1
+        instances:
+          svc:
+            command: [python3, "{program}", "STATUS=waiting for a go", wait, "STATUS=got the go", wait,
+                      "READY=1|STATUS=serving"]
+            ready: {{notify: true}}
+            restart: {{min_uptime: 0}}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        svc = manager.instances["svc"]
+
+        def status_is(text: str):  # type: ignore[no-untyped-def]
+            return lambda: svc.status().status_text == text
+
+        await events.until(status_is("waiting for a go"))
+        assert svc.state is State.STARTING and svc.status().ready is False
+        address = _environ(svc.pid or 0)["NOTIFY_SOCKET"]
+        assert address.startswith("@procward/")
+        # A stranger (this test process) says READY=1, and passes a descriptor along for good
+        # measure: both are ignored, and the descriptor is not kept by the service.
+        spare_r, spare_w = os.pipe()
+        _send(address, b"READY=1\nSTATUS=forged", [spare_r])
+        os.close(spare_r)
+        svc.signal(signal.SIGUSR1)
+        await events.until(status_is("got the go"))  # sent after the forged one: that was seen
+        assert svc.state is State.STARTING and svc.status().ready is False
+        os.close(spare_w)
+        svc.signal(signal.SIGUSR1)
+        await events.wait_for(_to(State.RUNNING, "svc"))
+        status = svc.status()
+        assert (status.ready, status.status_text, status.last_check) == (True, "serving", "READY=1")
+        texts = [u.message for u in events.updates if u.instance == "svc" and u.kind == "notify"]
+        assert texts == ["waiting for a go", "got the go", "serving"]
+
+
+async def test_a_missing_watchdog_ping_sends_the_watchdog_signal_and_restarts(tmp_path: Path) -> None:
+    program = _notify_program(tmp_path)
+    manifest = manifest_from(
+        f"""
+        version: 1
+        instances:
+          svc:
+            command: [python3, "{program}", "READY=1|WATCHDOG=1"]
+            ready: {{notify: true}}
+            watchdog: 300ms
+            restart: {{min_uptime: 0, backoff: {{initial: 10ms}}}}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        await events.wait_for(_to(State.RUNNING, "svc"))
+        assert _environ(manager.instances["svc"].pid or 0)["WATCHDOG_USEC"] == "300000"
+        backoff = await events.wait_for(_to(State.BACKOFF, "svc"), timeout=10)
+        assert backoff.reason == "watchdog: no WATCHDOG=1 within 0.3s"
+        assert backoff.exit_code == 42  # the program's SIGABRT handler: ABRT was the signal sent
+        await events.until(lambda: len([e for e in events.of("svc") if e.to_state is State.RUNNING]) == 2)
+        running_events = [e for e in events.of("svc") if e.to_state is State.RUNNING]
+        watchdog = next(u for u in events.updates if u.kind == "watchdog")
+        assert watchdog.ok is False and running_events[1].at > watchdog.at
+
+
+async def test_notify_messages_from_the_group_are_bounded_and_cleaned(tmp_path: Path) -> None:
+    program = _notify_program(tmp_path)
+    long_status = "x" * 5000  # one datagram over the 4 KiB systemd takes: ignored whole
+    messages = [f"STATUS={long_status}", "STATUS=tab\tand\x01control", "READY=1"]
+    manifest = manifest_from(
+        f"""
+        version: 1
+        instances:
+          svc:
+            command: [python3, "{program}", {", ".join(json.dumps(m) for m in messages)}]
+            ready: {{notify: true}}
+            restart: {{min_uptime: 0}}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        await events.wait_for(_to(State.RUNNING, "svc"))
+        assert manager.instances["svc"].status().status_text == "tab and control"
+
+
+# -- log lines, polled probes, start_timeout ---------------------------------------------------------
+
+
+async def test_a_log_line_makes_it_ready(tmp_path: Path) -> None:
+    manifest = manifest_from(
+        r"""
+        version: 1
+        instances:
+          tail:
+            command: [sh, -c, 'echo booting; echo "listening on port 8080" >&2; exec sleep 60']
+            ready: {log: 'listening on port \d+'}
+            restart: {min_uptime: 0}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        await events.wait_for(_to(State.RUNNING, "tail"))
+        status = manager.instances["tail"].status()
+        assert status.ready is True
+        assert status.last_check == "log line matched: listening on port 8080"
+
+
+async def test_a_probe_that_never_passes_backs_off_with_its_error(tmp_path: Path) -> None:
+    port = _free_port()
+    manifest = manifest_from(
+        f"""
+        version: 1
+        instances:
+          db:
+            command: [sleep, "60"]
+            ready: {{tcp: "127.0.0.1:{port}", interval: 50ms, start_timeout: 300ms}}
+            restart: {{min_uptime: 0, max_restarts: 0}}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        backoff = await events.wait_for(_to(State.BACKOFF, "db"))
+        assert backoff.reason == f"not ready after 0.3s: connect 127.0.0.1:{port}: connection refused"
+        failed = await events.wait_for(_to(State.FAILED, "db"))
+        assert "not ready after 0.3s" in (failed.reason or "")
+        # The program that never got ready was stopped, not left behind.
+        assert backoff.pid is not None and not Path(f"/proc/{backoff.pid}").exists()
+        assert manager.instances["db"].status().ready is False
+
+
+async def test_a_failing_liveness_probe_restarts_after_the_threshold(tmp_path: Path) -> None:
+    flag = tmp_path / "alive"
+    flag.touch()
+    manifest = manifest_from(
+        f"""
+        version: 1
+        instances:
+          api:
+            command: [sleep, "60"]
+            alive: {{exec: [sh, -c, 'test -e "{flag}" || {{ echo gone >&2; exit 1; }}'], interval: 50ms,
+                     failure_threshold: 3}}
+            restart: {{min_uptime: 0, backoff: {{initial: 10ms}}}}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        await events.wait_for(_to(State.RUNNING, "api"))
+        await events.until(lambda: any(u.kind == "alive" and u.ok for u in events.updates))
+        first_pid = manager.instances["api"].pid
+        flag.unlink()
+        backoff = await events.wait_for(_to(State.BACKOFF, "api"))
+        assert backoff.reason == "liveness: sh: exit code 1: gone"
+        assert backoff.exit_signal == signal.SIGTERM
+        failing = [u.message for u in events.updates if u.kind == "alive" and u.ok is False]
+        assert failing[0] == "sh: exit code 1: gone (1 of 3)"
+        flag.touch()
+        await events.until(lambda: len([e for e in events.of("api") if e.to_state is State.RUNNING]) == 2)
+        assert manager.instances["api"].pid != first_pid
+
+
+# -- one probe at a time, against real servers -----------------------------------------------------
+
+
+async def _serve(answer: bytes, *, task_status: anyio.abc.TaskStatus[int]) -> None:
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        task_status.started(listener.extra(anyio.abc.SocketAttribute.local_port))
+
+        async def reply(stream: anyio.abc.SocketStream) -> None:
+            async with stream:
+                await stream.receive()
+                await stream.send(answer)
+
+        await listener.serve(reply)
+
+
+def _http(status: str, body: bytes) -> bytes:
+    head = b"HTTP/1.1 %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % (status.encode(), len(body))
+    return head + body
+
+
+async def _check(check: dict[str, object], tmp_path: Path) -> object:
+    text = "version: 1\ninstances:\n  x:\n    command: [x]\n    ready: " + json.dumps(check)
+    manifest = manifest_from(text + "\n", tmp_path)
+    return manifest.instances["x"].ready
+
+
+@pytest.mark.parametrize(
+    ("answer", "settings", "outcome"),
+    [
+        (_http("200 OK", b"all good"), {}, "status 200"),
+        (_http("302 Found", b""), {}, "status 302"),
+        (_http("503 Busy", b""), {}, "status 503, expected 2xx or 3xx"),
+        (_http("200 OK", b""), {"expect": [204]}, "status 200, expected 204"),
+        (_http("200 OK", b"starting"), {"body": "all good"}, "status 200, but the body lacks 'all good'"),
+        (_http("200 OK", b"...all good..."), {"body": "all good"}, "status 200"),
+    ],
+)
+async def test_http_probe_outcomes(
+    tmp_path: Path, answer: bytes, settings: dict[str, object], outcome: str
+) -> None:
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(_serve, answer)
+        url = f"http://127.0.0.1:{port}/health"
+        check = await _check({"http": url, **settings}, tmp_path)
+        try:
+            result = await probe_once(check, ExecContext(cwd=None, env={}))  # type: ignore[arg-type]
+        except ProbeFailed as exc:
+            result = str(exc)
+        tg.cancel_scope.cancel()
+    assert result.startswith(f"GET {url}: ") and result.endswith(outcome), result
+
+
+async def test_a_probe_that_hangs_is_cut_at_its_timeout(tmp_path: Path) -> None:
+    check = await _check({"exec": ["sleep", "60"], "timeout": "200ms"}, tmp_path)
+    with anyio.fail_after(5), pytest.raises(ProbeFailed, match=r"exec probe timed out after 0\.2s"):
+        await probe_once(check, ExecContext(cwd=None, env={}))  # type: ignore[arg-type]
+    # Its process group was killed and reaped: no sleep of ours is left.
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _is_our_sleep(p)]
+    assert leftovers == []
+
+
+def _is_our_sleep(proc: Path) -> bool:
+    try:
+        stat = (proc / "stat").read_text()
+    except OSError:
+        return False
+    fields = stat.rsplit(")", 1)[1].split()
+    return int(fields[1]) == os.getpid() and "(sleep)" in stat
+
+
+@pytest.mark.parametrize(
+    ("check", "message"),
+    [
+        ({}, "a check takes exactly one probe kind"),
+        ({"tcp": "127.0.0.1:1", "http": "http://x/"}, "found http and tcp"),
+        ({"tcp": "127.0.0.1:99999"}, "is not HOST:PORT"),
+        ({"tcp": "127.0.0.1:1", "expect": [200]}, "'expect' belongs to an http check"),
+        ({"http": "ftp://example/"}, "is not an http:// or https:// URL"),
+        ({"http": "http://[::1/"}, "is not a URL"),
+        ({"exec": []}, "the command is empty"),
+        ({"exec": "echo 'unclosed"}, "cannot split the command"),
+        ({"log": "("}, "not a regular expression"),
+        ({"log": ""}, "the pattern is empty"),
+        ({"notify": False}, "write notify: true"),
+        ({"http": "http://x/", "expect": [99]}, "greater than or equal to 100"),
+        ({"tcp": "127.0.0.1:1", "success_threshold": 0}, "greater than or equal to 1"),
+    ],
+)
+def test_bad_checks_are_refused_at_load(tmp_path: Path, check: dict[str, object], message: str) -> None:
+    text = "version: 1\ninstances:\n  x:\n    command: [x]\n    ready: " + json.dumps(check)
+    with pytest.raises(ManifestError) as caught:
+        manifest_from(text + "\n", tmp_path)
+    problem = caught.value.problems[0]
+    assert problem.line == 5 and problem.path.startswith("instances.x.ready"), problem
+    assert message in problem.message, problem.message
+
+
+def test_a_log_check_needs_a_captured_stream(tmp_path: Path) -> None:
+    text = "version: 1\ninstances:\n  x:\n    command: [x]\n    stdout: null\n    stderr: null\n"
+    text += "    ready: {log: up}\n"
+    with pytest.raises(ManifestError, match="neither stdout nor stderr is `log`"):
+        manifest_from(text, tmp_path)
+
+
+def test_a_watchdog_needs_notify(tmp_path: Path) -> None:
+    text = "version: 1\ninstances:\n  x:\n    command: [x]\n    watchdog: 10s\n"
+    with pytest.raises(ManifestError, match=r"watchdog needs ready: \{notify: true\}"):
+        manifest_from(text, tmp_path)

@@ -1,0 +1,191 @@
+"""The state folder is ours: ``supervisor run`` checks it, never chmods what it did not make,
+writes no log through a symlink, and says in one line why it cannot start.
+
+Everything here goes through the real CLI in a subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from supervisor.statedir import StateDirError, prepare_state_dir
+
+from .service_fixture import SUPERVISOR, ServiceProcess, write_manifest
+
+Start = Callable[..., ServiceProcess]
+
+SLEEPER = "{command: [sleep, '300'], restart: {min_uptime: 0}}"
+
+
+def run_refused(manifest: Path) -> str:
+    """``supervisor run`` that must refuse to start: exit 1, one line on stderr; that line."""
+    done = subprocess.run(
+        [*SUPERVISOR, "run", "-f", str(manifest)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+# -- start-up problems: one line, exit 1 -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state_dir", "reason"),
+    [
+        ("afile/state", "Not a directory"),  # under a regular file
+        ("/proc/supervisor-test-state", "No such file or directory"),  # a place that refuses
+        ("/sys/supervisor-test-state", "Operation not permitted"),  # read-only for everyone
+        ("x" * 300, "File name too long"),  # a component over 255 bytes
+    ],
+)
+def test_a_state_dir_that_cannot_be_made_is_one_line(tmp_path: Path, state_dir: str, reason: str) -> None:
+    (tmp_path / "afile").write_text("a regular file\n")
+    manifest = write_manifest(tmp_path, f"version: 1\nsupervisor: {{state_dir: '{state_dir}'}}\n")
+    line = run_refused(manifest)
+    assert "cannot start: state_dir" in line
+    assert reason in line
+    assert state_dir[:40] in line
+
+
+@pytest.mark.parametrize(
+    ("socket_path", "reason"),
+    [
+        ("afile/control.sock", "afile is not a folder"),
+        ("/proc/supervisor-test/control.sock", "No such file or directory"),
+        ("x" * 300 + "/control.sock", "File name too long"),
+        ("s" * 200 + ".sock", "too long"),  # longer than a unix socket address can be
+    ],
+)
+def test_a_control_socket_that_cannot_be_made_is_one_line(
+    tmp_path: Path, socket_path: str, reason: str
+) -> None:
+    (tmp_path / "afile").write_text("a regular file\n")
+    manifest = write_manifest(
+        tmp_path,
+        f"version: 1\nsupervisor: {{control: {{socket: '{socket_path}'}}}}\ninstances: {{a: {SLEEPER}}}\n",
+    )
+    line = run_refused(manifest)
+    assert "cannot start" in line and "control" in line
+    assert reason in line
+
+
+def test_a_nul_byte_in_the_state_dir_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(StateDirError, match="contains a NUL byte"):
+        prepare_state_dir(tmp_path / "a\0b")
+
+
+# -- whose folder it is ---------------------------------------------------------------------
+
+
+def test_a_state_dir_owned_by_another_user_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        other = tmp_path / "theirs"
+        other.mkdir(mode=0o755)
+        os.chown(other, 65534, 65534)  # nobody's
+    else:
+        other = Path("/")  # root's, and we are not root
+    manifest = write_manifest(
+        tmp_path, f"version: 1\nsupervisor: {{state_dir: '{other}'}}\ninstances: {{a: {SLEEPER}}}\n"
+    )
+    line = run_refused(manifest)
+    owner = other.stat().st_uid
+    assert f"state_dir {other} belongs to uid {owner}" in line
+    assert not (other / "logs").exists()
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o775])
+def test_a_state_dir_others_can_write_is_refused_and_left_as_it_is(tmp_path: Path, mode: int) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)  # /tmp is 1777; a group-writable folder lets the group plant symlinks
+    manifest = write_manifest(
+        tmp_path, f"version: 1\nsupervisor: {{state_dir: shared}}\ninstances: {{a: {SLEEPER}}}\n"
+    )
+    line = run_refused(manifest)
+    assert f"state_dir {shared} is writable by" in line
+    assert "chmod go-w" in line
+    assert stat.S_IMODE(shared.stat().st_mode) == mode  # not chmod-ed to 0700 behind the user's back
+    assert list(shared.iterdir()) == []
+
+
+def test_an_existing_folder_is_used_as_it_is_and_a_new_one_is_made_private(
+    service: Start, tmp_path: Path
+) -> None:
+    tmp_path.chmod(0o755)  # `state_dir: .`: the manifest's own folder, readable by others
+    svc = service(
+        f"version: 1\nsupervisor: {{state_dir: .}}\ninstances: {{a: {SLEEPER}}}\n",
+        socket=tmp_path / "control.sock",
+    )
+    svc.wait_for(["a"], "running")
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+    assert stat.S_IMODE(svc.socket.stat().st_mode) == 0o600
+
+    fresh = tmp_path / "sub"
+    fresh.mkdir()
+    manifest = write_manifest(
+        fresh, f"version: 1\nsupervisor: {{state_dir: state}}\ninstances: {{a: {SLEEPER}}}\n"
+    )
+    second = service(manifest, socket=fresh / "state" / "control.sock")
+    second.wait_for(["a"], "running")
+    assert stat.S_IMODE((fresh / "state").stat().st_mode) == 0o700
+
+
+# -- symlinks inside it: never followed; that instance fails, the service goes on --------------
+
+
+def test_a_symlinked_log_file_fails_that_instance_only(service: Start, tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    state = tmp_path / ".supervisor"
+    (state / "logs").mkdir(parents=True, mode=0o700)
+    state.chmod(0o700)
+    (state / "logs" / "a.out.log").symlink_to(victim)
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          a: {{command: [sh, -c, 'echo secret; exec sleep 300'], restart: {{max_restarts: 1, min_uptime: 0}}}}
+          b: {SLEEPER}
+        """
+    )
+    svc.wait_for(["a"], "failed")
+    svc.wait_for(["b"], "running")
+    status = svc.status("a")["a"]
+    assert "symlink" in status["reason"] and "a.out.log" in status["reason"], status
+    assert victim.read_bytes() == b"precious\n"
+    assert svc.client().health()["ok"]
+
+
+@pytest.mark.parametrize(
+    "stdout_file",
+    ["afile/logs/a.log", "/proc/supervisor-test-logs/a.log", "/sys/supervisor-test-logs/a.log"],
+)
+def test_a_log_folder_that_cannot_be_made_fails_that_instance_only(
+    service: Start, tmp_path: Path, stdout_file: str
+) -> None:
+    (tmp_path / "afile").write_text("a regular file\n")
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          a:
+            command: [sleep, '300']
+            restart: {{max_restarts: 1, min_uptime: 0}}
+            logs: {{stdout_file: '{stdout_file}'}}
+          b: {SLEEPER}
+        """
+    )
+    svc.wait_for(["a"], "failed")
+    svc.wait_for(["b"], "running")
+    reason = svc.status("a")["a"]["reason"]
+    assert "cannot create the log folder" in reason, reason
+    assert svc.client().health()["ok"]
