@@ -177,6 +177,16 @@ def test_an_env_file_that_is_not_a_small_text_file_is_refused_without_blocking(
     assert ":4:5: instances.web: env_file " in problem and phrase in problem
 
 
+def test_a_flood_of_problems_is_reported_by_its_first_hundred(tmp_path: Path) -> None:
+    text = "version: 1\ninstances:\n" + "".join(f"  w{i}: {{command: x, replicas: -1}}\n" for i in range(150))
+    with pytest.raises(ManifestError) as refused:
+        load(tmp_path, text)
+    problems = refused.value.problems
+    assert len(problems) == 101 and problems[0].line == 3 and problems[99].line == 102
+    assert problems[100].message == "… and 50 more problems"
+    assert str(refused.value).startswith("150 problems in the manifest:")
+
+
 # -- graphs ---------------------------------------------------------------------------------------
 
 

@@ -142,10 +142,10 @@ Duration = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "number", "minimum": 0},
+                {"type": "number", "minimum": 0, "maximum": MAX_DURATION},
                 {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d)?)+$"},
             ],
-            "description": "A duration: 250ms, 30s, 2m, 1h, 1h30m, or a number of seconds.",
+            "description": "A duration: 250ms, 30s, 2m, 1h, 1h30m, or a number of seconds; at most 365d.",
         }
     ),
 ]
@@ -155,10 +155,10 @@ Size = Annotated[
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "integer", "minimum": 0},
+                {"type": "integer", "minimum": 0, "maximum": MAX_SIZE},
                 {"type": "string", "pattern": r"^\d+(\.\d+)?\s*([kKmMgG]([iI]?[bB])?|[bB])?$"},
             ],
-            "description": "A size in bytes: 4096, 512KB, 50MB, 1GB (K, M, G are powers of 1024).",
+            "description": "A size in bytes: 4096, 512KB, 50MB, 1GB (K, M, G: powers of 1024); at most 1TB.",
         }
     ),
 ]
