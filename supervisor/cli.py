@@ -39,9 +39,16 @@ def _manifest_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.detach:
+        from .detach import start_detached
+
+        options = {"log_file": args.log_file, "pidfile": args.pidfile, "backend": args.backend}
+        return start_detached(args.file, timeout=args.timeout, table=format_status, **options)
     from .service import run_service
 
-    return run_service(args.file, log_file=args.log_file, backend=args.backend)
+    return run_service(
+        args.file, log_file=args.log_file, backend=args.backend, pidfile=args.pidfile, ready_fd=args.ready_fd
+    )
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -247,9 +254,24 @@ def _report(args: argparse.Namespace, answer: dict[str, Any], done: str) -> int:
     return 0 if answer["ok"] else 1
 
 
+_DOING = {"start": "starting", "stop": "stopping", "restart": "restarting"}
+
+
 def cmd_action(args: argparse.Namespace, client: Client) -> int:
+    from contextlib import nullcontext
+
+    from .progress import progress, targets_for
+
     names, every = _selection(args)
-    answer = client.action(args.command, names, all=every, wait=not args.no_wait, timeout=args.timeout)
+    targets, initial = targets_for(args.command)
+    label = _DOING[args.command]
+    shown = (
+        nullcontext()
+        if args.no_wait
+        else progress(client, label, names, every=every, targets=targets, count_initial=initial)
+    )
+    with shown:
+        answer = client.action(args.command, names, all=every, wait=not args.no_wait, timeout=args.timeout)
     return _report(args, answer, "" if not args.no_wait else f"{args.command} requested")
 
 
@@ -266,18 +288,71 @@ def cmd_wait(args: argparse.Namespace, client: Client) -> int:
     unknown = [state for state in states if state not in STATES]
     if unknown or not states:
         raise _Failure(f"--state: {', '.join(unknown) or 'nothing'}: expected one of {', '.join(STATES)}", 2)
-    answer = client.wait(names, states, all=every, timeout=args.timeout)
+    from .progress import progress
+
+    with progress(client, "waiting", names, every=every, targets=states, count_initial=True):
+        answer = client.wait(names, states, all=every, timeout=args.timeout)
     return _report(args, answer, "")
 
 
 def _check_logs(args: argparse.Namespace) -> None:
-    if args.reopen and args.name:
+    if args.reopen and args.names:
         raise _Failure("logs --reopen takes no instance name: it reopens every log file", 2)
-    if not args.reopen and not args.name:
+    if not args.reopen and not args.names:
         hint = ""
         if args.file_from_f:
             hint = f" ('-f {args.file}' names the manifest; to follow, put -f after the name)"
         raise _Failure(f"logs: name an instance{hint}", 2)
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def _log_sources(args: argparse.Namespace, client: Client, stream: str) -> tuple[list[str], bool]:
+    """The instances whose logs to show, and whether their lines get a name in front.
+
+    One exact instance name keeps the plain output scripts rely on; several
+    names, a glob or a manifest name with replicas are expanded by the service
+    and prefixed (``--prefix``/``--no-prefix`` decide otherwise).
+    """
+    names: list[str] = list(args.names)
+    single = len(names) == 1 and not _GLOB.search(names[0])
+    if single:
+        from .api.client import APIError
+
+        try:
+            client.instance(names[0])
+        except APIError as exc:
+            if exc.status != 404:
+                raise
+            single = False  # maybe a manifest name: the status below expands it (or says none)
+    if single:
+        chosen = names
+    else:
+        statuses = client.status(names)
+        chosen = []
+        for status in statuses:
+            if status[stream] == "log":
+                chosen.append(status["name"])
+            else:
+                note = f"{status['name']}'s {stream} is not captured (it goes to {status[stream]}): skipped"
+                print(f"supervisor: {note}", file=sys.stderr)
+        if not chosen:
+            raise _Failure(f"logs: none of the selected instances has a captured {stream}")
+    prefix = (not single) if args.prefix is None else bool(args.prefix)
+    return chosen, prefix
+
+
+def _room_for_sockets(count: int) -> None:
+    """One socket per followed instance: raise the soft open-file limit to the hard one if need be."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = count + 32  # stdio, the selector, Python's own
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise _Failure(f"following {count} instances needs {needed} open files; the limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed if hard == resource.RLIM_INFINITY else hard, hard))
 
 
 def cmd_logs(args: argparse.Namespace, client: Client) -> int:
@@ -287,13 +362,29 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
         return 0
     stream = "stderr" if args.stderr else "stdout"
     out = sys.stdout.buffer
+    names, prefixed = _log_sources(args, client, stream)
+    if len(names) == 1 and not prefixed:
+        if not args.follow:
+            out.write(client.logs(names[0], stream=stream, lines=args.lines))
+            out.flush()
+            return 0
+        with client.follow(names[0], stream=stream, lines=args.lines) as chunks:
+            for chunk in chunks:
+                out.write(chunk)
+                out.flush()
+        return 0
+    width = max(len(name) for name in names)
+    labels = {name: (name.ljust(width) + " | ").encode() if prefixed else b"" for name in names}
     if not args.follow:
-        out.write(client.logs(args.name, stream=stream, lines=args.lines))
+        for name in names:
+            text = client.logs(name, stream=stream, lines=args.lines)
+            out.writelines(labels[name] + line for line in text.splitlines(keepends=True))
         out.flush()
         return 0
-    with client.follow(args.name, stream=stream, lines=args.lines) as chunks:
-        for chunk in chunks:
-            out.write(chunk)
+    _room_for_sockets(len(names))
+    with client.follow_many(names, stream=stream, lines=args.lines) as lines:
+        for name, line in lines:
+            out.write(labels[name] + line)
             out.flush()
     return 0
 
@@ -380,8 +471,10 @@ def add_control_commands(sub: Any) -> None:
     _control_args(sig)
     sig.set_defaults(func=_control(cmd_signal))
 
-    logs = sub.add_parser("logs", help="an instance's captured output: the last lines, or follow")
-    logs.add_argument("name", nargs="?", metavar="NAME")
+    logs = sub.add_parser("logs", help="instances' captured output: the last lines, or follow")
+    logs.add_argument(
+        "names", nargs="*", metavar="NAME", help="instance, manifest name or glob; several: each line named"
+    )
     logs.add_argument("-n", "--lines", type=int, default=10, help="how many of the last lines (default 10)")
     logs.add_argument(
         "-f",
@@ -395,6 +488,11 @@ def add_control_commands(sub: Any) -> None:
     logs.add_argument("--file", type=Path, dest="file", help=f"the manifest (default: {DEFAULT_MANIFEST})")
     logs.add_argument("--stderr", action="store_true", help="the stderr log instead of stdout")
     logs.add_argument("--reopen", action="store_true", help="reopen every log file (after logrotate)")
+    logs.add_argument(
+        "--prefix",
+        action=argparse.BooleanOptionalAction,
+        help="put each line's instance name in front (default: when more than one instance is asked for)",
+    )
     _control_args(logs, file_flag=False)
     logs.set_defaults(
         func=_control(cmd_logs, _check_logs), file=Path(DEFAULT_MANIFEST), follow=False, file_from_f=False
@@ -420,15 +518,152 @@ def add_control_commands(sub: Any) -> None:
     shutdown.set_defaults(func=_control(cmd_shutdown))
 
 
+# -- import and export: conversions to and from other tools (supervisor.convert, loaded lazily) ----
+
+
+def _print_notes(notes: Sequence[Any]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .convert import ConvertError
+    from .convert.importer import import_file
+
+    output = args.output or Path(DEFAULT_MANIFEST)
+    try:
+        result = import_file(args.source, output.absolute(), args.format)
+    except ConvertError as exc:
+        print(f"supervisor: {exc}", file=sys.stderr)
+        return 1
+    _print_notes(result.notes)
+    if args.output is None:
+        sys.stdout.write(result.text)
+        return 0
+    if args.output.exists() and not args.force:
+        print(f"supervisor: {args.output} exists; give --force to replace it", file=sys.stderr)
+        return 1
+    args.output.write_text(result.text)
+    print(f"wrote {args.output} ({len(result.notes)} notes)", file=sys.stderr)
+    return 0
+
+
+def _systemd_version() -> int:
+    """The local systemd's version (the units' features depend on it); 254 where there is none."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, timeout=10).stdout
+        return int(out.split()[1])
+    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
+        return 254
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .convert import ConvertError, read_source
+    from .convert.exportbase import default_name
+
+    name = args.name or default_name(args.file)
+    try:
+        text = read_source(args.file)
+        if args.target == "systemd":
+            from .convert import systemd
+
+            version = args.systemd_version or _systemd_version()
+            result = systemd.export(text, args.file, name=name, version=version)
+        else:
+            from .convert import kubernetes
+
+            if not args.image:
+                raise ConvertError("--image", None, "kubernetes needs the container image: --image NAME:TAG")
+            result = kubernetes.export(
+                text, args.file, name=name, image=args.image, wait_image=args.wait_image
+            )
+    except ConvertError as exc:
+        print(f"supervisor: {exc}", file=sys.stderr)
+        return 1
+    _print_notes(result.notes)
+    folder = args.output_dir or Path(args.target)
+    folder.mkdir(parents=True, exist_ok=True)
+    for file_name, content in result.files.items():
+        (folder / file_name).write_text(content)
+    print(f"wrote {len(result.files)} files to {folder} ({len(result.notes)} notes)", file=sys.stderr)
+    return 0
+
+
+def add_convert_commands(sub: Any) -> None:
+    imp = sub.add_parser("import", help="convert a supervisord config, a Procfile or a process-compose file")
+    imp.add_argument("source", type=Path, metavar="FILE")
+    formats = ["supervisord", "procfile", "process-compose"]
+    imp.add_argument("--format", choices=formats, help="default: from the file's name, else its content")
+    imp.add_argument("-o", "--output", type=Path, help="write the manifest here (default: stdout)")
+    imp.add_argument("--force", action="store_true", help="replace an existing output file")
+    imp.set_defaults(func=cmd_import)
+
+    exp = sub.add_parser("export", help="write systemd units or Kubernetes objects for the manifest")
+    exp.add_argument("target", choices=["systemd", "kubernetes"])
+    _manifest_arg(exp)
+    exp.add_argument("-o", "--output-dir", type=Path, help="the folder to write to (default: ./TARGET)")
+    exp.add_argument("--name", help="unit prefix and target / part-of label (default: the manifest's folder)")
+    exp.add_argument("--image", help="kubernetes: the container image (required)")
+    exp.add_argument("--wait-image", default="busybox:1.36", help="kubernetes: the wait-for image")
+    exp.add_argument("--systemd-version", type=int, help="systemd: its version (default: local)")
+    exp.set_defaults(func=cmd_export)
+
+
+# -- shell completion ------------------------------------------------------------------------------
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import script
+
+    print(script(args.shell, build_parser(), STATES), end="")
+    return 0
+
+
+def cmd_names(args: argparse.Namespace) -> int:
+    """Instance names for the completion scripts: one a line; nothing (and 0) when no service answers."""
+    from .api.client import Client, ClientError
+
+    try:
+        statuses = Client(_address(args), token=os.environ.get(TOKEN_ENV), timeout=2).status()
+    except (ClientError, _Failure, OSError, ValueError):
+        return 0
+    print("\n".join(str(s["name"]) for s in statuses if isinstance(s, dict) and "name" in s))
+    return 0
+
+
+def add_completion_commands(sub: Any) -> None:
+    completion = sub.add_parser("completion", help="print a shell completion script (bash, zsh, fish)")
+    completion.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL", help="bash, zsh, fish")
+    completion.set_defaults(func=cmd_completion)
+    names = sub.add_parser("_names")  # no help: hidden; the completion scripts' source of names
+    _control_args(names)
+    names.set_defaults(func=cmd_names)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="supervisor", description="An async multi-instance process supervisor."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the manifest's instances in the foreground")
+    run = sub.add_parser("run", help="run the manifest's instances (in the foreground, or -d)")
     _manifest_arg(run)
-    run.add_argument("--log-file", type=Path, help="the service's own log (default: its stderr)")
+    run.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="start in the background; return once the instances are up, and show them",
+    )
+    run.add_argument(
+        "--log-file", type=Path, help="the service's own log (default: stderr; -d: <state_dir>/service.log)"
+    )
+    run.add_argument("--pidfile", type=Path, help="write the service's pid here (removed when it ends)")
+    run.add_argument(
+        "--timeout", type=_duration, default=60.0, help="-d: give up waiting after this (default 60s)"
+    )
+    run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     run.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
@@ -445,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     add_control_commands(sub)
+    add_convert_commands(sub)
+    add_completion_commands(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import resource
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,10 @@ from .config.dependencies import levels
 from .events import EventBus, State, Transition
 from .graph import DependencyGate, in_reverse_order
 from .instance import Instance, InstanceContext, InstanceStatus, InvalidRequest
+
+
+class ApplyError(RuntimeError):
+    """A manifest that is valid but cannot be applied now (descriptors, say); nothing was changed."""
 
 
 class UnknownInstance(LookupError):
@@ -48,6 +53,8 @@ class ReloadReport:
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
+    #: Entries whose replica count a ``scale`` had changed and this manifest sets back.
+    rescaled: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +82,7 @@ class Manager:
         self._apply_lock = anyio.Lock()
         self._closing = False
         self._roster = anyio.Event()  # set (and replaced) whenever an instance is added or removed
+        self._scaled: dict[str, int] = {}  # entry -> its count in the manifest, while scale() rules
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -94,40 +102,98 @@ class Manager:
     # -- applying a manifest -----------------------------------------------------------------
 
     async def apply(self, manifest: Manifest) -> ReloadReport:
-        """Make the running set match ``manifest``; instances that did not change are left alone."""
+        """Make the running set match ``manifest`` (a reload): counts set by ``scale`` go back."""
         async with self._apply_lock:
-            if self._closing:
-                raise InvalidRequest("service", "the service is shutting down")
-            old_settings = self.manifest.supervisor
-            self.manifest = manifest
-            plan = _plan(manifest)
-            report = ReloadReport()
-            settings_changed = _instance_settings(old_settings) != _instance_settings(manifest.supervisor)
-
-            leaving = [n for n in self._instances if n not in plan]
-            changed = [
-                n
-                for n, p in plan.items()
-                if n in self._instances
-                and (settings_changed or _comparable(self._instances[n].config) != _comparable(p.config))
-            ]
-            report.removed.extend(leaving)
-            report.changed.extend(changed)
-            report.unchanged.extend(n for n in plan if n in self._instances and n not in changed)
-            report.added.extend(n for n in plan if n not in self._instances)
-
-            await self.stop_in_order([self._instances[n] for n in [*leaving, *changed]], "removed")
-            for name in [*leaving, *changed]:
-                del self._instances[name]
-            self._roster_changed()
-
-            to_start: list[Instance] = []
-            for name in [*changed, *report.added]:
-                instance = await self._open(name, plan[name], manifest.supervisor)
-                if instance.config.autostart:
-                    to_start.append(instance)
-            await self._start_all(to_start)
+            report = await self._apply(manifest)
+            for group in self._scaled:
+                if (entry := manifest.instances.get(group)) is not None:
+                    report.rescaled.append(f"{group}: back to the manifest's {entry.replicas} replicas")
+            self._scaled.clear()
             return report
+
+    async def scale(self, counts: Mapping[str, int]) -> ReloadReport:
+        """Run ``counts[NAME]`` replicas of each named entry until the next reload.
+
+        New replicas start (when the entry autostarts); the highest-numbered ones
+        go. Going from one replica to more renames ``web`` to ``web-0`` … (so
+        ``web`` is replaced), as a reload does.
+        """
+        async with self._apply_lock:
+            entries = dict(self.manifest.instances)
+            for group, count in counts.items():
+                if group not in entries:
+                    raise UnknownInstance(group, entries)
+                if not 0 <= count <= MAX_SCALE:
+                    raise InvalidRequest(group, f"cannot scale to {count}: give 0 to {MAX_SCALE} replicas")
+                entries[group] = entries[group].model_copy(update={"replicas": count})
+            manifest = self.manifest.model_copy(update={"instances": entries})
+            before = {group: self.manifest.instances[group].replicas for group in counts}
+            report = await self._apply(manifest)
+            for group, count in before.items():
+                self._scaled.setdefault(group, count)
+            return report
+
+    async def _apply(self, manifest: Manifest) -> ReloadReport:
+        """Make the running set match ``manifest``; instances that did not change are left alone.
+
+        Called with the apply lock held.
+
+        Transactional: what the change needs (descriptors, log pipes, notify
+        sockets) is checked and made before any running instance is touched. If
+        that fails, what was made is closed again and ``ApplyError`` says why:
+        nothing changed. Only then are the old instances stopped and the new
+        ones started; a new instance that cannot spawn fails on its own.
+        """
+        if self._closing:
+            raise InvalidRequest("service", "the service is shutting down")
+        plan = _plan(manifest)
+        settings_changed = _instance_settings(self.manifest.supervisor) != _instance_settings(
+            manifest.supervisor
+        )
+        leaving = [n for n in self._instances if n not in plan]
+        changed = [
+            n
+            for n, p in plan.items()
+            if n in self._instances
+            and (settings_changed or _comparable(self._instances[n].config) != _comparable(p.config))
+        ]
+        added = [n for n in plan if n not in self._instances]
+        report = ReloadReport(
+            added=added,
+            removed=leaving,
+            changed=changed,
+            unchanged=[n for n in plan if n in self._instances and n not in changed],
+        )
+        _check_descriptors(
+            [plan[n].config for n in [*changed, *added]],
+            [self._instances[n].config for n in [*leaving, *changed]],
+        )
+        prepared = await self._prepare([(n, plan[n]) for n in [*changed, *added]], manifest.supervisor)
+
+        self.manifest = manifest
+        await self.stop_in_order([self._instances[n] for n in [*leaving, *changed]], "removed")
+        old = self._instances
+        self._instances = {name: prepared.get(name) or old[name] for name in plan}
+        self._roster_changed()
+        to_start = [i for i in prepared.values() if i.config.autostart]
+        await self._start_all(to_start)
+        return report
+
+    async def _prepare(
+        self, plans: list[tuple[str, _Plan]], settings: ServiceSettings
+    ) -> dict[str, Instance]:
+        """New instances, with their log pipes open, not yet in the set; all or none."""
+        prepared: dict[str, Instance] = {}
+        try:
+            for name, plan in plans:
+                prepared[name] = await self._open(name, plan, settings)
+        except Exception as exc:
+            with anyio.CancelScope(shield=True):
+                for instance in prepared.values():
+                    await instance.close("the change was undone")
+            done = f"{len(prepared)} of {len(plans)} new instances were made, then closed again"
+            raise ApplyError(f"cannot make instance {name}: {exc} ({done}); nothing was changed") from exc
+        return prepared
 
     async def _open(self, name: str, plan: _Plan, settings: ServiceSettings) -> Instance:
         assert self._tg is not None, "apply() needs run() to be running"
@@ -139,8 +205,6 @@ class Manager:
         )
         instance = Instance(name, plan.group, plan.config, context)
         await self._tg.start(instance.run)
-        self._instances[name] = instance
-        self._roster_changed()
         return instance
 
     def _roster_changed(self) -> None:
@@ -274,3 +338,38 @@ def _comparable(config: InstanceConfig) -> InstanceConfig:
 def _instance_settings(settings: ServiceSettings) -> tuple[object, ...]:
     """The service settings an instance depends on (a change restarts every instance)."""
     return (settings.state_dir, settings.logs)
+
+
+#: The most replicas ``scale`` gives one entry (the loader bounds the manifest's own counts).
+MAX_SCALE = 10_000
+
+#: Descriptors kept free for the control plane, probes and spawning, whatever the instances need.
+_FD_RESERVE = 64
+
+
+def descriptors_per_instance(config: InstanceConfig) -> int:
+    """What one running instance holds: a pipe end and a log file per captured stream, its
+    pidfd, and a notify socket."""
+    streams = (config.stdout, config.stderr)
+    captured = sum(1 for s in streams if s.kind in ("log", "fifo") or (s.kind == "file" and not s.path))
+    notify = config.ready is not None and config.ready.kind == "notify"
+    return 2 * captured + 1 + int(notify)
+
+
+def _check_descriptors(adding: Sequence[InstanceConfig], removing: Sequence[InstanceConfig]) -> None:
+    """Refuse, with the numbers, a change that would run out of descriptors half-way."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return
+    need = sum(map(descriptors_per_instance, adding)) - sum(map(descriptors_per_instance, removing))
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return
+    free = soft - in_use - _FD_RESERVE
+    if need > free:
+        raise ApplyError(
+            f"the change needs about {need} more file descriptors, but only {max(free, 0)} are free "
+            f"(open-files limit {soft}, {in_use} in use, {_FD_RESERVE} kept for the service): "
+            "raise the limit (ulimit -n, LimitNOFILE=) or run fewer instances; nothing was changed"
+        )

@@ -15,14 +15,14 @@ import os
 import signal
 import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import anyio
 
 from .config import Manifest, ManifestError, load_manifest
 from .events import Transition, Update
-from .manager import Manager, ReloadReport
+from .manager import ApplyError, Manager, ReloadReport
 from .process import become_subreaper, living_children, raise_fd_limit, run_orphan_reaper
 from .statedir import StateDirError, prepare_state_dir
 from .stdio import Stdio, StdioStream
@@ -156,7 +156,7 @@ class Service:
     async def _reload_logged(self) -> None:
         try:
             await self.reload()
-        except ManifestError as exc:
+        except (ManifestError, ApplyError) as exc:
             log.error("reload refused, nothing changed:\n%s", exc)
 
     async def _log_transitions(self) -> None:
@@ -202,8 +202,21 @@ def run_service(
     *,
     log_file: Path | None = None,
     backend: str = "asyncio",
+    pidfile: Path | None = None,
+    ready_fd: int | None = None,
 ) -> int:
-    """The whole of ``supervisor run``: returns the exit status."""
+    """The whole of ``supervisor run``: returns the exit status.
+
+    ``ready_fd`` is set by ``run -d`` (supervisor.detach): the service reads
+    stdin from /dev/null and writes its pid to that fd once it answers on its
+    socket, then closes it; the waiting CLI takes EOF without a pid as failure.
+    """
+    if ready_fd is not None:
+        try:
+            os.set_inheritable(ready_fd, False)  # for us alone: an instance holding it would hide our end
+        except OSError as exc:
+            print(f"supervisor: --ready-fd {ready_fd}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     try:
         manifest = load_manifest(manifest_path)
     except ManifestError as exc:
@@ -211,31 +224,67 @@ def run_service(
         return 1
     own = Stdio.service()
     with own.guard():
-        if log_file is not None:
-            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-            redirected = Stdio(own.stdin.clone(), StdioStream(1, fd), StdioStream(2, os.dup(fd)))
-            redirected.redirect()
-            redirected.close()
+        if log_file is not None or ready_fd is not None:
+            try:
+                _redirect_own_stdio(own, log_file, detached=ready_fd is not None)
+            except OSError as exc:
+                reason = exc.strerror or exc
+                print(f"supervisor: cannot open the log file {log_file}: {reason}", file=sys.stderr)
+                own.close()
+                return 1
         _configure_logging()
         raise_fd_limit()
         if not become_subreaper():
             log.warning("cannot become a child subreaper: orphaned grandchildren go to init")
         from .api.server import ControlError
+        from .pidfile import PidfileError, live_service, remove_pidfile, write_pidfile
 
         status = 0
         try:
-            anyio.run(_serve, manifest, backend=backend)
-        except* (ControlError, StateDirError) as group:
+            if pidfile is not None and (other := live_service(pidfile)):
+                raise PidfileError(f"pidfile {pidfile} names a running service (pid {other}): stop it first")
+
+            def ready() -> None:
+                if pidfile is not None:
+                    write_pidfile(pidfile)
+                if ready_fd is not None:
+                    with open(ready_fd, "wb", closefd=True) as notify:
+                        notify.write(f"{os.getpid()}\n".encode())
+
+            anyio.run(_serve, manifest, ready, backend=backend)
+        except* (ControlError, StateDirError, PidfileError) as group:
             for error in group.exceptions:
                 log.error("cannot start: %s", error)
             status = 1
+        finally:
+            if pidfile is not None:
+                remove_pidfile(pidfile)
     own.close()
     return status
 
 
-async def _serve(manifest: Manifest) -> None:
+def _redirect_own_stdio(own: Stdio, log_file: Path | None, *, detached: bool) -> None:
+    """Output to ``log_file`` (kept when None); when detached, input from /dev/null."""
+    stdin = StdioStream(0, os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)) if detached else own.stdin.clone()
+    if log_file is None:
+        out, err = own.stdout.clone(), own.stderr.clone()
+    else:
+        try:
+            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        except OSError:
+            stdin.close()
+            raise
+        out, err = StdioStream(1, fd), StdioStream(2, os.dup(fd))
+    redirected = Stdio(stdin, out, err)
+    redirected.redirect()
+    redirected.close()
+
+
+async def _serve(manifest: Manifest, ready: Callable[[], None]) -> None:
     # Built inside the event loop: anyio's events and locks belong to a running loop.
-    await Service(manifest).run()
+    async with anyio.create_task_group() as tg:
+        await tg.start(Service(manifest).run)
+        ready()
 
 
 def _configure_logging() -> None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import array
 import json
 import os
+import shutil
 import signal
 import socket
+import ssl
+import subprocess
 import textwrap
 from pathlib import Path
 
 import anyio
+import anyio.streams.tls
 import pytest
 
 from supervisor.config import ManifestError
@@ -283,6 +287,79 @@ async def test_http_probe_outcomes(
             result = str(exc)
         tg.cancel_scope.cancel()
     assert result.startswith(f"GET {url}: ") and result.endswith(outcome), result
+
+
+CHUNKED = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nall g\r\n3\r\nood\r\n0\r\n\r\n"
+INFORMATIONAL = b"HTTP/1.1 100 Continue\r\n\r\n" + _http("204 No Content", b"")
+
+
+@pytest.mark.parametrize(
+    ("answer", "settings", "outcome"),
+    [
+        (CHUNKED, {"body": "all good"}, "status 200"),
+        (INFORMATIONAL, {}, "status 204"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", {}, "not an HTTP answer"),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n", {}, "not an HTTP answer"),
+        (b"", {}, "not an HTTP answer"),
+    ],
+    ids=["chunked", "1xx-then-204", "not-http", "huge-header", "closed-at-once"],
+)
+async def test_http_probe_reads_hostile_answers(
+    tmp_path: Path, answer: bytes, settings: dict[str, object], outcome: str
+) -> None:
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(_serve, answer)
+        url = f"http://localhost:{port}/"  # a name: the resolver path
+        check = await _check({"http": url, **settings}, tmp_path)
+        try:
+            result = await probe_once(check, ExecContext(cwd=None, env={}))  # type: ignore[arg-type]
+        except ProbeFailed as exc:
+            result = str(exc)
+        tg.cancel_scope.cancel()
+    assert result.startswith(f"GET {url}: ") and outcome in result, result
+
+
+async def test_an_http_server_that_never_answers_is_cut_at_the_timeout(tmp_path: Path) -> None:
+    async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        check = await _check({"http": f"http://127.0.0.1:{port}/", "timeout": "200ms"}, tmp_path)
+        with anyio.fail_after(5), pytest.raises(ProbeFailed, match=r"http probe timed out after 0\.2s"):
+            await probe_once(check, ExecContext(cwd=None, env={}))  # type: ignore[arg-type]
+
+
+async def test_an_https_probe_goes_through_httpx_and_skips_verification(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: no certificate for the https server")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=localhost"],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(_serve_tls, context)
+        check = await _check({"http": f"https://127.0.0.1:{port}/", "body": "secure"}, tmp_path)
+        result = await probe_once(check, ExecContext(cwd=None, env={}))  # type: ignore[arg-type]
+        tg.cancel_scope.cancel()
+    assert result == f"GET https://127.0.0.1:{port}/: status 200"
+
+
+async def _serve_tls(context: ssl.SSLContext, *, task_status: anyio.abc.TaskStatus[int]) -> None:
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    port = listener.extra(anyio.abc.SocketAttribute.local_port)
+    tls = anyio.streams.tls.TLSListener(listener, context, standard_compatible=False)
+    task_status.started(port)
+
+    async def reply(stream: anyio.abc.ByteStream) -> None:
+        async with stream:
+            await stream.receive()
+            await stream.send(_http("200 OK", b"a secure answer"))
+
+    async with tls:
+        await tls.serve(reply)
 
 
 async def test_a_probe_that_hangs_is_cut_at_its_timeout(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import os
 import re
 import socket
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
@@ -27,6 +27,7 @@ __all__ = [
     "APIError",
     "Client",
     "ClientError",
+    "EventStream",
     "ServiceUnavailable",
     "connect_unix",
     "socket_from_manifest",
@@ -231,6 +232,28 @@ class _Response:
     def read(self) -> bytes:
         return b"".join(self.chunks())
 
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read1_nonblocking(self) -> bytes | None:
+        """What has arrived, read without waiting: bytes, ``b""`` at the end, None when nothing yet.
+
+        For a selector over several answers (``supervisor.api.multiplex``). The buffered
+        reader says ``b""`` both for "nothing yet" and for the end: a peek at the socket
+        tells the two apart.
+        """
+        if self._sock.gettimeout() != 0.0:
+            self._sock.setblocking(False)
+        try:
+            data = self._file.read1(65536)
+            if data:
+                return data
+            return None if self._sock.recv(1, socket.MSG_PEEK) else b""
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""  # the connection broke: the stream is over
+
     def json(self) -> Any:
         body = self.read()
         if not body:
@@ -388,6 +411,24 @@ class Client:
             yield response.chunks()
 
     @contextmanager
+    def follow_many(
+        self, names: Sequence[str], *, stream: str = "stdout", lines: int = 10
+    ) -> Iterator[Iterator[tuple[str, bytes]]]:
+        """``follow`` for several instances at once: ``(name, line)`` pairs in arrival order.
+
+        Each instance's last ``lines`` lines come first (as they arrive), then
+        what is written; the iterator ends when every stream has ended.
+        """
+        from .multiplex import interleave_lines
+
+        with ExitStack() as stack:
+            opened = [
+                (name, stack.enter_context(self._stream(_logs_path(name, stream, lines, follow=True))))
+                for name in names
+            ]
+            yield interleave_lines(opened)
+
+    @contextmanager
     def events(self) -> Iterator[Iterator[dict[str, Any]]]:
         """Transitions from now on (``Transition.to_dict()``), from the Server-Sent Events stream.
 
@@ -398,6 +439,16 @@ class Client:
         with self._stream("/v1/events") as response:
             yield _server_sent_events(response)
 
+    def event_stream(self) -> EventStream:
+        """Like ``events()``, as an object another thread may ``interrupt()`` (the CLI's progress line)."""
+        response = self._open("GET", "/v1/events")
+        if response.status >= 400:
+            try:
+                raise _api_error(response.status, response.json())
+            finally:
+                response.close()
+        return EventStream(response)
+
     def reload(self) -> dict[str, Any]:
         return self.request("POST", "/v1/reload")  # type: ignore[no-any-return]
 
@@ -406,6 +457,29 @@ class Client:
 
     def reopen_logs(self) -> dict[str, Any]:
         return self.request("POST", "/v1/logs/reopen")  # type: ignore[no-any-return]
+
+
+class EventStream:
+    """The event stream, subscribed from the moment this exists; iterate it in one thread.
+
+    ``interrupt()`` may come from another thread: it shuts the socket down, so
+    the iteration ends at once; ``close()`` then frees it.
+    """
+
+    def __init__(self, response: _Response) -> None:
+        self._response = response
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return _server_sent_events(self._response)
+
+    def interrupt(self) -> None:
+        try:
+            self._response._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # closed already, or the service went away
+
+    def close(self) -> None:
+        self._response.close()
 
 
 def _logs_path(name: str, stream: str, lines: int, *, follow: bool) -> str:

@@ -41,7 +41,7 @@ from starlette.types import Receive, Scope, Send
 from ..config import Manifest, ManifestError
 from ..events import State, Transition, Update
 from ..instance import Instance, InvalidRequest
-from ..manager import Manager, ReloadReport, UnknownInstance
+from ..manager import ApplyError, Manager, ReloadReport, UnknownInstance
 from .client import ServiceUnavailable, connect_unix, unix_address
 from .models import (
     ActionRequest,
@@ -133,6 +133,9 @@ def _install_error_handlers(app: FastAPI) -> None:
             [str(p) for p in exc.problems],
         )
 
+    async def cannot_apply(_: Request, exc: Exception) -> JSONResponse:
+        return _error(422, str(exc))
+
     async def bad_request(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         details = []
@@ -156,6 +159,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(UnknownInstance, unknown)
     app.add_exception_handler(InvalidRequest, invalid)
     app.add_exception_handler(ManifestError, bad_manifest)
+    app.add_exception_handler(ApplyError, cannot_apply)
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_exception_handler(StarletteHTTPException, http_error)
 

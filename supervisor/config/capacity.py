@@ -46,10 +46,13 @@ def descriptors_per_instance(manifest: Manifest, name: str) -> int:
     return count
 
 
-def capacity_problems(manifest: Manifest) -> Iterator[str]:
+def capacity_problems(manifest: Manifest, *, this_machine: bool) -> Iterator[str]:
+    """Too many instances anywhere; and, for ``this_machine``, more than its descriptors hold."""
     total = sum(config.replicas for config in manifest.instances.values())
     if total > MAX_INSTANCES:
         yield f"{total:,} instances (replicas counted one by one) are more than the {MAX_INSTANCES:,} allowed"
+        return
+    if not this_machine:
         return
     instances = manifest.instances
     per_name = (descriptors_per_instance(manifest, name) * c.replicas for name, c in instances.items())

@@ -248,20 +248,25 @@ def _part(part: str | int) -> str:
 
 
 def load_manifest(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Manifest:
-    """Read, interpolate and validate a manifest; raise one ManifestError listing every problem."""
+    """Read, interpolate and validate a manifest to run here; one ManifestError lists every problem."""
     file = Path(path)
     try:
         with open(file, "rb") as f:
             data = f.read(MAX_MANIFEST_BYTES + 1)  # a larger file is refused, never read whole
     except OSError as exc:
         raise ManifestError([Problem(str(file), None, None, "", f"cannot read: {exc.strerror}")]) from None
-    return parse_manifest(data, file, environ)
+    return parse_manifest(data, file, environ, this_machine=True)
 
 
 def parse_manifest(
-    text: str | bytes, file: Path, environ: Mapping[str, str] | None = None
+    text: str | bytes, file: Path, environ: Mapping[str, str] | None = None, *, this_machine: bool = False
 ) -> Manifest:
-    """Validate a manifest's text (bytes must be UTF-8); ManifestError is the only error it raises."""
+    """Validate a manifest's text (bytes must be UTF-8); ManifestError is the only error it raises.
+
+    ``this_machine``: also check that it fits this machine's open-files limit, as
+    ``load_manifest`` does for ``validate``, ``run`` and ``reload``; an export for another
+    machine, or a converter checking what it wrote, leaves it out.
+    """
     source = _Source(str(file), {}, {}, [], os.environ if environ is None else environ)
     try:
         node = compose(decode(text) if isinstance(text, bytes) else text)
@@ -283,7 +288,7 @@ def parse_manifest(
         for error in exc.errors(include_url=False):
             _report(error, source)
     if manifest is not None and not source.problems:
-        for message in capacity_problems(manifest):
+        for message in capacity_problems(manifest, this_machine=this_machine):
             source.problem(("instances",), message, at_key=True)
     if source.problems or manifest is None:
         raise ManifestError(_in_file_order(source.problems))

@@ -236,7 +236,7 @@ class RestartPolicy(StrictModel):
     min_uptime: Duration = Field(1.0, description="An exit sooner than this is a failed start.")
     backoff: Backoff = Field(Backoff(), description="The delay before each restart.")
     max_restarts: StrictInt = Field(
-        10, ge=0, le=100_000, description="More restarts than this within window: failed."
+        10, ge=0, le=1_000_000, description="More restarts than this within window: failed."
     )
     window: Duration = Field(300.0, description="The window max_restarts counts in.")
 

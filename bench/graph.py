@@ -1,0 +1,195 @@
+"""The service graph's three figures, each side by side with what it is measured against.
+
+1. **Critical path.** 100 instances in a graph of depth 10 (ten levels of ten; each
+   instance depends on every instance of the level above, condition ready), each ready
+   by sd_notify 100 ms after its process started (a small C program, bench/notify_ready.c,
+   so that a hundred interpreters starting on two cores are not what is measured). The
+   instances are not autostarted: once the service answers and this script listens to
+   its events, `start --all` asks for all 100 at once, and the time until the last is
+   ready is set against the critical path (10 × 100 ms). Target: ≤ 1.3×.
+2. **READY=1 → ready event.** Each instance writes the time it sends READY=1 to its
+   log; the script reads the `ready` update events off the event stream and prints the
+   latency, median and p99. Target: ≤ 5 ms median.
+3. **HTTP probing cost.** 100 instances of `sleep`, each with a liveness check over
+   http once a second against one local server (a thread in this script): the
+   service's CPU over 30 s, in percent of one core, against the same 100 instances
+   with no check (the idle floor) in the same run. Target: ≤ 2 % of one core.
+
+Usage: python bench/graph.py [--levels 10] [--width 10] [--delay 0.1] [--probe-seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.server
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+from supervisor.api.client import Client, ClientError
+
+SUPERVISOR = Path(sys.executable).parent / "supervisor"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+HERE = Path(__file__).resolve().parent
+
+
+def build_program(folder: Path) -> Path:
+    """notify_ready.c, compiled here: the instance's own start-up must not be what is measured."""
+    binary = folder / "notify_ready"
+    subprocess.run(["cc", "-O2", "-o", str(binary), str(HERE / "notify_ready.c")], check=True)
+    return binary
+
+
+def start(path: Path) -> tuple[subprocess.Popen[bytes], Client, float]:
+    began = time.time()
+    service = subprocess.Popen(
+        [str(SUPERVISOR), "run", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    client = Client(path.parent / ".supervisor" / "control.sock", timeout=60)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.health()
+            return service, client, began
+        except ClientError:
+            if time.monotonic() > deadline or service.poll() is not None:
+                raise SystemExit("bench: the service did not come up") from None
+            time.sleep(0.005)
+
+
+def stop(service: subprocess.Popen[bytes]) -> None:
+    service.send_signal(signal.SIGTERM)
+    service.wait(timeout=120)
+
+
+def graph_manifest(folder: Path, levels: int, width: int, delay: float) -> Path:
+    program = build_program(folder)
+    lines = ["version: 1", "supervisor: {shutdown_timeout: 60s}", "instances:"]
+    for level in range(levels):
+        deps = f", depends_on: [l{level - 1}]" if level else ""
+        lines.append(
+            f"  l{level}: {{command: [{str(program)!r}, '{delay}'], replicas: {width},"
+            f" ready: {{notify: true}}, restart: {{min_uptime: 0}}, autostart: false{deps}}}"
+        )
+    path = folder / "supervisor.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def critical_path(levels: int, width: int, delay: float) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        path = graph_manifest(Path(tmp), levels, width, delay)
+        ready_at: dict[str, float] = {}
+        service, client, _ = start(path)
+        try:
+            with client.events() as events:
+                # Subscribed first, then started: no ready event can come before we listen.
+                began = time.time()
+                client.start(all=True, wait=False)
+                for event in events:
+                    if event.get("kind") == "ready" and event.get("ok"):
+                        ready_at[event["instance"]] = event["at"]
+                        if len(ready_at) == levels * width:
+                            done = time.time()
+                            break
+            latencies = []
+            for name, at in ready_at.items():
+                text = client.logs(name, lines=5).decode()
+                sent = next(float(line.split()[1]) for line in text.splitlines() if "ready-sent" in line)
+                latencies.append(at - sent)
+        finally:
+            stop(service)
+    latencies.sort()
+    return {
+        "total": done - began,
+        "median_ms": statistics.median(latencies) * 1e3,
+        "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3,
+    }
+
+
+def probing_cpu(instances: int, seconds: float, port: int) -> tuple[float, float]:
+    results = []
+    for alive in (False, True):
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+            check = f"alive: {{http: 'http://127.0.0.1:{port}/', interval: 1s}}" if alive else ""
+            path = Path(tmp) / "supervisor.yaml"
+            path.write_text(
+                textwrap.dedent(
+                    f"""
+                    version: 1
+                    instances:
+                      idle:
+                        command: [sleep, "3600"]
+                        replicas: {instances}
+                        restart: {{min_uptime: 0}}
+                        {check}
+                    """
+                )
+            )
+            service, client, _ = start(path)
+            try:
+                client.wait(["idle"], "running", timeout=60)
+                time.sleep(2)  # the first probes, and the start's own work, settle
+                before = cpu_ticks(service.pid)
+                time.sleep(seconds)
+                used = (cpu_ticks(service.pid) - before) / TICKS
+            finally:
+                stop(service)
+        results.append(100 * used / seconds)
+    return results[0], results[1]
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--levels", type=int, default=10)
+    parser.add_argument("--width", type=int, default=10)
+    parser.add_argument("--delay", type=float, default=0.1)
+    parser.add_argument("--probe-instances", type=int, default=100)
+    parser.add_argument("--probe-seconds", type=float, default=30)
+    args = parser.parse_args()
+    print(
+        f"machine: {os.cpu_count()} cpus, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+    )
+    figures = critical_path(args.levels, args.width, args.delay)
+    path = args.levels * args.delay
+    delay_ms = args.delay * 1e3
+    print(f"graph: {args.levels} levels x {args.width}, ready by sd_notify {delay_ms:.0f} ms after start")
+    print(f"  all ready after {figures['total']:.2f} s")
+    print(f"  critical path {path:.2f} s: ratio {figures['total'] / path:.2f} (target <= 1.3)")
+    print(
+        f"  READY=1 -> ready event: median {figures['median_ms']:.2f} ms, p99 {figures['p99_ms']:.2f} ms"
+        " (target: median <= 5 ms)"
+    )
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    idle, probed = probing_cpu(args.probe_instances, args.probe_seconds, server.server_address[1])
+    print(
+        f"{args.probe_instances} instances, http liveness every 1 s: service CPU {probed:.2f} % of a core"
+        f" (no checks: {idle:.2f} %); target <= 2 %"
+    )
+    server.shutdown()
+
+
+if __name__ == "__main__":
+    main()

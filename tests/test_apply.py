@@ -1,0 +1,81 @@
+"""Applying a manifest is all or nothing: a change the service cannot make changes nothing."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+import pytest
+
+from supervisor.events import State
+from supervisor.instance import InvalidRequest
+from supervisor.manager import ApplyError, UnknownInstance, descriptors_per_instance
+
+from .helpers import manifest_from, running
+
+pytestmark = pytest.mark.anyio
+
+BASE = """
+version: 1
+instances:
+  keep: {command: [sleep, "60"], restart: {min_uptime: 0}}
+"""
+
+
+async def test_a_change_that_would_run_out_of_descriptors_changes_nothing(tmp_path: Path) -> None:
+    async with running(manifest_from(BASE, tmp_path)) as (manager, events):
+        await events.wait_for(lambda e: e.to_state is State.RUNNING)
+        before = manager.manifest
+        pid = manager.instances["keep"].pid
+        bigger = manifest_from(
+            BASE + "  many: {command: [sleep, '60'], replicas: 100, autostart: false}\n", tmp_path
+        )
+        per = descriptors_per_instance(bigger.instances["many"])
+        assert per == 5  # two captured streams (a pipe end and a log file each) and a pidfd
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 200, hard))
+        try:
+            with pytest.raises(ApplyError, match=r"needs about 500 more file descriptors, but only \d+ "):
+                await manager.apply(bigger)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert list(manager.instances) == ["keep"]
+        assert manager.instances["keep"].pid == pid and manager.manifest is before
+        # With the limit back, the same change goes through.
+        report = await manager.apply(bigger)
+        assert len(report.added) == 100 and report.unchanged == ["keep"]
+
+
+async def test_the_instances_keep_the_manifest_order_after_a_change(tmp_path: Path) -> None:
+    text = BASE + "  b: {command: [sleep, '60']}\n  c: {command: [sleep, '60']}\n"
+    async with running(manifest_from(text, tmp_path)) as (manager, _):
+        edited = text.replace("  b: {command: [sleep, '60']}", "  b: {command: [sleep, '61']}")
+        changed = manifest_from(edited, tmp_path)
+        report = await manager.apply(changed)
+        assert report.changed == ["b"]
+        assert list(manager.instances) == ["keep", "b", "c"]
+
+
+async def test_scale_adds_and_removes_replicas_until_the_next_reload(tmp_path: Path) -> None:
+    text = BASE + "  web: {command: [sleep, '60'], replicas: 2, restart: {min_uptime: 0}}\n"
+    manifest = manifest_from(text, tmp_path)
+    async with running(manifest) as (manager, events):
+        await events.until(lambda: manager.count(State.RUNNING) == 3)
+        pids = {name: manager.instances[name].pid for name in ("web-0", "web-1")}
+        report = await manager.scale({"web": 4})
+        assert (report.added, report.removed) == (["web-2", "web-3"], [])
+        assert report.unchanged == ["keep", "web-0", "web-1"]
+        await events.until(lambda: manager.count(State.RUNNING) == 5)
+        assert {name: manager.instances[name].pid for name in pids} == pids
+        report = await manager.scale({"web": 3})
+        assert report.removed == ["web-3"] and list(manager.instances) == ["keep", "web-0", "web-1", "web-2"]
+        with pytest.raises(UnknownInstance):
+            await manager.scale({"nope": 2})
+        with pytest.raises(InvalidRequest, match="cannot scale to -1"):
+            await manager.scale({"web": -1})
+        # A reload brings the manifest's count back, and says so.
+        report = await manager.apply(manifest_from(text, tmp_path))
+        assert report.removed == ["web-2"] and report.rescaled == ["web: back to the manifest's 2 replicas"]
+        assert list(manager.instances) == ["keep", "web-0", "web-1"]
+        assert manager.manifest.source == (tmp_path / "supervisor.yaml").resolve()
