@@ -98,7 +98,8 @@ class Service:
         """Re-read the manifest file; a manifest with errors changes nothing (ManifestError)."""
         source = self.manifest.source
         assert source is not None
-        manifest = load_manifest(source)
+        # In a worker thread: reading even a bounded manifest takes a moment the loop must not lose.
+        manifest = await anyio.to_thread.run_sync(load_manifest, source)
         report = await self.manager.apply(manifest)
         old, self.manifest = self.manifest, manifest
         control = (manifest.control_socket, manifest.supervisor.control)

@@ -246,8 +246,10 @@ def test_umask_is_octal_text(tmp_path: Path) -> None:
     assert config.umask == 0o027
     assert config.model_dump(mode="json")["umask"] == "027"
     # YAML 1.1 reads an unquoted 022 as octal, and an unquoted 27 as decimal: the docs say quote it.
+    # Unquoted digits are read as a shell's `umask 022` and `umask 27` read them: octal.
     assert web_config(tmp_path, "umask: 022").umask == 0o022
-    assert web_config(tmp_path, "umask: 27").umask == 27
+    assert web_config(tmp_path, "umask: 27").umask == 0o027
+    assert web_config(tmp_path, "umask: 0o77").umask == 0o077
     problem = only(problems(tmp_path, web("umask: '089'")))
     assert problem.path == "instances.web.umask"
     assert "'089' is not an octal umask" in problem.message
@@ -858,22 +860,26 @@ def test_unknown_keys_are_placed_at_the_key_with_a_suggestion(
         (
             "version: 1\ninstances:\n  web:\n    command: [a, b\n    replicas: 2\n",
             (5, 13),
-            "YAML syntax error: expected ',' or ']', but got ':' (while parsing a flow sequence)",
+            "expected ',' or ']'",
         ),
         (
             "version: 1\ninstances:\n  web:\n    command: a\n   replicas: 2\n",
             (5, 4),
-            "YAML syntax error: expected <block end>, but found '<block mapping start>'",
+            "(while parsing a block mapping)",
         ),
-        ("version: 1\n\tinstances: {}\n", (2, 1), "YAML syntax error: found character '\\t'"),
+        ("version: 1\n\tinstances: {}\n", (2, 1), ("found a tab character", "found character '\\t'")),
     ],
 )
 def test_yaml_syntax_errors_have_line_and_column(
-    tmp_path: Path, text: str, where: tuple[int, int], message: str
+    tmp_path: Path, text: str, where: tuple[int, int], message: str | tuple[str, str]
 ) -> None:
+    # The words are libyaml's, or PyYAML's where it is built without libyaml: a phrase both use,
+    # or each one's.
     problem = only(problems(tmp_path, text))
     assert ((problem.line, problem.column), problem.path) == (where, "")
-    assert problem.message.startswith(message)
+    phrases = (message,) if isinstance(message, str) else message
+    assert problem.message.startswith("YAML syntax error: ")
+    assert any(phrase in problem.message for phrase in phrases), problem.message
 
 
 @pytest.mark.parametrize(

@@ -148,13 +148,17 @@ def test_export_of_a_bad_manifest_names_the_line(tmp_path: Path) -> None:
         systemd.export(bad.read_text(), bad, name="x")
 
 
-def test_systemd_refuses_a_million_units(tmp_path: Path) -> None:
+def test_systemd_refuses_more_than_ten_thousand_units(tmp_path: Path) -> None:
+    # The loader takes at most 10000 replicas of one instance; two of them make too many units.
     huge = tmp_path / "supervisor.yaml"
-    huge.write_text("version: 1\ninstances:\n  a:\n    command: x\n    replicas: 1000000\n")
-    with pytest.raises(ConvertError, match=r"supervisor\.yaml:5: 1000000 units"):
+    huge.write_text(
+        "version: 1\ninstances:\n  a:\n    command: x\n    replicas: 6000\n"
+        "  b:\n    command: x\n    replicas: 5000\n"
+    )
+    with pytest.raises(ConvertError, match=r"supervisor\.yaml:5: 11000 units"):
         systemd.export(huge.read_text(), huge, name="x")
     k8s = kubernetes.export(huge.read_text(), huge, name="x", image="i")  # just a number there
-    assert "replicas: 1000000" in k8s.files["a.yaml"]
+    assert "replicas: 6000" in k8s.files["a.yaml"]
 
 
 def test_systemd_awkward_values(tmp_path: Path) -> None:

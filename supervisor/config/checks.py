@@ -14,7 +14,7 @@ import shlex
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, Field, StrictInt, field_validator, model_validator
 
 from .base import StrictModel
 from .units import Duration
@@ -45,12 +45,13 @@ class _Check(StrictModel):
         None, description="GET this http:// or https:// URL; a status in expect (and body, if set) passes."
     )
     tcp: str | None = Field(None, description="Connect to HOST:PORT; an accepted connection passes.")
-    expect: list[Annotated[int, Field(ge=100, le=599)]] | None = Field(
-        None, description="http only: the status codes that pass. Unset: any 2xx or 3xx."
+    expect: list[Annotated[StrictInt, Field(ge=100, le=599)]] | None = Field(
+        None,
+        max_length=500, description="http only: the status codes that pass. Unset: any 2xx or 3xx."
     )
     body: str | None = Field(None, description="http only: the answer's body must contain this text.")
-    interval: Duration = Field(1.0, description="Time between two probes.")
-    timeout: Duration = Field(1.0, description="A probe that takes longer fails.")
+    interval: Duration = Field(1.0, ge=0.01, description="Time between two probes (at least 10ms).")
+    timeout: Duration = Field(1.0, gt=0, description="A probe that takes longer fails.")
     initial_delay: Duration = Field(0.0, description="Wait this long after the start before the first probe.")
 
     @property
@@ -137,7 +138,7 @@ class ReadyCheck(_Check):
         description="true: the sd_notify protocol. The instance gets NOTIFY_SOCKET and is ready when "
         "it sends READY=1; STATUS=, WATCHDOG=1, RELOADING=1, STOPPING=1 and MAINPID= are understood.",
     )
-    success_threshold: int = Field(1, ge=1, le=1000, description="Passes in a row that make it ready.")
+    success_threshold: StrictInt = Field(1, ge=1, le=1000, description="Passes in a row that make it ready.")
     start_timeout: Duration | None = Field(
         60.0,
         description="Not ready by then is a failed start: the program is stopped and backs off, "
@@ -167,8 +168,8 @@ class ReadyCheck(_Check):
 class AliveCheck(_Check):
     """How a running instance is checked for life: failures in a row restart it."""
 
-    interval: Duration = Field(10.0, description="Time between two probes.")
-    failure_threshold: int = Field(
+    interval: Duration = Field(10.0, ge=0.01, description="Time between two probes (at least 10ms).")
+    failure_threshold: StrictInt = Field(
         3, ge=1, le=1000, description="This many failures in a row restart the instance."
     )
 
@@ -199,6 +200,8 @@ def _dependencies_from_yaml(value: Any) -> Any:
         return str(key) if isinstance(key, int) and not isinstance(key, bool) else key
 
     if isinstance(value, list):
+        if not all(isinstance(item, str | int) for item in value):
+            raise ValueError("depends_on lists instance names")
         return {name(item): {} for item in value}
     if isinstance(value, dict):
         return {

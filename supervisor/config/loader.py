@@ -15,46 +15,38 @@ import os
 import re
 import typing
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .models import INSTANCE_NAME_PATTERN, Manifest
+from .capacity import MAX_INSTANCES, capacity_problems
+from .models import INSTANCE_NAME_PATTERN, MAX_NAME_LENGTH, MAX_REPLICAS, Manifest
+from .problems import ManifestError, Problem
+from .yaml_source import (
+    MAX_DEPTH,
+    MAX_MANIFEST_BYTES,
+    MAX_VALUES,
+    MERGE,
+    NULL,
+    STR,
+    AliasNode,
+    SourceError,
+    compose,
+    construct,
+    decode,
+    is_plain,
+    resolve_plain,
+)
+
+__all__ = ["ManifestError", "Problem", "load_manifest", "parse_manifest"]
 
 KeyPath = tuple[str | int, ...]
 
 # $$ | ${NAME} | ${NAME:-default} (unset or empty) | ${NAME-default} (unset only) | ${anything else}
 _INTERPOLATION = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?)-([^}]*))?\}|\{([^}]*)\})")
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One thing wrong in a manifest, with where it is and what was expected."""
-
-    file: str
-    line: int | None
-    column: int | None
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        where = self.file
-        if self.line is not None:
-            where += f":{self.line}:{self.column}"
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
-
-
-class ManifestError(Exception):
-    """The manifest cannot be used; ``problems`` lists every reason, each with its place."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        count = len(problems)
-        head = f"{count} problem{'s' if count != 1 else ''} in the manifest:"
-        super().__init__("\n".join([head, *(f"  {p}" for p in problems)]))
 
 
 @dataclass
@@ -66,6 +58,12 @@ class _Source:
     keys: dict[KeyPath, tuple[int, int]]
     problems: list[Problem]
     environ: Mapping[str, str]
+    #: Values still to build before MAX_VALUES is reached.
+    budget: int = MAX_VALUES
+    #: The outermost alias being expanded: where an error inside an anchor's content is reported.
+    alias: AliasNode | None = None
+    #: Paths already reported as unreadable: pydantic's own complaint about them is left out.
+    refused: set[KeyPath] = field(default_factory=set)
 
     def problem(self, path: KeyPath, message: str, *, at_key: bool = False) -> None:
         line, column = self.locate(path, at_key=at_key)
@@ -79,38 +77,115 @@ class _Source:
                 return place
         return None, None
 
-    def build(self, node: yaml.Node, path: KeyPath) -> Any:
-        self.values[path] = (node.start_mark.line + 1, node.start_mark.column + 1)
+    def build(self, node: Any, path: KeyPath) -> Any:
+        """The plain value of ``node``, recording where each part of it was written.
+
+        An alias is built from its anchor every time it is used, so its cost is
+        counted every time: a file of a few lines cannot expand past MAX_VALUES
+        or nest deeper than MAX_DEPTH, and the error points at the alias.
+        """
+        if isinstance(node, AliasNode):
+            outer, self.alias = self.alias, self.alias or node
+            try:
+                value = self.build(node.target, path)
+            finally:
+                self.alias = outer
+            self.values[path] = _place(node)  # the value is written there, as far as a reader knows
+            return value
+        self.budget -= 1
+        if self.budget < 0:
+            self.stop(node, f"the manifest holds more than {MAX_VALUES:,} values once aliases are expanded")
+        if len(path) > MAX_DEPTH:
+            self.stop(node, f"the manifest is nested more than {MAX_DEPTH} levels deep with aliases expanded")
+        self.values[path] = _place(node)
         if isinstance(node, yaml.MappingNode):
-            _CONSTRUCTOR.flatten_mapping(node)  # `<<: *anchor` pairs first, so written keys win
-            data: dict[Any, Any] = {}
-            written: set[Any] = set()  # keys written in this mapping, not merged into it
-            for key_node, value_node in node.value:
-                # A key is a name as written: `8080:` or `on:` must not become an int or a bool.
-                if isinstance(key_node, yaml.ScalarNode):
-                    key = self.interpolate(key_node.value, path)
-                else:
-                    key = self.scalar(key_node, path)
-                if not isinstance(key, str | int) or isinstance(key, bool):
-                    key = str(key)
-                child = (*path, key)
-                self.keys[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-                if node.start_mark.index <= key_node.start_mark.index < node.end_mark.index:
-                    if key in written:
-                        self.problem(child, f"the key {key!r} is given twice", at_key=True)
-                    written.add(key)
-                data[key] = self.build(value_node, child)
-            return data
+            return self.mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         return self.scalar(node, path)
 
-    def scalar(self, node: yaml.Node, path: KeyPath) -> Any:
-        if not isinstance(node, yaml.ScalarNode):
-            return self.build(node, path)
-        value = _CONSTRUCTOR.construct_object(node, deep=True)
-        if isinstance(value, str):
-            return self.interpolate(value, path)
+    def refuse(self, node: Any, path: KeyPath, message: str) -> None:
+        """A problem at the node itself (an alias's own place, say), and none from pydantic under it."""
+        line, column = _place(node)
+        self.problems.append(Problem(self.file, line, column, _dotted(path), message))
+        self.refused.add(path)
+
+    def stop(self, node: Any, message: str) -> typing.NoReturn:
+        """Give up building: past a limit, going on is the harm the limit prevents."""
+        where = self.alias or node
+        if self.alias is not None:
+            message += f" (expanding *{self.alias.anchor} here)"
+        line, column = _place(where)
+        raise SourceError(line, column, message)
+
+    def mapping(self, node: yaml.MappingNode, path: KeyPath) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        pairs = []
+        for key_node, value_node in node.value:
+            key_target = key_node.target if isinstance(key_node, AliasNode) else key_node
+            if isinstance(key_target, yaml.ScalarNode) and key_target.tag == MERGE:
+                self.merge(value_node, path, data)  # merged keys first, so that written keys win
+            else:
+                pairs.append((key_node, value_node))
+        self.values[path] = _place(node)
+        written: set[str] = set()
+        for key_node, value_node in pairs:
+            key = self.key(key_node, path)
+            if key is None:
+                continue
+            child = (*path, key)
+            self.keys[child] = _place(key_node)
+            if key in written:
+                self.problem(child, f"the key {key!r} is given twice", at_key=True)
+            written.add(key)
+            data[key] = self.build(value_node, child)
+        return data
+
+    def merge(self, value_node: Any, path: KeyPath, data: dict[str, Any]) -> None:
+        """``<<: *base`` or ``<<: [*a, *b]`` (the first listed wins), as YAML's merge key means."""
+        target = value_node.target if isinstance(value_node, AliasNode) else value_node
+        sources = target.value if isinstance(target, yaml.SequenceNode) else [value_node]
+        merged = []
+        for item in sources:
+            item_target = item.target if isinstance(item, AliasNode) else item
+            if not isinstance(item_target, yaml.MappingNode):
+                self.refuse(item, path, "<< merges a mapping or a list of mappings, such as <<: *base")
+                continue
+            merged.append(self.build(item, path))
+        for values in reversed(merged):
+            data.update(values)
+
+    def key(self, node: Any, path: KeyPath) -> str | None:
+        """A key is a name as written: `8080:` or `on:` must not become an int or a bool."""
+        target = node.target if isinstance(node, AliasNode) else node
+        if not isinstance(target, yaml.ScalarNode):
+            self.refuse(node, path, "a key must be a name, not a list or a mapping")
+            return None
+        key = self.interpolate(target.value, path)
+        if "\0" in key:
+            self.refuse(node, (*path, key), _NUL)
+        return key
+
+    def scalar(self, node: yaml.ScalarNode, path: KeyPath) -> Any:
+        text = node.value
+        if node.tag != MERGE and "$" in text:
+            text = self.interpolate(text, path)
+        if is_plain(node):
+            # A plain value is read after interpolation: `replicas: ${N}` is a number when N is one.
+            tag = resolve_plain(text)
+            if tag != NULL and _is_text_field(path):
+                tag = STR  # an argument, an environment value, an umask: as written (`umask: 022`)
+        else:
+            tag = node.tag
+        try:
+            value = construct(tag, text)
+        except ValueError as exc:
+            self.problem(path, str(exc))
+            self.refused.add(path)
+            return text
+        if isinstance(value, str) and "\0" in value:
+            self.problem(path, _NUL)
+            self.refused.add(path)
         return value
 
     def interpolate(self, text: str, path: KeyPath) -> str:
@@ -140,41 +215,67 @@ class _Source:
         return _INTERPOLATION.sub(substitute, text)
 
 
-_CONSTRUCTOR = yaml.SafeLoader("")  # its construct_object turns scalar nodes into Python values
+_NUL = "a NUL character (\\0) cannot be part of a path, a name, an argument or an environment variable"
+
+
+def _place(node: Any) -> tuple[int, int]:
+    mark = node.start_mark
+    return mark.line + 1, mark.column + 1
+
+
+def _is_text_field(path: KeyPath) -> bool:
+    """Where an unquoted value is taken as written: nothing there is a number or a boolean."""
+    if len(path) < 3 or path[0] != "instances":
+        return False
+    rest = path[2:]
+    return (
+        (rest[0] == "env" and len(rest) == 2)
+        or (rest[0] in ("command", "umask") and len(rest) <= 2)
+        or (rest[0] in ("ready", "alive") and len(rest) in (2, 3) and rest[1] == "exec")
+    )
 
 
 def _dotted(path: KeyPath) -> str:
-    return ".".join(str(p) for p in path)
+    return ".".join(_part(p) for p in path)
+
+
+def _part(part: str | int) -> str:
+    """A key as a message shows it: control characters escaped, a very long one cut short."""
+    text = str(part)
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= 60 else f"{text[:40]}…({len(text)} characters)"
 
 
 def load_manifest(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Manifest:
-    """Read, interpolate and validate a manifest; raise one ManifestError listing every problem."""
+    """Read, interpolate and validate a manifest to run here; one ManifestError lists every problem."""
     file = Path(path)
     try:
-        text = file.read_text()
+        with open(file, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)  # a larger file is refused, never read whole
     except OSError as exc:
         raise ManifestError([Problem(str(file), None, None, "", f"cannot read: {exc.strerror}")]) from None
-    return parse_manifest(text, file, environ)
+    return parse_manifest(data, file, environ, this_machine=True)
 
 
 def parse_manifest(
-    text: str, file: Path, environ: Mapping[str, str] | None = None
+    text: str | bytes, file: Path, environ: Mapping[str, str] | None = None, *, this_machine: bool = False
 ) -> Manifest:
+    """Validate a manifest's text (bytes must be UTF-8); ManifestError is the only error it raises.
+
+    ``this_machine``: also check that it fits this machine's open-files limit, as
+    ``load_manifest`` does for ``validate``, ``run`` and ``reload``; an export for another
+    machine, or a converter checking what it wrote, leaves it out.
+    """
     source = _Source(str(file), {}, {}, [], os.environ if environ is None else environ)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line, column = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        message = f"YAML syntax error: {exc.problem or exc}"
-        if exc.context:
-            message += f" ({exc.context})"
-        raise ManifestError([Problem(str(file), line, column, "", message)]) from None
-    except yaml.YAMLError as exc:
-        raise ManifestError([Problem(str(file), None, None, "", f"YAML error: {exc}")]) from None
-    if node is None:
-        raise ManifestError([Problem(str(file), 1, 1, "", "the manifest is empty: start with 'version: 1'")])
-    data = source.build(node, ())
+        node = compose(decode(text) if isinstance(text, bytes) else text)
+        if node is None:
+            raise SourceError(1, 1, "the manifest is empty: start with 'version: 1'")
+        data = source.build(node, ())
+    except SourceError as exc:
+        stop = Problem(str(file), exc.line, exc.column, "", exc.message)
+        raise ManifestError(_in_file_order([*source.problems, stop])) from None
     if not isinstance(data, dict):
         source.problem((), "the manifest must be a mapping with 'version' and 'instances'")
         raise ManifestError(source.problems)
@@ -186,6 +287,9 @@ def parse_manifest(
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             _report(error, source)
+    if manifest is not None and not source.problems:
+        for message in capacity_problems(manifest, this_machine=this_machine):
+            source.problem(("instances",), message, at_key=True)
     if source.problems or manifest is None:
         raise ManifestError(_in_file_order(source.problems))
     manifest._source = file.resolve()
@@ -214,6 +318,8 @@ def _check_instances(data: dict[str, Any], source: _Source) -> None:
             where: KeyPath = ("instances", name, "depends_on", index if isinstance(deps, list) else written)
             # An all-digit name reads as an int (`depends_on: [8080]`): it is still a name.
             dep = str(written) if isinstance(written, int) and not isinstance(written, bool) else written
+            if not isinstance(dep, str):
+                continue  # not a name at all: the models say what is expected
             if dep == name:
                 source.problem(where, f"{name} cannot depend on itself", at_key=True)
             elif dep not in instances:
@@ -232,7 +338,7 @@ def _check_instances(data: dict[str, Any], source: _Source) -> None:
         first = cycle[0]
         source.problem(
             ("instances", first, "depends_on"),
-            "dependency cycle: " + " -> ".join([*cycle, first]),
+            "dependency cycle: " + _along(cycle),
             at_key=True,
         )
     _check_replica_names(instances, source)
@@ -253,11 +359,15 @@ def _policy(spec: Any) -> Any:
 
 def _check_replica_names(instances: dict[str, Any], source: _Source) -> None:
     """``web`` with 2 replicas is web-0 and web-1; another instance may not take those names."""
-    owner: dict[str, str] = {}
+    counts = {}
     for name, spec in instances.items():
         replicas = spec.get("replicas", 1) if isinstance(spec, dict) else 1
-        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
-            continue
+        if isinstance(replicas, int) and not isinstance(replicas, bool) and 0 <= replicas <= MAX_REPLICAS:
+            counts[name] = replicas
+    if sum(counts.values()) > MAX_INSTANCES:
+        return  # too many to name: the models say so without spelling them all out
+    owner: dict[str, str] = {}
+    for name, replicas in counts.items():
         names = [str(name)] if replicas == 1 else [f"{name}-{i}" for i in range(replicas)]
         for replica in names:
             if replica in owner and owner[replica] != name:
@@ -269,29 +379,41 @@ def _check_replica_names(instances: dict[str, Any], source: _Source) -> None:
             owner[replica] = str(name)
 
 
-def _cycles(graph: dict[str, list[str]]) -> Iterator[list[str]]:
-    """Each dependency cycle once, as the list of names along it."""
-    state: dict[str, int] = {}
-    stack: list[str] = []
-    seen: set[frozenset[str]] = set()
+def _along(cycle: list[str]) -> str:
+    names = [*cycle, cycle[0]]
+    if len(names) > 12:  # a cycle through a thousand instances is named by its ends
+        names = [*names[:5], f"… ({len(cycle) - 9} more) …", *names[-5:]]
+    return " -> ".join(names)
 
-    def visit(node: str) -> Iterator[list[str]]:
-        state[node] = 1
-        stack.append(node)
-        for dep in graph.get(node, []):
-            if state.get(dep) == 1:
-                cycle = stack[stack.index(dep) :]
+
+def _cycles(graph: dict[str, list[str]]) -> Iterator[list[str]]:
+    """Each dependency cycle once, as the list of names along it.
+
+    A depth-first search with its own stack, not Python's: a chain of a
+    thousand ``depends_on`` links must not reach the recursion limit.
+    """
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    seen: set[frozenset[str]] = set()
+    for root in graph:
+        if root in state:
+            continue
+        path: list[str] = [root]
+        edges = [iter(graph.get(root, []))]
+        state[root] = 1
+        while edges:
+            dep = next(edges[-1], None)
+            if dep is None:
+                state[path.pop()] = 2
+                edges.pop()
+            elif state.get(dep) == 1:
+                cycle = path[path.index(dep) :]
                 if frozenset(cycle) not in seen:
                     seen.add(frozenset(cycle))
                     yield cycle
             elif dep not in state:
-                yield from visit(dep)
-        stack.pop()
-        state[node] = 2
-
-    for node in graph:
-        if node not in state:
-            yield from visit(node)
+                state[dep] = 1
+                path.append(dep)
+                edges.append(iter(graph.get(dep, [])))
 
 
 # -- pydantic errors, put back in the file ------------------------------------------------------
@@ -300,6 +422,8 @@ def _cycles(graph: dict[str, list[str]]) -> Iterator[list[str]]:
 def _report(error: Mapping[str, Any], source: _Source) -> None:
     kind = error["type"]
     loc = _key_path(error["loc"], source, keep_last=kind in {"missing", "extra_forbidden"})
+    if any(loc[: len(path)] == path for path in source.refused):
+        return  # already said why the value could not be read
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
         valid = sorted(parent.model_fields) if parent else []
@@ -311,11 +435,20 @@ def _report(error: Mapping[str, Any], source: _Source) -> None:
         source.problem(loc[:-1], f"the key {loc[-1]!r} is required here", at_key=True)
         return
     message = error["msg"].removeprefix("Value error, ")
-    if "[key]" in [str(p) for p in error["loc"]] and kind == "string_pattern_mismatch":
-        message = f"{loc[-1]!r} is not a valid instance name: use {INSTANCE_NAME_PATTERN}"
+    if "[key]" in [str(p) for p in error["loc"]] and kind in ("string_pattern_mismatch", "string_too_long"):
+        if kind == "string_too_long":
+            message = (
+                f"an instance name has at most {MAX_NAME_LENGTH} characters, not {len(str(loc[-1]))}: "
+                "it becomes the name of its log files"
+            )
+        else:
+            message = f"{_part(loc[-1])!r} is not a valid instance name: use {INSTANCE_NAME_PATTERN}"
         source.problem(loc, message, at_key=True)
         return
     given = error.get("input")
+    if kind == "int_type" and isinstance(given, str) and given.strip().lstrip("+-").isdigit():
+        source.problem(loc, f"expected a number, not the text {given!r}: write it without quotes")
+        return
     if kind not in {"value_error", "assertion_error"} and not isinstance(given, dict | list):
         message += f" (got {given!r})"
     source.problem(loc, message)
@@ -389,5 +522,7 @@ def _unwrap(annotation: Any) -> Any:
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
+    if len(choices) > 1000:
+        return ""  # a hint is not worth a quadratic search through a huge manifest
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

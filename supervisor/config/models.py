@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
+import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     Field,
     PrivateAttr,
+    StrictInt,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -29,6 +31,13 @@ from .checks import AliveCheck, Dependencies, ReadyCheck
 from .units import Duration, Signal, Size, Umask
 
 INSTANCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
+#: A name becomes a file name, NAME-9999.out.log.1000 or NAME.err.log.dropped-PID-N; 200
+#: characters leave room for every suffix within the 255-byte limit of a file name.
+MAX_NAME_LENGTH = 200
+#: The most replicas of one instance: the suffixes stay within -9999.
+MAX_REPLICAS = 10_000
+#: The most rotated files kept: every rotation renames each of them once.
+MAX_BACKUPS = 1000
 
 
 def _relative_to_manifest(value: str | None, info: ValidationInfo) -> str | None:
@@ -162,7 +171,9 @@ class LogSettings(StrictModel):
     """How captured output is kept on disk and in memory."""
 
     max_bytes: Size = Field(50 * 1024**2, description="Rotate the file when it would grow past this.")
-    backups: int = Field(5, ge=0, description="Rotated files kept: NAME.out.log.1 … .N.")
+    backups: StrictInt = Field(
+        5, ge=0, le=MAX_BACKUPS, description="Rotated files kept: NAME.out.log.1 … .N."
+    )
     timestamps: bool = Field(False, description="Prefix each line with an ISO-8601 UTC time.")
 
 
@@ -172,7 +183,9 @@ class InstanceLogs(StrictModel):
     max_bytes: Size | None = Field(
         None, description="Rotate past this size. Unset: supervisor.logs.max_bytes."
     )
-    backups: int | None = Field(None, ge=0, description="Rotated files kept. Unset: supervisor.logs.backups.")
+    backups: StrictInt | None = Field(
+        None, ge=0, le=MAX_BACKUPS, description="Rotated files kept. Unset: supervisor.logs.backups."
+    )
     timestamps: bool | None = Field(
         None, description="Prefix lines with a UTC time. Unset: supervisor.logs.timestamps."
     )
@@ -199,7 +212,9 @@ class Backoff(StrictModel):
     """Delay before the next start after a failure: initial × factor^n, capped, with a little jitter."""
 
     initial: Duration = Field(0.1, description="Delay after the first failure.")
-    factor: float = Field(2.0, ge=1.0, description="Growth per consecutive failure.")
+    factor: float = Field(
+        2.0, ge=1.0, le=100.0, allow_inf_nan=False, description="Growth per consecutive failure (1 to 100)."
+    )
     max: Duration = Field(30.0, description="The delay never grows past this.")
     reset_after: Duration = Field(60.0, description="Up this long, the delay starts over.")
 
@@ -215,10 +230,14 @@ class RestartPolicy(StrictModel):
             " A failed start is retried under every policy."
         ),
     )
-    success_codes: list[int] = Field([0], description="Exit codes that count as success.")
+    success_codes: list[Annotated[StrictInt, Field(ge=0, le=255)]] = Field(
+        [0], max_length=256, description="Exit codes that count as success (0 to 255)."
+    )
     min_uptime: Duration = Field(1.0, description="An exit sooner than this is a failed start.")
     backoff: Backoff = Field(Backoff(), description="The delay before each restart.")
-    max_restarts: int = Field(10, ge=0, description="More restarts than this within window: failed.")
+    max_restarts: StrictInt = Field(
+        10, ge=0, le=1_000_000, description="More restarts than this within window: failed."
+    )
     window: Duration = Field(300.0, description="The window max_restarts counts in.")
 
 
@@ -230,6 +249,15 @@ class StopPolicy(StrictModel):
     group: bool = Field(
         True, description="Signal the whole process group, and kill what is left of it on exit."
     )
+
+
+def _user_or_group(value: Any) -> Any:
+    """A name, or a number the kernel takes as an id (-1 and 2**32-1 mean "unchanged" to it)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
+        return value
+    raise ValueError(f"expected a name or a number from 0 to {2**32 - 2} (got {value!r})")
 
 
 # -- instance ---------------------------------------------------------------------------------
@@ -250,13 +278,17 @@ class InstanceConfig(StrictModel):
     env_file: RelativePath | None = Field(
         None, description="A file of KEY=VALUE lines, read at load time, applied before env."
     )
-    user: str | int | None = Field(None, description="Run as this user (the service must be root).")
-    group: str | int | None = Field(None, description="Run with this group.")
+    user: Annotated[str | int | None, BeforeValidator(_user_or_group)] = Field(
+        None, description="Run as this user, a name or a uid (the service must be root)."
+    )
+    group: Annotated[str | int | None, BeforeValidator(_user_or_group)] = Field(
+        None, description="Run with this group, a name or a gid."
+    )
     umask: Umask | None = Field(
         None, description="The file mode creation mask, octal, e.g. '022'. Unset: the service's."
     )
-    replicas: int = Field(
-        1, ge=0, description="How many copies; more than one are named NAME-0, NAME-1, …"
+    replicas: StrictInt = Field(
+        1, ge=0, le=MAX_REPLICAS, description="How many copies; more than one are named NAME-0, NAME-1, …"
     )
     autostart: bool = Field(True, description="Start when the service starts.")
     stdin: InputStream = Field(NullStream(), description="Where fd 0 comes from.")  # type: ignore[valid-type]
@@ -309,6 +341,14 @@ class InstanceConfig(StrictModel):
                 else v
                 for k, v in value.items()
             }
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not key or "=" in key:
+                raise ValueError(f"{key!r} cannot name an environment variable: it is empty or holds '='")
         return value
 
     @field_validator("command")
@@ -407,12 +447,37 @@ class ServiceSettings(StrictModel):
     logs: LogSettings = Field(LogSettings(), description="Log defaults for every instance.")
 
 
+#: The largest env_file read: the manifest's own limit.
+MAX_ENV_FILE_BYTES = 1024 * 1024
+
+
+def _read_small_file(path: Path, key: str) -> str:
+    """A regular file's UTF-8 text, refused past MAX_ENV_FILE_BYTES.
+
+    Opened without blocking and checked before reading: ``/dev/zero`` would fill
+    memory and a fifo would never answer, inside a reload.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise ValueError(f"cannot read {key} {str(path)!r}: {reason}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{key} {str(path)!r} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_ENV_FILE_BYTES + 1)
+    if len(data) > MAX_ENV_FILE_BYTES:
+        raise ValueError(f"{key} {str(path)!r} is larger than {MAX_ENV_FILE_BYTES // 1024} KiB")
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{key} {str(path)!r} is not UTF-8 text (byte {exc.start})") from None
+
+
 def read_env_file(path: Path) -> dict[str, str]:
     """Parse ``KEY=VALUE`` lines (``export`` prefixes, comments, quotes) as docker and systemd do."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ValueError(f"cannot read env_file {str(path)!r}: {exc.strerror}") from None
+    text = _read_small_file(path, "env_file")
     env: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
@@ -424,19 +489,30 @@ def read_env_file(path: Path) -> dict[str, str]:
         if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
             raise ValueError(f"env_file {str(path)!r} line {number}: expected KEY=VALUE, got {raw!r}")
         value = value.strip()
+        if "\0" in value:
+            raise ValueError(f"env_file {str(path)!r} line {number}: a value cannot hold a NUL character")
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]
         env[key] = value
     return env
 
 
-InstanceName = Annotated[str, Field(pattern=INSTANCE_NAME_PATTERN)]
+InstanceName = Annotated[str, Field(pattern=INSTANCE_NAME_PATTERN, max_length=MAX_NAME_LENGTH)]
+
+
+def _integer_version(value: Any) -> Any:
+    """``version: 1.0`` or ``true`` equal 1 in Python, but they are not the format's number."""
+    if isinstance(value, bool | float):
+        raise ValueError(f"write version: 1, the integer (got {value!r})")
+    return value
 
 
 class Manifest(StrictModel):
     """A whole manifest file."""
 
-    version: Literal[1] = Field(description="The manifest format; 1 is the only one.")
+    version: Annotated[Literal[1], BeforeValidator(_integer_version)] = Field(
+        description="The manifest format; 1 is the only one."
+    )
     # Validated from {} when absent, so that state_dir is resolved against the manifest's folder.
     supervisor: ServiceSettings = Field(  # type: ignore[arg-type]
         default_factory=dict, validate_default=True, description="Settings of the service itself."

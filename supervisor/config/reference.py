@@ -337,9 +337,9 @@ def _units_section() -> list[str]:
     out += [
         "### Umask",
         "",
-        "Octal digits as a string, as in a shell: write it quoted. YAML itself reads an unquoted",
-        f"`022` as octal (`umask: 022` is {umask('022')}), but an unquoted `27` as the decimal",
-        f"number 27 (`umask: 27` is {umask('27')}, not `027`); `umask: {quoted}` is {umask(quoted)}.",
+        "Octal digits, as a shell's `umask` reads them, quoted or not: the loader takes the digits as",
+        f"written (`umask: 022` is {umask('022')}, `umask: 27` is {umask('27')}, `umask: {quoted}` is",
+        f"{umask(quoted)}, `umask: 0o7` is {umask('0o7')}); 8 and 9 are refused.",
         "",
     ]
     return out

@@ -1,0 +1,183 @@
+"""Hostile and malformed manifests (tests/corpus/): each is refused with its first problem placed.
+
+Every file goes through the real CLI, ``python -m supervisor validate -f FILE``, in a
+subprocess bounded in address space, CPU time and wall time: no traceback, no hang,
+exit status 1, and the first problem at the line and column ``expected.yaml`` gives,
+with its phrase. A sample goes through ``reload`` of a live service: each is a 422
+with the same placed problems, and the running instance keeps its process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from supervisor.api.client import APIError
+
+from .service_fixture import SUPERVISOR, ServiceProcess
+
+CORPUS = Path(__file__).parent / "corpus"
+EXPECTED: dict[str, dict[str, Any]] = yaml.safe_load((CORPUS / "expected.yaml").read_text())
+FILES = sorted(p for p in CORPUS.glob("*.yaml") if p.name != "expected.yaml")
+
+MEMORY_LIMIT = 1024**3  # address space: a billion-laughs file once took 3 GB
+CPU_SECONDS = 30
+WALL_SECONDS = 60
+
+
+def _bounded() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+    resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
+
+
+def validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*SUPERVISOR, "validate", "-f", path.name],
+        cwd=path.parent,
+        capture_output=True,
+        text=True,
+        timeout=WALL_SECONDS,
+        preexec_fn=_bounded,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[str, subprocess.CompletedProcess[str]]:
+    """Every file validated once, two at a time (the machine has two cores)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip([p.stem for p in FILES], pool.map(validate, FILES), strict=True))
+
+
+def test_the_corpus_and_its_expectations_match() -> None:
+    assert len(FILES) >= 80
+    assert sorted(EXPECTED) == sorted(p.stem for p in FILES)
+
+
+@pytest.mark.parametrize("name", [p.stem for p in FILES])
+def test_validate_refuses_with_the_first_problem_placed(
+    name: str, results: dict[str, subprocess.CompletedProcess[str]]
+) -> None:
+    result = results[name]
+    expected = EXPECTED[name]
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert lines[0].endswith("in the manifest:"), result.stderr
+    first = lines[1].strip()
+    where = f"{name}.yaml:{expected['line']}:{expected['column']}: "
+    assert first.startswith(where), f"expected {where!r}, got {first!r}"
+    assert expected["phrase"] in first, f"expected {expected['phrase']!r} in {first!r}"
+
+
+RELOAD_SAMPLE = [
+    "billion-laughs",
+    "alias-bomb-7",
+    "deep-flow",
+    "utf16-bom",
+    "latin1",
+    "raw-nul",
+    "tag-python",
+    "merge-scalar",
+    "nan-backoff-initial",
+    "replicas-quoted",
+    "depends-chain-cycle",
+    "name-too-long",
+]
+
+RUNNING = """\
+version: 1
+instances:
+  keep:
+    command: ["sleep", "300"]
+    restart: {min_uptime: 0}
+"""
+
+
+def test_reload_answers_422_with_the_placed_problems_and_keeps_what_runs(
+    service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    svc = service(RUNNING)
+    svc.wait_for(["keep"], "running")
+    pid = svc.status()["keep"]["pid"]
+    client = svc.client()
+    for name in RELOAD_SAMPLE:
+        shutil.copyfile(CORPUS / f"{name}.yaml", svc.manifest)
+        with pytest.raises(APIError) as refused:
+            client.reload()
+        error = refused.value
+        assert error.status == 422, (name, error.status, error.error)
+        assert "nothing was changed" in error.error
+        expected = EXPECTED[name]
+        first = str(error.details[0])
+        assert first.startswith(f"{svc.manifest}:{expected['line']}:{expected['column']}: "), (name, first)
+        assert expected["phrase"] in first, (name, first)
+        assert svc.status()["keep"]["pid"] == pid, name
+    # Still the same service, and still willing: a good manifest applies.
+    svc.manifest.write_text(RUNNING.replace('"300"]', '"300"]\n    autostart: true'))
+    assert client.reload()["unchanged"] == ["keep"]
+    assert svc.status()["keep"]["pid"] == pid
+
+
+def test_a_reload_still_reading_leaves_the_service_answering(
+    service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """The manifest is read off the event loop: a reload stuck on its file stalls nothing else.
+
+    The manifest is swapped for a fifo, so the reload's read waits for a writer for as long
+    as the test wants; meanwhile the service must answer. Then the writer sends a bad
+    manifest and the reload ends in a 422 that changed nothing.
+    """
+    svc = service(RUNNING)
+    svc.wait_for(["keep"], "running")
+    pid = svc.status()["keep"]["pid"]
+    svc.manifest.unlink()
+    os.mkfifo(svc.manifest)
+    outcome: list[BaseException | dict[str, Any]] = []
+
+    def reload() -> None:
+        try:
+            outcome.append(svc.client(timeout=60).reload())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    reloading = threading.Thread(target=reload)
+    reloading.start()
+    try:
+        writer = _open_when_read(svc.manifest, reloading)  # the service is now inside the read
+        try:
+            assert svc.client(timeout=5).health()["ok"]
+            assert svc.status()["keep"]["pid"] == pid
+            os.write(writer, (CORPUS / "billion-laughs.yaml").read_bytes())
+        finally:
+            os.close(writer)
+    finally:
+        reloading.join(timeout=60)
+    assert len(outcome) == 1 and isinstance(outcome[0], APIError), outcome
+    assert outcome[0].status == 422 and "more than 200,000 values" in str(outcome[0].details[0])
+    assert svc.status()["keep"]["pid"] == pid
+
+
+def _open_when_read(fifo: Path, reloading: threading.Thread, timeout: float = 30) -> int:
+    """The fifo's write end, once a reader has it open (ENXIO until then); waits on the thread."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+        reloading.join(timeout=0.05)
+        assert reloading.is_alive(), "the reload ended without reading the manifest"
