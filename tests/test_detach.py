@@ -90,7 +90,7 @@ def test_detach_returns_once_up_and_leaves_the_callers_session(
     result = ok(detached("--pidfile", str(pidfile)))
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:]}
     assert result.stdout.startswith("NAME")
-    assert rows["web-0"][1] == rows["web-1"][1] == "running" and rows["web-0"][2].isdigit()
+    assert rows["web-0"][1] == rows["web-1"][1] == "running" and rows["web-0"][3].isdigit()
     assert rows["job"][1] == "exited" and rows["later"][1] == "stopped"
     pid = int(pidfile.read_text())
     assert result.stderr == f"the service runs (pid {pid}, log {tmp_path / '.supervisor' / 'service.log'})\n"
