@@ -1,0 +1,108 @@
+"""Errors as JSON, and the OpenAPI document that says so.
+
+Every error the API gives is an ``ErrorBody``: one sentence and its
+particulars. FastAPI's own 422 for invalid input becomes our 400, and the
+document is corrected to match.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import ManifestError
+from ..instance import InvalidRequest
+from ..manager import UnknownInstance
+from .models import ErrorBody, EventBody
+
+__all__ = ["ERRORS", "error", "install_error_handlers", "openapi_with_our_errors"]
+
+def error(status: int, message: str, details: Collection[Any] = ()) -> JSONResponse:
+    return JSONResponse({"error": message, "details": list(details)}, status_code=status)
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "A malformed request (a field, a signal, a duration)."},
+    404: {"model": ErrorBody, "description": "No instance by that name (or no such log stream)."},
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def unknown(_: Request, exc: Exception) -> JSONResponse:
+        return error(404, str(exc))
+
+    async def invalid(_: Request, exc: Exception) -> JSONResponse:
+        return error(409, str(exc))
+
+    async def bad_manifest(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ManifestError)
+        count = len(exc.problems)
+        return error(
+            422,
+            f"the manifest has {count} problem{'s' if count != 1 else ''}; nothing was changed",
+            [str(p) for p in exc.problems],
+        )
+
+    async def bad_request(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        details = []
+        for problem in exc.errors():
+            if tuple(problem.get("loc", ())) == ("body",) and problem.get("type") == "model_attributes_type":
+                details.append("the body must be a JSON object, sent with Content-Type: application/json")
+                continue
+            where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
+            message = str(problem.get("msg", "invalid")).removeprefix("Value error, ")
+            details.append(f"{where}: {message}" if where else message)
+        return error(400, "invalid request", details)
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code in (204, 304):
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(
+            {"error": str(exc.detail), "details": []}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    app.add_exception_handler(UnknownInstance, unknown)
+    app.add_exception_handler(InvalidRequest, invalid)
+    app.add_exception_handler(ManifestError, bad_manifest)
+    app.add_exception_handler(RequestValidationError, bad_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+def openapi_with_our_errors(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """FastAPI's document, with our errors and the event stream's model.
+
+    FastAPI documents its own 422 for invalid input; ours is a 400 with
+    ``ErrorBody``. The events' model is no route's return type, so FastAPI
+    leaves it out of the components: it is added here.
+    """
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = default()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.get("422", {}).get("description") == "Validation Error":
+                    del responses["422"]
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        event = EventBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(event.pop("$defs", {}))
+        components["EventBody"] = event
+        if not any("HTTPValidationError" in json.dumps(op) for op in schema.get("paths", {}).values()):
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+        app.openapi_schema = schema
+        return schema
+
+    return openapi
+
