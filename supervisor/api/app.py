@@ -21,6 +21,7 @@ from ..instance import Instance, InvalidRequest
 from ..manager import Manager, ReloadReport, UnknownInstance
 from .actions import Actions, action_response, refusal, result, run_all
 from .errors import ERRORS, error, install_error_handlers, openapi_with_our_errors
+from .limits import BodyLimit
 from .live import LiveResponse
 from .models import (
     ActionResponse,
@@ -87,6 +88,7 @@ def create_app(
         openapi_url="/openapi.json",
     )
     install_error_handlers(app)
+    app.add_middleware(BodyLimit)
     app.openapi = openapi_with_our_errors(app)  # type: ignore[method-assign]
     actions = Actions(manager, background, closing)
 

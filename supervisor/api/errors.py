@@ -15,6 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+from starlette.types import Scope
 
 from ..config import ManifestError
 from ..instance import InvalidRequest
@@ -31,6 +33,27 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "A malformed request (a field, a signal, a duration)."},
     404: {"model": ErrorBody, "description": "No instance by that name (or no such log stream)."},
 }
+
+
+_TOO_LARGE = {
+    "description": "The request body is larger than the limit (1 MiB).",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+}
+
+
+def _allowed(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route takes at this path.
+
+    Starlette's 405 names the methods of the first route whose path matches; at
+    ``/v1/instances/stop`` that is ``GET`` (the status of an instance named "stop"),
+    though ``POST`` is taken there too.
+    """
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches({**scope, "method": ""})
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -61,13 +84,15 @@ def install_error_handlers(app: FastAPI) -> None:
             details.append(f"{where}: {message}" if where else message)
         return error(400, "invalid request", details)
 
-    async def http_error(_: Request, exc: Exception) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
         if exc.status_code in (204, 304):
             return Response(status_code=exc.status_code, headers=exc.headers)
-        return JSONResponse(
-            {"error": str(exc.detail), "details": []}, status_code=exc.status_code, headers=exc.headers
-        )
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed(app, request.scope))
+        body = {"error": str(exc.detail), "details": []}
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     app.add_exception_handler(UnknownInstance, unknown)
     app.add_exception_handler(InvalidRequest, invalid)
@@ -80,8 +105,9 @@ def openapi_with_our_errors(app: FastAPI) -> Callable[[], dict[str, Any]]:
     """FastAPI's document, with our errors and the event stream's model.
 
     FastAPI documents its own 422 for invalid input; ours is a 400 with
-    ``ErrorBody``. The events' model is no route's return type, so FastAPI
-    leaves it out of the components: it is added here.
+    ``ErrorBody``; every body is limited (``limits.BodyLimit``): a 413. The events'
+    model is no route's return type, so FastAPI leaves it out of the components: it
+    is added here.
     """
     default = app.openapi
 
@@ -94,6 +120,8 @@ def openapi_with_our_errors(app: FastAPI) -> Callable[[], dict[str, Any]]:
                 responses = operation.get("responses", {})
                 if responses.get("422", {}).get("description") == "Validation Error":
                     del responses["422"]
+                if "requestBody" in operation:
+                    responses["413"] = _TOO_LARGE
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         event = EventBody.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(event.pop("$defs", {}))

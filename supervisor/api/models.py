@@ -8,9 +8,18 @@ renamed in ``cli.py`` too. The tests check both ends against each other.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 from ..config import signal_name
 from ..config.units import Duration, Signal
@@ -41,7 +50,34 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-_TIMEOUT = "Seconds (a number) or a duration such as '30s', '2m' or '500ms'."
+_TIMEOUT = "Seconds (a number) or a duration such as '30s', '2m' or '500ms'; at most a week."
+
+#: The longest timeout a request may ask for: longer is a typo, not a wish (and NaN or an
+#: overflowing number must be a 400, never a timer that fires at once or never).
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+def _bounded(seconds: float) -> float:
+    if not math.isfinite(seconds):
+        raise ValueError("expected a finite duration")
+    if seconds > MAX_TIMEOUT:
+        raise ValueError(f"at most a week ({MAX_TIMEOUT:g}s), not {seconds:g}s")
+    return seconds
+
+
+Timeout = Annotated[
+    Duration,
+    AfterValidator(_bounded),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": MAX_TIMEOUT},
+                {"type": "string", "pattern": r"^(\d{1,6}(\.\d{1,3})?(ms|s|m|h|d)?)+$"},
+            ],
+            "description": "A duration: 250ms, 30s, 2m, 1h, 1h30m, or a number of seconds (at most a week).",
+        }
+    ),
+]
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -162,7 +198,19 @@ class EventBody(BaseModel):
 # -- requests ----------------------------------------------------------------------------------
 
 
+# "names or all" as JSON Schema can say it, so that the document (and a client generated from
+# it, or a fuzzer) knows what the validator below refuses.
+_NAMES_OR_ALL: dict[str, Any] = {
+    "oneOf": [
+        {"properties": {"names": {"minItems": 1}, "all": {"const": False}}, "required": ["names"]},
+        {"properties": {"names": {"maxItems": 0}, "all": {"const": True}}, "required": ["all"]},
+    ]
+}
+
+
 class _Selection(_Wire):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_NAMES_OR_ALL)
+
     names: list[str] = Field(
         [],
         description="Instance names, manifest names (every replica) or globs such as 'web-*'.",
@@ -194,7 +242,7 @@ class ActionRequest(_Selection):
             "is under way."
         ),
     )
-    timeout: Duration | None = Field(
+    timeout: Timeout | None = Field(
         None,
         description=_TIMEOUT + " Default: the instance's restart.min_uptime + 10s (stop: stop.timeout + 5s).",
     )
@@ -213,6 +261,6 @@ class WaitRequest(_Selection):
     """Wait until some instances are in one of the given states."""
 
     state: Annotated[list[State], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)] = Field(
-        description="A state, or a list of states any of which will do."
+        description="A state, or a list of states any of which will do.", min_length=1
     )
-    timeout: Duration | None = Field(None, description=_TIMEOUT + " Default: 30s.")
+    timeout: Timeout | None = Field(None, description=_TIMEOUT + " Default: 30s.")
