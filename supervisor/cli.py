@@ -180,9 +180,24 @@ def _info(status: dict[str, Any]) -> str:
     return ""
 
 
+def _cpu(status: dict[str, Any]) -> str:
+    percent = status.get("cpu_percent")
+    return "-" if percent is None else f"{percent:.1f}%"
+
+
+def _mem(status: dict[str, Any]) -> str:
+    """Resident memory in binary units, as ``ps`` and ``top`` count them (K, M, G of 1024)."""
+    if status.get("rss_bytes") is None:
+        return "-"
+    size, unit = float(status["rss_bytes"]), 0
+    while size >= 1024 and unit < 3:
+        size, unit = size / 1024, unit + 1
+    return f"{size:.0f}{'BKMG'[unit]}" if unit == 0 or size >= 100 else f"{size:.1f}{'BKMG'[unit]}"
+
+
 def format_status(statuses: list[dict[str, Any]]) -> str:
-    """The ``supervisor status`` table: name, state, pid, uptime, restarts, and why."""
-    header = ("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "INFO")
+    """The ``supervisor status`` table: name, state, pid, uptime, restarts, CPU, memory, and why."""
+    header = ("NAME", "STATE", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "INFO")
     rows = [
         (
             s["name"],
@@ -190,6 +205,8 @@ def format_status(statuses: list[dict[str, Any]]) -> str:
             str(s["pid"]) if s["pid"] is not None else "-",
             _uptime(s["uptime_s"]),
             str(s["restarts"]),
+            _cpu(s),
+            _mem(s),
             _info(s),
         )
         for s in statuses

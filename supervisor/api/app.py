@@ -35,6 +35,7 @@ from .models import (
     WaitRequest,
     wire_status,
 )
+from .sampling import Sampler
 
 __all__ = ["KEEPALIVE", "ControlHooks", "create_app"]
 
@@ -91,6 +92,7 @@ def create_app(
     app.add_middleware(BodyLimit)
     app.openapi = openapi_with_our_errors(app)  # type: ignore[method-assign]
     actions = Actions(manager, background, closing)
+    sampler = Sampler()
 
     @app.get("/v1/health", response_model=Health, tags=["service"])
     async def health() -> dict[str, Any]:
@@ -112,12 +114,16 @@ def create_app(
         ] = None,
     ) -> Response:
         """Status of every instance, or of those ``names`` select (404 when one selects none)."""
-        return JSONResponse([wire_status(s) for s in manager.status(names or ())])
+        statuses = manager.status(names or ())
+        figures = await sampler.figures([s.pid for s in statuses])
+        return JSONResponse([wire_status(s, figures.get(s.pid or 0)) for s in statuses])
 
     @app.get("/v1/instances/{name}", response_model=Status, responses=ERRORS, tags=["instances"])
     async def get_instance(name: str) -> Response:
         """Status of one instance, by its exact name."""
-        return JSONResponse(wire_status(_instance(manager, name).status()))
+        status = _instance(manager, name).status()
+        figures = await sampler.figures([status.pid])
+        return JSONResponse(wire_status(status, figures.get(status.pid or 0)))
 
     for verb in ("start", "stop", "restart"):
         app.post(

@@ -27,6 +27,7 @@ from ..events import State
 
 if TYPE_CHECKING:
     from ..instance import InstanceStatus
+    from ..resources import GroupFigures
 
 __all__ = [
     "ActionRequest",
@@ -101,14 +102,30 @@ class Status(BaseModel):
     stdout: str = Field(description="Where fd 1 goes (log, null, inherit, file:PATH, fifo:PATH).")
     stderr: str = Field(description="Where fd 2 goes (as stdout, or 'stdout' when merged).")
     log_files: dict[str, str] = Field(description="The captured streams' log files, by stream name.")
+    cpu_percent: float | None = Field(
+        description=(
+            "CPU use of the process group, in percent of one core, over the time since the previous "
+            "reading (figures are read at most once a second, on demand); null when no process runs."
+        ),
+    )
+    cpu_seconds: float | None = Field(description="CPU time (user + system) of the group's live processes.")
+    rss_bytes: int | None = Field(description="Resident memory of the group's processes, summed.")
+    open_fds: int | None = Field(description="Open file descriptors of the group's processes, summed.")
+    threads: int | None = Field(description="Threads of the group's processes, summed.")
+    processes: int | None = Field(description="Live processes in the group (the leader and its own).")
 
 
-def wire_status(status: InstanceStatus) -> dict[str, Any]:
+_NO_FIGURES: dict[str, Any] = dict.fromkeys(
+    ("cpu_percent", "cpu_seconds", "rss_bytes", "open_fds", "threads", "processes")
+)
+
+
+def wire_status(status: InstanceStatus, figures: GroupFigures | None = None) -> dict[str, Any]:
     """A ``Status`` as a plain dict, built without validation.
 
     ``GET /v1/instances`` answers with thousands of these on a big manifest, and
     every ``supervisor status`` waits for it; the tests check that the result
-    validates as ``Status``.
+    validates as ``Status``. ``figures``: the process group's, when a process runs.
     """
     return {
         "name": status.name,
@@ -126,6 +143,18 @@ def wire_status(status: InstanceStatus) -> dict[str, Any]:
         "stdout": status.stdout,
         "stderr": status.stderr,
         "log_files": dict(status.log_files),
+        **(_NO_FIGURES if figures is None else _figures(figures)),
+    }
+
+
+def _figures(figures: GroupFigures) -> dict[str, Any]:
+    return {
+        "cpu_percent": figures.cpu_percent,
+        "cpu_seconds": round(figures.cpu_seconds, 2),
+        "rss_bytes": figures.rss_bytes,
+        "open_fds": figures.open_fds,
+        "threads": figures.threads,
+        "processes": figures.processes,
     }
 
 
