@@ -285,6 +285,19 @@ def create_app(
         later = BackgroundTask(begin)
         return JSONResponse(ShutdownBody().model_dump(), status_code=202, background=later)
 
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "The Prometheus text format."}},
+        tags=["service"],
+    )
+    async def metrics() -> Response:
+        """Every instance's state and resource figures, and the service's own, for Prometheus."""
+        from ..metrics import CONTENT_TYPE, render  # prometheus_client only for those who ask
+
+        figures = await sampler.figures([i.pid for i in manager.instances.values()])
+        return Response(render(manager, figures), media_type=CONTENT_TYPE)
+
     @app.post("/v1/logs/reopen", response_model=ReopenBody, tags=["logs"])
     async def reopen_logs() -> dict[str, int]:
         """Reopen every log file, after an external logrotate moved them (same as SIGUSR2)."""
