@@ -317,6 +317,25 @@ def cmd_shutdown(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace, client: Client) -> int:
+    """Serve the page until ^C; the URL's token lets in the first browser that opens it, only."""
+    from .api.proxy import DashboardProxy
+
+    client.health()  # a clear error now, not a broken page later
+    try:
+        proxy = DashboardProxy(client.connect, authorization=client.authorization, port=args.port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise _Failure(f"dashboard: cannot listen on 127.0.0.1:{args.port}: {reason}", 1) from None
+    print(f"dashboard: {proxy.url}", flush=True)
+    print("open it once (the token is spent then); ^C to stop", file=sys.stderr, flush=True)
+    try:
+        proxy.serve_forever()
+    finally:
+        proxy.server.server_close()
+    return 0
+
+
 class _FollowOrFile(argparse.Action):
     """``logs``: a bare ``-f`` follows (as ``tail -f``); ``-f FILE`` names the manifest, as everywhere."""
 
@@ -421,6 +440,11 @@ def add_control_commands(sub: Any) -> None:
     shutdown = sub.add_parser("shutdown", help="stop every instance, then the service")
     _control_args(shutdown)
     shutdown.set_defaults(func=_control(cmd_shutdown))
+
+    dashboard = sub.add_parser("dashboard", help="serve the web dashboard on a loopback port; print its URL")
+    dashboard.add_argument("--port", type=int, default=0, help="the port (default: any free one)")
+    _control_args(dashboard)
+    dashboard.set_defaults(func=_control(cmd_dashboard))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ from .models import (
     wire_status,
 )
 from .sampling import Sampler
+from .web import add_dashboard
 
 __all__ = ["KEEPALIVE", "ControlHooks", "create_app"]
 
@@ -93,6 +94,7 @@ def create_app(
     app.openapi = openapi_with_our_errors(app)  # type: ignore[method-assign]
     actions = Actions(manager, background, closing)
     sampler = Sampler()
+    add_dashboard(app)
 
     @app.get("/v1/health", response_model=Health, tags=["service"])
     async def health() -> dict[str, Any]:

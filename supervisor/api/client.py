@@ -275,6 +275,15 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    def connect(self) -> socket.socket:
+        """A new connection to the service (the dashboard's proxy sends its own requests on it)."""
+        return self._connect()
+
+    @property
+    def authorization(self) -> str | None:
+        """The ``Authorization`` header's value the service wants, if any."""
+        return None if self.token is None else f"Bearer {self.token}"
+
     def _connect(self) -> socket.socket:
         if self._tcp is None:
             return connect_unix(self.address, self.timeout)
