@@ -75,8 +75,10 @@ def _read_stat(pid: str) -> _Proc | None:
 
 
 def _count_fds(pid: int) -> int:
+    """Open fds: since Linux 6.2 the size of /proc/PID/fd says it, for the price of one stat."""
     try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
+        counted = os.stat(f"/proc/{pid}/fd").st_size
+        return counted if counted > 0 else len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:  # gone meanwhile, or not ours to look at
         return 0
 
@@ -99,9 +101,10 @@ class ResourceSampler:
         self.max_age = max_age
         self.window = window
         self._clock = clock
-        self._scanned_at: float | None = None
-        self._scanned: frozenset[int] = frozenset()
-        self._figures: dict[int, GroupFigures] = {}
+        # The last scan: when, which groups it was asked for, what it found. One tuple, replaced
+        # whole, so that ``cached`` (called on the event loop while a worker thread scans) never
+        # sees one scan's time with another's figures.
+        self._last: tuple[float, frozenset[int], dict[int, GroupFigures]] | None = None
         # Per group, the previous scan's time and its processes' CPU ticks: the next percentage.
         self._seen: dict[int, float] = {}
         self._ticks: dict[int, dict[tuple[int, int], int]] = {}
@@ -115,21 +118,27 @@ class ResourceSampler:
         if cached is not None:
             return cached
         now = self._clock()
-        fresh = self._scanned_at is not None and now - self._scanned_at < self.max_age
+        last = self._last
+        fresh = last is not None and now - last[0] < self.max_age
         wanted = frozenset(pgids)
-        self._scan(wanted | (self._scanned if fresh else frozenset()), now)
-        return {pgid: self._figures[pgid] for pgid in wanted if pgid in self._figures}
+        figures = self._scan(wanted | (last[1] if last is not None and fresh else frozenset()), now)
+        return {pgid: figures[pgid] for pgid in wanted if pgid in figures}
 
-    def cached(self, pgids: Collection[int]) -> Mapping[int, GroupFigures] | None:
-        """The figures from the last scan, if it is fresh and covered ``pgids``; None otherwise."""
+    def cached(
+        self, pgids: Collection[int], max_age: float | None = None
+    ) -> Mapping[int, GroupFigures] | None:
+        """The last scan's figures, if it covered ``pgids`` and is younger than ``max_age``; else None."""
+        last = self._last
+        limit = self.max_age if max_age is None else max_age
+        if last is None or self._clock() - last[0] >= limit:
+            return None
+        _, scanned, figures = last
         wanted = frozenset(pgids)
-        if self._scanned_at is None or self._clock() - self._scanned_at >= self.max_age:
+        if not wanted <= scanned:
             return None
-        if not wanted <= self._scanned:
-            return None
-        return {pgid: self._figures[pgid] for pgid in wanted if pgid in self._figures}
+        return {pgid: figures[pgid] for pgid in wanted if pgid in figures}
 
-    def _scan(self, wanted: frozenset[int], now: float) -> None:
+    def _scan(self, wanted: frozenset[int], now: float) -> dict[int, GroupFigures]:
         self.scans += 1
         members: dict[int, list[tuple[int, _Proc]]] = {}
         if wanted:
@@ -173,6 +182,5 @@ class ResourceSampler:
             if pgid not in members and (pgid in wanted or now - self._seen[pgid] > self.window):
                 del self._seen[pgid]
                 self._ticks.pop(pgid, None)
-        self._figures = figures
-        self._scanned = wanted
-        self._scanned_at = now
+        self._last = (now, wanted, figures)
+        return figures

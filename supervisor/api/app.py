@@ -93,7 +93,7 @@ def create_app(
     app.add_middleware(BodyLimit)
     app.openapi = openapi_with_our_errors(app)  # type: ignore[method-assign]
     actions = Actions(manager, background, closing)
-    sampler = Sampler()
+    sampler = Sampler(background)
     add_dashboard(app)
 
     @app.get("/v1/health", response_model=Health, tags=["service"])
@@ -118,14 +118,16 @@ def create_app(
         """Status of every instance, or of those ``names`` select (404 when one selects none)."""
         statuses = manager.status(names or ())
         figures = await sampler.figures([s.pid for s in statuses])
-        return JSONResponse([wire_status(s, figures.get(s.pid or 0)) for s in statuses])
+        body = [wire_status(s, figures.get(s.pid or 0)) for s in statuses]
+        return JSONResponse(body, background=sampler.after_response())
 
     @app.get("/v1/instances/{name}", response_model=Status, responses=ERRORS, tags=["instances"])
     async def get_instance(name: str) -> Response:
         """Status of one instance, by its exact name."""
         status = _instance(manager, name).status()
         figures = await sampler.figures([status.pid])
-        return JSONResponse(wire_status(status, figures.get(status.pid or 0)))
+        body = wire_status(status, figures.get(status.pid or 0))
+        return JSONResponse(body, background=sampler.after_response())
 
     for verb in ("start", "stop", "restart"):
         app.post(
@@ -298,7 +300,8 @@ def create_app(
         from ..metrics import CONTENT_TYPE, render  # prometheus_client only for those who ask
 
         figures = await sampler.figures([i.pid for i in manager.instances.values()])
-        return Response(render(manager, figures), media_type=CONTENT_TYPE)
+        later = sampler.after_response()
+        return Response(render(manager, figures), media_type=CONTENT_TYPE, background=later)
 
     @app.post("/v1/logs/reopen", response_model=ReopenBody, tags=["logs"])
     async def reopen_logs() -> dict[str, int]:

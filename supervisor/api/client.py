@@ -340,6 +340,11 @@ class Client:
         query = f"?{urlencode([('names', n) for n in names])}" if names else ""
         return self.request("GET", f"/v1/instances{query}")  # type: ignore[no-any-return]
 
+    def metrics(self) -> str:
+        """``GET /metrics``: the Prometheus text format."""
+        with self._stream("/metrics") as response:
+            return b"".join(response.chunks()).decode()
+
     def instance(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/instances/{quote(name, safe='')}")  # type: ignore[no-any-return]
 
