@@ -10,6 +10,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import anyio
+import pytest
+
+from supervisor.api.sampling import Sampler
 from supervisor.resources import ResourceSampler
 
 from .service_fixture import ServiceProcess, wait_until
@@ -33,7 +37,7 @@ def test_figures_sum_the_whole_group(tmp_path: Path) -> None:
     # A command name with ")", "(" and spaces: /proc/PID/stat must be split after the last ")".
     odd = tmp_path / "x) 1 2 (y"
     shutil.copy("/bin/sleep", odd)
-    code = "b = bytearray(48 * 2**20); print('ready', flush=True); import time; time.sleep(300)"
+    code = "b = bytearray(48 * 2**20); print('ready', flush=True); import signal; signal.pause()"
     hog = f'{sys.executable} -c "{code}"'
     with group(f"'{odd}' 300 & {hog} & wait") as proc:
         assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
@@ -99,3 +103,28 @@ def test_status_has_the_figures(service: Start) -> None:
     idle = svc.status("idle")["idle"]
     for key in ("cpu_percent", "cpu_seconds", "rss_bytes", "open_fds", "threads", "processes"):
         assert idle[key] is None, key
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_an_old_reading_answers_while_a_new_one_is_taken(anyio_backend: str) -> None:
+    with group("sleep 300") as proc:
+        async with anyio.create_task_group() as tg:
+            sampler = Sampler(tg, max_age=0.0, stale=60)
+            first = await sampler.figures([proc.pid])  # no reading yet: this one waits for it
+            assert sampler.sampler.scans == 1 and first[proc.pid].processes >= 1
+            assert sampler.after_response() is None
+            again = await sampler.figures([proc.pid])  # expired, not stale: no wait, the old one
+            assert again[proc.pid] is first[proc.pid] and sampler.sampler.scans == 1
+            later = sampler.after_response()
+            assert later is not None
+            await later()  # the answer is out: the new reading starts, in the task group
+            with anyio.fail_after(10):
+                while sampler._refreshing:  # until it is done: it holds the lock while it reads
+                    async with sampler._lock:
+                        pass
+            assert sampler.sampler.scans == 2
+            assert sampler.sampler.cached([proc.pid]) is None  # (max_age 0)
+            newer = await sampler.figures([proc.pid])
+            assert newer[proc.pid] is not first[proc.pid] and sampler.sampler.scans == 2
+            tg.cancel_scope.cancel()

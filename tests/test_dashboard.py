@@ -12,6 +12,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -189,3 +190,38 @@ def test_the_page_loads_nothing_from_elsewhere() -> None:
         text = web.joinpath(name).read_text()
         assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text), name
     assert "prefers-color-scheme: dark" in web.joinpath("dashboard.css").read_text()
+
+
+def test_the_dashboard_proxy_lets_in_one_browser_and_bounds_requests(
+    dashboard: tuple[ServiceProcess, str],
+) -> None:
+    svc, url = dashboard
+    base, _, token = url.partition("/?token=")
+    with httpx.Client(base_url=base, timeout=10) as browser:
+        assert browser.get("/").status_code == 401
+        assert browser.get("/v1/health").status_code == 401
+        assert browser.get("/", params={"token": token + "x"}).status_code == 401
+        exchange = browser.get("/", params={"token": token})
+        assert exchange.status_code == 303 and exchange.headers["location"] == "/"
+        cookie = exchange.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        # The cookie lets this client in; the token is spent.
+        assert browser.get("/").headers["content-type"].startswith("text/html")
+        assert browser.get("/v1/health").json()["pid"] == svc.pid
+        assert "procward_instances 3" in browser.get("/metrics").text
+        # A body over 1 MiB is refused on its declared length, before it is sent.
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            session = cookie.split(";")[0]
+            raw.sendall(
+                f"POST /v1/instances/stop HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {2 * 1024 * 1024}\r\n\r\n".encode()
+            )
+            assert raw.recv(65536).startswith(b"HTTP/1.1 413")
+        chunked = browser.post("/v1/instances/stop", content=iter([b'{"all": true}']))
+        assert chunked.status_code == 411
+        stop = browser.post("/v1/instances/stop", json={"names": ["web-1"]})
+        assert stop.status_code == 200 and stop.json()["ok"]
+    with httpx.Client(base_url=base, timeout=10) as stranger:
+        assert stranger.get("/", params={"token": token}).status_code == 401
+    assert svc.status("web-1")["web-1"]["state"] == "stopped"
