@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean chromium shells
 
 $(BIN)/supervisor: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,20 @@ SUPERVISORD_WHEEL := .cache/supervisor-4.2.5-py2.py3-none-any.whl
 $(SUPERVISORD_WHEEL):
 	$(BIN)/pip download --quiet --no-deps supervisor==4.2.5 -d .cache/ || true
 
-test: $(BIN)/supervisor $(SUPERVISORD_WHEEL)
+# The dashboard's browser test drives Debian's chromium (Playwright's own browser download
+# is not reachable here); the completion tests parse zsh and fish scripts. Installed when
+# missing; the tests say so when they cannot be.
+chromium:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "make: chromium could not be installed: the dashboard's browser tests will be skipped"
+
+shells:
+	@{ command -v zsh >/dev/null && command -v fish >/dev/null; } || { command -v apt-get >/dev/null && \
+		[ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zsh fish >/dev/null; } || \
+		echo "make: zsh or fish could not be installed: their completion tests will be skipped"
+
+test: $(BIN)/supervisor $(SUPERVISORD_WHEEL) chromium shells
 	command -v systemd-analyze >/dev/null || (apt-get update -q && apt-get install -y -q systemd)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q

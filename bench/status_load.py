@@ -12,7 +12,18 @@ children keep busy).
 
 Target: p99 of the request under load within 100 ms.
 
-Usage: python bench/status_load.py [--instances 100] [--requests 500]
+The second part (``--part observe``) measures what the resource figures and the
+metrics cost: with 500 idle instances, ``GET /metrics`` and the status (which
+carries each instance's figures from /proc) back to back (mostly answered from
+the sampler's one-second cache) and "cold" (each after the cache expired, so
+each pays for a /proc scan), and the service's own CPU over a quiet window with
+nobody asking, before any figure was asked for and again after, in the same run.
+
+Targets: p99 of each <= 50 ms; the quiet windows' CPU the same before and after
+(nothing keeps sampling once nobody asks).
+
+Usage: python bench/status_load.py [--instances 100] [--requests 500] [--part load|observe|both]
+       [--observe-instances 500] [--quiet 10]
 """
 
 from __future__ import annotations
@@ -26,9 +37,11 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from supervisor.api.client import Client, ClientError
+from supervisor.resources import ResourceSampler
 
 SUPERVISOR = Path(sys.executable).parent / "supervisor"
 LINE = "x" * 99  # `yes` adds the newline: 100-byte lines
@@ -111,16 +124,96 @@ def _bytes_written(pid: int) -> int:
         return next(int(line.split()[1]) for line in io if line.startswith("wchar:"))
 
 
+def _cpu_seconds(pid: int) -> float:
+    """The process's CPU time (user + system, every thread) so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _quiet_cpu(pid: int, seconds: float) -> float:
+    """The service's CPU, in percent of a core, over ``seconds`` with nobody asking it anything."""
+    before = _cpu_seconds(pid)
+    time.sleep(seconds)
+    return (_cpu_seconds(pid) - before) / seconds * 100
+
+
+def _timed(call: Callable[[], object], count: int, pause: float = 0.0) -> dict[str, float]:
+    samples = []
+    for _ in range(count):
+        if pause:
+            time.sleep(pause)
+        began = time.perf_counter()
+        call()
+        samples.append(time.perf_counter() - began)
+    return percentiles(samples)
+
+
+def observe(instances: int, requests: int, quiet: float) -> None:
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        service, client = start(manifest(Path(tmp), instances, ["sleep", "3600"]))
+        try:
+            time.sleep(2)  # the start's work done
+            idle_before = _quiet_cpu(service.pid, quiet)
+            metrics = client.metrics()
+            assert metrics.count("procward_instance_up{") == instances, "not one up sample per instance"
+            statuses = client.status()
+            assert all(s["rss_bytes"] for s in statuses), "an instance without figures"
+            cold = max(requests // 15, 10)
+            rows = {
+                "GET /metrics (warm)": _timed(client.metrics, requests),
+                "GET /v1/instances (warm)": _timed(client.status, requests),
+                "GET /metrics (each 1.1 s apart)": _timed(client.metrics, cold, 1.1),
+                "GET /v1/instances (each 1.1 s apart)": _timed(client.status, cold, 1.1),
+                "GET /metrics (each 11 s apart: waits for a scan)": _timed(client.metrics, 3, 11),
+                "GET /v1/health (no figures)": _timed(client.health, requests),
+            }
+            idle_after = _quiet_cpu(service.pid, quiet)
+            size = len(metrics.encode())
+            # The scan alone, as the service does it, on the same processes.
+            sampler = ResourceSampler(max_age=0)
+            pgids = [s["pid"] for s in statuses]
+            rows["a /proc scan of every group, alone"] = _timed(lambda: sampler.figures(pgids), 30)
+        finally:
+            service.send_signal(signal.SIGTERM)
+            service.wait(timeout=120)
+    print(f"\n{instances} idle instances; {requests} warm requests each; metrics answer {size / 1e3:.0f} kB")
+    print(f"{'request':48} |  p50   |  p90   |  p99   |  max  (ms)")
+    for label, figures in rows.items():
+        print(
+            f"{label:48} | {figures['p50']:6.1f} | {figures['p90']:6.1f} | {figures['p99']:6.1f} | "
+            f"{figures['max']:6.1f}"
+        )
+    warm = [figures["p99"] for label, figures in rows.items() if label.endswith("(warm)")]
+    worst = max(warm)
+    verdict = "met" if worst <= 50 else "NOT met"
+    print(f"worst p99 of metrics and status, back to back: {worst:.1f} ms; target <= 50 ms ({verdict})")
+    print(
+        f"service CPU with nobody asking ({quiet:g} s each): before any figure {idle_before:.2f}% of a core, "
+        f"after {idle_after:.2f}%"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=100)
     parser.add_argument("--requests", type=int, default=500)
     parser.add_argument("--cli-runs", type=int, default=30)
+    parser.add_argument("--part", choices=["load", "observe", "both"], default="both")
+    parser.add_argument("--observe-instances", type=int, default=500)
+    parser.add_argument("--quiet", type=float, default=10.0, help="seconds of each quiet window")
     args = parser.parse_args()
     print(
         f"machine: {os.cpu_count()} cpus, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
     )
+    if args.part != "observe":
+        load(args)
+    if args.part != "load":
+        observe(args.observe_instances, args.requests, args.quiet)
+
+
+def load(args: argparse.Namespace) -> None:
     rows = []
     for label, command in (("idle (sleep)", ["sleep", "3600"]), ("chatty (yes)", ["yes", LINE])):
         with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:

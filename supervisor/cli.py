@@ -200,9 +200,24 @@ def _info(status: dict[str, Any]) -> str:
     return ""
 
 
+def _cpu(status: dict[str, Any]) -> str:
+    percent = status.get("cpu_percent")
+    return "-" if percent is None else f"{percent:.1f}%"
+
+
+def _mem(status: dict[str, Any]) -> str:
+    """Resident memory in binary units, as ``ps`` and ``top`` count them (K, M, G of 1024)."""
+    if status.get("rss_bytes") is None:
+        return "-"
+    size, unit = float(status["rss_bytes"]), 0
+    while size >= 1024 and unit < 3:
+        size, unit = size / 1024, unit + 1
+    return f"{size:.0f}{'BKMG'[unit]}" if unit == 0 or size >= 100 else f"{size:.1f}{'BKMG'[unit]}"
+
+
 def format_status(statuses: list[dict[str, Any]]) -> str:
-    """The ``supervisor status`` table: name, state, readiness, pid, uptime, restarts, and why."""
-    header = ("NAME", "STATE", "READY", "PID", "UPTIME", "RESTARTS", "INFO")
+    """The ``supervisor status`` table: name, state, readiness, pid, uptime, restarts, CPU, memory, why."""
+    header = ("NAME", "STATE", "READY", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "INFO")
     rows = [
         (
             s["name"],
@@ -211,6 +226,8 @@ def format_status(statuses: list[dict[str, Any]]) -> str:
             str(s["pid"]) if s["pid"] is not None else "-",
             _uptime(s["uptime_s"]),
             str(s["restarts"]),
+            _cpu(s),
+            _mem(s),
             _info(s),
         )
         for s in statuses
@@ -405,6 +422,25 @@ def cmd_shutdown(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace, client: Client) -> int:
+    """Serve the page until ^C; the URL's token lets in the first browser that opens it, only."""
+    from .api.proxy import DashboardProxy
+
+    client.health()  # a clear error now, not a broken page later
+    try:
+        proxy = DashboardProxy(client.connect, authorization=client.authorization, port=args.port)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise _Failure(f"dashboard: cannot listen on 127.0.0.1:{args.port}: {reason}", 1) from None
+    print(f"dashboard: {proxy.url}", flush=True)
+    print("open it once (the token is spent then); ^C to stop", file=sys.stderr, flush=True)
+    try:
+        proxy.serve_forever()
+    finally:
+        proxy.server.server_close()
+    return 0
+
+
 class _FollowOrFile(argparse.Action):
     """``logs``: a bare ``-f`` follows (as ``tail -f``); ``-f FILE`` names the manifest, as everywhere."""
 
@@ -516,6 +552,11 @@ def add_control_commands(sub: Any) -> None:
     shutdown = sub.add_parser("shutdown", help="stop every instance, then the service")
     _control_args(shutdown)
     shutdown.set_defaults(func=_control(cmd_shutdown))
+
+    dashboard = sub.add_parser("dashboard", help="serve the web dashboard on a loopback port; print its URL")
+    dashboard.add_argument("--port", type=int, default=0, help="the port (default: any free one)")
+    _control_args(dashboard)
+    dashboard.set_defaults(func=_control(cmd_dashboard))
 
 
 # -- import and export: conversions to and from other tools (supervisor.convert, loaded lazily) ----

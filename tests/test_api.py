@@ -230,8 +230,16 @@ def test_openapi_document_is_valid_and_complete(service: Start) -> None:
         ("/v1/reload", "post"),
         ("/v1/shutdown", "post"),
         ("/v1/logs/reopen", "post"),
+        ("/metrics", "get"),
     ]:
         assert method in paths[path], path
+    # Every body is limited: a 413 where there is one. "names or all" is in the schema.
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            assert ("413" in operation["responses"]) == ("requestBody" in operation), (method, path)
+    selection = document["components"]["schemas"]["ActionRequest"]
+    assert len(selection["oneOf"]) == 2 and selection["oneOf"][1]["properties"]["all"] == {"const": True}
+    assert "/" not in paths  # the dashboard's page is not part of the API
     # Invalid input is documented as what it is: 400 with an ErrorBody, not FastAPI's 422.
     stop = paths["/v1/instances/stop"]["post"]["responses"]
     assert "400" in stop and "422" not in stop

@@ -57,11 +57,13 @@ def test_status_as_a_table_and_as_json(service: Start) -> None:
     svc = service(MANIFEST)
     ok(svc.cli("wait", "web", "worker", "--state", "running"))
     table = ok(svc.cli("status")).stdout.splitlines()
-    assert table[0].split() == ["NAME", "STATE", "READY", "PID", "UPTIME", "RESTARTS", "INFO"]
+    assert table[0].split() == ["NAME", "STATE", "READY", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "INFO"]
     rows = {line.split()[0]: line.split() for line in table[1:]}
     assert set(rows) == {"web-0", "web-1", "worker", "job"}
     assert rows["web-0"][1:3] == ["running", "-"] and rows["web-0"][3].isdigit() and rows["web-0"][5] == "0"
     assert rows["job"][1:5] == ["stopped", "-", "-", "-"]
+    assert rows["web-0"][6].endswith("%") and rows["web-0"][7][-1] in "KMG", rows["web-0"]
+    assert rows["job"][6:8] == ["-", "-"]
 
     statuses = json.loads(ok(svc.cli("status", "--json")).stdout)
     assert [s["name"] for s in statuses] == ["web-0", "web-1", "worker", "job"]
@@ -69,6 +71,8 @@ def test_status_as_a_table_and_as_json(service: Start) -> None:
     assert int(rows["worker"][3]) == by_name["worker"]["pid"]
     assert by_name["web-1"]["group"] == "web" and by_name["web-1"]["stdout"] == "log"
     assert by_name["job"]["pid"] is None and by_name["job"]["state"] == "stopped"
+    assert by_name["worker"]["rss_bytes"] > 0 and by_name["worker"]["processes"] >= 1
+    assert by_name["job"]["rss_bytes"] is None and by_name["job"]["cpu_percent"] is None
 
     picked = json.loads(ok(svc.cli("status", "web", "job", "--json")).stdout)
     assert [s["name"] for s in picked] == ["web-0", "web-1", "job"]

@@ -298,6 +298,15 @@ class Client:
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    def connect(self) -> socket.socket:
+        """A new connection to the service (the dashboard's proxy sends its own requests on it)."""
+        return self._connect()
+
+    @property
+    def authorization(self) -> str | None:
+        """The ``Authorization`` header's value the service wants, if any."""
+        return None if self.token is None else f"Bearer {self.token}"
+
     def _connect(self) -> socket.socket:
         if self._tcp is None:
             return connect_unix(self.address, self.timeout)
@@ -353,6 +362,11 @@ class Client:
     def status(self, names: Sequence[str] = ()) -> list[dict[str, Any]]:
         query = f"?{urlencode([('names', n) for n in names])}" if names else ""
         return self.request("GET", f"/v1/instances{query}")  # type: ignore[no-any-return]
+
+    def metrics(self) -> str:
+        """``GET /metrics``: the Prometheus text format."""
+        with self._stream("/metrics") as response:
+            return b"".join(response.chunks()).decode()
 
     def instance(self, name: str) -> dict[str, Any]:
         return self.request("GET", f"/v1/instances/{quote(name, safe='')}")  # type: ignore[no-any-return]

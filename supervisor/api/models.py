@@ -8,9 +8,18 @@ renamed in ``cli.py`` too. The tests check both ends against each other.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 from ..config import signal_name
 from ..config.units import Duration, Signal
@@ -18,6 +27,7 @@ from ..events import State
 
 if TYPE_CHECKING:
     from ..instance import InstanceStatus
+    from ..resources import GroupFigures
 
 __all__ = [
     "ActionRequest",
@@ -41,7 +51,34 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-_TIMEOUT = "Seconds (a number) or a duration such as '30s', '2m' or '500ms'."
+_TIMEOUT = "Seconds (a number) or a duration such as '30s', '2m' or '500ms'; at most a week."
+
+#: The longest timeout a request may ask for: longer is a typo, not a wish (and NaN or an
+#: overflowing number must be a 400, never a timer that fires at once or never).
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+def _bounded(seconds: float) -> float:
+    if not math.isfinite(seconds):
+        raise ValueError("expected a finite duration")
+    if seconds > MAX_TIMEOUT:
+        raise ValueError(f"at most a week ({MAX_TIMEOUT:g}s), not {seconds:g}s")
+    return seconds
+
+
+Timeout = Annotated[
+    Duration,
+    AfterValidator(_bounded),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": MAX_TIMEOUT},
+                {"type": "string", "pattern": r"^(\d{1,6}(\.\d{1,3})?(ms|s|m|h|d)?)+$"},
+            ],
+            "description": "A duration: 250ms, 30s, 2m, 1h, 1h30m, or a number of seconds (at most a week).",
+        }
+    ),
+]
 
 
 # -- responses ---------------------------------------------------------------------------------
@@ -71,14 +108,30 @@ class Status(BaseModel):
     stdout: str = Field(description="Where fd 1 goes (log, null, inherit, file:PATH, fifo:PATH).")
     stderr: str = Field(description="Where fd 2 goes (as stdout, or 'stdout' when merged).")
     log_files: dict[str, str] = Field(description="The captured streams' log files, by stream name.")
+    cpu_percent: float | None = Field(
+        description=(
+            "CPU use of the process group, in percent of one core, over the time since the previous "
+            "reading (figures are read at most once a second, on demand); null when no process runs."
+        ),
+    )
+    cpu_seconds: float | None = Field(description="CPU time (user + system) of the group's live processes.")
+    rss_bytes: int | None = Field(description="Resident memory of the group's processes, summed.")
+    open_fds: int | None = Field(description="Open file descriptors of the group's processes, summed.")
+    threads: int | None = Field(description="Threads of the group's processes, summed.")
+    processes: int | None = Field(description="Live processes in the group (the leader and its own).")
 
 
-def wire_status(status: InstanceStatus) -> dict[str, Any]:
+_NO_FIGURES: dict[str, Any] = dict.fromkeys(
+    ("cpu_percent", "cpu_seconds", "rss_bytes", "open_fds", "threads", "processes")
+)
+
+
+def wire_status(status: InstanceStatus, figures: GroupFigures | None = None) -> dict[str, Any]:
     """A ``Status`` as a plain dict, built without validation.
 
     ``GET /v1/instances`` answers with thousands of these on a big manifest, and
     every ``supervisor status`` waits for it; the tests check that the result
-    validates as ``Status``.
+    validates as ``Status``. ``figures``: the process group's, when a process runs.
     """
     return {
         "name": status.name,
@@ -100,6 +153,18 @@ def wire_status(status: InstanceStatus) -> dict[str, Any]:
         "stdout": status.stdout,
         "stderr": status.stderr,
         "log_files": dict(status.log_files),
+        **(_NO_FIGURES if figures is None else _figures(figures)),
+    }
+
+
+def _figures(figures: GroupFigures) -> dict[str, Any]:
+    return {
+        "cpu_percent": figures.cpu_percent,
+        "cpu_seconds": round(figures.cpu_seconds, 2),
+        "rss_bytes": figures.rss_bytes,
+        "open_fds": figures.open_fds,
+        "threads": figures.threads,
+        "processes": figures.processes,
     }
 
 
@@ -172,7 +237,19 @@ class EventBody(BaseModel):
 # -- requests ----------------------------------------------------------------------------------
 
 
+# "names or all" as JSON Schema can say it, so that the document (and a client generated from
+# it, or a fuzzer) knows what the validator below refuses.
+_NAMES_OR_ALL: dict[str, Any] = {
+    "oneOf": [
+        {"properties": {"names": {"minItems": 1}, "all": {"const": False}}, "required": ["names"]},
+        {"properties": {"names": {"maxItems": 0}, "all": {"const": True}}, "required": ["all"]},
+    ]
+}
+
+
 class _Selection(_Wire):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_NAMES_OR_ALL)
+
     names: list[str] = Field(
         [],
         description="Instance names, manifest names (every replica) or globs such as 'web-*'.",
@@ -204,7 +281,7 @@ class ActionRequest(_Selection):
             "is under way."
         ),
     )
-    timeout: Duration | None = Field(
+    timeout: Timeout | None = Field(
         None,
         description=_TIMEOUT + " Default: the instance's restart.min_uptime + 10s (stop: stop.timeout + 5s).",
     )
@@ -226,6 +303,7 @@ class WaitRequest(_Selection):
         list[State | Literal["ready"]], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)
     ] = Field(
         description="A state, or a list of states any of which will do. `ready`: running and ready "
-        "(for an instance without a readiness check, the same as running)."
+        "(for an instance without a readiness check, the same as running).",
+        min_length=1,
     )
-    timeout: Duration | None = Field(None, description=_TIMEOUT + " Default: 30s.")
+    timeout: Timeout | None = Field(None, description=_TIMEOUT + " Default: 30s.")

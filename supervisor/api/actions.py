@@ -1,0 +1,157 @@
+"""What requests ask of instances: start, stop and restart, and the answer each gets.
+
+The work runs in the control plane's own task group, not in the request's
+task: a client that hangs up halfway, or a ``--no-wait``, never abandons a
+stop halfway. The request only awaits the outcome (or its timeout).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Collection, Coroutine
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from fastapi.responses import JSONResponse, Response
+
+from ..events import State
+from ..instance import Instance, InvalidRequest
+from ..manager import Manager
+from .models import ActionRequest
+
+__all__ = ["Actions", "action_response", "refusal", "result", "run_all"]
+
+log = logging.getLogger("supervisor.control")
+
+_STARTED = frozenset({State.RUNNING, State.EXITED, State.FAILED})
+
+def refusal(instance: Instance, exc: InvalidRequest) -> str:
+    """The reason alone: the result names the instance already."""
+    return str(exc).removeprefix(f"{instance.name}: ")
+
+
+def result(instance: Instance, ok: bool, error: str | None = None) -> dict[str, Any]:
+    state = str(instance.state)
+    return {"name": instance.name, "ok": ok, "state": state, "pid": instance.pid, "error": error}
+
+
+def action_response(results: list[dict[str, Any]]) -> JSONResponse:
+    ok = all(r["ok"] for r in results)
+    return JSONResponse({"ok": ok, "results": results}, status_code=200 if ok else 409)
+
+
+async def run_all(one: Callable[[Instance], Coroutine[Any, Any, None]], instances: list[Instance]) -> None:
+    async with anyio.create_task_group() as tg:
+        for instance in instances:
+            tg.start_soon(one, instance)
+
+
+class Actions:
+    """start, stop and restart: run in the control plane's task group, awaited by the request."""
+
+    def __init__(self, manager: Manager, background: TaskGroup, closing: anyio.Event) -> None:
+        self.manager = manager
+        self.background = background
+        self.closing = closing
+
+    def endpoint(self, verb: str) -> Callable[[ActionRequest], Awaitable[Response]]:
+        async def endpoint(body: ActionRequest) -> Response:
+            instances = self.manager.select(body.patterns)
+            results: dict[str, dict[str, Any]] = {}
+            selected = {instance.name for instance in instances}
+
+            async def one(instance: Instance) -> None:
+                results[instance.name] = await self.perform(verb, instance, body, selected)
+
+            await self.unless_closing(run_all(one, instances))
+            return action_response(
+                [results.get(i.name) or result(i, False, "the service is shutting down") for i in instances]
+            )
+
+        endpoint.__name__ = f"{verb}_instances"
+        return endpoint
+
+    async def unless_closing(self, work: Awaitable[None]) -> None:
+        """Await ``work``, but give up when the server stops (the service is shutting down)."""
+        async with anyio.create_task_group() as tg:
+
+            async def watch() -> None:
+                await self.closing.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch)
+            await work
+            tg.cancel_scope.cancel()
+
+    async def perform(
+        self, verb: str, instance: Instance, body: ActionRequest, selected: Collection[str] = ()
+    ) -> dict[str, Any]:
+        if body.all and (verb == "start") == instance.state.alive and verb != "restart":
+            # `stop --all` means "nothing runs afterwards": one already down is not an error
+            # (nor one already up for `start --all`). A name given explicitly still is.
+            return result(instance, True)
+        config = instance.config
+        default = config.stop.timeout + 5 if verb == "stop" else config.restart.min_uptime + 10
+        timeout = body.timeout_for(default)
+        request = {"start": instance.start, "stop": instance.stop, "restart": instance.restart}[verb]
+        done = anyio.Event()
+        refused: list[str] = []
+        before = instance.state
+
+        async def run() -> None:
+            # Here, not in the request's task: the request may go (client gone, no-wait, timeout);
+            # what it asked for is carried out all the same.
+            try:
+                if verb == "stop":
+                    # Dependents stopped in the same request go first (`stop --all` in reverse order).
+                    for dependent in self.manager.dependents(instance):
+                        if dependent.name in selected:
+                            await dependent.wait_until(lambda d=dependent: not d.state.alive)  # type: ignore[misc]
+                await request()
+            except InvalidRequest as exc:
+                refused.append(refusal(instance, exc))
+            except Exception as exc:
+                log.exception("%s %s failed", verb, instance.name)
+                refused.append(f"{verb} failed: {exc}")
+            finally:
+                done.set()
+
+        self.background.start_soon(run)
+        with anyio.move_on_after(timeout):
+            if not body.wait:
+                await _first(done.wait, lambda: instance.wait_for(set(State) - {before}))
+                return result(instance, not refused, refused[0] if refused else None)
+            await done.wait()
+            if refused:
+                return result(instance, False, refused[0])
+            targets = {State.STOPPED} if verb == "stop" else _STARTED
+            await instance.wait_for(targets)
+            return self._judge(verb, instance)
+        return result(instance, False, f"timed out after {timeout:g}s ({instance.state})")
+
+    @staticmethod
+    def _judge(verb: str, instance: Instance) -> dict[str, Any]:
+        status = instance.status()
+        state = status.state
+        if verb == "stop" or state is State.RUNNING:
+            return result(instance, state is (State.STOPPED if verb == "stop" else State.RUNNING))
+        succeeded = (
+            state is State.EXITED
+            and status.exit_signal is None
+            and status.exit_code in instance.config.restart.success_codes
+        )
+        return result(instance, succeeded, None if succeeded else status.reason or str(state))
+
+
+async def _first(*waits: Callable[[], Awaitable[Any]]) -> None:
+    """Return as soon as one of ``waits`` is done; the others are cancelled."""
+    async with anyio.create_task_group() as tg:
+
+        async def one(wait: Callable[[], Awaitable[Any]]) -> None:
+            await wait()
+            tg.cancel_scope.cancel()
+
+        for wait in waits:
+            tg.start_soon(one, wait)
+

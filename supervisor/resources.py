@@ -1,0 +1,186 @@
+"""Resource figures of process groups, read from ``/proc`` when someone asks.
+
+Part of the OS edge (ARCHITECTURE.md puts "resource figures from /proc" there),
+kept apart from ``process.py`` because nothing here spawns or waits: it only
+reads. Nothing runs on a timer: a ``ResourceSampler`` reads ``/proc`` when a
+status, the metrics or the dashboard ask, and answers again from what it read
+for ``max_age`` seconds, so a thousand requests a second cost one scan a
+second, and nobody asking costs nothing.
+
+One scan reads ``/proc/PID/stat`` of every process once (the only place the
+process group is written), keeps those in a group asked for, and counts their
+fds. CPU percent is the CPU time the group used between this scan and the one
+before it, over the wall time between the two; a group never seen before gets
+its average since its leader started, and so does one whose previous scan is
+older than ``window`` seconds (a figure averaged over an hour would mislead).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+
+__all__ = ["GroupFigures", "ResourceSampler"]
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@dataclass(frozen=True, slots=True)
+class GroupFigures:
+    """One process group's figures at one scan (the sums over its live processes)."""
+
+    cpu_percent: float
+    cpu_seconds: float
+    rss_bytes: int
+    open_fds: int
+    threads: int
+    processes: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Proc:
+    pgid: int
+    started: int  # clock ticks after boot: (pid, started) names a process even if the pid is reused
+    cpu_ticks: int
+    threads: int
+    rss_pages: int
+
+
+def _read_stat(pid: str) -> _Proc | None:
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 1024)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    # The command name (field 2) may hold spaces and parentheses: split after its last ")".
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return _Proc(
+            pgid=int(fields[2]),
+            started=int(fields[19]),
+            cpu_ticks=int(fields[11]) + int(fields[12]),
+            threads=int(fields[17]),
+            rss_pages=int(fields[21]),
+        )
+    except (IndexError, ValueError):
+        return None
+
+
+def _count_fds(pid: int) -> int:
+    """Open fds: since Linux 6.2 the size of /proc/PID/fd says it, for the price of one stat."""
+    try:
+        counted = os.stat(f"/proc/{pid}/fd").st_size
+        return counted if counted > 0 else len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:  # gone meanwhile, or not ours to look at
+        return 0
+
+
+def _uptime() -> float:
+    with open("/proc/uptime", "rb") as uptime:
+        return float(uptime.read().split()[0])
+
+
+class ResourceSampler:
+    """Figures for process groups by pgid, from one ``/proc`` scan at most every ``max_age`` seconds."""
+
+    def __init__(
+        self,
+        max_age: float = 1.0,
+        *,
+        window: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_age = max_age
+        self.window = window
+        self._clock = clock
+        # The last scan: when, which groups it was asked for, what it found. One tuple, replaced
+        # whole, so that ``cached`` (called on the event loop while a worker thread scans) never
+        # sees one scan's time with another's figures.
+        self._last: tuple[float, frozenset[int], dict[int, GroupFigures]] | None = None
+        # Per group, the previous scan's time and its processes' CPU ticks: the next percentage.
+        self._seen: dict[int, float] = {}
+        self._ticks: dict[int, dict[tuple[int, int], int]] = {}
+        self.scans = 0
+
+    def figures(self, pgids: Collection[int]) -> Mapping[int, GroupFigures]:
+        """The figures of each group in ``pgids`` that has a live process (others are left out)."""
+        if not pgids:
+            return {}
+        cached = self.cached(pgids)
+        if cached is not None:
+            return cached
+        now = self._clock()
+        last = self._last
+        fresh = last is not None and now - last[0] < self.max_age
+        wanted = frozenset(pgids)
+        figures = self._scan(wanted | (last[1] if last is not None and fresh else frozenset()), now)
+        return {pgid: figures[pgid] for pgid in wanted if pgid in figures}
+
+    def cached(
+        self, pgids: Collection[int], max_age: float | None = None
+    ) -> Mapping[int, GroupFigures] | None:
+        """The last scan's figures, if it covered ``pgids`` and is younger than ``max_age``; else None."""
+        last = self._last
+        limit = self.max_age if max_age is None else max_age
+        if last is None or self._clock() - last[0] >= limit:
+            return None
+        _, scanned, figures = last
+        wanted = frozenset(pgids)
+        if not wanted <= scanned:
+            return None
+        return {pgid: figures[pgid] for pgid in wanted if pgid in figures}
+
+    def _scan(self, wanted: frozenset[int], now: float) -> dict[int, GroupFigures]:
+        self.scans += 1
+        members: dict[int, list[tuple[int, _Proc]]] = {}
+        if wanted:
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                proc = _read_stat(name)
+                if proc is not None and proc.pgid in wanted:
+                    members.setdefault(proc.pgid, []).append((int(name), proc))
+        uptime = _uptime() if members else 0.0
+        figures: dict[int, GroupFigures] = {}
+        for pgid, procs in members.items():
+            total = sum(p.cpu_ticks for _, p in procs)
+            seen = self._seen.get(pgid)
+            before = self._ticks.get(pgid, {})
+            if seen is not None and 0 < now - seen <= self.window:
+                # A process the previous scan did not see started (or joined) since: all its time counts.
+                used = sum(p.cpu_ticks - before.get((pid, p.started), 0) for pid, p in procs)
+                percent = max(used, 0) / _TICKS / (now - seen) * 100
+            else:
+                leader = next((p for pid, p in procs if pid == pgid), procs[0][1])
+                lifetime = uptime - leader.started / _TICKS
+                percent = total / _TICKS / lifetime * 100 if lifetime > 0 else 0.0
+            if seen is None or now - seen >= self.max_age:
+                # The next percentage is measured from here. A scan sooner than that (another
+                # group asked for meanwhile) keeps the older base: no percentage over a blink.
+                self._ticks[pgid] = {(pid, p.started): p.cpu_ticks for pid, p in procs}
+                self._seen[pgid] = now
+            figures[pgid] = GroupFigures(
+                cpu_percent=round(percent, 2),
+                cpu_seconds=total / _TICKS,
+                rss_bytes=sum(p.rss_pages for _, p in procs) * _PAGE,
+                open_fds=sum(_count_fds(pid) for pid, _ in procs),
+                threads=sum(p.threads for _, p in procs),
+                processes=len(procs),
+            )
+        # Groups asked for and gone are forgotten; those not asked for this time keep their
+        # previous scan (a one-instance GET must not restart every other group's CPU window)
+        # until it is too old to use.
+        for pgid in list(self._seen):
+            if pgid not in members and (pgid in wanted or now - self._seen[pgid] > self.window):
+                del self._seen[pgid]
+                self._ticks.pop(pgid, None)
+        self._last = (now, wanted, figures)
+        return figures

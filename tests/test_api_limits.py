@@ -1,0 +1,158 @@
+"""Hostile requests against a real service: huge bodies, NaN and absurd timeouts.
+
+Each is answered with a 4xx and an ErrorBody, never a 500, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from supervisor.api.client import connect_unix
+
+from .service_fixture import ServiceProcess
+from .test_api import _free_port, assert_error, http
+
+Start = Callable[..., ServiceProcess]
+
+MANIFEST = """
+version: 1
+instances:
+  sleeper:
+    command: ["sleep", "300"]
+    restart: {min_uptime: 0}
+  idle:
+    command: ["sleep", "300"]
+    autostart: false
+"""
+MiB = 1024 * 1024
+JSON = {"content-type": "application/json"}
+
+
+def _peak_rss(pid: int) -> int:
+    """The process's peak resident set (VmHWM), in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc/PID/status")
+
+
+def _read_answer(sock: socket.socket) -> bytes:
+    """Until the server closes the connection (the 413 says ``Connection: close``)."""
+    data = b""
+    while len(data) < MiB:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:  # closed with our unread flood in its buffer: what came, came
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_declared_huge_body_is_refused_before_it_is_sent(service: Start) -> None:
+    svc = service(MANIFEST)
+    sock = connect_unix(svc.socket, timeout=10)
+    with sock:
+        sock.sendall(
+            b"POST /v1/instances/start HTTP/1.1\r\nHost: supervisor\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1073741824\r\n\r\n"
+        )
+        answer = _read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), answer
+    assert b"at most 1048576 bytes, not 1073741824 bytes" in body
+
+
+def test_a_chunked_flood_is_cut_at_the_limit_and_costs_no_memory(service: Start) -> None:
+    svc = service(MANIFEST)
+    before = _peak_rss(svc.pid)
+    chunk = b"%x\r\n%s\r\n" % (64 * 1024, b"[" * 64 * 1024)
+    sent = 0
+    sock = connect_unix(svc.socket, timeout=10)
+    with sock:
+        sock.sendall(
+            b"POST /v1/instances/start HTTP/1.1\r\nHost: supervisor\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        # Send up to 256 MiB; the answer must come long before (and sending may then fail).
+        while sent < 256 * MiB:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                break
+            try:
+                sock.sendall(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 64 * 1024
+        answer = _read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 413"), (sent, answer)
+    assert sent < 64 * MiB, f"the service read {sent} bytes before it answered"
+    assert _peak_rss(svc.pid) - before < 32 * MiB
+    # The service is fine, and nothing started.
+    assert svc.status("idle")["idle"]["state"] == "stopped"
+
+
+def test_a_body_within_the_limit_is_read(service: Start) -> None:
+    svc = service(MANIFEST)
+    with http(svc) as api:
+        names = ["x" * 1000] * 1000  # about 1 MB of JSON, under 1 MiB
+        body = json.dumps({"names": names}).encode()
+        assert len(body) < MiB
+        assert_error(api.post("/v1/instances/start", content=body, headers=JSON), 404, "no instance matches")
+        over = json.dumps({"names": ["x" * 1000] * 1100}).encode()
+        assert_error(api.post("/v1/instances/start", content=over, headers=JSON), 413, "at most 1048576")
+
+
+@pytest.mark.parametrize(
+    ("route", "timeout"),
+    [
+        ("start", "NaN"),
+        ("start", "Infinity"),
+        ("start", "-Infinity"),
+        ("start", "1e999"),
+        ("start", '"99999999999d"'),
+        ("start", "604801"),
+        ("restart", "NaN"),
+        ("stop", "1e308"),
+        ("wait", "NaN"),
+        ("wait", '"1000000h"'),
+    ],
+)
+def test_nan_and_absurd_timeouts_are_a_400(service: Start, route: str, timeout: str) -> None:
+    svc = service(MANIFEST)
+    extra = ', "state": "running"' if route == "wait" else ""
+    raw = f'{{"names": ["idle"], "timeout": {timeout}{extra}}}'.encode()
+    with http(svc) as api:
+        answer = api.post(f"/v1/instances/{route}", content=raw, headers=JSON)
+        assert_error(answer, 400, "timeout")
+    assert svc.status("idle")["idle"]["state"] == "stopped"
+
+
+def test_the_tcp_listener_has_the_same_limit(service: Start, tmp_path: Path) -> None:
+    token = "limits-token"
+    (tmp_path / "token").write_text(token)
+    (tmp_path / "token").chmod(0o600)
+    port = _free_port()
+    service(
+        f"""
+        version: 1
+        supervisor:
+          control: {{tcp: "127.0.0.1:{port}", token_file: token}}
+        instances:
+          sleeper: {{command: ["sleep", "300"]}}
+        """
+    )
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as tcp:
+        headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
+        big = b'{"names": [' + b'"a",' * (MiB // 4) + b'"a"]}'
+        assert_error(tcp.post("/v1/instances/stop", content=big, headers=headers), 413, "at most")
+        # Without the token, the body is not even looked at.
+        assert tcp.post("/v1/instances/stop", content=big).status_code == 401

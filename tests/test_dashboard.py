@@ -1,0 +1,227 @@
+"""The web dashboard in a real browser (Debian's chromium, driven by Playwright) against a real service.
+
+Skipped only where chromium is not installed (``make test`` installs it with
+apt-get); the skip says so. The page is reached the two ways a user reaches
+it: through ``supervisor dashboard`` (a loopback proxy to the unix socket,
+with a one-time token) and on the TCP listener (its token, then a cookie).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .service_fixture import SUPERVISOR, ServiceProcess
+from .test_api import _free_port
+
+Start = Callable[..., ServiceProcess]
+CHROMIUM = "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+MANIFEST = """
+version: 1
+instances:
+  web:
+    command: ["sh", "-c", "echo hello from $$$$; exec sleep 300"]
+    replicas: 2
+    restart: {min_uptime: 0}
+    stop: {timeout: 2}
+  idle:
+    command: ["sleep", "300"]
+    autostart: false
+"""
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is missing (make test installs Debian's chromium): browser tests skipped")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def dashboard(service: Start) -> Iterator[tuple[ServiceProcess, str]]:
+    """A service, and ``supervisor dashboard`` for it: (the service, the URL it printed)."""
+    svc = service(MANIFEST)
+    svc.wait_for(["web"], "running")
+    proc = subprocess.Popen(
+        [*SUPERVISOR, "dashboard", "-s", str(svc.socket)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 30)
+        assert ready, "supervisor dashboard printed no URL within 30s"
+        line = proc.stdout.readline().decode()
+        match = re.fullmatch(r"dashboard: (http://127\.0\.0\.1:\d+/\?token=\S+)\n", line)
+        assert match, (line, proc.stderr.read() if proc.poll() is not None and proc.stderr else "")
+        yield svc, match.group(1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 130
+
+
+def test_the_dashboard_lists_restarts_and_follows(browser: Any, dashboard: tuple[ServiceProcess, str],
+                                                   tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=20_000)
+    svc, url = dashboard
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url)
+    assert page.url.endswith("/") and "token" not in page.url  # the token left the address bar
+    rows = page.locator("#instances tbody tr")
+    expect(rows).to_have_count(3)
+    expect(page.locator("#connection")).to_have_text("live")
+    web0 = page.locator('tr[data-name="web-0"]')
+    expect(web0.locator(".state")).to_have_text("running")
+    expect(web0.locator(".mem")).to_have_text(re.compile(r"^\d+(\.\d)?[KMG]$"))
+    expect(page.locator('tr[data-name="idle"] .pid')).to_have_text("-")
+    first = web0.locator(".pid").inner_text()
+    assert first == str(svc.status("web-0")["web-0"]["pid"])
+
+    # The log pane: the last lines, then what comes.
+    web0.locator('button[data-action="logs"]').click()
+    log = page.locator("#log-lines")
+    expect(log).to_contain_text(f"hello from {first}")
+
+    web0.locator('button[data-action="restart"]').click()
+    expect(web0.locator(".pid")).not_to_have_text(first)
+    expect(web0.locator(".state")).to_have_text("running")
+    second = web0.locator(".pid").inner_text()
+    assert second.isdigit() and second == str(svc.status("web-0")["web-0"]["pid"])
+    expect(log).to_contain_text(f"hello from {second}")  # arrived live, without reloading
+
+    # The filter, and an action on a selection.
+    page.fill("#filter", "idle")
+    expect(page.locator("#instances tbody tr:visible")).to_have_count(1)
+    page.locator('tr[data-name="idle"] input[type=checkbox]').check()
+    page.click('[data-bulk="start"]')
+    expect(page.locator('tr[data-name="idle"] .state')).to_have_text("running")
+    assert svc.status("idle")["idle"]["state"] == "running"
+    page.fill("#filter", "")
+    expect(page.locator("#instances tbody tr:visible")).to_have_count(3)
+    page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+    assert not errors, errors
+
+    # Dark, and phone-width: the page still fits and reads.
+    phone = browser.new_context(viewport={"width": 390, "height": 844}, color_scheme="dark")
+    small = phone.new_page()
+    small.context.add_cookies(context.cookies())
+    small.goto(url.split("?")[0])
+    expect(small.locator("#instances tbody tr")).to_have_count(3)
+    width = small.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the page is {width}px wide on a 390px screen"
+    background = small.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(21, 23, 26)", background
+    small.screenshot(path=str(tmp_path / "dashboard-phone-dark.png"), full_page=True)
+    phone.close()
+
+    # The URL's token was spent by the first browser: a second one is turned away.
+    other = browser.new_context()
+    answer = other.new_page().goto(url)
+    assert answer is not None and answer.status == 401
+    other.close()
+    context.close()
+
+
+def test_the_tcp_listener_serves_the_page_behind_its_token(service: Start, tmp_path: Path) -> None:
+    token = "dash-token"
+    (tmp_path / "token").write_text(token)
+    (tmp_path / "token").chmod(0o600)
+    port = _free_port()
+    service(
+        f"""
+        version: 1
+        supervisor:
+          control: {{tcp: "127.0.0.1:{port}", token_file: token}}
+        instances:
+          one: {{command: ["sleep", "300"]}}
+        """
+    )
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as tcp:
+        assert tcp.get("/").status_code == 401
+        assert tcp.get("/", params={"token": "wrong"}).status_code == 401
+        exchange = tcp.get("/", params={"token": token})
+        assert exchange.status_code == 303 and exchange.headers["location"] == "/"
+        cookie = exchange.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and token not in cookie
+        page = tcp.get("/")  # the client kept the cookie
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert tcp.get("/web/dashboard.js").headers["content-type"].startswith("text/javascript")
+        assert tcp.get("/v1/instances").json()[0]["name"] == "one"
+        tcp.cookies.clear()
+        tcp.cookies.set("procward_token", "0" * 64)
+        assert tcp.get("/v1/instances").status_code == 401
+
+
+def test_the_page_loads_nothing_from_elsewhere() -> None:
+    from importlib import resources
+
+    web = resources.files("supervisor.web")
+    for name in ("index.html", "dashboard.css", "dashboard.js"):
+        text = web.joinpath(name).read_text()
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", text), name
+    assert "prefers-color-scheme: dark" in web.joinpath("dashboard.css").read_text()
+
+
+def test_the_dashboard_proxy_lets_in_one_browser_and_bounds_requests(
+    dashboard: tuple[ServiceProcess, str],
+) -> None:
+    svc, url = dashboard
+    base, _, token = url.partition("/?token=")
+    with httpx.Client(base_url=base, timeout=10) as browser:
+        assert browser.get("/").status_code == 401
+        assert browser.get("/v1/health").status_code == 401
+        assert browser.get("/", params={"token": token + "x"}).status_code == 401
+        exchange = browser.get("/", params={"token": token})
+        assert exchange.status_code == 303 and exchange.headers["location"] == "/"
+        cookie = exchange.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        # The cookie lets this client in; the token is spent.
+        assert browser.get("/").headers["content-type"].startswith("text/html")
+        assert browser.get("/v1/health").json()["pid"] == svc.pid
+        assert "procward_instances 3" in browser.get("/metrics").text
+        # A body over 1 MiB is refused on its declared length, before it is sent.
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as raw:
+            session = cookie.split(";")[0]
+            raw.sendall(
+                f"POST /v1/instances/stop HTTP/1.1\r\nHost: x\r\nCookie: {session}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {2 * 1024 * 1024}\r\n\r\n".encode()
+            )
+            assert raw.recv(65536).startswith(b"HTTP/1.1 413")
+        chunked = browser.post("/v1/instances/stop", content=iter([b'{"all": true}']))
+        assert chunked.status_code == 411
+        stop = browser.post("/v1/instances/stop", json={"names": ["web-1"]})
+        assert stop.status_code == 200 and stop.json()["ok"]
+    with httpx.Client(base_url=base, timeout=10) as stranger:
+        assert stranger.get("/", params={"token": token}).status_code == 401
+    assert svc.status("web-1")["web-1"]["state"] == "stopped"
