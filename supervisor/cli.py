@@ -407,13 +407,29 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_reload(args: argparse.Namespace, client: Client) -> int:
-    report = client.reload()
+    return _print_report(args, client.reload())
+
+
+def _print_report(args: argparse.Namespace, report: dict[str, Any]) -> int:
     if args.json:
         _print_json(report)
         return 0
     for key in ("added", "removed", "changed", "unchanged"):
         print(f"{key}: {', '.join(report[key]) or 'none'}")
+    for line in report.get("rescaled") or ():
+        print(f"rescaled: {line}")
     return 0
+
+
+def _scale_arg(text: str) -> tuple[str, int]:
+    name, sep, count = text.partition("=")
+    if not sep or not name or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: write NAME=COUNT, e.g. worker=5")
+    return name, int(count)
+
+
+def cmd_scale(args: argparse.Namespace, client: Client) -> int:
+    return _print_report(args, client.scale(dict(args.counts)))
 
 
 def cmd_shutdown(args: argparse.Namespace, client: Client) -> int:
@@ -538,6 +554,12 @@ def add_control_commands(sub: Any) -> None:
     _json_arg(reload)
     _control_args(reload)
     reload.set_defaults(func=_control(cmd_reload))
+
+    scale = sub.add_parser("scale", help="run N replicas of a manifest entry until the next reload")
+    scale.add_argument("counts", nargs="+", type=_scale_arg, metavar="NAME=N")
+    _json_arg(scale)
+    _control_args(scale)
+    scale.set_defaults(func=_control(cmd_scale))
 
     wait = sub.add_parser("wait", help="wait until instances are in a state (exit 1 on timeout)")
     _selection_args(wait)

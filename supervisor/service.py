@@ -117,6 +117,8 @@ class Service:
             report.changed or "none",
             len(report.unchanged),
         )
+        for line in report.rescaled:
+            log.info("rescaled %s", line)
         return report
 
     async def shutdown(self) -> None:

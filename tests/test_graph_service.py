@@ -121,3 +121,35 @@ def test_graph_prints_start_order_and_dot(tmp_path: Path) -> None:
     cyclic = write_manifest(tmp_path, text, "bad.yaml")
     bad = subprocess.run([*SUPERVISOR, "graph", "-f", str(cyclic)], capture_output=True, text=True)
     assert bad.returncode == 1 and "a cannot depend on itself" in bad.stderr
+
+
+SCALED = """
+version: 1
+instances:
+  web: {command: [sleep, "300"], replicas: 2, restart: {min_uptime: 0}}
+"""
+
+
+def test_scale_until_the_next_reload(service: Start) -> None:
+    svc = service(SCALED)
+    svc.wait_for(["web"], "running")
+    pids = {name: s["pid"] for name, s in svc.status().items()}
+    out = ok(svc.cli("scale", "web=4")).stdout.splitlines()
+    assert out[:2] == ["added: web-2, web-3", "removed: none"]
+    svc.wait_for(["web"], "running")
+    status = svc.status()
+    assert sorted(status) == ["web-0", "web-1", "web-2", "web-3"]
+    assert {name: status[name]["pid"] for name in pids} == pids  # the ones that stay are not touched
+    # Hostile counts are a 400 and change nothing; an unknown entry is a 404.
+    client = svc.client()
+    for bad in ({"web": -1}, {"web": 10**9}, {"web": 2.5}, {"web": True}, {"web": "3"}, {}):
+        answer = client.request("POST", "/v1/scale", {"scale": bad}, accept=[400])
+        assert answer["error"] == "invalid request", (bad, answer)
+    unknown = svc.cli("scale", "nope=2")
+    assert unknown.returncode == 1 and "no instance matches 'nope'" in unknown.stderr
+    assert svc.cli("scale", "web=many").returncode == 2
+    assert sorted(svc.status()) == ["web-0", "web-1", "web-2", "web-3"]
+    # A reload sets the manifest's count back, and says so.
+    out = ok(svc.cli("reload")).stdout.splitlines()
+    assert "removed: web-2, web-3" in out and "rescaled: web: back to the manifest's 2 replicas" in out
+    assert sorted(svc.status()) == ["web-0", "web-1"]

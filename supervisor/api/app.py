@@ -29,6 +29,7 @@ from .models import (
     Health,
     ReloadBody,
     ReopenBody,
+    ScaleRequest,
     ShutdownBody,
     SignalRequest,
     Status,
@@ -280,13 +281,22 @@ def create_app(
     )
     async def reload() -> dict[str, list[str]]:
         """Re-read the manifest file and apply the difference (same as SIGHUP)."""
-        report = await hooks.reload()
-        return {
-            "added": list(report.added),
-            "removed": list(report.removed),
-            "changed": list(report.changed),
-            "unchanged": list(report.unchanged),
-        }
+        return _report(await hooks.reload())
+
+    @app.post(
+        "/v1/scale",
+        response_model=ReloadBody,
+        responses={
+            **ERRORS,
+            409: {"model": ErrorBody, "description": "A count out of range, or the service is stopping."},
+            422: {"model": ErrorBody, "description": "Not enough descriptors for it; nothing changed."},
+        },
+        tags=["service"],
+    )
+    async def scale(body: ScaleRequest) -> dict[str, list[str]]:
+        """Run this many replicas of each named entry until the next reload: new ones start (where
+        the entry autostarts), the highest-numbered ones stop. 1 to more renames NAME to NAME-0 …"""
+        return _report(await manager.scale(body.scale))
 
     @app.post("/v1/shutdown", status_code=202, response_model=ShutdownBody, tags=["service"])
     async def shutdown() -> Response:
@@ -345,3 +355,13 @@ def _instance(manager: Manager, name: str) -> Instance:
 def _joined(lines: list[bytes]) -> bytes:
     return b"\n".join(lines) + b"\n" if lines else b""
 
+
+
+def _report(report: ReloadReport) -> dict[str, list[str]]:
+    return {
+        "added": list(report.added),
+        "removed": list(report.removed),
+        "changed": list(report.changed),
+        "unchanged": list(report.unchanged),
+        "rescaled": list(report.rescaled),
+    }

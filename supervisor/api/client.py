@@ -466,6 +466,9 @@ class Client:
     def reload(self) -> dict[str, Any]:
         return self.request("POST", "/v1/reload")  # type: ignore[no-any-return]
 
+    def scale(self, counts: dict[str, int]) -> dict[str, Any]:
+        return self.request("POST", "/v1/scale", {"scale": counts})  # type: ignore[no-any-return]
+
     def shutdown(self) -> dict[str, Any]:
         return self.request("POST", "/v1/shutdown")  # type: ignore[no-any-return]
 

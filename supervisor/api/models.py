@@ -38,6 +38,7 @@ __all__ = [
     "InstanceResult",
     "ReloadBody",
     "ReopenBody",
+    "ScaleRequest",
     "ShutdownBody",
     "SignalRequest",
     "Status",
@@ -196,12 +197,26 @@ class ActionResponse(BaseModel):
 
 
 class ReloadBody(BaseModel):
-    """What a reload did, by replica name."""
+    """What a reload (or a scale) did, by replica name."""
 
     added: list[str]
     removed: list[str]
     changed: list[str]
     unchanged: list[str]
+    rescaled: list[str] = Field(
+        [], description="Entries a `scale` had changed whose manifest count the reload set back."
+    )
+
+
+class ScaleRequest(_Wire):
+    """Run this many replicas of each named manifest entry, until the next reload."""
+
+    scale: dict[str, Annotated[int, Field(ge=0, le=10_000, strict=True)]] = Field(
+        min_length=1,
+        max_length=1000,
+        description="Manifest entry name -> replica count (0 to 10,000).",
+        examples=[{"worker": 5}],
+    )
 
 
 class ShutdownBody(BaseModel):
