@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -168,3 +169,28 @@ def processes_with(marker: str) -> list[int]:
         if marker.encode() in argv and not pid_gone(int(entry.name)):
             found.append(int(entry.name))
     return found
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the kernel's pick; bound again by the test's service)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def with_tcp_listener(folder: Path, token: str, instances: str) -> tuple[str, int]:
+    """A manifest whose control API also listens on a loopback port, its token in a 0600 file.
+
+    ``instances`` is the YAML of the instances mapping, as it would be indented under it.
+    """
+    token_file = folder / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    port = free_port()
+    body = textwrap.indent(textwrap.dedent(instances).strip("\n"), "  ")
+    text = (
+        "version: 1\n"
+        f'supervisor:\n  control: {{tcp: "127.0.0.1:{port}", token_file: token}}\n'
+        f"instances:\n{body}\n"
+    )
+    return text, port

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import socket
 import stat
 import subprocess
 import threading
@@ -32,7 +31,7 @@ from supervisor.config import Manifest
 from supervisor.manager import Manager, ReloadReport
 
 from .helpers import manifest_from, running
-from .service_fixture import SUPERVISOR, ServiceProcess, pid_gone, processes_with
+from .service_fixture import SUPERVISOR, ServiceProcess, pid_gone, processes_with, with_tcp_listener
 
 Start = Callable[..., ServiceProcess]
 
@@ -254,30 +253,19 @@ def test_socket_is_private(service: Start) -> None:
     assert stat.S_IMODE(svc.socket.parent.stat().st_mode) == 0o700
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 ROUTES = [("GET", "/v1/instances"), ("POST", "/v1/shutdown"), ("GET", "/openapi.json")]
 
 
 def test_tcp_listener_wants_the_bearer_token(service: Start, tmp_path: Path) -> None:
     token = "s3cret-token-for-tests"
-    token_file = tmp_path / "token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
-    port = _free_port()
-    svc = service(
-        f"""
-        version: 1
-        supervisor:
-          control: {{tcp: "127.0.0.1:{port}", token_file: token}}
-        instances:
-          sleeper: {{command: ["sleep", "300"]}}
+    manifest, port = with_tcp_listener(
+        tmp_path,
+        token,
         """
+      sleeper: {command: ["sleep", "300"]}
+        """,
     )
+    svc = service(manifest)
     base = f"http://127.0.0.1:{port}"
     with httpx.Client(base_url=base, timeout=10) as tcp:
         for headers in (

@@ -16,8 +16,8 @@ import pytest
 
 from supervisor.api.client import connect_unix
 
-from .service_fixture import ServiceProcess
-from .test_api import _free_port, assert_error, http
+from .service_fixture import ServiceProcess, with_tcp_listener
+from .test_api import assert_error, http
 
 Start = Callable[..., ServiceProcess]
 
@@ -138,18 +138,14 @@ def test_nan_and_absurd_timeouts_are_a_400(service: Start, route: str, timeout: 
 
 def test_the_tcp_listener_has_the_same_limit(service: Start, tmp_path: Path) -> None:
     token = "limits-token"
-    (tmp_path / "token").write_text(token)
-    (tmp_path / "token").chmod(0o600)
-    port = _free_port()
-    service(
-        f"""
-        version: 1
-        supervisor:
-          control: {{tcp: "127.0.0.1:{port}", token_file: token}}
-        instances:
-          sleeper: {{command: ["sleep", "300"]}}
+    manifest, port = with_tcp_listener(
+        tmp_path,
+        token,
         """
+      sleeper: {command: ["sleep", "300"]}
+        """,
     )
+    service(manifest)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as tcp:
         headers = {"Authorization": f"Bearer {token}", "content-type": "application/json"}
         big = b'{"names": [' + b'"a",' * (MiB // 4) + b'"a"]}'

@@ -21,8 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .service_fixture import SUPERVISOR, ServiceProcess
-from .test_api import _free_port
+from .service_fixture import SUPERVISOR, ServiceProcess, with_tcp_listener
 
 Start = Callable[..., ServiceProcess]
 CHROMIUM = "/usr/bin/chromium"
@@ -153,18 +152,14 @@ def test_the_dashboard_lists_restarts_and_follows(browser: Any, dashboard: tuple
 
 def test_the_tcp_listener_serves_the_page_behind_its_token(service: Start, tmp_path: Path) -> None:
     token = "dash-token"
-    (tmp_path / "token").write_text(token)
-    (tmp_path / "token").chmod(0o600)
-    port = _free_port()
-    service(
-        f"""
-        version: 1
-        supervisor:
-          control: {{tcp: "127.0.0.1:{port}", token_file: token}}
-        instances:
-          one: {{command: ["sleep", "300"]}}
+    manifest, port = with_tcp_listener(
+        tmp_path,
+        token,
         """
+      one: {command: ["sleep", "300"]}
+        """,
     )
+    service(manifest)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as tcp:
         assert tcp.get("/").status_code == 401
         assert tcp.get("/", params={"token": "wrong"}).status_code == 401

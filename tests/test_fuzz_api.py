@@ -30,8 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
-from .service_fixture import ServiceProcess
-from .test_api import _free_port
+from .service_fixture import ServiceProcess, with_tcp_listener
 
 schemathesis = pytest.importorskip("schemathesis")
 from schemathesis import GenerationMode  # noqa: E402
@@ -75,26 +74,22 @@ def _fuzzable(document: dict[str, Any]) -> dict[str, Any]:
 
 def test_fuzz_the_live_api_finds_no_server_error(service: Start, tmp_path: Path) -> None:
     token = "fuzz-token"
-    (tmp_path / "token").write_text(token)
-    (tmp_path / "token").chmod(0o600)
-    port = _free_port()
-    svc = service(
-        f"""
-        version: 1
-        supervisor:
-          control: {{tcp: "127.0.0.1:{port}", token_file: token}}
-        instances:
-          web:
-            command: ["sh", "-c", "echo serving; exec sleep 300"]
-            replicas: 2
-            restart: {{min_uptime: 0}}
-            stop: {{timeout: 1}}
-          job:
-            command: ["true"]
-            restart: {{policy: "no", min_uptime: 0}}
-            stop: {{timeout: 1}}
+    manifest, port = with_tcp_listener(
+        tmp_path,
+        token,
         """
+      web:
+        command: ["sh", "-c", "echo serving; exec sleep 300"]
+        replicas: 2
+        restart: {min_uptime: 0}
+        stop: {timeout: 1}
+      job:
+        command: ["true"]
+        restart: {policy: "no", min_uptime: 0}
+        stop: {timeout: 1}
+        """,
     )
+    svc = service(manifest)
     base = f"http://127.0.0.1:{port}"
     headers = {"Authorization": f"Bearer {token}"}
     document = httpx.get(f"{base}/openapi.json", headers=headers, timeout=10).json()

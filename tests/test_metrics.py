@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.events import State
 
-from .service_fixture import ServiceProcess
-from .test_api import _free_port, http
+from .service_fixture import ServiceProcess, with_tcp_listener
+from .test_api import http
 
 Start = Callable[..., ServiceProcess]
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -107,18 +107,14 @@ def test_metrics_follow_a_restart(service: Start) -> None:
 
 
 def test_metrics_on_tcp_want_the_token(service: Start, tmp_path: Path) -> None:
-    (tmp_path / "token").write_text("metrics-token")
-    (tmp_path / "token").chmod(0o600)
-    port = _free_port()
-    service(
-        f"""
-        version: 1
-        supervisor:
-          control: {{tcp: "127.0.0.1:{port}", token_file: token}}
-        instances:
-          one: {{command: ["sleep", "300"]}}
+    manifest, port = with_tcp_listener(
+        tmp_path,
+        "metrics-token",
         """
+      one: {command: ["sleep", "300"]}
+        """,
     )
+    service(manifest)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as tcp:
         assert tcp.get("/metrics").status_code == 401
         answer = tcp.get("/metrics", headers={"Authorization": "Bearer metrics-token"})

@@ -22,6 +22,7 @@ from supervisor.events import State
 from supervisor.probes import ExecContext, ProbeFailed, probe_once
 
 from .helpers import manifest_from, running
+from .service_fixture import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -43,12 +44,6 @@ while True:
 
 def _to(state: State, name: str):  # type: ignore[no-untyped-def]
     return lambda e: e.to_state is state and e.instance == name
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _notify_program(tmp_path: Path) -> Path:
@@ -185,7 +180,7 @@ async def test_a_log_line_makes_it_ready(tmp_path: Path) -> None:
 
 
 async def test_a_probe_that_never_passes_backs_off_with_its_error(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     manifest = manifest_from(
         f"""
         version: 1

@@ -72,6 +72,7 @@ def test_reload_adds_removes_replaces_and_keeps(service: Start, tmp_path: Path) 
         "removed": ["gone"],
         "changed": ["change"],
         "unchanged": ["keep", "web-0", "web-1"],
+        "rescaled": [],
     }
     svc.wait_for(["new", "web-2", "change"], "running")
     after = pids(svc)

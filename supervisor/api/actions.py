@@ -16,6 +16,7 @@ from anyio.abc import TaskGroup
 from fastapi.responses import JSONResponse, Response
 
 from ..events import State
+from ..graph import first_of
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager
 from .models import ActionRequest
@@ -120,7 +121,7 @@ class Actions:
         self.background.start_soon(run)
         with anyio.move_on_after(timeout):
             if not body.wait:
-                await _first(done.wait, lambda: instance.wait_for(set(State) - {before}))
+                await first_of([done.wait, lambda: instance.wait_for(set(State) - {before})])
                 return result(instance, not refused, refused[0] if refused else None)
             await done.wait()
             if refused:
@@ -142,16 +143,3 @@ class Actions:
             and status.exit_code in instance.config.restart.success_codes
         )
         return result(instance, succeeded, None if succeeded else status.reason or str(state))
-
-
-async def _first(*waits: Callable[[], Awaitable[Any]]) -> None:
-    """Return as soon as one of ``waits`` is done; the others are cancelled."""
-    async with anyio.create_task_group() as tg:
-
-        async def one(wait: Callable[[], Awaitable[Any]]) -> None:
-            await wait()
-            tg.cancel_scope.cancel()
-
-        for wait in waits:
-            tg.start_soon(one, wait)
-
