@@ -100,6 +100,11 @@ class Service:
         assert source is not None
         # In a worker thread: reading even a bounded manifest takes a moment the loop must not lose.
         manifest = await anyio.to_thread.run_sync(load_manifest, source)
+        if manifest.state_dir != self.manifest.state_dir:
+            try:  # the new folder gets the checks the first one got at start-up
+                prepare_state_dir(manifest.state_dir)
+            except StateDirError as exc:
+                raise ApplyError(f"{exc}; nothing was changed") from None
         report = await self.manager.apply(manifest)
         old, self.manifest = self.manifest, manifest
         control = (manifest.control_socket, manifest.supervisor.control)

@@ -189,3 +189,19 @@ def test_a_log_folder_that_cannot_be_made_fails_that_instance_only(
     reason = svc.status("a")["a"]["reason"]
     assert "cannot create the log folder" in reason, reason
     assert svc.client().health()["ok"]
+
+
+def test_a_reload_to_a_state_dir_others_can_write_changes_nothing(service: Start, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, f"version: 1\ninstances: {{a: {SLEEPER}}}\n")
+    svc = service(manifest)
+    svc.wait_for(["a"], "running")
+    pid = svc.status()["a"]["pid"]
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    write_manifest(tmp_path, f"version: 1\nsupervisor: {{state_dir: shared}}\ninstances: {{a: {SLEEPER}}}\n")
+    done = svc.cli("reload")
+    assert done.returncode == 1, done.stdout
+    assert f"state_dir {shared} is writable by" in done.stderr and "nothing was changed" in done.stderr
+    assert svc.status()["a"]["pid"] == pid
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o777 and list(shared.iterdir()) == []
