@@ -14,6 +14,7 @@ leaves against ARCHITECTURE.md's table and publishes the event.
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import time
@@ -34,9 +35,12 @@ from .probes import ExecContext
 from .process import Child, ExitStatus, SpawnError, spawn
 from .stdio import LogPipe, Stdio, StdioError
 
+log = logging.getLogger("supervisor.instance")
+
 _ALLOWED: dict[State, frozenset[State]] = {
     State.STOPPED: frozenset({State.WAITING, State.STARTING}),
-    State.WAITING: frozenset({State.STARTING, State.STOPPED}),
+    # waiting -> failed: only for a fault in the supervision itself (see _give_up).
+    State.WAITING: frozenset({State.STARTING, State.STOPPED, State.FAILED}),
     # A one-shot job that ends with a success code before min_uptime is done, not a failed
     # start: starting -> exited (an addition to ARCHITECTURE.md's table, see docs/guide.md).
     State.STARTING: frozenset({State.RUNNING, State.BACKOFF, State.STOPPING, State.EXITED}),
@@ -427,10 +431,24 @@ class Instance:
                     why = await self._run_once(announce)
                     if why is None or not await self._back_off(why):
                         return
+        except Exception as exc:  # a fault of ours, not the program's: this instance fails, not the service
+            log.exception("%s: unexpected error in its supervision", self.name)
+            with anyio.CancelScope(shield=True):
+                await self._give_up(f"unexpected error in its supervision: {_first_cause(exc)}")
         finally:
             self._loop_scope = self._loop_done = None
             done.set()
             announce()
+
+    async def _give_up(self, reason: str) -> None:
+        """Kill what runs and end in ``failed``: nothing is retried after a fault of ours."""
+        await self._kill_now()
+        if self._state in (State.STARTING, State.RUNNING):
+            self._transition(State.BACKOFF, reason=reason, exit=self._last_exit)
+        if self._state in (State.BACKOFF, State.WAITING):
+            self._transition(State.FAILED, reason=reason)
+        else:
+            self._reason = reason
 
     async def _wait_for_dependencies(self, announce: Callable[[], None]) -> None:
         """Stay ``waiting`` until every dependency meets its condition; nothing polls."""
@@ -587,3 +605,9 @@ def _describe(spec: Any) -> str:
     path = getattr(spec, "path", "")
     return f"{kind}:{path}" if path else kind
 
+
+def _first_cause(exc: BaseException) -> str:
+    """``RuntimeError: …`` for a person, not the exception group a task group wrapped it in."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from supervisor.events import State
-from supervisor.instance import InvalidRequest
+from supervisor.instance import Instance, InvalidRequest
 from supervisor.process import raise_fd_limit
 
 from .helpers import manifest_from, pid_alive, running, wait_for_output, wait_gone
@@ -404,3 +404,42 @@ async def test_requests_queued_behind_a_shutdown_do_not_start_anything(tmp_path:
         assert [e.to_state for e in events.of("slow")].count(State.STARTING) == 1
         stopped = await events.wait_for(_to(State.STOPPED, "slow"))
         assert stopped.reason == "the service is shutting down"
+
+
+async def test_a_fault_in_one_instances_supervision_fails_that_instance_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug of ours in one instance's loop (injected here: no program can cause one on purpose)
+    ends that instance in `failed`, kills its program, and leaves the others and the manager be."""
+    manifest = manifest_from(
+        """
+        version: 1
+        instances:
+          faulty: {command: ["sleep", "60"], restart: {min_uptime: 0}, autostart: false}
+          healthy: {command: ["sleep", "60"], restart: {min_uptime: 0}}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        await events.wait_for(_to(State.RUNNING, "healthy"))
+        healthy_pid = manager.instances["healthy"].pid
+        original = Instance._exec_context
+
+        def broken(self: Instance) -> object:
+            if self.name == "faulty":
+                raise RuntimeError("injected fault")
+            return original(self)
+
+        monkeypatch.setattr(Instance, "_exec_context", broken)
+        await manager.instances["faulty"].start()
+        failed = await events.wait_for(_to(State.FAILED, "faulty"))
+        assert failed.reason == "unexpected error in its supervision: RuntimeError: injected fault"
+        spawned = next(e for e in events.of("faulty") if e.to_state is State.STARTING)
+        assert spawned.pid is not None and not pid_alive(spawned.pid)
+        assert "faulty: unexpected error in its supervision" in caplog.text
+        assert "Traceback" in caplog.text or "injected fault" in caplog.text
+        assert manager.instances["healthy"].pid == healthy_pid
+        # Started by hand again (the fault gone), it runs.
+        monkeypatch.setattr(Instance, "_exec_context", original)
+        await manager.instances["faulty"].start()
+        await events.until(lambda: manager.instances["faulty"].state is State.RUNNING)
