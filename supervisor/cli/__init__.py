@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .api.client import Client
+    from ..api.client import Client
 
 DEFAULT_MANIFEST = "supervisor.yaml"
 SOCKET_ENV = "SUPERVISOR_SOCKET"
@@ -40,11 +40,11 @@ def _manifest_arg(parser: argparse.ArgumentParser) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.detach:
-        from .detach import start_detached
+        from ..detach import start_detached
 
         options = {"log_file": args.log_file, "pidfile": args.pidfile, "backend": args.backend}
         return start_detached(args.file, timeout=args.timeout, table=format_status, **options)
-    from .service import run_service
+    from ..service import run_service
 
     return run_service(
         args.file, log_file=args.log_file, backend=args.backend, pidfile=args.pidfile, ready_fd=args.ready_fd
@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .config import ManifestError, load_manifest
+    from ..config import ManifestError, load_manifest
 
     try:
         manifest = load_manifest(args.file)
@@ -67,8 +67,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from .config import ManifestError, load_manifest
-    from .config.dependencies import render_dot, render_text
+    from ..config import ManifestError, load_manifest
+    from ..config.dependencies import render_dot, render_text
 
     try:
         manifest = load_manifest(args.file)
@@ -82,7 +82,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     import json
 
-    from .config import Manifest
+    from ..config import Manifest
 
     schema = Manifest.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
@@ -108,7 +108,7 @@ def _address(args: argparse.Namespace) -> str:
         return str(args.socket)
     if os.environ.get(SOCKET_ENV):
         return os.environ[SOCKET_ENV]
-    from .api.client import socket_from_manifest
+    from ..api.client import socket_from_manifest
 
     try:
         return str(socket_from_manifest(args.file))
@@ -127,7 +127,7 @@ def _control(command: ControlCommand, check: Callable[[argparse.Namespace], None
     """
 
     def run(args: argparse.Namespace) -> int:
-        from .api.client import APIError, Client, ClientError, ServiceUnavailable
+        from ..api.client import APIError, Client, ClientError, ServiceUnavailable
 
         try:
             if check is not None:
@@ -277,7 +277,7 @@ _DOING = {"start": "starting", "stop": "stopping", "restart": "restarting"}
 def cmd_action(args: argparse.Namespace, client: Client) -> int:
     from contextlib import nullcontext
 
-    from .progress import progress, targets_for
+    from ..progress import progress, targets_for
 
     names, every = _selection(args)
     targets, initial = targets_for(args.command)
@@ -305,7 +305,7 @@ def cmd_wait(args: argparse.Namespace, client: Client) -> int:
     unknown = [state for state in states if state not in STATES]
     if unknown or not states:
         raise _Failure(f"--state: {', '.join(unknown) or 'nothing'}: expected one of {', '.join(STATES)}", 2)
-    from .progress import progress
+    from ..progress import progress
 
     with progress(client, "waiting", names, every=every, targets=states, count_initial=True):
         answer = client.wait(names, states, all=every, timeout=args.timeout)
@@ -335,7 +335,7 @@ def _log_sources(args: argparse.Namespace, client: Client, stream: str) -> tuple
     names: list[str] = list(args.names)
     single = len(names) == 1 and not _GLOB.search(names[0])
     if single:
-        from .api.client import APIError
+        from ..api.client import APIError
 
         try:
             client.instance(names[0])
@@ -440,7 +440,7 @@ def cmd_shutdown(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_dashboard(args: argparse.Namespace, client: Client) -> int:
     """Serve the page until ^C; the URL's token lets in the first browser that opens it, only."""
-    from .api.proxy import DashboardProxy
+    from ..api.proxy import DashboardProxy
 
     client.health()  # a clear error now, not a broken page later
     try:
@@ -590,8 +590,8 @@ def _print_notes(notes: Sequence[Any]) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .convert import ConvertError
-    from .convert.importer import import_file
+    from ..convert import ConvertError
+    from ..convert.importer import import_file
 
     output = args.output or Path(DEFAULT_MANIFEST)
     try:
@@ -623,19 +623,19 @@ def _systemd_version() -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .convert import ConvertError, read_source
-    from .convert.exportbase import default_name
+    from ..convert import ConvertError, read_source
+    from ..convert.exportbase import default_name
 
     name = args.name or default_name(args.file)
     try:
         text = read_source(args.file)
         if args.target == "systemd":
-            from .convert import systemd
+            from ..convert import systemd
 
             version = args.systemd_version or _systemd_version()
             result = systemd.export(text, args.file, name=name, version=version)
         else:
-            from .convert import kubernetes
+            from ..convert import kubernetes
 
             if not args.image:
                 raise ConvertError("--image", None, "kubernetes needs the container image: --image NAME:TAG")
@@ -678,7 +678,7 @@ def add_convert_commands(sub: Any) -> None:
 
 
 def cmd_completion(args: argparse.Namespace) -> int:
-    from .completion import script
+    from ..completion import script
 
     print(script(args.shell, build_parser(), STATES), end="")
     return 0
@@ -686,7 +686,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 def cmd_names(args: argparse.Namespace) -> int:
     """Instance names for the completion scripts: one a line; nothing (and 0) when no service answers."""
-    from .api.client import Client, ClientError
+    from ..api.client import Client, ClientError
 
     try:
         statuses = Client(_address(args), token=os.environ.get(TOKEN_ENV), timeout=2).status()
