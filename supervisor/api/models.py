@@ -3,7 +3,8 @@
 These are the server's contract and the source of its OpenAPI document. The
 CLI does not import them (pydantic costs tens of milliseconds at start-up):
 it reads the same JSON as plain dicts, so a field renamed here must be
-renamed in ``cli.py`` too. The tests check both ends against each other.
+renamed in ``supervisor/cli/`` (``status.py``, ``control.py``) too. The tests
+check both ends against each other.
 """
 
 from __future__ import annotations

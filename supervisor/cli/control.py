@@ -1,8 +1,7 @@
-"""The ``supervisor`` command: a thin layer over the manifest loader, the service and the API client.
+"""The commands that talk to the running service over its control socket.
 
-Start-up time matters (``supervisor status`` is typed by hand and run by
-scripts in loops), so this module imports only the standard library at the
-top; each command imports what it needs when it runs.
+Each is a request or two through ``supervisor.api.client`` (standard library only), imported
+when the command runs; ``_control`` turns the client's errors into one line and an exit status.
 """
 
 from __future__ import annotations
@@ -11,87 +10,27 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .args import (
+    DEFAULT_MANIFEST,
+    SOCKET_ENV,
+    STATES,
+    TOKEN_ENV,
+    Command,
+    ControlCommand,
+    _control_args,
+    _duration,
+    _json_arg,
+    _selection_args,
+)
+from .status import format_status
+
 if TYPE_CHECKING:
-    from .api.client import Client
+    from collections.abc import Callable
 
-DEFAULT_MANIFEST = "supervisor.yaml"
-SOCKET_ENV = "SUPERVISOR_SOCKET"
-TOKEN_ENV = "SUPERVISOR_TOKEN"
-
-Command = Callable[[argparse.Namespace], int]
-ControlCommand = Callable[[argparse.Namespace, "Client"], int]
-
-STATES = ("stopped", "waiting", "starting", "running", "backoff", "stopping", "exited", "failed", "ready")
-
-
-def _manifest_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "-f",
-        "--file",
-        type=Path,
-        default=Path(DEFAULT_MANIFEST),
-        help=f"the manifest (default: {DEFAULT_MANIFEST} in the current folder)",
-    )
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    if args.detach:
-        from .detach import start_detached
-
-        options = {"log_file": args.log_file, "pidfile": args.pidfile, "backend": args.backend}
-        return start_detached(args.file, timeout=args.timeout, table=format_status, **options)
-    from .service import run_service
-
-    return run_service(
-        args.file, log_file=args.log_file, backend=args.backend, pidfile=args.pidfile, ready_fd=args.ready_fd
-    )
-
-
-def cmd_validate(args: argparse.Namespace) -> int:
-    from .config import ManifestError, load_manifest
-
-    try:
-        manifest = load_manifest(args.file)
-    except ManifestError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    count = len(manifest.instances)
-    replicas = sum(c.replicas for c in manifest.instances.values())
-    extra = f" ({replicas} replicas)" if replicas != count else ""
-    print(f"ok: {count} instance{'s' if count != 1 else ''}{extra}")
-    return 0
-
-
-def cmd_graph(args: argparse.Namespace) -> int:
-    from .config import ManifestError, load_manifest
-    from .config.dependencies import render_dot, render_text
-
-    try:
-        manifest = load_manifest(args.file)
-    except ManifestError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    print(render_dot(manifest) if args.dot else render_text(manifest))
-    return 0
-
-
-def cmd_schema(args: argparse.Namespace) -> int:
-    import json
-
-    from .config import Manifest
-
-    schema = Manifest.model_json_schema()
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["title"] = "supervisor manifest"
-    print(json.dumps(schema, indent=2))
-    return 0
-
-
-# -- the control commands: each one a request or two to the running service -------------------------
+    from ..api.client import Client
 
 
 class _Failure(Exception):
@@ -108,7 +47,7 @@ def _address(args: argparse.Namespace) -> str:
         return str(args.socket)
     if os.environ.get(SOCKET_ENV):
         return os.environ[SOCKET_ENV]
-    from .api.client import socket_from_manifest
+    from ..api.client import socket_from_manifest
 
     try:
         return str(socket_from_manifest(args.file))
@@ -127,7 +66,7 @@ def _control(command: ControlCommand, check: Callable[[argparse.Namespace], None
     """
 
     def run(args: argparse.Namespace) -> int:
-        from .api.client import APIError, Client, ClientError, ServiceUnavailable
+        from ..api.client import APIError, Client, ClientError, ServiceUnavailable
 
         try:
             if check is not None:
@@ -159,85 +98,6 @@ def _print_json(data: Any) -> None:
     import json
 
     print(json.dumps(data, indent=2))
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def _duration(text: str) -> float:
-    """Seconds from ``30``, ``30s``, ``500ms``, ``2m``, ``1h30m`` (as the manifest writes durations)."""
-    value = text.strip().lower()
-    if re.fullmatch(r"\d+(?:\.\d+)?", value):
-        return float(value)
-    parts = _DURATION.findall(value)
-    if not parts or "".join(n + u for n, u in parts) != value:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: write it like 30, 30s, 500ms or 2m")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
-
-
-def _uptime(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    whole = int(seconds)
-    days, rest = divmod(whole, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    clock = f"{hours}:{minutes:02d}:{secs:02d}"
-    return f"{days}d {clock}" if days else clock
-
-
-def _info(status: dict[str, Any]) -> str:
-    """What the table's last column says: why the instance is where it is (nothing when it runs)."""
-    if status["reason"]:
-        return str(status["reason"])
-    if status["state"] in ("starting", "running"):
-        return str(status.get("status_text") or "")
-    if status["exit_signal"]:
-        return f"last exit: killed by {status['exit_signal']}"
-    if status["exit_code"] is not None:
-        return f"last exit: code {status['exit_code']}"
-    return ""
-
-
-def _cpu(status: dict[str, Any]) -> str:
-    percent = status.get("cpu_percent")
-    return "-" if percent is None else f"{percent:.1f}%"
-
-
-def _mem(status: dict[str, Any]) -> str:
-    """Resident memory in binary units, as ``ps`` and ``top`` count them (K, M, G of 1024)."""
-    if status.get("rss_bytes") is None:
-        return "-"
-    size, unit = float(status["rss_bytes"]), 0
-    while size >= 1024 and unit < 3:
-        size, unit = size / 1024, unit + 1
-    return f"{size:.0f}{'BKMG'[unit]}" if unit == 0 or size >= 100 else f"{size:.1f}{'BKMG'[unit]}"
-
-
-def format_status(statuses: list[dict[str, Any]]) -> str:
-    """The ``supervisor status`` table: name, state, readiness, pid, uptime, restarts, CPU, memory, why."""
-    header = ("NAME", "STATE", "READY", "PID", "UPTIME", "RESTARTS", "CPU", "MEM", "INFO")
-    rows = [
-        (
-            s["name"],
-            s["state"],
-            {True: "yes", False: "no"}.get(s.get("ready"), "-"),  # type: ignore[arg-type]
-            str(s["pid"]) if s["pid"] is not None else "-",
-            _uptime(s["uptime_s"]),
-            str(s["restarts"]),
-            _cpu(s),
-            _mem(s),
-            _info(s),
-        )
-        for s in statuses
-    ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    for row in [header, *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines)
 
 
 def cmd_status(args: argparse.Namespace, client: Client) -> int:
@@ -277,7 +137,7 @@ _DOING = {"start": "starting", "stop": "stopping", "restart": "restarting"}
 def cmd_action(args: argparse.Namespace, client: Client) -> int:
     from contextlib import nullcontext
 
-    from .progress import progress, targets_for
+    from ..progress import progress, targets_for
 
     names, every = _selection(args)
     targets, initial = targets_for(args.command)
@@ -305,7 +165,7 @@ def cmd_wait(args: argparse.Namespace, client: Client) -> int:
     unknown = [state for state in states if state not in STATES]
     if unknown or not states:
         raise _Failure(f"--state: {', '.join(unknown) or 'nothing'}: expected one of {', '.join(STATES)}", 2)
-    from .progress import progress
+    from ..progress import progress
 
     with progress(client, "waiting", names, every=every, targets=states, count_initial=True):
         answer = client.wait(names, states, all=every, timeout=args.timeout)
@@ -335,7 +195,7 @@ def _log_sources(args: argparse.Namespace, client: Client, stream: str) -> tuple
     names: list[str] = list(args.names)
     single = len(names) == 1 and not _GLOB.search(names[0])
     if single:
-        from .api.client import APIError
+        from ..api.client import APIError
 
         try:
             client.instance(names[0])
@@ -440,7 +300,7 @@ def cmd_shutdown(args: argparse.Namespace, client: Client) -> int:
 
 def cmd_dashboard(args: argparse.Namespace, client: Client) -> int:
     """Serve the page until ^C; the URL's token lets in the first browser that opens it, only."""
-    from .api.proxy import DashboardProxy
+    from ..api.proxy import DashboardProxy
 
     client.health()  # a clear error now, not a broken page later
     try:
@@ -472,25 +332,6 @@ class _FollowOrFile(argparse.Action):
         else:
             namespace.file = Path(values)
             namespace.file_from_f = True
-
-
-def _control_args(parser: argparse.ArgumentParser, *, file_flag: bool = True) -> None:
-    parser.add_argument(
-        "-s",
-        "--socket",
-        help=f"the service's control socket (default: ${SOCKET_ENV}, else the manifest's)",
-    )
-    if file_flag:
-        _manifest_arg(parser)
-
-
-def _selection_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("names", nargs="*", metavar="NAME", help="instance, manifest name or glob ('web-*')")
-    parser.add_argument("--all", action="store_true", help="every instance")
-
-
-def _json_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the API's JSON answer")
 
 
 def add_control_commands(sub: Any) -> None:
@@ -579,187 +420,3 @@ def add_control_commands(sub: Any) -> None:
     dashboard.add_argument("--port", type=int, default=0, help="the port (default: any free one)")
     _control_args(dashboard)
     dashboard.set_defaults(func=_control(cmd_dashboard))
-
-
-# -- import and export: conversions to and from other tools (supervisor.convert, loaded lazily) ----
-
-
-def _print_notes(notes: Sequence[Any]) -> None:
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
-
-
-def cmd_import(args: argparse.Namespace) -> int:
-    from .convert import ConvertError
-    from .convert.importer import import_file
-
-    output = args.output or Path(DEFAULT_MANIFEST)
-    try:
-        result = import_file(args.source, output.absolute(), args.format)
-    except ConvertError as exc:
-        print(f"supervisor: {exc}", file=sys.stderr)
-        return 1
-    _print_notes(result.notes)
-    if args.output is None:
-        sys.stdout.write(result.text)
-        return 0
-    if args.output.exists() and not args.force:
-        print(f"supervisor: {args.output} exists; give --force to replace it", file=sys.stderr)
-        return 1
-    args.output.write_text(result.text)
-    print(f"wrote {args.output} ({len(result.notes)} notes)", file=sys.stderr)
-    return 0
-
-
-def _systemd_version() -> int:
-    """The local systemd's version (the units' features depend on it); 254 where there is none."""
-    import subprocess
-
-    try:
-        out = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, timeout=10).stdout
-        return int(out.split()[1])
-    except (OSError, subprocess.SubprocessError, IndexError, ValueError):
-        return 254
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .convert import ConvertError, read_source
-    from .convert.exportbase import default_name
-
-    name = args.name or default_name(args.file)
-    try:
-        text = read_source(args.file)
-        if args.target == "systemd":
-            from .convert import systemd
-
-            version = args.systemd_version or _systemd_version()
-            result = systemd.export(text, args.file, name=name, version=version)
-        else:
-            from .convert import kubernetes
-
-            if not args.image:
-                raise ConvertError("--image", None, "kubernetes needs the container image: --image NAME:TAG")
-            result = kubernetes.export(
-                text, args.file, name=name, image=args.image, wait_image=args.wait_image
-            )
-    except ConvertError as exc:
-        print(f"supervisor: {exc}", file=sys.stderr)
-        return 1
-    _print_notes(result.notes)
-    folder = args.output_dir or Path(args.target)
-    folder.mkdir(parents=True, exist_ok=True)
-    for file_name, content in result.files.items():
-        (folder / file_name).write_text(content)
-    print(f"wrote {len(result.files)} files to {folder} ({len(result.notes)} notes)", file=sys.stderr)
-    return 0
-
-
-def add_convert_commands(sub: Any) -> None:
-    imp = sub.add_parser("import", help="convert a supervisord config, a Procfile or a process-compose file")
-    imp.add_argument("source", type=Path, metavar="FILE")
-    formats = ["supervisord", "procfile", "process-compose"]
-    imp.add_argument("--format", choices=formats, help="default: from the file's name, else its content")
-    imp.add_argument("-o", "--output", type=Path, help="write the manifest here (default: stdout)")
-    imp.add_argument("--force", action="store_true", help="replace an existing output file")
-    imp.set_defaults(func=cmd_import)
-
-    exp = sub.add_parser("export", help="write systemd units or Kubernetes objects for the manifest")
-    exp.add_argument("target", choices=["systemd", "kubernetes"])
-    _manifest_arg(exp)
-    exp.add_argument("-o", "--output-dir", type=Path, help="the folder to write to (default: ./TARGET)")
-    exp.add_argument("--name", help="unit prefix and target / part-of label (default: the manifest's folder)")
-    exp.add_argument("--image", help="kubernetes: the container image (required)")
-    exp.add_argument("--wait-image", default="busybox:1.36", help="kubernetes: the wait-for image")
-    exp.add_argument("--systemd-version", type=int, help="systemd: its version (default: local)")
-    exp.set_defaults(func=cmd_export)
-
-
-# -- shell completion ------------------------------------------------------------------------------
-
-
-def cmd_completion(args: argparse.Namespace) -> int:
-    from .completion import script
-
-    print(script(args.shell, build_parser(), STATES), end="")
-    return 0
-
-
-def cmd_names(args: argparse.Namespace) -> int:
-    """Instance names for the completion scripts: one a line; nothing (and 0) when no service answers."""
-    from .api.client import Client, ClientError
-
-    try:
-        statuses = Client(_address(args), token=os.environ.get(TOKEN_ENV), timeout=2).status()
-    except (ClientError, _Failure, OSError, ValueError):
-        return 0
-    print("\n".join(str(s["name"]) for s in statuses if isinstance(s, dict) and "name" in s))
-    return 0
-
-
-def add_completion_commands(sub: Any) -> None:
-    completion = sub.add_parser("completion", help="print a shell completion script (bash, zsh, fish)")
-    completion.add_argument("shell", choices=["bash", "zsh", "fish"], metavar="SHELL", help="bash, zsh, fish")
-    completion.set_defaults(func=cmd_completion)
-    names = sub.add_parser("_names")  # no help: hidden; the completion scripts' source of names
-    _control_args(names)
-    names.set_defaults(func=cmd_names)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="supervisor", description="An async multi-instance process supervisor."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser("run", help="run the manifest's instances (in the foreground, or -d)")
-    _manifest_arg(run)
-    run.add_argument(
-        "-d",
-        "--detach",
-        action="store_true",
-        help="start in the background; return once the instances are up, and show them",
-    )
-    run.add_argument(
-        "--log-file", type=Path, help="the service's own log (default: stderr; -d: <state_dir>/service.log)"
-    )
-    run.add_argument("--pidfile", type=Path, help="write the service's pid here (removed when it ends)")
-    run.add_argument(
-        "--timeout", type=_duration, default=60.0, help="-d: give up waiting after this (default 60s)"
-    )
-    run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    run.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio", help=argparse.SUPPRESS)
-    run.set_defaults(func=cmd_run)
-
-    validate = sub.add_parser("validate", help="check a manifest and list every problem")
-    _manifest_arg(validate)
-    validate.set_defaults(func=cmd_validate)
-
-    graph = sub.add_parser("graph", help="print the dependency graph, in start order (or --dot)")
-    _manifest_arg(graph)
-    graph.add_argument("--dot", action="store_true", help="Graphviz's dot language")
-    graph.set_defaults(func=cmd_graph)
-
-    schema = sub.add_parser("schema", help="print the manifest's JSON Schema")
-    schema.set_defaults(func=cmd_schema)
-
-    add_control_commands(sub)
-    add_convert_commands(sub)
-    add_completion_commands(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        # `supervisor logs -f | head`: the reader went away; that is not an error.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

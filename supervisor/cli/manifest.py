@@ -1,0 +1,101 @@
+"""The commands that read the manifest file itself: run, validate, graph, schema.
+
+``run`` loads the service (anyio, pydantic) and the others the config models: each only
+when it runs, never at import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .args import _duration, _manifest_arg
+from .status import format_status
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.detach:
+        from ..detach import start_detached
+
+        options = {"log_file": args.log_file, "pidfile": args.pidfile, "backend": args.backend}
+        return start_detached(args.file, timeout=args.timeout, table=format_status, **options)
+    from ..service import run_service
+
+    return run_service(
+        args.file, log_file=args.log_file, backend=args.backend, pidfile=args.pidfile, ready_fd=args.ready_fd
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from ..config import ManifestError, load_manifest
+
+    try:
+        manifest = load_manifest(args.file)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    count = len(manifest.instances)
+    replicas = sum(c.replicas for c in manifest.instances.values())
+    extra = f" ({replicas} replicas)" if replicas != count else ""
+    print(f"ok: {count} instance{'s' if count != 1 else ''}{extra}")
+    return 0
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from ..config import ManifestError, load_manifest
+    from ..config.dependencies import render_dot, render_text
+
+    try:
+        manifest = load_manifest(args.file)
+    except ManifestError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(render_dot(manifest) if args.dot else render_text(manifest))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from ..config import Manifest
+
+    schema = Manifest.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "supervisor manifest"
+    print(json.dumps(schema, indent=2))
+    return 0
+
+
+def add_manifest_commands(sub: Any) -> None:
+    run = sub.add_parser("run", help="run the manifest's instances (in the foreground, or -d)")
+    _manifest_arg(run)
+    run.add_argument(
+        "-d",
+        "--detach",
+        action="store_true",
+        help="start in the background; return once the instances are up, and show them",
+    )
+    run.add_argument(
+        "--log-file", type=Path, help="the service's own log (default: stderr; -d: <state_dir>/service.log)"
+    )
+    run.add_argument("--pidfile", type=Path, help="write the service's pid here (removed when it ends)")
+    run.add_argument(
+        "--timeout", type=_duration, default=60.0, help="-d: give up waiting after this (default 60s)"
+    )
+    run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    run.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio", help=argparse.SUPPRESS)
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a manifest and list every problem")
+    _manifest_arg(validate)
+    validate.set_defaults(func=cmd_validate)
+
+    graph = sub.add_parser("graph", help="print the dependency graph, in start order (or --dot)")
+    _manifest_arg(graph)
+    graph.add_argument("--dot", action="store_true", help="Graphviz's dot language")
+    graph.set_defaults(func=cmd_graph)
+
+    schema = sub.add_parser("schema", help="print the manifest's JSON Schema")
+    schema.set_defaults(func=cmd_schema)
