@@ -321,3 +321,18 @@ COMMANDS = ["status", "start", "stop", "restart", "signal", "logs", "reload", "w
 def test_every_control_command_takes_socket_and_file(command: str) -> None:
     usage = ok(run(command, "--help")).stdout
     assert "--socket" in usage and "--file" in usage
+
+
+def test_the_socket_lookup_survives_a_hostile_manifest(tmp_path: Path) -> None:
+    """`-f FILE` reads two keys of FILE to find the socket: a bomb or a deep nest is not read whole."""
+    laughs = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("version: 1\n" + "\n".join(laughs) + "\nsupervisor: {control: {socket: nowhere.sock}}\n")
+    done = run("status", "-f", str(bomb))
+    assert done.returncode == 2 and "no service answers at" in done.stderr and "nowhere.sock" in done.stderr
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("version: 1\nsupervisor: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    done = run("status", "-f", str(deep))
+    assert done.returncode != 0 and "nested deeper than 64 levels" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

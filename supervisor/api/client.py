@@ -131,15 +131,8 @@ def socket_from_manifest(manifest: str | os.PathLike[str], environ: Mapping[str,
         # to import as the rest of `supervisor status` together.
         return base / ".supervisor" / "control.sock"
 
-    import yaml
-
-    try:
-        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{file}: not valid YAML ({exc})") from None
-    settings = data.get("supervisor") if isinstance(data, dict) else None
-    settings = settings if isinstance(settings, dict) else {}
-    control = settings.get("control")
+    settings = _scalars_at(file, text, "supervisor", ("state_dir", "control"))
+    control = settings.get("control") or {}
     control = control if isinstance(control, dict) else {}
     env = os.environ if environ is None else environ
 
@@ -152,6 +145,62 @@ def socket_from_manifest(manifest: str | os.PathLike[str], environ: Mapping[str,
     if control.get("socket"):
         return resolve(control["socket"], "")
     return state_dir / "control.sock"
+
+
+#: What the CLI reads of a manifest to find its socket; the service's loader has the full limits.
+_MANIFEST_MAX = 1024 * 1024
+_FLOW_DEPTH_MAX = 64
+
+
+def _scalars_at(file: Path, text: str, top: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """``text[top][key]`` for each key, walking the composed nodes without constructing anything.
+
+    A manifest is a person's file, but ``supervisor status -f FILE`` must not hang or
+    run out of memory on a hostile one: nodes are composed (an alias stays one shared
+    node, so a billion laughs costs nothing), only the few scalars wanted are read,
+    and the size and the flow nesting (which the C composer follows by recursion)
+    are bounded first.
+    """
+    if len(text) > _MANIFEST_MAX:
+        raise ValueError(f"{file}: larger than {_MANIFEST_MAX // 1024} KiB")
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    if deepest > _FLOW_DEPTH_MAX:
+        raise ValueError(f"{file}: nested deeper than {_FLOW_DEPTH_MAX} levels")
+
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{file}: not valid YAML ({exc})") from None
+
+    def child(node: Any, key: str) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value == key:
+                    return value
+        return None
+
+    def scalar(node: Any) -> str | None:
+        if not isinstance(node, yaml.ScalarNode) or node.tag.endswith(":null"):
+            return None
+        return str(node.value)
+
+    section = child(root, top)
+    found: dict[str, Any] = {}
+    for key in keys:
+        node = child(section, key)
+        if isinstance(node, yaml.MappingNode):
+            found[key] = {k.value: scalar(v) for k, v in node.value if isinstance(k, yaml.ScalarNode)}
+        else:
+            found[key] = scalar(node)
+    return found
 
 
 def _interpolate(text: str, environ: Mapping[str, str]) -> str:
