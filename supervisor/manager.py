@@ -84,7 +84,7 @@ class Manager:
         # Per manifest entry: set (and dropped) at the next transition of one of its replicas, or
         # when the set of instances changes. What waiting instances sleep on.
         self._group_events: dict[str, anyio.Event] = {}
-        self._scaled: dict[str, int] = {}  # entry -> its count in the manifest, while scale() rules
+        self._scaled: set[str] = set()  # entries whose replica count scale() set, until a reload
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -129,10 +129,8 @@ class Manager:
                     raise InvalidRequest(group, f"cannot scale to {count}: give 0 to {MAX_SCALE} replicas")
                 entries[group] = entries[group].model_copy(update={"replicas": count})
             manifest = self.manifest.model_copy(update={"instances": entries})
-            before = {group: self.manifest.instances[group].replicas for group in counts}
             report = await self._apply(manifest)
-            for group, count in before.items():
-                self._scaled.setdefault(group, count)
+            self._scaled.update(counts)
             return report
 
     async def _apply(self, manifest: Manifest) -> ReloadReport:
