@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .config import Manifest, ManifestError, load_manifest, parse_manifest
-    from .events import Dropped, EventBus, State, Transition
+    from .events import Dropped, EventBus, State, Transition, Update
     from .instance import Instance, InstanceStatus, InvalidRequest
-    from .manager import Manager, ReloadReport, UnknownInstance
+    from .manager import ApplyError, Manager, ReloadReport, UnknownInstance
 
 _EXPORTS = {
     "Manifest": "config",
@@ -24,15 +24,18 @@ _EXPORTS = {
     "EventBus": "events",
     "State": "events",
     "Transition": "events",
+    "Update": "events",
     "Instance": "instance",
     "InstanceStatus": "instance",
     "InvalidRequest": "instance",
     "Manager": "manager",
     "ReloadReport": "manager",
+    "ApplyError": "manager",
     "UnknownInstance": "manager",
 }
 
 __all__ = [
+    "ApplyError",
     "Dropped",
     "EventBus",
     "Instance",
@@ -45,6 +48,7 @@ __all__ = [
     "State",
     "Transition",
     "UnknownInstance",
+    "Update",
     "load_manifest",
     "parse_manifest",
 ]
