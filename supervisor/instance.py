@@ -26,12 +26,12 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from .config import InstanceConfig, LogSettings, ServiceSettings
+from .config import InstanceConfig, LogSettings, ServiceSettings, rlimit_pair
 from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription
 from .logs import LogFileError, LogSink
 from .probes import ExecContext
-from .process import Child, ExitStatus, SpawnError, spawn
+from .process import Child, ChildLimits, ExitStatus, SpawnError, spawn
 from .stdio import LogPipe, Stdio, StdioError
 
 _ALLOWED: dict[State, frozenset[State]] = {
@@ -570,6 +570,11 @@ class Instance:
                     group=config.group,
                     umask=config.umask,
                     kill_group_on_exit=config.stop.group,
+                    limits=ChildLimits(
+                        {name: rlimit_pair(value) for name, value in config.limits.rlimits().items()},
+                        config.limits.nice,
+                        config.limits.oom_score_adj,
+                    ),
                 )
         finally:
             stdio.close()
