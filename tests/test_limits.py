@@ -319,3 +319,38 @@ def test_allocate_program_really_allocates() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     pages = int(out.split()[-1])
     assert pages * os.sysconf("SC_PAGE_SIZE") > 100 << 20
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+@pytest.mark.parametrize(
+    ("limits", "said"),
+    [
+        (ChildLimits(oom_score_adj=-100), b"cannot set oom_score_adj to -100"),
+        (ChildLimits(nice=-5), b"renice"),
+    ],
+)
+async def test_a_privileged_limit_under_an_unprivileged_user_is_refused(
+    path_taken: str, limits: ChildLimits, said: bytes
+) -> None:
+    """Set as the instance's user: nobody may not lower its oom_score_adj or its nice value."""
+    if int(Path("/proc/self/oom_score_adj").read_text()) != 0 or os.getpriority(os.PRIO_PROCESS, 0) != 0:
+        pytest.skip("the test runs with a changed oom_score_adj or nice")
+    err_r, err_w = os.pipe()
+    try:
+        argv = ["sh", "-c", "echo the program ran >&2"]
+        child = spawn(argv, stdin=None, stdout=None, stderr=err_w, user="nobody", limits=limits)
+    except SpawnError:
+        assert path_taken == "preexec"
+    else:
+        os.close(err_w)
+        err_w = -1
+        status = await child.wait()
+        assert status.code == 125
+        with os.fdopen(err_r, "rb") as err:
+            said_by_the_gate = err.read()
+        assert said in said_by_the_gate and b"the program ran" not in said_by_the_gate
+        err_r = -1
+    finally:
+        for fd in (err_r, err_w):
+            if fd >= 0:
+                os.close(fd)
