@@ -7,16 +7,20 @@ launcher and its gate exec into), on the util-linux path and on the Python fallb
 from __future__ import annotations
 
 import os
+import re
 import resource
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import anyio
 import pytest
+import yaml
 
 from supervisor import process
 from supervisor.config import Limits, ManifestError, Problem, load_manifest
+from supervisor.convert import kubernetes, read_source, systemd
 from supervisor.events import State, Transition
 from supervisor.process import ChildLimits, SpawnError, spawn
 
@@ -354,3 +358,63 @@ async def test_a_privileged_limit_under_an_unprivileged_user_is_refused(
         for fd in (err_r, err_w):
             if fd >= 0:
                 os.close(fd)
+
+
+# -- export ---------------------------------------------------------------------------------------
+
+EXPORTED = """\
+version: 1
+instances:
+  worker:
+    command: /usr/bin/env true
+    limits:
+      memory: 256MB
+      nice: 5
+      oom_score_adj: 100
+      nofile: '1024:4096'
+      core: unlimited
+"""
+
+
+def test_systemd_export_carries_the_limits(tmp_path: Path) -> None:
+    source = tmp_path / "supervisor.yaml"
+    source.write_text(EXPORTED)
+    systemd_version = subprocess.run(["systemctl", "--version"], capture_output=True, text=True, check=True)
+    result = systemd.export(
+        read_source(source), source, name="jobs", version=int(systemd_version.stdout.split()[1])
+    )
+    unit = result.files["jobs-worker.service"]
+
+    def values(key: str) -> list[str]:
+        return re.findall(rf"^{key}=(.*)$", unit, re.MULTILINE)
+
+    assert values("Nice") == ["5"] and values("OOMScoreAdjust") == ["100"]
+    assert values("LimitNOFILE") == ["1024:4096"] and values("LimitCORE") == ["infinity:infinity"]
+    assert values("MemoryMax") == [str(256 * 1024**2)]
+    notes = "\n".join(map(str, result.notes))
+    assert "supervisor.yaml:6: worker.limits.memory: approximated" in notes
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing: `make test` installs Debian's systemd package")
+    units = tmp_path / "units"
+    units.mkdir()
+    for name, text in result.files.items():
+        (units / name).write_text(text)
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", *sorted(str(p) for p in units.iterdir())],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0 and not done.stdout and not done.stderr, done.stdout + done.stderr
+
+
+def test_kubernetes_export_caps_memory_and_says_what_it_drops(tmp_path: Path) -> None:
+    source = tmp_path / "supervisor.yaml"
+    source.write_text(EXPORTED)
+    result = kubernetes.export(read_source(source), source, name="jobs", image="busybox:1")
+    docs = [doc for text in result.files.values() for doc in yaml.safe_load_all(text)]
+    (deployment,) = [doc for doc in docs if doc["kind"] == "Deployment"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"] == {"limits": {"memory": str(256 * 1024**2)}}
+    notes = "\n".join(map(str, result.notes))
+    assert "worker.limits.memory: approximated" in notes
+    for key in ("nice", "oom_score_adj", "nofile", "core"):
+        assert f"worker.limits.{key}: dropped" in notes
