@@ -79,7 +79,8 @@ class Update:
 
     ``kind`` says which: ``ready`` (a readiness probe's outcome), ``alive`` (a
     liveness probe's), ``watchdog``, ``notify`` (an sd_notify STATUS= text or
-    state), ``waiting`` (what a waiting instance waits for now). Published only
+    state), ``waiting`` (what a waiting instance waits for now), ``memory`` (the
+    group's RSS stayed over ``limits.memory``: restarting). Published only
     when the outcome changes, so a probe that fails the same way every second
     is one event, not a flood.
     """

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 
 import anyio
+import anyio.to_thread
 
 from .config import InstanceConfig
 from .events import EventBus, Update
@@ -30,6 +31,7 @@ from .probes import (
     until_ready,
 )
 from .process import Child
+from .resources import ResourceSampler
 
 #: Stop the run's program (with this signal, or the stop signal when None), then SIGKILL.
 Kill = Callable[[str, int | None], Awaitable[None]]
@@ -120,13 +122,16 @@ class Health:
         config = self._config
         if config.ready is not None:
             self.ready = False
-        for kind in ("ready", "alive", "watchdog"):  # each run's first outcome is news
+        for kind in ("ready", "alive", "watchdog", "memory"):  # each run's first outcome is news
             self._outcomes.pop(kind, None)
         self._notified_ready = anyio.Event()
         self._watchdog_armed = anyio.Event()
         self._watchdog_trigger = False
         self._main_pid = None
         async with anyio.create_task_group() as tg:
+            limits = config.limits
+            if limits.memory is not None:
+                tg.start_soon(self._watch_memory, child, limits.memory, limits.memory_interval, kill)
             if self._notify is not None:
                 tg.start_soon(self._serve_notify, child)
                 if config.watchdog is not None:
@@ -168,6 +173,33 @@ class Health:
         why = self.last_check if self._outcomes.get("ready") is False else None
         reason = f"not ready after {check.start_timeout:g}s" + (f": {why}" if why else "")
         self.note("ready", False, reason)
+        await kill(reason, None)
+        await anyio.sleep_forever()
+
+    async def _watch_memory(self, child: Child, limit: int, interval: float, kill: Kill) -> None:
+        """Restart the run once its group's RSS stayed above ``limit`` for ``interval`` seconds.
+
+        Read five times per interval (at most once a second), so a short peak
+        between two readings below the limit is let through, as pm2 does. The
+        scan of /proc runs in a worker thread: with thousands of processes it
+        takes milliseconds the event loop owes to every other instance.
+        """
+        sampler = ResourceSampler(max_age=0.0)
+        period = min(interval / 5, 1.0)
+        above_since: float | None = None
+        while True:
+            figures = await anyio.to_thread.run_sync(sampler.figures, [child.pgid])
+            rss = figures[child.pgid].rss_bytes if child.pgid in figures else 0
+            now = anyio.current_time()
+            if rss <= limit:
+                above_since = None
+            elif above_since is None:
+                above_since = now
+            elif now - above_since >= interval:
+                break
+            await anyio.sleep(period)
+        reason = f"memory: RSS {_mib(rss)} over the limit {_mib(limit)} for {interval:g}s"
+        self.note("memory", False, reason)
         await kill(reason, None)
         await anyio.sleep_forever()
 
@@ -241,3 +273,7 @@ class Health:
         await kill(reason, self._config.watchdog_signal)
         await anyio.sleep_forever()
 
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f}MiB" if size >= 2**20 else f"{size}B"

@@ -27,12 +27,12 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
-from .config import InstanceConfig, LogSettings, ServiceSettings
+from .config import InstanceConfig, LogSettings, ServiceSettings, rlimit_pair
 from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription
 from .logs import LogFileError, LogSink
 from .probes import ExecContext
-from .process import Child, ExitStatus, SpawnError, spawn
+from .process import Child, ChildLimits, ExitStatus, SpawnError, spawn
 from .stdio import LogPipe, Stdio, StdioError
 
 log = logging.getLogger("supervisor.instance")
@@ -588,6 +588,11 @@ class Instance:
                     group=config.group,
                     umask=config.umask,
                     kill_group_on_exit=config.stop.group,
+                    limits=ChildLimits(
+                        {name: rlimit_pair(value) for name, value in config.limits.rlimits().items()},
+                        config.limits.nice,
+                        config.limits.oom_score_adj,
+                    ),
                 )
         finally:
             stdio.close()

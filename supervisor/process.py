@@ -52,10 +52,13 @@ from typing import Protocol
 
 import anyio
 
+from .child_limits import ChildLimits
+
 __all__ = [
     "USE_LAUNCHER",
     "USE_PIDFD",
     "Child",
+    "ChildLimits",
     "ExitStatus",
     "GroupWatch",
     "SpawnError",
@@ -309,6 +312,7 @@ def spawn(
     umask: int | None = None,
     parent_death_signal: int | None = signal.SIGKILL,
     kill_group_on_exit: bool = True,
+    limits: ChildLimits | None = None,
 ) -> Child:
     """Start ``argv`` in a new session with the given fds as its 0/1/2 (None: /dev/null).
 
@@ -321,6 +325,7 @@ def spawn(
 
     ``user`` alone also sets the user's primary group and, when the service runs as
     root, its supplementary groups: a child dropped to a user must not keep root's.
+    ``limits`` are set after that switch, as the user (child_limits.py).
     """
     argv = list(argv)
     if not argv:
@@ -328,7 +333,8 @@ def spawn(
     nofile = _inherited_nofile
     watch = _watch
     register = watch.fd if watch is not None and parent_death_signal is not None else None
-    launcher = _launcher(parent_death_signal, nofile, register, env)
+    limits = limits or ChildLimits()
+    launcher = _launcher(parent_death_signal, nofile, register, env, limits)
     try:
         uid, gid, groups = _credentials(user, group)
         if launcher:
@@ -346,7 +352,9 @@ def spawn(
             umask=-1 if umask is None else umask,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=None if launcher else _child_setup(os.getpid(), parent_death_signal, nofile, register),
+            preexec_fn=None
+            if launcher
+            else _child_setup(os.getpid(), parent_death_signal, nofile, register, limits),
         )
     except OSError as exc:
         raise SpawnError(argv, cwd, exc.errno, str(exc)) from exc
@@ -391,6 +399,7 @@ def _launcher(
     nofile: tuple[int, int] | None,
     register: int | None,
     env: Mapping[str, str] | None,
+    limits: ChildLimits,
 ) -> list[str]:
     """util-linux's ``prlimit`` and ``setpriv``, then the gate, to run before the program; or [].
 
@@ -400,9 +409,10 @@ def _launcher(
     against 0.5 ms. Two small programs exec'd in front of the command do the same
     work in C after a vfork, for a fraction of that (bench/spawn.py). Without them
     (no util-linux), ``_child_setup`` does it the slow way. The gate (``_gate``) adds
-    about 0.1 ms: one more exec, of the POSIX shell.
+    about 0.1 ms: one more exec, of the POSIX shell. A ``nice`` needs util-linux's
+    ``renice`` too.
     """
-    if (death_signal is None and nofile is None and register is None) or not USE_LAUNCHER:
+    if (death_signal is None and nofile is None and register is None and not limits) or not USE_LAUNCHER:
         return []
     global _tools
     if _tools is None:
@@ -411,32 +421,38 @@ def _launcher(
     if not _tools:
         return []
     setpriv, prlimit, sh = _tools
+    renice = shutil.which("renice") if limits.nice is not None else ""
+    if renice is None:
+        return []
     launcher: list[str] = []
-    if nofile is not None:
-        soft, hard = ("unlimited" if v == resource.RLIM_INFINITY else str(v) for v in nofile)
-        launcher += [prlimit, f"--nofile={soft}:{hard}", "--"]
+    rlimits = limits.prlimit_args(nofile)
+    if rlimits:
+        launcher += [prlimit, *rlimits, "--"]
     if death_signal is not None:
         launcher += [setpriv, f"--pdeathsig={signal.Signals(death_signal).name.removeprefix('SIG')}", "--"]
-    if death_signal is not None or register is not None:
+    gate_limits = limits.gate_lines(renice)
+    if death_signal is not None or register is not None or gate_limits:
         pwd = (env if env is not None else os.environ).get("PWD")
-        script = _gate(death_signal is not None, register, keep_pwd=pwd is not None)
+        script = _gate(death_signal is not None, register, keep_pwd=pwd is not None, limits=gate_limits)
         launcher += [sh, "-c", script, "gate", str(os.getpid()), pwd or ""]
     return launcher
 
 
-def _gate(check_parent: bool, register: int | None, *, keep_pwd: bool) -> str:
+def _gate(check_parent: bool, register: int | None, *, keep_pwd: bool, limits: Sequence[str] = ()) -> str:
     """The shell script between ``setpriv`` and the program; its arguments: parent pid, $PWD.
 
     Once the death signal is set, a parent still there is one whose death kills us;
     else it is gone, and the program must not start (exit 125). Then the child tells
     the watch its pid through the parent's fd (opening a pipe's /proc link opens the
-    pipe). dash exports a PWD of its own: the program's is put back.
+    pipe). Then the limits the gate sets on itself (they pass to the program through
+    exec). dash exports a PWD of its own: the program's is put back.
     """
     lines = []
     if check_parent:
         lines.append('[ "$PPID" = "$1" ] || exit 125')
     if register is not None:  # only while the parent is known to be there: never a reused pid's fd
         lines.append(f'echo "+$$" 2>/dev/null >"/proc/$1/fd/{register}"')
+    lines += limits
     lines.append('PWD=$2; export PWD' if keep_pwd else "unset PWD")
     lines.append('shift 2; exec "$@"')
     return "\n".join(lines)
@@ -477,19 +493,22 @@ def _check_program(program: str, cwd: str | None, env: Mapping[str, str] | None)
 
 
 def _child_setup(
-    parent: int, death_signal: int | None, nofile: tuple[int, int] | None, register: int | None
+    parent: int,
+    death_signal: int | None,
+    nofile: tuple[int, int] | None,
+    register: int | None,
+    limits: ChildLimits,
 ) -> Callable[[], None] | None:
     """What runs in the child between fork and exec (after setuid, which would clear PDEATHSIG).
 
     The same steps as the launcher and its gate. None when there is nothing to do,
     so that Popen may use the faster vfork.
     """
-    if death_signal is None and nofile is None and register is None:
+    if death_signal is None and nofile is None and register is None and not limits:
         return None
 
     def setup() -> None:
-        if nofile is not None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        limits.apply(nofile)
         if death_signal is not None and _prctl is not None:
             if _prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0) != 0:
                 raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")

@@ -1016,7 +1016,8 @@ def _union_members(annotation: Any) -> list[Any]:
 def _every_field(model: type[BaseModel], prefix: str) -> Iterator[tuple[type[BaseModel], str, str]]:
     """(model, field name, key path as the reference writes it) for every field below ``model``."""
     for name, field in model.model_fields.items():
-        path = f"{prefix}.{name}" if prefix else name
+        key = field.alias or name  # `as`, a Python keyword, is the field `as_`
+        path = f"{prefix}.{key}" if prefix else key
         yield model, name, path
         members = _union_members(field.annotation)
         if len(members) == 1 and typing.get_origin(members[0]) is dict:

@@ -4,6 +4,7 @@ Public names live here; the submodules hold one idea each.
 """
 
 from .checks import AliveCheck, Dependency, ReadyCheck
+from .limits import Limits, rlimit_pair
 from .loader import ManifestError, Problem, load_manifest, parse_manifest
 from .models import (
     Backoff,
@@ -36,6 +37,7 @@ __all__ = [
     "InheritStream",
     "InstanceConfig",
     "InstanceLogs",
+    "Limits",
     "LogSettings",
     "LogStream",
     "Manifest",
@@ -55,5 +57,6 @@ __all__ = [
     "parse_signal",
     "parse_size",
     "read_env_file",
+    "rlimit_pair",
     "signal_name",
 ]

@@ -28,6 +28,7 @@ from pydantic import (
 
 from .base import StrictModel
 from .checks import AliveCheck, Dependencies, ReadyCheck
+from .limits import Limits
 from .units import Duration, Signal, Size, Umask
 
 INSTANCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
@@ -314,6 +315,10 @@ class InstanceConfig(StrictModel):
         "watchdog_signal, then SIGKILL after stop.timeout, and is restarted.",
     )
     watchdog_signal: Signal = Field(6, description="Sent when the watchdog expires (ABRT, as systemd does).")
+    limits: Limits = Field(
+        Limits(),
+        description="What the program may use: memory (restart past it), nice, oom_score_adj, rlimits.",
+    )
 
     @model_validator(mode="after")
     def _log_check_needs_a_log(self) -> InstanceConfig:

@@ -23,7 +23,7 @@ from annotated_types import Ge
 from pydantic import AfterValidator, BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
-from . import checks, models, units
+from . import checks, limits, models, units
 from .loader import ManifestError, parse_manifest
 
 __all__ = ["render"]
@@ -36,6 +36,7 @@ _UNITS: dict[Callable[..., Any], str] = {
     units.parse_size: "size",
     units.parse_signal: "signal",
     units.parse_umask: "umask (octal)",
+    limits.parse_rlimit: "rlimit: a number, `unlimited`, or `SOFT:HARD`",
     models._relative_to_manifest: "path",
 }
 _PLURALS = {"integer": "integers", "string": "strings", "name": "names", "number": "numbers"}
@@ -223,7 +224,7 @@ def _keys_section(path: str, model: type[BaseModel]) -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
         tp = _annotation(field)
-        key = _join(path, name)
+        key = _join(path, field.alias or name)
         rows.append([f"`{key}`", _type_text(tp, key), _default_text(field, tp), _meaning(model, name, field)])
     return [f"### {title}", "", _doc(model), "", *_table(["key", "type", "default", "meaning"], rows)]
 

@@ -115,6 +115,15 @@ class _Objects:
                 note(entry, (key,), "dropped", "Kubernetes takes a numeric id (securityContext)")
         if security:
             container["securityContext"] = security
+        if config.limits.memory is not None:
+            container["resources"] = {"limits": {"memory": str(config.limits.memory)}}
+            note(
+                entry,
+                ("limits", "memory"),
+                "approximated",
+                "resources.limits.memory is the kernel's cap (an OOM kill, then a restart), "
+                "not a restart after memory_interval above it",
+            )
         self._unmapped(entry, config)
         return container
 
@@ -146,6 +155,10 @@ class _Objects:
             note(entry, ("watchdog",), "dropped", "no sd_notify watchdog in Kubernetes: use an alive check")
         if not config.inherit_env and written(entry, "inherit_env"):
             note(entry, ("inherit_env",), "dropped", "a container starts from its image's environment")
+        limits = config.limits
+        for key in ("nice", "oom_score_adj", *limits.rlimits()):
+            if written(entry, "limits", key):
+                note(entry, ("limits", key), "dropped", "a pod spec sets no nice, oom_score_adj or rlimits")
 
     def _wait_for(self, entry: str, dep: str, condition: str) -> dict[str, Any] | None:
         """An init container polling ``dep``'s http or tcp check through its Service; None if it has none."""

@@ -113,6 +113,7 @@ class _Units:
             service.append(f"Group={config.group}")
         if config.umask is not None:
             service.append(f"UMask={config.umask:04o}")
+        self._limits(entry, config, service)
         if not config.inherit_env and self.source.written(entry, "inherit_env"):
             note(
                 entry, ("inherit_env",), "approximated", "a unit starts from systemd's own small environment"
@@ -127,6 +128,24 @@ class _Units:
         if config.replicas > 1:
             unit.append(f"# replicas: {config.replicas}: instances {', '.join(self.units(entry))}")
         return "[Unit]\n" + "\n".join(unit) + "\n\n[Service]\n" + "\n".join(service) + "\n"
+
+    def _limits(self, entry: str, config: InstanceConfig, service: list[str]) -> None:
+        limits = config.limits
+        if limits.nice is not None:
+            service.append(f"Nice={limits.nice}")
+        if limits.oom_score_adj is not None:
+            service.append(f"OOMScoreAdjust={limits.oom_score_adj}")
+        for name, value in limits.rlimits().items():
+            service.append(f"Limit{name.upper()}={value.replace('unlimited', 'infinity')}")
+        if limits.memory is not None:
+            service.append(f"MemoryMax={limits.memory}")
+            self.source.note(
+                entry,
+                ("limits", "memory"),
+                "approximated",
+                "MemoryMax= is the kernel's cap (an OOM kill, then Restart=), not a restart after "
+                "memory_interval above it",
+            )
 
     def _restart(
         self, entry: str, config: InstanceConfig, unit: list[str], service: list[str], oneshot: bool
