@@ -57,6 +57,11 @@ class Service:
             path = str(self.manifest.control_socket)
             raise ControlError(f"control socket {path!r}: a NUL byte is not allowed in a path") from None
         guardian = _start_guardian()
+        if any(config.limits.memory for config in self.manifest.instances.values()):
+            log.info(
+                "limits.memory is enforced by restarting an instance whose group stays over it; "
+                "no per-instance cgroup memory.max is set (not implemented yet, see the guide's Limits)"
+            )
         with anyio.CancelScope() as self._cancel:
             async with anyio.create_task_group() as tg:
                 if guardian is not None:

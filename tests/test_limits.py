@@ -12,6 +12,7 @@ import resource
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -25,6 +26,7 @@ from supervisor.events import State, Transition
 from supervisor.process import ChildLimits, SpawnError, spawn
 
 from .helpers import manifest_from, running, wait_for_output
+from .service_fixture import ServiceProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -418,3 +420,18 @@ def test_kubernetes_export_caps_memory_and_says_what_it_drops(tmp_path: Path) ->
     assert "worker.limits.memory: approximated" in notes
     for key in ("nice", "oom_score_adj", "nofile", "core"):
         assert f"worker.limits.{key}: dropped" in notes
+
+
+def test_the_service_says_once_how_a_memory_limit_is_enforced(
+    service: Callable[..., ServiceProcess],
+) -> None:
+    svc = service(
+        """
+        version: 1
+        instances:
+          capped: {command: [sleep, "300"], limits: {memory: 1GB}}
+          plain: {command: [sleep, "300"]}
+        """
+    )
+    svc.wait_log("limits.memory is enforced by restarting an instance whose group stays over it")
+    assert svc.log().count("limits.memory is enforced") == 1
