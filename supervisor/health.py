@@ -147,6 +147,11 @@ class Health:
                 await kill(f"liveness: {reason}", None)
                 await anyio.sleep_forever()  # the program is gone: the caller cancels us
 
+    def run_ended(self) -> None:
+        """The program is gone: whatever it was, it is not ready now."""
+        if self._config.ready is not None:
+            self.ready = False
+
     async def _become_ready(self, followers: LogSubscription, context: ExecContext, kill: Kill) -> None:
         check = self._config.ready
         assert check is not None

@@ -496,10 +496,14 @@ class Instance:
             self._trouble = reason
             await self._terminate(child, self.config.stop.signal if sig is None else sig)
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._health.watch_run, child, followers, self._exec_context(), on_running, kill)
-            await child.wait()
-            tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                context = self._exec_context()
+                tg.start_soon(self._health.watch_run, child, followers, context, on_running, kill)
+                await child.wait()
+                tg.cancel_scope.cancel()
+        finally:  # ended, or a stop cancelled the watch: either way the run is not ready any more
+            self._health.run_ended()
         status = child.exit
         assert status is not None
         self._last_exit = status

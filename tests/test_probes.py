@@ -177,6 +177,8 @@ async def test_a_log_line_makes_it_ready(tmp_path: Path) -> None:
         status = manager.instances["tail"].status()
         assert status.ready is True
         assert status.last_check == "log line matched: listening on port 8080"
+        await manager.instances["tail"].stop()
+        assert manager.instances["tail"].status().ready is False  # a program that is gone is not ready
 
 
 async def test_a_probe_that_never_passes_backs_off_with_its_error(tmp_path: Path) -> None:
