@@ -9,6 +9,7 @@ reopens every log file for an external logrotate.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -45,6 +46,8 @@ class Service:
         """Run until shutdown; the manager's instances are all stopped when this returns."""
         # The control plane is imported only by the service, never by `supervisor status`.
         from .api.server import ControlError, ControlListeners, serve_control
+
+        _one_line_for_accept_errors()
 
         # Made 0700 if missing; an existing one must be ours and private, and is not chmod-ed.
         prepare_state_dir(self.manifest.state_dir)
@@ -208,6 +211,30 @@ def _start_guardian() -> Guardian | None:
     except OSError as exc:
         log.warning("cannot start the guardian (%s): instances' children may outlive the service", exc)
         return None
+
+
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def _one_line_for_accept_errors() -> None:
+    """asyncio logs a traceback for every accept() that finds no free descriptor (then waits a
+    second and accepts again): under a flood of connections that is a traceback a connection.
+    One warning line says it; every other error of the loop is reported as before."""
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return  # trio: it retries accept() after EMFILE by itself, without a traceback
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
+            log.warning("control socket: cannot accept a connection (%s); trying again", exc.strerror)
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 async def _reap_leftovers() -> None:
