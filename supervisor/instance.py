@@ -172,10 +172,6 @@ class Instance:
     def last_exit(self) -> ExitStatus | None:
         return self._last_exit
 
-    def changed(self) -> anyio.Event:
-        """An event set at the next transition (a new one after each)."""
-        return self._changed
-
     @property
     def sinks(self) -> Mapping[str, LogSink]:
         """The log sinks by stream name ("stdout", "stderr"), for tail and follow."""
