@@ -273,6 +273,48 @@ class Guardian:
         guardian._log.info("guardian %d watches the process groups%s", guardian.pid, where)
         return guardian
 
+    @classmethod
+    def adopt(cls, state: dict[str, object]) -> Guardian:
+        """After a re-exec: the same guardian process on the same pipe (both inherited).
+
+        Never a new one: the running guardian knows every group, and a closed pipe would
+        tell it that the service is gone (it kills every group then).
+        """
+        from pathlib import Path
+
+        from . import process
+
+        guardian = cls(Path(str(state["cgroup"])) if state["cgroup"] else None)
+        fd = int(str(state["fd"]))
+        os.set_inheritable(fd, False)
+        guardian._fd = fd
+        pidfd = state["pidfd"]
+        if pidfd is not None:
+            os.set_inheritable(int(str(pidfd)), False)
+        pid = int(str(state["pid"]))
+        guardian.child = process.Child.adopt(
+            pid, pid, None if pidfd is None else int(str(pidfd)), [sys.executable, __file__], 0.0, False
+        )
+        process.watch_groups(guardian)
+        return guardian
+
+    def handoff_state(self) -> dict[str, object]:
+        """For a re-exec: what ``adopt`` needs (its pipe and its pidfd are handed over too)."""
+        child = self.child
+        return {
+            "pid": child.pid if child is not None else None,
+            "pidfd": child.pidfd if child is not None else None,
+            "fd": self._fd,
+            "cgroup": str(self.cgroup) if self.cgroup is not None else None,
+        }
+
+    def handoff_fds(self) -> list[int]:
+        child = self.child
+        fds = [self._fd] if self._fd is not None else []
+        if child is not None and child.exit is None and child.pidfd is not None:
+            fds.append(child.pidfd)
+        return fds
+
     @property
     def pid(self) -> int:
         return self.child.pid if self.child is not None else 0

@@ -14,6 +14,8 @@ import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -35,6 +37,14 @@ from .resources import ResourceSampler
 
 #: Stop the run's program (with this signal, or the stop signal when None), then SIGKILL.
 Kill = Callable[[str, int | None], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """A run adopted after a re-exec: whether it was ``running`` already, and for how long it is up."""
+
+    running: bool
+    uptime: float
 
 
 class LogSubscription:
@@ -76,6 +86,40 @@ class Health:
         if self._notify is not None:
             self._notify.close()
 
+    # -- the handoff (re-exec) -------------------------------------------------------------
+
+    def handoff_state(self) -> dict[str, Any]:
+        """What a re-exec'd service needs to go on watching the current run (see handoff/state.py)."""
+        notify = self._notify
+        return {
+            "ready": self.ready,
+            "last_check": self.last_check,
+            "status_text": self.status_text,
+            "main_pid": self._main_pid,
+            "notified": self._notified_ready.is_set(),
+            "armed": self._watchdog_armed.is_set(),
+            "notify": None if notify is None else {"fd": notify.fileno(), "address": notify.address},
+        }
+
+    def handoff_fds(self) -> list[int]:
+        return [] if self._notify is None else [self._notify.fileno()]
+
+    def adopt(self, state: dict[str, Any]) -> None:
+        """Take over what ``handoff_state`` wrote, the notify socket included (its fd inherited)."""
+        self.ready = state["ready"]
+        self.last_check = state["last_check"]
+        self.status_text = state["status_text"]
+        self._main_pid = state["main_pid"]
+        if state["notified"]:
+            self._notified_ready.set()
+        if state["armed"]:
+            self._watchdog_armed.set()
+        notify = state["notify"]
+        if notify is not None:
+            if self._notify is not None:
+                self._notify.close()  # the fresh one made by __init__: the program knows the old one
+            self._notify = NotifySocket.adopt(notify["fd"], notify["address"])
+
     def environment(self) -> dict[str, str]:
         """What a notify program needs in its environment, as systemd gives it."""
         env: dict[str, str] = {}
@@ -113,21 +157,25 @@ class Health:
         context: ExecContext,
         on_running: Callable[[], None],
         kill: Kill,
+        resumed: Resumed | None = None,
     ) -> None:
         """Watch one run until it ends (the caller cancels this when the program exits).
 
         The run is up once ``restart.min_uptime`` passed and the readiness check
         (if any) passed; ``on_running`` is called then, and liveness takes over.
+        ``resumed``: a run adopted after a re-exec, with what ``adopt`` restored; what
+        it had passed already is not asked again (a notify program says READY=1 once).
         """
         config = self._config
-        if config.ready is not None:
-            self.ready = False
-        for kind in ("ready", "alive", "watchdog", "memory"):  # each run's first outcome is news
-            self._outcomes.pop(kind, None)
-        self._notified_ready = anyio.Event()
-        self._watchdog_armed = anyio.Event()
-        self._watchdog_trigger = False
-        self._main_pid = None
+        if resumed is None:
+            if config.ready is not None:
+                self.ready = False
+            for kind in ("ready", "alive", "watchdog", "memory"):  # each run's first outcome is news
+                self._outcomes.pop(kind, None)
+            self._notified_ready = anyio.Event()
+            self._watchdog_armed = anyio.Event()
+            self._watchdog_trigger = False
+            self._main_pid = None
         async with anyio.create_task_group() as tg:
             limits = config.limits
             if limits.memory is not None:
@@ -136,11 +184,13 @@ class Health:
                 tg.start_soon(self._serve_notify, child)
                 if config.watchdog is not None:
                     tg.start_soon(self._watch_dog, config.watchdog, kill)
-            async with anyio.create_task_group() as startup:
-                startup.start_soon(anyio.sleep, config.restart.min_uptime)
-                if config.ready is not None:
-                    startup.start_soon(self._become_ready, followers, context, kill)
-            on_running()
+            if resumed is None or not resumed.running:
+                uptime = 0.0 if resumed is None else resumed.uptime
+                async with anyio.create_task_group() as startup:
+                    startup.start_soon(anyio.sleep, max(0.0, config.restart.min_uptime - uptime))
+                    if config.ready is not None and not self.ready:
+                        startup.start_soon(self._become_ready, followers, context, kill)
+                on_running()
             if config.alive is not None:
                 reason = await until_failed(config.alive, context, self._report("alive"))
                 self.note("alive", False, f"restarting: {reason}")

@@ -14,13 +14,14 @@ leaves against ARCHITECTURE.md's table and publishes the event.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import signal
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,7 +30,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from .config import InstanceConfig, LogSettings, ServiceSettings, rlimit_pair
 from .events import EventBus, State, Transition, Update
-from .health import Health, LogSubscription
+from .health import Health, LogSubscription, Resumed
 from .logs import LogFileError, LogSink
 from .probes import ExecContext
 from .process import Child, ChildLimits, ExitStatus, SpawnError, spawn
@@ -137,6 +138,11 @@ class Instance:
         self._targets = {"stdin": "", "stdout": "", "stderr": ""}
         self._health = Health(name, group, config, context.bus)
         self._trouble: str | None = None  # why a check stopped the current run
+        # For the handoff (re-exec): when the pause in backoff ends, when a SIGKILL is due
+        # (both time.monotonic()), and the record this instance was adopted from.
+        self._next_try: float | None = None
+        self._kill_at: float | None = None
+        self._adopted: dict[str, Any] | None = None
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -212,12 +218,15 @@ class Instance:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Own the log pipes and sinks, and host the supervise loop, until ``close()``."""
-        self._open_logs()
+        if self._adopted is None:
+            self._open_logs()
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 for sink in self._sinks.values():
                     tg.start_soon(sink.run)
+                if self._adopted is not None:
+                    await tg.start(self._resume, self._adopted)
                 task_status.started()
                 await self._closed.wait()
                 tg.cancel_scope.cancel()
@@ -239,8 +248,11 @@ class Instance:
                 await self._stop_locked(reason)
             self._closed.set()
 
-    def _open_logs(self) -> None:
-        """Create the instance's log pipes once: they outlive every run of the program."""
+    def _open_logs(self, adopted: Mapping[str, int] | None = None) -> None:
+        """Create the instance's log pipes once: they outlive every run of the program.
+
+        ``adopted``: the read ends a re-exec'd service inherited, by stream; no new pipe.
+        """
         settings = self.log_settings
         logs_dir = Path(self._context.settings.state_dir) / "logs"
         wanted = {"stdout": self.config.stdout, "stderr": self.config.stderr}
@@ -254,7 +266,9 @@ class Instance:
                 # Replicas must not share a file: two sinks rotating one file lose lines.
                 replica = self.name.removeprefix(self.group)  # "-0", "-1", …
                 path = path.with_name(f"{path.stem}{replica}{path.suffix}")
-            pipe = LogPipe()
+            if adopted is not None and stream not in adopted:
+                continue
+            pipe = LogPipe() if adopted is None else LogPipe.adopt(adopted[stream])
             self._pipes[stream] = pipe
             self._sinks[stream] = LogSink(
                 pipe.read_fd,
@@ -264,6 +278,137 @@ class Instance:
                 timestamps=settings.timestamps,
                 on_loss_change=self._log_loss_changed,
             )
+
+    # -- the handoff (re-exec, supervisor/handoff/) ----------------------------------------
+
+    def handoff_state(self) -> dict[str, Any]:
+        """Everything a re-exec'd service needs to go on with this instance as if nothing happened.
+
+        Read in one synchronous stretch with every other instance (no task runs in between),
+        so whatever a task was doing is captured at a point where it waits.
+        """
+        child = self._child
+        live = child is not None and child.exit is None
+        last = self._last_exit
+        return {
+            "name": self.name,
+            "group": self.group,
+            "state": self._state.value,
+            "reason": self._reason,
+            "counters": self._restart_record(),
+            "last_exit": None if last is None else asdict(last),
+            "child": None
+            if child is None or not live
+            else {
+                "pid": child.pid,
+                "pgid": child.pgid,
+                "pidfd": child.pidfd,
+                "argv": child.argv,
+                "started_at": child.started_at,
+                "kill_group_on_exit": child.kill_group_on_exit,
+            },
+            "next_try": self._next_try if self._state is State.BACKOFF else None,
+            "kill_at": self._kill_at,
+            "trouble": self._trouble,
+            "targets": dict(self._targets),
+            "pipes": {stream: pipe.read_fd for stream, pipe in self._pipes.items()},
+            "sinks": {stream: sink.handoff_state() for stream, sink in self._sinks.items()},
+            "health": self._health.handoff_state(),
+        }
+
+    def handoff_fds(self) -> list[int]:
+        """The fds a re-exec must keep open for this instance: pidfd, log pipes, notify socket."""
+        child = self._child
+        fds = [pipe.read_fd for pipe in self._pipes.values()] + self._health.handoff_fds()
+        if child is not None and child.exit is None and child.pidfd is not None:
+            fds.append(child.pidfd)
+        return fds
+
+    def _restart_record(self) -> dict[str, Any]:
+        """The restart bookkeeping, for the handoff: the one place that names its fields."""
+        return {
+            "restarts": self._restarts,
+            "failures": self._failures,
+            "recent_restarts": list(self._recent_restarts),
+        }
+
+    def _adopt_restart_record(self, record: Mapping[str, Any]) -> None:
+        self._restarts = int(record["restarts"])
+        self._failures = int(record["failures"])
+        self._recent_restarts = deque(float(t) for t in record["recent_restarts"])
+
+    def adopt(self, record: dict[str, Any], child: Child | None) -> None:
+        """Before ``run()``: take over the instance a re-exec'd service described, spawning nothing.
+
+        ``child``: its program, adopted by handoff (same pid, same pidfd), or None when it
+        ended meanwhile (or nothing ran). ``run()`` then goes on where the old service was:
+        the backoff pause ends when it would have, a stop sends its SIGKILL when due.
+        """
+        self._adopted = record
+        self._state = State(record["state"])
+        self._reason = record["reason"]
+        self._adopt_restart_record(record["counters"])
+        last = record["last_exit"]
+        self._last_exit = None if last is None else ExitStatus(**last)
+        self._child = child
+        self._targets = dict(record["targets"])
+        self._open_logs(record["pipes"])
+        for stream, sink in self._sinks.items():
+            sink.adopt(record["sinks"][stream])
+        self._health.adopt(record["health"])
+
+    async def _resume(self, record: dict[str, Any], *, task_status: TaskStatus[None]) -> None:
+        """Go on with what the adopted instance was doing (inside ``run()``)."""
+        self._adopted = None
+        state = self._state
+        if state is State.STOPPING:
+            async with self._lock:  # the stop was a request: later ones queue behind it, as before
+                task_status.started()
+                await self._finish_stop(record)
+            return
+        if state in (State.STARTING, State.RUNNING, State.BACKOFF, State.WAITING):
+            assert self._tg is not None
+            await self._tg.start(functools.partial(self._supervise, resume=record))
+        task_status.started()
+
+    async def _resume_run(self, record: dict[str, Any]) -> str | None:
+        """The adopted part of the supervise loop. Returns why to back off, None when done, or
+        "" to go on with the loop as usual (wait for dependencies, then start)."""
+        state, child = self._state, self._child
+        if state is State.BACKOFF:
+            deadline = record["next_try"]
+            if deadline is not None:
+                self._next_try = deadline
+                await anyio.sleep(max(0.0, deadline - time.monotonic()))
+            self._count_restart()
+            return ""
+        if state is State.WAITING:
+            return ""
+        # STARTING or RUNNING
+        if child is None:  # it ended while the old service handed over (and was reaped by it)
+            last = self._last_exit
+            return f"{last.describe() if last else 'ended'} during the service's re-exec"
+        if record["kill_at"] is not None:  # a check was stopping it: finish that, then back off
+            self._trouble = record["trouble"]
+            await self._kill_after(child, record["kill_at"])
+            self._last_exit = child.exit
+            return self._trouble or "stopped by a check"
+        async with self._health.log_subscription(list(self._sinks.values())) as followers:
+            resumed = Resumed(state is State.RUNNING, max(0.0, time.time() - child.started_at))
+            return await self._watch(child, followers, resumed)
+
+    async def _finish_stop(self, record: dict[str, Any]) -> None:
+        """A stop the old service was in the middle of: SIGKILL when it was due, then ``stopped``."""
+        reason = self._reason or "stopped"
+        child = self._child
+        if child is not None and child.exit is None:
+            deadline = record["kill_at"]
+            if deadline is None:  # signalled, and then no deadline recorded: give it stop.timeout
+                deadline = time.monotonic() + self.config.stop.timeout
+            if await self._kill_after(child, deadline):
+                reason = f"{reason}; killed after {self.config.stop.timeout:g}s"
+            self._last_exit = child.exit
+        self._transition(State.STOPPED, reason=reason, exit=self._last_exit)
 
     def _log_loss_changed(self, sink: LogSink) -> None:
         """A log file stopped taking output (a full disk), or takes it again: say so, once each."""
@@ -402,7 +547,9 @@ class Instance:
             child.send_signal(signal.SIGKILL, group=True)
             self._last_exit = await child.wait()
 
-    async def _supervise(self, *, task_status: TaskStatus[None]) -> None:
+    async def _supervise(
+        self, *, task_status: TaskStatus[None], resume: dict[str, Any] | None = None
+    ) -> None:
         """Wait for dependencies, start, watch, back off and start again, as the policy says.
 
         ``task_status.started()`` is called right after the first spawn attempt (or
@@ -422,6 +569,11 @@ class Instance:
 
         try:
             with scope:
+                if resume is not None:
+                    announce()
+                    why = await self._resume_run(resume)
+                    if why is None or (why and not await self._back_off(why)):
+                        return
                 while True:
                     await self._wait_for_dependencies(announce)
                     why = await self._run_once(announce)
@@ -451,7 +603,8 @@ class Instance:
         dependencies = self._context.dependencies
         if dependencies is None or (blocker := dependencies.blocker()) is None:
             return
-        self._transition(State.WAITING, reason=blocker)
+        if self._state is not State.WAITING:  # it is already, when adopted after a re-exec
+            self._transition(State.WAITING, reason=blocker)
         announce()
         while True:
             await dependencies.changed()
@@ -477,11 +630,13 @@ class Instance:
             announce()
             return await self._watch(child, followers)
 
-    async def _watch(self, child: Child, followers: LogSubscription) -> str | None:
+    async def _watch(
+        self, child: Child, followers: LogSubscription, resumed: Resumed | None = None
+    ) -> str | None:
         """Wait for this run to end. Returns why it must be retried, or None when it is done."""
         restart = self.config.restart
         self._trouble = None
-        running = False
+        running = resumed is not None and resumed.running
 
         def on_running() -> None:
             nonlocal running
@@ -495,7 +650,7 @@ class Instance:
         try:
             async with anyio.create_task_group() as tg:
                 context = self._exec_context()
-                tg.start_soon(self._health.watch_run, child, followers, context, on_running, kill)
+                tg.start_soon(self._health.watch_run, child, followers, context, on_running, kill, resumed)
                 await child.wait()
                 tg.cancel_scope.cancel()
         finally:  # ended, or a stop cancelled the watch: either way the run is not ready any more
@@ -524,13 +679,24 @@ class Instance:
         """
         stop = self.config.stop
         child.send_signal(sig, group=stop.group)
-        with anyio.move_on_after(stop.timeout):
+        return await self._kill_after(child, time.monotonic() + stop.timeout)
+
+    async def _kill_after(self, child: Child, deadline: float) -> bool:
+        """Wait for the leader until ``deadline`` (time.monotonic()), then SIGKILL the group.
+
+        The deadline is kept in ``_kill_at`` while it runs: a re-exec hands it over.
+        """
+        self._kill_at = deadline
+        try:
+            with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
+                await child.wait()
+            if child.exit is not None:
+                return False
+            child.send_signal(signal.SIGKILL, group=True)
             await child.wait()
-        if child.exit is not None:
-            return False
-        child.send_signal(signal.SIGKILL, group=True)
-        await child.wait()
-        return True
+            return True
+        finally:
+            self._kill_at = None
 
     def _exec_context(self) -> ExecContext:
         config = self.config
@@ -559,10 +725,14 @@ class Instance:
         delay = min(restart.backoff.initial * restart.backoff.factor**self._failures, restart.backoff.max)
         delay *= 1 + random.uniform(0, 0.1)
         self._failures += 1
+        self._next_try = time.monotonic() + delay
         await anyio.sleep(delay)
-        recent.append(time.monotonic())
-        self._restarts += 1
+        self._count_restart()
         return True
+
+    def _count_restart(self) -> None:
+        self._recent_restarts.append(time.monotonic())
+        self._restarts += 1
 
     def _spawn(self) -> Child:
         """Open this run's stdio, spawn, and let go of every child-side fd at once (decision 1)."""

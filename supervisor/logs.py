@@ -209,6 +209,9 @@ class LogSink:
         self._file = RotatingFile(Path(path), max_bytes, backups, on_change=hook)
         self._timestamps = timestamps
         self._tail = Tail(tail_bytes)
+        self._tail_bytes = tail_bytes
+        # After a re-exec, the tail is read back from the file at the first tail() (see adopt).
+        self._tail_in_file = False
         self._follower_bytes = follower_bytes
         self._followers: list[Follower] = []
         # The line in progress (bytes since the last newline), so followers get whole lines.
@@ -369,7 +372,36 @@ class LogSink:
         A last line without a newline counts. At most ``tail_bytes`` are kept, so fewer
         lines come back when they are long; a line only partly kept is left out.
         """
+        if self._tail_in_file:
+            self._tail_in_file = False
+            self._tail_from_file()
         return self._tail.lines(n)
+
+    # -- the handoff (re-exec) ------------------------------------------------------------
+
+    def handoff_state(self) -> dict[str, object]:
+        """What a re-exec'd service needs to go on where this sink stopped (the pipe keeps the rest)."""
+        return {"at_line_start": self._at_line_start}
+
+    def adopt(self, state: dict[str, object]) -> None:
+        """Go on from ``handoff_state``: timestamps stay one per line; the tail comes from the file.
+
+        The file already holds everything the old tail held; it is read back lazily, at
+        the first ``tail()``, so that adopting 1,000 sinks reads no file at all.
+        """
+        self._at_line_start = bool(state["at_line_start"])
+        self._tail_in_file = True
+
+    def _tail_from_file(self) -> None:
+        tail = Tail(self._tail_bytes)
+        try:
+            with open(self.path, "rb") as file:
+                size = file.seek(0, os.SEEK_END)
+                file.seek(max(0, size - self._tail_bytes - 1))
+                tail.append(file.read(self._tail_bytes + 1))
+        except OSError:  # gone or unreadable: the tail holds what arrived since the adoption
+            return
+        self._tail = tail  # the file has what arrived since the adoption too: written as it came
 
     @contextlib.asynccontextmanager
     async def follow(self) -> AsyncIterator[AsyncIterator[bytes]]:

@@ -15,11 +15,13 @@ first), and a dependency that restarts restarts the dependents whose edge says
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import resource
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
@@ -29,6 +31,7 @@ from .config.dependencies import levels
 from .events import EventBus, State, Transition
 from .graph import DependencyGate, in_reverse_order
 from .instance import Instance, InstanceContext, InstanceStatus, InvalidRequest
+from .process import Child
 
 
 class ApplyError(RuntimeError):
@@ -85,6 +88,8 @@ class Manager:
         # when the set of instances changes. What waiting instances sleep on.
         self._group_events: dict[str, anyio.Event] = {}
         self._scaled: set[str] = set()  # entries whose replica count scale() set, until a reload
+        # Set by resume(): the instances a re-exec'd service adopts instead of starting.
+        self._adopting: tuple[dict[str, dict[str, Any]], Mapping[str, Child]] | None = None
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -95,11 +100,57 @@ class Manager:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             await tg.start(self._restart_dependents)
-            await self.apply(self.manifest)
+            if self._adopting is None:
+                await self.apply(self.manifest)
+            else:
+                await self._adopt(*self._adopting)
+                self._adopting = None
             task_status.started()
             await self._done.wait()
             tg.cancel_scope.cancel()
         self._tg = None
+
+    # -- the handoff (re-exec) ----------------------------------------------------------------
+
+    def resume(self, state: Mapping[str, Any], children: Mapping[str, Child]) -> None:
+        """Before ``run()``: adopt the instances ``state`` (``handoff_state()``) describes, not start.
+
+        ``children``: the adopted programs by instance name (those still the same process).
+        """
+        self._adopting = ({record["name"]: record for record in state["instances"]}, children)
+        self._scaled = set(state["scaled"])
+
+    def handoff_state(self) -> dict[str, Any]:
+        """The instances and what ``scale`` changed, for a re-exec (call it with ``quiet()`` held)."""
+        return {
+            "scaled": sorted(self._scaled),
+            "instances": [instance.handoff_state() for instance in self._instances.values()],
+        }
+
+    def handoff_fds(self) -> list[int]:
+        return [fd for instance in self._instances.values() for fd in instance.handoff_fds()]
+
+    @contextlib.asynccontextmanager
+    async def quiet(self, timeout: float) -> AsyncIterator[None]:
+        """Hold off reloads and scales (waiting up to ``timeout`` for one under way): a re-exec
+        must see every instance the manifest names, and only those."""
+        with anyio.move_on_after(timeout):
+            await self._apply_lock.acquire()
+        if not self._apply_lock.locked() or self._closing:
+            if self._apply_lock.locked():
+                self._apply_lock.release()
+            raise InvalidRequest("service", "a reload, scale or shutdown is under way: try again later")
+        try:
+            yield
+        finally:
+            self._apply_lock.release()
+
+    async def _adopt(self, records: dict[str, dict[str, Any]], children: Mapping[str, Child]) -> None:
+        for name, plan in _plan(self.manifest).items():
+            record = records.get(name)
+            adopted = None if record is None else (record, children.get(name))
+            self._instances[name] = await self._open(name, plan, self.manifest.supervisor, adopted)
+        self._roster_changed()
 
     # -- applying a manifest -----------------------------------------------------------------
 
@@ -195,7 +246,13 @@ class Manager:
             raise ApplyError(f"cannot make instance {name}: {exc} ({done}); nothing was changed") from exc
         return prepared
 
-    async def _open(self, name: str, plan: _Plan, settings: ServiceSettings) -> Instance:
+    async def _open(
+        self,
+        name: str,
+        plan: _Plan,
+        settings: ServiceSettings,
+        adopted: tuple[dict[str, Any], Child | None] | None = None,
+    ) -> Instance:
         assert self._tg is not None, "apply() needs run() to be running"
         gate = None
         if plan.config.depends_on:
@@ -208,6 +265,8 @@ class Manager:
             on_transition=self._group_changed,
         )
         instance = Instance(name, plan.group, plan.config, context)
+        if adopted is not None:
+            instance.adopt(*adopted)
         await self._tg.start(instance.run)
         return instance
 

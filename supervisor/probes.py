@@ -377,6 +377,20 @@ class NotifySocket:
         #: The value of NOTIFY_SOCKET, as sd_notify(3) reads it ('@' for the abstract namespace).
         self.address = "@" + name
 
+    @classmethod
+    def adopt(cls, fd: int, address: str) -> NotifySocket:
+        """The socket a re-exec'd service inherited (handoff): the program keeps its NOTIFY_SOCKET."""
+        sock = socket.socket(fileno=fd)
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+        notify = cls.__new__(cls)
+        notify._sock = sock
+        notify.address = address
+        return notify
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
     def close(self) -> None:
         self._sock.close()
 

@@ -63,9 +63,11 @@ __all__ = [
     "GroupWatch",
     "SpawnError",
     "become_subreaper",
+    "inherited_fd_limit",
     "living_children",
     "raise_fd_limit",
     "reap_orphans",
+    "remember_fd_limit",
     "run_orphan_reaper",
     "running_groups",
     "spawn",
@@ -189,10 +191,41 @@ class Child:
         self.kill_group_on_exit = kill_group_on_exit
         # Kept only so that Popen never reaps: its __del__ and subprocess._cleanup() poll
         # children whose returncode is None. _reap sets returncode.
-        self._popen = popen
+        self._popen: subprocess.Popen[bytes] | None = popen
         self._pidfd = _open_pidfd(self.pid)
         self._watcher: anyio.Event | None = None  # set while a task is parked on the pidfd
         _children[self.pid] = self
+
+    @classmethod
+    def adopt(
+        cls,
+        pid: int,
+        pgid: int,
+        pidfd: int | None,
+        argv: list[str],
+        started_at: float,
+        kill_group_on_exit: bool,
+    ) -> Child:
+        """A child the service spawned before it re-exec'd itself (handoff): same pid, same pidfd.
+
+        It is our child still (exec keeps the pid), so it is waited for and reaped as
+        any other; registered at once, so the orphan reaper leaves its exit status alone.
+        """
+        child = cls.__new__(cls)
+        child.pid, child.pgid, child.argv = pid, pgid, argv
+        child.started_at = started_at
+        child.exit = None
+        child.kill_group_on_exit = kill_group_on_exit
+        child._popen = None
+        child._pidfd = pidfd if pidfd is not None else _open_pidfd(pid)
+        child._watcher = None
+        _children[pid] = child
+        return child
+
+    @property
+    def pidfd(self) -> int | None:
+        """The pidfd waited on (None: the polling fallback); for the handoff, which keeps it."""
+        return self._pidfd
 
     def __repr__(self) -> str:
         state = self.exit.describe() if self.exit else "running"
@@ -274,7 +307,8 @@ class Child:
 
     def _finish(self, status: ExitStatus) -> None:
         self.exit = status
-        self._popen.returncode = status.code if status.code is not None else -(status.signal or 0)
+        if self._popen is not None:
+            self._popen.returncode = status.code if status.code is not None else -(status.signal or 0)
         _children.pop(self.pid, None)
         if _watch is not None:
             _watch.ended(self.pgid)
@@ -607,6 +641,17 @@ def _children_from_stat() -> list[int]:
         if int(fields[1]) == me:
             pids.append(int(name))
     return pids
+
+
+def inherited_fd_limit() -> tuple[int, int] | None:
+    """The RLIMIT_NOFILE the service started with, if it raised it (children get it back)."""
+    return _inherited_nofile
+
+
+def remember_fd_limit(limit: tuple[int, int] | None) -> None:
+    """After a re-exec: the limit the *first* start found, which the exec kept raised."""
+    global _inherited_nofile
+    _inherited_nofile = limit
 
 
 def raise_fd_limit() -> int:

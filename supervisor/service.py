@@ -10,7 +10,7 @@ reopens every log file for an external logrotate.
 from __future__ import annotations
 
 import errno
-import functools
+import json
 import logging
 import os
 import signal
@@ -18,6 +18,7 @@ import stat
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -25,9 +26,19 @@ from .config import Manifest, ManifestError, load_manifest
 from .events import Transition, Update
 from .guardian import Guardian
 from .manager import ApplyError, Manager, ReloadReport
-from .process import become_subreaper, living_children, raise_fd_limit, run_orphan_reaper
+from .process import (
+    become_subreaper,
+    living_children,
+    raise_fd_limit,
+    remember_fd_limit,
+    run_orphan_reaper,
+)
 from .statedir import StateDirError, prepare_state_dir
 from .stdio import Stdio, StdioStream
+
+if TYPE_CHECKING:
+    from .api.listeners import ControlListeners
+    from .handoff.reexec import Takeover
 
 log = logging.getLogger("supervisor")
 
@@ -35,31 +46,67 @@ log = logging.getLogger("supervisor")
 class Service:
     """One running manifest: what ``supervisor run`` keeps alive until it is told to stop."""
 
-    def __init__(self, manifest: Manifest, *, environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        environ: Mapping[str, str] | None = None,
+        takeover: Takeover | None = None,
+    ) -> None:
         self.manifest = manifest
         self.manager = Manager(manifest, environ=environ)
         self._stopping = False
         self._cancel: anyio.CancelScope | None = None
         self._manager_done = anyio.Event()
+        # The re-exec handoff (supervisor/handoff/): what this service took over, if it was exec'd.
+        self._takeover = takeover
+        #: Re-execs so far (the health route says it: a client tells the new service by it).
+        self.handoffs = 0 if takeover is None else int(takeover.service["handoffs"])
+        #: Why the last re-exec failed, for the health route.
+        self.handoff_error: str | None = None
+        self._handing_over = False
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._listeners: ControlListeners | None = None
+        self._guardian: Guardian | None = None
+        self._control_scope: anyio.CancelScope | None = None
+        self._control_done = anyio.Event()
+        if takeover is not None:
+            service = takeover.service
+            self.manager.resume(
+                {"instances": takeover.record["instances"], "scaled": service["scaled"]}, takeover.children
+            )
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until shutdown; the manager's instances are all stopped when this returns."""
         # The control plane is imported only by the service, never by `supervisor status`.
-        from .api.server import ControlError, ControlListeners, serve_control
+        from .api.server import ControlError, ControlListeners
+
+        # Imported now, not at the request: a re-exec must work even when the installed code under
+        # it is broken (then the new code's check says so, and this service goes on).
+        from .handoff import reexec as _reexec  # noqa: F401
 
         _one_line_for_accept_errors()
 
         # Made 0700 if missing; an existing one must be ours and private, and is not chmod-ed.
         prepare_state_dir(self.manifest.state_dir)
+        takeover = self._takeover.service if self._takeover is not None else None
         # Bound before any instance starts: a second service on this manifest stops here.
         try:
-            listeners = ControlListeners(self.manifest)
+            if takeover is not None:  # the old service's, with whatever waits in their backlogs
+                listeners = ControlListeners.adopt(takeover["listeners"])
+            else:
+                listeners = ControlListeners(self.manifest)
         except OSError as exc:  # its folder cannot be made, a name too long…: one line, not a traceback
             raise ControlError(_socket_problem(self.manifest.control_socket, exc)) from None
         except ValueError:  # a NUL byte in the path
             path = str(self.manifest.control_socket)
             raise ControlError(f"control socket {path!r}: a NUL byte is not allowed in a path") from None
-        guardian = _start_guardian()
+        self._listeners = listeners
+        if takeover is not None and takeover["guardian"] is not None:
+            guardian: Guardian | None = Guardian.adopt(takeover["guardian"])
+        else:
+            guardian = _start_guardian()
+        self._guardian = guardian
         if any(config.limits.memory for config in self.manifest.instances.values()):
             log.info(
                 "limits.memory is enforced by restarting an instance whose group stays over it; "
@@ -67,6 +114,7 @@ class Service:
             )
         with anyio.CancelScope() as self._cancel:
             async with anyio.create_task_group() as tg:
+                self._tg = tg
                 if guardian is not None:
                     tg.start_soon(guardian.watch)
                 tg.start_soon(self._log_transitions)
@@ -80,13 +128,15 @@ class Service:
                         with anyio.CancelScope(shield=True):
                             await guardian.stop()
                     raise
-                await tg.start(functools.partial(serve_control, self.manager, self, listeners=listeners))
+                await tg.start(self._serve_control)
                 log.info(
-                    "supervising %d instances from %s (pid %d)",
+                    "%s %d instances from %s (pid %d)",
+                    "supervising" if self._takeover is None else "re-exec'd: took over",
                     len(self.manager.instances),
                     self.manifest.source,
                     os.getpid(),
                 )
+                self._takeover = None
                 task_status.started()
                 await self._manager_done.wait()
                 tg.cancel_scope.cancel()
@@ -99,6 +149,95 @@ class Service:
     async def _run_manager(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         await self.manager.run(task_status=task_status)
         self._manager_done.set()
+
+    async def _serve_control(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """The control plane, in a scope of its own: a re-exec stops it and keeps the sockets."""
+        from .api.server import serve_control
+
+        self._control_done = done = anyio.Event()
+        try:
+            with anyio.CancelScope() as self._control_scope:
+                await serve_control(self.manager, self, listeners=self._listeners, task_status=task_status)
+        finally:
+            done.set()
+
+    # -- the re-exec handoff (supervisor/handoff/) -------------------------------------------
+
+    async def reexec(self, check: bool = False) -> dict[str, Any]:
+        """Check the new code on our state in a subprocess; unless ``check``, then hand over to it.
+
+        Raises ``HandoffError`` (the new code would not resume: nothing changed) or
+        ``InvalidRequest`` (shutting down, or a re-exec under way). The handover runs in the
+        service's task group, after this returns, so the answer reaches the client first.
+        """
+        from .handoff.reexec import check_new_code
+        from .instance import InvalidRequest
+
+        if self._stopping:
+            raise InvalidRequest("service", "the service is shutting down")
+        if self._handing_over or self._tg is None:
+            raise InvalidRequest("service", "a re-exec is already under way")
+        self._handing_over = True
+        try:
+            report = await check_new_code(self._handoff_record())
+        except BaseException:
+            self._handing_over = False
+            raise
+        if check:
+            self._handing_over = False
+            return report
+        log.info("re-exec: the new code would resume %d instances; handing over", report["instances"])
+        self._tg.start_soon(self._hand_over)
+        return report
+
+    def _handoff_record(self) -> dict[str, Any]:
+        from .handoff.reexec import service_record
+
+        assert self._listeners is not None
+        guardian = self._guardian
+        return service_record(
+            self.manifest,
+            self.manager.handoff_state(),
+            self._listeners.handoff_state(),
+            None if guardian is None else guardian.handoff_state(),
+            self.handoffs,
+        )
+
+    async def _hand_over(self) -> None:
+        """Stop taking requests (the sockets stay open), let those in flight end, then exec."""
+        from .handoff.reexec import HANDOFF_SIGNALS, exec_service
+        from .instance import InvalidRequest
+
+        listeners = self._listeners
+        assert listeners is not None and self._tg is not None
+        stopped = False
+        try:
+            async with self.manager.quiet(timeout=_HANDOFF_QUIET):
+                signal.pthread_sigmask(signal.SIG_BLOCK, HANDOFF_SIGNALS)
+                try:
+                    listeners.keep()
+                    stopped = True
+                    if self._control_scope is not None:
+                        self._control_scope.cancel()
+                    with anyio.move_on_after(_HANDOFF_QUIET):
+                        await self._control_done.wait()
+                    fds = [*listeners.handoff_fds(), *self.manager.handoff_fds()]
+                    if self._guardian is not None:
+                        fds += self._guardian.handoff_fds()
+                    # No await from here: nothing changes between the record and the exec.
+                    error = exec_service(self._handoff_record(), fds)
+                finally:  # only when the exec failed (or was cancelled before it)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOFF_SIGNALS)
+            self.handoff_error = error
+            log.error("re-exec failed, the service goes on: %s", error)
+        except InvalidRequest as exc:
+            self.handoff_error = str(exc)
+            log.error("re-exec refused, the service goes on: %s", exc)
+        finally:
+            self._handing_over = False
+            if stopped and not self._stopping:
+                listeners.keep(False)
+                await self._tg.start(self._serve_control)
 
     # -- requests (from signals and from the control API) ------------------------------------
 
@@ -164,6 +303,8 @@ class Service:
         with anyio.open_signal_receiver(
             signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2
         ) as signals:
+            # A re-exec blocks these until here: one sent during the handover is delivered now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals() & _HANDED_SIGNALS)
             async with anyio.create_task_group() as tg:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
@@ -213,6 +354,10 @@ def _start_guardian() -> Guardian | None:
         return None
 
 
+#: How long a re-exec waits for a reload under way, then for requests in flight, each.
+_HANDOFF_QUIET = 10.0
+_HANDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
+
 _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
@@ -261,13 +406,34 @@ def run_service(
     backend: str = "asyncio",
     pidfile: Path | None = None,
     ready_fd: int | None = None,
+    resume_fd: int | None = None,
+    resume_check: bool = False,
 ) -> int:
     """The whole of ``supervisor run``: returns the exit status.
 
     ``ready_fd`` is set by ``run -d`` (supervisor.detach): the service reads
     stdin from /dev/null and writes its pid to that fd once it answers on its
     socket, then closes it; the waiting CLI takes EOF without a pid as failure.
+
+    ``resume_fd``: the state record of the service that re-exec'd into this one (handoff/);
+    with ``resume_check``, only say on stdout what would be resumed, touching nothing.
     """
+    takeover = None
+    if resume_fd is not None:
+        from .handoff.reexec import check_report, prepare_resume
+        from .handoff.state import HandoffError, read_state
+
+        if resume_check:
+            with open(resume_fd, "rb", closefd=False) as state:
+                print(json.dumps(check_report(state.read())), flush=True)
+            return 0
+        try:
+            record = read_state(resume_fd)
+            os.close(resume_fd)
+            takeover = prepare_resume(record)
+        except HandoffError as exc:
+            print(f"supervisor: cannot resume: {exc}", file=sys.stderr)
+            return 1
     if ready_fd is not None:
         try:
             os.set_inheritable(ready_fd, False)  # for us alone: an instance holding it would hide our end
@@ -275,7 +441,7 @@ def run_service(
             print(f"supervisor: --ready-fd {ready_fd}: {exc.strerror or exc}", file=sys.stderr)
             return 2
     try:
-        manifest = load_manifest(manifest_path)
+        manifest = load_manifest(manifest_path) if takeover is None else takeover.manifest
     except ManifestError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -290,6 +456,8 @@ def run_service(
                 own.close()
                 return 1
         _configure_logging()
+        if takeover is not None:  # the limit the first start found: children get it, not ours
+            remember_fd_limit(takeover.service["nofile"])
         raise_fd_limit()
         if not become_subreaper():
             log.warning("cannot become a child subreaper: orphaned grandchildren go to init")
@@ -298,7 +466,7 @@ def run_service(
 
         status = 0
         try:
-            if pidfile is not None and (other := live_service(pidfile)):
+            if pidfile is not None and (other := live_service(pidfile)) and other != os.getpid():
                 raise PidfileError(f"pidfile {pidfile} names a running service (pid {other}): stop it first")
 
             def ready() -> None:
@@ -308,7 +476,7 @@ def run_service(
                     with open(ready_fd, "wb", closefd=True) as notify:
                         notify.write(f"{os.getpid()}\n".encode())
 
-            anyio.run(_serve, manifest, ready, backend=backend)
+            anyio.run(_serve, manifest, ready, takeover, backend=backend)
         except* (ControlError, StateDirError, PidfileError) as group:
             for error in group.exceptions:
                 log.error("cannot start: %s", error)
@@ -337,10 +505,10 @@ def _redirect_own_stdio(own: Stdio, log_file: Path | None, *, detached: bool) ->
     redirected.close()
 
 
-async def _serve(manifest: Manifest, ready: Callable[[], None]) -> None:
+async def _serve(manifest: Manifest, ready: Callable[[], None], takeover: Takeover | None) -> None:
     # Built inside the event loop: anyio's events and locks belong to a running loop.
     async with anyio.create_task_group() as tg:
-        await tg.start(Service(manifest).run)
+        await tg.start(Service(manifest, takeover=takeover).run)
         ready()
 
 

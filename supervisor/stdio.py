@@ -207,6 +207,16 @@ class LogPipe(_ClosedOnExit):
         self.read_fd = read_fd
         self._closed = False
 
+    @classmethod
+    def adopt(cls, read_fd: int) -> LogPipe:
+        """The read end a re-exec'd service inherited (handoff): close-on-exec and non-blocking again."""
+        os.set_inheritable(read_fd, False)
+        os.set_blocking(read_fd, False)
+        pipe = cls.__new__(cls)
+        pipe.read_fd = read_fd
+        pipe._closed = False
+        return pipe
+
     @property
     def closed(self) -> bool:
         return self._closed

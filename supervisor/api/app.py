@@ -27,6 +27,8 @@ from .models import (
     ActionResponse,
     ErrorBody,
     Health,
+    ReexecBody,
+    ReexecRequest,
     ReloadBody,
     ReopenBody,
     ScaleRequest,
@@ -108,6 +110,8 @@ def create_app(
             "manifest": str(source) if source else None,
             "instances": len(manager.instances),
             "states": dict(states),
+            "handoffs": getattr(hooks, "handoffs", 0),
+            "handoff_error": getattr(hooks, "handoff_error", None),
         }
 
     @app.get("/v1/instances", response_model=list[Status], responses=ERRORS, tags=["instances"])
@@ -306,6 +310,39 @@ def create_app(
 
         later = BackgroundTask(begin)
         return JSONResponse(ShutdownBody().model_dump(), status_code=202, background=later)
+
+    @app.post(
+        "/v1/reexec",
+        response_model=ReexecBody,
+        status_code=202,
+        responses={
+            200: {"model": ReexecBody, "description": "`check`: the new code would resume."},
+            409: {
+                "model": ErrorBody,
+                "description": "The new code would not resume (why), or a re-exec, reload or shutdown is "
+                "under way; the service goes on as it is.",
+            },
+        },
+        tags=["service"],
+    )
+    async def reexec(body: ReexecRequest | None = None) -> Response:
+        """Replace the service with a fresh start of the installed code, in the same process: every
+        instance keeps running (same pid, log pipe, counters). The new code is checked first, in a
+        subprocess; answered (202) before the handover starts. See the guide's "Upgrading"."""
+        check = body is not None and body.check
+        hook = getattr(hooks, "reexec", None)
+        if hook is None:
+            raise InvalidRequest("service", "this service cannot re-exec itself (it is embedded)")
+        from ..handoff.state import HandoffError
+
+        try:
+            report = await hook(check)
+        except HandoffError as exc:
+            return error(409, str(exc))
+        handoffs = getattr(hooks, "handoffs", 0)
+        message = "the new code would resume" if check else "handing over to the new code"
+        answer = ReexecBody(check=check, message=message, report=report, handoffs=handoffs)
+        return JSONResponse(answer.model_dump(), status_code=200 if check else 202)
 
     @app.get(
         "/metrics",

@@ -524,6 +524,9 @@ class Client:
     def reopen_logs(self) -> dict[str, Any]:
         return self.request("POST", "/v1/logs/reopen")  # type: ignore[no-any-return]
 
+    def reexec(self, *, check: bool = False) -> dict[str, Any]:
+        return self.request("POST", "/v1/reexec", {"check": check})  # type: ignore[no-any-return]
+
 
 class EventStream:
     """The event stream, subscribed from the moment this exists; iterate it in one thread.

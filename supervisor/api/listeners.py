@@ -137,6 +137,7 @@ class ControlListeners:
         own = os.stat(self.path)
         self._inode = (own.st_dev, own.st_ino)
         self.sockets: list[tuple[socket.socket, str]] = [(unix, f"unix:{self.path}")]
+        self._kept = False
         if control.tcp:
             try:
                 self.sockets.append((bind_tcp(control.tcp), f"http://{control.tcp}"))
@@ -144,8 +145,47 @@ class ControlListeners:
                 self.close()
                 raise
 
+    @classmethod
+    def adopt(cls, state: dict[str, object]) -> ControlListeners:
+        """After a re-exec: the listening sockets the old service bound, inherited with what waits
+        in their backlogs (so a client never finds no service)."""
+        listeners = cls.__new__(cls)
+        listeners.path = Path(str(state["path"]))
+        token = state["token"]
+        listeners.token = None if token is None else bytes.fromhex(str(token))
+        inode = state["inode"]
+        assert isinstance(inode, list)
+        listeners._inode = (int(inode[0]), int(inode[1]))
+        listeners._kept = False
+        sockets = state["sockets"]
+        assert isinstance(sockets, list)
+        listeners.sockets = []
+        for entry in sockets:
+            sock = socket.socket(fileno=int(entry["fd"]))
+            sock.set_inheritable(False)
+            listeners.sockets.append((sock, str(entry["name"])))
+        return listeners
+
+    def handoff_state(self) -> dict[str, object]:
+        return {
+            "path": str(self.path),
+            "inode": list(self._inode),
+            "token": None if self.token is None else self.token.hex(),
+            "sockets": [{"fd": sock.fileno(), "name": name} for sock, name in self.sockets],
+        }
+
+    def handoff_fds(self) -> list[int]:
+        return [sock.fileno() for sock, _ in self.sockets]
+
+    def keep(self, keep: bool = True) -> None:
+        """While set, ``close()`` leaves the sockets open and the file in place: a re-exec hands them
+        over (and takes them back if the exec fails)."""
+        self._kept = keep
+
     def close(self) -> None:
         """Close every socket and remove our socket file (only ours, not a newer service's)."""
+        if self._kept:
+            return
         for sock, _ in self.sockets:
             sock.close()
         self.sockets = []

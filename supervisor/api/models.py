@@ -178,6 +178,8 @@ class Health(BaseModel):
     manifest: str | None = Field(description="The manifest file the service runs.")
     instances: int = Field(description="How many instances (replicas) the manifest has.")
     states: dict[str, int] = Field(description="How many instances are in each state (only non-zero).")
+    handoffs: int = Field(0, description="How many times this service re-exec'd itself.")
+    handoff_error: str | None = Field(None, description="Why the last re-exec failed, if it did.")
 
 
 class InstanceResult(BaseModel):
@@ -223,6 +225,22 @@ class ScaleRequest(_Wire):
 class ShutdownBody(BaseModel):
     ok: bool = True
     message: str = "shutting down: stopping every instance"
+
+
+class ReexecRequest(BaseModel):
+    check: bool = Field(
+        False, description="Only ask the new code whether it would resume (in a subprocess); change nothing."
+    )
+
+
+class ReexecBody(BaseModel):
+    """What the new code said about the state it would take over (``supervisor reexec --check``)."""
+
+    ok: bool = True
+    check: bool = Field(description="Only checked: nothing was handed over.")
+    message: str
+    report: dict[str, Any] = Field(description="The new code's report: version, instances, processes, gone.")
+    handoffs: int = Field(description="Re-execs before this one; the new service's health says one more.")
 
 
 class ReopenBody(BaseModel):

@@ -298,6 +298,36 @@ def cmd_shutdown(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def cmd_reexec(args: argparse.Namespace, client: Client) -> int:
+    """Ask for the re-exec, then wait until the new service answers (its health counts one more)."""
+    import time
+
+    from ..api.client import ClientError
+
+    before = client.health()
+    answer = client.reexec(check=args.check)
+    report = answer.get("report", {})
+    what = f"{report.get('instances', '?')} instances, {report.get('processes', '?')} running processes"
+    if args.check:
+        gone = report.get("gone", 0)
+        print(f"ok: the new code would resume {what}" + (f" ({gone} ended meanwhile)" if gone else ""))
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:  # during the handover this waits in the socket's backlog, it does not fail
+            health = client.health()
+        except ClientError:
+            health = {}
+        if health.get("handoffs", 0) > before.get("handoffs", 0):
+            print(f"re-exec'd: pid {health.get('pid')} runs the new code with {what}")
+            return 0
+        error = health.get("handoff_error")
+        if error and error != before.get("handoff_error"):
+            raise _Failure(f"reexec failed, the service goes on as it was: {error}")
+        time.sleep(0.02)
+    raise _Failure(f"reexec: the new service did not answer within {args.timeout:g}s")
+
+
 def cmd_dashboard(args: argparse.Namespace, client: Client) -> int:
     """Serve the page until ^C; the URL's token lets in the first browser that opens it, only."""
     from ..api.proxy import DashboardProxy
@@ -415,6 +445,14 @@ def add_control_commands(sub: Any) -> None:
     shutdown = sub.add_parser("shutdown", help="stop every instance, then the service")
     _control_args(shutdown)
     shutdown.set_defaults(func=_control(cmd_shutdown))
+
+    reexec = sub.add_parser(
+        "reexec", help="replace the service with the installed code; every instance keeps running"
+    )
+    reexec.add_argument("--check", action="store_true", help="only ask the new code whether it would resume")
+    reexec.add_argument("--timeout", type=_duration, default=30.0, help="wait this long for the new service")
+    _control_args(reexec)
+    reexec.set_defaults(func=_control(cmd_reexec))
 
     dashboard = sub.add_parser("dashboard", help="serve the web dashboard on a loopback port; print its URL")
     dashboard.add_argument("--port", type=int, default=0, help="the port (default: any free one)")

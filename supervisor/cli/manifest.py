@@ -24,7 +24,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..service import run_service
 
     return run_service(
-        args.file, log_file=args.log_file, backend=args.backend, pidfile=args.pidfile, ready_fd=args.ready_fd
+        args.file,
+        log_file=args.log_file,
+        backend=args.backend,
+        pidfile=args.pidfile,
+        ready_fd=args.ready_fd,
+        resume_fd=args.resume,
+        resume_check=args.resume_check,
     )
 
 
@@ -85,6 +91,9 @@ def add_manifest_commands(sub: Any) -> None:
         "--timeout", type=_duration, default=60.0, help="-d: give up waiting after this (default 60s)"
     )
     run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    # Set by `supervisor reexec` (handoff/reexec.py): the state record's fd, and its dry run.
+    run.add_argument("--resume", type=int, metavar="FD", help=argparse.SUPPRESS)
+    run.add_argument("--resume-check", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--backend", choices=["asyncio", "trio"], default="asyncio", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 

@@ -1,0 +1,332 @@
+"""The re-exec itself: check the new code, hand the state over, ``execv``; and, after it, take over.
+
+The old service's side, in the order ``Service.reexec`` runs it:
+
+1. ``check_new_code``: the new code runs in a subprocess (``run --resume 0 --resume-check``, the
+   same interpreter, environment and arguments the exec would use) on a copy of the state, and
+   says whether it would resume. Nothing is stopped yet: a new code that cannot be imported
+   (a broken ``PYTHONPATH``, a syntax error), or that refuses the record's version, is found
+   here, and the old service goes on and says why. ``supervisor reexec --check`` stops here.
+2. The control plane stops taking requests (the listening sockets stay open: a client that
+   connects now waits in the backlog) and lets the ones in flight finish (bounded).
+3. ``exec_service``, in one synchronous stretch (no other task runs): the state is read from
+   every instance, written to a sealed memfd, close-on-exec is cleared on exactly the fds
+   handed over, and ``os.execv`` runs. If ``execv`` itself fails (the interpreter is gone,
+   E2BIG, ENOMEM) it returns the reason, close-on-exec is set back, and the service serves again.
+
+Why check in a subprocess rather than exec a trampoline that could fall back: once ``execv``
+succeeds the old image is gone, so nothing could fall back to it; a check right before the
+exec catches every failure that does not come from files changing in the moment between the
+two (the residual window, said in the guide).
+
+The new service's side: ``prepare_resume`` reads the record (a version it does not know is
+refused), sets close-on-exec again on every inherited fd, checks that each pid still is the
+process it was (start time from /proc), and returns what ``Service`` and ``Manager`` adopt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from ..config import Manifest
+from ..process import Child, inherited_fd_limit, spawn
+from .state import VERSION, HandoffError, StateRecord, parse_state, process_start_ticks, write_state
+
+__all__ = [
+    "CHECK_TIMEOUT",
+    "HANDOFF_SIGNALS",
+    "Takeover",
+    "check_new_code",
+    "check_report",
+    "exec_service",
+    "prepare_resume",
+    "resume_argv",
+]
+
+log = logging.getLogger("supervisor")
+
+#: How long the new code may take to import and read the state in ``check_new_code``.
+CHECK_TIMEOUT = 30.0
+#: Blocked from the handoff's start until the new service listens for them (the mask and what
+#: is pending survive execv): a TERM sent meanwhile reaches the service that will act on it.
+HANDOFF_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2})
+_CHECK_OUTPUT = 64 * 1024
+_DROPPED_OPTIONS = ("--ready-fd", "--resume")
+_DROPPED_FLAGS = ("--resume-check", "-d", "--detach")
+
+
+def resume_argv(argv: Sequence[str], fd: int, *, check: bool = False) -> list[str]:
+    """The command line of the new service: the original arguments, then ``--resume FD``.
+
+    Dropped: ``--ready-fd`` (detach.py's pipe was used up at the first start), and an earlier
+    ``--resume`` (a second re-exec). ``-d`` cannot be there (the detached child runs without it).
+    """
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _DROPPED_OPTIONS:
+            skip = True
+            continue
+        if arg.startswith(tuple(f"{option}=" for option in _DROPPED_OPTIONS)) or arg in _DROPPED_FLAGS:
+            continue
+        kept.append(arg)
+    extra = ["--resume", str(fd)] + (["--resume-check"] if check else [])
+    return [sys.executable, "-m", "supervisor", *kept, *extra]
+
+
+# -- the old service's side ---------------------------------------------------------------------
+
+
+def service_record(
+    manifest: Manifest,
+    manager_state: dict[str, Any],
+    listeners: dict[str, object],
+    guardian: dict[str, object] | None,
+    handoffs: int,
+) -> StateRecord:
+    """The record's ``service`` section and instances, with each live child's start time."""
+    for instance in manager_state["instances"]:
+        child = instance["child"]
+        if child is not None:
+            child["start_ticks"] = process_start_ticks(child["pid"])
+    source = manifest.source
+    return {
+        "service": {
+            "pid": os.getpid(),
+            "manifest": manifest.model_dump(mode="json"),
+            "source": None if source is None else str(source),
+            "listeners": listeners,
+            "guardian": guardian,
+            "nofile": inherited_fd_limit(),
+            "handoffs": handoffs + 1,
+            "scaled": manager_state["scaled"],
+            "written_at": time.monotonic(),
+        },
+        "instances": manager_state["instances"],
+    }
+
+
+async def check_new_code(record: StateRecord) -> dict[str, Any]:
+    """Run the new code on a copy of ``record`` in a subprocess; its report (``check_report``).
+
+    Raises ``HandoffError`` with the reason when it would not resume.
+    """
+    state_fd = write_state(record)
+    read, write = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            child = spawn(
+                resume_argv(sys.argv[1:], 0, check=True), stdin=state_fd, stdout=write, stderr=write
+            )
+        finally:
+            os.close(write)
+            os.close(state_fd)
+        output = await _read_all(read, child)
+    finally:
+        os.close(read)
+    lines = output.decode(errors="replace").strip().splitlines()
+    report = _last_json(lines)
+    status = child.exit
+    if report is None or status is None or status.code != 0:
+        why = "\n".join(lines[-12:]) or (status.describe() if status else "no answer")
+        if report is not None and report.get("error"):
+            why = str(report["error"])
+        raise HandoffError(f"the new code would not resume, the service goes on as it is:\n{why}")
+    return report
+
+
+async def _read_all(fd: int, child: Child) -> bytes:
+    os.set_blocking(fd, False)
+    output = bytearray()
+    with anyio.move_on_after(CHECK_TIMEOUT) as scope:
+        while True:
+            await anyio.wait_readable(fd)
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            output += chunk[: max(0, _CHECK_OUTPUT - len(output))]
+        await child.wait()
+    if scope.cancelled_caught:
+        child.send_signal(signal.SIGKILL, group=True)
+        await child.wait()
+        raise HandoffError(f"the new code did not answer the check within {CHECK_TIMEOUT:g}s")
+    return bytes(output)
+
+
+def _last_json(lines: list[str]) -> dict[str, Any] | None:
+    import json
+
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                return None
+            return value if isinstance(value, dict) else None
+    return None
+
+
+def exec_service(record: StateRecord, fds: Iterable[int]) -> str:
+    """Write ``record``, hand ``fds`` over and ``execv`` the new service; returns only on failure.
+
+    Synchronous on purpose: no task runs between reading the state and the exec.
+    """
+    handed = sorted(set(fds))
+    try:
+        state_fd = write_state(record)
+    except OSError as exc:
+        return f"cannot write the state record: {exc.strerror or exc}"
+    reason = "execv returned"
+    try:
+        for fd in [*handed, state_fd]:
+            os.set_inheritable(fd, True)
+        argv = resume_argv(sys.argv[1:], state_fd)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os.execv(sys.executable, argv)
+    except OSError as exc:
+        reason = f"cannot exec {sys.executable}: {exc.strerror or exc}"
+    finally:  # reached only when the exec failed
+        for fd in handed:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+        os.close(state_fd)
+    return reason
+
+
+# -- the new service's side ---------------------------------------------------------------------
+
+
+@dataclass
+class Takeover:
+    """What a re-exec'd service adopts: read from the record by ``prepare_resume``."""
+
+    manifest: Manifest
+    record: StateRecord
+    children: dict[str, Child] = field(default_factory=dict)
+    gone: list[str] = field(default_factory=list)
+
+    @property
+    def service(self) -> dict[str, Any]:
+        return self.record["service"]
+
+
+def handed_fds(record: StateRecord) -> list[int]:
+    """Every fd the record says was handed over."""
+    service = record["service"]
+    fds = [int(entry["fd"]) for entry in service["listeners"]["sockets"]]
+    guardian = service["guardian"]
+    if guardian is not None:
+        fds += [int(fd) for fd in (guardian["fd"], guardian["pidfd"]) if fd is not None]
+    for instance in record["instances"]:
+        fds += [int(fd) for fd in instance["pipes"].values()]
+        notify = instance["health"]["notify"]
+        if notify is not None:
+            fds.append(int(notify["fd"]))
+        child = instance["child"]
+        if child is not None and child["pidfd"] is not None:
+            fds.append(int(child["pidfd"]))
+    return fds
+
+
+def load_manifest_from(record: StateRecord) -> Manifest:
+    """The manifest the old service ran (not the file, which may have changed since)."""
+    from pydantic import ValidationError
+
+    service = record["service"]
+    try:
+        manifest = Manifest.model_validate(service["manifest"])
+    except ValidationError as exc:
+        raise HandoffError(f"the running manifest does not validate under the new code:\n{exc}") from None
+    source = service["source"]
+    manifest._source = None if source is None else Path(source)
+    return manifest
+
+
+def prepare_resume(record: StateRecord) -> Takeover:
+    """Take the fds back (close-on-exec), check each pid, adopt the children; before any task runs.
+
+    Adopting registers the children at once, so the orphan reaper never takes their statuses.
+    """
+    for fd in handed_fds(record):
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as exc:
+            raise HandoffError(f"the inherited fd {fd} is not open ({exc.strerror}): not resuming") from None
+    takeover = Takeover(load_manifest_from(record), record)
+    for instance in record["instances"]:
+        child = instance["child"]
+        if child is None:
+            continue
+        if process_start_ticks(child["pid"]) != child["start_ticks"]:
+            if child["pidfd"] is not None:
+                os.close(child["pidfd"])
+            instance["child"] = None
+            takeover.gone.append(instance["name"])
+            log.warning(
+                "%s: pid %d is not the process it was (start time): not adopted",
+                instance["name"],
+                child["pid"],
+            )
+            continue
+        takeover.children[instance["name"]] = Child.adopt(
+            child["pid"],
+            child["pgid"],
+            child["pidfd"],
+            list(child["argv"]),
+            float(child["started_at"]),
+            bool(child["kill_group_on_exit"]),
+        )
+    return takeover
+
+
+def check_report(data: bytes) -> dict[str, Any]:
+    """``run --resume-check``: what the new code makes of the state, touching nothing."""
+    # What the real resume imports, so that a broken install is found here and not after the exec.
+    from .. import service  # noqa: F401
+    from ..api import app, server  # noqa: F401
+
+    try:
+        record = parse_state(data)
+        manifest = load_manifest_from(record)
+    except HandoffError as exc:
+        return {"ok": False, "error": str(exc), "version": VERSION}
+    same = gone = 0
+    for instance in record["instances"]:
+        child = instance["child"]
+        if child is None:
+            continue
+        if process_start_ticks(child["pid"]) == child["start_ticks"]:
+            same += 1
+        else:
+            gone += 1
+    return {
+        "ok": True,
+        "version": VERSION,
+        "instances": len(record["instances"]),
+        "manifest_instances": sum(len(c.replica_names(n)) for n, c in manifest.instances.items()),
+        "processes": same,
+        "gone": gone,
+        "python": sys.version.split()[0],
+    }

@@ -1,0 +1,129 @@
+"""The service's state, written for and read back after a re-exec (decision 15).
+
+The record is JSON in a sealed memfd. JSON, not pickle: the reader is a different
+version of the code, and must be able to refuse a record it does not understand
+with a message, not run whatever the old code put in it. Sealed (no write, grow or
+shrink, no new seals): what the new service reads is exactly what the old one wrote.
+
+The fds the record names (pidfds, log pipes' read ends, notify sockets, the control
+sockets, the guardian's pipe) keep their numbers across the exec: the old service
+clears close-on-exec on exactly those, and the new one sets it again as soon as it
+has read the record, so that no instance it spawns inherits them.
+
+Times that must survive the exec as deadlines (a backoff's next try, a stop's
+SIGKILL) are absolute ``CLOCK_MONOTONIC`` readings: the exec keeps the boot, and
+so the clock. Start times of processes are checked against ``/proc/PID/stat`` so
+that a pid that was reused meanwhile is never adopted.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from typing import Any
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "HandoffError",
+    "StateRecord",
+    "process_start_ticks",
+    "read_state",
+    "write_state",
+]
+
+FORMAT = "procward-handoff"
+#: Bumped whenever a field changes meaning or a new field is required; a reader refuses others.
+VERSION = 1
+#: A record larger than this is refused unread (1,000 instances take about 1 MiB).
+MAX_BYTES = 256 * 1024 * 1024
+
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+class HandoffError(RuntimeError):
+    """The handoff cannot happen (or a record cannot be used); the message says why."""
+
+
+#: The record as plain data: {"format", "version", "service": {...}, "instances": [{...}, ...]}.
+StateRecord = dict[str, Any]
+
+
+def write_state(record: StateRecord) -> int:
+    """The record in a new sealed memfd (close-on-exec, read position at 0); its fd."""
+    data = json.dumps({"format": FORMAT, "version": VERSION, **record}, separators=(",", ":")).encode()
+    fd = os.memfd_create("procward-handoff", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_state(fd: int, *, require_seals: bool = True) -> StateRecord:
+    """Read and check the record at ``fd`` (from its read position); raises ``HandoffError``.
+
+    ``require_seals``: refuse a file that could still be changed.
+    """
+    try:
+        size = os.fstat(fd).st_size
+        if require_seals:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & _SEALS != _SEALS:
+                raise HandoffError(f"the state record (fd {fd}) is not sealed: it might change")
+        if size > MAX_BYTES:
+            raise HandoffError(f"the state record (fd {fd}) has {size} bytes, more than {MAX_BYTES}")
+        chunks = []
+        total = 0
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > MAX_BYTES:
+                raise HandoffError(f"the state record (fd {fd}) is larger than {MAX_BYTES} bytes")
+    except OSError as exc:
+        raise HandoffError(f"cannot read the state record (fd {fd}): {exc.strerror or exc}") from None
+    return parse_state(b"".join(chunks))
+
+
+def parse_state(data: bytes) -> StateRecord:
+    """The record from its bytes, after checking its format and version."""
+    try:
+        record = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HandoffError(f"the state record is not valid JSON: {exc}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise HandoffError("the state record is not a procward handoff record")
+    version = record.get("version")
+    if version != VERSION:
+        raise HandoffError(
+            f"the state record has format version {version!r}; this code reads version {VERSION} only: "
+            "the running service goes on as it is"
+        )
+    if not isinstance(record.get("service"), dict) or not isinstance(record.get("instances"), list):
+        raise HandoffError("the state record has no service or no instances section")
+    return record
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22); None if gone.
+
+    Together with the pid it names one process for the life of the boot: a pid reused
+    by another process has a later start time.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            text = file.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces or ')': cut after the last.
+    fields = text[text.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
