@@ -68,7 +68,8 @@ class Service:
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: ControlListeners | None = None
         self._guardian: Guardian | None = None
-        self._control_scope: anyio.CancelScope | None = None
+        self._hand_over_control = anyio.Event()
+        self._control_answered = anyio.Event()
         self._control_done = anyio.Event()
         if takeover is not None:
             service = takeover.service
@@ -155,9 +156,17 @@ class Service:
         from .api.server import serve_control
 
         self._control_done = done = anyio.Event()
+        self._hand_over_control = hand_over = anyio.Event()
+        self._control_answered = answered = anyio.Event()
         try:
-            with anyio.CancelScope() as self._control_scope:
-                await serve_control(self.manager, self, listeners=self._listeners, task_status=task_status)
+            await serve_control(
+                self.manager,
+                self,
+                listeners=self._listeners,
+                hand_over=hand_over,
+                answered=answered,
+                task_status=task_status,
+            )
         finally:
             done.set()
 
@@ -217,10 +226,9 @@ class Service:
                 try:
                     listeners.keep()
                     stopped = True
-                    if self._control_scope is not None:
-                        self._control_scope.cancel()
+                    self._hand_over_control.set()
                     with anyio.move_on_after(_HANDOFF_QUIET):
-                        await self._control_done.wait()
+                        await self._control_answered.wait()
                     fds = [*listeners.handoff_fds(), *self.manager.handoff_fds()]
                     if self._guardian is not None:
                         fds += self._guardian.handoff_fds()
@@ -236,6 +244,7 @@ class Service:
         finally:
             self._handing_over = False
             if stopped and not self._stopping:
+                await self._control_done.wait()  # its requests' work too: then the sockets are ours
                 listeners.keep(False)
                 await self._tg.start(self._serve_control)
 
@@ -425,8 +434,9 @@ def run_service(
 
         if resume_check:
             with open(resume_fd, "rb", closefd=False) as state:
-                print(json.dumps(check_report(state.read())), flush=True)
-            return 0
+                report = check_report(state.read())
+            print(json.dumps(report), flush=True)
+            return 0 if report["ok"] else 1
         try:
             record = read_state(resume_fd)
             os.close(resume_fd)

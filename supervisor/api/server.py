@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from typing import Any
 
@@ -39,6 +38,8 @@ log = logging.getLogger("supervisor.control")
 # How long the HTTP servers wait for open requests when the service stops. Streams (logs
 # -f, events) end at once on their own; this bounds a request stuck elsewhere.
 _GRACE = 2.0
+# At a handoff, between the last accept() and telling hypercorn to stop (see serve_control).
+_SETTLE = 0.05
 
 
 async def serve_control(
@@ -47,9 +48,16 @@ async def serve_control(
     *,
     listeners: ControlListeners | None = None,
     keepalive: float = KEEPALIVE,
+    hand_over: anyio.Event | None = None,
+    answered: anyio.Event | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the control API until cancelled; ``started`` once every listener is listening.
+
+    ``hand_over`` (a re-exec, handoff/): once set, stop accepting, let what was accepted be
+    read and answered (bounded), and return, leaving the listening sockets open: connections
+    that arrive meanwhile wait in the backlog for the next service. ``answered`` is set then,
+    before the requests' background work (a stop under way) ends: the re-exec carries it over.
 
     ``listeners`` bound earlier are served (and closed at the end); without them the
     manifest's are bound here, and ``ControlError`` is raised (before ``started``) when
@@ -63,26 +71,53 @@ async def serve_control(
         async with anyio.create_task_group() as background:
             app = create_app(manager, hooks, background=background, closing=closing, keepalive=keepalive)
             async with anyio.create_task_group() as servers:
+                served_fds = []
                 for sock, name in listeners.sockets:
                     served = app if name.startswith("unix:") else BearerAuth(app, listeners.token or b"")
-                    servers.start_soon(_serve_http, served, sock, closing, name=f"control {name}")
+                    fd = os.dup(sock.fileno())  # hypercorn owns (and closes) the duplicate
+                    served_fds.append(fd)
+                    servers.start_soon(_serve_http, served, fd, closing, name=f"control {name}")
                 log.info("control API on %s", ", ".join(name for _, name in listeners.sockets))
                 task_status.started()
                 try:
-                    await anyio.sleep_forever()
+                    if hand_over is None:
+                        await anyio.sleep_forever()
+                    await hand_over.wait()
+                    _stop_accepting(served_fds)
+                    # What was accepted gets read now and counts as in flight: hypercorn answers it
+                    # before it stops, instead of closing it as idle (with the request unread).
+                    await anyio.sleep(_SETTLE)
                 finally:
                     closing.set()
+            if answered is not None:
+                answered.set()
             background.cancel_scope.cancel()
     finally:
         listeners.close()
 
 
-async def _serve_http(app: Any, sock: socket.socket, closing: anyio.Event) -> None:
+def _stop_accepting(fds: list[int]) -> None:
+    """No more accept() on hypercorn's listening fds; the sockets stay open (we hold the originals).
+
+    Under asyncio the loop's reader goes (hypercorn removes it itself when it stops, after it
+    told every idle connection to close: a connection accepted a moment before would be closed
+    unread). Under trio hypercorn stops accepting first anyway.
+    """
+    if _under_trio():
+        return
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    for fd in fds:
+        loop.remove_reader(fd)
+
+
+async def _serve_http(app: Any, fd: int, closing: anyio.Event) -> None:
     """hypercorn on one bound socket, until ``closing``; shielded so that it can finish gracefully."""
     from hypercorn.config import Config
 
     config = Config()
-    config.bind = [f"fd://{os.dup(sock.fileno())}"]  # hypercorn owns (and closes) the duplicate
+    config.bind = [f"fd://{fd}"]
     config.errorlog = _HTTP_LOG
     config.accesslog = None
     config.graceful_timeout = _GRACE

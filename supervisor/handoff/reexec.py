@@ -140,7 +140,7 @@ async def check_new_code(record: StateRecord) -> dict[str, Any]:
     lines = output.decode(errors="replace").strip().splitlines()
     report = _last_json(lines)
     status = child.exit
-    if report is None or status is None or status.code != 0:
+    if report is None or not report.get("ok") or status is None or status.code != 0:
         why = "\n".join(lines[-12:]) or (status.describe() if status else "no answer")
         if report is not None and report.get("error"):
             why = str(report["error"])

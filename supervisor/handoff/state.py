@@ -74,7 +74,10 @@ def read_state(fd: int, *, require_seals: bool = True) -> StateRecord:
     try:
         size = os.fstat(fd).st_size
         if require_seals:
-            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:  # EINVAL: not a memfd at all
+                seals = 0
             if seals & _SEALS != _SEALS:
                 raise HandoffError(f"the state record (fd {fd}) is not sealed: it might change")
         if size > MAX_BYTES:

@@ -1,0 +1,367 @@
+"""The re-exec handoff (issue 12): ``supervisor reexec`` replaces the service's code in the same
+process, and every instance goes on as if nothing happened.
+
+Real services, real processes, the real socket. A client polls status every 10 ms through the
+whole handoff and must never see an error; the instances' numbered lines must all be in their
+logs exactly once; what was in backoff or being stopped ends when it would have.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from supervisor.api.client import Client, ClientError
+from supervisor.handoff.reexec import resume_argv
+from supervisor.handoff.state import (
+    FORMAT,
+    VERSION,
+    HandoffError,
+    parse_state,
+    process_start_ticks,
+    read_state,
+    write_state,
+)
+
+from .service_fixture import SUPERVISOR, ServiceProcess, write_manifest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "supervisor"
+
+CHATTY = 10
+BACKOFF = 5
+SLEEPERS = 50 - CHATTY - BACKOFF - 4  # + slowstop, waiter, gate, notify
+
+# Numbered lines, as fast as sh writes them, with a short pause every 50: a few thousand a second.
+CHATTY_COMMAND = (
+    "i=0; while :; do i=$((i+1)); echo \"n $i\"; case $i in *[05]0) sleep 0.01;; esac; done"
+)
+NOTIFY_PROGRAM = """
+import os, socket, time
+address = os.environ["NOTIFY_SOCKET"].replace("@", "\\0", 1)
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+sock.sendto(b"READY=1", address)
+n = 0
+while True:
+    n += 1
+    sock.sendto(f"STATUS=tick {n}".encode(), address)
+    time.sleep(0.05)
+"""
+
+
+def _manifest() -> str:
+    lines = ["version: 1", "instances:"]
+    for i in range(CHATTY):
+        lines += [f"  chatty{i}:", f"    command: {json.dumps(['sh', '-c', CHATTY_COMMAND])}"]
+    for i in range(BACKOFF):
+        lines += [
+            f"  crash{i}:",
+            '    command: ["sh", "-c", "exit 3"]',
+            "    restart: {policy: always, max_restarts: 100, backoff: {initial: 2s, factor: 1, max: 2s}}",
+        ]
+    for i in range(SLEEPERS):
+        lines += [f"  sleeper{i}:", '    command: ["sleep", "1000"]']
+    lines += [
+        "  slowstop:",
+        """    command: ["sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"]""",
+        "    stop: {timeout: 20s}",
+        "  gate:",
+        '    command: ["sleep", "1000"]',
+        "    autostart: false",
+        "  waiter:",
+        '    command: ["sleep", "1000"]',
+        "    depends_on: {gate: started}",
+        "  notify:",
+        f"    command: {json.dumps([sys.executable, '-c', NOTIFY_PROGRAM])}",
+        "    ready: {notify: true}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class Poller(threading.Thread):
+    """``status`` every 10 ms on a fresh connection, as a script would; errors and the longest gap."""
+
+    def __init__(self, socket: Path) -> None:
+        super().__init__(daemon=True)
+        self.client = Client(socket, timeout=30)
+        self.errors: list[str] = []
+        self.answers = 0
+        self.longest = 0.0
+        self.finish = threading.Event()
+
+    def run(self) -> None:
+        while not self.finish.is_set():
+            start = time.monotonic()
+            try:
+                self.client.status()
+            except ClientError as exc:
+                self.errors.append(str(exc))
+            else:
+                self.answers += 1
+            self.longest = max(self.longest, time.monotonic() - start)
+            self.finish.wait(0.01)
+
+
+def _transitions(log: str, name: str) -> list[tuple[float, str, str]]:
+    """(time, from, to) of ``name``'s transitions in the service's own log (it spans the exec)."""
+    found = []
+    pattern = re.compile(rf"^(\S+ \S+) INFO {re.escape(name)}: (\w+) -> (\w+)", re.MULTILINE)
+    for match in pattern.finditer(log):
+        at = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        found.append((at, match.group(2), match.group(3)))
+    return found
+
+
+def _reexec_line(log: str) -> float:
+    match = re.search(r"^(\S+ \S+) INFO re-exec'd: took over", log, re.MULTILINE)
+    assert match, log
+    return datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _numbered(path: Path) -> list[int]:
+    return [int(line.split()[1]) for line in path.read_text().splitlines()]
+
+
+def test_reexec_keeps_every_instance_its_pid_counters_lines_and_deadlines(
+    service: Callable[..., ServiceProcess],
+) -> None:
+    svc = service(_manifest())
+    crashes = [f"crash{i}" for i in range(BACKOFF)]
+    svc.wait_for([*(f"chatty{i}" for i in range(CHATTY)), "slowstop", "notify"], "running")
+    svc.wait_until(lambda: all(s["restarts"] >= 1 for s in svc.status(*crashes).values()), 30, "a restart")
+    svc.client().stop(["slowstop"], wait=False)
+    before = svc.status()
+    assert before["slowstop"]["state"] == "stopping"
+    assert before["waiter"]["state"] == "waiting"
+    running = {name: s["pid"] for name, s in before.items() if s["pid"] is not None}
+    assert len(running) >= CHATTY + SLEEPERS + 1
+
+    poller = Poller(svc.socket)
+    poller.start()
+    try:
+        done = svc.cli("reexec")
+        assert done.returncode == 0, done.stderr + svc.log()
+        assert "re-exec'd" in done.stdout
+        after = svc.status()
+    finally:
+        poller.finish.set()
+        poller.join()
+    assert poller.errors == []
+    assert poller.answers > 0
+
+    health = svc.client().health()
+    assert health["pid"] == svc.pid and health["handoffs"] == 1
+    # Same processes (pid and start time), same counters; nothing was started by the handoff.
+    for name, pid in running.items():
+        if name in crashes or name == "slowstop":
+            continue  # a crash loop: its pid may be gone; its counter is checked below
+        assert after[name]["pid"] == pid, (name, before[name], after[name])
+        assert after[name]["started_at"] == before[name]["started_at"], name
+    for name, status in before.items():
+        if name not in crashes:
+            assert after[name]["restarts"] == status["restarts"], name
+    assert after["slowstop"]["state"] == "stopping" and after["slowstop"]["pid"] == running["slowstop"]
+    assert after["waiter"]["state"] == "waiting" and after["waiter"]["reason"] == before["waiter"]["reason"]
+    assert after["notify"]["ready"] is True
+
+    # The backoff in progress during the exec ends when it would have (2 s, plus up to 10% jitter).
+    handoff = _reexec_line(svc.log())
+    svc.wait_until(
+        lambda: all(
+            any(at > handoff and to == "starting" for at, _, to in _transitions(svc.log(), name))
+            for name in crashes
+        ),
+        20,
+        "a start after the handoff",
+    )
+    log = svc.log()
+    for name in crashes:
+        moves = _transitions(log, name)
+        backoffs = [at for at, _, to in moves if to == "backoff"]
+        starts = [at for at, frm, to in moves if frm == "backoff" and to == "starting"]
+        crossing = [(b, s) for b, s in zip(backoffs, starts, strict=False) if b < handoff < s]
+        for entered, left in crossing:
+            assert 1.95 <= left - entered <= 2.8, (name, left - entered)
+
+    # The waiter waits on, and starts when its dependency does.
+    svc.client().start(["gate"])
+    svc.wait_for(["waiter"], "running")
+    # The adopted notify socket still hears the program.
+    text = after["notify"]["status_text"]
+    svc.wait_until(lambda: svc.status("notify")["notify"]["status_text"] != text, 10, "a new STATUS=")
+
+    # The stop goes on: SIGKILL 20 s after the stop began, not 20 s after the handoff.
+    svc.wait_for(["slowstop"], "stopped", timeout=30)
+    log = svc.log()
+    (asked, _, _), (ended, _, to) = _transitions(log, "slowstop")[-2:]
+    assert to == "stopped" and asked < handoff < ended  # begun by the old service, ended by the new
+    assert 19.9 <= ended - asked <= 21.0, (ended - asked, log)
+    assert "killed after 20s" in svc.status("slowstop")["slowstop"]["reason"]
+
+    # Every numbered line exactly once: stop the writers, then read their whole logs.
+    chatty = [f"chatty{i}" for i in range(CHATTY)]
+    svc.client().stop(chatty)
+    for name in chatty:
+        numbers = _numbered(svc.socket.parent / "logs" / f"{name}.out.log")
+        assert numbers == list(range(1, len(numbers) + 1)), name
+        assert len(numbers) > 100
+
+
+def _swap(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target`` at once (rename over it): the package the next import finds."""
+    fresh = link.with_name(link.name + ".new")
+    fresh.symlink_to(target)
+    fresh.rename(link)
+
+
+def test_a_new_code_that_cannot_start_or_refuses_the_version_leaves_the_old_service_running(
+    service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """The package the service runs comes from PYTHONPATH; swapped for a broken one, then for one
+    that reads another state version: each reexec is refused and the service goes on; swapped back,
+    the reexec works (under trio)."""
+    path = tmp_path / "path"
+    path.mkdir()
+    link = path / "supervisor"
+    link.symlink_to(PACKAGE)
+    broken = tmp_path / "broken" / "supervisor"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('broken on purpose')\n")
+    newer = tmp_path / "newer" / "supervisor"
+    shutil.copytree(PACKAGE, newer, ignore=shutil.ignore_patterns("__pycache__"))
+    state = newer / "handoff" / "state.py"
+    state.write_text(state.read_text().replace(f"VERSION = {VERSION}\n", f"VERSION = {VERSION + 1}\n"))
+    svc = service(
+        """
+        version: 1
+        instances:
+          worker:
+            command: ["sleep", "1000"]
+        """,
+        args=("--backend", "trio"),
+        # PYTHONSAFEPATH: `python -m` must not find the package in the working folder (the checkout)
+        env={"PYTHONPATH": str(path), "PYTHONSAFEPATH": "1"},
+    )
+    pid = svc.status("worker")["worker"]["pid"]
+
+    _swap(link, broken)
+    for args in (("reexec", "--check"), ("reexec",)):
+        refused = svc.cli(*args)
+        assert refused.returncode == 1, refused
+        assert "would not resume" in refused.stderr and "broken on purpose" in refused.stderr, refused.stderr
+    health = svc.client().health()
+    assert health["handoffs"] == 0 and health["pid"] == svc.pid
+    assert svc.status("worker")["worker"]["pid"] == pid
+
+    _swap(link, newer)
+    refused = svc.cli("reexec")
+    assert refused.returncode == 1
+    assert f"format version {VERSION}; this code reads version {VERSION + 1} only" in refused.stderr
+    assert svc.client().health()["handoffs"] == 0
+
+    _swap(link, PACKAGE)
+    done = svc.cli("reexec")
+    assert done.returncode == 0, done.stderr + svc.log()
+    assert svc.client().health()["handoffs"] == 1
+    assert svc.status("worker")["worker"]["pid"] == pid
+    # And once more: a second re-exec drops the first one's --resume.
+    assert svc.cli("reexec").returncode == 0
+    assert svc.client().health()["handoffs"] == 2
+    assert svc.status("worker")["worker"]["pid"] == pid
+
+
+def test_run_resume_refuses_an_unknown_version_and_touches_nothing(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, "version: 1\ninstances:\n  a:\n    command: [sleep, '1000']\n")
+    fd = write_state({"service": {}, "instances": []} | {"version": VERSION + 7})
+    try:
+        os.set_inheritable(fd, True)
+        run = subprocess.run(
+            [*SUPERVISOR, "run", "-f", str(manifest), "--resume", str(fd)],
+            pass_fds=[fd],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(fd)
+    assert run.returncode == 1
+    assert f"format version {VERSION + 7}; this code reads version {VERSION} only" in run.stderr
+    assert not (tmp_path / ".supervisor").exists()
+
+
+# -- the record itself ----------------------------------------------------------------------------
+
+
+def test_the_record_is_sealed_and_round_trips() -> None:
+    record = {"service": {"x": 1}, "instances": [{"name": "a\0b", "n": 1e300}]}
+    fd = write_state(record)
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SHRINK
+        with pytest.raises(OSError):
+            os.write(fd, b"x")
+        back = read_state(fd)
+    finally:
+        os.close(fd)
+    assert back == {"format": FORMAT, "version": VERSION, **record}
+
+
+@pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[1, 2]", "not a procward handoff record"),
+        (json.dumps({"format": "other", "version": VERSION}).encode(), "not a procward handoff record"),
+        (json.dumps({"format": FORMAT, "version": 0}).encode(), "format version 0"),
+        (json.dumps({"format": FORMAT, "version": "1"}).encode(), "format version '1'"),
+        (json.dumps({"format": FORMAT, "version": float("nan")}).encode(), "format version nan"),
+        (json.dumps({"format": FORMAT, "version": VERSION}).encode(), "no service or no instances"),
+    ],
+)
+def test_a_bad_record_is_refused_with_a_reason(data: bytes, says: str) -> None:
+    with pytest.raises(HandoffError, match=re.escape(says)):
+        parse_state(data)
+
+
+def test_an_unsealed_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "state"
+    path.write_text(json.dumps({"format": FORMAT, "version": VERSION, "service": {}, "instances": []}))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(HandoffError, match="not sealed"):
+            read_state(fd)
+    finally:
+        os.close(fd)
+
+
+def test_the_new_command_line_drops_the_detach_pipe_and_an_earlier_resume() -> None:
+    argv = ["run", "-f", "m.yaml", "--ready-fd", "7", "--pidfile", "p", "--resume", "5", "--resume-check"]
+    kept = ["run", "-f", "m.yaml", "--pidfile", "p", "--resume", "9"]
+    assert resume_argv(argv, 9) == [sys.executable, "-m", "supervisor", *kept]
+    checked = resume_argv(["run", "--ready-fd=3"], 4, check=True)
+    assert checked[-4:] == ["run", "--resume", "4", "--resume-check"]
+
+
+def test_start_ticks_name_one_process() -> None:
+    own = process_start_ticks(os.getpid())
+    assert own is not None and own == process_start_ticks(os.getpid())
+    child = subprocess.Popen(["sleep", "1000"])
+    try:
+        assert process_start_ticks(child.pid) is not None
+        assert process_start_ticks(child.pid) >= own
+    finally:
+        child.kill()
+        child.wait()
+    assert process_start_ticks(child.pid) is None
