@@ -195,6 +195,9 @@ class RotatingFile:
         # The last byte written is not a newline: a line is in progress in this file.
         self._mid_line = False
         self._rotation_failing = False
+        #: Set after a re-exec: the service before it removed them already (and listing a folder
+        #: of 2,000 logs once per sink is what made adopting 1,000 instances take seconds).
+        self.leftovers_removed = False
 
     # -- opening and closing ------------------------------------------------------------
 
@@ -206,7 +209,8 @@ class RotatingFile:
             raise LogFileError(f"the log file path {str(self.path)!r} contains a NUL byte")
         if self._folder_fd is None:
             self._folder_fd = open_folder(self.path.parent)
-            self._remove_leftovers()
+            if not self.leftovers_removed:
+                self._remove_leftovers()
         self._fd = open_file(self._folder_fd, self.path)
         self._size = os.fstat(self._fd).st_size
 

@@ -391,6 +391,7 @@ class LogSink:
         """
         self._at_line_start = bool(state["at_line_start"])
         self._tail_in_file = True
+        self._file.leftovers_removed = True
 
     def _tail_from_file(self) -> None:
         tail = Tail(self._tail_bytes)

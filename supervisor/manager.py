@@ -146,10 +146,19 @@ class Manager:
             self._apply_lock.release()
 
     async def _adopt(self, records: dict[str, dict[str, Any]], children: Mapping[str, Child]) -> None:
-        for name, plan in _plan(self.manifest).items():
+        """Every instance at once: the handover's gap is the time this takes (bench/reexec.py)."""
+        plans = _plan(self.manifest)
+        opened: dict[str, Instance] = {}
+
+        async def adopt(name: str, plan: _Plan) -> None:
             record = records.get(name)
             adopted = None if record is None else (record, children.get(name))
-            self._instances[name] = await self._open(name, plan, self.manifest.supervisor, adopted)
+            opened[name] = await self._open(name, plan, self.manifest.supervisor, adopted)
+
+        async with anyio.create_task_group() as tg:
+            for name, plan in plans.items():
+                tg.start_soon(adopt, name, plan)
+        self._instances = {name: opened[name] for name in plans}
         self._roster_changed()
 
     # -- applying a manifest -----------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import signal
 import stat
 import sys
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,13 @@ class Service:
                     self.manifest.source,
                     os.getpid(),
                 )
+                if self._takeover is not None:
+                    written = float(self._takeover.service["written_at"])
+                    log.info(
+                        "re-exec: answering %.3fs after the old service wrote its state (%.3fs to import)",
+                        time.monotonic() - written,
+                        self._takeover.read_at - written,
+                    )
                 self._takeover = None
                 task_status.started()
                 await self._manager_done.wait()

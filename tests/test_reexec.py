@@ -365,3 +365,33 @@ def test_start_ticks_name_one_process() -> None:
         child.kill()
         child.wait()
     assert process_start_ticks(child.pid) is None
+
+
+
+EXEC_FAILS = """
+import json, os, sys
+from supervisor.handoff.reexec import exec_service
+sys.executable = sys.argv[1]  # an interpreter that is not there (removed by an upgrade, say)
+keep = os.pipe()[0]
+reason = exec_service({"service": {}, "instances": []}, [keep])
+memfds = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        if "procward-handoff" in os.readlink(f"/proc/self/fd/{fd}"):
+            memfds.append(fd)
+    except FileNotFoundError:  # the listing's own fd
+        pass
+print(json.dumps({"reason": reason, "inheritable": os.get_inheritable(keep), "memfds": memfds}))
+"""
+
+
+def test_a_failed_execv_returns_why_and_takes_the_descriptors_back(tmp_path: Path) -> None:
+    gone = tmp_path / "python-removed"
+    run = subprocess.run(
+        [sys.executable, "-c", EXEC_FAILS, str(gone)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    answer = json.loads(run.stdout)
+    assert answer["reason"] == f"cannot exec {gone}: No such file or directory"
+    assert answer["inheritable"] is False  # close-on-exec again: no instance may inherit it
+    assert answer["memfds"] == []  # the state record is closed again

@@ -39,7 +39,7 @@ from typing import Any
 import anyio
 
 from ..config import Manifest
-from ..process import Child, inherited_fd_limit, spawn
+from ..process import Child, SpawnError, inherited_fd_limit, spawn
 from .state import VERSION, HandoffError, StateRecord, parse_state, process_start_ticks, write_state
 
 __all__ = [
@@ -131,6 +131,8 @@ async def check_new_code(record: StateRecord) -> dict[str, Any]:
             child = spawn(
                 resume_argv(sys.argv[1:], 0, check=True), stdin=state_fd, stdout=write, stderr=write
             )
+        except SpawnError as exc:
+            raise HandoffError(f"the new code cannot start, the service goes on as it is: {exc}") from None
         finally:
             os.close(write)
             os.close(state_fd)
@@ -226,6 +228,8 @@ class Takeover:
     record: StateRecord
     children: dict[str, Child] = field(default_factory=dict)
     gone: list[str] = field(default_factory=list)
+    #: time.monotonic() when the new code had read the record (its imports done).
+    read_at: float = field(default_factory=time.monotonic)
 
     @property
     def service(self) -> dict[str, Any]:
