@@ -61,7 +61,7 @@ def test_bash_completes_commands_flags_and_live_instance_names(service: Start, t
     svc = service(MANIFEST)
     script = _script("bash", tmp_path)
     socket = {"SUPERVISOR_SOCKET": str(svc.socket)}
-    assert _bash_complete(script, "re") == ["reload", "restart"]
+    assert _bash_complete(script, "re") == ["reexec", "reload", "restart"]
     assert "_names" not in _bash_complete(script, "")
     assert _bash_complete(script, "restart", "", env=socket) == ["web-0", "web-1", "worker"]
     assert _bash_complete(script, "restart", "") == []  # no manifest here, no socket: no names
@@ -155,4 +155,4 @@ def test_fish_script_parses_and_completes_names(service: Start, tmp_path: Path) 
     assert result.returncode == 0, result.stderr
     names, commands = result.stdout.split("---\n")
     assert sorted(line.split("\t")[0] for line in names.splitlines()) == ["web-0", "web-1", "worker"]
-    assert [line.split("\t")[0] for line in commands.splitlines()] == ["reload", "restart"]
+    assert [line.split("\t")[0] for line in commands.splitlines()] == ["reexec", "reload", "restart"]
