@@ -226,7 +226,7 @@ class Instance:
                 for sink in self._sinks.values():
                     tg.start_soon(sink.run)
                 if self._adopted is not None:
-                    await tg.start(self._resume, self._adopted)
+                    await self._resume(self._adopted)
                 task_status.started()
                 await self._closed.wait()
                 tg.cancel_scope.cancel()
@@ -357,19 +357,15 @@ class Instance:
             sink.adopt(record["sinks"][stream])
         self._health.adopt(record["health"])
 
-    async def _resume(self, record: dict[str, Any], *, task_status: TaskStatus[None]) -> None:
-        """Go on with what the adopted instance was doing (inside ``run()``)."""
+    async def _resume(self, record: dict[str, Any]) -> None:
+        """Go on with what the adopted instance was doing (inside ``run()``, before it is started)."""
         self._adopted = None
         state = self._state
+        assert self._tg is not None
         if state is State.STOPPING:
-            async with self._lock:  # the stop was a request: later ones queue behind it, as before
-                task_status.started()
-                await self._finish_stop(record)
-            return
-        if state in (State.STARTING, State.RUNNING, State.BACKOFF, State.WAITING):
-            assert self._tg is not None
+            await self._tg.start(self._finish_stop, record)
+        elif state in (State.STARTING, State.RUNNING, State.BACKOFF, State.WAITING):
             await self._tg.start(functools.partial(self._supervise, resume=record))
-        task_status.started()
 
     async def _resume_run(self, record: dict[str, Any]) -> str | None:
         """The adopted part of the supervise loop. Returns why to back off, None when done, or
@@ -397,8 +393,16 @@ class Instance:
             resumed = Resumed(state is State.RUNNING, max(0.0, time.time() - child.started_at))
             return await self._watch(child, followers, resumed)
 
-    async def _finish_stop(self, record: dict[str, Any]) -> None:
-        """A stop the old service was in the middle of: SIGKILL when it was due, then ``stopped``."""
+    async def _finish_stop(self, record: dict[str, Any], *, task_status: TaskStatus[None]) -> None:
+        """A stop the old service was in the middle of: SIGKILL when it was due, then ``stopped``.
+
+        It was a request: it holds the lock, and later requests queue behind it, as before.
+        """
+        async with self._lock:
+            task_status.started()
+            await self._finish_stop_locked(record)
+
+    async def _finish_stop_locked(self, record: dict[str, Any]) -> None:
         reason = self._reason or "stopped"
         child = self._child
         if child is not None and child.exit is None:

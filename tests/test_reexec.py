@@ -12,7 +12,9 @@ import fcntl
 import json
 import os
 import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -395,3 +397,35 @@ def test_a_failed_execv_returns_why_and_takes_the_descriptors_back(tmp_path: Pat
     assert answer["reason"] == f"cannot exec {gone}: No such file or directory"
     assert answer["inheritable"] is False  # close-on-exec again: no instance may inherit it
     assert answer["memfds"] == []  # the state record is closed again
+
+
+def test_a_detached_service_reexecs_without_its_ready_fd_and_keeps_its_pidfile(tmp_path: Path) -> None:
+    write_manifest(tmp_path, "version: 1\ninstances:\n  a:\n    command: [sleep, '271.5']\n")
+    pidfile = tmp_path / "svc.pid"
+
+    def supervisor(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*SUPERVISOR, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False
+        )
+
+    started = supervisor("run", "-d", "--pidfile", str(pidfile))
+    assert started.returncode == 0, started.stderr
+    pid = int(pidfile.read_text())
+    service = os.pidfd_open(pid)  # not our child: its end is seen through a pidfd
+    try:
+        client = Client(tmp_path / ".supervisor" / "control.sock", timeout=30)
+        child = client.status()[0]["pid"]
+        done = supervisor("reexec")
+        assert done.returncode == 0, done.stderr
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        assert b"--ready-fd" not in argv and b"--resume" in argv
+        assert client.health()["pid"] == pid and client.status()[0]["pid"] == child
+        assert int(pidfile.read_text()) == pid
+        stopped = supervisor("shutdown")
+        assert stopped.returncode == 0, stopped.stderr
+        assert select.select([service], [], [], 60)[0] == [service], "the service did not end"
+    finally:
+        if not select.select([service], [], [], 0)[0]:  # a failure above: leave nothing running
+            os.kill(pid, signal.SIGKILL)
+        os.close(service)
+    assert not pidfile.exists()
