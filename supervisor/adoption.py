@@ -1,0 +1,192 @@
+"""An instance's half of the re-exec handoff (supervisor/handoff/): described, then adopted.
+
+``Adoption`` is mixed into ``Instance``: the old service reads ``handoff_state()`` of every
+instance in one synchronous stretch right before it execs; the new one builds each
+instance, calls ``adopt()`` before its ``run()``, and ``run()`` calls ``_resume()`` to go
+on with what it was doing (watch the adopted child, end a backoff pause or a stop when
+it was due, wait on for dependencies) without spawning anything. Kept apart from
+instance.py so that the state machine reads on its own; it uses that machine
+(``_transition``, ``_supervise``, ``_watch``, ``_kill_after``) and adds no state of its own
+beyond the record it was adopted from.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from .events import State
+from .health import Resumed
+from .process import Child, ExitStatus
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from anyio.abc import TaskGroup, TaskStatus
+
+    from .config import InstanceConfig
+    from .health import Health, LogSubscription
+    from .logs import LogSink
+    from .stdio import LogPipe
+
+
+class Adoption:
+    """The handoff methods of ``Instance`` (see the module's docstring)."""
+
+    if TYPE_CHECKING:  # what Instance provides
+        name: str
+        group: str
+        config: InstanceConfig
+        _state: State
+        _reason: str | None
+        _child: Child | None
+        _last_exit: ExitStatus | None
+        _targets: dict[str, str]
+        _pipes: dict[str, LogPipe]
+        _sinks: dict[str, LogSink]
+        _health: Health
+        _lock: anyio.Lock
+        _tg: TaskGroup | None
+        _next_try: float | None
+        _kill_at: float | None
+        _trouble: str | None
+        _adopted: dict[str, Any] | None
+
+        def _restart_record(self) -> dict[str, Any]: ...
+        def _adopt_restart_record(self, record: Mapping[str, Any]) -> None: ...
+        def _open_logs(self, adopted: Mapping[str, int] | None = None) -> None: ...
+        def _count_restart(self) -> None: ...
+        def _transition(
+            self, to: State, *, reason: str | None = None, exit: ExitStatus | None = None
+        ) -> None: ...
+        async def _kill_after(self, child: Child, deadline: float) -> bool: ...
+        async def _watch(
+            self, child: Child, followers: LogSubscription, resumed: Resumed | None = None
+        ) -> str | None: ...
+        async def _supervise(
+            self, *, task_status: TaskStatus[None], resume: dict[str, Any] | None = None
+        ) -> None: ...
+
+    def handoff_state(self) -> dict[str, Any]:
+        """Everything a re-exec'd service needs to go on with this instance as if nothing happened.
+
+        Read in one synchronous stretch with every other instance (no task runs in between),
+        so whatever a task was doing is captured at a point where it waits.
+        """
+        child = self._child
+        live = child is not None and child.exit is None
+        last = self._last_exit
+        return {
+            "name": self.name,
+            "group": self.group,
+            "state": self._state.value,
+            "reason": self._reason,
+            "counters": self._restart_record(),
+            "last_exit": None if last is None else asdict(last),
+            "child": None
+            if child is None or not live
+            else {
+                "pid": child.pid,
+                "pgid": child.pgid,
+                "pidfd": child.pidfd,
+                "argv": child.argv,
+                "started_at": child.started_at,
+                "kill_group_on_exit": child.kill_group_on_exit,
+            },
+            "next_try": self._next_try if self._state is State.BACKOFF else None,
+            "kill_at": self._kill_at,
+            "trouble": self._trouble,
+            "targets": dict(self._targets),
+            "pipes": {stream: pipe.read_fd for stream, pipe in self._pipes.items()},
+            "sinks": {stream: sink.handoff_state() for stream, sink in self._sinks.items()},
+            "health": self._health.handoff_state(),
+        }
+
+    def handoff_fds(self) -> list[int]:
+        """The fds a re-exec must keep open for this instance: pidfd, log pipes, notify socket."""
+        child = self._child
+        fds = [pipe.read_fd for pipe in self._pipes.values()] + self._health.handoff_fds()
+        if child is not None and child.exit is None and child.pidfd is not None:
+            fds.append(child.pidfd)
+        return fds
+
+    def adopt(self, record: dict[str, Any], child: Child | None) -> None:
+        """Before ``run()``: take over the instance a re-exec'd service described, spawning nothing.
+
+        ``child``: its program, adopted by handoff (same pid, same pidfd), or None when it
+        ended meanwhile (or nothing ran). ``run()`` then goes on where the old service was:
+        the backoff pause ends when it would have, a stop sends its SIGKILL when due.
+        """
+        self._adopted = record
+        self._state = State(record["state"])
+        self._reason = record["reason"]
+        self._adopt_restart_record(record["counters"])
+        last = record["last_exit"]
+        self._last_exit = None if last is None else ExitStatus(**last)
+        self._child = child
+        self._targets = dict(record["targets"])
+        self._open_logs(record["pipes"])
+        for stream, sink in self._sinks.items():
+            sink.adopt(record["sinks"][stream])
+        self._health.adopt(record["health"])
+
+    async def _resume(self, record: dict[str, Any]) -> None:
+        """Go on with what the adopted instance was doing (inside ``run()``, before it is started)."""
+        self._adopted = None
+        state = self._state
+        assert self._tg is not None
+        if state is State.STOPPING:
+            await self._tg.start(self._finish_stop, record)
+        elif state in (State.STARTING, State.RUNNING, State.BACKOFF, State.WAITING):
+            await self._tg.start(functools.partial(self._supervise, resume=record))
+
+    async def _resume_run(self, record: dict[str, Any]) -> str | None:
+        """The adopted part of the supervise loop. Returns why to back off, None when done, or
+        "" to go on with the loop as usual (wait for dependencies, then start)."""
+        state, child = self._state, self._child
+        if state is State.BACKOFF:
+            deadline = record["next_try"]
+            if deadline is not None:
+                self._next_try = deadline
+                await anyio.sleep(max(0.0, deadline - time.monotonic()))
+            self._count_restart()
+            return ""
+        if state is State.WAITING:
+            return ""
+        # STARTING or RUNNING
+        if child is None:  # it ended while the old service handed over (and was reaped by it)
+            last = self._last_exit
+            return f"{last.describe() if last else 'ended'} during the service's re-exec"
+        if record["kill_at"] is not None:  # a check was stopping it: finish that, then back off
+            self._trouble = record["trouble"]
+            await self._kill_after(child, record["kill_at"])
+            self._last_exit = child.exit
+            return self._trouble or "stopped by a check"
+        async with self._health.log_subscription(list(self._sinks.values())) as followers:
+            resumed = Resumed(state is State.RUNNING, max(0.0, time.time() - child.started_at))
+            return await self._watch(child, followers, resumed)
+
+    async def _finish_stop(self, record: dict[str, Any], *, task_status: TaskStatus[None]) -> None:
+        """A stop the old service was in the middle of: SIGKILL when it was due, then ``stopped``.
+
+        It was a request: it holds the lock, and later requests queue behind it, as before.
+        """
+        async with self._lock:
+            task_status.started()
+            await self._finish_stop_locked(record)
+
+    async def _finish_stop_locked(self, record: dict[str, Any]) -> None:
+        reason = self._reason or "stopped"
+        child = self._child
+        if child is not None and child.exit is None:
+            deadline = record["kill_at"]
+            if deadline is None:  # signalled, and then no deadline recorded: give it stop.timeout
+                deadline = time.monotonic() + self.config.stop.timeout
+            if await self._kill_after(child, deadline):
+                reason = f"{reason}; killed after {self.config.stop.timeout:g}s"
+            self._last_exit = child.exit
+        self._transition(State.STOPPED, reason=reason, exit=self._last_exit)
