@@ -8,7 +8,9 @@ asks for the status of every instance every 10 ms (one connection per request, a
 - the check: from the request to its 202 answer (the new code runs in a subprocess on a copy
   of the state; the old service serves meanwhile);
 - the handover: from the 202 answer until the new service answers status with all N
-  instances (the old one stops taking requests, execs; the new one imports, adopts, listens);
+  instances (the old one stops taking requests, execs; the new one imports, adopts, listens),
+  and in it, from the service's own log: from the state written to the new code's first
+  line after its imports ("import"), and from there to answering ("adopt");
 - the longest gap the polling client sees between two answers, and its longest single request;
 - the client's errors (target 0), and the instances restarted (same pid and start time: target 0);
 - every numbered line of the chatty instances present exactly once in their logs.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -183,6 +186,10 @@ def main() -> int:
                 numbers = [int(line.split()[1]) for line in log.read_text().splitlines()]
                 lost += numbers != list(range(1, len(numbers) + 1))
             print(f"chatty logs with a line missing or twice: {lost} of {args.chatty}")
+            text = (Path(folder) / "service.log").read_text()
+            for match in re.finditer(r"answering ([\d.]+)s after .* \(([\d.]+)s to import\)", text):
+                total, imported = float(match.group(1)), float(match.group(2))
+                print(f"from the state written: import {imported:.2f}s, adopt {total - imported:.2f}s")
         finally:
             service.send_signal(signal.SIGTERM)
             service.wait(timeout=120)

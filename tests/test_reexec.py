@@ -277,6 +277,8 @@ def test_a_new_code_that_cannot_start_or_refuses_the_version_leaves_the_old_serv
     assert done.returncode == 0, done.stderr + svc.log()
     assert svc.client().health()["handoffs"] == 1
     assert svc.status("worker")["worker"]["pid"] == pid
+    reloaded = svc.cli("reload")  # the new service knows the manifest's file
+    assert reloaded.returncode == 0 and "unchanged: worker" in reloaded.stdout, reloaded
     # And once more: a second re-exec drops the first one's --resume.
     assert svc.cli("reexec").returncode == 0
     assert svc.client().health()["handoffs"] == 2
