@@ -37,7 +37,7 @@ import select
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import logging
@@ -274,7 +274,7 @@ class Guardian:
         return guardian
 
     @classmethod
-    def adopt(cls, state: dict[str, object]) -> Guardian:
+    def adopt(cls, state: dict[str, Any]) -> Guardian:
         """After a re-exec: the same guardian process on the same pipe (both inherited).
 
         Never a new one: the running guardian knows every group, and a closed pipe would
@@ -284,21 +284,18 @@ class Guardian:
 
         from . import process
 
-        guardian = cls(Path(str(state["cgroup"])) if state["cgroup"] else None)
-        fd = int(str(state["fd"]))
-        os.set_inheritable(fd, False)
+        guardian = cls(Path(state["cgroup"]) if state["cgroup"] else None)
+        fd, pidfd, pid = int(state["fd"]), state["pidfd"], int(state["pid"])
+        for inherited in (fd, pidfd):
+            if inherited is not None:
+                os.set_inheritable(inherited, False)
         guardian._fd = fd
-        pidfd = state["pidfd"]
-        if pidfd is not None:
-            os.set_inheritable(int(str(pidfd)), False)
-        pid = int(str(state["pid"]))
-        guardian.child = process.Child.adopt(
-            pid, pid, None if pidfd is None else int(str(pidfd)), [sys.executable, __file__], 0.0, False
-        )
+        argv = [sys.executable, "-S", "-I", os.path.abspath(__file__), str(os.getpid())]
+        guardian.child = process.Child.adopt(pid, pid, pidfd, argv, 0.0, kill_group_on_exit=False)
         process.watch_groups(guardian)
         return guardian
 
-    def handoff_state(self) -> dict[str, object]:
+    def handoff_state(self) -> dict[str, Any]:
         """For a re-exec: what ``adopt`` needs (its pipe and its pidfd are handed over too)."""
         child = self.child
         return {

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.api.client import Client, ClientError
+from supervisor.api.client import APIError, Client, ClientError
 from supervisor.handoff.reexec import resume_argv
 from supervisor.handoff.state import (
     FORMAT,
@@ -256,6 +256,15 @@ def test_a_new_code_that_cannot_start_or_refuses_the_version_leaves_the_old_serv
         env={"PYTHONPATH": str(path), "PYTHONSAFEPATH": "1"},
     )
     pid = svc.status("worker")["worker"]["pid"]
+    client = svc.client()
+    checked = client.request("POST", "/v1/reexec", {"check": True})
+    assert checked["check"] is True and checked["report"]["ok"] is True
+    assert checked["report"]["instances"] == 1 and checked["report"]["processes"] == 1
+    for hostile in ({"check": "maybe"}, {"check": float("nan")}, [True]):
+        with pytest.raises(APIError) as refused_body:
+            client.request("POST", "/v1/reexec", hostile)
+        assert refused_body.value.status == 400
+    assert client.health()["handoffs"] == 0
 
     _swap(link, broken)
     for args in (("reexec", "--check"), ("reexec",)):

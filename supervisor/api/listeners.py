@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 from pathlib import Path
+from typing import Any
 
 from ..config import Manifest
 from .client import ServiceUnavailable, connect_unix, unix_address
@@ -146,27 +147,22 @@ class ControlListeners:
                 raise
 
     @classmethod
-    def adopt(cls, state: dict[str, object]) -> ControlListeners:
+    def adopt(cls, state: dict[str, Any]) -> ControlListeners:
         """After a re-exec: the listening sockets the old service bound, inherited with what waits
         in their backlogs (so a client never finds no service)."""
         listeners = cls.__new__(cls)
-        listeners.path = Path(str(state["path"]))
-        token = state["token"]
-        listeners.token = None if token is None else bytes.fromhex(str(token))
-        inode = state["inode"]
-        assert isinstance(inode, list)
-        listeners._inode = (int(inode[0]), int(inode[1]))
+        listeners.path = Path(state["path"])
+        listeners.token = None if state["token"] is None else bytes.fromhex(state["token"])
+        listeners._inode = (int(state["inode"][0]), int(state["inode"][1]))
         listeners._kept = False
-        sockets = state["sockets"]
-        assert isinstance(sockets, list)
         listeners.sockets = []
-        for entry in sockets:
+        for entry in state["sockets"]:
             sock = socket.socket(fileno=int(entry["fd"]))
             sock.set_inheritable(False)
             listeners.sockets.append((sock, str(entry["name"])))
         return listeners
 
-    def handoff_state(self) -> dict[str, object]:
+    def handoff_state(self) -> dict[str, Any]:
         return {
             "path": str(self.path),
             "inode": list(self._inode),
