@@ -16,6 +16,7 @@ import os
 import signal
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -66,6 +67,9 @@ class Service:
         #: Why the last re-exec failed, for the health route.
         self.handoff_error: str | None = None
         self._handing_over = False
+        # While handing over: the signals received (by any thread), sent again to the exec'd
+        # program as pending signals of the one thread that survives execve.
+        self._deferred: list[int] | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: ControlListeners | None = None
         self._guardian: Guardian | None = None
@@ -187,7 +191,7 @@ class Service:
         ``InvalidRequest`` (shutting down, or a re-exec under way). The handover runs in the
         service's task group, after this returns, so the answer reaches the client first.
         """
-        from .handoff.reexec import check_new_code
+        from .handoff.reexec import HANDOFF_SIGNALS, check_new_code
         from .instance import InvalidRequest
 
         if self._stopping:
@@ -204,6 +208,10 @@ class Service:
             self._handing_over = False
             return report
         log.info("re-exec: the new code would resume %d instances; handing over", report["instances"])
+        # Blocked from now (before the answer goes out) until the new service listens for them,
+        # or the handover is abandoned: a TERM sent meanwhile reaches the service that acts on it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDOFF_SIGNALS)
+        self._deferred = []
         self._tg.start_soon(self._hand_over)
         return report
 
@@ -221,7 +229,11 @@ class Service:
         )
 
     async def _hand_over(self) -> None:
-        """Stop taking requests (the sockets stay open), let those in flight end, then exec."""
+        """Stop taking requests (the sockets stay open), let those in flight end, then exec.
+
+        Runs with the handoff's signals blocked (``reexec`` blocked them): unblocked here only
+        when the exec did not happen; otherwise the new service unblocks them.
+        """
         from .handoff.reexec import HANDOFF_SIGNALS, exec_service
         from .instance import InvalidRequest
 
@@ -230,31 +242,39 @@ class Service:
         stopped = False
         try:
             async with self.manager.quiet(timeout=_HANDOFF_QUIET):
-                signal.pthread_sigmask(signal.SIG_BLOCK, HANDOFF_SIGNALS)
-                try:
-                    listeners.keep()
-                    stopped = True
-                    self._hand_over_control.set()
-                    with anyio.move_on_after(_HANDOFF_QUIET):
-                        await self._control_answered.wait()
-                    fds = [*listeners.handoff_fds(), *self.manager.handoff_fds()]
-                    if self._guardian is not None:
-                        fds += self._guardian.handoff_fds()
-                    # No await from here: nothing changes between the record and the exec.
-                    error = exec_service(self._handoff_record(), fds)
-                finally:  # only when the exec failed (or was cancelled before it)
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOFF_SIGNALS)
+                listeners.keep()
+                stopped = True
+                self._hand_over_control.set()
+                with anyio.move_on_after(_HANDOFF_QUIET):
+                    await self._control_answered.wait()
+                if self._stopping:  # a TERM that came before the block, seen while we waited
+                    raise InvalidRequest("service", "a shutdown was asked for meanwhile: it goes first")
+                fds = [*listeners.handoff_fds(), *self.manager.handoff_fds()]
+                if self._guardian is not None:
+                    fds += self._guardian.handoff_fds()
+                # No await from here: nothing changes between the record and the exec.
+                for signum in self._deferred or ():  # pending (blocked) in this thread: execve keeps them
+                    signal.pthread_kill(threading.main_thread().ident or 0, signum)
+                self._deferred = None
+                error = exec_service(self._handoff_record(), fds)
             self.handoff_error = error
             log.error("re-exec failed, the service goes on: %s", error)
         except InvalidRequest as exc:
             self.handoff_error = str(exc)
-            log.error("re-exec refused, the service goes on: %s", exc)
+            log.error("re-exec abandoned: %s", exc)
         finally:
+            deferred, self._deferred = self._deferred or [], None
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOFF_SIGNALS)  # what is pending comes now
+            for signum in deferred:  # those the handover held back, acted on after all
+                signal.raise_signal(signum)
             self._handing_over = False
-            if stopped and not self._stopping:
+            if stopped:
                 await self._control_done.wait()  # its requests' work too: then the sockets are ours
                 listeners.keep(False)
-                await self._tg.start(self._serve_control)
+                if self._stopping:
+                    listeners.close()  # as the control plane would have on its way out
+                else:
+                    await self._tg.start(self._serve_control)
 
     # -- requests (from signals and from the control API) ------------------------------------
 
@@ -324,7 +344,11 @@ class Service:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals() & _HANDED_SIGNALS)
             async with anyio.create_task_group() as tg:
                 async for signum in signals:
-                    if signum == signal.SIGHUP:
+                    if self._deferred is not None:  # handing over: the new service acts on it
+                        self._deferred.append(signum)
+                        name = signal.Signals(signum).name
+                        log.info("got %s during the re-exec: for the new service", name)
+                    elif signum == signal.SIGHUP:
                         tg.start_soon(self._reload_logged)
                     elif signum == signal.SIGUSR2:
                         self.reopen_logs()

@@ -37,7 +37,7 @@ from supervisor.handoff.state import (
     write_state,
 )
 
-from .service_fixture import SUPERVISOR, ServiceProcess, write_manifest
+from .service_fixture import SUPERVISOR, ServiceProcess, pid_gone, write_manifest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "supervisor"
 
@@ -440,3 +440,18 @@ def test_a_detached_service_reexecs_without_its_ready_fd_and_keeps_its_pidfile(t
             os.kill(pid, signal.SIGKILL)
         os.close(service)
     assert not pidfile.exists()
+
+
+def test_a_sigterm_during_the_handover_is_not_lost(service: Callable[..., ServiceProcess]) -> None:
+    """A TERM sent after the 202 is held back by the old service and acted on by the new one:
+    it takes over, then shuts down cleanly."""
+    svc = service("version: 1\ninstances:\n  a:\n    command: [sleep, '271.25']\n")
+    child = svc.status("a")["a"]["pid"]
+    answer = svc.client().request("POST", "/v1/reexec", {})
+    assert answer["check"] is False
+    svc.proc.send_signal(signal.SIGTERM)
+    assert svc.proc.wait(timeout=60) == 0, svc.log()
+    log = svc.log()
+    assert "got SIGTERM during the re-exec: for the new service" in log
+    assert "re-exec'd: took over" in log and log.rstrip().endswith("INFO stopped"), log
+    assert pid_gone(child)
