@@ -1,0 +1,430 @@
+"""Crash recovery: the record of running groups, and what the next start does with it.
+
+Real processes throughout: the groups a record names are spawned by the test (in
+sessions of their own, as the service spawns instances), recorded with their real
+start times and boot id, and then either stopped by ``stop_leftovers`` or, for every
+kind of record that must not be trusted, found still alive afterwards. The end-to-end
+tests ``kill -9`` a real ``supervisor run`` (and its guardian) and start another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from supervisor.handoff import leftovers, record
+from supervisor.handoff.record import Entry, Record, RecordError, RecordKeeper
+from supervisor.manager import Manager
+
+from .helpers import manifest_from, pid_alive, wait_gone
+
+pytestmark = pytest.mark.anyio
+
+
+def unique_marker() -> str:
+    """A sleep duration no other run on this machine uses (other checkouts run the same tests)."""
+    return f"1003.{os.getpid()}{random.randrange(10**6):06d}"
+
+
+def marked(marker: str) -> dict[int, int]:
+    """pid -> start time of every live process with ``marker`` among its arguments."""
+    found = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        process = record.identity(int(entry.name))
+        if marker.encode() in argv and process is not None and not process.zombie:
+            found[process.pid] = process.start
+    return found
+
+
+def same_alive(pid: int, start: int) -> bool:
+    """The process that had ``pid`` at tick ``start`` still runs (a reused pid is someone else)."""
+    now = record.identity(pid)
+    return now is not None and not now.zombie and now.start == start
+
+
+@pytest.fixture
+def groups() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Process groups the test starts; whatever is left of them is killed at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+def start_group(groups: list[subprocess.Popen[bytes]], script: str, marker: str) -> subprocess.Popen[bytes]:
+    """``sh -c SCRIPT`` in a session of its own, once it has printed ``up`` (its children forked)."""
+    proc = subprocess.Popen(
+        ["sh", "-c", script, "sh", marker],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    groups.append(proc)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"up\n"
+    return proc
+
+
+FORKER = 'sleep "$1" & sleep "$1" & echo up; wait'
+STUBBORN = "trap '' TERM; sleep \"$1\" & echo up; wait; wait"
+
+
+def dead_service() -> tuple[int, int]:
+    """(pid, start) of a process that has ended: a crashed service's identity."""
+    proc = subprocess.Popen(["sh", "-c", "read line"], stdin=subprocess.PIPE)
+    process = record.identity(proc.pid)
+    assert process is not None
+    assert proc.stdin is not None
+    proc.stdin.close()
+    proc.wait(timeout=30)
+    return process.pid, process.start
+
+
+def record_of(
+    entries: list[Entry], *, service: tuple[int, int] | None = None, boot: str | None = None
+) -> Record:
+    pid, start = service or dead_service()
+    return Record(pid, start, boot or record.boot_id() or "", time.time(), tuple(entries))
+
+
+def entry_for(pid: int, name: str = "web", *, signal_number: int = 15, timeout: float = 10.0) -> Entry:
+    process = record.identity(pid)
+    assert process is not None
+    return Entry(name, pid, pid, process.start, signal_number, timeout)
+
+
+def write(folder: Path, rec: Record) -> Path:
+    path = folder / record.RECORD_NAME
+    record.write_record(path, record.encode(rec))
+    return path
+
+
+# -- the format -------------------------------------------------------------------------------
+
+
+def test_a_record_reads_back_as_written(tmp_path: Path) -> None:
+    rec = Record(
+        123, 456, "boot", 1.5, (Entry("web-0", 77, 77, 99, 15, 2.5), Entry("worker", 78, 78, 100, 2, 0.0))
+    )
+    path = write(tmp_path, rec)
+    assert record.read_record(path) == rec
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [record.RECORD_NAME]  # no temporary left behind
+
+
+GOOD = record.encode(Record(123, 456, "boot", 1.5, (Entry("web", 77, 77, 99, 15, 2.5),))).decode()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "truncated or garbage"),
+        (GOOD[: len(GOOD) // 2], "truncated or garbage"),
+        ("\0\0\0\0", "truncated or garbage"),
+        ("[" * 100_000, "truncated or garbage"),
+        ("[]", "not a record"),
+        ('{"format": "other"}', "not a record"),
+        (GOOD.replace('"version":1', '"version":99'), "version 99 unknown"),
+        (GOOD.replace('"written_at":1.5', '"written_at":NaN'), "truncated or garbage"),
+        (GOOD.replace('"written_at":1.5', '"written_at":1e999'), "written_at"),
+        (GOOD.replace('"pid":123', '"pid":' + "9" * 5000), "truncated or garbage"),
+        (GOOD.replace('"pid":123', '"pid":1e3'), '"service" needs'),
+        (GOOD.replace('"boot_id":"boot"', '"boot_id":""'), '"service" needs'),
+        (GOOD.replace('"groups":[', '"groups":{"a":[').replace("]}", "]}}"), '"groups" a list'),
+    ],
+)
+def test_a_document_that_is_not_a_whole_record_is_refused(text: str, message: str) -> None:
+    with pytest.raises(RecordError, match=message):
+        record.decode(text.encode(), "instances.json")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ('"pid":77', '"pid":0', "pid, pgid and start"),
+        ('"pid":77', '"pid":-5', "pid, pgid and start"),
+        ('"pid":77', '"pid":99999999', "pid, pgid and start"),
+        ('"pid":77', '"pid":true', "pid, pgid and start"),
+        ('"pid":77', '"pid":77.0', "pid, pgid and start"),
+        ('"pgid":77', '"pgid":78', "is not its pid"),
+        ('"start":99', '"start":-1', "pid, pgid and start"),
+        ('"start":99', '"start":' + "9" * 30, "pid, pgid and start"),
+        ('"stop_signal":15', '"stop_signal":0', "stop_signal"),
+        ('"stop_signal":15', '"stop_signal":1000', "stop_signal"),
+        ('"stop_signal":15', '"stop_signal":"TERM"', "stop_signal"),
+        ('"stop_timeout":2.5', '"stop_timeout":-1', "stop_timeout"),
+        ('"stop_timeout":2.5', '"stop_timeout":1e300', "stop_timeout"),
+        ('"stop_timeout":2.5', '"stop_timeout":' + "9" * 400, "stop_timeout"),
+        ('"instance":"web"', '"instance":""', "expected a name"),
+        ('"instance":"web"', '"instance":"a\\u0000b"', "expected a name"),
+        ('"instance":"web"', '"instance":"a\\nb"', "expected a name"),
+        ('"instance":"web"', '"instance":["web"]', "expected a name"),
+    ],
+)
+def test_a_bad_entry_is_skipped_and_said_the_others_kept(field: str, value: str, message: str) -> None:
+    other = '{"instance":"ok","pid":88,"pgid":88,"start":5,"stop_signal":2,"stop_timeout":1}'
+    assert field in GOOD
+    text = GOOD.replace(field, value).replace('"groups":[', f'"groups":[{other},')
+    rec = record.decode(text.encode(), "instances.json")
+    assert [e.instance for e in rec.entries] == ["ok"]
+    (problem,) = rec.skipped
+    assert problem.startswith("instances.json: groups[1]: ") and message in problem
+
+
+def test_a_symlink_is_not_followed_and_a_write_replaces_it(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.json"
+    target.write_text(GOOD)
+    path = tmp_path / record.RECORD_NAME
+    path.symlink_to(target)
+    with pytest.raises(RecordError, match="is a symlink"):
+        record.read_record(path)
+    record.write_record(path, b"{}")
+    assert not path.is_symlink() and path.read_bytes() == b"{}"
+    assert target.read_text() == GOOD  # the file it pointed to is untouched
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    path = tmp_path / record.RECORD_NAME
+    os.mkfifo(path)
+    with pytest.raises(RecordError, match="not a regular file"):
+        record.read_record(path)
+
+
+def test_a_huge_file_is_refused_unread(tmp_path: Path) -> None:
+    path = tmp_path / record.RECORD_NAME
+    with path.open("wb") as file:
+        file.truncate(record.MAX_RECORD_BYTES + 1)  # sparse: no disk needed
+    with pytest.raises(RecordError, match="more than a record"):
+        record.read_record(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give a file to another user")
+def test_a_file_of_another_user_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / record.RECORD_NAME
+    path.write_text(GOOD)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(RecordError, match="belongs to uid 65534"):
+        record.read_record(path)
+
+
+def test_a_failed_write_leaves_the_old_record(tmp_path: Path) -> None:
+    """A full disk, for real: a file-size limit makes write() fail (EFBIG) in a child process."""
+    path = tmp_path / record.RECORD_NAME
+    path.write_text(GOOD)
+    script = (
+        "import resource, signal, sys\n"
+        "from pathlib import Path\n"
+        "from supervisor.handoff import record\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100, 100))\n"
+        "try:\n"
+        "    record.write_record(Path(sys.argv[1]), b'x' * 1000)\n"
+        "except OSError as exc:\n"
+        "    print(exc.strerror)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "File too large", done.stderr
+    assert path.read_text() == GOOD
+    assert [p.name for p in tmp_path.iterdir()] == [record.RECORD_NAME]
+
+
+# -- stopping what a crashed service left -----------------------------------------------------
+
+
+async def test_a_crashed_services_groups_are_stopped_with_their_stop_signal(
+    tmp_path: Path, groups: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = unique_marker()
+    flag = tmp_path / "got-term"
+    script = f"trap 'echo term > {flag}; exit 0' TERM; " + FORKER
+    first = start_group(groups, script, marker)
+    second = start_group(groups, FORKER, marker)
+    before = marked(marker)
+    assert len(before) == 6
+    write(tmp_path, record_of([entry_for(first.pid, "web-0"), entry_for(second.pid, "web-1")]))
+    with caplog.at_level(logging.INFO, logger="supervisor"):
+        found = await leftovers.stop_leftovers(tmp_path)
+    assert {f.entry.instance for f in found} == {"web-0", "web-1"}
+    assert all(not same_alive(pid, start) for pid, start in before.items())
+    assert marked(marker) == {}
+    assert flag.read_text() == "term\n"  # the stop signal first, as configured
+    assert first.wait(timeout=30) == 0
+    text = caplog.text
+    assert f"web-0: process group {first.pid}" in text and f"web-1: process group {second.pid}" in text
+    assert "stopped 2 process groups left by a service that ended without cleaning up" in text
+
+
+async def test_a_group_that_ignores_the_stop_signal_gets_sigkill_after_the_timeout(
+    tmp_path: Path, groups: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = unique_marker()
+    proc = start_group(groups, STUBBORN, marker)
+    before = marked(marker)
+    write(tmp_path, record_of([entry_for(proc.pid, timeout=0.2)]))
+    with caplog.at_level(logging.INFO, logger="supervisor"), anyio.fail_after(20):
+        await leftovers.stop_leftovers(tmp_path)
+    assert proc.wait(timeout=30) == -signal.SIGKILL
+    assert all(not same_alive(pid, start) for pid, start in before.items())
+    assert "SIGKILL after 0.2s" in caplog.text and "(2 SIGKILLed)" in caplog.text
+
+
+async def test_grandchildren_whose_leader_is_gone_are_stopped(
+    tmp_path: Path, groups: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a `kill -9` of the service leaves: the parent-death signal killed the leader only."""
+    marker = unique_marker()
+    proc = start_group(groups, FORKER, marker)
+    entry = entry_for(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    orphans = marked(marker)
+    assert len(orphans) == 2 and all(os.getpgid(pid) == proc.pid for pid in orphans)
+    write(tmp_path, record_of([entry]))
+    with caplog.at_level(logging.INFO, logger="supervisor"):
+        (found,) = await leftovers.stop_leftovers(tmp_path)
+    assert not found.leader_alive and {p.pid for p in found.processes} == set(orphans)
+    for pid in orphans:
+        await wait_gone(pid)
+    assert marked(marker) == {}
+    assert "its leader gone" in caplog.text
+
+
+async def test_nothing_that_is_not_provably_ours_is_signalled(
+    tmp_path: Path, groups: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = unique_marker()
+    reused = start_group(groups, FORKER, marker)  # its start time will not match: a reused pid
+    not_leader = subprocess.Popen(["sleep", marker])  # in our session: alive, with its start time
+    try:
+        me = record.identity(os.getpid())
+        assert me is not None
+        fake = entry_for(reused.pid, "reused")
+        entries = [
+            Entry("init", 1, 1, 0, 9, 0),
+            Entry("me", os.getpid(), os.getpid(), me.start, 9, 0),
+            Entry("reused", reused.pid, reused.pid, fake.start - 1, 9, 0),
+            Entry("reused-later", reused.pid, reused.pid, fake.start + 1, 9, 0),
+            entry_for(not_leader.pid, "not-a-leader", signal_number=9),
+        ]
+        if os.getpgrp() != 1:
+            entries.append(Entry("my-group", os.getpgrp(), os.getpgrp(), 0, 9, 0))
+        before = marked(marker)
+        write(tmp_path, record_of(entries))
+        with caplog.at_level(logging.INFO, logger="supervisor"):
+            assert await leftovers.stop_leftovers(tmp_path) == []
+        assert marked(marker) == before and len(before) == 4
+        assert pid_alive(1) and pid_alive(not_leader.pid)
+        assert "has its start time but not its session: left alone" in caplog.text
+        assert "with pid 1: never signalled" in caplog.text
+    finally:
+        not_leader.kill()
+        not_leader.wait(timeout=30)
+
+
+async def test_a_record_whose_service_still_runs_or_from_another_boot_is_left_alone(
+    tmp_path: Path, groups: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = unique_marker()
+    proc = start_group(groups, FORKER, marker)
+    me = record.identity(os.getpid())
+    assert me is not None
+    before = marked(marker)
+    with caplog.at_level(logging.INFO, logger="supervisor"):
+        write(tmp_path, record_of([entry_for(proc.pid)], service=(os.getpid(), me.start)))
+        assert await leftovers.stop_leftovers(tmp_path) == []
+        assert "the service that wrote it (this process) still runs" in caplog.text
+        write(tmp_path, record_of([entry_for(proc.pid)], boot="00000000-0000-0000-0000-000000000000"))
+        assert await leftovers.stop_leftovers(tmp_path) == []
+        assert "is from another boot" in caplog.text
+    assert marked(marker) == before
+
+
+@pytest.mark.parametrize("content", [b"", b'{"format": "procward-instances", "vers', b"\xff" * 100])
+async def test_a_broken_record_stops_nothing_and_says_so(
+    tmp_path: Path, groups: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture, content: bytes
+) -> None:
+    marker = unique_marker()
+    start_group(groups, FORKER, marker)
+    before = marked(marker)
+    (tmp_path / record.RECORD_NAME).write_bytes(content)
+    with caplog.at_level(logging.INFO, logger="supervisor"):
+        assert await leftovers.stop_leftovers(tmp_path) == []
+    assert "nothing was stopped" in caplog.text
+    assert marked(marker) == before
+
+
+# -- keeping the record -----------------------------------------------------------------------
+
+
+async def test_the_record_follows_spawns_and_exits_in_few_writes(tmp_path: Path) -> None:
+    text = """
+        version: 1
+        instances:
+          many: {command: [sleep, "60"], replicas: 200, restart: {min_uptime: 0}}
+          short: {command: [sleep, "61"], autostart: false, restart: {policy: "no", min_uptime: 0}}
+        """
+    manager = Manager(manifest_from(text, tmp_path))
+    keeper = RecordKeeper(manager)
+    path = tmp_path / ".supervisor" / record.RECORD_NAME
+    path.parent.mkdir(mode=0o700)
+
+    def recorded() -> dict[str, Entry]:
+        rec = record.read_record(path)
+        return {} if rec is None else {e.instance: e for e in rec.entries}
+
+    async def until(condition: object) -> None:
+        assert callable(condition)
+        with anyio.fail_after(30):
+            while not condition():
+                await keeper.next_write()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(keeper.run)
+        await tg.start(manager.run)
+        try:
+            await until(lambda: len(recorded()) == 200)
+            entries = recorded()
+            for name, instance in manager.instances.items():
+                if name.startswith("many"):
+                    assert instance.pid is not None and entries[name].pid == instance.pid
+                    assert entries[name].start == record.identity(instance.pid).start  # type: ignore[union-attr]
+                    assert (entries[name].stop_signal, entries[name].stop_timeout) == (15, 10.0)
+            # 200 spawns, a handful of writes: bursts are coalesced.
+            assert keeper.writes <= 200 / 4, keeper.writes
+            rec = record.read_record(path)
+            assert rec is not None and rec.service_pid == os.getpid() and rec.boot_id == record.boot_id()
+            short = manager.instances["short"]
+            await short.start()
+            await until(lambda: "short" in recorded())
+            await manager.instances["many-3"].stop()
+            os.kill(short.pid or 0, signal.SIGTERM)
+            await until(lambda: "short" not in recorded() and "many-3" not in recorded())
+            assert len(recorded()) == 199
+        finally:
+            with anyio.CancelScope(shield=True):
+                await manager.shutdown()
+            tg.cancel_scope.cancel()
+    keeper.remove()
+    assert not path.exists()
