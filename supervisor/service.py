@@ -268,8 +268,12 @@ def run_service(
     backend: str = "asyncio",
     pidfile: Path | None = None,
     ready_fd: int | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
     """The whole of ``supervisor run``: returns the exit status.
+
+    ``on_ready`` is called once the service answers on its socket (``run --pid-namespace``
+    tells the process outside the namespace, pidns.py).
 
     ``ready_fd`` is set by ``run -d`` (supervisor.detach): the service reads
     stdin from /dev/null and writes its pid to that fd once it answers on its
@@ -314,6 +318,8 @@ def run_service(
                 if ready_fd is not None:
                     with open(ready_fd, "wb", closefd=True) as notify:
                         notify.write(f"{os.getpid()}\n".encode())
+                if on_ready is not None:
+                    on_ready()
 
             anyio.run(_serve, manifest, ready, backend=backend)
         except* (ControlError, StateDirError, PidfileError) as group:

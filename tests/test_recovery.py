@@ -9,6 +9,7 @@ tests ``kill -9`` a real ``supervisor run`` (and its guardian) and start another
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -16,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -27,6 +28,7 @@ from supervisor.handoff.record import Entry, Record, RecordError, RecordKeeper
 from supervisor.manager import Manager
 
 from .helpers import manifest_from, pid_alive, wait_gone
+from .service_fixture import ServiceProcess
 
 pytestmark = pytest.mark.anyio
 
@@ -104,7 +106,9 @@ def record_of(
     entries: list[Entry], *, service: tuple[int, int] | None = None, boot: str | None = None
 ) -> Record:
     pid, start = service or dead_service()
-    return Record(pid, start, boot or record.boot_id() or "", time.time(), tuple(entries))
+    return Record(
+        pid, start, boot or record.boot_id() or "", time.time(), tuple(entries), record.pid_namespace()
+    )
 
 
 def entry_for(pid: int, name: str = "web", *, signal_number: int = 15, timeout: float = 10.0) -> Entry:
@@ -343,7 +347,7 @@ async def test_nothing_that_is_not_provably_ours_is_signalled(
         not_leader.wait(timeout=30)
 
 
-async def test_a_record_whose_service_still_runs_or_from_another_boot_is_left_alone(
+async def test_a_record_whose_service_still_runs_or_from_another_boot_or_namespace_is_left_alone(
     tmp_path: Path, groups: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
 ) -> None:
     marker = unique_marker()
@@ -358,6 +362,10 @@ async def test_a_record_whose_service_still_runs_or_from_another_boot_is_left_al
         write(tmp_path, record_of([entry_for(proc.pid)], boot="00000000-0000-0000-0000-000000000000"))
         assert await leftovers.stop_leftovers(tmp_path) == []
         assert "is from another boot" in caplog.text
+        other = record_of([entry_for(proc.pid)])
+        write(tmp_path, dataclasses.replace(other, pid_ns=other.pid_ns + 1))
+        assert await leftovers.stop_leftovers(tmp_path) == []
+        assert "is from another PID namespace" in caplog.text
     assert marked(marker) == before
 
 
@@ -428,3 +436,151 @@ async def test_the_record_follows_spawns_and_exits_in_few_writes(tmp_path: Path)
             tg.cancel_scope.cancel()
     keeper.remove()
     assert not path.exists()
+
+
+# -- end to end: kill -9 of a real service, and of its guardian -------------------------------
+
+
+def process_state(pid: int) -> str | None:
+    found = record.identity(pid)
+    return None if found is None else found.state
+
+
+def forkers(marker: str) -> str:
+    """Shells that fork two sleeps each, and a program that puts a child in a group of its own."""
+    regroup = (
+        "import os, subprocess, sys; subprocess.Popen(['sleep', sys.argv[1]], process_group=0); "
+        "os.execvp('sleep', ['sleep', sys.argv[1]])"
+    )
+    return f"""
+        version: 1
+        instances:
+          forker:
+            command: ["sh", "-c", "sleep {marker} & sleep {marker} & wait", "{marker}"]
+            replicas: 3
+            restart: {{min_uptime: 0}}
+            stop: {{timeout: 5s}}
+          regrouper:
+            command: ["{sys.executable}", "-c", "{regroup}", "{marker}"]
+            restart: {{min_uptime: 0}}
+        """
+
+
+def test_kill_9_of_the_service_and_its_guardian_then_run_again_leaves_nothing_of_the_first_run(
+    tmp_path: Path, service: Callable[..., ServiceProcess]
+) -> None:
+    marker = unique_marker()
+    env = {"SUPERVISOR_CGROUP": "off"}  # the record alone, not a cgroup kill, must do it
+    first = service(forkers(marker), env=env)
+    first.wait_until(lambda: len(marked(marker)) == 3 * 3 + 2, 30, "every instance's children")
+    before = marked(marker)
+    pids = {name: s["pid"] for name, s in first.status().items()}
+    path = tmp_path / ".supervisor" / record.RECORD_NAME
+
+    def recorded() -> dict[str, int]:
+        try:
+            rec = record.read_record(path)
+        except RecordError:
+            return {}
+        return {} if rec is None else {e.instance: e.pid for e in rec.entries}
+
+    first.wait_until(lambda: recorded() == pids, 30, "every instance in the record")
+    (keeper,) = [
+        pid
+        for pid in map(int, Path(f"/proc/{first.pid}/task/{first.pid}/children").read_text().split())
+        if b"guardian.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    os.kill(keeper, signal.SIGSTOP)  # the guardian cannot act: the record must
+    first.wait_until(lambda: process_state(keeper) == "T", 10, "the guardian stopped")
+    first.proc.kill()
+    assert first.proc.wait(timeout=30) == -signal.SIGKILL
+    first.expected_exit = None
+    os.kill(keeper, signal.SIGKILL)
+    with anyio.from_thread.start_blocking_portal() as portal:
+        portal.call(wait_gone, keeper)
+    left = marked(marker)
+    assert left and set(left.items()) <= set(before.items())  # the grandchildren outlived it
+
+    second = service(tmp_path / "supervisor.yaml", env=env)
+    second.wait_log("stopped 4 process groups left by a service that ended without cleaning up")
+    second.wait_for(["forker-0", "forker-1", "forker-2", "regrouper"], "running")
+    assert all(not same_alive(pid, start) for pid, start in before.items())
+    now = marked(marker)
+    assert not set(now.items()) & set(before.items())
+    for name, pid in pids.items():
+        assert f"{name}: process group {pid} " in second.log()
+    second.wait_until(lambda: len(marked(marker)) == 3 * 3 + 2, 30, "the new instances' children")
+    new_pids = {name: s["pid"] for name, s in second.status().items()}
+    second.wait_until(lambda: recorded() == new_pids, 30, "the new instances in the record")
+    assert second.stop() == 0
+    second.expected_exit = None
+    assert not path.exists()  # a clean stop leaves no record: nothing runs
+
+
+# -- the service as init of its own PID namespace ---------------------------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="a PID namespace needs root (CAP_SYS_ADMIN)")
+
+
+def wait_all_gone(processes: dict[int, int]) -> None:
+    async def wait() -> None:
+        for pid, start in processes.items():
+            if same_alive(pid, start):
+                await wait_gone(pid, timeout=20)
+
+    with anyio.from_thread.start_blocking_portal() as portal:
+        portal.call(wait)
+
+
+def escapers(marker: str) -> str:
+    """forkers(), and a daemon that leaves its instance's session: only the namespace catches it."""
+    return (
+        forkers(marker)
+        + f"""
+          daemon:
+            command: ["sh", "-c", "setsid sleep {marker} & exec sleep {marker}", "{marker}"]
+            restart: {{min_uptime: 0}}
+        """
+    )
+
+
+@needs_root
+def test_kill_9_of_a_service_in_its_pid_namespace_ends_everything_it_started(
+    tmp_path: Path, service: Callable[..., ServiceProcess]
+) -> None:
+    marker = unique_marker()
+    pidfile = tmp_path / "service.pid"
+    env = {"SUPERVISOR_CGROUP": "off"}  # the namespace alone
+    svc = service(escapers(marker), args=("--pid-namespace", "--pidfile", str(pidfile)), env=env)
+    svc.wait_until(lambda: len(marked(marker)) == 3 * 3 + 2 + 2, 30, "every instance's children")
+    svc.wait_until(pidfile.exists, 30, "the pidfile")
+    assert pidfile.read_text() == f"{svc.pid}\n"  # the pid outside, not the namespace's 1
+    before = marked(marker)
+    assert len({os.getsid(pid) for pid in before}) == 5 + 1  # the daemon left its instance's session
+    statuses = svc.status()
+    assert set(statuses) == {"forker-0", "forker-1", "forker-2", "regrouper", "daemon"}
+    # The pids status shows are the namespace's: not the host's pids of those processes.
+    assert all(s["pid"] not in before for s in statuses.values())
+    svc.proc.kill()
+    assert svc.proc.wait(timeout=30) == -signal.SIGKILL
+    svc.expected_exit = None
+    wait_all_gone(before)
+    assert marked(marker) == {}
+
+
+@needs_root
+def test_a_service_in_its_pid_namespace_stops_cleanly_on_sigterm(
+    tmp_path: Path, service: Callable[..., ServiceProcess]
+) -> None:
+    marker = unique_marker()
+    pidfile = tmp_path / "service.pid"
+    svc = service(forkers(marker), args=("--pid-namespace", "--pidfile", str(pidfile)))
+    svc.wait_until(lambda: len(marked(marker)) == 3 * 3 + 2, 30, "every instance's children")
+    svc.wait_until(pidfile.exists, 30, "the pidfile")
+    before = marked(marker)
+    assert svc.cli("status").returncode == 0
+    assert svc.stop() == 0  # SIGTERM to the outer process, forwarded; its exit status passed on
+    svc.expected_exit = None
+    assert "stopped" in svc.log() and "shutting down" in svc.log()
+    assert all(not same_alive(pid, start) for pid, start in before.items())
+    assert not pidfile.exists() and not (tmp_path / ".supervisor" / record.RECORD_NAME).exists()

@@ -37,7 +37,17 @@ from pathlib import Path
 
 import anyio
 
-from .record import RECORD_NAME, Entry, ProcessIdentity, Record, RecordError, boot_id, identity, read_record
+from .record import (
+    RECORD_NAME,
+    Entry,
+    ProcessIdentity,
+    Record,
+    RecordError,
+    boot_id,
+    identity,
+    pid_namespace,
+    read_record,
+)
 
 __all__ = ["Leftover", "find_leftovers", "stop_leftovers"]
 
@@ -92,6 +102,11 @@ def find_leftovers(record: Record, path: Path | str = RECORD_NAME) -> list[Lefto
     boot = boot_id()
     if boot is None or record.boot_id != boot:
         log.info("crash record %s is from another boot: nothing of it runs", path)
+        return []
+    if record.pid_ns != pid_namespace():
+        # A PID namespace that is not ours: its pids are not the pids /proc shows us. If it was
+        # a `run --pid-namespace`, the kernel ended every process in it when its init died.
+        log.info("crash record %s is from another PID namespace: its pids are not ours to judge", path)
         return []
     writer = identity(record.service_pid)
     if writer is not None and not writer.zombie and writer.start == record.service_start:

@@ -57,6 +57,7 @@ __all__ = [
     "decode",
     "encode",
     "identity",
+    "pid_namespace",
     "read_record",
     "remove_record",
     "write_record",
@@ -132,6 +133,14 @@ def _parse_stat(pid: int, text: bytes) -> ProcessIdentity | None:
         return None
 
 
+def pid_namespace() -> int:
+    """The inode of our PID namespace (0 if unknown): a record's pids are pids in its writer's."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 def boot_id() -> str | None:
     """This boot's random id: start times from another boot count from another zero."""
     try:
@@ -166,6 +175,8 @@ class Record:
     boot_id: str
     written_at: float
     entries: tuple[Entry, ...]
+    #: The inode of the writer's PID namespace: its pids mean nothing in another one.
+    pid_ns: int = 0
     #: Why an entry of the file was skipped (bad fields): said in the log, never acted on.
     skipped: tuple[str, ...] = ()
 
@@ -185,7 +196,12 @@ def encode(record: Record) -> bytes:
     document = {
         "format": FORMAT,
         "version": VERSION,
-        "service": {"pid": record.service_pid, "start": record.service_start, "boot_id": record.boot_id},
+        "service": {
+            "pid": record.service_pid,
+            "start": record.service_start,
+            "boot_id": record.boot_id,
+            "pid_ns": record.pid_ns,
+        },
         "written_at": record.written_at,
         "groups": groups,
     }
@@ -212,8 +228,11 @@ def decode(data: bytes, source: str = RECORD_NAME) -> Record:
     service_pid = _pid(service.get("pid"))
     service_start = _tick(service.get("start"))
     boot = service.get("boot_id")
+    pid_ns = _tick(service.get("pid_ns"))
     if service_pid is None or service_start is None or not isinstance(boot, str) or not 0 < len(boot) <= 64:
         raise RecordError(f'{source}: "service" needs a pid, a start time and a boot_id')
+    if pid_ns is None:
+        raise RecordError(f'{source}: "service" needs its pid_ns')
     if (
         not isinstance(written_at, int | float)
         or isinstance(written_at, bool)
@@ -228,7 +247,7 @@ def decode(data: bytes, source: str = RECORD_NAME) -> Record:
             skipped.append(f"{source}: groups[{index}]: {why}")
         else:
             entries.append(entry)
-    return Record(service_pid, service_start, boot, float(written_at), tuple(entries), tuple(skipped))
+    return Record(service_pid, service_start, boot, float(written_at), tuple(entries), pid_ns, tuple(skipped))
 
 
 def _entry(group: Any) -> tuple[Entry | None, str]:
@@ -374,6 +393,7 @@ class RecordKeeper:
         self._failing: str | None = None
         self._me = identity(os.getpid())
         self._boot = boot_id() or "unknown"
+        self._pid_ns = pid_namespace()
         #: How many times the file was written (for tests and the benchmark).
         self.writes = 0
         self._wrote = anyio.Event()
@@ -483,4 +503,5 @@ class RecordKeeper:
             boot_id=self._boot,
             written_at=time.time(),
             entries=tuple(entries),
+            pid_ns=self._pid_ns,
         )
