@@ -37,7 +37,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["PidNamespaceError", "run_in_pid_namespace"]
+__all__ = ["PidNamespaceError", "run_in_pid_namespace", "service_pid"]
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWPID = 0x20000000
@@ -45,6 +45,18 @@ _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _MS_REC, _MS_PRIVATE = 1 << 14, 1 << 18
 _PR_SET_PDEATHSIG = 1
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2, signal.SIGQUIT)
+
+
+#: In the inner service: the outer process's pid (what the world knows the service by).
+_outer_pid: int | None = None
+
+
+def service_pid() -> int:
+    """This service's pid as seen from outside: the outer process's when it runs in a namespace.
+
+    What the control API reports, so that ``kill $(pid)`` from outside never aims at pid 1.
+    """
+    return _outer_pid or os.getpid()
 
 
 class PidNamespaceError(Exception):
@@ -82,6 +94,8 @@ def run_in_pid_namespace(
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:  # never returns: the outer process's caller is not ours to run twice
+        global _outer_pid
+        _outer_pid = outer
         status = 1
         try:
             for fd in (ready_read, alive_write, ready_fd):

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import random
+import select
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from supervisor.handoff.record import Entry, Record, RecordError, RecordKeeper
 from supervisor.manager import Manager
 
 from .helpers import manifest_from, pid_alive, wait_gone
-from .service_fixture import ServiceProcess
+from .service_fixture import SUPERVISOR, ServiceProcess, write_manifest
 
 pytestmark = pytest.mark.anyio
 
@@ -579,8 +580,54 @@ def test_a_service_in_its_pid_namespace_stops_cleanly_on_sigterm(
     svc.wait_until(pidfile.exists, 30, "the pidfile")
     before = marked(marker)
     assert svc.cli("status").returncode == 0
+    assert svc.client().health()["pid"] == svc.pid  # what `kill` from outside must aim at, never 1
     assert svc.stop() == 0  # SIGTERM to the outer process, forwarded; its exit status passed on
     svc.expected_exit = None
     assert "stopped" in svc.log() and "shutting down" in svc.log()
     assert all(not same_alive(pid, start) for pid, start in before.items())
     assert not pidfile.exists() and not (tmp_path / ".supervisor" / record.RECORD_NAME).exists()
+
+
+def watch_until(done: Callable[[], bool], pid: int, what: str, timeout: float = 30) -> None:
+    """Until ``done()``; between looks, a bounded wait on the pidfd of ``pid`` (which must not end)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            assert left > 0, f"{what} did not happen within {timeout}s"
+            assert not select.select([pidfd], [], [], min(0.05, left))[0], f"{pid} ended before {what}"
+    finally:
+        os.close(pidfd)
+
+
+@needs_root
+def test_run_detached_in_a_pid_namespace_answers_with_the_outer_pid(tmp_path: Path) -> None:
+    marker = unique_marker()
+    write_manifest(tmp_path, forkers(marker))
+    pidfile = tmp_path / "svc.pid"
+    result = subprocess.run(
+        [*SUPERVISOR, "run", "-d", "--pid-namespace", "--pidfile", str(pidfile)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    pid = int(pidfile.read_text()) if pidfile.exists() else None
+    try:
+        assert result.returncode == 0, result.stderr
+        assert pid is not None and f"the service runs (pid {pid}," in result.stderr
+        assert f"supervisor run -f {tmp_path / 'supervisor.yaml'}".encode() in Path(
+            f"/proc/{pid}/cmdline"
+        ).read_bytes().replace(b"\0", b" ")
+        watch_until(lambda: len(marked(marker)) == 3 * 3 + 2, pid, "every instance's children")
+        before = marked(marker)
+        os.kill(pid, signal.SIGTERM)
+        with anyio.from_thread.start_blocking_portal() as portal:
+            portal.call(wait_gone, pid)
+        assert all(not same_alive(p, start) for p, start in before.items())
+        assert not pidfile.exists()
+    finally:
+        if pid is not None and pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
