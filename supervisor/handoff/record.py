@@ -80,6 +80,9 @@ MAX_TIMEOUT = 365 * 86400.0
 #: An instance name longer than this is not one a manifest can give.
 MAX_NAME = 1024
 
+#: Signal numbers this kernel knows (as ints: the enum conversion costs a lot per entry).
+_SIGNALS = frozenset(int(sig) for sig in signal.valid_signals())
+
 _EXIT_STATES = frozenset({State.BACKOFF, State.EXITED, State.STOPPED, State.FAILED})
 
 
@@ -262,7 +265,7 @@ def _entry(group: Any) -> tuple[Entry | None, str]:
     if pgid != pid:
         return None, f"{name}: pgid {pgid} is not its pid {pid} (an instance leads its own group)"
     sig = group.get("stop_signal")
-    if not isinstance(sig, int) or isinstance(sig, bool) or sig not in signal.valid_signals():
+    if not isinstance(sig, int) or isinstance(sig, bool) or sig not in _SIGNALS:
         return None, f"{name}: stop_signal: expected a signal number (got {_short(sig)})"
     timeout = group.get("stop_timeout")
     if not _number(timeout) or not 0 <= timeout <= MAX_TIMEOUT:
