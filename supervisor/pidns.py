@@ -98,6 +98,7 @@ def run_in_pid_namespace(
         _outer_pid = outer
         status = 1
         try:
+            os.setpgid(0, 0)  # a group of its own: a terminal's ^C reaches it once, not twice
             for fd in (ready_read, alive_write, ready_fd):
                 if fd is not None:
                     os.close(fd)
@@ -111,6 +112,9 @@ def run_in_pid_namespace(
             os._exit(status)
     os.close(ready_write)
     os.close(alive_read)
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)  # also here: whichever runs first, the group exists for tcsetpgrp
+    terminal = _hand_terminal(pid)
     for sig in _FORWARDED:
         signal.signal(sig, lambda signum, _frame: _forward(pid, signum))
     try:
@@ -119,6 +123,8 @@ def run_in_pid_namespace(
         os.close(ready_read)
         _, status = os.waitpid(pid, 0)
     finally:
+        if terminal:
+            _take_terminal_back()
         if pidfile is not None:
             from .pidfile import remove_pidfile
 
@@ -188,6 +194,30 @@ def _announce(outer: int, pidfile: Path | None, ready_fd: int | None) -> None:
     if ready_fd is not None:
         with contextlib.suppress(OSError), open(ready_fd, "wb", closefd=True) as notify:
             notify.write(f"{outer}\n".encode())
+
+
+def _hand_terminal(pgid: int) -> bool:
+    """Make the inner service's group the terminal's foreground one, if ours was; True if done.
+
+    The terminal's ^C, ^\\ and hang-up then reach the service directly, once (a second
+    INT would kill without grace), and the outer process forwards only what is sent to it.
+    """
+    try:
+        if not os.isatty(0) or os.tcgetpgrp(0) != os.getpgrp():
+            return False
+        os.tcsetpgrp(0, pgid)
+    except OSError:
+        return False
+    return True
+
+
+def _take_terminal_back() -> None:
+    previous = signal.signal(signal.SIGTTOU, signal.SIG_IGN)  # we are in the background now
+    try:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(0, os.getpgrp())
+    finally:
+        signal.signal(signal.SIGTTOU, previous)
 
 
 def _forward(pid: int, signum: int) -> None:

@@ -29,7 +29,7 @@ from supervisor.handoff.record import Entry, Record, RecordError, RecordKeeper
 from supervisor.manager import Manager
 
 from .helpers import manifest_from, pid_alive, wait_gone
-from .service_fixture import SUPERVISOR, ServiceProcess, write_manifest
+from .service_fixture import SUPERVISOR, ServiceProcess, wait_until, write_manifest
 
 pytestmark = pytest.mark.anyio
 
@@ -631,3 +631,41 @@ def test_run_detached_in_a_pid_namespace_answers_with_the_outer_pid(tmp_path: Pa
     finally:
         if pid is not None and pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+@needs_root
+def test_ctrl_c_at_a_terminal_stops_a_service_in_its_pid_namespace_gracefully(tmp_path: Path) -> None:
+    """^C reaches the service once (its group is the terminal's foreground), not once more forwarded."""
+    import fcntl
+    import termios
+
+    marker = unique_marker()
+    manifest = write_manifest(tmp_path, forkers(marker))
+    master, slave = os.openpty()
+    log = tmp_path / "service.log"
+
+    def take_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    with log.open("wb") as output:
+        proc = subprocess.Popen(
+            [*SUPERVISOR, "run", "-f", str(manifest), "--pid-namespace"],
+            stdin=slave,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=take_terminal,
+        )
+    os.close(slave)
+    try:
+        wait_until(lambda: "supervising 4 instances" in log.read_text(), proc, 30, "the service up")
+        assert os.tcgetpgrp(master) != proc.pid  # the service's group has the terminal, not the outer one
+        os.write(master, b"\x03")
+        assert proc.wait(timeout=60) == 0, log.read_text()
+        text = log.read_text()
+        assert text.count("got SIGINT") == 1 and "killing every instance now" not in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
