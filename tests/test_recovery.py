@@ -208,9 +208,13 @@ def test_a_symlink_is_not_followed_and_a_write_replaces_it(tmp_path: Path) -> No
     assert target.read_text() == GOOD  # the file it pointed to is untouched
 
 
-def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_fifo_or_a_folder_is_refused_without_blocking(tmp_path: Path, kind: str) -> None:
     path = tmp_path / record.RECORD_NAME
-    os.mkfifo(path)
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
     with pytest.raises(RecordError, match="not a regular file"):
         record.read_record(path)
 
@@ -669,3 +673,22 @@ def test_ctrl_c_at_a_terminal_stops_a_service_in_its_pid_namespace_gracefully(tm
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+async def test_a_record_that_cannot_be_written_is_said_once_and_again_when_it_works(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = Manager(manifest_from("version: 1\ninstances: {}\n", tmp_path))
+    keeper = RecordKeeper(manager)
+    keeper.path.parent.mkdir(mode=0o700)
+    keeper.path.mkdir()  # in the way: rename() fails, as on a read-only or broken folder
+    with caplog.at_level(logging.INFO, logger="supervisor"):
+        await keeper.write_now()
+        await keeper.write_now()
+        assert caplog.text.count(f"cannot write {keeper.path}") == 1 and keeper.writes == 0
+        keeper.path.rmdir()
+        await keeper.write_now()
+    assert f"{keeper.path} written again" in caplog.text and keeper.writes == 1
+    rec = record.read_record(keeper.path)
+    assert rec is not None and rec.entries == () and rec.service_pid == os.getpid()
+    assert [p.name for p in keeper.path.parent.iterdir()] == [record.RECORD_NAME]

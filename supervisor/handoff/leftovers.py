@@ -86,7 +86,11 @@ async def stop_leftovers(state_dir: Path) -> list[Leftover]:
         return []
     for problem in record.skipped:
         log.warning("crash record: %s; that entry is ignored", problem)
-    leftovers = find_leftovers(record, path)
+    try:
+        leftovers = find_leftovers(record, path)
+    except OSError as exc:  # no /proc (a container without it): nothing can be proven
+        log.warning("crash record %s: cannot look at the processes (%s); nothing was stopped", path, exc)
+        return []
     if not leftovers:
         return []
     limiter = anyio.CapacityLimiter(CONCURRENT)

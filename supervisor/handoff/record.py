@@ -367,6 +367,10 @@ def write_record(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
+def _encode_and_write(path: Path, record: Record) -> None:
+    write_record(path, encode(record))
+
+
 def remove_record(path: Path) -> None:
     """At a clean exit: nothing runs, so nothing is left to record."""
     with contextlib.suppress(FileNotFoundError):
@@ -463,7 +467,7 @@ class RecordKeeper:
         # In a worker thread: encoding 10,000 entries and the fsyncs must not stall the loop.
         # Not cancellable: a write once begun finishes, so the file is never left half-made.
         try:
-            await anyio.to_thread.run_sync(write_record, path, encode(record))
+            await anyio.to_thread.run_sync(_encode_and_write, path, record)
         except OSError as exc:
             problem = f"cannot write {path}: {exc.strerror or exc}"
             if problem != self._failing:
