@@ -299,6 +299,22 @@ async def test_a_group_that_ignores_the_stop_signal_gets_sigkill_after_the_timeo
     assert "SIGKILL after 0.2s" in caplog.text and "(2 SIGKILLed)" in caplog.text
 
 
+async def test_a_process_forked_while_its_group_is_stopped_is_killed_too(
+    tmp_path: Path, groups: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
+) -> None:
+    marker = unique_marker()
+    # On TERM, the shell forks one more sleep, after the look at /proc, and exits.
+    proc = start_group(groups, "trap 'sleep \"$1\" & exit 0' TERM; " + FORKER, marker)
+    before = marked(marker)
+    write(tmp_path, record_of([entry_for(proc.pid)]))
+    with caplog.at_level(logging.INFO, logger="supervisor"):
+        await leftovers.stop_leftovers(tmp_path)
+    assert proc.wait(timeout=30) == 0
+    assert all(not same_alive(pid, start) for pid, start in before.items())
+    assert marked(marker) == {}
+    assert "(and SIGKILLed 1 processes forked meanwhile)" in caplog.text
+
+
 async def test_grandchildren_whose_leader_is_gone_are_stopped(
     tmp_path: Path, groups: list[subprocess.Popen[bytes]], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -57,8 +57,8 @@ log = logging.getLogger("supervisor.recovery")
 KILL_WAIT = 5.0
 #: At most this many looks for members forked while we were stopping a group.
 SCAN_ROUNDS = 20
-#: Groups stopped at the same time (each holds one pidfd per process).
-CONCURRENT = 64
+#: Groups stopped at the same time (each holds one pidfd per process while it waits).
+CONCURRENT = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +97,11 @@ async def stop_leftovers(state_dir: Path) -> list[Leftover]:
     async with anyio.create_task_group() as tg:
         for leftover in leftovers:
             tg.start_soon(_stop_limited, limiter, leftover)
-    log.warning("stopped %d process groups left by a service that ended without cleaning up", len(leftovers))
+    latecomers = await _kill_latecomers([leftover.entry for leftover in leftovers])
+    more = f" (and SIGKILLed {latecomers} processes forked meanwhile)" if latecomers else ""
+    log.warning(
+        "stopped %d process groups left by a service that ended without cleaning up%s", len(leftovers), more
+    )
     return leftovers
 
 
@@ -119,16 +123,28 @@ def find_leftovers(record: Record, path: Path | str = RECORD_NAME) -> list[Lefto
             "crash record %s: the service that wrote it (%s) still runs; its instances are its own", path, who
         )
         return []
-    table = _processes()
+    table = _Table(_processes())
     return [leftover for entry in record.entries if (leftover := _leftover(entry, table)) is not None]
 
 
-def _leftover(entry: Entry, table: list[ProcessIdentity]) -> Leftover | None:
+class _Table:
+    """The processes of one look at /proc, by pid and by the session and group they are in."""
+
+    def __init__(self, processes: list[ProcessIdentity]) -> None:
+        self.by_pid = {p.pid: p for p in processes}
+        self.by_number: dict[int, list[ProcessIdentity]] = {}
+        for p in processes:
+            self.by_number.setdefault(p.sid, []).append(p)
+            if p.pgid != p.sid:
+                self.by_number.setdefault(p.pgid, []).append(p)
+
+
+def _leftover(entry: Entry, table: _Table) -> Leftover | None:
     number = entry.pgid
     if number in _untouchable():
         log.warning("crash record names %s with pid %d: never signalled", entry.instance, number)
         return None
-    leader = next((p for p in table if p.pid == entry.pid), None)
+    leader = table.by_pid.get(entry.pid)
     if leader is not None:
         if leader.start != entry.start:
             return None  # the pid was handed out again: the recorded session and group are empty
@@ -139,21 +155,19 @@ def _leftover(entry: Entry, table: list[ProcessIdentity]) -> Leftover | None:
                 entry.instance,
             )
             return None
-    members = tuple(p for p in _members(entry, table))
+    members = tuple(_members(entry, table))
     if not members:
         return None
     return Leftover(entry, members, leader is not None and not leader.zombie)
 
 
-def _members(entry: Entry, table: list[ProcessIdentity]) -> list[ProcessIdentity]:
+def _members(entry: Entry, table: _Table) -> list[ProcessIdentity]:
+    """The live processes in the entry's session or group that started no earlier than its leader."""
     untouchable = _untouchable()
     return [
         p
-        for p in table
-        if (p.sid == entry.pgid or p.pgid == entry.pgid)
-        and p.start >= entry.start
-        and p.pid not in untouchable
-        and not p.zombie
+        for p in table.by_number.get(entry.pgid, ())
+        if p.start >= entry.start and p.pid not in untouchable and not p.zombie
     ]
 
 
@@ -195,25 +209,38 @@ async def _stop(leftover: Leftover) -> None:
         if entry.stop_signal not in (signal.SIGKILL, signal.SIGCONT):
             _signal(handles, signal.SIGCONT)  # a stopped process cannot act on the stop signal
         handles = await _wait_gone(handles, entry.stop_timeout)
-        killed = 0
-        for _ in range(SCAN_ROUNDS):
-            if handles:
-                killed += len(handles)
-                _signal(handles, signal.SIGKILL)
-                handles = await _wait_gone(handles, KILL_WAIT)
-            if handles:
-                log.error("%s: %d processes still there after SIGKILL", entry.instance, len(handles))
-                return
-            # Forked while we waited: a new look at the session and group.
-            handles = _open(entry.pgid, _members(entry, _processes()))
-            if not handles:
-                break
+        killed = len(handles)
+        if handles:
+            _signal(handles, signal.SIGKILL)
+            handles = await _wait_gone(handles, KILL_WAIT)
+        if handles:
+            log.error("%s: %d processes still there after SIGKILL", entry.instance, len(handles))
+            return
         log.warning(
             "%s: group %d stopped%s", entry.instance, entry.pgid, f" ({killed} SIGKILLed)" if killed else ""
         )
     finally:
         for _, fd in handles:
             os.close(fd)
+
+
+async def _kill_latecomers(entries: list[Entry]) -> int:
+    """SIGKILL what was forked into the groups while they were being stopped; how many.
+
+    One look at /proc a round for all groups (not one a group: 10,000 groups must not cost
+    10,000 looks), until a round finds no one.
+    """
+    killed = 0
+    for _ in range(SCAN_ROUNDS):
+        table = _Table(_processes())
+        handles = [h for entry in entries for h in _open(entry.pgid, _members(entry, table))]
+        if not handles:
+            break
+        killed += len(handles)
+        _signal(handles, signal.SIGKILL)
+        for _, fd in await _wait_gone(handles, KILL_WAIT):
+            os.close(fd)
+    return killed
 
 
 def _open(number: int, processes: Sequence[ProcessIdentity]) -> list[tuple[ProcessIdentity, int]]:
