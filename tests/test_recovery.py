@@ -708,3 +708,31 @@ async def test_a_record_that_cannot_be_written_is_said_once_and_again_when_it_wo
     rec = record.read_record(keeper.path)
     assert rec is not None and rec.entries == () and rec.service_pid == os.getpid()
     assert [p.name for p in keeper.path.parent.iterdir()] == [record.RECORD_NAME]
+
+
+async def test_the_record_moves_with_the_state_folder_on_reload(tmp_path: Path) -> None:
+    text = "version: 1\nsupervisor: {{state_dir: {where}}}\ninstances:\n  web: {{command: [sleep, '60']}}\n"
+    manager = Manager(manifest_from(text.format(where="first"), tmp_path))
+    keeper = RecordKeeper(manager)
+    first, second = tmp_path / "first" / record.RECORD_NAME, tmp_path / "second" / record.RECORD_NAME
+    for folder in (first.parent, second.parent):
+        folder.mkdir(mode=0o700)
+
+    def names(path: Path) -> list[str]:
+        rec = record.read_record(path)
+        return [] if rec is None else [e.instance for e in rec.entries]
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(keeper.run)
+        await tg.start(manager.run)
+        try:
+            with anyio.fail_after(30):
+                while names(first) != ["web"]:
+                    await keeper.next_write()
+                await manager.apply(manifest_from(text.format(where="second"), tmp_path))
+                while not (second.exists() and names(second) == ["web"] and not first.exists()):
+                    await keeper.next_write()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await manager.shutdown()
+            tg.cancel_scope.cancel()
