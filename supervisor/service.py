@@ -24,6 +24,8 @@ import anyio
 from .config import Manifest, ManifestError, load_manifest
 from .events import Transition, Update
 from .guardian import Guardian
+from .handoff.leftovers import stop_leftovers
+from .handoff.record import RecordKeeper
 from .manager import ApplyError, Manager, ReloadReport
 from .process import become_subreaper, living_children, raise_fd_limit, run_orphan_reaper
 from .statedir import StateDirError, prepare_state_dir
@@ -59,6 +61,9 @@ class Service:
         except ValueError:  # a NUL byte in the path
             path = str(self.manifest.control_socket)
             raise ControlError(f"control socket {path!r}: a NUL byte is not allowed in a path") from None
+        # What a crashed run on this state folder left is stopped before anything new starts.
+        await stop_leftovers(self.manifest.state_dir)
+        keeper = RecordKeeper(self.manager)
         guardian = _start_guardian()
         if any(config.limits.memory for config in self.manifest.instances.values()):
             log.info(
@@ -72,6 +77,7 @@ class Service:
                 tg.start_soon(self._log_transitions)
                 tg.start_soon(run_orphan_reaper)
                 tg.start_soon(self._handle_signals)
+                await tg.start(keeper.run)  # subscribed before the first spawn
                 try:
                     await tg.start(self._run_manager)
                 except BaseException:
@@ -94,6 +100,7 @@ class Service:
             if guardian is not None:  # before the leftovers: it is one of our children
                 await guardian.stop()
             await _reap_leftovers()
+        keeper.remove()  # nothing of ours runs any more
         log.info("stopped")
 
     async def _run_manager(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -261,8 +268,12 @@ def run_service(
     backend: str = "asyncio",
     pidfile: Path | None = None,
     ready_fd: int | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
     """The whole of ``supervisor run``: returns the exit status.
+
+    ``on_ready`` is called once the service answers on its socket (``run --pid-namespace``
+    tells the process outside the namespace, pidns.py).
 
     ``ready_fd`` is set by ``run -d`` (supervisor.detach): the service reads
     stdin from /dev/null and writes its pid to that fd once it answers on its
@@ -307,6 +318,8 @@ def run_service(
                 if ready_fd is not None:
                     with open(ready_fd, "wb", closefd=True) as notify:
                         notify.write(f"{os.getpid()}\n".encode())
+                if on_ready is not None:
+                    on_ready()
 
             anyio.run(_serve, manifest, ready, backend=backend)
         except* (ControlError, StateDirError, PidfileError) as group:
