@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from .config import InstanceConfig
     from .health import Health, LogSubscription
+    from .instance import Retry
     from .logs import LogSink
     from .stdio import LogPipe
 
@@ -66,7 +67,7 @@ class Adoption:
         async def _kill_after(self, child: Child, deadline: float) -> bool: ...
         async def _watch(
             self, child: Child, followers: LogSubscription, resumed: Resumed | None = None
-        ) -> str | None: ...
+        ) -> Retry | None: ...
         async def _supervise(
             self, *, task_status: TaskStatus[None], resume: dict[str, Any] | None = None
         ) -> None: ...
@@ -144,9 +145,11 @@ class Adoption:
         elif state in (State.STARTING, State.RUNNING, State.BACKOFF, State.WAITING):
             await self._tg.start(functools.partial(self._supervise, resume=record))
 
-    async def _resume_run(self, record: dict[str, Any]) -> str | None:
+    async def _resume_run(self, record: dict[str, Any]) -> Retry | None:
         """The adopted part of the supervise loop. Returns why to back off, None when done, or
-        "" to go on with the loop as usual (wait for dependencies, then start)."""
+        a ``Retry`` with no reason to go on with the loop as usual (wait for dependencies, start)."""
+        from .instance import Retry
+
         state, child = self._state, self._child
         if state is State.BACKOFF:
             deadline = record["next_try"]
@@ -154,18 +157,20 @@ class Adoption:
                 self._next_try = deadline
                 await anyio.sleep(max(0.0, deadline - time.monotonic()))
             self._count_restart()
-            return ""
+            return Retry("", failed_start=False)
         if state is State.WAITING:
-            return ""
+            return Retry("", failed_start=False)
         # STARTING or RUNNING
+        early = state is State.STARTING
         if child is None:  # it ended while the old service handed over (and was reaped by it)
             last = self._last_exit
-            return f"{last.describe() if last else 'ended'} during the service's re-exec"
+            ended = last.describe() if last else "ended"
+            return Retry(f"{ended} during the service's re-exec", failed_start=early)
         if record["kill_at"] is not None:  # a check was stopping it: finish that, then back off
             self._trouble = record["trouble"]
             await self._kill_after(child, record["kill_at"])
             self._last_exit = child.exit
-            return self._trouble or "stopped by a check"
+            return Retry(self._trouble or "stopped by a check", failed_start=early)
         async with self._health.log_subscription(list(self._sinks.values())) as followers:
             resumed = Resumed(state is State.RUNNING, max(0.0, time.time() - child.started_at))
             return await self._watch(child, followers, resumed)

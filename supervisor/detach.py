@@ -21,7 +21,7 @@ import os
 import select
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,6 +50,7 @@ def start_detached(
     backend: str,
     timeout: float,
     table: Table,
+    extra_args: Sequence[str] = (),
 ) -> int:
     """The whole of ``supervisor run -d``; ``table`` formats the statuses it prints at the end."""
     try:
@@ -86,6 +87,7 @@ def start_detached(
     argv += ["--log-file", str(log_file), "--backend", backend]
     if pidfile is not None:
         argv += ["--pidfile", str(pidfile)]
+    argv += extra_args
     deadline = time.monotonic() + timeout
     try:
         pid = _spawn(argv, log_fd, deadline)

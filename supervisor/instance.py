@@ -18,7 +18,6 @@ import logging
 import random
 import signal
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,8 +126,7 @@ class Instance(Adoption):
         self._last_exit: ExitStatus | None = None
         self._reason: str | None = None
         self._restarts = 0
-        self._failures = 0  # consecutive failures: the backoff exponent
-        self._recent_restarts: deque[float] = deque()
+        self._failures = 0  # failed starts in a row: the backoff exponent and the give-up count
         self._lock = anyio.Lock()
         self._changed = anyio.Event()
         self._closed = anyio.Event()
@@ -286,16 +284,11 @@ class Instance(Adoption):
 
     def _restart_record(self) -> dict[str, Any]:
         """The restart bookkeeping, for the handoff: the one place that names its fields."""
-        return {
-            "restarts": self._restarts,
-            "failures": self._failures,
-            "recent_restarts": list(self._recent_restarts),
-        }
+        return {"restarts": self._restarts, "failures": self._failures}
 
     def _adopt_restart_record(self, record: Mapping[str, Any]) -> None:
         self._restarts = int(record["restarts"])
         self._failures = int(record["failures"])
-        self._recent_restarts = deque(float(t) for t in record["recent_restarts"])
 
     def _log_loss_changed(self, sink: LogSink) -> None:
         """A log file stopped taking output (a full disk), or takes it again: say so, once each."""
@@ -397,7 +390,6 @@ class Instance(Adoption):
         if self._tg is None or self._closing:
             raise InvalidRequest(self.name, "the instance is closing (removed, or the service is stopping)")
         self._failures = 0
-        self._recent_restarts.clear()
         await self._tg.start(self._supervise)
 
     async def _stop_locked(self, reason: str) -> None:
@@ -458,13 +450,13 @@ class Instance(Adoption):
             with scope:
                 if resume is not None:
                     announce()
-                    why = await self._resume_run(resume)
-                    if why is None or (why and not await self._back_off(why)):
+                    resumed = await self._resume_run(resume)
+                    if resumed is None or (resumed.why and not await self._back_off(resumed)):
                         return
                 while True:
                     await self._wait_for_dependencies(announce)
-                    why = await self._run_once(announce)
-                    if why is None or not await self._back_off(why):
+                    retry = await self._run_once(announce)
+                    if retry is None or not await self._back_off(retry):
                         return
         except Exception as exc:  # a fault of ours, not the program's: this instance fails, not the service
             log.exception("%s: unexpected error in its supervision", self.name)
@@ -502,7 +494,7 @@ class Instance(Adoption):
                 self._reason = now
                 self._context.bus.publish(Update(self.name, self.group, "waiting", None, now))
 
-    async def _run_once(self, announce: Callable[[], None]) -> str | None:
+    async def _run_once(self, announce: Callable[[], None]) -> Retry | None:
         """One run: spawn, watch until it ends. Returns why to retry, or None when done."""
         async with self._health.log_subscription(list(self._sinks.values())) as followers:
             # Spawn first, then announce: the STARTING event carries the new pid. Nothing
@@ -512,14 +504,14 @@ class Instance(Adoption):
             except (SpawnError, StdioError, LogFileError) as exc:
                 self._transition(State.STARTING)
                 announce()
-                return str(exc)
+                return Retry(str(exc), failed_start=True)
             self._transition(State.STARTING)
             announce()
             return await self._watch(child, followers)
 
     async def _watch(
         self, child: Child, followers: LogSubscription, resumed: Resumed | None = None
-    ) -> str | None:
+    ) -> Retry | None:
         """Wait for this run to end. Returns why it must be retried, or None when it is done."""
         restart = self.config.restart
         self._trouble = None
@@ -528,6 +520,7 @@ class Instance(Adoption):
         def on_running() -> None:
             nonlocal running
             running = True
+            self._failures = 0  # it came up: the streak of failed starts is over
             self._transition(State.RUNNING)
 
         async def kill(reason: str, sig: int | None) -> None:
@@ -546,18 +539,16 @@ class Instance(Adoption):
         assert status is not None
         self._last_exit = status
         uptime = status.at - child.started_at
-        if uptime >= restart.backoff.reset_after:
-            self._failures = 0
-        if self._trouble is not None:
-            return self._trouble
         early = not running
+        if self._trouble is not None:
+            return Retry(self._trouble, failed_start=early)
         succeeded = status.succeeded(restart.success_codes)
         if (restart.policy == "no" and not early) or (restart.policy != "always" and succeeded):
             self._transition(State.EXITED, reason=status.describe(), exit=status)
             return None
         if early:
-            return f"{status.describe()} after {uptime:.2f}s, before min_uptime"
-        return status.describe()
+            return Retry(f"{status.describe()} after {uptime:.2f}s, before min_uptime", failed_start=True)
+        return Retry(status.describe(), failed_start=False)
 
     async def _terminate(self, child: Child, sig: int) -> bool:
         """``sig``, then SIGKILL to the group after stop.timeout; True if it took the SIGKILL.
@@ -595,30 +586,34 @@ class Instance(Adoption):
             umask=config.umask,
         )
 
-    async def _back_off(self, why: str) -> bool:
-        """BACKOFF, then FAILED at the restart limit (False), or a pause before the next start."""
+    async def _back_off(self, retry: Retry) -> bool:
+        """BACKOFF, then FAILED at the restart limit (False), or a pause before the next start.
+
+        Only failed starts (ended before ``running``) count, in a row, as supervisord's
+        ``startretries`` and pm2's unstable restarts do: a program that was up and then
+        died is started again after ``restart.delay`` (none by default), however often.
+        """
         restart = self.config.restart
-        self._transition(State.BACKOFF, reason=why, exit=self._last_exit if self._child else None)
-        now = time.monotonic()
-        recent = self._recent_restarts
-        while recent and now - recent[0] > restart.window:
-            recent.popleft()
-        if len(recent) >= restart.max_restarts:
-            self._transition(
-                State.FAILED,
-                reason=f"gave up after {len(recent)} restarts within {restart.window:g}s; last: {why}",
-            )
-            return False
-        delay = min(restart.backoff.initial * restart.backoff.factor**self._failures, restart.backoff.max)
-        delay *= 1 + random.uniform(0, 0.1)
-        self._failures += 1
-        self._next_try = time.monotonic() + delay
+        self._transition(State.BACKOFF, reason=retry.why, exit=self._last_exit if self._child else None)
+        if retry.failed_start:
+            self._failures += 1
+            if self._failures > restart.max_restarts:
+                self._transition(
+                    State.FAILED,
+                    reason=f"gave up after {self._failures} failed starts in a row; last: {retry.why}",
+                )
+                return False
+            backoff = restart.backoff
+            delay = min(backoff.initial * backoff.factor ** (self._failures - 1), backoff.max)
+            delay *= 1 + random.uniform(0, 0.1)
+        else:
+            delay = restart.delay
+        self._next_try = time.monotonic() + delay  # a re-exec meanwhile ends the pause on time
         await anyio.sleep(delay)
         self._count_restart()
         return True
 
     def _count_restart(self) -> None:
-        self._recent_restarts.append(time.monotonic())
         self._restarts += 1
 
     def _spawn(self) -> Child:
@@ -654,6 +649,14 @@ class Instance(Adoption):
         finally:
             stdio.close()
         return self._child
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Why a run must be followed by another, and whether it counts as a failed start."""
+
+    why: str
+    failed_start: bool
 
 
 def _may_need_log(spec: Any) -> bool:

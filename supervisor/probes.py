@@ -17,6 +17,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import functools
 import ipaddress
 import os
 import re
@@ -59,7 +60,15 @@ _STATUS_MAX = 200
 # What an http probe reads at most: the head, and of the body enough to look for a phrase in.
 _HTTP_HEAD_MAX = 64 * 1024
 _HTTP_BODY_MAX = 1024 * 1024
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?\n")
+_CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]{1,18})[ \t]*\r?(?:\n|$)")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_CHUNKED = re.compile(rb"\ntransfer-encoding:[^\n]*chunked")
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class _NotHttp(Exception):
+    """What came back is not an HTTP answer (said in the probe's failure)."""
 
 
 class ProbeFailed(Exception):
@@ -213,7 +222,7 @@ async def _http(url: str, expect: list[int] | None, body: str | None, timeout: f
             status, text = await _http_get(parts, body is not None)
         except OSError as exc:
             raise ProbeFailed(f"GET {url}: {_reason(exc)}") from None
-        except h11.ProtocolError as exc:
+        except (h11.ProtocolError, _NotHttp) as exc:
             raise ProbeFailed(f"GET {url}: not an HTTP answer ({exc})") from None
     if (status not in expect) if expect else not 200 <= status < 400:
         wanted = ", ".join(map(str, expect)) if expect else "2xx or 3xx"
@@ -224,40 +233,103 @@ async def _http(url: str, expect: list[int] | None, body: str | None, timeout: f
 
 
 async def _http_get(parts: SplitResult, want_body: bool) -> tuple[int, str]:
-    """One GET over a plain socket, h11 reading the answer.
+    """One GET over a plain socket, a new connection each time as the kubelet does.
 
-    The hot path of a service that probes hundreds of instances every second:
-    a client library costs several times the CPU (connection pools, TLS
-    contexts, a resolver thread for an IP address), so plain http is done here
-    and https goes to httpx.
+    The hot path of a service that probes hundreds of instances every second: a
+    client library costs several times the CPU (connection pools, TLS contexts, a
+    resolver thread for an IP address), so plain http is done here and https goes
+    to httpx. A status-only probe (the common case) reads the answer's head with a
+    few byte searches; h11 reads the answer when the body is checked, since it may
+    come chunked. The request goes out without waiting for the connection first:
+    on loopback it is up by the time ``send`` runs, which saves a turn of the loop.
     """
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_HTTP_HEAD_MAX)
-    headers = [("Host", parts.netloc), ("User-Agent", "procward-probe"), ("Connection", "close")]
-    request = conn.send(h11.Request(method="GET", target=target, headers=headers))
-    request += conn.send(h11.EndOfMessage()) or b""
-    sock = await _connect(parts.hostname or "", parts.port or 80)
-    status, content, read = 0, bytearray(), 0
+    request = _request(parts.netloc, target)
+    sock = await _open(parts.hostname or "", parts.port or 80)
     try:
         await _send_all(sock, request)
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await _receive(sock))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                # Read to the end (closing with unread data resets the server's connection, which
-                # fills its log), keeping what a body check needs, up to a bound.
-                if want_body and len(content) < _HTTP_BODY_MAX:
-                    content += event.data[: _HTTP_BODY_MAX - len(content)]
-                read += len(event.data)
-                if read >= _HTTP_BODY_MAX:
-                    break  # a probe does not read a whole download
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
+        if not want_body:
+            return await _read_status(sock), ""
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_HTTP_HEAD_MAX)
+        conn.send(h11.Request(method="GET", target=target, headers=_headers(parts.netloc)))
+        conn.send(h11.EndOfMessage())
+        return await _read_answer(sock, conn)
     finally:
         sock.close()
+
+
+def _headers(netloc: str) -> list[tuple[str, str]]:
+    return [("Host", netloc), ("User-Agent", "procward-probe"), ("Connection", "close")]
+
+
+@functools.lru_cache(maxsize=1024)
+def _request(netloc: str, target: str) -> bytes:
+    """The request's bytes, made (and checked) by h11 once per URL, not once per probe."""
+    conn = h11.Connection(h11.CLIENT)
+    request = conn.send(h11.Request(method="GET", target=target, headers=_headers(netloc)))
+    return request + (conn.send(h11.EndOfMessage()) or b"")
+
+
+async def _read_status(sock: socket.socket) -> int:
+    """The final status of the answer, read to its end (closing early would reset the server's side)."""
+    data = bytearray()
+    while True:
+        chunk = await _receive(sock)
+        data += chunk
+        too_long = len(data) > _HTTP_HEAD_MAX + _HTTP_BODY_MAX  # a probe does not read a whole download
+        status = _final_status(data, eof=not chunk or too_long)
+        if status is not None:
+            return status
+
+
+def _final_status(data: bytearray, *, eof: bool) -> int | None:
+    """The status of the complete answer in ``data``; None while more must be read."""
+    at = 0
+    while True:
+        blank = _HEAD_END.search(data, at)
+        line = _STATUS_LINE.match(data, at)
+        if line is None and (blank is not None or eof or data.find(b"\n", at) >= 0):
+            raise _NotHttp("no HTTP status line")
+        if blank is None:
+            if len(data) - at > _HTTP_HEAD_MAX:
+                raise _NotHttp(f"a head of over {_HTTP_HEAD_MAX} bytes")
+            if eof:
+                raise _NotHttp("the connection closed before the end of the head")
+            return None
+        assert line is not None
+        status = int(line[1])
+        if 100 <= status < 200 and status != 101:  # 100 Continue and the like: the answer follows
+            at = blank.end()
+            continue
+        head = bytes(data[at : blank.start()]).lower()
+        body = len(data) - blank.end()
+        if eof or status in (204, 304):
+            return status
+        if (length := _CONTENT_LENGTH.search(head)) is not None:
+            return status if body >= int(length[1]) else None
+        if _CHUNKED.search(head) is not None:
+            return status if data.endswith(b"0\r\n\r\n") else None
+        return None  # delimited by the end of the connection
+
+
+async def _read_answer(sock: socket.socket, conn: h11.Connection) -> tuple[int, str]:
+    status, content, read = 0, bytearray(), 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await _receive(sock))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            # Read to the end (closing with unread data resets the server's connection, which
+            # fills its log), keeping what a body check needs, up to a bound.
+            if len(content) < _HTTP_BODY_MAX:
+                content += event.data[: _HTTP_BODY_MAX - len(content)]
+            read += len(event.data)
+            if read >= _HTTP_BODY_MAX:
+                break  # a probe does not read a whole download
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
     return status, content.decode(errors="replace")
 
 
@@ -272,8 +344,11 @@ async def _https_get(url: str, timeout: float) -> tuple[int, str]:
     return response.status_code, response.text[:_HTTP_BODY_MAX]
 
 
-async def _connect(host: str, port: int) -> socket.socket:
-    """A connected non-blocking socket; an IP address costs no resolver (and no thread)."""
+async def _open(host: str, port: int) -> socket.socket:
+    """A non-blocking socket whose connect has begun; an IP address costs no resolver (and no thread).
+
+    A refused or failed connect shows at the first ``send``, with the same error.
+    """
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
         address: tuple[Any, ...] = (host, port)
@@ -284,13 +359,23 @@ async def _connect(host: str, port: int) -> socket.socket:
         family, _, _, _, address = found[0]
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
-        try:
-            sock.connect(address)
-        except BlockingIOError:
-            await anyio.wait_writable(sock)
-            error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if error:
-                raise OSError(error, os.strerror(error)) from None
+        sock.connect(address)
+    except BlockingIOError:
+        pass
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _connect(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket."""
+    sock = await _open(host, port)
+    try:
+        await anyio.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error)) from None
     except BaseException:
         sock.close()
         raise

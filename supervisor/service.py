@@ -27,6 +27,8 @@ import anyio
 from .config import Manifest, ManifestError, load_manifest
 from .events import Transition, Update
 from .guardian import Guardian
+from .handoff.leftovers import stop_leftovers
+from .handoff.record import RecordKeeper
 from .manager import ApplyError, Manager, ReloadReport
 from .process import (
     become_subreaper,
@@ -108,9 +110,17 @@ class Service:
             path = str(self.manifest.control_socket)
             raise ControlError(f"control socket {path!r}: a NUL byte is not allowed in a path") from None
         self._listeners = listeners
-        if takeover is not None and takeover["guardian"] is not None:
-            guardian: Guardian | None = Guardian.adopt(takeover["guardian"])
+        keeper = RecordKeeper(self.manager)
+        if takeover is not None:
+            # The record names our own (adopted) groups: they are no crashed run's leftovers.
+            keeper.adopt(self._takeover.children.values() if self._takeover is not None else ())
+            if takeover["guardian"] is not None:
+                guardian: Guardian | None = Guardian.adopt(takeover["guardian"])
+            else:
+                guardian = _start_guardian()
         else:
+            # What a crashed run on this state folder left is stopped before anything new starts.
+            await stop_leftovers(self.manifest.state_dir)
             guardian = _start_guardian()
         self._guardian = guardian
         if any(config.limits.memory for config in self.manifest.instances.values()):
@@ -126,6 +136,7 @@ class Service:
                 tg.start_soon(self._log_transitions)
                 tg.start_soon(run_orphan_reaper)
                 tg.start_soon(self._handle_signals)
+                await tg.start(keeper.run)  # subscribed before the first spawn
                 try:
                     await tg.start(self._run_manager)
                 except BaseException:
@@ -149,6 +160,7 @@ class Service:
                         time.monotonic() - written,
                         self._takeover.read_at - written,
                     )
+                    await keeper.write_now()  # no transition tells the record of the adopted groups
                 self._takeover = None
                 task_status.started()
                 await self._manager_done.wait()
@@ -157,6 +169,7 @@ class Service:
             if guardian is not None:  # before the leftovers: it is one of our children
                 await guardian.stop()
             await _reap_leftovers()
+        keeper.remove()  # nothing of ours runs any more
         log.info("stopped")
 
     async def _run_manager(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -447,10 +460,14 @@ def run_service(
     backend: str = "asyncio",
     pidfile: Path | None = None,
     ready_fd: int | None = None,
+    on_ready: Callable[[], None] | None = None,
     resume_fd: int | None = None,
     resume_check: bool = False,
 ) -> int:
     """The whole of ``supervisor run``: returns the exit status.
+
+    ``on_ready`` is called once the service answers on its socket (``run --pid-namespace``
+    tells the process outside the namespace, pidns.py).
 
     ``ready_fd`` is set by ``run -d`` (supervisor.detach): the service reads
     stdin from /dev/null and writes its pid to that fd once it answers on its
@@ -517,6 +534,8 @@ def run_service(
                 if ready_fd is not None:
                     with open(ready_fd, "wb", closefd=True) as notify:
                         notify.write(f"{os.getpid()}\n".encode())
+                if on_ready is not None:
+                    on_ready()
 
             anyio.run(_serve, manifest, ready, takeover, backend=backend)
         except* (ControlError, StateDirError, PidfileError) as group:

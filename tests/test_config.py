@@ -668,9 +668,9 @@ def test_defaults_of_an_instance(tmp_path: Path) -> None:
     )
     restart = config.restart
     assert (restart.policy, restart.success_codes, restart.min_uptime) == ("on-failure", [0], 1.0)
-    assert (restart.max_restarts, restart.window) == (10, 300.0)
+    assert (restart.max_restarts, restart.delay) == (10, 0.0)
     backoff = restart.backoff
-    assert (backoff.initial, backoff.factor, backoff.max, backoff.reset_after) == (0.1, 2.0, 30.0, 60.0)
+    assert (backoff.initial, backoff.factor, backoff.max) == (0.1, 2.0, 30.0)
     assert (config.stop.signal, config.stop.timeout, config.stop.group) == (signal.SIGTERM, 10.0, True)
     logs = config.logs.resolved(manifest.supervisor.logs)
     assert (logs.max_bytes, logs.backups, logs.timestamps) == (50 * 1024**2, 5, False)
@@ -826,6 +826,20 @@ def test_cross_instance_checks_run_even_when_fields_are_wrong(tmp_path: Path) ->
             "instances.web.restart.backoff.intial",
             (6, 17),
             "unknown key 'intial' (did you mean 'initial'?)",
+        ),
+        (
+            web("restart: {window: 5m}"),
+            "instances.web.restart.window",
+            (5, 15),
+            "restart.window was removed: max_restarts now counts failed starts in a row,"
+            " and a run that came up ends the streak; delete the key",
+        ),
+        (
+            web("restart:\n  backoff: {reset_after: 1m}"),
+            "instances.web.restart.backoff.reset_after",
+            (6, 17),
+            "restart.backoff.reset_after was removed: the back-off now starts over as soon as a run"
+            " comes up (reaches running); delete the key",
         ),
         (
             web("stop: {singal: INT}"),

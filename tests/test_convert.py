@@ -82,7 +82,6 @@ def test_sample_conf_program_uncommented(sample_conf: str, tmp_path: Path) -> No
         "stdout_syslog",
         "serverurl",
         "stdout_capture_maxbytes",
-        "startretries",
     ):
         line = next(i for i, text in enumerate(program) if text.startswith(key)) + len(lines) + 1
         assert any(n.startswith(f"{tmp_path / 'supervisord.conf'}:{line}: {key}:") for n in notes), key

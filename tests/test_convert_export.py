@@ -62,7 +62,8 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     assert unit_values(db, "ExecStart") == ["python3 -m http.server 18755 --bind 127.0.0.1"]
     assert unit_values(db, "KillSignal") == ["SIGINT"] and unit_values(db, "TimeoutStopSec") == ["7s"]
     assert unit_values(db, "UMask") == ["0027"] and unit_values(db, "User") == ["root"]
-    assert unit_values(db, "StartLimitBurst") == ["5"] and unit_values(db, "StartLimitIntervalSec") == ["60s"]
+    # 6 failed starts in a row here take 6 × min_uptime (1s) + 1 + 2 + 4 + 8 + 16 s of back-off
+    assert unit_values(db, "StartLimitBurst") == ["6"] and unit_values(db, "StartLimitIntervalSec") == ["37s"]
     assert unit_values(migrate, "Type") == ["oneshot"] and unit_values(migrate, "SuccessExitStatus") == ["3"]
     assert unit_values(api, "Type") == ["notify"] and unit_values(api, "WatchdogSec") == ["30s"]
     assert unit_values(api, "BindsTo") == ["shop-db.service"]

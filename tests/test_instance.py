@@ -58,7 +58,7 @@ async def test_on_failure_backs_off_with_growing_delays_then_fails(tmp_path: Pat
             command: ["sh", "-c", "exit 1"]
             restart:
               policy: on-failure
-              min_uptime: 0
+              min_uptime: 5s
               max_restarts: 4
               backoff: {initial: 50ms, factor: 2, max: 10s}
         """,
@@ -66,7 +66,7 @@ async def test_on_failure_backs_off_with_growing_delays_then_fails(tmp_path: Pat
     )
     async with running(manifest) as (manager, events):
         failed = await events.wait_for(_to(State.FAILED, "crash"), timeout=20)
-        assert "gave up after 4 restarts" in (failed.reason or "")
+        assert "gave up after 5 failed starts in a row" in (failed.reason or "")
         assert "exit code 1" in (failed.reason or "")
         history = events.of("crash")
         delays = [
@@ -234,7 +234,7 @@ async def test_stop_during_backoff_cancels_the_pending_start(tmp_path: Path) -> 
         instances:
           crash:
             command: ["sh", "-c", "exit 1"]
-            restart: {min_uptime: 0, backoff: {initial: 30s}}
+            restart: {min_uptime: 5s, backoff: {initial: 30s}}
         """,
         tmp_path,
     )

@@ -27,7 +27,7 @@ instances:
     restart: {min_uptime: 0}
   crash:
     command: ["sh", "-c", "exit 3"]
-    restart: {policy: always, min_uptime: 0, max_restarts: 2, window: 1h, backoff: {initial: 0, max: 0}}
+    restart: {policy: always, min_uptime: 5s, max_restarts: 2, backoff: {initial: 0, max: 0}}
   idle:
     command: ["sleep", "300"]
     autostart: false

@@ -19,7 +19,7 @@ import pytest
 
 from supervisor.config import ManifestError
 from supervisor.events import State
-from supervisor.probes import ExecContext, ProbeFailed, probe_once
+from supervisor.probes import ExecContext, ProbeFailed, _final_status, _NotHttp, probe_once
 
 from .helpers import manifest_from, running
 from .service_fixture import free_port
@@ -314,6 +314,42 @@ async def test_http_probe_reads_hostile_answers(
             result = str(exc)
         tg.cancel_scope.cancel()
     assert result.startswith(f"GET {url}: ") and outcome in result, result
+
+
+@pytest.mark.parametrize(
+    ("data", "eof", "status"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", False, None),  # the body is still to come
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", False, 200),
+        (b"HTTP/1.1 200 OK\r\ncontent-length:2\r\n\r\n", True, 200),  # closed early: what came is it
+        (b"HTTP/1.0 503 Busy\r\nServer: x\r\n\r\nwhatever", False, None),  # ends with the connection
+        (b"HTTP/1.0 503 Busy\r\nServer: x\r\n\r\nwhatever", True, 503),
+        (b"HTTP/1.1 204 No Content\r\n\r\n", False, 204),
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n", False, 201),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", False, None),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n", False, None),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n", False, 200),
+        (b"HTTP/1.1 200 OK\nContent-Length: 0\n\n", True, 200),  # bare LFs, to the end
+        (b"HTTP/1.1 30", False, None),
+    ],
+)
+def test_the_status_of_an_answer_read_in_pieces(data: bytes, eof: bool, status: int | None) -> None:
+    assert _final_status(bytearray(data), eof=eof) == status
+
+
+@pytest.mark.parametrize(
+    ("data", "eof", "problem"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n", False, "no HTTP status line"),
+        (b"HTTP/1.1 200 OK\r\nX: y", True, "closed before the end of the head"),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000, False, "a head of over 65536 bytes"),
+        (b"HTTP/1.1 2000 OK\r\n\r\n", False, "no HTTP status line"),
+        (b"", True, "no HTTP status line"),
+    ],
+)
+def test_what_is_not_an_http_answer_says_why(data: bytes, eof: bool, problem: str) -> None:
+    with pytest.raises(_NotHttp, match=problem):
+        _final_status(bytearray(data), eof=eof)
 
 
 async def test_an_http_server_that_never_answers_is_cut_at_the_timeout(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from supervisor.api.client import APIError, Client, ClientError
+from supervisor.handoff.record import RECORD_NAME, read_record
 from supervisor.handoff.reexec import resume_argv
 from supervisor.handoff.state import (
     FORMAT,
@@ -286,6 +287,15 @@ def test_a_new_code_that_cannot_start_or_refuses_the_version_leaves_the_old_serv
     assert done.returncode == 0, done.stderr + svc.log()
     assert svc.client().health()["handoffs"] == 1
     assert svc.status("worker")["worker"]["pid"] == pid
+    # The crash record goes on naming the adopted group (no spawn told it), and was not taken
+    # for a crashed run's leftovers at the new start.
+    record = svc.socket.parent / RECORD_NAME
+
+    def recorded() -> list[int]:
+        found = read_record(record)
+        return [] if found is None else [entry.pid for entry in found.entries]
+
+    svc.wait_until(lambda: recorded() == [pid], 20, "the record naming the adopted group")
     reloaded = svc.cli("reload")  # the new service knows the manifest's file
     assert reloaded.returncode == 0 and "unchanged: worker" in reloaded.stdout, reloaded
     # And once more: a second re-exec drops the first one's --resume.

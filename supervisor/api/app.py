@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,6 +18,7 @@ from ..config import Manifest
 from ..events import Transition, Update
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager, ReloadReport, UnknownInstance
+from ..pidns import service_pid
 from .actions import Actions, action_response, refusal, result, run_all
 from .errors import ERRORS, error, install_error_handlers, openapi_with_our_errors
 from .limits import BodyLimit
@@ -106,7 +106,7 @@ def create_app(
         source = hooks.manifest.source
         return {
             "ok": True,
-            "pid": os.getpid(),
+            "pid": service_pid(),  # as seen from outside (--pid-namespace: not 1)
             "manifest": str(source) if source else None,
             "instances": len(manager.instances),
             "states": dict(states),

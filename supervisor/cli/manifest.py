@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +21,48 @@ def cmd_run(args: argparse.Namespace) -> int:
         from ..detach import start_detached
 
         options = {"log_file": args.log_file, "pidfile": args.pidfile, "backend": args.backend}
-        return start_detached(args.file, timeout=args.timeout, table=format_status, **options)
+        extra = ["--pid-namespace"] if args.pid_namespace else []
+        return start_detached(
+            args.file, timeout=args.timeout, table=format_status, extra_args=extra, **options
+        )
+    resumed_inside = args.resume is not None and args.pid_namespace
+    if args.pid_namespace and not resumed_inside:
+        return _run_in_pid_namespace(args)
     from ..service import run_service
 
     return run_service(
         args.file,
         log_file=args.log_file,
         backend=args.backend,
-        pidfile=args.pidfile,
+        # A re-exec inside a PID namespace: we are its init already; the pidfile is the outer process's.
+        pidfile=None if resumed_inside else args.pidfile,
         ready_fd=args.ready_fd,
         resume_fd=args.resume,
         resume_check=args.resume_check,
     )
+
+
+def _run_in_pid_namespace(args: argparse.Namespace) -> int:
+    from ..config import ManifestError, load_manifest
+    from ..pidns import PidNamespaceError, run_in_pid_namespace
+    from ..service import run_service
+    from ..statedir import StateDirError, prepare_state_dir
+
+    try:
+        manifest = load_manifest(args.file)
+        prepare_state_dir(manifest.state_dir)
+    except (ManifestError, StateDirError) as exc:
+        print(exc, file=sys.stderr)
+        return 1
+
+    def inner(on_ready: Callable[[], None]) -> int:
+        return run_service(args.file, log_file=args.log_file, backend=args.backend, on_ready=on_ready)
+
+    try:
+        return run_in_pid_namespace(manifest.state_dir, inner, pidfile=args.pidfile, ready_fd=args.ready_fd)
+    except PidNamespaceError as exc:
+        print(f"supervisor: {exc}", file=sys.stderr)
+        return 2
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -89,6 +120,11 @@ def add_manifest_commands(sub: Any) -> None:
     run.add_argument("--pidfile", type=Path, help="write the service's pid here (removed when it ends)")
     run.add_argument(
         "--timeout", type=_duration, default=60.0, help="-d: give up waiting after this (default 60s)"
+    )
+    run.add_argument(
+        "--pid-namespace",
+        action="store_true",
+        help="root: run as init of a PID namespace of its own, so every instance dies with the service",
     )
     run.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     # Set by `supervisor reexec` (handoff/reexec.py): the state record's fd, and its dry run.

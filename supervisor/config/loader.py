@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .capacity import MAX_INSTANCES, capacity_problems
-from .models import INSTANCE_NAME_PATTERN, MAX_NAME_LENGTH, MAX_REPLICAS, Manifest
+from .models import INSTANCE_NAME_PATTERN, MAX_NAME_LENGTH, MAX_REPLICAS, Backoff, Manifest, RestartPolicy
 from .problems import ManifestError, Problem
 from .yaml_source import (
     MAX_DEPTH,
@@ -214,6 +214,18 @@ class _Source:
 
         return _INTERPOLATION.sub(substitute, text)
 
+
+#: Keys that existed once: a manifest that still has one is told what became of it.
+_REMOVED_KEYS: dict[tuple[type[BaseModel], str], str] = {
+    (RestartPolicy, "window"): (
+        "restart.window was removed: max_restarts now counts failed starts in a row,"
+        " and a run that came up ends the streak; delete the key"
+    ),
+    (Backoff, "reset_after"): (
+        "restart.backoff.reset_after was removed: the back-off now starts over as soon as a run"
+        " comes up (reaches running); delete the key"
+    ),
+}
 
 _NUL = "a NUL character (\\0) cannot be part of a path, a name, an argument or an environment variable"
 
@@ -426,6 +438,9 @@ def _report(error: Mapping[str, Any], source: _Source) -> None:
         return  # already said why the value could not be read
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
+        if parent is not None and (removed := _REMOVED_KEYS.get((parent, str(loc[-1])))):
+            source.problem(loc, removed, at_key=True)
+            return
         valid = sorted(parent.model_fields) if parent else []
         hint = _did_you_mean(str(loc[-1]), valid)
         listing = f"; valid keys here: {', '.join(valid)}" if valid and not hint else ""

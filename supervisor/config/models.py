@@ -210,18 +210,29 @@ class InstanceLogs(StrictModel):
 
 
 class Backoff(StrictModel):
-    """Delay before the next start after a failure: initial × factor^n, capped, with a little jitter."""
+    """The pause before retrying a failed start: initial × factor^(n-1) for the n-th in a row.
 
-    initial: Duration = Field(0.1, description="Delay after the first failure.")
+    Capped at ``max``, with up to 10 % jitter so that many instances failing together do
+    not retry in lockstep.
+    """
+
+    initial: Duration = Field(0.1, description="Pause after the first failed start.")
     factor: float = Field(
-        2.0, ge=1.0, le=100.0, allow_inf_nan=False, description="Growth per consecutive failure (1 to 100)."
+        2.0, ge=1.0, le=100.0, allow_inf_nan=False, description="Growth per failed start in a row (1 to 100)."
     )
-    max: Duration = Field(30.0, description="The delay never grows past this.")
-    reset_after: Duration = Field(60.0, description="Up this long, the delay starts over.")
+    max: Duration = Field(30.0, description="The pause never grows past this.")
 
 
 class RestartPolicy(StrictModel):
-    """When an ended instance is started again, and when the service gives up."""
+    """When an ended instance is started again, and when the service gives up.
+
+    A *failed start* is a run that ended before it was ``running`` (up for ``min_uptime``
+    and ready where a readiness check is set), or a spawn that failed. Failed starts in a
+    row grow the back-off and count towards ``max_restarts``; a run that reached
+    ``running`` ends the streak, and when it ends it is started again after ``delay``
+    (none by default), however often that happens. This is what supervisord
+    (``startretries``) and pm2 (``max_restarts`` of unstable restarts) do.
+    """
 
     policy: Literal["no", "on-failure", "always"] = Field(
         "on-failure",
@@ -235,11 +246,16 @@ class RestartPolicy(StrictModel):
         [0], max_length=256, description="Exit codes that count as success (0 to 255)."
     )
     min_uptime: Duration = Field(1.0, description="An exit sooner than this is a failed start.")
-    backoff: Backoff = Field(Backoff(), description="The delay before each restart.")
-    max_restarts: StrictInt = Field(
-        10, ge=0, le=1_000_000, description="More restarts than this within window: failed."
+    delay: Duration = Field(
+        0.0, description="Pause before restarting a program that was up (reached running) and ended."
     )
-    window: Duration = Field(300.0, description="The window max_restarts counts in.")
+    backoff: Backoff = Field(Backoff(), description="The pause before each retry of a failed start.")
+    max_restarts: StrictInt = Field(
+        10,
+        ge=0,
+        le=1_000_000,
+        description="Failed starts in a row retried before giving up (failed); a run that came up resets it.",
+    )
 
 
 class StopPolicy(StrictModel):

@@ -148,7 +148,7 @@ class _Objects:
         for key in ("max_bytes", "backups", "timestamps", "stdout_file", "stderr_file"):
             if written(entry, "logs", key):
                 note(entry, ("logs", key), "dropped", "the kubelet keeps and rotates container logs")
-        for key in ("min_uptime", "backoff", "window"):
+        for key in ("min_uptime", "backoff", "delay"):
             if written(entry, "restart", key):
                 note(entry, ("restart", key), "dropped", "the kubelet's own back-off (10s doubling to 5m)")
         if config.watchdog is not None:

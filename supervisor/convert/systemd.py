@@ -21,6 +21,19 @@ STEPS_VERSION = 254
 MAX_UNITS = 10_000
 
 
+def _streak_seconds(config: InstanceConfig) -> float:
+    """How long ``max_restarts`` + 1 failed starts in a row take at least: min_uptime each, and the pauses."""
+    restart = config.restart
+    backoff = restart.backoff
+    total = (restart.max_restarts + 1) * restart.min_uptime
+    delay, grown = backoff.initial, 0
+    while grown < restart.max_restarts and delay < backoff.max:  # at most max_restarts rounds
+        total += delay
+        delay *= backoff.factor
+        grown += 1
+    return float(math.ceil(total + (restart.max_restarts - grown) * backoff.max))
+
+
 class _LineBreak(ValueError):
     """A value that a unit file cannot hold on one line (a path or a name with a line break)."""
 
@@ -180,15 +193,26 @@ class _Units:
                         "approximated",
                         f"systemd {self.version} has no RestartSteps: a fixed RestartSec",
                     )
-            if self.source.written(entry, "restart", "backoff", "reset_after"):
+            if self.source.written(entry, "restart", "delay"):
                 note(
                     entry,
-                    ("restart", "backoff", "reset_after"),
+                    ("restart", "delay"),
                     "dropped",
-                    "systemd resets the delay at each clean start",
+                    "systemd waits RestartSec (the back-off) before every restart, also after a run"
+                    " that was up",
                 )
-        unit.append(f"StartLimitIntervalSec={format_duration(restart.window)}")
-        unit.append(f"StartLimitBurst={restart.max_restarts}")
+        # systemd counts every start within an interval; ours, failed starts in a row. The
+        # interval is the time such a streak takes here, so that a streak trips both alike.
+        unit.append(f"StartLimitIntervalSec={format_duration(_streak_seconds(config))}")
+        unit.append(f"StartLimitBurst={restart.max_restarts + 1}")
+        if self.source.written(entry, "restart", "max_restarts"):
+            note(
+                entry,
+                ("restart", "max_restarts"),
+                "approximated",
+                "systemd counts every start within StartLimitIntervalSec (the time that many failed"
+                " starts in a row take), also the starts of runs that were up",
+            )
         codes = [str(c) for c in restart.success_codes if c != 0]
         if codes:
             service.append(f"SuccessExitStatus={' '.join(codes)}")
