@@ -37,7 +37,7 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["PidNamespaceError", "run_in_pid_namespace", "service_pid"]
+__all__ = ["PidNamespaceError", "remember_service_pid", "run_in_pid_namespace", "service_pid"]
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWPID = 0x20000000
@@ -57,6 +57,12 @@ def service_pid() -> int:
     What the control API reports, so that ``kill $(pid)`` from outside never aims at pid 1.
     """
     return _outer_pid or os.getpid()
+
+
+def remember_service_pid(pid: int) -> None:
+    """After a re-exec inside the namespace: the outer pid the first start was told (handoff/)."""
+    global _outer_pid
+    _outer_pid = pid if pid != os.getpid() else None
 
 
 class PidNamespaceError(Exception):

@@ -465,3 +465,25 @@ def test_a_sigterm_during_the_handover_is_not_lost(service: Callable[..., Servic
     assert "got SIGTERM during the re-exec: for the new service" in log
     assert "re-exec'd: took over" in log and log.rstrip().endswith("INFO stopped"), log
     assert pid_gone(child)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a PID namespace needs root (CAP_SYS_ADMIN)")
+def test_a_service_in_its_pid_namespace_reexecs_inside_it(
+    tmp_path: Path, service: Callable[..., ServiceProcess]
+) -> None:
+    pidfile = tmp_path / "service.pid"
+    svc = service(
+        "version: 1\ninstances:\n  a:\n    command: [sleep, '271.75']\n",
+        args=("--pid-namespace", "--pidfile", str(pidfile)),
+    )
+    svc.wait_until(pidfile.exists, 30, "the pidfile")
+    child = svc.status("a")["a"]["pid"]
+    done = svc.cli("reexec")
+    assert done.returncode == 0, done.stderr + svc.log()
+    health = svc.client().health()
+    assert health["handoffs"] == 1 and health["pid"] == svc.pid  # the outer pid, not the namespace's 1
+    assert svc.status("a")["a"]["pid"] == child
+    assert int(pidfile.read_text()) == svc.pid  # the outer process's, untouched by the inner re-exec
+    assert svc.stop() == 0  # SIGTERM to the outer process, forwarded to the re-exec'd inner one
+    svc.expected_exit = None
+    assert not pidfile.exists()

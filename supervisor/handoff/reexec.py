@@ -102,10 +102,13 @@ def service_record(
         child = instance["child"]
         if child is not None:
             child["start_ticks"] = process_start_ticks(child["pid"])
+    from ..pidns import service_pid
+
     source = manifest.source
     return {
         "service": {
             "pid": os.getpid(),
+            "service_pid": service_pid(),  # the outer process's under --pid-namespace
             "manifest": manifest.model_dump(mode="json"),
             "source": None if source is None else str(source),
             "listeners": listeners,
@@ -279,6 +282,9 @@ def prepare_resume(record: StateRecord) -> Takeover:
         except OSError as exc:
             raise HandoffError(f"the inherited fd {fd} is not open ({exc.strerror}): not resuming") from None
     takeover = Takeover(load_manifest_from(record), record)
+    from ..pidns import remember_service_pid
+
+    remember_service_pid(int(record["service"]["service_pid"]))
     for instance in record["instances"]:
         child = instance["child"]
         if child is None:
