@@ -610,21 +610,34 @@ def _children_from_stat() -> list[int]:
 
 
 def raise_fd_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard limit; return the new soft limit.
+    """Raise the soft RLIMIT_NOFILE as far as it goes; return the new soft limit.
 
-    1,000 instances need about 3,000 fds (a pidfd and log pipes each). Children get the
-    limit the service started with back, as systemd does: programs that size tables
-    or close-loops by the soft limit, or use select(), expect the usual 1,024.
+    To the hard limit; and where the process may (root with CAP_SYS_RESOURCE), the hard
+    limit first to the kernel's ceiling ``fs.nr_open``: 10,000 instances with captured
+    output need about 30,000 descriptors (config/capacity.py counts them). A refused
+    raise of the hard limit (root in a container without the capability) is no error:
+    the soft limit still goes up to the hard one, and the load-time check has said
+    whether that is enough. Children get the limit the service started with back, as
+    systemd does: programs that size tables or close-loops by the soft limit, or use
+    select(), expect the usual 1,024.
     """
     global _inherited_nofile
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard
-    if hard == resource.RLIM_INFINITY:  # the soft limit cannot exceed fs.nr_open
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = 1 << 20
+    if hard != resource.RLIM_INFINITY and hard < ceiling:
         try:
-            with open("/proc/sys/fs/nr_open") as f:
-                target = int(f.read())
-        except (OSError, ValueError):
-            target = 1 << 20
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, ceiling))
+        except (OSError, ValueError):  # EPERM: not ours to raise
+            pass
+        else:
+            if _inherited_nofile is None:
+                _inherited_nofile = (soft, hard)
+            hard = ceiling
+    target = ceiling if hard == resource.RLIM_INFINITY else hard  # the soft limit cannot exceed nr_open
     if soft != resource.RLIM_INFINITY and soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -73,14 +73,17 @@ class Service:
                 tg.start_soon(run_orphan_reaper)
                 tg.start_soon(self._handle_signals)
                 try:
-                    await tg.start(self._run_manager)
+                    # Served once the instances exist, before they start: status answers during
+                    # the spawns (the manager yields to the loop between batches of them).
+                    tg.start_soon(self._run_manager)
+                    await self.manager.wait_roster()
+                    await tg.start(functools.partial(serve_control, self.manager, self, listeners=listeners))
                 except BaseException:
                     listeners.close()
                     if guardian is not None:
                         with anyio.CancelScope(shield=True):
                             await guardian.stop()
                     raise
-                await tg.start(functools.partial(serve_control, self.manager, self, listeners=listeners))
                 log.info(
                     "supervising %d instances from %s (pid %d)",
                     len(self.manager.instances),
@@ -96,8 +99,8 @@ class Service:
             await _reap_leftovers()
         log.info("stopped")
 
-    async def _run_manager(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        await self.manager.run(task_status=task_status)
+    async def _run_manager(self) -> None:
+        await self.manager.run()
         self._manager_done.set()
 
     # -- requests (from signals and from the control API) ------------------------------------
