@@ -16,6 +16,7 @@ first), and a dependency that restarts restarts the dependents whose edge says
 from __future__ import annotations
 
 import fnmatch
+import gc
 import os
 import resource
 import time
@@ -163,6 +164,7 @@ class Manager:
             raise InvalidRequest("service", "the service is shutting down")
         if self._tg is None:
             raise InvalidRequest("service", "the service is starting: try again once it runs")
+        gc.unfreeze()  # what this change replaces may be collected again
         plan = _plan(manifest)
         settings_changed = _instance_settings(self.manifest.supervisor) != _instance_settings(
             manifest.supervisor
@@ -195,6 +197,11 @@ class Manager:
         self._roster.set()
         to_start = [i for i in prepared.values() if i.config.autostart]
         await self._start_all(to_start)
+        # The instances live until the next change: the garbage collector need not walk them
+        # again and again. With 10,000 instances, each full collection walked millions of
+        # objects, and the spawns, status answers and shutdown all allocate enough to set
+        # one off often: a third of the time of a shutdown went to it (docs/performance.md).
+        gc.freeze()
         return report
 
     async def _prepare(
@@ -380,8 +387,9 @@ class Manager:
         return sum(1 for i in self._instances.values() if i.state is state)
 
 
-#: Seconds of spawning in one round of the event loop, between two looks at its sockets.
-SPAWN_SLICE = 0.01
+#: Seconds of spawning in one round of the event loop, between two looks at its sockets;
+#: None: no batches, every start of a level queued at once (bench/spawn.py compares the two).
+SPAWN_SLICE: float | None = 0.01
 #: How long the start path waits for one batch before it queues the next anyway: a start
 #: held by a request (a stop with a long timeout) must not hold the rest of the storm.
 _BATCH_WAIT = 0.5
@@ -402,14 +410,16 @@ class _Batches:
     def split(self, instances: Sequence[Instance]) -> Iterator[Sequence[Instance]]:
         position = 0
         while position < len(instances):
-            batch = instances[position : position + self._size]
+            size = self._size if SPAWN_SLICE is not None else len(instances)
+            batch = instances[position : position + size]
             position += len(batch)
             self._started = time.perf_counter()
             yield batch
 
     def took(self, count: int) -> None:
-        per_start = max(time.perf_counter() - self._started, 1e-6) / count
-        self._size = max(1, min(256, int(SPAWN_SLICE / per_start)))
+        if SPAWN_SLICE is not None:
+            per_start = max(time.perf_counter() - self._started, 1e-6) / count
+            self._size = max(1, min(256, int(SPAWN_SLICE / per_start)))
 
 
 async def _run_batch(
