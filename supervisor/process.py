@@ -567,11 +567,21 @@ def _reap_orphan(pid: int, into: list[ExitStatus]) -> None:
 
 
 async def run_orphan_reaper(sweep_interval: float = _SWEEP_INTERVAL) -> None:
-    """Reap orphans on every SIGCHLD, and sweep now and then: pending signals coalesce."""
+    """Reap orphans on every SIGCHLD, and sweep once ``sweep_interval`` after the last one.
+
+    Pending signals coalesce, so a sweep after a burst of exits catches what a lost
+    signal would leave. Once a sweep has found the service quiet, the reaper waits for
+    the next SIGCHLD without a deadline: a sweep reads every child's pid from
+    ``/proc`` (10,000 of them with 10,000 instances), and an idle service must cost
+    no CPU at all (issue 13: 0 clock ticks over 30 s).
+    """
     with anyio.open_signal_receiver(signal.SIGCHLD) as signals:
         while True:
             reap_orphans()
-            with anyio.move_on_after(sweep_interval):
+            with anyio.move_on_after(sweep_interval) as quiet:
+                await anext(signals)
+            if quiet.cancelled_caught:
+                reap_orphans()
                 await anext(signals)
 
 
