@@ -159,12 +159,40 @@ def storm(n: int, folder: Path, logs: bool) -> tuple[float, list[float]]:
         service.wait(timeout=120)
 
 
+def descriptor_cost(counts: tuple[int, ...] = (0, 5000, 10000), spawns: int = 200) -> list[tuple[int, float]]:
+    """Milliseconds per plain spawn while this process holds ``count`` more descriptors.
+
+    A spawn copies the parent's descriptor table into the child (and the child closes
+    them all again before the exec): the part of a spawn's cost that grows with the
+    number of instances, whatever the service does in Python.
+    """
+    held: list[int] = []
+    costs = []
+    try:
+        for count in counts:
+            while len(held) < count:
+                held.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            started = time.perf_counter()
+            children = [
+                subprocess.Popen(["true"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                for _ in range(spawns)
+            ]
+            costs.append((count, (time.perf_counter() - started) / spawns * 1000))
+            for child in children:
+                child.wait()
+    finally:
+        for fd in held:
+            os.close(fd)
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("n", type=int, nargs="?", default=1000)
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
     parser.add_argument("--logs", action="store_true")
     parser.add_argument("--no-storm", action="store_true", help="skip the status latency during the storm")
+    parser.add_argument("--descriptors", action="store_true", help="also: a spawn's cost by descriptors held")
     args = parser.parse_args()
     raise_fd_limit()
     with tempfile.TemporaryDirectory() as tmp:
@@ -202,6 +230,9 @@ def main() -> None:
         f"supervisor, every start queued at once (no batches): {unbatched:.3f}s; "
         f"the batches cost {(supervised / unbatched - 1) * 100:+.1f} % (target: <= +10 %)"
     )
+    if args.descriptors:
+        costs = ", ".join(f"{count:,} held: {ms:.2f} ms" for count, ms in descriptor_cost())
+        print(f"a plain spawn of `true` while the process holds more descriptors: {costs}")
     if stormed is not None:
         total, latencies = stormed
         ms = [value * 1000 for value in latencies]
