@@ -33,6 +33,7 @@ import argparse
 import http.client
 import os
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -368,16 +369,19 @@ def main() -> int:
             [str(venv / "bin" / "supervisord"), "--version"], capture_output=True, text=True, check=False
         ).stdout.strip()
         print(f"supervisord {version}")
-    for size in sizes:
-        marker = f"{31_000_000 + size}.{os.getpid()}"
-        if args.only != "supervisord":
-            row = ours(size, args, folder / f"ours-{size}", marker)
-            ours_rows.append(row)
-            print(f"ours {size}: {row}", file=sys.stderr)
-        if venv is not None:
-            row = supervisord(size, args, folder / f"supervisord-{size}", marker + "0", venv)
-            theirs_rows.append(row)
-            print(f"supervisord {size}: {row}", file=sys.stderr)
+    try:
+        for size in sizes:
+            marker = f"{31_000_000 + size}.{os.getpid()}"
+            if args.only != "supervisord":
+                row = ours(size, args, folder / f"ours-{size}", marker)
+                ours_rows.append(row)
+                print(f"ours {size}: {row}", file=sys.stderr)
+            if venv is not None:
+                row = supervisord(size, args, folder / f"supervisord-{size}", marker + "0", venv)
+                theirs_rows.append(row)
+                print(f"supervisord {size}: {row}", file=sys.stderr)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # a venv passed with --supervisord-venv is elsewhere
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     print(machine())
     print(f"RLIMIT_NOFILE {soft}:{hard}; load average {os.getloadavg()[0]:.1f}; streams: {args.streams}")
