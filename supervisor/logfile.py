@@ -104,14 +104,15 @@ def open_file(folder_fd: int, path: Path) -> int:
 
 # -- shared folders and open files ----------------------------------------------------------
 
-# ``web.out.log.3.dropped-PID-N`` was backup 3 of ``web.out.log``: the file it belongs to.
-_DROPPED = re.compile(r"^(?P<file>.+?)(?:\.\d+)?\.dropped-\d+-\d+$")
+# ``web.out.log.3.dropped-PID-N`` was backup 3 of ``web.out.log`` (or the file ``web.out.log.3``
+# itself, a name may end in digits): what is before ``.dropped-``, and that without a number.
+_DROPPED = re.compile(r"^(?P<stem>(?P<file>.+?)(?:\.\d+)?)\.dropped-\d+-\d+$")
 
 
 class _Folder:
     """One open log folder: its descriptor, its holders, and the leftovers found when it opened."""
 
-    __slots__ = ("fd", "holders", "key", "leftovers", "path")
+    __slots__ = ("dropped", "fd", "holders", "key", "leftovers", "path")
 
     def __init__(self, key: str, path: Path, fd: int, leftovers: dict[str, list[str]]) -> None:
         self.key = key
@@ -121,6 +122,7 @@ class _Folder:
         #: Files dropped by a service that died before its reclaimer removed them, by the
         #: name of the file they belonged to: each file takes its own when it first opens.
         self.leftovers = leftovers
+        self.dropped: set[str] = set()
 
     def same_as_path(self) -> bool:
         """The folder at ``path`` is still this one (not moved away and made anew)."""
@@ -176,7 +178,8 @@ def _leftovers(folder_fd: int) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for name in names:
         if ".dropped-" in name and (match := _DROPPED.match(name)):
-            found.setdefault(match["file"], []).append(name)
+            for owner in {match["stem"], match["file"]}:  # the first of them to open removes it
+                found.setdefault(owner, []).append(name)
     return found
 
 
@@ -375,7 +378,9 @@ class RotatingFile:
         folder = self._folder
         assert folder is not None
         for name in folder.leftovers.pop(self.path.name, ()):
-            _RECLAIMER.drop(folder.fd, name, folder.path)
+            if name not in folder.dropped:  # listed under two names: dropped once
+                folder.dropped.add(name)
+                _RECLAIMER.drop(folder.fd, name, folder.path)
 
     # -- writing ------------------------------------------------------------------------
 

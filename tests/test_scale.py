@@ -250,3 +250,23 @@ def test_a_manifest_that_needs_more_descriptors_than_the_limit_is_refused_at_loa
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_file_removes_what_a_killed_service_left_to_delete_and_nothing_else(tmp_path: Path) -> None:
+    """The folder is listed once for every file in it; each file takes its own leftovers."""
+    planted = [
+        "a.log.dropped-1-2",  # a.log itself, dropped with backups: 0
+        "a.log.3.dropped-1-3",  # backup 3 of a.log
+        "x.1.dropped-5-6",  # the file x.1 (a name that ends in a number)
+        "other.log.dropped-1-1",  # a file nobody opens here
+    ]
+    kept = ["a.log.1", "other.log", "a.log.dropped-notes"]
+    for name in [*planted, *kept]:
+        (tmp_path / name).write_text(name)
+    files = [RotatingFile(tmp_path / name, 1 << 20, 1) for name in ("a.log", "x.1")]
+    for file in files:
+        file.open()
+    for file in files:
+        file.close()  # the last one lets go of the folder once the deletions are done
+    left = sorted(path.name for path in tmp_path.iterdir())
+    assert left == sorted(["a.log", "x.1", "other.log.dropped-1-1", *kept])
