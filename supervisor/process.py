@@ -83,6 +83,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 _POLL_FIRST = 0.005
 _POLL_MAX = 0.25
 _SWEEP_INTERVAL = 5.0
+_COALESCE = 0.02
 
 try:
     _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
@@ -583,6 +584,12 @@ async def run_orphan_reaper(sweep_interval: float = _SWEEP_INTERVAL) -> None:
             if quiet.cancelled_caught:
                 reap_orphans()
                 await anext(signals)
+            # One scan for a burst: a shutdown of 2,000 instances sends 2,000 SIGCHLDs, and a
+            # scan each (every child's pid, from /proc) kept the loop busy for a minute. The
+            # signals that come within _COALESCE of the first are taken without a scan.
+            with anyio.move_on_after(_COALESCE):
+                while True:
+                    await anext(signals)
 
 
 def living_children() -> list[int]:
