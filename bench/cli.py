@@ -72,7 +72,10 @@ def install_supervisord(folder: Path) -> Path:
     return venv
 
 
-def supervisord_conf(folder: Path, instances: int) -> Path:
+def supervisord_conf(
+    folder: Path, instances: int, *, command: str = "sleep 300", minfds: int = 4096, extra: str = ""
+) -> Path:
+    """supervisord's config: N processes of one program (``numprocs``); ``extra``: more sections."""
     conf = folder / "supervisord.conf"
     logs = folder / "supervisord-logs"
     logs.mkdir()
@@ -88,7 +91,7 @@ def supervisord_conf(folder: Path, instances: int) -> Path:
             logfile={folder}/supervisord.log
             pidfile={folder}/supervisord.pid
             childlogdir={logs}
-            minfds=4096
+            minfds={minfds}
 
             [rpcinterface:supervisor]
             supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
@@ -97,13 +100,14 @@ def supervisord_conf(folder: Path, instances: int) -> Path:
             serverurl=unix://{folder}/supervisord.sock
 
             [program:sleep]
-            command=sleep 300
+            command={command}
             numprocs={instances}
             process_name=%(program_name)s-%(process_num)d
             startsecs=0
             autorestart=false
             """
         )
+        + extra
     )
     return conf
 

@@ -9,6 +9,14 @@ output). The service checks the state folder itself (``statedir.py``).
 
 The file is written with ``os.write`` on an ``O_APPEND`` descriptor: no user-space
 buffer, so there is nothing to lose on a crash of the service and nothing to flush.
+
+Descriptors are what a service with ten thousand instances runs out of first, so a
+log file holds as few as it can (issue 13): one descriptor per *folder*, shared by
+every file in it (``_Folders``), and an open file only while it is being written to.
+At most ``OPEN_FILES`` log files are open at once, the least recently written are
+closed first (``_OpenFiles``), and a file is closed when its run ends (the sink sees
+EOF). A closed file is opened again, by name, at its next write: that costs an open
+when a quiet file speaks again, and makes a file moved away by hand start anew.
 """
 
 from __future__ import annotations
@@ -19,12 +27,14 @@ import itertools
 import logging
 import os
 import queue
+import re
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["LogFileError", "RotatingFile"]
+__all__ = ["OPEN_FILES", "LogFileError", "RotatingFile"]
 
 logger = logging.getLogger("supervisor.logs")
 
@@ -34,6 +44,8 @@ _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = (
     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 )
+#: The most log files open at once, whatever the number of instances (see _OpenFiles).
+OPEN_FILES = 256
 # A line in progress may take a file this far past max_bytes (a fraction of it) to end
 # in that file; a line that does not end within reach is cut at max_bytes.
 _REACH_FRACTION = 8
@@ -88,6 +100,116 @@ def open_file(folder_fd: int, path: Path) -> int:
         raise LogFileError(f"the log file {path} is not a regular file")
     os.set_blocking(fd, True)
     return fd
+
+
+# -- shared folders and open files ----------------------------------------------------------
+
+# ``web.out.log.3.dropped-PID-N`` was backup 3 of ``web.out.log`` (or the file ``web.out.log.3``
+# itself, a name may end in digits): what is before ``.dropped-``, and that without a number.
+_DROPPED = re.compile(r"^(?P<stem>(?P<file>.+?)(?:\.\d+)?)\.dropped-\d+-\d+$")
+
+
+class _Folder:
+    """One open log folder: its descriptor, its holders, and the leftovers found when it opened."""
+
+    __slots__ = ("dropped", "fd", "holders", "key", "leftovers", "path")
+
+    def __init__(self, key: str, path: Path, fd: int, leftovers: dict[str, list[str]]) -> None:
+        self.key = key
+        self.path = path
+        self.fd = fd
+        self.holders = 0
+        #: Files dropped by a service that died before its reclaimer removed them, by the
+        #: name of the file they belonged to: each file takes its own when it first opens.
+        self.leftovers = leftovers
+        self.dropped: set[str] = set()
+
+    def same_as_path(self) -> bool:
+        """The folder at ``path`` is still this one (not moved away and made anew)."""
+        try:
+            here, there = os.fstat(self.fd), os.lstat(self.path)
+        except OSError:
+            return False
+        return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+class _Folders:
+    """The open log folders, one descriptor each, shared by the files in them.
+
+    Before, every file opened its folder, and listed all of it for leftovers: with
+    N instances in one folder, 2N folder descriptors and N listings of N files (at
+    2,000 instances, half of the start-up). Now the folder is opened and listed once.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[str, _Folder] = {}
+
+    def acquire(self, path: Path, *, check: bool = False) -> _Folder:
+        """The folder at ``path``, opened (and made) if no file holds it yet.
+
+        ``check``: make sure the shared descriptor is still the folder at ``path``, and
+        open the new one if it was moved away (a reopen after an external tool's move).
+        """
+        key = str(path)
+        folder = self._open.get(key)
+        if folder is None or (check and not folder.same_as_path()):
+            fd = open_folder(path)
+            folder = _Folder(key, path, fd, _leftovers(fd))
+            self._open[key] = folder  # one moved away stays open for its holders until they let go
+        folder.holders += 1
+        return folder
+
+    def release(self, folder: _Folder) -> None:
+        """Let go; the last holder closes it, once the files dropped there so far are gone."""
+        folder.holders -= 1
+        if folder.holders:
+            return
+        if self._open.get(folder.key) is folder:
+            del self._open[folder.key]
+        _RECLAIMER.wait_idle()  # it may still unlink in this folder: the descriptor must stay open
+        os.close(folder.fd)
+
+
+def _leftovers(folder_fd: int) -> dict[str, list[str]]:
+    try:
+        names = os.listdir(folder_fd)
+    except OSError:
+        return {}
+    found: dict[str, list[str]] = {}
+    for name in names:
+        if ".dropped-" in name and (match := _DROPPED.match(name)):
+            for owner in {match["stem"], match["file"]}:  # the first of them to open removes it
+                found.setdefault(owner, []).append(name)
+    return found
+
+
+class _OpenFiles:
+    """The log files open now, least recently written first; at most ``OPEN_FILES``.
+
+    A file that is written to moves to the end (a dict operation per write, not per
+    line); opening one more than the limit closes the one written to longest ago.
+    So the service holds a bounded number of log file descriptors however many
+    instances it runs, and the load-time check can count them exactly
+    (``config/capacity.py``).
+    """
+
+    def __init__(self) -> None:
+        self._files: OrderedDict[RotatingFile, None] = OrderedDict()
+
+    def opened(self, file: RotatingFile) -> None:
+        self._files[file] = None
+        while len(self._files) > OPEN_FILES:
+            oldest, _ = self._files.popitem(last=False)
+            oldest._close_file()
+
+    def written(self, file: RotatingFile) -> None:
+        self._files.move_to_end(file)
+
+    def closed(self, file: RotatingFile) -> None:
+        self._files.pop(file, None)
+
+    def __len__(self) -> int:
+        return len(self._files)
 
 
 # -- dropped files --------------------------------------------------------------------------
@@ -148,6 +270,8 @@ class _Reclaimer:
 
 
 _RECLAIMER = _Reclaimer()
+_FOLDERS = _Folders()
+_OPEN_FILES = _OpenFiles()
 
 
 # -- the file -------------------------------------------------------------------------------
@@ -189,15 +313,16 @@ class RotatingFile:
         #: Why output is being dropped now; None while writing works.
         self.write_error: str | None = None
         self._on_change = on_change
-        self._folder_fd: int | None = None
+        self._folder: _Folder | None = None
         self._fd: int | None = None
         self._size = 0
         # The last byte written is not a newline: a line is in progress in this file.
         self._mid_line = False
         self._rotation_failing = False
-        #: Set after a re-exec: the service before it removed them already (and listing a folder
-        #: of 2,000 logs once per sink is what made adopting 1,000 instances take seconds).
+        #: Set after a re-exec: the service before it removed them already.
         self.leftovers_removed = False
+        # Reopened by hand: the shared folder descriptor may name a folder moved away.
+        self._check_folder = False
 
     # -- opening and closing ------------------------------------------------------------
 
@@ -207,12 +332,14 @@ class RotatingFile:
             return
         if "\0" in str(self.path):  # the OS would raise ValueError, which nobody above expects
             raise LogFileError(f"the log file path {str(self.path)!r} contains a NUL byte")
-        if self._folder_fd is None:
-            self._folder_fd = open_folder(self.path.parent)
+        if self._folder is None:
+            self._folder = _FOLDERS.acquire(self.path.parent, check=self._check_folder)
+            self._check_folder = False
             if not self.leftovers_removed:
                 self._remove_leftovers()
-        self._fd = open_file(self._folder_fd, self.path)
+        self._fd = open_file(self._folder.fd, self.path)
         self._size = os.fstat(self._fd).st_size
+        _OPEN_FILES.opened(self)
 
     def open_quietly(self) -> None:
         """``open()``, with a failure counted as the start of a streak of losses instead of raised."""
@@ -225,32 +352,38 @@ class RotatingFile:
     def reopen(self) -> None:
         """Let go of a file (and folder) an external tool moved away, and start anew at ``path``."""
         self.close()
+        self._check_folder = True
         self.open_quietly()
 
-    def close(self) -> None:
-        """Close the file and its folder, once the files dropped so far are gone (none left behind)."""
+    def idle(self) -> None:
+        """Nothing writes now (a run ended): let go of the file's descriptor; the next write opens it."""
         self._close_file()
-        _RECLAIMER.wait_idle()  # it may still unlink in our folder: the descriptor must stay open
-        folder_fd, self._folder_fd = self._folder_fd, None
-        if folder_fd is not None:
-            os.close(folder_fd)
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    def close(self) -> None:
+        """Close the file and let go of its folder (closed by the last file in it)."""
+        self._close_file()
+        folder, self._folder = self._folder, None
+        if folder is not None:
+            _FOLDERS.release(folder)
 
     def _close_file(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
+            _OPEN_FILES.closed(self)
             os.close(fd)
 
     def _remove_leftovers(self) -> None:
         """Files dropped by a service that died before its reclaimer removed them."""
-        assert self._folder_fd is not None
-        try:
-            names = os.listdir(self._folder_fd)
-        except OSError:
-            return
-        prefix = self.path.name
-        for name in names:
-            if name.startswith(prefix) and ".dropped-" in name[len(prefix) :]:
-                _RECLAIMER.drop(self._folder_fd, name, self.path.parent)
+        folder = self._folder
+        assert folder is not None
+        for name in folder.leftovers.pop(self.path.name, ()):
+            if name not in folder.dropped:  # listed under two names: dropped once
+                folder.dropped.add(name)
+                _RECLAIMER.drop(folder.fd, name, folder.path)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -305,10 +438,10 @@ class RotatingFile:
         replaced.
         """
         self._close_file()
-        folder = self._folder_fd
+        folder = self._folder
         if folder is not None:
             try:
-                self._shift(folder)
+                self._shift(folder.fd)
             except OSError as exc:
                 # The old file stays where it is and keeps growing; the next write tries again.
                 if not self._rotation_failing:
@@ -349,6 +482,7 @@ class RotatingFile:
                 self.bytes_lost += len(view)
                 return
         fd = self._fd
+        _OPEN_FILES.written(self)
         while view:
             try:
                 written = os.write(fd, view)

@@ -301,6 +301,7 @@ class LogSink:
             if outcome is _ReadOutcome.EMPTY:
                 await anyio.wait_readable(self._read_fd)
             elif outcome is _ReadOutcome.EOF:
+                self._file.idle()  # no run writes: no descriptor held until the next one does
                 # A pipe with no writer is always readable: waiting for that would spin.
                 while self._generation == generation:
                     moved = self._generation_moved = anyio.Event()

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gc
 import os
 import resource
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .config import InstanceConfig, Manifest, ServiceSettings
+from .config.capacity import LOG_FILES_OPEN, SERVICE_RESERVE, captured_streams, descriptors_per_instance
 from .config.dependencies import levels
 from .events import EventBus, State, Transition
 from .graph import DependencyGate, in_reverse_order
@@ -82,6 +85,7 @@ class Manager:
         self._instances: dict[str, Instance] = {}
         self._tg: TaskGroup | None = None
         self._done = anyio.Event()
+        self._roster = anyio.Event()  # the first manifest's instances exist (not yet started)
         self._apply_lock = anyio.Lock()
         self._closing = False
         # Per manifest entry: set (and dropped) at the next transition of one of its replicas, or
@@ -90,6 +94,10 @@ class Manager:
         self._scaled: set[str] = set()  # entries whose replica count scale() set, until a reload
         # Set by resume(): the instances a re-exec'd service adopts instead of starting.
         self._adopting: tuple[dict[str, dict[str, Any]], Mapping[str, Child]] | None = None
+        # Replicas by entry, and the entries that depend on each entry: built when first asked
+        # for after the set of instances changed. A lookup per transition must not walk them all.
+        self._by_group: dict[str, list[Instance]] | None = None
+        self._dependent_groups: dict[str, list[str]] | None = None
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -160,6 +168,15 @@ class Manager:
                 tg.start_soon(adopt, name, plan)
         self._instances = {name: opened[name] for name in plans}
         self._roster_changed()
+        self._roster.set()
+
+    async def wait_roster(self) -> None:
+        """Until ``run()`` has made the first manifest's instances, before it starts them.
+
+        The service serves its control socket from then on, so status answers while the
+        instances are being spawned, and names every instance from the first answer.
+        """
+        await self._roster.wait()
 
     # -- applying a manifest -----------------------------------------------------------------
 
@@ -206,16 +223,19 @@ class Manager:
         """
         if self._closing:
             raise InvalidRequest("service", "the service is shutting down")
+        if self._tg is None:
+            raise InvalidRequest("service", "the service is starting: try again once it runs")
+        gc.unfreeze()  # what this change replaces may be collected again
         plan = _plan(manifest)
         settings_changed = _instance_settings(self.manifest.supervisor) != _instance_settings(
             manifest.supervisor
         )
         leaving = [n for n in self._instances if n not in plan]
+        differs = _Differences()
         changed = [
             n
             for n, p in plan.items()
-            if n in self._instances
-            and (settings_changed or _comparable(self._instances[n].config) != _comparable(p.config))
+            if n in self._instances and (settings_changed or differs(self._instances[n].config, p.config))
         ]
         added = [n for n in plan if n not in self._instances]
         report = ReloadReport(
@@ -235,8 +255,14 @@ class Manager:
         old = self._instances
         self._instances = {name: prepared.get(name) or old[name] for name in plan}
         self._roster_changed()
+        self._roster.set()
         to_start = [i for i in prepared.values() if i.config.autostart]
         await self._start_all(to_start)
+        # The instances live until the next change: the garbage collector need not walk them
+        # again and again. With 10,000 instances, each full collection walked millions of
+        # objects, and the spawns, status answers and shutdown all allocate enough to set
+        # one off often: a third of the time of a shutdown went to it (docs/performance.md).
+        gc.freeze()
         return report
 
     async def _prepare(
@@ -291,17 +317,33 @@ class Manager:
             event.set()
 
     def _roster_changed(self) -> None:
+        self._by_group = self._dependent_groups = None
         events, self._group_events = self._group_events, {}
         for event in events.values():
             event.set()
 
     def replicas(self, group: str) -> list[Instance]:
         """The instances of one manifest entry."""
-        return [instance for instance in self._instances.values() if instance.group == group]
+        return list(self._groups().get(group, ()))
 
     def dependents(self, instance: Instance) -> list[Instance]:
         """The instances that depend on ``instance`` directly (through its manifest entry)."""
-        return [i for i in self._instances.values() if instance.group in i.config.depends_on]
+        groups = self._groups()
+        assert self._dependent_groups is not None
+        return [i for group in self._dependent_groups.get(instance.group, ()) for i in groups.get(group, ())]
+
+    def _groups(self) -> dict[str, list[Instance]]:
+        """The replicas by entry (and the dependent entries), indexed once per set of instances."""
+        if self._by_group is None or self._dependent_groups is None:
+            by_group: dict[str, list[Instance]] = {}
+            for instance in self._instances.values():
+                by_group.setdefault(instance.group, []).append(instance)
+            dependent_groups: dict[str, list[str]] = {}
+            for group, members in by_group.items():
+                for dependency in members[0].config.depends_on:
+                    dependent_groups.setdefault(dependency, []).append(group)
+            self._by_group, self._dependent_groups = by_group, dependent_groups
+        return self._by_group
 
     async def stop_in_order(self, instances: Sequence[Instance], reason: str) -> None:
         """Close ``instances``: dependents first, independent branches concurrently."""
@@ -343,11 +385,18 @@ class Manager:
                 pass  # closing, or stopped meanwhile by a request: nothing to restart
 
     async def _start_all(self, instances: Sequence[Instance]) -> None:
-        """Start level by level of the graph (each level concurrently).
+        """Start level by level of the graph, each level in batches that yield to the event loop.
 
         ``start`` returns once a program is spawned or waiting, so this costs no
         more than one concurrent start; it only makes sure a dependent finds its
         dependencies already asked to start, and so waits with the right reason.
+
+        A spawn takes the event loop for a millisecond or more (the fork and exec
+        happen in this thread: decision 6), and every task queued at once runs in one
+        round of the loop before it looks at its sockets again. So a thousand starts
+        queued together kept the control socket deaf for seconds (issue 13). Instead
+        the starts go in batches (``_Batches``), each one round of the loop of about
+        ``SPAWN_SLICE`` seconds, and the loop serves its sockets between them.
         """
 
         async def start(instance: Instance) -> None:
@@ -360,10 +409,12 @@ class Manager:
         by_level: dict[int, list[Instance]] = {}
         for instance in instances:
             by_level.setdefault(depth.get(instance.group, 0), []).append(instance)
+        batches = _Batches()
         for level in sorted(by_level):
             async with anyio.create_task_group() as tg:
-                for instance in by_level[level]:
-                    tg.start_soon(start, instance)
+                for batch in batches.split(by_level[level]):
+                    await _run_batch(tg, start, batch)
+                    batches.took(len(batch))
 
     # -- queries -----------------------------------------------------------------------------
 
@@ -405,6 +456,67 @@ class Manager:
         return sum(1 for i in self._instances.values() if i.state is state)
 
 
+#: Seconds of spawning in one round of the event loop, between two looks at its sockets;
+#: None: no batches, every start of a level queued at once (bench/spawn.py compares the two).
+SPAWN_SLICE: float | None = 0.01
+#: How long the start path waits for one batch before it queues the next anyway: a start
+#: held by a request (a stop with a long timeout) must not hold the rest of the storm.
+_BATCH_WAIT = 0.5
+
+
+class _Batches:
+    """Splits a level into batches that take about ``SPAWN_SLICE`` each, learning the cost of a start.
+
+    The first batch is small; each one after it is sized by what the last one took per
+    instance, so the batch fits the machine (a spawn costs 0.3 ms on a quiet machine,
+    several on a loaded one) without a setting.
+    """
+
+    def __init__(self) -> None:
+        self._size = 4
+        self._started = 0.0
+
+    def split(self, instances: Sequence[Instance]) -> Iterator[Sequence[Instance]]:
+        position = 0
+        while position < len(instances):
+            size = self._size if SPAWN_SLICE is not None else len(instances)
+            batch = instances[position : position + size]
+            position += len(batch)
+            self._started = time.perf_counter()
+            yield batch
+
+    def took(self, count: int) -> None:
+        if SPAWN_SLICE is not None:
+            per_start = max(time.perf_counter() - self._started, 1e-6) / count
+            self._size = max(1, min(256, int(SPAWN_SLICE / per_start)))
+
+
+async def _run_batch(
+    tg: TaskGroup, start: Callable[[Instance], Awaitable[None]], batch: Sequence[Instance]
+) -> None:
+    """Queue one batch of starts and wait until they are spawned (or ``_BATCH_WAIT`` passed).
+
+    The wait ends in a later round of the loop than the spawns, so the loop has polled
+    its sockets (and answered what was ready) before the next batch is queued.
+    """
+    left = len(batch)
+    done = anyio.Event()
+
+    async def one(instance: Instance) -> None:
+        nonlocal left
+        try:
+            await start(instance)
+        finally:
+            left -= 1
+            if not left:
+                done.set()
+
+    for instance in batch:
+        tg.start_soon(one, instance)
+    with anyio.move_on_after(_BATCH_WAIT):
+        await done.wait()
+
+
 def _plan(manifest: Manifest) -> dict[str, _Plan]:
     """Replica name -> what it runs."""
     return {
@@ -419,6 +531,25 @@ def _comparable(config: InstanceConfig) -> InstanceConfig:
     return config.model_copy(update={"replicas": 1, "autostart": True})
 
 
+class _Differences:
+    """Whether a replica's configuration changed, compared once per pair of entries.
+
+    The replicas of one entry share its configuration object, before and after a
+    reload: so 10,000 replicas of a few entries cost a few comparisons, not 10,000
+    copies and comparisons of pydantic models.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[int, int], tuple[InstanceConfig, InstanceConfig, bool]] = {}
+
+    def __call__(self, old: InstanceConfig, new: InstanceConfig) -> bool:
+        key = (id(old), id(new))
+        seen = self._seen.get(key)
+        if seen is None:  # the configs are kept in the entry, so their ids stay theirs meanwhile
+            seen = self._seen[key] = (old, new, _comparable(old) != _comparable(new))
+        return seen[2]
+
+
 def _instance_settings(settings: ServiceSettings) -> tuple[object, ...]:
     """The service settings an instance depends on (a change restarts every instance)."""
     return (settings.state_dir, settings.logs)
@@ -428,24 +559,20 @@ def _instance_settings(settings: ServiceSettings) -> tuple[object, ...]:
 MAX_SCALE = 10_000
 
 #: Descriptors kept free for the control plane, probes and spawning, whatever the instances need.
-_FD_RESERVE = 64
-
-
-def descriptors_per_instance(config: InstanceConfig) -> int:
-    """What one running instance holds: a pipe end and a log file per captured stream, its
-    pidfd, and a notify socket."""
-    streams = (config.stdout, config.stderr)
-    captured = sum(1 for s in streams if s.kind in ("log", "fifo") or (s.kind == "file" and not s.path))
-    notify = config.ready is not None and config.ready.kind == "notify"
-    return 2 * captured + 1 + int(notify)
+_FD_RESERVE = SERVICE_RESERVE
 
 
 def _check_descriptors(adding: Sequence[InstanceConfig], removing: Sequence[InstanceConfig]) -> None:
-    """Refuse, with the numbers, a change that would run out of descriptors half-way."""
+    """Refuse, with the numbers, a change that would run out of descriptors half-way.
+
+    What the new instances hold (``descriptors_per_instance``), and the log files they
+    may open, within the service's bound of ``LOG_FILES_OPEN`` open at once.
+    """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return
     need = sum(map(descriptors_per_instance, adding)) - sum(map(descriptors_per_instance, removing))
+    need += min(LOG_FILES_OPEN, sum(map(captured_streams, adding)))
     try:
         in_use = len(os.listdir("/proc/self/fd"))
     except OSError:
@@ -453,7 +580,7 @@ def _check_descriptors(adding: Sequence[InstanceConfig], removing: Sequence[Inst
     free = soft - in_use - _FD_RESERVE
     if need > free:
         raise ApplyError(
-            f"the change needs about {need} more file descriptors, but only {max(free, 0)} are free "
+            f"the change needs {need} more file descriptors, but only {max(free, 0)} are free "
             f"(open-files limit {soft}, {in_use} in use, {_FD_RESERVE} kept for the service): "
             "raise the limit (ulimit -n, LimitNOFILE=) or run fewer instances; nothing was changed"
         )

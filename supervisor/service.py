@@ -138,7 +138,10 @@ class Service:
                 tg.start_soon(self._handle_signals)
                 await tg.start(keeper.run)  # subscribed before the first spawn
                 try:
-                    await tg.start(self._run_manager)
+                    # Served once the instances exist, before they start: status answers during
+                    # the spawns (the manager yields to the loop between batches of them).
+                    tg.start_soon(self._run_manager)
+                    await self.manager.wait_roster()
                 except BaseException:
                     listeners.close()
                     if guardian is not None:
@@ -172,8 +175,8 @@ class Service:
         keeper.remove()  # nothing of ours runs any more
         log.info("stopped")
 
-    async def _run_manager(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        await self.manager.run(task_status=task_status)
+    async def _run_manager(self) -> None:
+        await self.manager.run()
         self._manager_done.set()
 
     async def _serve_control(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import textwrap
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -111,3 +112,21 @@ async def wait_gone(pid: int, timeout: float = 10) -> None:
             await anyio.wait_readable(fd)
     finally:
         os.close(fd)
+
+
+def under_open_files_limit(limit: int, argv: list[str]) -> list[str] | None:
+    """``argv`` under a hard open-files limit of ``limit`` that it may not raise; None without util-linux.
+
+    As root, CAP_SYS_RESOURCE is dropped from the bounding set first: with it, the service
+    may raise its hard limit to fs.nr_open, and the load-time check counts with that.
+    """
+    prlimit = shutil.which("prlimit")
+    if prlimit is None:
+        return None
+    prefix = [prlimit, f"--nofile={limit}:{limit}", "--"]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            return None
+        prefix = [setpriv, "--bounding-set=-sys_resource", "--", *prefix]
+    return [*prefix, *argv]
