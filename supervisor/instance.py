@@ -173,6 +173,16 @@ class Instance:
         return self._last_exit
 
     @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    @property
+    def started_at(self) -> float | None:
+        """When the running process started (None if none runs): what uptime counts from."""
+        child = self._child
+        return child.started_at if child is not None and child.exit is None else None
+
+    @property
     def sinks(self) -> Mapping[str, LogSink]:
         """The log sinks by stream name ("stdout", "stderr"), for tail and follow."""
         return self._sinks
