@@ -71,6 +71,8 @@ class Health:
         self._watchdog_armed = anyio.Event()
         self._watchdog_trigger = False
         self._main_pid: int | None = None
+        #: The kernel caps the instance's cgroup at limits.memory_max (else RSS restarts stand in).
+        self.kernel_memory_max = False
 
     def close(self) -> None:
         if self._notify is not None:
@@ -130,8 +132,11 @@ class Health:
         self._main_pid = None
         async with anyio.create_task_group() as tg:
             limits = config.limits
-            if limits.memory is not None:
-                tg.start_soon(self._watch_memory, child, limits.memory, limits.memory_interval, kill)
+            memory = limits.memory
+            if memory is None and not self.kernel_memory_max:  # memory_max's fallback: a restart on RSS
+                memory = limits.memory_max
+            if memory is not None:
+                tg.start_soon(self._watch_memory, child, memory, limits.memory_interval, kill)
             if self._notify is not None:
                 tg.start_soon(self._serve_notify, child)
                 if config.watchdog is not None:

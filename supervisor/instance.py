@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from .cgroups import CgroupError, CgroupTree, InstanceCgroup
 from .config import InstanceConfig, LogSettings, ServiceSettings, rlimit_pair
 from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription
@@ -108,6 +109,8 @@ class InstanceContext:
     dependencies: Dependencies | None = None
     #: Told the instance's group name at each transition (the manager wakes what waits on it).
     on_transition: Callable[[str], None] | None = None
+    #: Where the instance's own cgroup goes (None: no cgroups; cgroup_policy.py says why).
+    cgroups: CgroupTree | None = None
 
 
 class Instance:
@@ -137,6 +140,7 @@ class Instance:
         self._targets = {"stdin": "", "stdout": "", "stderr": ""}
         self._health = Health(name, group, config, context.bus)
         self._trouble: str | None = None  # why a check stopped the current run
+        self._cgroup: InstanceCgroup | None = None  # made at the first spawn, removed by close()
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -235,6 +239,7 @@ class Instance:
             self._tg = None
             with anyio.CancelScope(shield=True):
                 await self._kill_now()
+                await self._remove_cgroup()
                 for sink in self._sinks.values():
                     await sink.aclose()
             for pipe in self._pipes.values():
@@ -247,7 +252,18 @@ class Instance:
             self._closing = True  # requests queued behind this one must not start it again
             if self._state.alive:
                 await self._stop_locked(reason)
+            with anyio.CancelScope(shield=True):  # before a replacement of the same name makes it again
+                await self._remove_cgroup()
             self._closed.set()
+
+    async def _remove_cgroup(self) -> None:
+        """Kill what is left in the instance's cgroup, wait until it is empty, remove it."""
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            try:
+                await cgroup.close()
+            except CgroupError as exc:
+                log.warning("%s: %s", self.name, exc)
 
     def _open_logs(self) -> None:
         """Create the instance's log pipes once: they outlive every run of the program."""
@@ -479,7 +495,7 @@ class Instance:
             # awaits in between, so no one can observe the state before the transition.
             try:
                 child = self._spawn()
-            except (SpawnError, StdioError, LogFileError) as exc:
+            except (SpawnError, StdioError, LogFileError, CgroupError) as exc:
                 self._transition(State.STARTING)
                 announce()
                 return str(exc)
@@ -603,10 +619,24 @@ class Instance:
                         config.limits.nice,
                         config.limits.oom_score_adj,
                     ),
+                    cgroup=self._cgroup_for_run(),
                 )
         finally:
             stdio.close()
         return self._child
+
+
+    def _cgroup_for_run(self) -> InstanceCgroup | None:
+        """The instance's cgroup, made at the first run, with this config's memory.max and cpu.max."""
+        tree = self._context.cgroups
+        if tree is None:
+            return None
+        limits = self.config.limits
+        if self._cgroup is None:
+            self._cgroup = tree.instance(self.name)
+            self._health.kernel_memory_max = "memory" in tree.controllers
+        self._cgroup.limit(limits.memory_max, limits.cpu_quota)
+        return self._cgroup
 
 
 def _may_need_log(spec: Any) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from .cgroup_policy import CgroupPolicy, CgroupRefused
 from .config import InstanceConfig, Manifest, ServiceSettings
 from .config.dependencies import levels
 from .events import EventBus, State, Transition
@@ -85,21 +86,29 @@ class Manager:
         # when the set of instances changes. What waiting instances sleep on.
         self._group_events: dict[str, anyio.Event] = {}
         self._scaled: set[str] = set()  # entries whose replica count scale() set, until a reload
+        self._cgroups: CgroupPolicy | None = None  # made by run(): supervisor.cgroups
 
     @property
     def instances(self) -> Mapping[str, Instance]:
         return self._instances
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Host every instance until ``shutdown()``; started once the manifest is applied."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            await tg.start(self._restart_dependents)
-            await self.apply(self.manifest)
-            task_status.started()
-            await self._done.wait()
-            tg.cancel_scope.cancel()
-        self._tg = None
+        """Host every instance until ``shutdown()``; started once the manifest is applied.
+
+        CgroupRefused (before anything starts) where ``supervisor.cgroups: required`` cannot be met.
+        """
+        self._cgroups = CgroupPolicy.open(self.manifest)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self._restart_dependents)
+                await self.apply(self.manifest)
+                task_status.started()
+                await self._done.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self._tg = None
+            self._cgroups.close()
 
     # -- applying a manifest -----------------------------------------------------------------
 
@@ -146,6 +155,11 @@ class Manager:
         """
         if self._closing:
             raise InvalidRequest("service", "the service is shutting down")
+        if self._cgroups is not None:
+            try:
+                self._cgroups.check(manifest)
+            except CgroupRefused as exc:
+                raise ApplyError(str(exc)) from None
         plan = _plan(manifest)
         settings_changed = _instance_settings(self.manifest.supervisor) != _instance_settings(
             manifest.supervisor
@@ -206,6 +220,7 @@ class Manager:
             environ=self._environ,
             dependencies=gate,
             on_transition=self._group_changed,
+            cgroups=self._cgroups.tree if self._cgroups is not None else None,
         )
         instance = Instance(name, plan.group, plan.config, context)
         await self._tg.start(instance.run)
