@@ -358,7 +358,9 @@ class InstanceCgroup:
         """Wait until no process is left (``populated 0``), up to ``timeout`` seconds; False if not.
 
         The kernel signals a change of cgroup.events as a modification of the file, which
-        inotify reports: the wait costs nothing until then.
+        inotify reports: the wait costs nothing until then. Where no inotify instance is
+        to be had (``fs.inotify.max_user_instances``, 128 by default, all taken), it
+        looks again on a growing interval, 1 ms to 100 ms.
         """
         if not self.populated():
             return True
@@ -367,8 +369,13 @@ class InstanceCgroup:
                 with _Watch(os.path.join(self.path, "cgroup.events")) as watch:
                     while self.populated():
                         await watch.changed()
-            except CgroupError:  # the cgroup went away meanwhile: nothing can be in it
+            except FileNotFoundError:  # the cgroup went away meanwhile: nothing can be in it
                 pass
+            except OSError:
+                delay = 0.001
+                while self.populated():
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 0.1)
             return True
         return not self.populated()
 
@@ -409,13 +416,11 @@ class _Watch:
         fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
         if fd < 0:
             error = ctypes.get_errno()
-            raise CgroupError(f"inotify_init1: {os.strerror(error)}")
+            raise OSError(error, f"inotify_init1: {os.strerror(error)}")
         if libc.inotify_add_watch(fd, os.fsencode(self.path), _IN_MODIFY) < 0:
             error = ctypes.get_errno()
             os.close(fd)
-            if error == errno_codes.ENOENT:
-                raise CgroupError(f"{self.path} is gone")
-            raise CgroupError(f"inotify_add_watch {self.path}: {os.strerror(error)}")
+            raise OSError(error, os.strerror(error), self.path)
         self.fd = fd
         return self
 
