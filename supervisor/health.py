@@ -197,8 +197,10 @@ class Health:
         sampler = ResourceSampler(max_age=0.0)
         period = min(interval / 5, 1.0)
         above_since: float | None = None
+        # With a cgroup of its own: its members (also what left the group), and no scan of all /proc.
+        cgroups = {child.pgid: child.cgroup.path} if child.cgroup is not None else None
         while True:
-            figures = await anyio.to_thread.run_sync(sampler.figures, [child.pgid])
+            figures = await anyio.to_thread.run_sync(sampler.figures, [child.pgid], cgroups)
             rss = figures[child.pgid].rss_bytes if child.pgid in figures else 0
             now = anyio.current_time()
             if rss <= limit:

@@ -177,6 +177,11 @@ class Instance:
         return self._last_exit
 
     @property
+    def cgroup(self) -> str | None:
+        """The folder of the instance's own cgroup, once made (cgroups.py); None without one."""
+        return self._cgroup.path if self._cgroup is not None else None
+
+    @property
     def restarts(self) -> int:
         return self._restarts
 

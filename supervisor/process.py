@@ -103,10 +103,12 @@ _inherited_nofile: tuple[int, int] | None = None
 class Cgroup(Protocol):
     """An instance's cgroup (cgroups.py's ``InstanceCgroup``), as spawn and reap use it.
 
-    ``procs``: the path of its ``cgroup.procs``. ``join`` moves a pid in (raising on
-    failure); ``kill`` kills every member, also those that left the process group.
+    ``path``: its folder; ``procs``: the path of its ``cgroup.procs``. ``join`` moves a
+    pid in (raising on failure); ``kill`` kills every member, also those that left the
+    process group.
     """
 
+    path: str
     procs: str
 
     def join(self, pid: int) -> None: ...

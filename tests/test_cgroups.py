@@ -22,6 +22,7 @@ import pytest
 from supervisor import process
 from supervisor.cgroups import CgroupError, CgroupTree, cpu_max, find_v2_mount, own_cgroup
 from supervisor.config import ManifestError, load_manifest
+from supervisor.resources import ResourceSampler
 
 from .service_fixture import ServiceProcess, pid_gone, write_manifest
 
@@ -168,6 +169,10 @@ async def test_spawn_puts_the_child_in_the_cgroup_and_a_kill_empties_it(tmp_path
         members = cgroup.pids()
         assert child.pid in members and len(members) == 2  # the setsid'd sleep was forked inside
         assert cgroup.populated()
+        # The figures of a group with a cgroup count what left the group, read from cgroup.procs.
+        sampler = ResourceSampler(max_age=0)
+        assert sampler.figures([child.pid])[child.pid].processes == 1
+        assert sampler.figures([child.pid], {child.pid: cgroup.path})[child.pid].processes == 2
         cgroup.kill()
         with anyio.fail_after(10):
             await child.wait()
@@ -228,7 +233,7 @@ SETSID = """
 version: 1
 instances:
   web:
-    command: ["sh", "-c", "setsid sh -c 'echo $$$$ > {pidfile}; exec sleep 300 {marker}' & exec sleep 300"]
+    command: ["sh", "-c", "setsid sh -c 'echo $$$$ > {pidfile}; exec sleep 301' & exec sleep 300"]
     restart: {{min_uptime: 0}}
 """
 
@@ -242,16 +247,19 @@ def _grandchild(svc: ServiceProcess, pidfile: Path) -> int:
 def test_each_instance_runs_in_its_own_cgroup_and_a_stop_kills_what_left_the_group(
     service: Start, tmp_path: Path
 ) -> None:
-    pidfile, marker = tmp_path / "grandchild.pid", uuid.uuid4().hex
-    svc = service(SETSID.format(pidfile=pidfile, marker=marker))
+    pidfile = tmp_path / "grandchild.pid"
+    svc = service(SETSID.format(pidfile=pidfile))
     svc.wait_for(["web"], "running")
     pid = svc.status("web")["web"]["pid"]
     grandchild = _grandchild(svc, pidfile)
+    assert not pid_gone(grandchild)
     folder = cgroup_of(pid)
     assert folder.endswith("/web.instance")
     assert cgroup_of(grandchild) == folder  # in another session, but not in another cgroup
     assert cgroup_of(svc.pid) != folder  # the service is not in its instances' cgroups
     assert os.getsid(grandchild) != os.getsid(pid)
+    # The figures are the cgroup's: both sleeps (once a reading after the grandchild's start is out).
+    svc.wait_until(lambda: svc.status("web")["web"]["processes"] == 2, 15, "both processes counted")
     result = svc.cli("stop", "web")
     assert result.returncode == 0, result.stderr
     svc.wait_until(lambda: pid_gone(grandchild), 10, "the setsid grandchild killed by cgroup.kill")
@@ -263,8 +271,8 @@ def test_each_instance_runs_in_its_own_cgroup_and_a_stop_kills_what_left_the_gro
 
 @needs_v2
 def test_the_cgroup_is_removed_with_the_instance(service: Start, tmp_path: Path) -> None:
-    pidfile, marker = tmp_path / "grandchild.pid", uuid.uuid4().hex
-    manifest = write_manifest(tmp_path, SETSID.format(pidfile=pidfile, marker=marker))
+    pidfile = tmp_path / "grandchild.pid"
+    manifest = write_manifest(tmp_path, SETSID.format(pidfile=pidfile))
     svc = service(manifest)
     svc.wait_for(["web"], "running")
     folder = cgroup_of(svc.status("web")["web"]["pid"])
@@ -350,8 +358,17 @@ def test_memory_max_without_the_memory_controller_restarts_on_rss(service: Start
 
 
 @needs_v2
-def test_off_makes_no_cgroup(service: Start, tmp_path: Path) -> None:
-    svc = service("version: 1\nsupervisor: {cgroups: off}\ninstances:\n  web:\n    command: [sleep, '300']\n")
+def test_off_makes_no_cgroup_and_a_stop_leaves_what_left_the_group(service: Start, tmp_path: Path) -> None:
+    """The contrast to the cgroup case: without one, a setsid grandchild outlives a stop."""
+    pidfile = tmp_path / "grandchild.pid"
+    manifest = SETSID.format(pidfile=pidfile).replace("version: 1", "version: 1\nsupervisor: {cgroups: off}")
+    svc = service(manifest)
     svc.wait_for(["web"], "running")
     assert not cgroup_of(svc.status("web")["web"]["pid"]).endswith(".instance")
-    assert "cgroup v2:" not in svc.log()
+    grandchild = _grandchild(svc, pidfile)
+    try:
+        assert svc.cli("stop", "web").returncode == 0
+        assert not pid_gone(grandchild)  # the group was killed; it had left the group
+        assert "cgroup v2:" not in svc.log()
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
