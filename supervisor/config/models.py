@@ -452,7 +452,7 @@ class ServiceSettings(StrictModel):
     logs: LogSettings = Field(LogSettings(), description="Log defaults for every instance.")
     cgroups: Literal["auto", "off", "required"] = Field(
         "auto",
-        description="A cgroup v2 per instance (group kill through cgroup.kill, memory_max, cpu): auto "
+        description="A cgroup v2 per instance (group kill through cgroup.kill, memory_max, cpu_quota): auto "
         "uses them where the service may, and says once in its log what is missing; required refuses "
         "to start without them (or without a controller a limit needs); off never makes any.",
     )
