@@ -20,8 +20,10 @@ of /proc/self/cgroup, under the cgroup2 mount found in /proc/self/mountinfo):
 - *Shared*: ``X`` holds other processes or is the root (a ``Manager`` embedded
   in a program that runs in a login session's cgroup, or with the guardian's
   cgroup turned off). Nothing of theirs is moved: the service makes
-  ``X/procward-PID`` (``procward-PID.N`` for a second manager in the process)
-  and the instance cgroups in it. Enabling controllers may then be refused
+  ``X/procward.PID`` (``procward.PID.N`` for a second manager in the process)
+  and the instance cgroups in it. (Not ``procward-PID``: a starting service's
+  guardian removes the empty ``procward-*`` it finds, left by services killed
+  before they could.) Enabling controllers may then be refused
   (``EBUSY``: the rule above, for ``X``): those controllers are missing.
 
 Controllers are asked for one by one (``memory``, ``cpu``): each is used where
@@ -64,7 +66,7 @@ CONTROLLERS = ("memory", "cpu")
 CPU_PERIOD_US = 100_000
 _LEAF = "service"
 _SUFFIX = ".instance"
-_SHARED_PREFIX = "procward-"
+_SHARED_PREFIX = "procward."
 
 
 #: Shared trees made by this process so far (a second one gets a name of its own).
@@ -225,12 +227,17 @@ class CgroupTree:
         return cls(mount, root, frozenset(enabled), missing, kill_file=kill_file)
 
     def instance(self, name: str) -> InstanceCgroup:
-        """The instance's cgroup, made if it is not there yet."""
+        """The instance's cgroup, made if it is not there yet (and its tree's root, if that is gone)."""
         path = os.path.join(self.root, name + _SUFFIX)
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as exc:
-            raise CgroupError(f"cannot make the cgroup {path}: {_reason(exc)}") from None
+        for attempt in range(3):
+            try:
+                os.makedirs(path, exist_ok=True)
+                break
+            except FileNotFoundError:  # the root went while makedirs made it: once more
+                if attempt == 2:
+                    raise CgroupError(f"cannot make the cgroup {path}: its parent keeps going away") from None
+            except OSError as exc:
+                raise CgroupError(f"cannot make the cgroup {path}: {_reason(exc)}") from None
         return InstanceCgroup(path, self.controllers, self.kill_file)
 
     def close(self) -> None:
