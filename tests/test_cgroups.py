@@ -9,8 +9,10 @@ writable at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 import uuid
 from collections.abc import Callable
@@ -216,6 +218,32 @@ def test_a_child_that_cannot_join_its_cgroup_does_not_run(
         tree.close()
 
 
+TREE_OF = "from supervisor.cgroups import CgroupTree; tree = CgroupTree.open(()); print(tree.root, tree.made)"
+
+
+@needs_v2
+def test_alone_in_its_cgroup_the_service_moves_into_a_leaf_and_finds_it_again(tmp_path: Path) -> None:
+    """Delegated (alone in a cgroup): into X/service, instances beside it; after a re-exec, the same X."""
+    mount, own = find_v2_mount(), own_cgroup()
+    assert mount is not None and own is not None
+    delegated = os.path.join(os.path.normpath(mount + own), f"procward.test-{uuid.uuid4().hex[:8]}")
+    os.mkdir(delegated)
+    try:
+        for where in (delegated, os.path.join(delegated, "service")):  # the second: as after a re-exec
+            procs = os.path.join(where, "cgroup.procs")
+            enter = f"import os; open({procs!r}, 'w').write(str(os.getpid())); "
+            command = [sys.executable, "-c", enter + TREE_OF]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.split() == [delegated, "False"]  # its own cgroup, not one made inside
+            assert os.path.isdir(os.path.join(delegated, "service"))
+            assert Path(delegated, "cgroup.procs").read_text() == ""  # nobody left in X: it moved
+    finally:
+        for folder in (os.path.join(delegated, "service"), delegated):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(folder)
+
+
 def test_wait_empty_raises_nothing_for_a_cgroup_that_is_gone(tmp_path: Path) -> None:
     from supervisor.cgroups import InstanceCgroup
 
@@ -256,6 +284,9 @@ def test_each_instance_runs_in_its_own_cgroup_and_a_stop_kills_what_left_the_gro
     folder = cgroup_of(pid)
     assert folder.endswith("/web.instance")
     assert cgroup_of(grandchild) == folder  # in another session, but not in another cgroup
+    tree = os.path.dirname(folder)
+    if os.path.basename(tree).startswith("procward-"):  # the guardian's: alone there, it moved into a leaf
+        assert cgroup_of(svc.pid) == os.path.join(tree, "service")
     assert cgroup_of(svc.pid) != folder  # the service is not in its instances' cgroups
     assert os.getsid(grandchild) != os.getsid(pid)
     # The figures are the cgroup's: both sleeps (once a reading after the grandchild's start is out).
