@@ -630,7 +630,6 @@ class Instance:
             stdio.close()
         return self._child
 
-
     def _cgroup_for_run(self) -> InstanceCgroup | None:
         """The instance's cgroup, made at the first run, with this config's memory.max and cpu.max."""
         tree = self._context.cgroups
