@@ -296,7 +296,9 @@ def _sweep(top: str) -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(top):
             pid = entry.name.removeprefix(_SHARED_PREFIX).partition(".")[0]
-            if entry.name == pid or not pid.isdigit() or os.path.exists(f"/proc/{pid}"):
+            # A pid of 1 is a service that was PID 1 of a namespace (unshare --pid): from here /proc/1
+            # is init, alive for ever. Only empty cgroups go, so a live one loses nothing it uses.
+            if entry.name == pid or not pid.isdigit() or (pid != "1" and os.path.exists(f"/proc/{pid}")):
                 continue
             with contextlib.suppress(OSError):
                 for inner in os.scandir(entry.path):

@@ -420,8 +420,12 @@ def delegated_cgroup(*, guardian_log: logging.Logger) -> Path | None:
         unavailable(f"{own} is not writable")
         return None
     for stale in own.glob("procward-*"):
-        with contextlib.suppress(OSError):
-            stale.rmdir()  # fails, as it should, where processes are left
+        # From the bottom up: a service's own leaf and instance cgroups inside (cgroups.py). An
+        # rmdir fails, as it should, where processes are left; a live service makes an instance's
+        # cgroup again at its next start.
+        for folder, _, _ in os.walk(stale, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
     path = own / f"procward-{os.getpid()}"
     try:
         path.mkdir()

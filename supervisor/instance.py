@@ -636,9 +636,10 @@ class Instance:
         if tree is None:
             return None
         limits = self.config.limits
-        if self._cgroup is None:
-            self._cgroup = tree.instance(self.name)
-            self._health.kernel_memory_max = "memory" in tree.controllers
+        # Made again at each start (a mkdir that finds it there): a stopped instance's empty cgroup
+        # may have been removed meanwhile (a starting service's guardian sweeps empty procward-*).
+        self._cgroup = tree.instance(self.name)
+        self._health.kernel_memory_max = "memory" in tree.controllers
         self._cgroup.limit(limits.memory_max, limits.cpu_quota)
         return self._cgroup
 

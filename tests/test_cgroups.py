@@ -155,7 +155,7 @@ async def test_spawn_puts_the_child_in_the_cgroup_and_a_kill_empties_it(tmp_path
         read, write = os.pipe()
         try:
             child = process.spawn(
-                ["sh", "-c", "setsid sleep 300 & echo forked; exec sleep 300"],
+                ["sh", "-c", "setsid sh -c 'echo forked; exec sleep 300' & exec sleep 300"],
                 stdin=None,
                 stdout=write,
                 stderr=None,
@@ -184,6 +184,9 @@ async def test_spawn_puts_the_child_in_the_cgroup_and_a_kill_empties_it(tmp_path
         cgroup.remove()
         assert not os.path.exists(cgroup.path)
     finally:
+        for leftover in os.scandir(tree.root):  # a failed assertion must not leave processes behind
+            if leftover.is_dir():
+                await close_cgroup(leftover.path)
         tree.close()
     if tree.made:
         assert not os.path.exists(tree.root)
@@ -242,6 +245,13 @@ def test_alone_in_its_cgroup_the_service_moves_into_a_leaf_and_finds_it_again(tm
         for folder in (os.path.join(delegated, "service"), delegated):
             with contextlib.suppress(FileNotFoundError):
                 os.rmdir(folder)
+
+
+async def close_cgroup(path: str) -> None:
+    from supervisor.cgroups import InstanceCgroup
+
+    with contextlib.suppress(CgroupError):
+        await InstanceCgroup(path, frozenset()).close()
 
 
 def test_wait_empty_raises_nothing_for_a_cgroup_that_is_gone(tmp_path: Path) -> None:
