@@ -23,7 +23,11 @@ Targets: p99 of each <= 50 ms; the quiet windows' CPU the same before and after
 (nothing keeps sampling once nobody asks).
 
 Usage: python bench/status_load.py [--instances 100] [--requests 500] [--part load|observe|both]
-       [--observe-instances 500] [--quiet 10]
+       [--observe-instances 500] [--quiet 10] [--baseline DIR [--rounds N]]
+
+``--baseline DIR`` runs the observe part first with the service imported from DIR (say
+``git archive`` of the commit before a change, unpacked), then from this checkout, N
+times alternating: before and after on the same machine in the same minutes.
 """
 
 from __future__ import annotations
@@ -66,9 +70,14 @@ def manifest(folder: Path, instances: int, command: list[str]) -> Path:
     return path
 
 
-def start(path: Path) -> tuple[subprocess.Popen[bytes], Client]:
+def start(path: Path, code: str | None = None) -> tuple[subprocess.Popen[bytes], Client]:
+    """``supervisor run`` on ``path``; ``code``: a checkout whose ``supervisor`` package it imports."""
+    env = {**os.environ, "PYTHONPATH": code} if code else None
     service = subprocess.Popen(
-        [str(SUPERVISOR), "run", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(SUPERVISOR), "run", "-f", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
     )
     client = Client(path.parent / ".supervisor" / "control.sock", timeout=30)
     deadline = time.monotonic() + 60
@@ -149,9 +158,10 @@ def _timed(call: Callable[[], object], count: int, pause: float = 0.0) -> dict[s
     return percentiles(samples)
 
 
-def observe(instances: int, requests: int, quiet: float) -> None:
+def observe(instances: int, requests: int, quiet: float, code: str | None = None) -> None:
+    print(f"\n== the service from {code or 'this checkout'}")
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
-        service, client = start(manifest(Path(tmp), instances, ["sleep", "3600"]))
+        service, client = start(manifest(Path(tmp), instances, ["sleep", "3600"]), code)
         try:
             time.sleep(2)  # the start's work done
             idle_before = _quiet_cpu(service.pid, quiet)
@@ -202,6 +212,13 @@ def main() -> None:
     parser.add_argument("--part", choices=["load", "observe", "both"], default="both")
     parser.add_argument("--observe-instances", type=int, default=500)
     parser.add_argument("--quiet", type=float, default=10.0, help="seconds of each quiet window")
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="observe also a service imported from DIR (a checkout of the code before a change): "
+        "before and after in one run, alternating, --rounds times",
+    )
+    parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     print(
         f"machine: {os.cpu_count()} cpus, {platform.processor() or platform.machine()}, "
@@ -210,7 +227,10 @@ def main() -> None:
     if args.part != "observe":
         load(args)
     if args.part != "load":
-        observe(args.observe_instances, args.requests, args.quiet)
+        for _ in range(args.rounds):
+            if args.baseline:
+                observe(args.observe_instances, args.requests, args.quiet, args.baseline)
+            observe(args.observe_instances, args.requests, args.quiet)
 
 
 def load(args: argparse.Namespace) -> None:

@@ -13,12 +13,14 @@ beyond the record it was adopted from.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from .cgroups import CgroupError
 from .events import State
 from .health import Resumed
 from .process import Child, ExitStatus
@@ -28,12 +30,14 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup, TaskStatus
 
+    from .cgroups import InstanceCgroup
     from .config import InstanceConfig
     from .health import Health, LogSubscription
-    from .instance import Retry
+    from .instance import InstanceContext, Retry
     from .logs import LogSink
     from .stdio import LogPipe
 
+log = logging.getLogger("supervisor.instance")
 
 class Adoption:
     """The handoff methods of ``Instance`` (see the module's docstring)."""
@@ -56,6 +60,8 @@ class Adoption:
         _kill_at: float | None
         _trouble: str | None
         _adopted: dict[str, Any] | None
+        _context: InstanceContext
+        _cgroup: InstanceCgroup | None
 
         def _restart_record(self) -> dict[str, Any]: ...
         def _adopt_restart_record(self, record: Mapping[str, Any]) -> None: ...
@@ -129,11 +135,25 @@ class Adoption:
         last = record["last_exit"]
         self._last_exit = None if last is None else ExitStatus(**last)
         self._child = child
+        self._adopt_cgroup(child)
         self._targets = dict(record["targets"])
         self._open_logs(record["pipes"])
         for stream, sink in self._sinks.items():
             sink.adopt(record["sinks"][stream])
         self._health.adopt(record["health"])
+
+    def _adopt_cgroup(self, child: Child | None) -> None:
+        """The cgroup the program already runs in (a stop must still ``cgroup.kill`` it)."""
+        tree = self._context.cgroups
+        if tree is None:
+            return
+        try:
+            self._cgroup = tree.instance(self.name)
+        except CgroupError as exc:
+            log.warning("%s: %s", self.name, exc)
+            return
+        if child is not None:
+            child.cgroup = self._cgroup
 
     async def _resume(self, record: dict[str, Any]) -> None:
         """Go on with what the adopted instance was doing (inside ``run()``, before it is started)."""

@@ -192,12 +192,17 @@ def _members(groups: set[int]) -> list[tuple[int, str, int]]:
 
 
 def _kill_cgroup(cgroup: str, service: int, dead: bool) -> str:
-    """Kill everything in the instances' cgroup (not while the service lives in it), remove it."""
+    """Kill everything in the instances' cgroup (not while the service lives in it), remove it.
+
+    The service may have made cgroups inside (its leaf ``service``, one per instance:
+    cgroups.py): it is looked for in each, and they are removed from the bottom up.
+    """
     try:
         if not dead:
-            with open(os.path.join(cgroup, "cgroup.procs")) as procs:
-                if str(service) in procs.read().split():
-                    return f"; the service is still in {cgroup}: not killed"
+            for folder, _, _ in os.walk(cgroup):
+                with open(os.path.join(folder, "cgroup.procs")) as procs:
+                    if str(service) in procs.read().split():
+                        return f"; the service is still in {folder}: not killed"
         with open(os.path.join(cgroup, "cgroup.kill"), "w") as kill:
             kill.write("1")
     except FileNotFoundError:
@@ -217,7 +222,8 @@ def _kill_cgroup(cgroup: str, service: int, dead: bool) -> str:
                 return f"; cgroup {cgroup} still not empty after {CGROUP_DRAIN:g}s"
             poller.poll(left * 1000)
     try:
-        os.rmdir(cgroup)
+        for folder, _, _ in os.walk(cgroup, topdown=False):
+            os.rmdir(folder)
     except OSError as exc:
         return f"; killed cgroup {cgroup} but cannot remove it: {exc.strerror}"
     return f"; killed and removed cgroup {cgroup}"
@@ -453,8 +459,12 @@ def delegated_cgroup(*, guardian_log: logging.Logger) -> Path | None:
         unavailable(f"{own} is not writable")
         return None
     for stale in own.glob("procward-*"):
-        with contextlib.suppress(OSError):
-            stale.rmdir()  # fails, as it should, where processes are left
+        # From the bottom up: a service's own leaf and instance cgroups inside (cgroups.py). An
+        # rmdir fails, as it should, where processes are left; a live service makes an instance's
+        # cgroup again at its next start.
+        for folder, _, _ in os.walk(stale, topdown=False):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
     path = own / f"procward-{os.getpid()}"
     try:
         path.mkdir()

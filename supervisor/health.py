@@ -81,6 +81,8 @@ class Health:
         self._watchdog_armed = anyio.Event()
         self._watchdog_trigger = False
         self._main_pid: int | None = None
+        #: The kernel caps the instance's cgroup at limits.memory_max (else RSS restarts stand in).
+        self.kernel_memory_max = False
 
     def close(self) -> None:
         if self._notify is not None:
@@ -178,8 +180,11 @@ class Health:
             self._main_pid = None
         async with anyio.create_task_group() as tg:
             limits = config.limits
-            if limits.memory is not None:
-                tg.start_soon(self._watch_memory, child, limits.memory, limits.memory_interval, kill)
+            memory = limits.memory
+            if memory is None and not self.kernel_memory_max:  # memory_max's fallback: a restart on RSS
+                memory = limits.memory_max
+            if memory is not None:
+                tg.start_soon(self._watch_memory, child, memory, limits.memory_interval, kill)
             if self._notify is not None:
                 tg.start_soon(self._serve_notify, child)
                 if config.watchdog is not None:
@@ -242,8 +247,10 @@ class Health:
         sampler = ResourceSampler(max_age=0.0)
         period = min(interval / 5, 1.0)
         above_since: float | None = None
+        # With a cgroup of its own: its members (also what left the group), and no scan of all /proc.
+        cgroups = {child.pgid: child.cgroup.path} if child.cgroup is not None else None
         while True:
-            figures = await anyio.to_thread.run_sync(sampler.figures, [child.pgid])
+            figures = await anyio.to_thread.run_sync(sampler.figures, [child.pgid], cgroups)
             rss = figures[child.pgid].rss_bytes if child.pgid in figures else 0
             now = anyio.current_time()
             if rss <= limit:

@@ -27,6 +27,7 @@ import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
 from .adoption import Adoption
+from .cgroups import CgroupError, CgroupTree, InstanceCgroup
 from .config import InstanceConfig, LogSettings, ServiceSettings, rlimit_pair
 from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription, Resumed
@@ -108,6 +109,8 @@ class InstanceContext:
     dependencies: Dependencies | None = None
     #: Told the instance's group name at each transition (the manager wakes what waits on it).
     on_transition: Callable[[str], None] | None = None
+    #: Where the instance's own cgroup goes (None: no cgroups; cgroup_policy.py says why).
+    cgroups: CgroupTree | None = None
 
 
 class Instance(Adoption):
@@ -144,6 +147,7 @@ class Instance(Adoption):
         self._next_try: float | None = None
         self._kill_at: float | None = None
         self._adopted: dict[str, Any] | None = None
+        self._cgroup: InstanceCgroup | None = None  # made at the first spawn, removed by close()
 
     # -- facts -----------------------------------------------------------------------------
 
@@ -178,6 +182,21 @@ class Instance(Adoption):
     @property
     def last_exit(self) -> ExitStatus | None:
         return self._last_exit
+
+    @property
+    def cgroup(self) -> str | None:
+        """The folder of the instance's own cgroup, once made (cgroups.py); None without one."""
+        return self._cgroup.path if self._cgroup is not None else None
+
+    @property
+    def restarts(self) -> int:
+        return self._restarts
+
+    @property
+    def started_at(self) -> float | None:
+        """When the running process started (None if none runs): what uptime counts from."""
+        child = self._child
+        return child.started_at if child is not None and child.exit is None else None
 
     @property
     def sinks(self) -> Mapping[str, LogSink]:
@@ -235,6 +254,7 @@ class Instance(Adoption):
             self._tg = None
             with anyio.CancelScope(shield=True):
                 await self._kill_now()
+                await self._remove_cgroup()
                 for sink in self._sinks.values():
                     await sink.aclose()
             for pipe in self._pipes.values():
@@ -247,7 +267,18 @@ class Instance(Adoption):
             self._closing = True  # requests queued behind this one must not start it again
             if self._state.alive:
                 await self._stop_locked(reason)
+            with anyio.CancelScope(shield=True):  # before a replacement of the same name makes it again
+                await self._remove_cgroup()
             self._closed.set()
+
+    async def _remove_cgroup(self) -> None:
+        """Kill what is left in the instance's cgroup, wait until it is empty, remove it."""
+        cgroup, self._cgroup = self._cgroup, None
+        if cgroup is not None:
+            try:
+                await cgroup.close()
+            except CgroupError as exc:
+                log.warning("%s: %s", self.name, exc)
 
     def _open_logs(self, adopted: Mapping[str, int] | None = None) -> None:
         """Create the instance's log pipes once: they outlive every run of the program.
@@ -501,7 +532,7 @@ class Instance(Adoption):
             # awaits in between, so no one can observe the state before the transition.
             try:
                 child = self._spawn()
-            except (SpawnError, StdioError, LogFileError) as exc:
+            except (SpawnError, StdioError, LogFileError, CgroupError) as exc:
                 self._transition(State.STARTING)
                 announce()
                 return Retry(str(exc), failed_start=True)
@@ -645,10 +676,24 @@ class Instance(Adoption):
                         config.limits.nice,
                         config.limits.oom_score_adj,
                     ),
+                    cgroup=self._cgroup_for_run(),
                 )
         finally:
             stdio.close()
         return self._child
+
+    def _cgroup_for_run(self) -> InstanceCgroup | None:
+        """The instance's cgroup, made at the first run, with this config's memory.max and cpu.max."""
+        tree = self._context.cgroups
+        if tree is None:
+            return None
+        limits = self.config.limits
+        # Made again at each start (a mkdir that finds it there): a stopped instance's empty cgroup
+        # may have been removed meanwhile (a starting service's guardian sweeps empty procward-*).
+        self._cgroup = tree.instance(self.name)
+        self._health.kernel_memory_max = "memory" in tree.controllers
+        self._cgroup.limit(limits.memory_max, limits.cpu_quota)
+        return self._cgroup
 
 
 @dataclass(frozen=True, slots=True)

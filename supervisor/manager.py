@@ -28,6 +28,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup, TaskStatus
 
+from .cgroup_policy import CgroupPolicy, CgroupRefused
 from .config import InstanceConfig, Manifest, ServiceSettings
 from .config.capacity import LOG_FILES_OPEN, SERVICE_RESERVE, captured_streams, descriptors_per_instance
 from .config.dependencies import levels
@@ -98,25 +99,33 @@ class Manager:
         # for after the set of instances changed. A lookup per transition must not walk them all.
         self._by_group: dict[str, list[Instance]] | None = None
         self._dependent_groups: dict[str, list[str]] | None = None
+        self._cgroups: CgroupPolicy | None = None  # made by run(): supervisor.cgroups
 
     @property
     def instances(self) -> Mapping[str, Instance]:
         return self._instances
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Host every instance until ``shutdown()``; started once the manifest is applied."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            await tg.start(self._restart_dependents)
-            if self._adopting is None:
-                await self.apply(self.manifest)
-            else:
-                await self._adopt(*self._adopting)
-                self._adopting = None
-            task_status.started()
-            await self._done.wait()
-            tg.cancel_scope.cancel()
-        self._tg = None
+        """Host every instance until ``shutdown()``; started once the manifest is applied.
+
+        CgroupRefused (before anything starts) where ``supervisor.cgroups: required`` cannot be met.
+        """
+        self._cgroups = CgroupPolicy.open(self.manifest)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self._restart_dependents)
+                if self._adopting is None:
+                    await self.apply(self.manifest)
+                else:
+                    await self._adopt(*self._adopting)
+                    self._adopting = None
+                task_status.started()
+                await self._done.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            self._tg = None
+            self._cgroups.close()
 
     # -- the handoff (re-exec) ----------------------------------------------------------------
 
@@ -225,6 +234,11 @@ class Manager:
             raise InvalidRequest("service", "the service is shutting down")
         if self._tg is None:
             raise InvalidRequest("service", "the service is starting: try again once it runs")
+        if self._cgroups is not None:
+            try:
+                self._cgroups.check(manifest)
+            except CgroupRefused as exc:
+                raise ApplyError(str(exc)) from None
         gc.unfreeze()  # what this change replaces may be collected again
         plan = _plan(manifest)
         settings_changed = _instance_settings(self.manifest.supervisor) != _instance_settings(
@@ -298,6 +312,7 @@ class Manager:
             environ=self._environ,
             dependencies=gate,
             on_transition=self._group_changed,
+            cgroups=self._cgroups.tree if self._cgroups is not None else None,
         )
         instance = Instance(name, plan.group, plan.config, context)
         if adopted is not None:

@@ -42,6 +42,7 @@ import grp
 import os
 import pwd
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -52,11 +53,12 @@ from typing import Protocol
 
 import anyio
 
-from .child_limits import ChildLimits
+from .child_limits import GATE_REFUSED, ChildLimits
 
 __all__ = [
     "USE_LAUNCHER",
     "USE_PIDFD",
+    "Cgroup",
     "Child",
     "ChildLimits",
     "ExitStatus",
@@ -99,6 +101,21 @@ else:
 _children: dict[int, Child] = {}
 #: The RLIMIT_NOFILE the service started with; children get it back (see raise_fd_limit).
 _inherited_nofile: tuple[int, int] | None = None
+
+
+class Cgroup(Protocol):
+    """An instance's cgroup (cgroups.py's ``InstanceCgroup``), as spawn and reap use it.
+
+    ``path``: its folder; ``procs``: the path of its ``cgroup.procs``. ``join`` moves a
+    pid in (raising on failure); ``kill`` kills every member, also those that left the
+    process group.
+    """
+
+    path: str
+    procs: str
+
+    def join(self, pid: int) -> None: ...
+    def kill(self) -> None: ...
 
 
 class GroupWatch(Protocol):
@@ -183,8 +200,15 @@ class Child:
     watches and the others wait for it to finish or be cancelled, then look again.
     """
 
-    def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], kill_group_on_exit: bool) -> None:
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        argv: list[str],
+        kill_group_on_exit: bool,
+        cgroup: Cgroup | None = None,
+    ) -> None:
         self.pid: int = popen.pid
+        self.cgroup = cgroup
         self.pgid: int = popen.pid  # a new session: setsid() ran before exec, and Popen returns after exec
         self.argv = argv
         self.started_at: float = time.time()
@@ -217,6 +241,7 @@ class Child:
         child.started_at = started_at
         child.exit = None
         child.kill_group_on_exit = kill_group_on_exit
+        child.cgroup = None  # the instance gives it back its cgroup once adopted (adoption.py)
         child._popen = None
         child._pidfd = pidfd if pidfd is not None else _open_pidfd(pid)
         child._watcher = None
@@ -302,6 +327,8 @@ class Child:
         if self.kill_group_on_exit:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.pgid, signal.SIGKILL)
+            if self.cgroup is not None:  # and what left the group (setsid) but not the cgroup
+                self.cgroup.kill()
         _, status = os.waitpid(self.pid, 0)  # a zombie: returns at once
         self._finish(_exit_status(self.pid, status))
         return True
@@ -348,6 +375,7 @@ def spawn(
     parent_death_signal: int | None = signal.SIGKILL,
     kill_group_on_exit: bool = True,
     limits: ChildLimits | None = None,
+    cgroup: Cgroup | None = None,
 ) -> Child:
     """Start ``argv`` in a new session with the given fds as its 0/1/2 (None: /dev/null).
 
@@ -361,6 +389,16 @@ def spawn(
     ``user`` alone also sets the user's primary group and, when the service runs as
     root, its supplementary groups: a child dropped to a user must not keep root's.
     ``limits`` are set after that switch, as the user (child_limits.py).
+
+    ``cgroup``: the child moves itself into it before its program runs where it keeps
+    the service's user (the gate writes its own pid, or exits 125, then execs the
+    program); else the service moves it right after the spawn (a move costs the loop
+    0.1 ms, and now and then 10 ms: the kernel waits for an RCU grace period). So a
+    child dropped to another ``user`` (who may not move itself) is moved while it still runs the launchers
+    (prlimit, setpriv, the gate: none of them forks), unless the service loses the
+    CPU for longer than those three execs take: then the program may run, and fork,
+    a moment before the move, and what it forked then stays outside (docs/guide.md).
+    A child that cannot be moved is killed: it never runs outside the cgroup it was given.
     """
     argv = list(argv)
     if not argv:
@@ -369,7 +407,7 @@ def spawn(
     watch = _watch
     register = watch.fd if watch is not None and parent_death_signal is not None else None
     limits = limits or ChildLimits()
-    launcher = _launcher(parent_death_signal, nofile, register, env, limits)
+    launcher = _launcher(parent_death_signal, nofile, register, env, limits, cgroup, own_user=user is None)
     try:
         uid, gid, groups = _credentials(user, group)
         if launcher:
@@ -389,7 +427,9 @@ def spawn(
             close_fds=True,
             preexec_fn=None
             if launcher
-            else _child_setup(os.getpid(), parent_death_signal, nofile, register, limits),
+            else _child_setup(
+                os.getpid(), parent_death_signal, nofile, register, limits, cgroup, own_user=user is None
+            ),
         )
     except OSError as exc:
         raise SpawnError(argv, cwd, exc.errno, str(exc)) from exc
@@ -397,9 +437,16 @@ def spawn(
         raise SpawnError(argv, cwd, None, str(exc.args[0] if exc.args else exc)) from exc
     except (ValueError, subprocess.SubprocessError) as exc:
         raise SpawnError(argv, cwd, None, str(exc)) from exc
+    if cgroup is not None and user is not None:  # else the child moved itself (or did not run)
+        try:
+            cgroup.join(popen.pid)
+        except Exception as exc:  # the cgroup's own error type: process.py imports nothing of ours
+            popen.kill()
+            popen.wait()
+            raise SpawnError(argv, cwd, None, str(exc)) from exc
     if watch is not None:  # again: a child dropped to another user cannot open the service's /proc
         watch.started(popen.pid)
-    return Child(popen, argv, kill_group_on_exit)
+    return Child(popen, argv, kill_group_on_exit, cgroup)
 
 
 def _credentials(
@@ -435,6 +482,9 @@ def _launcher(
     register: int | None,
     env: Mapping[str, str] | None,
     limits: ChildLimits,
+    cgroup: Cgroup | None = None,
+    *,
+    own_user: bool = True,
 ) -> list[str]:
     """util-linux's ``prlimit`` and ``setpriv``, then the gate, to run before the program; or [].
 
@@ -447,7 +497,8 @@ def _launcher(
     about 0.1 ms: one more exec, of the POSIX shell. A ``nice`` needs util-linux's
     ``renice`` too.
     """
-    if (death_signal is None and nofile is None and register is None and not limits) or not USE_LAUNCHER:
+    nothing = death_signal is None and nofile is None and register is None and not limits and cgroup is None
+    if nothing or not USE_LAUNCHER:
         return []
     global _tools
     if _tools is None:
@@ -466,6 +517,13 @@ def _launcher(
     if death_signal is not None:
         launcher += [setpriv, f"--pdeathsig={signal.Signals(death_signal).name.removeprefix('SIG')}", "--"]
     gate_limits = limits.gate_lines(renice)
+    if cgroup is not None:
+        procs = shlex.quote(cgroup.procs)
+        if own_user:  # it may move itself (the service may): the program never runs outside
+            refused = f"{{ echo 'supervisor: cannot join cgroup {procs}' >&2; exit {GATE_REFUSED}; }}"
+            gate_limits.append(f"echo $$ 2>/dev/null >{procs} || {refused}")
+        else:  # another user may not move itself: the service moves it after the spawn
+            gate_limits.append(f"echo $$ 2>/dev/null >{procs} || :")
     if death_signal is not None or register is not None or gate_limits:
         pwd = (env if env is not None else os.environ).get("PWD")
         script = _gate(death_signal is not None, register, keep_pwd=pwd is not None, limits=gate_limits)
@@ -533,16 +591,26 @@ def _child_setup(
     nofile: tuple[int, int] | None,
     register: int | None,
     limits: ChildLimits,
+    cgroup: Cgroup | None = None,
+    *,
+    own_user: bool = True,
 ) -> Callable[[], None] | None:
     """What runs in the child between fork and exec (after setuid, which would clear PDEATHSIG).
 
     The same steps as the launcher and its gate. None when there is nothing to do,
     so that Popen may use the faster vfork.
     """
-    if death_signal is None and nofile is None and register is None and not limits:
+    if death_signal is None and nofile is None and register is None and not limits and cgroup is None:
         return None
 
     def setup() -> None:
+        if cgroup is not None:  # as the service's user; another is moved by the service after the spawn
+            try:
+                with open(cgroup.procs, "w") as procs:
+                    procs.write(str(os.getpid()))
+            except OSError:
+                if own_user:
+                    raise
         limits.apply(nofile)
         if death_signal is not None and _prctl is not None:
             if _prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0) != 0:

@@ -9,7 +9,14 @@ second, and nobody asking costs nothing.
 
 One scan reads ``/proc/PID/stat`` of every process once (the only place the
 process group is written), keeps those in a group asked for, and counts their
-fds. CPU percent is the CPU time the group used between this scan and the one
+fds. Its cost grows with the machine's processes, not ours: 15 ms with 600
+processes, 300 ms with a few thousand on the reference machine. So a group
+given with its cgroup (``cgroups``: pgid → the folder of an instance's own
+cgroup, cgroups.py) is read from there instead: its members are that folder's
+``cgroup.procs`` (which also holds what left the group with ``setsid``), and
+only theirs is read; the whole of /proc is scanned only for groups without one.
+
+CPU percent is the CPU time the group used between this scan and the one
 before it, over the wall time between the two; a group never seen before gets
 its average since its leader started, and so does one whose previous scan is
 older than ``window`` seconds (a figure averaged over an hour would mislead).
@@ -83,6 +90,23 @@ def _count_fds(pid: int) -> int:
         return 0
 
 
+def _cgroup_members(folder: str) -> list[str] | None:
+    """The pids in a cgroup (None if it is gone: its group is then looked for in /proc)."""
+    try:
+        fd = os.open(os.path.join(folder, "cgroup.procs"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        chunks = []
+        while data := os.read(fd, 65536):
+            chunks.append(data)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode().split()
+
+
 def _uptime() -> float:
     with open("/proc/uptime", "rb") as uptime:
         return float(uptime.read().split()[0])
@@ -110,8 +134,13 @@ class ResourceSampler:
         self._ticks: dict[int, dict[tuple[int, int], int]] = {}
         self.scans = 0
 
-    def figures(self, pgids: Collection[int]) -> Mapping[int, GroupFigures]:
-        """The figures of each group in ``pgids`` that has a live process (others are left out)."""
+    def figures(
+        self, pgids: Collection[int], cgroups: Mapping[int, str] | None = None
+    ) -> Mapping[int, GroupFigures]:
+        """The figures of each group in ``pgids`` that has a live process (others are left out).
+
+        ``cgroups``: for groups that have a cgroup of their own, its folder (see above).
+        """
         if not pgids:
             return {}
         cached = self.cached(pgids)
@@ -121,7 +150,7 @@ class ResourceSampler:
         last = self._last
         fresh = last is not None and now - last[0] < self.max_age
         wanted = frozenset(pgids)
-        figures = self._scan(wanted | (last[1] if last is not None and fresh else frozenset()), now)
+        figures = self._scan(wanted | (last[1] if last is not None and fresh else frozenset()), now, cgroups)
         return {pgid: figures[pgid] for pgid in wanted if pgid in figures}
 
     def cached(
@@ -138,15 +167,25 @@ class ResourceSampler:
             return None
         return {pgid: figures[pgid] for pgid in wanted if pgid in figures}
 
-    def _scan(self, wanted: frozenset[int], now: float) -> dict[int, GroupFigures]:
+    def _scan(
+        self, wanted: frozenset[int], now: float, cgroups: Mapping[int, str] | None = None
+    ) -> dict[int, GroupFigures]:
         self.scans += 1
         members: dict[int, list[tuple[int, _Proc]]] = {}
-        if wanted:
+        rest = set(wanted)
+        for pgid, folder in (cgroups or {}).items():
+            if pgid in rest and (pids := _cgroup_members(folder)) is not None:
+                rest.discard(pgid)
+                for pid in pids:
+                    proc = _read_stat(pid)
+                    if proc is not None:
+                        members.setdefault(pgid, []).append((int(pid), proc))
+        if rest:
             for name in os.listdir("/proc"):
                 if not name.isdigit():
                     continue
                 proc = _read_stat(name)
-                if proc is not None and proc.pgid in wanted:
+                if proc is not None and proc.pgid in rest:
                     members.setdefault(proc.pgid, []).append((int(name), proc))
         uptime = _uptime() if members else 0.0
         figures: dict[int, GroupFigures] = {}

@@ -126,7 +126,7 @@ class Service:
         if any(config.limits.memory for config in self.manifest.instances.values()):
             log.info(
                 "limits.memory is enforced by restarting an instance whose group stays over it; "
-                "no per-instance cgroup memory.max is set (not implemented yet, see the guide's Limits)"
+                "limits.memory_max is the kernel's cap (memory.max of the instance's cgroup)"
             )
         with anyio.CancelScope() as self._cancel:
             async with anyio.create_task_group() as tg:
@@ -524,6 +524,7 @@ def run_service(
         if not become_subreaper():
             log.warning("cannot become a child subreaper: orphaned grandchildren go to init")
         from .api.server import ControlError
+        from .cgroup_policy import CgroupRefused
         from .pidfile import PidfileError, live_service, remove_pidfile, write_pidfile
 
         status = 0
@@ -541,8 +542,8 @@ def run_service(
                     on_ready()
 
             anyio.run(_serve, manifest, ready, takeover, backend=backend)
-        except* (ControlError, StateDirError, PidfileError) as group:
-            for error in group.exceptions:
+        except* (ControlError, StateDirError, PidfileError, CgroupRefused) as group:
+            for error in _leaves(group):  # a refusal from inside a task group comes nested
                 log.error("cannot start: %s", error)
             status = 1
         finally:
@@ -550,6 +551,13 @@ def run_service(
                 remove_pidfile(pidfile)
     own.close()
     return status
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found
 
 
 def _redirect_own_stdio(own: Stdio, log_file: Path | None, *, detached: bool) -> None:

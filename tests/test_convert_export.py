@@ -84,6 +84,8 @@ def test_systemd_units_verify(tmp_path: Path) -> None:
     ):
         assert dropped in notes
     assert "export.yaml:33: tail.stop.group: approximated" in notes
+    check = files["shop-check.service"]
+    assert unit_values(check, "MemoryMax") == [str(256 << 20)] and unit_values(check, "CPUQuota") == ["50%"]
 
 
 def test_systemd_backoff_steps_by_version() -> None:
@@ -121,6 +123,8 @@ def test_kubernetes_objects_validate() -> None:
     assert api["spec"]["replicas"] == 2
     assert api["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["path"] == "/health"
     assert objects[("Deployment", "tail")]["spec"]["replicas"] == 0
+    check = objects[("Deployment", "check")]["spec"]["template"]["spec"]["containers"][0]
+    assert check["resources"] == {"limits": {"cpu": "500m", "memory": str(256 << 20)}}
     notes = "\n".join(map(str, result.notes))
     for text in (
         "api.ready: dropped",

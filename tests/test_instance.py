@@ -314,6 +314,15 @@ async def test_no_write_end_of_a_log_pipe_stays_in_the_service(tmp_path: Path) -
     async with running(manifest) as (manager, events):
         instance = manager.instances["logger"]
         await events.wait_for(_to(State.RUNNING, "logger"))
+        # Past the gate and the echos (their redirections swap fds 1 and 2 for a moment): the last
+        # line is in the log once the program is about to exec sleep.
+        stderr = instance.sinks["stderr"]
+        with anyio.fail_after(10):
+            async with stderr.follow() as chunks:
+                if not any(b"oops" in line for line in stderr.tail(10)):
+                    async for chunk in chunks:
+                        if b"oops" in chunk:
+                            break
         pipes = {_inode(pipe.read_fd) for pipe in instance._pipes.values()}
         assert len(pipes) == 2
         writers = [fd for fd in _open_fds() if _inode(fd) in pipes and _is_write_end(fd)]

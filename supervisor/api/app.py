@@ -122,15 +122,16 @@ def create_app(
     ) -> Response:
         """Status of every instance, or of those ``names`` select (404 when one selects none)."""
         statuses = manager.status(names or ())
-        figures = await sampler.figures([s.pid for s in statuses])
+        figures = await sampler.figures([s.pid for s in statuses], _cgroups(manager))
         body = [wire_status(s, figures.get(s.pid or 0)) for s in statuses]
         return JSONResponse(body, background=sampler.after_response())
 
     @app.get("/v1/instances/{name}", response_model=Status, responses=ERRORS, tags=["instances"])
     async def get_instance(name: str) -> Response:
         """Status of one instance, by its exact name."""
-        status = _instance(manager, name).status()
-        figures = await sampler.figures([status.pid])
+        instance = _instance(manager, name)
+        status = instance.status()
+        figures = await sampler.figures([status.pid], _cgroups(manager))
         body = wire_status(status, figures.get(status.pid or 0))
         return JSONResponse(body, background=sampler.after_response())
 
@@ -354,7 +355,7 @@ def create_app(
         """Every instance's state and resource figures, and the service's own, for Prometheus."""
         from ..metrics import CONTENT_TYPE, render  # prometheus_client only for those who ask
 
-        figures = await sampler.figures([i.pid for i in manager.instances.values()])
+        figures = await sampler.figures([i.pid for i in manager.instances.values()], _cgroups(manager))
         later = sampler.after_response()
         return Response(render(manager, figures), media_type=CONTENT_TYPE, background=later)
 
@@ -387,6 +388,20 @@ def _instance(manager: Manager, name: str) -> Instance:
     if instance is None:
         raise UnknownInstance(name, manager.instances)
     return instance
+
+
+def _cgroups(manager: Manager) -> dict[int, str]:
+    """pid → the folder of its instance's own cgroup, for every instance that has both.
+
+    All of them, also for one instance's figures: a reading covers the groups of the one
+    before it too, and a group without its folder here costs a scan of the whole of /proc.
+    """
+    found = {}
+    for instance in manager.instances.values():
+        pid, folder = instance.pid, instance.cgroup
+        if pid is not None and folder is not None:
+            found[pid] = folder
+    return found
 
 
 def _joined(lines: list[bytes]) -> bytes:

@@ -7,6 +7,7 @@ An rlimit is written as prlimit(1) writes it: a number, ``unlimited``, or
 
 from __future__ import annotations
 
+import math
 import resource
 from typing import Annotated, Any
 
@@ -97,6 +98,55 @@ Rlimit = Annotated[
 ]
 
 
+#: The smallest and largest CPU quota, in CPUs: cpu.max takes at least 1 ms per 100 ms period.
+MIN_CPUS = 0.01
+MAX_CPUS = 4096.0
+
+
+def parse_cpus(value: Any) -> float:
+    """CPUs from ``0.5``, ``2``, ``"50%"`` or ``"150%"`` (systemd's CPUQuota= spelling)."""
+    written = value
+    if isinstance(value, bool):
+        raise ValueError("expected a number of CPUs such as 0.5 or a percentage such as 50%")
+    if isinstance(value, str):
+        text = value.strip()
+        percent = text.endswith("%")
+        number = text.removesuffix("%").strip()
+        if not number.isascii() or not number.replace(".", "", 1).isdigit() or len(number) > 20:
+            raise ValueError(
+                f"{_shown(written)} is not a CPU quota: write a number of CPUs (0.5, 2) or a percentage (50%)"
+            )
+        value = float(number) / 100 if percent else float(number)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) > MAX_CPUS:
+            raise ValueError(f"{_shown(written)} is more than {MAX_CPUS:g} CPUs")
+        value = float(value)
+    if not isinstance(value, float):
+        raise ValueError("expected a number of CPUs such as 0.5 or a percentage such as 50%")
+    if not math.isfinite(value):
+        raise ValueError(f"a CPU quota must be a finite number, not {_shown(written)}")
+    if value < MIN_CPUS:
+        raise ValueError(f"{_shown(written)} is below the smallest CPU quota, {MIN_CPUS:g} (1%)")
+    if value > MAX_CPUS:
+        raise ValueError(f"{_shown(written)} is more than {MAX_CPUS:g} CPUs")
+    return value
+
+
+CpuQuota = Annotated[
+    float,
+    BeforeValidator(parse_cpus),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": MIN_CPUS, "maximum": MAX_CPUS},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*%?\s*$"},
+            ],
+            "description": "CPUs: 0.5 or 50% (half of one), 2 or 200% (two); 0.01 to 4096.",
+        }
+    ),
+]
+
+
 def _rlimit_field(name: str) -> Any:
     return Field(None, description=f"RLIMIT_{name.upper()}: {RLIMITS[name][1]}.")
 
@@ -114,6 +164,19 @@ class Limits(StrictModel):
         gt=0,
         description="Restart the instance when the resident memory (RSS) of its whole process group "
         "stays above this for memory_interval, like pm2's max_memory_restart.",
+    )
+    memory_max: Size | None = Field(
+        None,
+        ge=1024 * 1024,
+        description="A hard cap on the memory of the instance's cgroup (memory.max, like systemd's "
+        "MemoryMax=): past it the kernel reclaims, then OOM-kills inside the cgroup. At least 1MB. "
+        "Without a cgroup v2 memory controller: a restart like memory, after memory_interval above it.",
+    )
+    cpu_quota: CpuQuota | None = Field(
+        None,
+        description="The CPU time the instance's cgroup may use (cpu.max, like systemd's CPUQuota=): "
+        "0.5 or 50% is half of one CPU, 2 or 200% two CPUs; 0.01 (1%) to 4096. Not enforced without "
+        "a cgroup v2 cpu controller.",
     )
     memory_interval: Duration = Field(
         5.0,

@@ -466,6 +466,12 @@ class ServiceSettings(StrictModel):
         30.0, description="How long a shutdown waits for all instances before SIGKILL."
     )
     logs: LogSettings = Field(LogSettings(), description="Log defaults for every instance.")
+    cgroups: Literal["auto", "off", "required"] = Field(
+        "auto",
+        description="A cgroup v2 per instance (group kill through cgroup.kill, memory_max, cpu_quota): auto "
+        "uses them where the service may, and says once in its log what is missing; required refuses "
+        "to start without them (or without a controller a limit needs); off never makes any.",
+    )
 
 
 #: The largest env_file read: the manifest's own limit.

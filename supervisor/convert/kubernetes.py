@@ -115,8 +115,19 @@ class _Objects:
                 note(entry, (key,), "dropped", "Kubernetes takes a numeric id (securityContext)")
         if security:
             container["securityContext"] = security
-        if config.limits.memory is not None:
-            container["resources"] = {"limits": {"memory": str(config.limits.memory)}}
+        limits = config.limits
+        resources: dict[str, str] = {}
+        if limits.cpu_quota is not None:
+            resources["cpu"] = f"{round(limits.cpu_quota * 1000)}m"  # the same CFS quota, in millicores
+        if limits.memory_max is not None:  # the same thing: the kernel's cap on the container's cgroup
+            resources["memory"] = str(limits.memory_max)
+            if limits.memory is not None:
+                why = "a pod restarts on no RSS figure; the cap is memory_max"
+                note(entry, ("limits", "memory"), "dropped", why)
+        if resources:
+            container["resources"] = {"limits": resources}
+        if limits.memory is not None and limits.memory_max is None:
+            container["resources"] = {"limits": {**resources, "memory": str(limits.memory)}}
             note(
                 entry,
                 ("limits", "memory"),

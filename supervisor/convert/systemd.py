@@ -150,7 +150,12 @@ class _Units:
             service.append(f"OOMScoreAdjust={limits.oom_score_adj}")
         for name, value in limits.rlimits().items():
             service.append(f"Limit{name.upper()}={value.replace('unlimited', 'infinity')}")
-        if limits.memory is not None:
+        if limits.memory_max is not None:  # the same thing: the kernel's cap on the unit's cgroup
+            service.append(f"MemoryMax={limits.memory_max}")
+        if limits.memory is not None and limits.memory_max is not None:
+            why = "systemd restarts on no RSS figure; MemoryMax= is memory_max"
+            self.source.note(entry, ("limits", "memory"), "dropped", why)
+        elif limits.memory is not None:
             service.append(f"MemoryMax={limits.memory}")
             self.source.note(
                 entry,
@@ -159,6 +164,8 @@ class _Units:
                 "MemoryMax= is the kernel's cap (an OOM kill, then Restart=), not a restart after "
                 "memory_interval above it",
             )
+        if limits.cpu_quota is not None:
+            service.append(f"CPUQuota={limits.cpu_quota * 100:g}%")
 
     def _restart(
         self, entry: str, config: InstanceConfig, unit: list[str], service: list[str], oneshot: bool

@@ -1,0 +1,415 @@
+"""Per-instance cgroups (v2): the manifest keys, and real cgroups made, joined, killed and removed.
+
+The service tests run a real ``supervisor run`` as root and look at the kernel's own files
+(/proc/PID/cgroup, cgroup.procs, memory.max). Where a controller is missing (a hybrid
+machine whose memory and cpu controllers are held by cgroup v1) they check the fallback
+and the refusal instead of the limit; they are skipped only where cgroup v2 is not
+writable at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import pytest
+
+from supervisor import process
+from supervisor.cgroups import CgroupError, CgroupTree, cpu_max, find_v2_mount, own_cgroup
+from supervisor.config import ManifestError, load_manifest
+from supervisor.resources import ResourceSampler
+
+from .service_fixture import ServiceProcess, pid_gone, write_manifest
+
+Start = Callable[..., ServiceProcess]
+
+
+def _v2_writable() -> str | None:
+    """Why cgroup v2 cannot be written here, or None when it can."""
+    mount = find_v2_mount()
+    own = own_cgroup()
+    if mount is None or own is None:
+        return "no cgroup2 filesystem mounted"
+    if not os.access(os.path.normpath(mount + own), os.W_OK):
+        return f"cgroup v2 folder {mount}{own} is not writable by this user"
+    return None
+
+
+WHY_NOT = _v2_writable()
+needs_v2 = pytest.mark.skipif(WHY_NOT is not None, reason=f"cgroup v2 is not writable here: {WHY_NOT}")
+
+
+def _controllers_here() -> set[str]:
+    """The controllers a service started by this test gets (offered to the cgroup it would make)."""
+    mount, own = find_v2_mount(), own_cgroup()
+    assert mount is not None and own is not None
+    with open(os.path.join(os.path.normpath(mount + own), "cgroup.controllers")) as f:
+        return set(f.read().split())
+
+
+def cgroup_of(pid: int) -> str:
+    """The folder of ``pid``'s cgroup v2, from the kernel's own /proc/PID/cgroup."""
+    with open(f"/proc/{pid}/cgroup") as f:
+        line = next(line for line in f if line.startswith("0::"))
+    mount = find_v2_mount()
+    assert mount is not None
+    return os.path.normpath(mount + line[3:].strip())
+
+
+# -- the manifest ---------------------------------------------------------------------------------
+
+
+def problem_text(tmp_path: Path, body: str) -> str:
+    path = tmp_path / "supervisor.yaml"
+    path.write_text(body)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path, {})
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("written", "cpus"),
+    [("0.5", 0.5), ("'50%'", 0.5), ("2", 2.0), ("'250 %'", 2.5), ("0.01", 0.01), ("4096", 4096.0)],
+)
+def test_cpu_quota_is_cpus_or_a_percentage(tmp_path: Path, written: str, cpus: float) -> None:
+    path = tmp_path / "supervisor.yaml"
+    path.write_text(f"version: 1\ninstances:\n  web:\n    command: w\n    limits: {{cpu_quota: {written}}}\n")
+    assert load_manifest(path, {}).instances["web"].limits.cpu_quota == cpus
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("cpu_quota: .nan", "a CPU quota must be a finite number"),
+        ("cpu_quota: .inf", "a CPU quota must be a finite number"),
+        ("cpu_quota: -1", "below the smallest CPU quota"),
+        ("cpu_quota: 0", "below the smallest CPU quota"),
+        ("cpu_quota: '0.5%'", "below the smallest CPU quota"),
+        ("cpu_quota: 99999999999999999999999999", "more than 4096 CPUs"),
+        ("cpu_quota: 1e300", "more than 4096 CPUs"),
+        ("cpu_quota: \"1\\0\"", "a NUL character"),
+        ("cpu_quota: '١'", "is not a CPU quota"),
+        ("cpu_quota: 1e3%", "is not a CPU quota"),
+        ("cpu_quota: true", "expected a number of CPUs"),
+        ("memory_max: 1000", "greater than or equal to 1048576"),
+        ("memory_max: .nan", "is not a size"),
+        ("memory_max: -1", "a size cannot be negative"),
+        ("memory_max: 2048GB", "larger than the largest size allowed"),
+    ],
+)
+def test_hostile_cgroup_limits_are_refused_with_their_place(tmp_path: Path, body: str, message: str) -> None:
+    manifest = f"version: 1\ninstances:\n  web:\n    command: w\n    limits:\n      {body}\n"
+    text = problem_text(tmp_path, manifest)
+    key = body.partition(":")[0]
+    assert "supervisor.yaml:6:" in text and f"instances.web.limits.{key}" in text, text
+    assert message in text
+
+
+def test_the_cgroups_switch_takes_three_words(tmp_path: Path) -> None:
+    text = problem_text(tmp_path, "version: 1\nsupervisor: {cgroups: yes}\ninstances: {}\n")
+    assert "supervisor.cgroups" in text and "'auto', 'off' or 'required'" in text
+
+
+def test_cpu_max_is_written_as_systemd_writes_cpu_quota() -> None:
+    assert cpu_max(0.5) == "50000 100000"
+    assert cpu_max(2) == "200000 100000"
+    assert cpu_max(0.01) == "1000 100000"
+    assert cpu_max(None) == "max 100000"
+
+
+def test_the_mount_and_own_cgroup_come_from_proc_files(tmp_path: Path) -> None:
+    mountinfo = tmp_path / "mountinfo"
+    mountinfo.write_text(
+        "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n"
+        "35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+        "41 31 0:38 / /mnt/my\\040cgroups rw,relatime shared:9 - cgroup2 cgroup2 rw\n"
+    )
+    assert find_v2_mount(str(mountinfo)) == "/mnt/my cgroups"
+    mountinfo.write_text("35 31 0:32 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n")
+    assert find_v2_mount(str(mountinfo)) is None
+    cgroup = tmp_path / "cgroup"
+    cgroup.write_text("4:memory:/x\n0::/system.slice/procward.service\n")
+    assert own_cgroup(str(cgroup)) == "/system.slice/procward.service"
+    cgroup.write_text("4:memory:/x\n")
+    assert own_cgroup(str(cgroup)) is None
+
+
+# -- in the test's own process: spawn into a cgroup, kill it, wait until it is empty ---------------
+
+pytest_anyio = pytest.mark.anyio
+
+
+@needs_v2
+@pytest_anyio
+async def test_spawn_puts_the_child_in_the_cgroup_and_a_kill_empties_it(tmp_path: Path) -> None:
+    tree = CgroupTree.open(())
+    try:
+        cgroup = tree.instance(f"test-{uuid.uuid4().hex[:8]}")
+        read, write = os.pipe()
+        try:
+            child = process.spawn(
+                ["sh", "-c", "setsid sh -c 'echo forked; exec sleep 300' & exec sleep 300"],
+                stdin=None,
+                stdout=write,
+                stderr=None,
+                cgroup=cgroup,
+            )
+            os.close(write)
+            with anyio.fail_after(10):
+                await anyio.wait_readable(read)
+            assert os.read(read, 100) == b"forked\n"
+        finally:
+            os.close(read)
+        assert cgroup_of(child.pid) == cgroup.path
+        members = cgroup.pids()
+        assert child.pid in members and len(members) == 2  # the setsid'd sleep was forked inside
+        assert cgroup.populated()
+        # The figures of a group with a cgroup count what left the group, read from cgroup.procs.
+        sampler = ResourceSampler(max_age=0)
+        assert sampler.figures([child.pid])[child.pid].processes == 1
+        assert sampler.figures([child.pid], {child.pid: cgroup.path})[child.pid].processes == 2
+        cgroup.kill()
+        with anyio.fail_after(10):
+            await child.wait()
+        assert child.exit is not None and child.exit.signal == signal.SIGKILL
+        assert await cgroup.wait_empty(10)
+        process.reap_orphans()
+        cgroup.remove()
+        assert not os.path.exists(cgroup.path)
+    finally:
+        for leftover in os.scandir(tree.root):  # a failed assertion must not leave processes behind
+            if leftover.is_dir():
+                await close_cgroup(leftover.path)
+        tree.close()
+    if tree.made:
+        assert not os.path.exists(tree.root)
+
+
+@needs_v2
+@pytest.mark.parametrize("launcher", [True, False], ids=["util-linux", "python"])
+def test_a_child_that_cannot_join_its_cgroup_does_not_run(
+    tmp_path: Path, launcher: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process, "USE_LAUNCHER", launcher)
+    tree = CgroupTree.open(())
+    try:
+        cgroup = tree.instance(f"test-{uuid.uuid4().hex[:8]}")
+        cgroup.remove()  # gone before the spawn: the child must not run outside it
+        marker = tmp_path / "ran"
+        err = tmp_path / "stderr"
+        with err.open("wb") as stderr:
+            try:
+                child = process.spawn(
+                    ["touch", str(marker)], stdin=None, stdout=None, stderr=stderr.fileno(), cgroup=cgroup
+                )
+            except process.SpawnError as exc:  # the Python path: the child's own error, from Popen
+                assert not launcher, exc
+            else:  # behind the launcher: the gate refuses, as for a limit it cannot set
+                assert launcher
+                status = anyio.run(child.wait)
+                assert status.code == 125
+                assert "supervisor: cannot join cgroup" in err.read_text()
+        assert not marker.exists()
+    finally:
+        tree.close()
+
+
+TREE_OF = "from supervisor.cgroups import CgroupTree; tree = CgroupTree.open(()); print(tree.root, tree.made)"
+
+
+@needs_v2
+def test_alone_in_its_cgroup_the_service_moves_into_a_leaf_and_finds_it_again(tmp_path: Path) -> None:
+    """Delegated (alone in a cgroup): into X/service, instances beside it; after a re-exec, the same X."""
+    mount, own = find_v2_mount(), own_cgroup()
+    assert mount is not None and own is not None
+    delegated = os.path.join(os.path.normpath(mount + own), f"procward.test-{uuid.uuid4().hex[:8]}")
+    os.mkdir(delegated)
+    try:
+        for where in (delegated, os.path.join(delegated, "service")):  # the second: as after a re-exec
+            procs = os.path.join(where, "cgroup.procs")
+            enter = f"import os; open({procs!r}, 'w').write(str(os.getpid())); "
+            command = [sys.executable, "-c", enter + TREE_OF]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.split() == [delegated, "False"]  # its own cgroup, not one made inside
+            assert os.path.isdir(os.path.join(delegated, "service"))
+            assert Path(delegated, "cgroup.procs").read_text() == ""  # nobody left in X: it moved
+    finally:
+        for folder in (os.path.join(delegated, "service"), delegated):
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(folder)
+
+
+async def close_cgroup(path: str) -> None:
+    from supervisor.cgroups import InstanceCgroup
+
+    with contextlib.suppress(CgroupError):
+        await InstanceCgroup(path, frozenset()).close()
+
+
+def test_wait_empty_raises_nothing_for_a_cgroup_that_is_gone(tmp_path: Path) -> None:
+    from supervisor.cgroups import InstanceCgroup
+
+    gone = InstanceCgroup(str(tmp_path / "nowhere"), frozenset())
+    assert not gone.populated()
+    assert anyio.run(gone.wait_empty, 1.0)
+    gone.remove()  # gone already: fine
+    with pytest.raises(CgroupError, match="cannot move pid"):
+        gone.join(os.getpid())
+
+
+# -- a real service ---------------------------------------------------------------------------------
+
+SETSID = """
+version: 1
+instances:
+  web:
+    command: ["sh", "-c", "setsid sh -c 'echo $$$$ > {pidfile}; exec sleep 301' & exec sleep 300"]
+    restart: {{min_uptime: 0}}
+"""
+
+
+def _grandchild(svc: ServiceProcess, pidfile: Path) -> int:
+    svc.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "", 20, "the grandchild's pid")
+    return int(pidfile.read_text())
+
+
+@needs_v2
+def test_each_instance_runs_in_its_own_cgroup_and_a_stop_kills_what_left_the_group(
+    service: Start, tmp_path: Path
+) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    svc = service(SETSID.format(pidfile=pidfile))
+    svc.wait_for(["web"], "running")
+    pid = svc.status("web")["web"]["pid"]
+    grandchild = _grandchild(svc, pidfile)
+    assert not pid_gone(grandchild)
+    folder = cgroup_of(pid)
+    assert folder.endswith("/web.instance")
+    assert cgroup_of(grandchild) == folder  # in another session, but not in another cgroup
+    tree = os.path.dirname(folder)
+    if os.path.basename(tree).startswith("procward-"):  # the guardian's: alone there, it moved into a leaf
+        assert cgroup_of(svc.pid) == os.path.join(tree, "service")
+    assert cgroup_of(svc.pid) != folder  # the service is not in its instances' cgroups
+    assert os.getsid(grandchild) != os.getsid(pid)
+    # The figures are the cgroup's: both sleeps (once a reading after the grandchild's start is out).
+    svc.wait_until(lambda: svc.status("web")["web"]["processes"] == 2, 15, "both processes counted")
+    result = svc.cli("stop", "web")
+    assert result.returncode == 0, result.stderr
+    svc.wait_until(lambda: pid_gone(grandchild), 10, "the setsid grandchild killed by cgroup.kill")
+    assert "group kill by cgroup.kill" in svc.log()
+    assert os.path.isdir(folder)  # stopped, not removed: the next start uses it again
+    with open(os.path.join(folder, "cgroup.procs")) as procs:
+        assert procs.read().split() == []
+
+
+@needs_v2
+def test_the_cgroup_is_removed_with_the_instance(service: Start, tmp_path: Path) -> None:
+    pidfile = tmp_path / "grandchild.pid"
+    manifest = write_manifest(tmp_path, SETSID.format(pidfile=pidfile))
+    svc = service(manifest)
+    svc.wait_for(["web"], "running")
+    folder = cgroup_of(svc.status("web")["web"]["pid"])
+    grandchild = _grandchild(svc, pidfile)
+    write_manifest(tmp_path, "version: 1\ninstances:\n  other:\n    command: [sleep, '300']\n")
+    result = svc.cli("reload")
+    assert result.returncode == 0, result.stderr
+    assert not os.path.exists(folder)  # the reload answers once the instance and its cgroup are gone
+    assert pid_gone(grandchild)
+    tree = os.path.dirname(folder)
+    svc.wait_for(["other"], "running")
+    assert cgroup_of(svc.status("other")["other"]["pid"]) == os.path.join(tree, "other.instance")
+    assert svc.stop() == 0
+    assert not os.path.exists(tree)  # the service's own cgroups go with it
+
+
+LIMITED = """
+version: 1
+supervisor: {{cgroups: {mode}}}
+instances:
+  web:
+    command: ["sleep", "300"]
+    limits: {{memory_max: 64MB, cpu_quota: 50%}}
+"""
+
+
+@needs_v2
+def test_required_cgroups_without_the_controllers_are_refused_or_the_limits_are_set(
+    service: Start, tmp_path: Path
+) -> None:
+    svc = service(LIMITED.format(mode="required"), ready=False)
+    if {"memory", "cpu"} <= _controllers_here():  # a machine with both: the kernel holds the limits
+        svc.wait_ready()
+        svc.wait_for(["web"], "running")
+        folder = cgroup_of(svc.status("web")["web"]["pid"])
+        assert Path(folder, "memory.max").read_text().strip() == str(64 << 20)
+        assert Path(folder, "cpu.max").read_text().strip() == "50000 100000"
+        return
+    svc.expected_exit = 1
+    assert svc.proc.wait(timeout=30) == 1
+    log = svc.log()
+    assert "cannot start: supervisor.cgroups is required, but the " in log
+    assert "controller is not available in" in log
+    assert "(needed by limits." in log
+    assert "starting" not in log  # refused before any instance ran
+
+
+@needs_v2
+def test_auto_says_once_what_is_missing_and_falls_back(service: Start, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, LIMITED.format(mode="auto"))
+    svc = service(manifest)
+    svc.wait_for(["web"], "running")
+    missing = {"memory", "cpu"} - _controllers_here()
+    write_manifest(tmp_path, LIMITED.format(mode="auto").replace("64MB", "65MB"))
+    assert svc.cli("reload").returncode == 0  # the changed instance is replaced: said again? no
+    svc.wait_for(["web"], "running")
+    log = svc.log()
+    for controller in ("memory", "cpu"):
+        said = log.count(f"cgroup v2: the {controller} controller is ")
+        assert said == (1 if controller in missing else 0), log
+    if "memory" in missing:
+        assert "limits.memory_max is enforced by restarting an instance" in log
+
+
+@needs_v2
+def test_memory_max_without_the_memory_controller_restarts_on_rss(service: Start, tmp_path: Path) -> None:
+    if "memory" in _controllers_here():
+        pytest.skip("this machine has the memory controller: memory.max caps instead (tested above)")
+    program = tmp_path / "allocate.py"
+    program.write_text("import signal\nx = b'\\1' * (40 << 20)\nsignal.pause()\n")
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          hog:
+            command: [{sys.executable}, {program}]
+            limits: {{memory_max: 20MB, memory_interval: 200ms}}
+            restart: {{min_uptime: 0, backoff: {{initial: 10ms}}}}
+        """
+    )
+    svc.wait_log("hog: running -> backoff", timeout=30)
+    assert "memory: RSS " in svc.log() and "over the limit 20MiB" in svc.log()
+
+
+@needs_v2
+def test_off_makes_no_cgroup_and_a_stop_leaves_what_left_the_group(service: Start, tmp_path: Path) -> None:
+    """The contrast to the cgroup case: without one, a setsid grandchild outlives a stop."""
+    pidfile = tmp_path / "grandchild.pid"
+    manifest = SETSID.format(pidfile=pidfile).replace("version: 1", "version: 1\nsupervisor: {cgroups: off}")
+    svc = service(manifest)
+    svc.wait_for(["web"], "running")
+    assert not cgroup_of(svc.status("web")["web"]["pid"]).endswith(".instance")
+    grandchild = _grandchild(svc, pidfile)
+    try:
+        assert svc.cli("stop", "web").returncode == 0
+        assert not pid_gone(grandchild)  # the group was killed; it had left the group
+        assert "cgroup v2:" not in svc.log()
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
