@@ -85,6 +85,9 @@ class Manager:
         # when the set of instances changes. What waiting instances sleep on.
         self._group_events: dict[str, anyio.Event] = {}
         self._scaled: set[str] = set()  # entries whose replica count scale() set, until a reload
+        #: Set once the first manifest's instances are in the set, before any of them starts: the
+        #: control plane, served from the start, answers about instances from then on.
+        self.roster_known = anyio.Event()
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -175,6 +178,7 @@ class Manager:
         old = self._instances
         self._instances = {name: prepared.get(name) or old[name] for name in plan}
         self._roster_changed()
+        self.roster_known.set()
         to_start = [i for i in prepared.values() if i.config.autostart]
         await self._start_all(to_start)
         return report

@@ -72,7 +72,11 @@ class Service:
                 tg.start_soon(self._log_transitions)
                 tg.start_soon(run_orphan_reaper)
                 tg.start_soon(self._handle_signals)
+                # Served before the first instance is made: status answers while they spawn (the
+                # manager yields between spawns), and a cold start answers as soon as it can.
                 try:
+                    serve = functools.partial(serve_control, self.manager, self, listeners=listeners)
+                    await tg.start(serve)
                     await tg.start(self._run_manager)
                 except BaseException:
                     listeners.close()
@@ -80,7 +84,6 @@ class Service:
                         with anyio.CancelScope(shield=True):
                             await guardian.stop()
                     raise
-                await tg.start(functools.partial(serve_control, self.manager, self, listeners=listeners))
                 log.info(
                     "supervising %d instances from %s (pid %d)",
                     len(self.manager.instances),

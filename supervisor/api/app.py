@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal, Protocol
 
@@ -14,6 +14,7 @@ from anyio.abc import TaskGroup
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from ..config import Manifest
 from ..events import Transition, Update
@@ -39,7 +40,7 @@ from .models import (
 from .sampling import Sampler
 from .web import add_dashboard
 
-__all__ = ["KEEPALIVE", "ControlHooks", "create_app"]
+__all__ = ["KEEPALIVE", "ControlHooks", "UntilRosterKnown", "create_app"]
 
 # A comment line on the event stream this often: a proxy or a client can tell a quiet
 # stream from a dead one.
@@ -69,6 +70,25 @@ class ControlHooks(Protocol):
 
 
 
+class UntilRosterKnown:
+    """ASGI middleware: during start-up, requests wait until the manager knows its instances.
+
+    The socket is served before the manager makes the first manifest's instances (a cold
+    start answers sooner, and status answers while they spawn). Meanwhile ``/v1/health``
+    answers at once; everything else waits those few moments instead of finding no
+    instance (``supervisor run & supervisor wait web`` must not get "no instance matches").
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], manager: Manager) -> None:
+        self.app = app
+        self.known = manager.roster_known
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.known.is_set() and scope["type"] == "http" and scope["path"] != "/v1/health":
+            await self.known.wait()
+        await self.app(scope, receive, send)
+
+
 def create_app(
     manager: Manager,
     hooks: ControlHooks,
@@ -92,6 +112,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(UntilRosterKnown, manager=manager)
     app.openapi = openapi_with_our_errors(app)  # type: ignore[method-assign]
     actions = Actions(manager, background, closing)
     sampler = Sampler(background)
