@@ -30,6 +30,7 @@ LATER = (
     "supervisor.metrics",  # /metrics
     "prometheus_client",
     "httpx",  # https probes only
+    "pydantic.v1",  # FastAPI's check for v1 models, blocked while the app is built (api/app.py)
 )
 # The control plane: the service imports it when it runs, never at import.
 CONTROL_PLANE = ("fastapi", "starlette", "hypercorn", "supervisor.api.server", "supervisor.api.app")
