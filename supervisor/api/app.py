@@ -109,7 +109,7 @@ def create_app(
 @contextmanager
 def _without_pydantic_v1() -> Iterator[None]:
     """FastAPI imports all of ``pydantic.v1`` while it adds routes, only to refuse v1 models (we
-    have none): 1.7 MiB and a third of this app's build time, on every cold start. Blocked for
+    have none): 1.9 MiB and half of this app's build time, on every cold start. Blocked for
     that moment (a None in sys.modules makes the import fail, which FastAPI takes as "no v1");
     anyone may import it afterwards."""
     if "pydantic.v1" in sys.modules:
