@@ -88,6 +88,8 @@ class Manager:
         #: Set once the first manifest's instances are in the set, before any of them starts: the
         #: control plane, served from the start, answers about instances from then on.
         self.roster_known = anyio.Event()
+        #: Set once the first manifest is applied: its instances spawned (or waiting, or failed).
+        self.started = anyio.Event()
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -99,6 +101,7 @@ class Manager:
             self._tg = tg
             await tg.start(self._restart_dependents)
             await self.apply(self.manifest)
+            self.started.set()
             task_status.started()
             await self._done.wait()
             tg.cancel_scope.cancel()

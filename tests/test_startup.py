@@ -150,6 +150,7 @@ def test_the_socket_answers_status_while_instances_are_still_spawning(service: S
     spawned = [s for s in answer if s["pid"] is not None]
     assert len(spawned) < count, f"all {count} were spawned before the first answer"
     svc.wait_log(f"supervising {count} instances")
+    assert svc.client().health()["starting"] is False  # what the fixture's wait_ready waits for
     log = svc.log()
     served = log.index("control API on")
     assert served < log.index("many-0: stopped -> starting")

@@ -153,6 +153,7 @@ def _routes(
             "manifest": str(source) if source else None,
             "instances": len(manager.instances),
             "states": dict(states),
+            "starting": not manager.started.is_set(),
         }
 
     @app.get("/v1/instances", response_model=list[Status], responses=ERRORS, tags=["instances"])

@@ -178,6 +178,11 @@ class Health(BaseModel):
     manifest: str | None = Field(description="The manifest file the service runs.")
     instances: int = Field(description="How many instances (replicas) the manifest has.")
     states: dict[str, int] = Field(description="How many instances are in each state (only non-zero).")
+    starting: bool = Field(
+        False,
+        description="The service is still making and spawning the manifest's instances (the socket "
+        "answers from the start; until they are known, every route but this one waits).",
+    )
 
 
 class InstanceResult(BaseModel):
