@@ -48,15 +48,19 @@ class Resumed:
 
 
 class LogSubscription:
-    """The followers a log check reads: left as soon as the check passed (unread, they cost copies)."""
+    """The followers a log check reads: left as soon as the check passed (unread, they cost copies).
+
+    Without a log check (most instances) there is nothing to follow, and no exit stack is made.
+    """
 
     def __init__(self) -> None:
-        self.stack = AsyncExitStack()
+        self.stack: AsyncExitStack | None = None
         self.followers: list[AsyncIterator[bytes]] = []
 
     async def aclose(self) -> None:
         self.followers.clear()
-        await self.stack.aclose()
+        if self.stack is not None:
+            await self.stack.aclose()
 
 
 class Health:
@@ -76,9 +80,10 @@ class Health:
         self.status_text: str | None = None
         self._outcomes: dict[str, object] = {}
         self._notify = NotifySocket() if check is not None and check.kind == "notify" else None
-        self._notified_ready = anyio.Event()
-        self._watchdog_ping = anyio.Event()
-        self._watchdog_armed = anyio.Event()
+        # Only a notify program sets these; the others' runs make none (an Event costs ~0.8 KB).
+        self._notified_ready: anyio.Event | None = None
+        self._watchdog_ping: anyio.Event | None = None
+        self._watchdog_armed: anyio.Event | None = None
         self._watchdog_trigger = False
         self._main_pid: int | None = None
         #: The kernel caps the instance's cgroup at limits.memory_max (else RSS restarts stand in).
@@ -98,8 +103,8 @@ class Health:
             "last_check": self.last_check,
             "status_text": self.status_text,
             "main_pid": self._main_pid,
-            "notified": self._notified_ready.is_set(),
-            "armed": self._watchdog_armed.is_set(),
+            "notified": self._notified_ready is not None and self._notified_ready.is_set(),
+            "armed": self._watchdog_armed is not None and self._watchdog_armed.is_set(),
             "notify": None if notify is None else {"fd": notify.fileno(), "address": notify.address},
         }
 
@@ -112,15 +117,17 @@ class Health:
         self.last_check = state["last_check"]
         self.status_text = state["status_text"]
         self._main_pid = state["main_pid"]
-        if state["notified"]:
-            self._notified_ready.set()
-        if state["armed"]:
-            self._watchdog_armed.set()
         notify = state["notify"]
         if notify is not None:
             if self._notify is not None:
                 self._notify.close()  # the fresh one made by __init__: the program knows the old one
             self._notify = NotifySocket.adopt(notify["fd"], notify["address"])
+            self._fresh_notify_events()
+            assert self._notified_ready is not None and self._watchdog_armed is not None
+            if state["notified"]:
+                self._notified_ready.set()
+            if state["armed"]:
+                self._watchdog_armed.set()
 
     def environment(self) -> dict[str, str]:
         """What a notify program needs in its environment, as systemd gives it."""
@@ -143,11 +150,13 @@ class Health:
     async def log_subscription(self, sinks: Sequence[LogSink]) -> AsyncIterator[LogSubscription]:
         """Follow the sinks for a log check; enter before the spawn, so that no line is missed."""
         subscription = LogSubscription()
-        async with subscription.stack:
-            check = self._config.ready
-            if check is not None and check.kind == "log":
-                for sink in sinks:
-                    subscription.followers.append(await subscription.stack.enter_async_context(sink.follow()))
+        check = self._config.ready
+        if check is None or check.kind != "log":
+            yield subscription
+            return
+        async with AsyncExitStack() as subscription.stack:
+            for sink in sinks:
+                subscription.followers.append(await subscription.stack.enter_async_context(sink.follow()))
             yield subscription
 
     # -- one run ---------------------------------------------------------------------------
@@ -174,33 +183,61 @@ class Health:
                 self.ready = False
             for kind in ("ready", "alive", "watchdog", "memory"):  # each run's first outcome is news
                 self._outcomes.pop(kind, None)
-            self._notified_ready = anyio.Event()
-            self._watchdog_armed = anyio.Event()
             self._watchdog_trigger = False
             self._main_pid = None
+            if self._notify is not None:
+                self._fresh_notify_events()
+        limits = config.limits
+        memory = limits.memory
+        if memory is None and not self.kernel_memory_max:  # memory_max's fallback: a restart on RSS
+            memory = limits.memory_max
+        if memory is None and self._notify is None:
+            # No watcher beside the run (most instances): no task group, and once up without a
+            # liveness check, this task ends; what it held goes with it.
+            await self._up_then_alive(followers, context, on_running, kill, resumed)
+            return
         async with anyio.create_task_group() as tg:
-            limits = config.limits
-            memory = limits.memory
-            if memory is None and not self.kernel_memory_max:  # memory_max's fallback: a restart on RSS
-                memory = limits.memory_max
             if memory is not None:
                 tg.start_soon(self._watch_memory, child, memory, limits.memory_interval, kill)
             if self._notify is not None:
                 tg.start_soon(self._serve_notify, child)
                 if config.watchdog is not None:
                     tg.start_soon(self._watch_dog, config.watchdog, kill)
-            if resumed is None or not resumed.running:
-                uptime = 0.0 if resumed is None else resumed.uptime
+            await self._up_then_alive(followers, context, on_running, kill, resumed)
+
+    def _fresh_notify_events(self) -> None:
+        self._notified_ready = anyio.Event()
+        self._watchdog_armed = anyio.Event()
+        self._watchdog_ping = anyio.Event()
+
+    async def _up_then_alive(
+        self,
+        followers: LogSubscription,
+        context: ExecContext,
+        on_running: Callable[[], None],
+        kill: Kill,
+        resumed: Resumed | None,
+    ) -> None:
+        """Up after ``min_uptime`` and the readiness check; then liveness, if configured.
+
+        A run adopted after a re-exec waits only for what of that was left.
+        """
+        config = self._config
+        if resumed is None or not resumed.running:
+            uptime = 0.0 if resumed is None else resumed.uptime
+            wait = max(0.0, config.restart.min_uptime - uptime)
+            if config.ready is None or self.ready:
+                await anyio.sleep(wait)
+            else:
                 async with anyio.create_task_group() as startup:
-                    startup.start_soon(anyio.sleep, max(0.0, config.restart.min_uptime - uptime))
-                    if config.ready is not None and not self.ready:
-                        startup.start_soon(self._become_ready, followers, context, kill)
-                on_running()
-            if config.alive is not None:
-                reason = await until_failed(config.alive, context, self._report("alive"))
-                self.note("alive", False, f"restarting: {reason}")
-                await kill(f"liveness: {reason}", None)
-                await anyio.sleep_forever()  # the program is gone: the caller cancels us
+                    startup.start_soon(anyio.sleep, wait)
+                    startup.start_soon(self._become_ready, followers, context, kill)
+            on_running()
+        if config.alive is not None:
+            reason = await until_failed(config.alive, context, self._report("alive"))
+            self.note("alive", False, f"restarting: {reason}")
+            await kill(f"liveness: {reason}", None)
+            await anyio.sleep_forever()  # the program is gone: the caller cancels us
 
     def run_ended(self) -> None:
         """The program is gone: whatever it was, it is not ready now."""
@@ -213,6 +250,7 @@ class Health:
         limit = math.inf if check.start_timeout is None else check.start_timeout
         with anyio.move_on_after(limit):
             if check.kind == "notify":
+                assert self._notified_ready is not None
                 await self._notified_ready.wait()
                 result = "READY=1"
             elif check.kind == "log":
@@ -304,6 +342,7 @@ class Health:
             self.note("ready", False, "RELOADING=1")
         if fields.get("STOPPING") == "1":
             self.note("notify", None, "STOPPING=1")
+        assert self._watchdog_armed is not None and self._notified_ready is not None
         if fields.get("READY") == "1":
             self._watchdog_armed.set()
             if not self._notified_ready.is_set():
@@ -316,10 +355,12 @@ class Health:
         if ping in ("1", "trigger"):
             self._watchdog_trigger = ping == "trigger"
             self._watchdog_armed.set()
-            self._watchdog_ping.set()
+            if self._watchdog_ping is not None:
+                self._watchdog_ping.set()
 
     async def _watch_dog(self, interval: float, kill: Kill) -> None:
         """Armed at READY=1 or the first ping: a slow start is ``ready.start_timeout``'s business."""
+        assert self._watchdog_armed is not None
         await self._watchdog_armed.wait()
         while True:
             ping = self._watchdog_ping = anyio.Event()

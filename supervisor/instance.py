@@ -131,7 +131,8 @@ class Instance(Adoption):
         self._restarts = 0
         self._failures = 0  # failed starts in a row: the backoff exponent and the give-up count
         self._lock = anyio.Lock()
-        self._changed = anyio.Event()
+        # Made by the first waiter after a transition (most instances have none): see wait_until.
+        self._changed: anyio.Event | None = None
         self._closed = anyio.Event()
         self._closing = False
         self._tg: TaskGroup | None = None
@@ -379,6 +380,8 @@ class Instance(Adoption):
         """Wait, transition by transition, until ``condition()`` holds; False when the timeout passes."""
         with anyio.move_on_after(timeout):
             while not condition():
+                if self._changed is None:
+                    self._changed = anyio.Event()
                 await self._changed.wait()
             return True
         return False
@@ -412,8 +415,9 @@ class Instance(Adoption):
                 reason=reason,
             )
         )
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        changed, self._changed = self._changed, None
+        if changed is not None:
+            changed.set()
         if self._context.on_transition is not None:
             self._context.on_transition(self.group)
 
@@ -560,8 +564,9 @@ class Instance(Adoption):
 
         try:
             async with anyio.create_task_group() as tg:
-                context = self._exec_context()
-                tg.start_soon(self._health.watch_run, child, followers, context, on_running, kill, resumed)
+                # Not kept in this frame: the watcher drops it (the environment's copy) once done.
+                watch = self._health.watch_run
+                tg.start_soon(watch, child, followers, self._exec_context(), on_running, kill, resumed)
                 await child.wait()
                 tg.cancel_scope.cancel()
         finally:  # ended, or a stop cancelled the watch: either way the run is not ready any more

@@ -304,8 +304,9 @@ class LogSink:
                 self._file.idle()  # no run writes: no descriptor held until the next one does
                 # A pipe with no writer is always readable: waiting for that would spin.
                 while self._generation == generation:
-                    moved = self._generation_moved = anyio.Event()
-                    await moved.wait()
+                    # No local name: a set Event would stay in this frame for the program's whole run.
+                    self._generation_moved = anyio.Event()
+                    await self._generation_moved.wait()
 
     def _read(self, budget: int) -> _ReadOutcome:
         """Read and take in chunks until the pipe is empty or at EOF, or ``budget`` is spent."""

@@ -86,7 +86,6 @@ class Manager:
         self._instances: dict[str, Instance] = {}
         self._tg: TaskGroup | None = None
         self._done = anyio.Event()
-        self._roster = anyio.Event()  # the first manifest's instances exist (not yet started)
         self._apply_lock = anyio.Lock()
         self._closing = False
         # Per manifest entry: set (and dropped) at the next transition of one of its replicas, or
@@ -100,6 +99,11 @@ class Manager:
         self._by_group: dict[str, list[Instance]] | None = None
         self._dependent_groups: dict[str, list[str]] | None = None
         self._cgroups: CgroupPolicy | None = None  # made by run(): supervisor.cgroups
+        #: Set once the first manifest's instances are in the set, before any of them starts: the
+        #: control plane, served from the start, answers about instances from then on.
+        self.roster_known = anyio.Event()
+        #: Set once the first manifest is applied: its instances spawned (or waiting, or failed).
+        self.started = anyio.Event()
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -120,6 +124,7 @@ class Manager:
                 else:
                     await self._adopt(*self._adopting)
                     self._adopting = None
+                self.started.set()
                 task_status.started()
                 await self._done.wait()
                 tg.cancel_scope.cancel()
@@ -177,15 +182,7 @@ class Manager:
                 tg.start_soon(adopt, name, plan)
         self._instances = {name: opened[name] for name in plans}
         self._roster_changed()
-        self._roster.set()
-
-    async def wait_roster(self) -> None:
-        """Until ``run()`` has made the first manifest's instances, before it starts them.
-
-        The service serves its control socket from then on, so status answers while the
-        instances are being spawned, and names every instance from the first answer.
-        """
-        await self._roster.wait()
+        self.roster_known.set()
 
     # -- applying a manifest -----------------------------------------------------------------
 
@@ -269,7 +266,7 @@ class Manager:
         old = self._instances
         self._instances = {name: prepared.get(name) or old[name] for name in plan}
         self._roster_changed()
-        self._roster.set()
+        self.roster_known.set()
         to_start = [i for i in prepared.values() if i.config.autostart]
         await self._start_all(to_start)
         # The instances live until the next change: the garbage collector need not walk them

@@ -137,18 +137,18 @@ class Service:
                 tg.start_soon(run_orphan_reaper)
                 tg.start_soon(self._handle_signals)
                 await tg.start(keeper.run)  # subscribed before the first spawn
+                # Served before the first instance is made: status answers while they spawn (the
+                # manager yields between batches of spawns), and a cold start answers as soon as it
+                # can; until the instances exist, every route but /v1/health waits (api/app.py).
                 try:
-                    # Served once the instances exist, before they start: status answers during
-                    # the spawns (the manager yields to the loop between batches of them).
-                    tg.start_soon(self._run_manager)
-                    await self.manager.wait_roster()
+                    await tg.start(self._serve_control)
+                    await tg.start(self._run_manager)
                 except BaseException:
                     listeners.close()
                     if guardian is not None:
                         with anyio.CancelScope(shield=True):
                             await guardian.stop()
                     raise
-                await tg.start(self._serve_control)
                 log.info(
                     "%s %d instances from %s (pid %d)",
                     "supervising" if self._takeover is None else "re-exec'd: took over",
@@ -175,8 +175,8 @@ class Service:
         keeper.remove()  # nothing of ours runs any more
         log.info("stopped")
 
-    async def _run_manager(self) -> None:
-        await self.manager.run()
+    async def _run_manager(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        await self.manager.run(task_status=task_status)
         self._manager_done.set()
 
     async def _serve_control(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:

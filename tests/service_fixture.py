@@ -135,11 +135,12 @@ class ServiceProcess:
 
 
 def answers(client: Client) -> bool:
+    """The service answers and is done starting (its socket answers from the start, before the
+    spawns: a test that reads pids right after ``wait_ready`` must not race them)."""
     try:
-        client.health()
+        return not client.health().get("starting", False)
     except ClientError:
         return False
-    return True
 
 
 def pid_gone(pid: int) -> bool:

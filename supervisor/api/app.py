@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Annotated, Any, Literal, Protocol
 
 import anyio
@@ -13,6 +14,7 @@ from anyio.abc import TaskGroup
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, Response
 from starlette.background import BackgroundTask
+from starlette.types import Receive, Scope, Send
 
 from ..config import Manifest
 from ..events import Transition, Update
@@ -41,7 +43,7 @@ from .models import (
 from .sampling import Sampler
 from .web import add_dashboard
 
-__all__ = ["KEEPALIVE", "ControlHooks", "create_app"]
+__all__ = ["KEEPALIVE", "ControlHooks", "UntilRosterKnown", "create_app"]
 
 # A comment line on the event stream this often: a proxy or a client can tell a quiet
 # stream from a dead one.
@@ -71,6 +73,25 @@ class ControlHooks(Protocol):
 
 
 
+class UntilRosterKnown:
+    """ASGI middleware: during start-up, requests wait until the manager knows its instances.
+
+    The socket is served before the manager makes the first manifest's instances (a cold
+    start answers sooner, and status answers while they spawn). Meanwhile ``/v1/health``
+    answers at once; everything else waits those few moments instead of finding no
+    instance (``supervisor run & supervisor wait web`` must not get "no instance matches").
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]], manager: Manager) -> None:
+        self.app = app
+        self.known = manager.roster_known
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.known.is_set() and scope["type"] == "http" and scope["path"] != "/v1/health":
+            await self.known.wait()
+        await self.app(scope, receive, send)
+
+
 def create_app(
     manager: Manager,
     hooks: ControlHooks,
@@ -83,7 +104,30 @@ def create_app(
 
     What requests ask of instances runs in ``background``; live streams end at ``closing``.
     """
-    closing = closing or anyio.Event()
+    with _without_pydantic_v1():
+        return _routes(manager, hooks, background, closing or anyio.Event(), keepalive)
+
+
+@contextmanager
+def _without_pydantic_v1() -> Iterator[None]:
+    """FastAPI imports all of ``pydantic.v1`` while it adds routes, only to refuse v1 models (we
+    have none): 1.9 MiB and half of this app's build time, on every cold start. Blocked for
+    that moment (a None in sys.modules makes the import fail, which FastAPI takes as "no v1");
+    anyone may import it afterwards."""
+    if "pydantic.v1" in sys.modules:
+        yield
+        return
+    sys.modules["pydantic.v1"] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if sys.modules.get("pydantic.v1", ...) is None:
+            del sys.modules["pydantic.v1"]
+
+
+def _routes(
+    manager: Manager, hooks: ControlHooks, background: TaskGroup, closing: anyio.Event, keepalive: float
+) -> FastAPI:
     app = FastAPI(
         title="supervisor control API",
         version="1",
@@ -94,6 +138,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(UntilRosterKnown, manager=manager)
     app.openapi = openapi_with_our_errors(app)  # type: ignore[method-assign]
     actions = Actions(manager, background, closing)
     sampler = Sampler(background)
@@ -112,6 +157,7 @@ def create_app(
             "states": dict(states),
             "handoffs": getattr(hooks, "handoffs", 0),
             "handoff_error": getattr(hooks, "handoff_error", None),
+            "starting": not manager.started.is_set(),
         }
 
     @app.get("/v1/instances", response_model=list[Status], responses=ERRORS, tags=["instances"])

@@ -180,6 +180,11 @@ class Health(BaseModel):
     states: dict[str, int] = Field(description="How many instances are in each state (only non-zero).")
     handoffs: int = Field(0, description="How many times this service re-exec'd itself.")
     handoff_error: str | None = Field(None, description="Why the last re-exec failed, if it did.")
+    starting: bool = Field(
+        False,
+        description="The service is still making and spawning the manifest's instances (the socket "
+        "answers from the start; until they are known, every route but this one waits).",
+    )
 
 
 class InstanceResult(BaseModel):

@@ -1,0 +1,162 @@
+"""Start-up: what the service imports (and leaves for later), and the socket serving before the spawns.
+
+The memory and cold-start figures (docs/performance.md, bench/memory.py) rest on two
+things that a harmless-looking import could undo without any test noticing: modules that
+only some command or route needs are imported when asked, and the control socket is
+served before the first instance is made. These tests pin both, on real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from supervisor.api.client import Client, ClientError
+
+from .service_fixture import ServiceProcess, write_manifest
+
+Start = Callable[..., ServiceProcess]
+
+# Needed by a command the service never runs, or by a route only when it is asked for.
+LATER = (
+    "supervisor.convert",  # import / export
+    "supervisor.config.reference",  # the manifest reference's renderer (docs)
+    "supervisor.config.reference_words",
+    "supervisor.metrics",  # /metrics
+    "prometheus_client",
+    "httpx",  # https probes only
+    "pydantic.v1",  # FastAPI's check for v1 models, blocked while the app is built (api/app.py)
+)
+# The control plane: the service imports it when it runs, never at import.
+CONTROL_PLANE = ("fastapi", "starlette", "hypercorn", "supervisor.api.server", "supervisor.api.app")
+
+
+def loaded_after(code: str, *, cwd: Path) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=60, check=True
+    )
+    return set(json.loads(result.stdout.splitlines()[-1]))
+
+
+def heavy(loaded: set[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in loaded if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_importing_the_service_leaves_the_control_plane_and_the_rest_for_later(tmp_path: Path) -> None:
+    loaded = loaded_after("import supervisor.service, supervisor.manager", cwd=tmp_path)
+    assert "supervisor.service" in loaded and "pydantic" in loaded
+    assert heavy(loaded, LATER + CONTROL_PLANE) == []
+
+
+def test_the_running_service_imports_what_serves_and_nothing_asked_for_later(tmp_path: Path) -> None:
+    """A service in its own interpreter, answering on its socket: what did it load meanwhile?"""
+    manifest = write_manifest(
+        tmp_path,
+        """
+        version: 1
+        instances:
+          one: {command: ["sleep", "300"], restart: {min_uptime: 0}}
+        """,
+    )
+    code = f"""
+import anyio
+from supervisor.api.client import Client
+from supervisor.config import load_manifest
+from supervisor.service import Service
+
+async def main() -> None:
+    manifest = load_manifest({str(manifest)!r})
+    service = Service(manifest)
+    async with anyio.create_task_group() as tg:
+        await tg.start(service.run)
+        client = Client(manifest.control_socket, timeout=30)
+        answer = await anyio.to_thread.run_sync(client.status)
+        assert [s["name"] for s in answer] == ["one"], answer
+        await anyio.to_thread.run_sync(client.health)
+        await service.shutdown()
+
+anyio.run(main)
+"""
+    loaded = loaded_after(code, cwd=tmp_path)
+    assert "hypercorn" in loaded and "supervisor.api.server" in loaded  # it did serve
+    assert heavy(loaded, LATER) == []
+
+
+def test_metrics_import_prometheus_client_when_asked(service: Start) -> None:
+    """The other side of the laziness above: /metrics still works once someone asks for it."""
+    svc = service(
+        """
+        version: 1
+        instances:
+          one: {command: ["sleep", "300"], restart: {min_uptime: 0}}
+        """
+    )
+    svc.wait_for(["one"], "running")
+    text = svc.client().metrics()
+    assert "supervisor_instance_state" in text or "# TYPE" in text
+
+
+def first_answer(svc: ServiceProcess, timeout: float = 60) -> list[dict[str, Any]]:
+    """The first status the service gives, asked for as soon as its socket exists."""
+    client = Client(svc.socket, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.status()
+        except ClientError:
+            pass  # not bound yet
+        left = deadline - time.monotonic()
+        assert left > 0, f"no answer within {timeout}s:\n{svc.log()}"
+        try:
+            code = svc.proc.wait(timeout=min(0.002, left))
+        except subprocess.TimeoutExpired:
+            continue
+        raise AssertionError(f"the service exited with {code}:\n{svc.log()}")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_socket_answers_status_while_instances_are_still_spawning(service: Start, backend: str) -> None:
+    """Served first, spawned second: the first answer comes before the last of 300 spawns.
+
+    Before, the control server started once every instance was spawned, so the first
+    answer always listed all 300 with a pid. The service's own log says the order too. A
+    request that comes before the manager knows its instances waits for that moment: the
+    first answer lists all 300, not none.
+    """
+    count = 300
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          many:
+            command: ["sleep", "300"]
+            replicas: {count}
+            restart: {{min_uptime: 0}}
+        """,
+        ready=False,
+        args=("--backend", backend),
+    )
+    answer = first_answer(svc)
+    assert len(answer) == count  # it waited until the manager knew them: never an empty service
+    spawned = [s for s in answer if s["pid"] is not None]
+    assert len(spawned) < count, f"all {count} were spawned before the first answer"
+    svc.wait_log(f"supervising {count} instances")
+    assert svc.client().health()["starting"] is False  # what the fixture's wait_ready waits for
+    log = svc.log()
+    served = log.index("control API on")
+    assert served < log.index(f"supervising {count} instances")
+    # Its log of transitions may drop some of a burst of 600 (it says so), but not the first.
+    first_spawn = log.find(": stopped -> starting")
+    assert served < first_spawn or ("missed" in log and first_spawn == -1), log
+    # And once the spawns are done, the same socket has every instance running.
+    svc.wait_for(["many"], "running", timeout=120)
+    assert len(svc.status()) == count
