@@ -20,11 +20,11 @@ Races handled here, and where:
 - **Stolen exit statuses.** The service is a child subreaper, so orphaned
   grandchildren become its children and must be reaped too. The orphan reaper peeks
   with ``WNOWAIT`` first and only reaps pids that are not registered direct children,
-  whose statuses belong to their ``Child.wait`` (``reap_orphans``). For the same
+  whose statuses belong to their ``Child.wait`` (orphans.py). For the same
   reason ``subprocess.Popen`` is never allowed to reap a child behind our back.
 - **The parent dies while the child starts.** ``PR_SET_PDEATHSIG`` only covers a
-  death after it is set, so the parent pid is checked after setting it (``_child_setup``,
-  or ``_gate`` after ``setpriv``), and then the child tells the group watch (the
+  death after it is set, so the parent pid is checked after setting it (launcher.py's
+  ``child_setup``, or its gate after ``setpriv``), and then the child tells the group watch (the
   guardian, guardian.py) its pid, all before the program runs: a service killed at
   any moment of a spawn leaves a child that never runs the program, or a known group.
 
@@ -36,27 +36,24 @@ because they are not locked.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno as errno_codes
 import grp
 import os
 import pwd
 import resource
-import shlex
-import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
 
-from .child_limits import GATE_REFUSED, ChildLimits
+from . import launcher
+from .child_limits import ChildLimits
 
 __all__ = [
-    "USE_LAUNCHER",
     "USE_PIDFD",
     "Cgroup",
     "Child",
@@ -64,13 +61,11 @@ __all__ = [
     "ExitStatus",
     "GroupWatch",
     "SpawnError",
-    "become_subreaper",
+    "exit_status",
     "inherited_fd_limit",
-    "living_children",
     "raise_fd_limit",
-    "reap_orphans",
+    "registered",
     "remember_fd_limit",
-    "run_orphan_reaper",
     "running_groups",
     "spawn",
     "watch_groups",
@@ -78,24 +73,8 @@ __all__ = [
 
 #: Wait for exits with a pidfd; False forces the polling fallback (set automatically on ENOSYS).
 USE_PIDFD: bool = hasattr(os, "pidfd_open")
-#: Set the parent-death signal and fd limit through util-linux (see ``_launcher``); False forces
-#: the ``preexec_fn`` fallback, which is also what happens when util-linux is missing.
-USE_LAUNCHER: bool = True
-
-_PR_SET_PDEATHSIG = 1
-_PR_SET_CHILD_SUBREAPER = 36
 _POLL_FIRST = 0.005
 _POLL_MAX = 0.25
-_SWEEP_INTERVAL = 5.0
-_COALESCE = 0.02
-
-try:
-    _prctl: Callable[..., int] | None = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _prctl = None
-else:
-    _prctl.argtypes = [ctypes.c_int, *[ctypes.c_ulong] * 4]  # type: ignore[union-attr]
-    _prctl.restype = ctypes.c_int  # type: ignore[union-attr]
 
 #: Registered direct children, pid -> Child, from spawn until reaped.
 _children: dict[int, Child] = {}
@@ -170,7 +149,12 @@ class ExitStatus:
         return self.signal is None and self.code is not None and self.code in success_codes
 
 
-def _exit_status(pid: int, status: int) -> ExitStatus:
+def registered() -> Mapping[int, Child]:
+    """The registered direct children by pid: their exit statuses belong to ``Child.wait``."""
+    return _children
+
+
+def exit_status(pid: int, status: int) -> ExitStatus:
     if os.WIFSIGNALED(status):
         return ExitStatus(pid, None, os.WTERMSIG(status), time.time())
     return ExitStatus(pid, os.WEXITSTATUS(status), None, time.time())
@@ -330,7 +314,7 @@ class Child:
             if self.cgroup is not None:  # and what left the group (setsid) but not the cgroup
                 self.cgroup.kill()
         _, status = os.waitpid(self.pid, 0)  # a zombie: returns at once
-        self._finish(_exit_status(self.pid, status))
+        self._finish(exit_status(self.pid, status))
         return True
 
     def _finish(self, status: ExitStatus) -> None:
@@ -407,13 +391,15 @@ def spawn(
     watch = _watch
     register = watch.fd if watch is not None and parent_death_signal is not None else None
     limits = limits or ChildLimits()
-    launcher = _launcher(parent_death_signal, nofile, register, env, limits, cgroup, own_user=user is None)
+    own_user = user is None
+    death = parent_death_signal
+    before = launcher.argv_before(death, nofile, register, env, limits, cgroup, own_user=own_user)
     try:
         uid, gid, groups = _credentials(user, group)
-        if launcher:
-            _check_program(argv[0], cwd, env)
+        if before:
+            launcher.check_program(argv[0], cwd, env)
         popen = subprocess.Popen(
-            [*launcher, *argv] if launcher else argv,
+            [*before, *argv] if before else argv,
             stdin=subprocess.DEVNULL if stdin is None else stdin,
             stdout=subprocess.DEVNULL if stdout is None else stdout,
             stderr=subprocess.DEVNULL if stderr is None else stderr,
@@ -426,9 +412,9 @@ def spawn(
             start_new_session=True,
             close_fds=True,
             preexec_fn=None
-            if launcher
-            else _child_setup(
-                os.getpid(), parent_death_signal, nofile, register, limits, cgroup, own_user=user is None
+            if before
+            else launcher.child_setup(
+                os.getpid(), parent_death_signal, nofile, register, limits, cgroup, own_user=own_user
             ),
         )
     except OSError as exc:
@@ -474,258 +460,6 @@ def _credentials(
         return user, gid, [] if root else None  # a bare uid without a passwd entry
     gid = entry.pw_gid if gid is None else gid
     return entry.pw_uid, gid, os.getgrouplist(entry.pw_name, gid) if root else None
-
-
-def _launcher(
-    death_signal: int | None,
-    nofile: tuple[int, int] | None,
-    register: int | None,
-    env: Mapping[str, str] | None,
-    limits: ChildLimits,
-    cgroup: Cgroup | None = None,
-    *,
-    own_user: bool = True,
-) -> list[str]:
-    """util-linux's ``prlimit`` and ``setpriv``, then the gate, to run before the program; or [].
-
-    The parent-death signal and the fd limit must be set in the child, between fork
-    and exec. Doing that in Python (``preexec_fn``) makes Popen fork instead of vfork
-    and run Python in the child: 3 to 6 ms per spawn in a service with a big heap,
-    against 0.5 ms. Two small programs exec'd in front of the command do the same
-    work in C after a vfork, for a fraction of that (bench/spawn.py). Without them
-    (no util-linux), ``_child_setup`` does it the slow way. The gate (``_gate``) adds
-    about 0.1 ms: one more exec, of the POSIX shell. A ``nice`` needs util-linux's
-    ``renice`` too.
-    """
-    nothing = death_signal is None and nofile is None and register is None and not limits and cgroup is None
-    if nothing or not USE_LAUNCHER:
-        return []
-    global _tools
-    if _tools is None:
-        found = [shutil.which(tool) or "" for tool in ("setpriv", "prlimit", "sh")]
-        _tools = tuple(found) if all(found) and _setpriv_knows_pdeathsig(found[0]) else ()
-    if not _tools:
-        return []
-    setpriv, prlimit, sh = _tools
-    renice = shutil.which("renice") if limits.nice is not None else ""
-    if renice is None:
-        return []
-    launcher: list[str] = []
-    rlimits = limits.prlimit_args(nofile)
-    if rlimits:
-        launcher += [prlimit, *rlimits, "--"]
-    if death_signal is not None:
-        launcher += [setpriv, f"--pdeathsig={signal.Signals(death_signal).name.removeprefix('SIG')}", "--"]
-    gate_limits = limits.gate_lines(renice)
-    if cgroup is not None:
-        procs = shlex.quote(cgroup.procs)
-        if own_user:  # it may move itself (the service may): the program never runs outside
-            refused = f"{{ echo 'supervisor: cannot join cgroup {procs}' >&2; exit {GATE_REFUSED}; }}"
-            gate_limits.append(f"echo $$ 2>/dev/null >{procs} || {refused}")
-        else:  # another user may not move itself: the service moves it after the spawn
-            gate_limits.append(f"echo $$ 2>/dev/null >{procs} || :")
-    if death_signal is not None or register is not None or gate_limits:
-        pwd = (env if env is not None else os.environ).get("PWD")
-        script = _gate(death_signal is not None, register, keep_pwd=pwd is not None, limits=gate_limits)
-        launcher += [sh, "-c", script, "gate", str(os.getpid()), pwd or ""]
-    return launcher
-
-
-def _gate(check_parent: bool, register: int | None, *, keep_pwd: bool, limits: Sequence[str] = ()) -> str:
-    """The shell script between ``setpriv`` and the program; its arguments: parent pid, $PWD.
-
-    Once the death signal is set, a parent still there is one whose death kills us;
-    else it is gone, and the program must not start (exit 125). Then the child tells
-    the watch its pid through the parent's fd (opening a pipe's /proc link opens the
-    pipe). Then the limits the gate sets on itself (they pass to the program through
-    exec). dash exports a PWD of its own: the program's is put back.
-    """
-    lines = []
-    if check_parent:
-        lines.append('[ "$PPID" = "$1" ] || exit 125')
-    if register is not None:  # only while the parent is known to be there: never a reused pid's fd
-        lines.append(f'echo "+$$" 2>/dev/null >"/proc/$1/fd/{register}"')
-    lines += limits
-    lines.append('PWD=$2; export PWD' if keep_pwd else "unset PWD")
-    lines.append('shift 2; exec "$@"')
-    return "\n".join(lines)
-
-
-def _setpriv_knows_pdeathsig(setpriv: str) -> bool:
-    """setpriv learnt --pdeathsig in util-linux 2.33 (2018); older ones refuse it."""
-    try:
-        help_text = subprocess.run([setpriv, "--help"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "--pdeathsig" in help_text
-
-
-#: (setpriv, prlimit, sh) once looked up; () when one is missing.
-_tools: tuple[str, ...] | None = None
-
-
-def _check_program(program: str, cwd: str | None, env: Mapping[str, str] | None) -> None:
-    """Raise the OSError that exec would, before a launcher runs the program.
-
-    Behind a launcher, a missing or non-executable program would only show as the
-    launcher's exit code 127 or 126; checked here, it is the same clear spawn error
-    (no such file, permission denied) as without one.
-    """
-    if "/" in program:
-        path = program if os.path.isabs(program) or cwd is None else os.path.join(cwd, program)
-        if not os.path.exists(path):
-            if cwd is not None and not os.path.isdir(cwd):
-                return  # Popen's chdir reports the missing cwd itself
-            raise FileNotFoundError(errno_codes.ENOENT, os.strerror(errno_codes.ENOENT), program)
-        if os.path.isdir(path) or not os.access(path, os.X_OK):
-            raise PermissionError(errno_codes.EACCES, os.strerror(errno_codes.EACCES), program)
-        return
-    search = (env if env is not None else os.environ).get("PATH", os.defpath)
-    if shutil.which(program, path=search) is None:
-        raise FileNotFoundError(errno_codes.ENOENT, os.strerror(errno_codes.ENOENT), program)
-
-
-def _child_setup(
-    parent: int,
-    death_signal: int | None,
-    nofile: tuple[int, int] | None,
-    register: int | None,
-    limits: ChildLimits,
-    cgroup: Cgroup | None = None,
-    *,
-    own_user: bool = True,
-) -> Callable[[], None] | None:
-    """What runs in the child between fork and exec (after setuid, which would clear PDEATHSIG).
-
-    The same steps as the launcher and its gate. None when there is nothing to do,
-    so that Popen may use the faster vfork.
-    """
-    if death_signal is None and nofile is None and register is None and not limits and cgroup is None:
-        return None
-
-    def setup() -> None:
-        if cgroup is not None:  # as the service's user; another is moved by the service after the spawn
-            try:
-                with open(cgroup.procs, "w") as procs:
-                    procs.write(str(os.getpid()))
-            except OSError:
-                if own_user:
-                    raise
-        limits.apply(nofile)
-        if death_signal is not None and _prctl is not None:
-            if _prctl(_PR_SET_PDEATHSIG, death_signal, 0, 0, 0) != 0:
-                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-            if os.getppid() != parent:  # the parent died before we asked: the signal will never come
-                os.kill(os.getpid(), death_signal)
-        if register is not None:  # still open here: close_fds runs after this, CLOEXEC at exec
-            with contextlib.suppress(OSError):
-                os.write(register, b"+%d\n" % os.getpid())
-
-    return setup
-
-
-# -- orphans ---------------------------------------------------------------------------------
-
-
-def become_subreaper() -> bool:
-    """Adopt orphaned descendants (instead of init), so they can be reaped and counted."""
-    if _prctl is None:
-        return False
-    return _prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-
-
-def reap_orphans() -> list[ExitStatus]:
-    """Reap every exited child that is not a registered direct child, without blocking.
-
-    ``waitid(P_ALL, WNOWAIT)`` shows one exited child without reaping it. An orphan is
-    reaped and the peek repeated; a registered child is left alone for its ``wait``,
-    but it hides whatever exited after it, so then every child is looked at by pid.
-    """
-    reaped: list[ExitStatus] = []
-    seen: set[int] = set()
-    while True:
-        try:
-            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        except ChildProcessError:  # no children at all
-            return reaped
-        if info is None:
-            return reaped
-        if info.si_pid in _children or info.si_pid in seen:
-            break
-        seen.add(info.si_pid)
-        _reap_orphan(info.si_pid, reaped)
-    for pid in living_children():
-        if pid not in _children:
-            _reap_orphan(pid, reaped)
-    return reaped
-
-
-def _reap_orphan(pid: int, into: list[ExitStatus]) -> None:
-    try:
-        got, status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return
-    if got:
-        into.append(_exit_status(pid, status))
-
-
-async def run_orphan_reaper(sweep_interval: float = _SWEEP_INTERVAL) -> None:
-    """Reap orphans on every SIGCHLD, and sweep once ``sweep_interval`` after the last one.
-
-    Pending signals coalesce, so a sweep after a burst of exits catches what a lost
-    signal would leave. Once a sweep has found the service quiet, the reaper waits for
-    the next SIGCHLD without a deadline: a sweep reads every child's pid from
-    ``/proc`` (10,000 of them with 10,000 instances), and an idle service must cost
-    no CPU at all (issue 13: 0 clock ticks over 30 s).
-    """
-    with anyio.open_signal_receiver(signal.SIGCHLD) as signals:
-        while True:
-            reap_orphans()
-            with anyio.move_on_after(sweep_interval) as quiet:
-                await anext(signals)
-            if quiet.cancelled_caught:
-                reap_orphans()
-                await anext(signals)
-            # One scan for a burst: a shutdown of 2,000 instances sends 2,000 SIGCHLDs, and a
-            # scan each (every child's pid, from /proc) kept the loop busy for a minute. The
-            # signals that come within _COALESCE of the first are taken without a scan.
-            with anyio.move_on_after(_COALESCE):
-                while True:
-                    await anext(signals)
-
-
-def living_children() -> list[int]:
-    """Pids whose parent is this process (any thread), exited-but-unreaped ones included."""
-    pids: list[int] = []
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except FileNotFoundError:
-        return pids
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids.extend(int(pid) for pid in f.read().split())
-        except FileNotFoundError:
-            if tid == str(os.getpid()):  # the main thread is never gone: no CONFIG_PROC_CHILDREN
-                return _children_from_stat()
-    return pids
-
-
-def _children_from_stat() -> list[int]:
-    """The slower way to list children: the ppid field of every /proc/PID/stat."""
-    me = os.getpid()
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if int(fields[1]) == me:
-            pids.append(int(name))
-    return pids
 
 
 def inherited_fd_limit() -> tuple[int, int] | None:

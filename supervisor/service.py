@@ -30,13 +30,8 @@ from .guardian import Guardian
 from .handoff.leftovers import stop_leftovers
 from .handoff.record import RecordKeeper
 from .manager import ApplyError, Manager, ReloadReport
-from .process import (
-    become_subreaper,
-    living_children,
-    raise_fd_limit,
-    remember_fd_limit,
-    run_orphan_reaper,
-)
+from .orphans import become_subreaper, living_children, run_orphan_reaper
+from .process import raise_fd_limit, remember_fd_limit
 from .statedir import StateDirError, prepare_state_dir
 from .stdio import Stdio, StdioStream
 

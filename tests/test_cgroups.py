@@ -21,7 +21,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor import process
+from supervisor import launcher as launcher_module
+from supervisor import orphans, process
 from supervisor.cgroups import CgroupError, CgroupTree, cpu_max, find_v2_mount, own_cgroup
 from supervisor.config import ManifestError, load_manifest
 from supervisor.resources import ResourceSampler
@@ -180,7 +181,7 @@ async def test_spawn_puts_the_child_in_the_cgroup_and_a_kill_empties_it(tmp_path
             await child.wait()
         assert child.exit is not None and child.exit.signal == signal.SIGKILL
         assert await cgroup.wait_empty(10)
-        process.reap_orphans()
+        orphans.reap_orphans()
         cgroup.remove()
         assert not os.path.exists(cgroup.path)
     finally:
@@ -197,7 +198,7 @@ async def test_spawn_puts_the_child_in_the_cgroup_and_a_kill_empties_it(tmp_path
 def test_a_child_that_cannot_join_its_cgroup_does_not_run(
     tmp_path: Path, launcher: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(process, "USE_LAUNCHER", launcher)
+    monkeypatch.setattr(launcher_module, "USE_LAUNCHER", launcher)
     tree = CgroupTree.open(())
     try:
         cgroup = tree.instance(f"test-{uuid.uuid4().hex[:8]}")

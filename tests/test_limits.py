@@ -19,7 +19,7 @@ import anyio
 import pytest
 import yaml
 
-from supervisor import process
+from supervisor import launcher
 from supervisor.config import Limits, ManifestError, Problem, load_manifest
 from supervisor.convert import kubernetes, read_source, systemd
 from supervisor.events import State, Transition
@@ -160,7 +160,7 @@ async def read_back(limits: ChildLimits) -> tuple[dict[str, tuple[str, str]], in
 
 @pytest.fixture(params=["launcher", "preexec"])
 def path_taken(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(process, "USE_LAUNCHER", request.param == "launcher")
+    monkeypatch.setattr(launcher, "USE_LAUNCHER", request.param == "launcher")
     return str(request.param)
 
 

@@ -17,8 +17,9 @@ from pathlib import Path
 import anyio
 import pytest
 
-from supervisor import process
-from supervisor.process import Child, ExitStatus, SpawnError, living_children, spawn
+from supervisor import launcher, process
+from supervisor.orphans import living_children
+from supervisor.process import Child, ExitStatus, SpawnError, spawn
 
 pytestmark = pytest.mark.anyio
 
@@ -417,10 +418,10 @@ async def test_wait_uses_no_threads(children: list[Child]) -> None:
 
 PARENT_DEATH = """
     import os, signal, sys
-    from supervisor import process
+    from supervisor import launcher, process
     from supervisor.process import spawn
     death = None if sys.argv[1] == "none" else signal.SIGKILL
-    process.USE_LAUNCHER = sys.argv[2] == "launcher"
+    launcher.USE_LAUNCHER = sys.argv[2] == "launcher"
     child = spawn(["sleep", "30"], stdin=None, stdout=None, stderr=None, parent_death_signal=death)
     print(child.pid, flush=True)
     sys.stdin.read()
@@ -463,7 +464,7 @@ async def test_parent_death_signal(death: str, how: str) -> None:
 
 def test_gate_stops_a_child_whose_parent_is_gone(tmp_path: Path) -> None:
     """The window setpriv leaves: the parent died before the death signal was set. No program then."""
-    script = process._gate(True, None, keep_pwd=False)
+    script = launcher._gate(True, None, keep_pwd=False)
     ran = tmp_path / "ran"
     orphaned = subprocess.run(["sh", "-c", script, "gate", "1", "", "touch", str(ran)], timeout=20)
     assert orphaned.returncode == 125 and not ran.exists()
@@ -473,8 +474,8 @@ def test_gate_stops_a_child_whose_parent_is_gone(tmp_path: Path) -> None:
 
 WATCH = """
     import fcntl, json, os, sys
-    from supervisor import process
-    process.USE_LAUNCHER = sys.argv[1] == "launcher"
+    from supervisor import launcher, process
+    launcher.USE_LAUNCHER = sys.argv[1] == "launcher"
     env = {"PATH": os.environ["PATH"], **json.loads(sys.argv[2])}
     read, write = os.pipe2(os.O_CLOEXEC)
     high = fcntl.fcntl(write, fcntl.F_DUPFD_CLOEXEC, 100)  # a POSIX shell cannot name it
@@ -518,7 +519,7 @@ def test_child_registers_its_group_before_the_program_runs(how: str, pwd: str | 
 ORPHANS = """
     import json, os, sys
     import anyio
-    from supervisor import process as p
+    from supervisor import orphans as o, process as p
 
     def read_pid(fd):
         data = b""
@@ -549,13 +550,13 @@ ORPHANS = """
         return False
 
     async def main():
-        report = {"subreaper": p.become_subreaper()}
+        report = {"subreaper": o.become_subreaper()}
 
         # 1. reap_orphans, with an exited direct child heading the wait queue
         direct = p.spawn(["sh", "-c", "exit 7"], stdin=None, stdout=None, stderr=None)
         leader, orphan, release = start_orphan()
         assert (await leader.wait()).code == 0
-        report["adopted"] = orphan in p.living_children()
+        report["adopted"] = orphan in o.living_children()
         pidfd = os.pidfd_open(orphan)
         os.close(release)
         await anyio.wait_readable(pidfd)  # the orphan exited: a zombie of ours now
@@ -563,7 +564,7 @@ ORPHANS = """
         os.waitid(os.P_PID, direct.pid, os.WEXITED | os.WNOWAIT)
         first = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
         report["direct_first"] = first.si_pid == direct.pid
-        statuses = p.reap_orphans()
+        statuses = o.reap_orphans()
         report["reaped"] = [[s.pid == orphan, s.code, s.signal] for s in statuses]
         report["gone"] = reaped(orphan)
         report["direct"] = (await direct.wait()).code
@@ -572,7 +573,7 @@ ORPHANS = """
         leader, orphan, release = start_orphan()
         assert (await leader.wait()).code == 0
         seen, found = [], anyio.Event()
-        real = p.reap_orphans
+        real = o.reap_orphans
 
         def spy():
             statuses = real()
@@ -581,17 +582,17 @@ ORPHANS = """
                 found.set()
             return statuses
 
-        p.reap_orphans = spy
+        o.reap_orphans = spy
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
-                tg.start_soon(p.run_orphan_reaper)
+                tg.start_soon(o.run_orphan_reaper)
                 await anyio.wait_all_tasks_blocked()
                 os.close(release)
                 await found.wait()
                 tg.cancel_scope.cancel()
         report["reaper"] = [[s.pid == orphan, s.code] for s in seen]
         report["reaper_gone"] = reaped(orphan)
-        report["left"] = p.living_children()
+        report["left"] = o.living_children()
         print(json.dumps(report))
 
     anyio.run(main, backend=sys.argv[1])
@@ -616,9 +617,9 @@ def test_orphans_are_reaped_without_stealing(backend: str) -> None:
 
 FD_LIMIT = """
     import json, os, resource, sys
-    from supervisor import process
+    from supervisor import launcher, process
     from supervisor.process import raise_fd_limit, spawn
-    process.USE_LAUNCHER = sys.argv[1] == "launcher"
+    launcher.USE_LAUNCHER = sys.argv[1] == "launcher"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
     raised = raise_fd_limit()
