@@ -20,7 +20,6 @@ import signal
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
@@ -28,13 +27,13 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from .adoption import Adoption
 from .cgroups import CgroupError, CgroupTree, InstanceCgroup
-from .config import InstanceConfig, LogSettings, ServiceSettings, rlimit_pair
+from .config import InstanceConfig, LogSettings, ServiceSettings
 from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription, Resumed
 from .logs import LogFileError, LogSink
-from .probes import ExecContext
-from .process import Child, ChildLimits, ExitStatus, SpawnError, spawn
-from .stdio import LogPipe, Stdio, StdioError
+from .process import Child, ExitStatus, SpawnError
+from .run_setup import RunSetup
+from .stdio import LogPipe, StdioError
 
 log = logging.getLogger("supervisor.instance")
 
@@ -113,10 +112,12 @@ class InstanceContext:
     cgroups: CgroupTree | None = None
 
 
-class Instance(Adoption):
+class Instance(RunSetup, Adoption):
     """One named instance: a state machine driving successive runs of one program.
 
-    The re-exec handoff's half (describe, adopt, resume) is ``Adoption``, in adoption.py.
+    How one run is set up (log pipes, cgroup, stdio, the spawn) is ``RunSetup``, in
+    run_setup.py; the re-exec handoff's half (describe, adopt, resume) is ``Adoption``,
+    in adoption.py.
     """
 
     def __init__(self, name: str, group: str, config: InstanceConfig, context: InstanceContext) -> None:
@@ -272,46 +273,6 @@ class Instance(Adoption):
                 await self._remove_cgroup()
             self._closed.set()
 
-    async def _remove_cgroup(self) -> None:
-        """Kill what is left in the instance's cgroup, wait until it is empty, remove it."""
-        cgroup, self._cgroup = self._cgroup, None
-        if cgroup is not None:
-            try:
-                await cgroup.close()
-            except CgroupError as exc:
-                log.warning("%s: %s", self.name, exc)
-
-    def _open_logs(self, adopted: Mapping[str, int] | None = None) -> None:
-        """Create the instance's log pipes once: they outlive every run of the program.
-
-        ``adopted``: the read ends a re-exec'd service inherited, by stream; no new pipe.
-        """
-        settings = self.log_settings
-        logs_dir = Path(self._context.settings.state_dir) / "logs"
-        wanted = {"stdout": self.config.stdout, "stderr": self.config.stderr}
-        custom = {"stdout": self.config.logs.stdout_file, "stderr": self.config.logs.stderr_file}
-        suffix = {"stdout": "out", "stderr": "err"}
-        for stream, spec in wanted.items():
-            if not _may_need_log(spec):
-                continue
-            path = Path(custom[stream]) if custom[stream] else logs_dir / f"{self.name}.{suffix[stream]}.log"
-            if custom[stream] and self.name != self.group:
-                # Replicas must not share a file: two sinks rotating one file lose lines.
-                replica = self.name.removeprefix(self.group)  # "-0", "-1", …
-                path = path.with_name(f"{path.stem}{replica}{path.suffix}")
-            if adopted is not None and stream not in adopted:
-                continue
-            pipe = LogPipe() if adopted is None else LogPipe.adopt(adopted[stream])
-            self._pipes[stream] = pipe
-            self._sinks[stream] = LogSink(
-                pipe.read_fd,
-                path,
-                max_bytes=settings.max_bytes,
-                backups=settings.backups,
-                timestamps=settings.timestamps,
-                on_loss_change=self._log_loss_changed,
-            )
-
     # -- the handoff (re-exec): the rest is in adoption.py ----------------------------------
 
     def _restart_record(self) -> dict[str, Any]:
@@ -321,12 +282,6 @@ class Instance(Adoption):
     def _adopt_restart_record(self, record: Mapping[str, Any]) -> None:
         self._restarts = int(record["restarts"])
         self._failures = int(record["failures"])
-
-    def _log_loss_changed(self, sink: LogSink) -> None:
-        """A log file stopped taking output (a full disk), or takes it again: say so, once each."""
-        error = sink.write_error
-        message = error or f"{sink.path}: writing again ({sink.bytes_lost} bytes were lost)"
-        self._context.bus.publish(Update(self.name, self.group, "logs", error is None, message))
 
     # -- requests --------------------------------------------------------------------------
 
@@ -612,16 +567,6 @@ class Instance(Adoption):
         finally:
             self._kill_at = None
 
-    def _exec_context(self) -> ExecContext:
-        config = self.config
-        return ExecContext(
-            cwd=config.cwd,
-            env=config.environment(dict(self._context.environ)),
-            user=config.user,
-            group=config.group,
-            umask=config.umask,
-        )
-
     async def _back_off(self, retry: Retry) -> bool:
         """BACKOFF, then FAILED at the restart limit (False), or a pause before the next start.
 
@@ -652,67 +597,12 @@ class Instance(Adoption):
     def _count_restart(self) -> None:
         self._restarts += 1
 
-    def _spawn(self) -> Child:
-        """Open this run's stdio, spawn, and let go of every child-side fd at once (decision 1)."""
-        config = self.config
-        self._child = None
-        stdio = Stdio.from_config(
-            self.name, config.stdin, config.stdout, config.stderr, log_pipes=self._pipes
-        )
-        try:
-            self._targets = stdio.describe()
-            for sink in self._sinks.values():
-                sink.open()  # its folder is made here: LogFileError fails this start, not the service
-                sink.writer_attached()
-            with stdio.take() as fds:
-                self._child = spawn(
-                    config.argv,
-                    stdin=fds.stdin,
-                    stdout=fds.stdout,
-                    stderr=fds.stderr,
-                    cwd=config.cwd,
-                    env={**config.environment(dict(self._context.environ)), **self._health.environment()},
-                    user=config.user,
-                    group=config.group,
-                    umask=config.umask,
-                    kill_group_on_exit=config.stop.group,
-                    limits=ChildLimits(
-                        {name: rlimit_pair(value) for name, value in config.limits.rlimits().items()},
-                        config.limits.nice,
-                        config.limits.oom_score_adj,
-                    ),
-                    cgroup=self._cgroup_for_run(),
-                )
-        finally:
-            stdio.close()
-        return self._child
-
-    def _cgroup_for_run(self) -> InstanceCgroup | None:
-        """The instance's cgroup, made at the first run, with this config's memory.max and cpu.max."""
-        tree = self._context.cgroups
-        if tree is None:
-            return None
-        limits = self.config.limits
-        # Made again at each start (a mkdir that finds it there): a stopped instance's empty cgroup
-        # may have been removed meanwhile (a starting service's guardian sweeps empty procward-*).
-        self._cgroup = tree.instance(self.name)
-        self._health.kernel_memory_max = "memory" in tree.controllers
-        self._cgroup.limit(limits.memory_max, limits.cpu_quota)
-        return self._cgroup
-
-
 @dataclass(frozen=True, slots=True)
 class Retry:
     """Why a run must be followed by another, and whether it counts as a failed start."""
 
     why: str
     failed_start: bool
-
-
-def _may_need_log(spec: Any) -> bool:
-    """A log pipe is needed for `log`, and for forms that fall back to the log when not set up."""
-    kind = spec.kind
-    return kind == "log" or kind == "fifo" or (kind == "file" and not spec.path)
 
 
 def _describe(spec: Any) -> str:
