@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,13 @@ from typing import Any
 import pytest
 
 from .service_fixture import ServiceProcess, write_manifest
+
+# Tests stop the CLI's followers (`logs -f`, `dashboard`) with SIGINT, as a person at a terminal
+# does. A suite started in the background (`make test &` in a script) begins with SIGINT ignored,
+# and an ignored signal stays ignored across exec: every child would ignore it too. A handler
+# instead is reset to the default at exec, so the children get SIGINT as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=["asyncio", "trio"])
