@@ -51,19 +51,18 @@ CHATTY_COMMAND = (
     "i=0; while :; do i=$((i+1)); echo \"n $i\"; case $i in *[05]0) sleep 0.01;; esac; done"
 )
 NOTIFY_PROGRAM = """
-import os, socket, time
+import os, socket, sys
 address = os.environ["NOTIFY_SOCKET"].replace("@", "\\0", 1)
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 sock.sendto(b"READY=1", address)
-n = 0
-while True:
-    n += 1
-    sock.sendto(f"STATUS=tick {n}".encode(), address)
-    time.sleep(0.05)
+sock.sendto(b"STATUS=before", address)
+poke = os.open(sys.argv[1], os.O_RDWR)  # a reader and a writer: never EOF
+for line in os.fdopen(poke, "rb", buffering=0):
+    sock.sendto(b"STATUS=" + line.strip(), address)
 """
 
 
-def _manifest() -> str:
+def _manifest(poke: Path) -> str:
     lines = ["version: 1", "instances:"]
     for i in range(CHATTY):
         lines += [f"  chatty{i}:", f"    command: {json.dumps(['sh', '-c', CHATTY_COMMAND])}"]
@@ -86,7 +85,7 @@ def _manifest() -> str:
         '    command: ["sleep", "1000"]',
         "    depends_on: {gate: started}",
         "  notify:",
-        f"    command: {json.dumps([sys.executable, '-c', NOTIFY_PROGRAM])}",
+        f"    command: {json.dumps([sys.executable, '-c', NOTIFY_PROGRAM, str(poke)])}",
         "    ready: {notify: true}",
     ]
     return "\n".join(lines) + "\n"
@@ -137,9 +136,11 @@ def _numbered(path: Path) -> list[int]:
 
 
 def test_reexec_keeps_every_instance_its_pid_counters_lines_and_deadlines(
-    service: Callable[..., ServiceProcess],
+    service: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
-    svc = service(_manifest())
+    poke = tmp_path / "poke"
+    os.mkfifo(poke)
+    svc = service(_manifest(poke))
     crashes = [f"crash{i}" for i in range(BACKOFF)]
     svc.wait_for([*(f"chatty{i}" for i in range(CHATTY)), "slowstop", "notify"], "running")
     svc.wait_until(lambda: all(s["restarts"] >= 1 for s in svc.status(*crashes).values()), 30, "a restart")
@@ -201,8 +202,12 @@ def test_reexec_keeps_every_instance_its_pid_counters_lines_and_deadlines(
     svc.client().start(["gate"])
     svc.wait_for(["waiter"], "running")
     # The adopted notify socket still hears the program.
-    text = after["notify"]["status_text"]
-    svc.wait_until(lambda: svc.status("notify")["notify"]["status_text"] != text, 10, "a new STATUS=")
+    assert after["notify"]["status_text"] == "before"
+    with open(poke, "w") as fifo:  # the program holds it open: no wait for a reader
+        fifo.write("after the handoff\n")
+    svc.wait_until(
+        lambda: svc.status("notify")["notify"]["status_text"] == "after the handoff", 10, "the new STATUS="
+    )
 
     # The stop goes on: SIGKILL 20 s after the stop began, not 20 s after the handoff.
     svc.wait_for(["slowstop"], "stopped", timeout=30)
