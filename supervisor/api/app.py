@@ -39,6 +39,7 @@ from .models import (
     Status,
     WaitRequest,
     wire_status,
+    wire_statuses,
 )
 from .sampling import Sampler
 from .web import add_dashboard
@@ -169,8 +170,8 @@ def _routes(
         """Status of every instance, or of those ``names`` select (404 when one selects none)."""
         statuses = manager.status(names or ())
         figures = await sampler.figures([s.pid for s in statuses], _cgroups(manager))
-        body = [wire_status(s, figures.get(s.pid or 0)) for s in statuses]
-        return JSONResponse(body, background=sampler.after_response())
+        body = wire_statuses(statuses, figures)
+        return Response(body, media_type="application/json", background=sampler.after_response())
 
     @app.get("/v1/instances/{name}", response_model=Status, responses=ERRORS, tags=["instances"])
     async def get_instance(name: str) -> Response:

@@ -10,6 +10,7 @@ check both ends against each other.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
@@ -157,6 +158,28 @@ def wire_status(status: InstanceStatus, figures: GroupFigures | None = None) -> 
         "log_files": dict(status.log_files),
         **(_NO_FIGURES if figures is None else _figures(figures)),
     }
+
+
+def wire_statuses(
+    statuses: Sequence[InstanceStatus], figures: Mapping[int, GroupFigures] | None = None
+) -> bytes:
+    """The JSON body of a list of ``Status``, encoded by orjson.
+
+    With 10,000 instances the answer is 4 MB: the standard library's encoder takes
+    30 to 110 ms over it on the reference machine, orjson 3 to 15 (``bench/scale.py``).
+    A string orjson refuses (a lone surrogate, from a file name that is not UTF-8)
+    falls back to the standard encoder, which escapes it.
+    """
+    import orjson  # the service's, on the first status; the CLI never imports this module
+
+    found = figures or {}
+    body = [wire_status(status, found.get(status.pid or 0)) for status in statuses]
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        import json
+
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _figures(figures: GroupFigures) -> dict[str, Any]:
