@@ -40,7 +40,11 @@ def _read(name: str) -> bytes:
 
 
 def dashboard_routes() -> list[Route]:
-    """The page and its files; ``GET`` only (starlette's implicit ``HEAD`` is dropped, as for the API)."""
+    """The page and its files, as plain routes: not ``Endpoint``s, so the document leaves them out.
+
+    ``GET`` only: starlette's implicit ``HEAD`` is dropped, as for the API's routes, so
+    that every route answers the same methods as before (and 405 says which).
+    """
     routes = [Route("/", _static("index.html", "text/html; charset=utf-8"), name="page")]
     routes += [Route(f"/web/{name}", _static(name, media_type)) for name, media_type in _FILES.items()]
     for route in routes:
