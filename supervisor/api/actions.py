@@ -61,7 +61,6 @@ class Actions:
     def endpoint(self, verb: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             body = await read_body(request, ActionRequest)
-            assert body is not None  # a required body
             instances = self.manager.select(body.patterns)
             results: dict[str, dict[str, Any]] = {}
             selected = {instance.name for instance in instances}

@@ -31,7 +31,7 @@ from ..manager import Manager, ReloadReport, UnknownInstance
 from ..pidns import service_pid
 from .actions import Actions, action_response, refusal, result, run_all
 from .errors import ERRORS, HANDLERS, error
-from .inputs import body, query
+from .inputs import body, optional_body, query
 from .limits import BodyLimit
 from .live import LiveResponse
 from .models import (
@@ -175,7 +175,6 @@ def _routes(
     async def send_signal(request: Request) -> Response:
         """Send a signal to each selected instance's process (its group when ``stop.group`` is set)."""
         asked = await body(request, SignalRequest)
-        assert asked is not None  # a required body
         results = []
         for instance in manager.select(asked.patterns):
             try:
@@ -189,7 +188,6 @@ def _routes(
     async def wait(request: Request) -> Response:
         """Wait until each selected instance is in one of ``state`` (default timeout 30s)."""
         asked = await body(request, WaitRequest)
-        assert asked is not None  # a required body
         timeout = _WAIT_DEFAULT if asked.timeout is None else asked.timeout
         wanted = frozenset(str(state) for state in asked.state)
         instances = manager.select(asked.patterns)
@@ -280,7 +278,6 @@ def _routes(
         """Run this many replicas of each named entry until the next reload: new ones start (where
         the entry autostarts), the highest-numbered ones stop. 1 to more renames NAME to NAME-0 …"""
         asked = await body(request, ScaleRequest)
-        assert asked is not None  # a required body
         return JSONResponse(_report(await manager.scale(asked.scale)))
 
     async def shutdown(_: Request) -> Response:
@@ -295,7 +292,7 @@ def _routes(
         """Replace the service with a fresh start of the installed code, in the same process: every
         instance keeps running (same pid, log pipe, counters). The new code is checked first, in a
         subprocess; answered (202) before the handover starts. See the guide's "Upgrading"."""
-        asked = await body(request, ReexecRequest, required=False)
+        asked = await optional_body(request, ReexecRequest)
         check = asked is not None and asked.check
         hook = getattr(hooks, "reexec", None)
         if hook is None:

@@ -21,7 +21,7 @@ from starlette.requests import Request
 
 from .models import QueryParameters
 
-__all__ = ["NOT_AN_OBJECT", "InvalidInput", "body", "query"]
+__all__ = ["NOT_AN_OBJECT", "InvalidInput", "body", "optional_body", "query"]
 
 Model = TypeVar("Model", bound=BaseModel)
 QueryModel = TypeVar("QueryModel", bound=QueryParameters)
@@ -46,17 +46,24 @@ def _is_json(content_type: str | None) -> bool:
     return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
-async def body(request: Request, model: type[Model], *, required: bool = True) -> Model | None:
-    """The body as ``model``; ``None`` for an optional body left out (empty, or JSON ``null``).
-
-    A body needs a JSON content type: a form or text sent by mistake is refused
-    by name rather than guessed at.
-    """
+async def body(request: Request, model: type[Model]) -> Model:
+    """The body as ``model``. It needs a JSON content type: a form or text sent by mistake is
+    refused by name rather than guessed at."""
     raw = await request.body()
-    if not raw.strip() or (not required and raw.strip() == b"null"):
-        if required:
-            raise InvalidInput([f"this route needs a JSON body ({model.__name__})"])
+    if not raw.strip():
+        raise InvalidInput([f"this route needs a JSON body ({model.__name__})"])
+    return _parsed(request, raw, model)
+
+
+async def optional_body(request: Request, model: type[Model]) -> Model | None:
+    """The body as ``model``, or ``None`` when it was left out (empty, or JSON ``null``)."""
+    raw = await request.body()
+    if not raw.strip() or raw.strip() == b"null":
         return None
+    return _parsed(request, raw, model)
+
+
+def _parsed(request: Request, raw: bytes, model: type[Model]) -> Model:
     if not _is_json(request.headers.get("content-type")):
         raise InvalidInput([NOT_AN_OBJECT])
     try:
