@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -38,6 +38,9 @@ __all__ = [
     "EventBody",
     "Health",
     "InstanceResult",
+    "InstancesQuery",
+    "LogsQuery",
+    "QueryParameters",
     "ReloadBody",
     "ReopenBody",
     "ScaleRequest",
@@ -369,3 +372,28 @@ class WaitRequest(_Selection):
         min_length=1,
     )
     timeout: Timeout | None = Field(None, description=_TIMEOUT + " Default: 30s.")
+
+
+# -- query parameters --------------------------------------------------------------------------
+
+
+class QueryParameters(BaseModel):
+    """A route's query parameters, validated as a body is (and documented from the same schema).
+
+    Unknown parameters are ignored, as HTTP clients and proxies add their own. ``lists`` names
+    the parameters that may repeat (``?names=a&names=b``); of any other, the last one counts.
+    """
+
+    lists: ClassVar[frozenset[str]] = frozenset()
+
+
+class InstancesQuery(QueryParameters):
+    lists = frozenset({"names"})
+
+    names: list[str] | None = Field(None, description="Names, manifest names or globs; none: every instance.")
+
+
+class LogsQuery(QueryParameters):
+    stream: Literal["stdout", "stderr"] = "stdout"
+    lines: int = Field(10, ge=0, le=1_000_000, description="How many of the last lines.")
+    follow: bool = Field(False, description="Then stream what is written, until the client leaves.")
