@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import gc
 import os
 import resource
@@ -104,6 +105,8 @@ class Manager:
         self.roster_known = anyio.Event()
         #: Set once the first manifest is applied: its instances spawned (or waiting, or failed).
         self.started = anyio.Event()
+        #: After a re-exec: time.monotonic() when the adopted instances were known (the log says it).
+        self.roster_known_at: float | None = None
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -168,21 +171,43 @@ class Manager:
             self._apply_lock.release()
 
     async def _adopt(self, records: dict[str, dict[str, Any]], children: Mapping[str, Child]) -> None:
-        """Every instance at once: the handover's gap is the time this takes (bench/reexec.py)."""
-        plans = _plan(self.manifest)
-        opened: dict[str, Instance] = {}
+        """Take over every instance the old service ran: status answers once they are built.
 
-        async def adopt(name: str, plan: _Plan) -> None:
-            record = records.get(name)
-            adopted = None if record is None else (record, children.get(name))
-            opened[name] = await self._open(name, plan, self.manifest.supervisor, adopted)
-
-        async with anyio.create_task_group() as tg:
-            for name, plan in plans.items():
-                tg.start_soon(adopt, name, plan)
-        self._instances = {name: opened[name] for name in plans}
-        self._roster_changed()
-        self.roster_known.set()
+        The handover's gap is the time until status answers (bench/reexec.py). So the
+        instances are built first, from the record, in one synchronous stretch (no task and
+        no await per instance: the configs are the manifest's, validated once), and the
+        roster is known from then: status and the other queries answer. Then every
+        ``run()`` is queued, in batches that leave the event loop to its sockets in between
+        (``_Batches``), and each resumes what it was doing (watch its program, finish a
+        backoff pause or a stop). Until every one has, a request that changes an instance
+        waits (``Adoption.adopt``'s gate), and so does a reload, scale or shutdown (the apply
+        lock is held): none can find an instance whose ``run()`` has not begun.
+        """
+        assert self._tg is not None, "adopting needs run() to be running"
+        async with self._apply_lock:
+            resumed = anyio.Event()
+            settings = self.manifest.supervisor
+            opened: dict[str, Instance] = {}
+            for name, plan in _plan(self.manifest).items():
+                instance = self._make(name, plan, settings)
+                record = records.get(name)
+                if record is not None:
+                    instance.adopt(record, children.get(name), resumed)
+                opened[name] = instance
+            self._instances = opened
+            self._roster_changed()
+            self.roster_known.set()
+            self.roster_known_at = time.monotonic()
+            batches = _Batches()
+            for batch in batches.split(list(opened.values())):
+                countdown = _Countdown(len(batch))
+                for instance in batch:
+                    self._tg.start_soon(functools.partial(instance.run, task_status=countdown))
+                await countdown.wait()
+                batches.took(len(batch))
+            resumed.set()
+            for instance in opened.values():
+                instance.resumed()
 
     # -- applying a manifest -----------------------------------------------------------------
 
@@ -297,9 +322,13 @@ class Manager:
         name: str,
         plan: _Plan,
         settings: ServiceSettings,
-        adopted: tuple[dict[str, Any], Child | None] | None = None,
     ) -> Instance:
         assert self._tg is not None, "apply() needs run() to be running"
+        instance = self._make(name, plan, settings)
+        await self._tg.start(instance.run)
+        return instance
+
+    def _make(self, name: str, plan: _Plan, settings: ServiceSettings) -> Instance:
         gate = None
         if plan.config.depends_on:
             gate = DependencyGate(plan.config.depends_on, self.replicas, self._group_event)
@@ -311,11 +340,7 @@ class Manager:
             on_transition=self._group_changed,
             cgroups=self._cgroups.tree if self._cgroups is not None else None,
         )
-        instance = Instance(name, plan.group, plan.config, context)
-        if adopted is not None:
-            instance.adopt(*adopted)
-        await self._tg.start(instance.run)
-        return instance
+        return Instance(name, plan.group, plan.config, context)
 
     def _group_event(self, group: str) -> anyio.Event:
         event = self._group_events.get(group)
@@ -501,6 +526,24 @@ class _Batches:
         if SPAWN_SLICE is not None:
             per_start = max(time.perf_counter() - self._started, 1e-6) / count
             self._size = max(1, min(256, int(SPAWN_SLICE / per_start)))
+
+
+class _Countdown(TaskStatus[None]):
+    """A ``task_status`` shared by many tasks started with ``start_soon``: done once each said so."""
+
+    def __init__(self, count: int) -> None:
+        self._left = count
+        self._done = anyio.Event()
+        if not count:
+            self._done.set()
+
+    def started(self, value: None = None) -> None:
+        self._left -= 1
+        if not self._left:
+            self._done.set()
+
+    async def wait(self) -> None:
+        await self._done.wait()
 
 
 async def _run_batch(

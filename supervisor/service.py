@@ -10,6 +10,7 @@ reopens every log file for an external logrotate.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -64,6 +65,7 @@ class Service:
         #: Why the last re-exec failed, for the health route.
         self.handoff_error: str | None = None
         self._handing_over = False
+        self._handover_began: float | None = None
         # While handing over: the signals received (by any thread), sent again to the exec'd
         # program as pending signals of the one thread that survives execve.
         self._deferred: list[int] | None = None
@@ -137,6 +139,7 @@ class Service:
                 # can; until the instances exist, every route but /v1/health waits (api/app.py).
                 try:
                     await tg.start(self._serve_control)
+                    served = time.monotonic()
                     await tg.start(self._run_manager)
                 except BaseException:
                     listeners.close()
@@ -152,12 +155,11 @@ class Service:
                     os.getpid(),
                 )
                 if self._takeover is not None:
-                    written = float(self._takeover.service["written_at"])
-                    log.info(
-                        "re-exec: answering %.3fs after the old service wrote its state (%.3fs to import)",
-                        time.monotonic() - written,
-                        self._takeover.read_at - written,
-                    )
+                    # What the adoption made lives as long as the instances: the collector, held
+                    # off since the exec (resume_service), need not walk it again and again.
+                    gc.freeze()
+                    gc.enable()
+                    _log_handover(self._takeover, served, self.manager.roster_known_at)
                     await keeper.write_now()  # no transition tells the record of the adopted groups
                 self._takeover = None
                 task_status.started()
@@ -237,6 +239,7 @@ class Service:
             self._listeners.handoff_state(),
             None if guardian is None else guardian.handoff_state(),
             self.handoffs,
+            self._handover_began,
         )
 
     async def _hand_over(self) -> None:
@@ -250,6 +253,7 @@ class Service:
 
         listeners = self._listeners
         assert listeners is not None and self._tg is not None
+        self._handover_began = time.monotonic()
         stopped = False
         try:
             async with self.manager.quiet(timeout=_HANDOFF_QUIET):
@@ -385,6 +389,30 @@ class Service:
                     log.warning("the service log missed %d events", event.count)
 
 
+def _log_handover(takeover: Takeover, served: float, known: float | None) -> None:
+    """Where a re-exec's time went (bench/reexec.py reads these lines), all from one clock.
+
+    ``served``: when the control plane served the inherited sockets; ``known``: when the
+    adopted instances were built, and so status answered with every one of them.
+    """
+    service = takeover.service
+    written = float(service["written_at"])
+    began = service.get("handover_began")
+    if began is not None:
+        log.info("re-exec: the old service wrote its state %.3fs after the handover began", written - began)
+    now = time.monotonic()
+    known = now if known is None else known
+    log.info(
+        "re-exec: answering %.3fs after the old service wrote its state (%.3fs to import; "
+        "then %.3fs until the socket was served, %.3fs adopting); every instance resumed %.3fs later",
+        known - written,
+        takeover.read_at - written,
+        served - takeover.read_at,
+        known - served,
+        now - known,
+    )
+
+
 def _socket_problem(path: Path, exc: OSError) -> str:
     folder = path.parent
     try:
@@ -484,6 +512,9 @@ def run_service(
                 report = check_report(state.read())
             print(json.dumps(report), flush=True)
             return 0 if report["ok"] else 1
+        # Nothing made from here until the instances are adopted is garbage: the collector would
+        # walk the whole heap again and again for nothing (Service.run enables it again).
+        gc.disable()
         try:
             record = read_state(resume_fd)
             os.close(resume_fd)

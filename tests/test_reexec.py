@@ -180,6 +180,8 @@ def test_reexec_keeps_every_instance_its_pid_counters_lines_and_deadlines(
     assert after["notify"]["ready"] is True
 
     # The backoff in progress during the exec ends when it would have (2 s, plus up to 10% jitter).
+    # (Status answers once the instances are built; the line comes once each has resumed.)
+    svc.wait_until(lambda: "re-exec'd: took over" in svc.log(), 10, "the new service's line")
     handoff = _reexec_line(svc.log())
     svc.wait_until(
         lambda: all(

@@ -96,8 +96,12 @@ def service_record(
     listeners: dict[str, object],
     guardian: dict[str, object] | None,
     handoffs: int,
+    began: float | None = None,
 ) -> StateRecord:
-    """The record's ``service`` section and instances, with each live child's start time."""
+    """The record's ``service`` section and instances, with each live child's start time.
+
+    ``began``: when the handover began (``time.monotonic()``), for the new service's log.
+    """
     for instance in manager_state["instances"]:
         child = instance["child"]
         if child is not None:
@@ -116,6 +120,7 @@ def service_record(
             "nofile": inherited_fd_limit(),
             "handoffs": handoffs + 1,
             "scaled": manager_state["scaled"],
+            "handover_began": began,
             "written_at": time.monotonic(),
         },
         "instances": manager_state["instances"],
