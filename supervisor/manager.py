@@ -144,10 +144,12 @@ class Manager:
         """
         self._adopting = ({record["name"]: record for record in state["instances"]}, children)
         self._scaled = set(state["scaled"])
+        self.events.carry_on(state["events_seq"])  # the numbering goes on, never back
 
     def handoff_state(self) -> dict[str, Any]:
         """The instances and what ``scale`` changed, for a re-exec (call it with ``quiet()`` held)."""
         return {
+            "events_seq": self.events.seq,
             "scaled": sorted(self._scaled),
             "instances": [instance.handoff_state() for instance in self._instances.values()],
         }

@@ -78,7 +78,12 @@ class Service:
         if takeover is not None:
             service = takeover.service
             self.manager.resume(
-                {"instances": takeover.record["instances"], "scaled": service["scaled"]}, takeover.children
+                {
+                    "instances": takeover.record["instances"],
+                    "scaled": service["scaled"],
+                    "events_seq": service["events_seq"],
+                },
+                takeover.children,
             )
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -119,6 +119,7 @@ def service_record(
             "guardian": guardian,
             "nofile": inherited_fd_limit(),
             "handoffs": handoffs + 1,
+            "events_seq": manager_state["events_seq"],
             "scaled": manager_state["scaled"],
             "handover_began": began,
             "written_at": time.monotonic(),
