@@ -127,6 +127,7 @@ class Adoption:
             "pipes": {stream: pipe.read_fd for stream, pipe in self._pipes.items()},
             "sinks": {stream: sink.handoff_state() for stream, sink in self._sinks.items()},
             "health": self._health.handoff_state(),
+            "cgroup": self._cgroup is not None,
         }
 
     def handoff_fds(self) -> list[int]:
@@ -157,7 +158,8 @@ class Adoption:
         last = record["last_exit"]
         self._last_exit = None if last is None else ExitStatus(**last)
         self._child = child
-        self._adopt_cgroup(child)
+        had = record.get("cgroup")
+        self._adopt_cgroup(child, had if isinstance(had, bool) else None)
         self._targets = dict(record["targets"])
         self._open_logs(record["pipes"])
         for stream, sink in self._sinks.items():
@@ -170,13 +172,19 @@ class Adoption:
         if isinstance(lock, _UntilResumed):
             self._lock = lock.lock
 
-    def _adopt_cgroup(self, child: Child | None) -> None:
-        """The cgroup the program already runs in (a stop must still ``cgroup.kill`` it)."""
+    def _adopt_cgroup(self, child: Child | None, had: bool | None) -> None:
+        """The cgroup the program already runs in (a stop must still ``cgroup.kill`` it).
+
+        ``had``: whether the old service had made the instance's cgroup (None: a version 1
+        record does not say; then it is made if missing, as at a spawn). One it had is there:
+        it is not made again (no mkdir per instance in the handover). One it had not is made
+        at the next spawn, as it would have been.
+        """
         tree = self._context.cgroups
-        if tree is None:
+        if tree is None or had is False:
             return
         try:
-            self._cgroup = tree.instance(self.name)
+            self._cgroup = tree.existing(self.name) if had else tree.instance(self.name)
         except CgroupError as exc:
             log.warning("%s: %s", self.name, exc)
             return

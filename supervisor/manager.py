@@ -15,14 +15,12 @@ first), and a dependency that restarts restarts the dependents whose edge says
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
-import functools
 import gc
 import os
 import resource
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +35,7 @@ from .events import EventBus, State, Transition
 from .graph import DependencyGate, in_reverse_order
 from .instance import Instance, InstanceContext, InstanceStatus, InvalidRequest
 from .process import Child
+from .resumption import Resumption
 
 
 class ApplyError(RuntimeError):
@@ -71,7 +70,7 @@ class _Plan:
     config: InstanceConfig
 
 
-class Manager:
+class Manager(Resumption):
     """Owns the instances of one manifest at a time."""
 
     def __init__(
@@ -134,82 +133,6 @@ class Manager:
         finally:
             self._tg = None
             self._cgroups.close()
-
-    # -- the handoff (re-exec) ----------------------------------------------------------------
-
-    def resume(self, state: Mapping[str, Any], children: Mapping[str, Child]) -> None:
-        """Before ``run()``: adopt the instances ``state`` (``handoff_state()``) describes, not start.
-
-        ``children``: the adopted programs by instance name (those still the same process).
-        """
-        self._adopting = ({record["name"]: record for record in state["instances"]}, children)
-        self._scaled = set(state["scaled"])
-        self.events.carry_on(state["events_seq"])  # the numbering goes on, never back
-
-    def handoff_state(self) -> dict[str, Any]:
-        """The instances and what ``scale`` changed, for a re-exec (call it with ``quiet()`` held)."""
-        return {
-            "events_seq": self.events.seq,
-            "scaled": sorted(self._scaled),
-            "instances": [instance.handoff_state() for instance in self._instances.values()],
-        }
-
-    def handoff_fds(self) -> list[int]:
-        return [fd for instance in self._instances.values() for fd in instance.handoff_fds()]
-
-    @contextlib.asynccontextmanager
-    async def quiet(self, timeout: float) -> AsyncIterator[None]:
-        """Hold off reloads and scales (waiting up to ``timeout`` for one under way): a re-exec
-        must see every instance the manifest names, and only those."""
-        with anyio.move_on_after(timeout):
-            await self._apply_lock.acquire()
-        if not self._apply_lock.locked() or self._closing:
-            if self._apply_lock.locked():
-                self._apply_lock.release()
-            raise InvalidRequest("service", "a reload, scale or shutdown is under way: try again later")
-        try:
-            yield
-        finally:
-            self._apply_lock.release()
-
-    async def _adopt(self, records: dict[str, dict[str, Any]], children: Mapping[str, Child]) -> None:
-        """Take over every instance the old service ran: status answers once they are built.
-
-        The handover's gap is the time until status answers (bench/reexec.py). So the
-        instances are built first, from the record, in one synchronous stretch (no task and
-        no await per instance: the configs are the manifest's, validated once), and the
-        roster is known from then: status and the other queries answer. Then every
-        ``run()`` is queued, in batches that leave the event loop to its sockets in between
-        (``_Batches``), and each resumes what it was doing (watch its program, finish a
-        backoff pause or a stop). Until every one has, a request that changes an instance
-        waits (``Adoption.adopt``'s gate), and so does a reload, scale or shutdown (the apply
-        lock is held): none can find an instance whose ``run()`` has not begun.
-        """
-        assert self._tg is not None, "adopting needs run() to be running"
-        async with self._apply_lock:
-            resumed = anyio.Event()
-            settings = self.manifest.supervisor
-            opened: dict[str, Instance] = {}
-            for name, plan in _plan(self.manifest).items():
-                instance = self._make(name, plan, settings)
-                record = records.get(name)
-                if record is not None:
-                    instance.adopt(record, children.get(name), resumed)
-                opened[name] = instance
-            self._instances = opened
-            self._roster_changed()
-            self.roster_known.set()
-            self.roster_known_at = time.monotonic()
-            batches = _Batches()
-            for batch in batches.split(list(opened.values())):
-                countdown = _Countdown(len(batch))
-                for instance in batch:
-                    self._tg.start_soon(functools.partial(instance.run, task_status=countdown))
-                await countdown.wait()
-                batches.took(len(batch))
-            resumed.set()
-            for instance in opened.values():
-                instance.resumed()
 
     # -- applying a manifest -----------------------------------------------------------------
 
@@ -528,24 +451,6 @@ class _Batches:
         if SPAWN_SLICE is not None:
             per_start = max(time.perf_counter() - self._started, 1e-6) / count
             self._size = max(1, min(256, int(SPAWN_SLICE / per_start)))
-
-
-class _Countdown(TaskStatus[None]):
-    """A ``task_status`` shared by many tasks started with ``start_soon``: done once each said so."""
-
-    def __init__(self, count: int) -> None:
-        self._left = count
-        self._done = anyio.Event()
-        if not count:
-            self._done.set()
-
-    def started(self, value: None = None) -> None:
-        self._left -= 1
-        if not self._left:
-            self._done.set()
-
-    async def wait(self) -> None:
-        await self._done.wait()
 
 
 async def _run_batch(

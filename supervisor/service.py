@@ -72,6 +72,7 @@ class Service:
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: ControlListeners | None = None
         self._guardian: Guardian | None = None
+        self._keeper: RecordKeeper | None = None
         self._hand_over_control = anyio.Event()
         self._control_answered = anyio.Event()
         self._control_done = anyio.Event()
@@ -93,7 +94,7 @@ class Service:
 
         # Imported now, not at the request: a re-exec must work even when the installed code under
         # it is broken (then the new code's check says so, and this service goes on).
-        from .handoff import reexec as _reexec  # noqa: F401
+        from .handoff import reexec as handoff
 
         _one_line_for_accept_errors()
 
@@ -112,10 +113,10 @@ class Service:
             path = str(self.manifest.control_socket)
             raise ControlError(f"control socket {path!r}: a NUL byte is not allowed in a path") from None
         self._listeners = listeners
-        keeper = RecordKeeper(self.manager)
+        self._keeper = keeper = RecordKeeper(self.manager)
         if takeover is not None:
             # The record names our own (adopted) groups: they are no crashed run's leftovers.
-            keeper.adopt(self._takeover.children.values() if self._takeover is not None else ())
+            keeper.adopt(self._takeover.identities if self._takeover is not None else ())
             if takeover["guardian"] is not None:
                 guardian: Guardian | None = Guardian.adopt(takeover["guardian"])
             else:
@@ -161,10 +162,10 @@ class Service:
                 )
                 if self._takeover is not None:
                     # What the adoption made lives as long as the instances: the collector, held
-                    # off since the exec (resume_service), need not walk it again and again.
+                    # off since the exec (run_service), need not walk it again and again.
                     gc.freeze()
                     gc.enable()
-                    _log_handover(self._takeover, served, self.manager.roster_known_at)
+                    handoff.log_handover(self._takeover, served, self.manager.roster_known_at)
                     await keeper.write_now()  # no transition tells the record of the adopted groups
                 self._takeover = None
                 task_status.started()
@@ -235,6 +236,7 @@ class Service:
 
     def _handoff_record(self) -> dict[str, Any]:
         from .handoff.reexec import service_record
+        from .handoff.state import process_start_ticks
 
         assert self._listeners is not None
         guardian = self._guardian
@@ -245,6 +247,7 @@ class Service:
             None if guardian is None else guardian.handoff_state(),
             self.handoffs,
             self._handover_began,
+            self._keeper.start_ticks if self._keeper is not None else process_start_ticks,
         )
 
     async def _hand_over(self) -> None:
@@ -392,30 +395,6 @@ class Service:
                     log.info("%s", event.describe())
                 else:
                     log.warning("the service log missed %d events", event.count)
-
-
-def _log_handover(takeover: Takeover, served: float, known: float | None) -> None:
-    """Where a re-exec's time went (bench/reexec.py reads these lines), all from one clock.
-
-    ``served``: when the control plane served the inherited sockets; ``known``: when the
-    adopted instances were built, and so status answered with every one of them.
-    """
-    service = takeover.service
-    written = float(service["written_at"])
-    began = service.get("handover_began")
-    if began is not None:
-        log.info("re-exec: the old service wrote its state %.3fs after the handover began", written - began)
-    now = time.monotonic()
-    known = now if known is None else known
-    log.info(
-        "re-exec: answering %.3fs after the old service wrote its state (%.3fs to import; "
-        "then %.3fs until the socket was served, %.3fs adopting); every instance resumed %.3fs later",
-        known - written,
-        takeover.read_at - written,
-        served - takeover.read_at,
-        known - served,
-        now - known,
-    )
 
 
 def _socket_problem(path: Path, exc: OSError) -> str:

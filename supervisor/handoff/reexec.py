@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ import anyio
 
 from ..config import Manifest
 from ..process import Child, SpawnError, inherited_fd_limit, spawn
+from .record import ProcessIdentity, identity
 from .state import VERSION, HandoffError, StateRecord, parse_state, process_start_ticks, write_state
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "check_new_code",
     "check_report",
     "exec_service",
+    "log_handover",
     "prepare_resume",
     "resume_argv",
 ]
@@ -97,15 +99,18 @@ def service_record(
     guardian: dict[str, object] | None,
     handoffs: int,
     began: float | None = None,
+    start_ticks: Callable[[int], int | None] = process_start_ticks,
 ) -> StateRecord:
     """The record's ``service`` section and instances, with each live child's start time.
 
     ``began``: when the handover began (``time.monotonic()``), for the new service's log.
+    ``start_ticks``: a child's start time (the crash record's keeper knows it from its spawn:
+    no read of /proc per instance in the handover).
     """
     for instance in manager_state["instances"]:
         child = instance["child"]
         if child is not None:
-            child["start_ticks"] = process_start_ticks(child["pid"])
+            child["start_ticks"] = start_ticks(child["pid"])
     from ..pidns import service_pid
 
     source = manifest.source
@@ -236,6 +241,8 @@ class Takeover:
     manifest: Manifest
     record: StateRecord
     children: dict[str, Child] = field(default_factory=dict)
+    #: Each adopted child as /proc showed it when checked (the crash record's keeper learns them).
+    identities: list[ProcessIdentity] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
     #: time.monotonic() when the new code had read the record (its imports done).
     read_at: float = field(default_factory=time.monotonic)
@@ -295,7 +302,8 @@ def prepare_resume(record: StateRecord) -> Takeover:
         child = instance["child"]
         if child is None:
             continue
-        if process_start_ticks(child["pid"]) != child["start_ticks"]:
+        found = identity(child["pid"])
+        if found is None or found.start != child["start_ticks"]:
             if child["pidfd"] is not None:
                 os.close(child["pidfd"])
             instance["child"] = None
@@ -306,6 +314,7 @@ def prepare_resume(record: StateRecord) -> Takeover:
                 child["pid"],
             )
             continue
+        takeover.identities.append(found)
         takeover.children[instance["name"]] = Child.adopt(
             child["pid"],
             child["pgid"],
@@ -315,6 +324,30 @@ def prepare_resume(record: StateRecord) -> Takeover:
             bool(child["kill_group_on_exit"]),
         )
     return takeover
+
+
+def log_handover(takeover: Takeover, served: float, known: float | None) -> None:
+    """Where a re-exec's time went (bench/reexec.py reads these lines), all from one clock.
+
+    ``served``: when the control plane served the inherited sockets; ``known``: when the
+    adopted instances were built, and so status answered with every one of them.
+    """
+    service = takeover.service
+    written = float(service["written_at"])
+    began = service.get("handover_began")
+    if began is not None:
+        log.info("re-exec: the old service wrote its state %.3fs after the handover began", written - began)
+    now = time.monotonic()
+    known = now if known is None else known
+    log.info(
+        "re-exec: answering %.3fs after the old service wrote its state (%.3fs to import; "
+        "then %.3fs until the socket was served, %.3fs adopting); every instance resumed %.3fs later",
+        known - written,
+        takeover.read_at - written,
+        served - takeover.read_at,
+        known - served,
+        now - known,
+    )
 
 
 def check_report(data: bytes) -> dict[str, Any]:
