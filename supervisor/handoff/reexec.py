@@ -334,8 +334,8 @@ def log_handover(takeover: Takeover, served: float, known: float | None) -> None
     """
     service = takeover.service
     written = float(service["written_at"])
-    began = service.get("handover_began")
-    if began is not None:
+    began = service.get("handover_began")  # optional (none from version 1, nor from a check)
+    if isinstance(began, int | float) and not isinstance(began, bool):
         log.info("re-exec: the old service wrote its state %.3fs after the handover began", written - began)
     now = time.monotonic()
     known = now if known is None else known
