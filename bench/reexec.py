@@ -8,16 +8,22 @@ asks for the status of every instance every 10 ms (one connection per request, a
 - the check: from the request to its 202 answer (the new code runs in a subprocess on a copy
   of the state; the old service serves meanwhile);
 - the handover: from the 202 answer until the new service answers status with all N
-  instances (the old one stops taking requests, execs; the new one imports, adopts, listens),
+  instances (the old one stops taking requests, execs; the new one imports, listens, adopts),
   and the CPU time (user + system) the service process spent in it, read from /proc (it counts
   on across execve): on a shared, loaded machine the steadier figure;
 - in it, from the service's own log: from the handover's start until the old service wrote its
   state ("old side", where the log says it), from then until the new code had read the state
   after its first imports ("import"), and from there to answering (where the log says so, split
-  into "serve the socket": the control plane's imports and app, and "adopt");
+  into "serve the socket": the control plane's imports and app, and "adopt": building the
+  instances from the state, after which status answers with all of them; and how much later
+  every instance had resumed its watch);
 - the longest gap the polling client sees between two answers, and its longest single request;
 - the client's errors (target 0), and the instances restarted (same pid and start time: target 0);
 - every numbered line of the chatty instances present exactly once in their logs.
+
+Each service runs with bytecode caching on (``PYTHONDONTWRITEBYTECODE`` dropped from its
+environment), as an installed package has its ``.pyc`` files: else each re-exec would compile
+our modules again and the figures would measure the compiler.
 
 ``--baseline DIR`` runs an older tree of ours too (DIR holds its ``supervisor`` package, e.g.
 ``git archive main supervisor | tar -x -C DIR``), with this venv's interpreter and packages
@@ -55,7 +61,10 @@ CHATTY = "i=0; while :; do i=$((i+1)); echo \"n $i\"; case $i in *00) sleep 0.01
 #: it took to serve its socket and then to adopt, and the old service from the handover's start
 #: to writing its state.
 ANSWERING = re.compile(r"answering ([\d.]+)s after .* \(([\d.]+)s to import[;)]")
-SPLIT = re.compile(r"then ([\d.]+)s until the socket was served, ([\d.]+)s adopting")
+SPLIT = re.compile(
+    r"then ([\d.]+)s until the socket was served, ([\d.]+)s adopting\); "
+    r"every instance resumed ([\d.]+)s later"
+)
 OLD_SIDE = re.compile(r"re-exec: the old service wrote its state ([\d.]+)s after the handover began")
 
 
@@ -210,13 +219,15 @@ class Tree:
         text = self.log.read_text()
         old = [float(m.group(1)) for m in OLD_SIDE.finditer(text)]
         lines = []
-        split = [(float(m.group(1)), float(m.group(2))) for m in SPLIT.finditer(text)]
+        split = [(float(m.group(1)), float(m.group(2)), float(m.group(3))) for m in SPLIT.finditer(text)]
         for i, match in enumerate(ANSWERING.finditer(text)):
             total, imported = float(match.group(1)), float(match.group(2))
             side = f"old side {old[i]:.2f}s, " if i < len(old) else ""
             rest = f"adopt {total - imported:.2f}s"
             if i < len(split):
-                rest = f"serve the socket {split[i][0]:.2f}s, adopt {split[i][1]:.2f}s"
+                served, built, resumed = split[i]
+                rest = f"serve the socket {served:.2f}s, adopt {built:.2f}s"
+                rest += f" (every watch resumed {resumed:.2f}s later)"
             lines.append(f"{side}import {imported:.2f}s, {rest}")
         return lines
 
