@@ -65,6 +65,7 @@ SPLIT = re.compile(
     r"then ([\d.]+)s until the socket was served, ([\d.]+)s adopting\); "
     r"every instance resumed ([\d.]+)s later"
 )
+SIZE = re.compile(r"the state took (\d+) bytes")
 OLD_SIDE = re.compile(r"re-exec: the old service wrote its state ([\d.]+)s after the handover began")
 
 
@@ -228,6 +229,9 @@ class Tree:
                 served, built, resumed = split[i]
                 rest = f"serve the socket {served:.2f}s, adopt {built:.2f}s"
                 rest += f" (every watch resumed {resumed:.2f}s later)"
+            size = SIZE.search(text, match.end())
+            if size is not None and size.start() - match.end() < 200:  # on the same line
+                rest += f"; state {int(size.group(1)) / 1024:.0f} KiB"
             lines.append(f"{side}import {imported:.2f}s, {rest}")
         return lines
 

@@ -500,9 +500,11 @@ def run_service(
         # walk the whole heap again and again for nothing (Service.run enables it again).
         gc.disable()
         try:
+            size = os.fstat(resume_fd).st_size
             record = read_state(resume_fd)
             os.close(resume_fd)
             takeover = prepare_resume(record)
+            takeover.size = size
         except HandoffError as exc:
             print(f"supervisor: cannot resume: {exc}", file=sys.stderr)
             return 1

@@ -246,6 +246,8 @@ class Takeover:
     gone: list[str] = field(default_factory=list)
     #: time.monotonic() when the new code had read the record (its imports done).
     read_at: float = field(default_factory=time.monotonic)
+    #: The record's size in bytes, for the log.
+    size: int = 0
 
     @property
     def service(self) -> dict[str, Any]:
@@ -341,12 +343,14 @@ def log_handover(takeover: Takeover, served: float, known: float | None) -> None
     known = now if known is None else known
     log.info(
         "re-exec: answering %.3fs after the old service wrote its state (%.3fs to import; "
-        "then %.3fs until the socket was served, %.3fs adopting); every instance resumed %.3fs later",
+        "then %.3fs until the socket was served, %.3fs adopting); every instance resumed %.3fs later; "
+        "the state took %d bytes",
         known - written,
         takeover.read_at - written,
         served - takeover.read_at,
         known - served,
         now - known,
+        takeover.size,
     )
 
 
