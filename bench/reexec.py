@@ -16,7 +16,8 @@ asks for the status of every instance every 10 ms (one connection per request, a
   after its first imports ("import"), and from there to answering (where the log says so, split
   into "serve the socket": the control plane's imports and app, and "adopt": building the
   instances from the state, after which status answers with all of them; and how much later
-  every instance had resumed its watch);
+  every instance had resumed its watch), with the state's size and the service's own CPU time
+  from the handover's start until it answered and until every watch had resumed;
 - the longest gap the polling client sees between two answers, and its longest single request;
 - the client's errors (target 0), and the instances restarted (same pid and start time: target 0);
 - every numbered line of the chatty instances present exactly once in their logs.
@@ -66,6 +67,7 @@ SPLIT = re.compile(
     r"every instance resumed ([\d.]+)s later"
 )
 SIZE = re.compile(r"the state took (\d+) bytes")
+CPU = re.compile(r"CPU since the handover began: ([\d.]+)s until answering, ([\d.]+)s until every")
 OLD_SIDE = re.compile(r"re-exec: the old service wrote its state ([\d.]+)s after the handover began")
 
 
@@ -221,6 +223,7 @@ class Tree:
         old = [float(m.group(1)) for m in OLD_SIDE.finditer(text)]
         lines = []
         split = [(float(m.group(1)), float(m.group(2)), float(m.group(3))) for m in SPLIT.finditer(text)]
+        cpu = [(float(m.group(1)), float(m.group(2))) for m in CPU.finditer(text)]
         for i, match in enumerate(ANSWERING.finditer(text)):
             total, imported = float(match.group(1)), float(match.group(2))
             side = f"old side {old[i]:.2f}s, " if i < len(old) else ""
@@ -232,6 +235,8 @@ class Tree:
             size = SIZE.search(text, match.end())
             if size is not None and size.start() - match.end() < 200:  # on the same line
                 rest += f"; state {int(size.group(1)) / 1024:.0f} KiB"
+            if i < len(cpu):
+                rest += f"; CPU {cpu[i][0]:.2f}s until answering, {cpu[i][1]:.2f}s until every watch resumed"
             lines.append(f"{side}import {imported:.2f}s, {rest}")
         return lines
 

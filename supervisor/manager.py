@@ -104,8 +104,9 @@ class Manager(Resumption):
         self.roster_known = anyio.Event()
         #: Set once the first manifest is applied: its instances spawned (or waiting, or failed).
         self.started = anyio.Event()
-        #: After a re-exec: time.monotonic() when the adopted instances were known (the log says it).
-        self.roster_known_at: float | None = None
+        #: After a re-exec: when the adopted instances were known, as (time.monotonic(),
+        #: time.process_time()): the log says how long the handover took, and how much CPU.
+        self.roster_known_at: tuple[float, float] | None = None
 
     @property
     def instances(self) -> Mapping[str, Instance]:

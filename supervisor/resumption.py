@@ -39,7 +39,7 @@ class Resumption:
         manifest: Manifest
         events: EventBus
         roster_known: anyio.Event
-        roster_known_at: float | None
+        roster_known_at: tuple[float, float] | None
         _instances: dict[str, Instance]
         _tg: TaskGroup | None
         _apply_lock: anyio.Lock
@@ -114,7 +114,7 @@ class Resumption:
             self._instances = opened
             self._roster_changed()
             self.roster_known.set()
-            self.roster_known_at = time.monotonic()
+            self.roster_known_at = (time.monotonic(), time.process_time())
             batches = _Batches()
             for batch in batches.split(list(opened.values())):
                 countdown = _Countdown(len(batch))

@@ -65,7 +65,8 @@ class Service:
         #: Why the last re-exec failed, for the health route.
         self.handoff_error: str | None = None
         self._handing_over = False
-        self._handover_began: float | None = None
+        #: When the handover began: (time.monotonic(), time.process_time()), for the new service's log.
+        self._handover_began: tuple[float, float] | None = None
         # While handing over: the signals received (by any thread), sent again to the exec'd
         # program as pending signals of the one thread that survives execve.
         self._deferred: list[int] | None = None
@@ -261,7 +262,7 @@ class Service:
 
         listeners = self._listeners
         assert listeners is not None and self._tg is not None
-        self._handover_began = time.monotonic()
+        self._handover_began = (time.monotonic(), time.process_time())
         stopped = False
         try:
             async with self.manager.quiet(timeout=_HANDOFF_QUIET):

@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import anyio
 
@@ -98,12 +98,13 @@ def service_record(
     listeners: dict[str, object],
     guardian: dict[str, object] | None,
     handoffs: int,
-    began: float | None = None,
+    began: tuple[float, float] | None = None,
     start_ticks: Callable[[int], int | None] = process_start_ticks,
 ) -> StateRecord:
     """The record's ``service`` section and instances, with each live child's start time.
 
-    ``began``: when the handover began (``time.monotonic()``), for the new service's log.
+    ``began``: when the handover began, ``(time.monotonic(), time.process_time())``, for the new
+    service's log (the CPU time of a process goes on across execve).
     ``start_ticks``: a child's start time (the crash record's keeper knows it from its spawn:
     no read of /proc per instance in the handover).
     """
@@ -126,7 +127,8 @@ def service_record(
             "handoffs": handoffs + 1,
             "events_seq": manager_state["events_seq"],
             "scaled": manager_state["scaled"],
-            "handover_began": began,
+            "handover_began": None if began is None else began[0],
+            "handover_cpu": None if began is None else began[1],
             "written_at": time.monotonic(),
         },
         "instances": manager_state["instances"],
@@ -328,30 +330,42 @@ def prepare_resume(record: StateRecord) -> Takeover:
     return takeover
 
 
-def log_handover(takeover: Takeover, served: float, known: float | None) -> None:
+def log_handover(takeover: Takeover, served: float, known: tuple[float, float] | None) -> None:
     """Where a re-exec's time went (bench/reexec.py reads these lines), all from one clock.
 
     ``served``: when the control plane served the inherited sockets; ``known``: when the
-    adopted instances were built, and so status answered with every one of them.
+    adopted instances were built, and so status answered with every one of them, as
+    ``(time.monotonic(), time.process_time())``.
     """
     service = takeover.service
     written = float(service["written_at"])
-    began = service.get("handover_began")  # optional (none from version 1, nor from a check)
-    if isinstance(began, int | float) and not isinstance(began, bool):
+    began, began_cpu = service.get("handover_began"), service.get("handover_cpu")  # optional
+    if _number(began):
         log.info("re-exec: the old service wrote its state %.3fs after the handover began", written - began)
-    now = time.monotonic()
-    known = now if known is None else known
+    now, cpu = time.monotonic(), time.process_time()
+    at, at_cpu = (now, cpu) if known is None else known
     log.info(
         "re-exec: answering %.3fs after the old service wrote its state (%.3fs to import; "
         "then %.3fs until the socket was served, %.3fs adopting); every instance resumed %.3fs later; "
         "the state took %d bytes",
-        known - written,
+        at - written,
         takeover.read_at - written,
         served - takeover.read_at,
-        known - served,
-        now - known,
+        at - served,
+        now - at,
         takeover.size,
     )
+    if _number(began_cpu):  # the process's CPU time goes on across execve
+        log.info(
+            "re-exec: CPU since the handover began: %.3fs until answering, %.3fs until every "
+            "instance resumed",
+            at_cpu - began_cpu,
+            cpu - began_cpu,
+        )
+
+
+def _number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_report(data: bytes) -> dict[str, Any]:
