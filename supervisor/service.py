@@ -287,6 +287,7 @@ class Service:
             self.handoff_error = str(exc)
             log.error("re-exec abandoned: %s", exc)
         finally:
+            self._handover_began = None
             deferred, self._deferred = self._deferred or [], None
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOFF_SIGNALS)  # what is pending comes now
             for signum in deferred:  # those the handover held back, acted on after all
@@ -501,8 +502,8 @@ def run_service(
         # walk the whole heap again and again for nothing (Service.run enables it again).
         gc.disable()
         try:
-            size = os.fstat(resume_fd).st_size
             record = read_state(resume_fd)
+            size = os.fstat(resume_fd).st_size  # read: it is open, and sealed
             os.close(resume_fd)
             takeover = prepare_resume(record)
             takeover.size = size
