@@ -514,7 +514,9 @@ async def test_a_handover_answers_what_was_accepted_and_leaves_the_listener_open
             await tg.start(old.serve, [(listener, App())])
             accepted = await connect(path)
             await old.until(lambda: old.accepted == 1)
+            await anyio.wait_all_tasks_blocked()  # its task waits for the request, which is not sent yet
             old.stop(handover=True)
+            await anyio.wait_all_tasks_blocked()  # the stop has been acted on: no accept any more
             waiting = await connect(path)
             await waiting.send(get("/echo?waiting"))
             await accepted.send(get("/echo?accepted"))
