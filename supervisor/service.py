@@ -9,7 +9,6 @@ reopens every log file for an external logrotate.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -87,8 +86,6 @@ class Service:
         # Imported now, not at the request: a re-exec must work even when the installed code under
         # it is broken (then the new code's check says so, and this service goes on).
         from .handoff import reexec as _reexec  # noqa: F401
-
-        _one_line_for_accept_errors()
 
         # Made 0700 if missing; an existing one must be ours and private, and is not chmod-ed.
         prepare_state_dir(self.manifest.state_dir)
@@ -409,30 +406,6 @@ def _start_guardian() -> Guardian | None:
 #: How long a re-exec waits for a reload under way, then for requests in flight, each.
 _HANDOFF_QUIET = 10.0
 _HANDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
-
-_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-def _one_line_for_accept_errors() -> None:
-    """asyncio logs a traceback for every accept() that finds no free descriptor (then waits a
-    second and accepts again): under a flood of connections that is a traceback a connection.
-    One warning line says it; every other error of the loop is reported as before."""
-    import asyncio
-
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return  # trio: it retries accept() after EMFILE by itself, without a traceback
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
-            log.warning("control socket: cannot accept a connection (%s); trying again", exc.strerror)
-            return
-        loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
-
 
 async def _reap_leftovers() -> None:
     """Kill what is still our child (daemons that escaped their group and were reparented to us)."""

@@ -35,7 +35,9 @@ LATER = (
     "pydantic.v1",  # FastAPI's check for v1 models, blocked while the app is built (api/app.py)
 )
 # The control plane: the service imports it when it runs, never at import.
-CONTROL_PLANE = ("fastapi", "starlette", "hypercorn", "supervisor.api.server", "supervisor.api.app")
+CONTROL_PLANE = (
+    "fastapi", "starlette", "supervisor.api.http1", "supervisor.api.server", "supervisor.api.app",
+)
 
 
 def loaded_after(code: str, *, cwd: Path) -> set[str]:
@@ -87,7 +89,8 @@ async def main() -> None:
 anyio.run(main)
 """
     loaded = loaded_after(code, cwd=tmp_path)
-    assert "hypercorn" in loaded and "supervisor.api.server" in loaded  # it did serve
+    assert "supervisor.api.http1" in loaded and "supervisor.api.server" in loaded  # it did serve
+    assert heavy(loaded, ("hypercorn", "h2", "wsproto")) == []  # our HTTP/1.1 server needs neither
     assert heavy(loaded, LATER) == []
 
 
