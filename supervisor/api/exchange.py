@@ -65,7 +65,7 @@ class Exchange:
         try:
             await connection.app(connection.scope(self.request), self.receive, self.send)
         except Exception as exc:
-            if not isinstance(exc, ClientGone):
+            if not _client_gone(exc):
                 log.error("the control API failed on %s", self._what(), exc_info=exc)
             await self._failed()
             return
@@ -221,6 +221,13 @@ class Exchange:
                 self._watch.cancel()
         if out:
             await connection.write(out)
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """Is ``exc`` only the client's leaving (perhaps wrapped by the app's task groups)? Not logged."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_client_gone(inner) for inner in exc.exceptions)
+    return isinstance(exc, ClientGone)
 
 
 _REASONS: dict[int, bytes] = {}
