@@ -66,6 +66,7 @@ class Service:
         # While handing over: the signals received (by any thread), sent again to the exec'd
         # program as pending signals of the one thread that survives execve.
         self._deferred: list[int] | None = None
+        self._handlers: dict[int, Any] = {}  # the signals' handlers from before the handover
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: ControlListeners | None = None
         self._guardian: Guardian | None = None
@@ -220,8 +221,19 @@ class Service:
         # or the handover is abandoned: a TERM sent meanwhile reaches the service that acts on it.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDOFF_SIGNALS)
         self._deferred = []
+        # Blocked in this thread only: another (a worker thread) may still take one, and its C
+        # handler merely wakes the event loop, which may not run again before the exec. Python
+        # runs this handler in this thread at its next bytecode, before the exec too.
+        self._handlers = {signum: signal.signal(signum, self._defer) for signum in HANDOFF_SIGNALS}
         self._tg.start_soon(self._hand_over)
         return report
+
+    def _defer(self, signum: int, frame: object) -> None:
+        """A signal during the handover: kept for the new service (see ``reexec``)."""
+        if self._deferred is None:  # the record is written: pending in this thread crosses the exec
+            signal.pthread_kill(threading.main_thread().ident or 0, signum)
+        elif signum not in self._deferred:
+            self._deferred.append(signum)
 
     def _handoff_record(self) -> dict[str, Any]:
         from .handoff.reexec import service_record
@@ -262,6 +274,7 @@ class Service:
                     fds += self._guardian.handoff_fds()
                 # No await from here: nothing changes between the record and the exec.
                 for signum in self._deferred or ():  # pending (blocked) in this thread: execve keeps them
+                    log.info("got %s during the re-exec: for the new service", signal.Signals(signum).name)
                     signal.pthread_kill(threading.main_thread().ident or 0, signum)
                 self._deferred = None
                 error = exec_service(self._handoff_record(), fds)
@@ -271,6 +284,9 @@ class Service:
             self.handoff_error = str(exc)
             log.error("re-exec abandoned: %s", exc)
         finally:
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+            self._handlers = {}
             deferred, self._deferred = self._deferred or [], None
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOFF_SIGNALS)  # what is pending comes now
             for signum in deferred:  # those the handover held back, acted on after all
@@ -353,9 +369,8 @@ class Service:
             async with anyio.create_task_group() as tg:
                 async for signum in signals:
                     if self._deferred is not None:  # handing over: the new service acts on it
-                        self._deferred.append(signum)
-                        name = signal.Signals(signum).name
-                        log.info("got %s during the re-exec: for the new service", name)
+                        if signum not in self._deferred:  # (``_defer`` may have it already)
+                            self._deferred.append(signum)
                     elif signum == signal.SIGHUP:
                         tg.start_soon(self._reload_logged)
                     elif signum == signal.SIGUSR2:
