@@ -9,7 +9,6 @@ reopens every log file for an external logrotate.
 
 from __future__ import annotations
 
-import errno
 import gc
 import json
 import logging
@@ -70,6 +69,7 @@ class Service:
         # While handing over: the signals received (by any thread), sent again to the exec'd
         # program as pending signals of the one thread that survives execve.
         self._deferred: list[int] | None = None
+        self._handlers: dict[int, Any] = {}  # the signals' handlers from before the handover
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: ControlListeners | None = None
         self._guardian: Guardian | None = None
@@ -96,8 +96,6 @@ class Service:
         # Imported now, not at the request: a re-exec must work even when the installed code under
         # it is broken (then the new code's check says so, and this service goes on).
         from .handoff import reexec as handoff
-
-        _one_line_for_accept_errors()
 
         # Made 0700 if missing; an existing one must be ours and private, and is not chmod-ed.
         prepare_state_dir(self.manifest.state_dir)
@@ -232,8 +230,19 @@ class Service:
         # or the handover is abandoned: a TERM sent meanwhile reaches the service that acts on it.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDOFF_SIGNALS)
         self._deferred = []
+        # Blocked in this thread only: another (a worker thread) may still take one, and its C
+        # handler merely wakes the event loop, which may not run again before the exec. Python
+        # runs this handler in this thread at its next bytecode, before the exec too.
+        self._handlers = {signum: signal.signal(signum, self._defer) for signum in HANDOFF_SIGNALS}
         self._tg.start_soon(self._hand_over)
         return report
+
+    def _defer(self, signum: int, frame: object) -> None:
+        """A signal during the handover: kept for the new service (see ``reexec``)."""
+        if self._deferred is None:  # the record is written: pending in this thread crosses the exec
+            signal.pthread_kill(threading.main_thread().ident or 0, signum)
+        elif signum not in self._deferred:
+            self._deferred.append(signum)
 
     def _handoff_record(self) -> dict[str, Any]:
         from .handoff.reexec import service_record
@@ -278,6 +287,7 @@ class Service:
                     fds += self._guardian.handoff_fds()
                 # No await from here: nothing changes between the record and the exec.
                 for signum in self._deferred or ():  # pending (blocked) in this thread: execve keeps them
+                    log.info("got %s during the re-exec: for the new service", signal.Signals(signum).name)
                     signal.pthread_kill(threading.main_thread().ident or 0, signum)
                 self._deferred = None
                 error = exec_service(self._handoff_record(), fds)
@@ -288,6 +298,9 @@ class Service:
             log.error("re-exec abandoned: %s", exc)
         finally:
             self._handover_began = None
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+            self._handlers = {}
             deferred, self._deferred = self._deferred or [], None
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOFF_SIGNALS)  # what is pending comes now
             for signum in deferred:  # those the handover held back, acted on after all
@@ -370,9 +383,8 @@ class Service:
             async with anyio.create_task_group() as tg:
                 async for signum in signals:
                     if self._deferred is not None:  # handing over: the new service acts on it
-                        self._deferred.append(signum)
-                        name = signal.Signals(signum).name
-                        log.info("got %s during the re-exec: for the new service", name)
+                        if signum not in self._deferred:  # (``_defer`` may have it already)
+                            self._deferred.append(signum)
                     elif signum == signal.SIGHUP:
                         tg.start_soon(self._reload_logged)
                     elif signum == signal.SIGUSR2:
@@ -423,30 +435,6 @@ def _start_guardian() -> Guardian | None:
 #: How long a re-exec waits for a reload under way, then for requests in flight, each.
 _HANDOFF_QUIET = 10.0
 _HANDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
-
-_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-def _one_line_for_accept_errors() -> None:
-    """asyncio logs a traceback for every accept() that finds no free descriptor (then waits a
-    second and accepts again): under a flood of connections that is a traceback a connection.
-    One warning line says it; every other error of the loop is reported as before."""
-    import asyncio
-
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return  # trio: it retries accept() after EMFILE by itself, without a traceback
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
-            log.warning("control socket: cannot accept a connection (%s); trying again", exc.strerror)
-            return
-        loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
-
 
 async def _reap_leftovers() -> None:
     """Kill what is still our child (daemons that escaped their group and were reparented to us)."""

@@ -535,7 +535,9 @@ def test_a_sigterm_during_the_handover_is_not_lost(service: Callable[..., Servic
     svc.proc.send_signal(signal.SIGTERM)
     assert svc.proc.wait(timeout=60) == 0, svc.log()
     log = svc.log()
-    assert "got SIGTERM during the re-exec: for the new service" in log
+    # Taken by the old service during the handover (it defers it: "got SIGTERM during the re-exec:
+    # for the new service"), or by the new one when the exec came first: the new one acts on it once.
+    assert log.count("INFO got SIGTERM\n") == 1, log
     assert "re-exec'd: took over" in log and log.rstrip().endswith("INFO stopped"), log
     assert pid_gone(child)
 
