@@ -118,9 +118,23 @@ def shared() -> ProbeLoop:
         return loop
 
 
+#: How early, as a share of its interval, a probe may run to join a wake-up that happens anyway.
+EARLY = 0.1
+#: After a wake-up that sent requests, answers are gathered for this long before the next look:
+#: local servers answer within it, and one wake-up then reads them all.
+GATHER = 0.002
+
+
 def _tolerance(interval: float) -> float:
-    """How early a due probe may run to share a wake-up: 5 ms, or 1 % of a short interval."""
-    return min(0.005, interval * 0.01)
+    """How early a due probe may run: a tenth of its interval (at most a second).
+
+    Wake-ups, not probes, are what the loop costs (each is a sleep and a wake of the
+    service's thread, a timeout scope, an epoll registration). Pulling a probe that
+    is due soon into a wake-up that happens anyway merges schedules: after one round,
+    checks started ~10 ms apart share a wake-up, and 100 checks probed every second
+    need about ten wake-ups a second instead of two hundred.
+    """
+    return min(interval * EARLY, 1.0)
 
 
 class _Watch:
@@ -278,7 +292,7 @@ class ProbeLoop:
     def _schedule(self, watch: _Watch, when: float, deadline: bool = False) -> None:
         watch.token += 1
         heapq.heappush(self._heap, (when, next(self._sequence), watch, watch.token, deadline))
-        if when - (0 if deadline else watch.tolerance) < self._wake_at and self._driver is not watch:
+        if when < self._wake_at and self._driver is not watch:
             self._kick_driver()
 
     def _kick_driver(self) -> None:
@@ -306,13 +320,18 @@ class ProbeLoop:
                         pass
             while self._resolved:
                 self._connect_resolved(*self._resolved.popleft(), now)
-            self._run_timers(now)
+            sent = self._run_timers(now)
             if me.finished:
                 return
             delay = self._next_timer() - now
             self._wake_at = now + delay
             try:
-                if delay == math.inf:
+                if sent and delay > GATHER:
+                    # Requests just went out: their answers come within a moment, and one
+                    # wake-up after it reads them all (instead of one wake-up per answer).
+                    self._wake_at = now + GATHER
+                    await anyio.sleep(GATHER)
+                elif delay == math.inf:
                     await anyio.wait_readable(epoll.fileno())
                 else:
                     with anyio.move_on_after(max(delay, 0.0)):
@@ -323,13 +342,16 @@ class ProbeLoop:
     def _next_timer(self) -> float:
         heap = self._heap
         while heap:
-            when, _, watch, token, deadline = heap[0]
+            when, _, watch, token, _ = heap[0]
             if token == watch.token:
-                return when if deadline else when - watch.tolerance
+                # A due probe's own time, not its early one: the wake-up then pulls in those due
+                # within their tolerance, and the next wake-up comes after that window, not inside it.
+                return when
             heapq.heappop(heap)
         return math.inf
 
-    def _run_timers(self, now: float) -> None:
+    def _run_timers(self, now: float) -> bool:
+        """Start the due probes and cut the late ones; whether a probe now waits for its socket."""
         heap = self._heap
         while heap:
             when, _, watch, token, deadline = heap[0]
@@ -337,13 +359,14 @@ class ProbeLoop:
                 heapq.heappop(heap)
                 continue
             if when - (0 if deadline else watch.tolerance) > now:
-                return
+                break
             heapq.heappop(heap)
             if deadline:
                 self._drop_socket(watch)
                 self._decide(watch, now, False, f"{watch.kind} probe timed out after {watch.timeout:g}s")
             else:
                 self._start(watch, now)
+        return bool(self._by_fd)
 
     def _start(self, watch: _Watch, now: float) -> None:
         """Begin one probe: a non-blocking connect (after a resolution, for a host name)."""
@@ -395,6 +418,15 @@ class ProbeLoop:
             except BlockingIOError:
                 pass
             if watch.kind == "tcp":
+                # On loopback the handshake is done by now: asking again tells, with no wake-up.
+                code = sock.connect_ex(address)
+                if code in (0, errno.EISCONN):
+                    sock.close()
+                    watch.sock = None
+                    self._decide(watch, now, True, f"connect {watch.host}:{watch.port}: accepted")
+                    return
+                if code not in (errno.EALREADY, errno.EINPROGRESS):
+                    raise OSError(code, os.strerror(code))
                 self._epoll.register(sock, _OUT)
             else:
                 watch.pending = memoryview(watch.request)
