@@ -221,6 +221,7 @@ class ProbeLoop:
         self._wake_at = -math.inf
         #: Wake-ups of the driver so far: what the loop costs, against the probes it ran (tests, bench).
         self.wakeups = 0
+        self._sent = 0  # probes that began to wait for their socket in the current wake-up
 
     @property
     def watching(self) -> int:
@@ -309,10 +310,12 @@ class ProbeLoop:
         while True:
             self.wakeups += 1
             now = anyio.current_time()
+            answered = False
             for fd, _ in epoll.poll(0):
                 watch = self._by_fd.get(fd)
                 if watch is not None:
                     self._progress(watch, now)
+                    answered = True
                 elif fd == self._kick:
                     try:
                         os.eventfd_read(fd)
@@ -326,9 +329,10 @@ class ProbeLoop:
             delay = self._next_timer() - now
             self._wake_at = now + delay
             try:
-                if sent and delay > GATHER:
-                    # Requests just went out: their answers come within a moment, and one
-                    # wake-up after it reads them all (instead of one wake-up per answer).
+                if (sent or (answered and self._by_fd)) and delay > GATHER:
+                    # Requests just went out, or answers are coming in: the rest come within a
+                    # moment, and one wake-up after it reads them all (not one wake-up per answer).
+                    # A pause that brought nothing ends it: a silent server is not polled.
                     self._wake_at = now + GATHER
                     await anyio.sleep(GATHER)
                 elif delay == math.inf:
@@ -351,7 +355,8 @@ class ProbeLoop:
         return math.inf
 
     def _run_timers(self, now: float) -> bool:
-        """Start the due probes and cut the late ones; whether a probe now waits for its socket."""
+        """Start the due probes and cut the late ones; whether one of them now waits for an answer."""
+        self._sent = 0
         heap = self._heap
         while heap:
             when, _, watch, token, deadline = heap[0]
@@ -366,7 +371,9 @@ class ProbeLoop:
                 self._decide(watch, now, False, f"{watch.kind} probe timed out after {watch.timeout:g}s")
             else:
                 self._start(watch, now)
-        return bool(self._by_fd)
+        # Only fresh requests are worth a pause: a probe stuck on a silent server must not turn
+        # the gathering into polling.
+        return self._sent > 0
 
     def _start(self, watch: _Watch, now: float) -> None:
         """Begin one probe: a non-blocking connect (after a resolution, for a host name)."""
@@ -437,6 +444,7 @@ class ProbeLoop:
             self._decide(watch, now, False, watch.failure(exc))
             return
         self._by_fd[sock.fileno()] = watch
+        self._sent += 1
 
     def _send(self, watch: _Watch) -> None:
         assert watch.sock is not None
