@@ -2,7 +2,9 @@
 
 A probe is one bounded attempt (``probe_once``); the loops around it
 (``until_ready``, ``until_failed``) run in the instance's task group, one task
-per check and no thread: exec probes spawn through ``process.spawn`` (a pidfd,
+per check and no thread. tcp checks and status-only http checks do not come
+here for their rounds: probe_loop.py runs those of all instances in one loop,
+with the status parser and the messages of this module. Exec probes spawn through ``process.spawn`` (a pidfd,
 as every child of the service); http and tcp connect a non-blocking socket in
 the event loop (h11 reads an http answer; https goes through httpx). The log probe reads the instance's
 own log sink (no second pipe), and ``NotifySocket`` is one datagram socket per
