@@ -312,8 +312,36 @@ async def test_checks_due_together_share_wake_ups(tmp_path: Path) -> None:
                     owners.start_soon(loop.watch, check, owner(number))
         assert results == {number: 5 for number in range(40)}
         # 200 probes, each of which would be a timer, a connect and an answer to wake up for on
-        # its own: the rounds share their wake-ups (a timer, and one read of all answers).
-        assert loop.wakeups < 100, loop.wakeups
+        # its own: the rounds share their wake-ups (a timer, and one read of the answers).
+        assert loop.wakeups < 150, loop.wakeups  # alone, each probe would be two or three
+        tg.cancel_scope.cancel()
+
+
+async def test_schedules_started_apart_merge(tmp_path: Path) -> None:
+    """A check started a moment after another is probed in the same wake-ups from its second round."""
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(_serve, _answering(b""), "127.0.0.1")
+        check = _check(tmp_path, "alive", {"tcp": f"127.0.0.1:{port}", "interval": "500ms"})
+        loop = shared()
+        seen: dict[str, list[int]] = {"a": [], "b": []}
+        a_began = anyio.Event()
+
+        def owner(name: str) -> Callable[[bool, str], bool]:
+            def outcome(ok: bool, message: str) -> bool:
+                assert ok, message
+                seen[name].append(loop.wakeups)  # the wake-up that decided this probe
+                a_began.set()
+                return len(seen[name]) >= 3
+
+            return outcome
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as owners:
+                owners.start_soon(loop.watch, check, owner("a"))
+                await a_began.wait()
+                owners.start_soon(loop.watch, check, owner("b"))
+        assert seen["a"][0] != seen["b"][0]  # the first round: apart
+        assert seen["a"][1:] == seen["b"][1:], seen  # then: the same wake-ups
         tg.cancel_scope.cancel()
 
 
