@@ -399,7 +399,7 @@ class ProbeLoop:
             return  # timed out meanwhile, or its owner left
         try:
             found = future.result()
-        except OSError as exc:
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a name IDNA cannot encode
             self._decide(watch, now, False, watch.failure(exc))
             return
         if not found:
