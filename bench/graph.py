@@ -15,7 +15,13 @@
    service's CPU over 30 s, in percent of one core, against the same 100 instances
    with no check (the idle floor) in the same run. Target: ≤ 2 % of one core.
 
+`--only probes` runs the third part alone. `--baseline DIR` runs the probing part also for
+an older tree of ours (DIR holds its `supervisor` package, e.g. `git archive main supervisor |
+tar -x -C DIR`), with this venv's interpreter and packages, the two services taking turns
+(`--rounds` each): before and after side by side, in the same run, on the same machine load.
+
 Usage: python bench/graph.py [--levels 10] [--width 10] [--delay 0.1] [--probe-seconds 30]
+                             [--only graph|probes] [--baseline DIR] [--rounds 2] [--probe tcp|http]
 """
 
 from __future__ import annotations
@@ -49,10 +55,22 @@ def build_program(folder: Path) -> Path:
     return binary
 
 
-def start(path: Path) -> tuple[subprocess.Popen[bytes], Client, float]:
+# An older tree's CLI, with this venv's packages (as bench/memory.py runs it).
+BOOT = (
+    "import sys; tree = sys.argv.pop(1); sys.path.insert(0, tree); "
+    "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(f).lower()]; "
+    "from supervisor.cli import main; sys.exit(main())"
+)
+
+
+def command(baseline: Path | None) -> list[str]:
+    return [str(SUPERVISOR)] if baseline is None else [sys.executable, "-c", BOOT, str(baseline)]
+
+
+def start(path: Path, baseline: Path | None = None) -> tuple[subprocess.Popen[bytes], Client, float]:
     began = time.time()
     service = subprocess.Popen(
-        [str(SUPERVISOR), "run", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*command(baseline), "run", "-f", str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     client = Client(path.parent / ".supervisor" / "control.sock", timeout=60)
     deadline = time.monotonic() + 60
@@ -116,36 +134,59 @@ def critical_path(levels: int, width: int, delay: float) -> dict[str, float]:
     }
 
 
-def probing_cpu(instances: int, seconds: float, port: int) -> tuple[float, float]:
-    results = []
-    for alive in (False, True):
-        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
-            check = f"alive: {{http: 'http://127.0.0.1:{port}/', interval: 1s}}" if alive else ""
-            path = Path(tmp) / "supervisor.yaml"
-            path.write_text(
-                textwrap.dedent(
-                    f"""
-                    version: 1
-                    instances:
-                      idle:
-                        command: [sleep, "3600"]
-                        replicas: {instances}
-                        restart: {{min_uptime: 0}}
-                        {check}
-                    """
-                )
+def probing_cpu(instances: int, seconds: float, check: str | None, baseline: Path | None = None) -> float:
+    """The service's CPU in percent of one core over ``seconds``, ``instances`` each with ``check``."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        alive = f"alive: {{{check}, interval: 1s}}" if check else ""
+        path = Path(tmp) / "supervisor.yaml"
+        path.write_text(
+            textwrap.dedent(
+                f"""
+                version: 1
+                instances:
+                  idle:
+                    command: [sleep, "3600"]
+                    replicas: {instances}
+                    restart: {{min_uptime: 0}}
+                    {alive}
+                """
             )
-            service, client, _ = start(path)
-            try:
-                client.wait(["idle"], "running", timeout=60)
-                time.sleep(2)  # the first probes, and the start's own work, settle
-                before = cpu_ticks(service.pid)
-                time.sleep(seconds)
-                used = (cpu_ticks(service.pid) - before) / TICKS
-            finally:
-                stop(service)
-        results.append(100 * used / seconds)
-    return results[0], results[1]
+        )
+        service, client, _ = start(path, baseline)
+        try:
+            client.wait(["idle"], "running", timeout=60)
+            time.sleep(2)  # the first probes, and the start's own work, settle
+            before = cpu_ticks(service.pid)
+            time.sleep(seconds)
+            used = (cpu_ticks(service.pid) - before) / TICKS
+        finally:
+            stop(service)
+    return 100 * used / seconds
+
+
+def probes_side_by_side(args: argparse.Namespace, port: int) -> None:
+    """Idle floor, then before (``--baseline``) and after taking turns: the same load for both."""
+    check = f"http: 'http://127.0.0.1:{port}/'" if args.probe == "http" else f"tcp: '127.0.0.1:{port}'"
+    n, seconds = args.probe_instances, args.probe_seconds
+    idle = probing_cpu(n, seconds, None)
+    trees: dict[str, Path | None] = {"after": None}
+    if args.baseline is not None:
+        trees = {"before": args.baseline.resolve(), **trees}
+    figures: dict[str, list[float]] = {name: [] for name in trees}
+    for _ in range(args.rounds):
+        for name, tree in trees.items():
+            figures[name].append(probing_cpu(n, seconds, check, tree))
+    print(f"{n} instances, {args.probe} liveness every 1 s, {seconds:g} s a round, {args.rounds} rounds:")
+    print(f"  no checks: {idle:.2f} % of a core")
+    for name, values in figures.items():
+        mid = statistics.median(values)
+        per_probe = mid / 100 / n * 1e6  # CPU seconds per second over probes per second, in µs
+        rounds = ", ".join(f"{v:.2f}" for v in values)
+        print(f"  {name}: {mid:.2f} % of a core (rounds: {rounds}), {per_probe:.0f} µs of CPU a probe")
+    if "before" in figures:
+        ratio = statistics.median(figures["after"]) / statistics.median(figures["before"])
+        print(f"  after / before: {ratio:.2f}")
+    print("  target <= 2 %")
 
 
 def cpu_ticks(pid: int) -> int:
@@ -167,6 +208,19 @@ class _Health(http.server.BaseHTTPRequestHandler):
         pass
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    """One server standing in for a hundred: a listen backlog for all of them.
+
+    The default backlog, 5, drops connects when probes come together (a dropped SYN
+    is retried after 1 s); a probe cut by the service's stop is not worth a traceback.
+    """
+
+    request_queue_size = 1024
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--levels", type=int, default=10)
@@ -174,29 +228,33 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.1)
     parser.add_argument("--probe-instances", type=int, default=100)
     parser.add_argument("--probe-seconds", type=float, default=30)
+    parser.add_argument("--probe", choices=["http", "tcp"], default="http")
+    parser.add_argument("--only", choices=["graph", "probes"])
+    parser.add_argument("--baseline", type=Path, help="an older tree of ours to compare the probing with")
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     print(
         f"machine: {os.cpu_count()} cpus, {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}, {platform.system()} {platform.release()}"
+        f"Python {platform.python_version()}, {platform.system()} {platform.release()}, "
+        f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
-    figures = critical_path(args.levels, args.width, args.delay)
-    path = args.levels * args.delay
-    delay_ms = args.delay * 1e3
-    print(f"graph: {args.levels} levels x {args.width}, ready by sd_notify {delay_ms:.0f} ms after start")
-    print(f"  all ready after {figures['total']:.2f} s")
-    print(f"  critical path {path:.2f} s: ratio {figures['total'] / path:.2f} (target <= 1.3)")
-    print(
-        f"  READY=1 -> ready event: median {figures['median_ms']:.2f} ms, p99 {figures['p99_ms']:.2f} ms"
-        " (target: median <= 5 ms)"
-    )
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    idle, probed = probing_cpu(args.probe_instances, args.probe_seconds, server.server_address[1])
-    print(
-        f"{args.probe_instances} instances, http liveness every 1 s: service CPU {probed:.2f} % of a core"
-        f" (no checks: {idle:.2f} %); target <= 2 %"
-    )
-    server.shutdown()
+    if args.only != "probes":
+        figures = critical_path(args.levels, args.width, args.delay)
+        path = args.levels * args.delay
+        delay_ms = args.delay * 1e3
+        print(f"graph: {args.levels} levels x {args.width}, ready by sd_notify {delay_ms:.0f} ms after start")
+        print(f"  all ready after {figures['total']:.2f} s")
+        print(f"  critical path {path:.2f} s: ratio {figures['total'] / path:.2f} (target <= 1.3)")
+        print(
+            f"  READY=1 -> ready event: median {figures['median_ms']:.2f} ms,"
+            f" p99 {figures['p99_ms']:.2f} ms (target: median <= 5 ms)"
+        )
+    if args.only != "graph":
+        server = _Server(("127.0.0.1", 0), _Health)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        probes_side_by_side(args, server.server_address[1])
+        server.shutdown()
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -23,14 +23,13 @@ import anyio.to_thread
 from .config import InstanceConfig
 from .events import EventBus, Update
 from .logs import LogSink
+from .probe_loop import until_failed, until_ready
 from .probes import (
     ExecContext,
     NotifyMessage,
     NotifySocket,
     ProbeFailed,
-    until_failed,
     until_log_line,
-    until_ready,
 )
 from .process import Child
 from .resources import ResourceSampler

@@ -2,7 +2,9 @@
 
 A probe is one bounded attempt (``probe_once``); the loops around it
 (``until_ready``, ``until_failed``) run in the instance's task group, one task
-per check and no thread: exec probes spawn through ``process.spawn`` (a pidfd,
+per check and no thread. tcp checks and status-only http checks do not come
+here for their rounds: probe_loop.py runs those of all instances in one loop,
+with the status parser and the messages of this module. Exec probes spawn through ``process.spawn`` (a pidfd,
 as every child of the service); http and tcp connect a non-blocking socket in
 the event loop (h11 reads an http answer; https goes through httpx). The log probe reads the instance's
 own log sink (no second pipe), and ``NotifySocket`` is one datagram socket per
@@ -224,11 +226,20 @@ async def _http(url: str, expect: list[int] | None, body: str | None, timeout: f
             raise ProbeFailed(f"GET {url}: {_reason(exc)}") from None
         except (h11.ProtocolError, _NotHttp) as exc:
             raise ProbeFailed(f"GET {url}: not an HTTP answer ({exc})") from None
-    if (status not in expect) if expect else not 200 <= status < 400:
+    if body is not None and body not in text and _status_passes(status, expect):
+        raise ProbeFailed(f"GET {url}: status {status}, but the body lacks {body!r}")
+    return _judge_status(url, status, expect)
+
+
+def _status_passes(status: int, expect: list[int] | None) -> bool:
+    return status in expect if expect else 200 <= status < 400
+
+
+def _judge_status(url: str, status: int, expect: list[int] | None) -> str:
+    """What a status says (shared with the probe loop, which reads status-only answers itself)."""
+    if not _status_passes(status, expect):
         wanted = ", ".join(map(str, expect)) if expect else "2xx or 3xx"
         raise ProbeFailed(f"GET {url}: status {status}, expected {wanted}")
-    if body is not None and body not in text:
-        raise ProbeFailed(f"GET {url}: status {status}, but the body lacks {body!r}")
     return f"GET {url}: status {status}"
 
 
@@ -350,12 +361,16 @@ async def _open(host: str, port: int) -> socket.socket:
     A refused or failed connect shows at the first ``send``, with the same error.
     """
     try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-        address: tuple[Any, ...] = (host, port)
+        version = ipaddress.ip_address(host).version
     except ValueError:
+        version = None
+    address: tuple[Any, ...] = (host, port)
+    if version is not None:
+        family = socket.AF_INET6 if version == 6 else socket.AF_INET
+    else:  # a name (outside the except: its errors are not "not an IP address")
         found = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         if not found:
-            raise OSError(errno.EHOSTUNREACH, f"{host} has no address") from None
+            raise OSError(errno.EHOSTUNREACH, f"{host} has no address")
         family, _, _, _, address = found[0]
     sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
@@ -407,6 +422,8 @@ def _reason(exc: BaseException) -> str:
         if inner is None:
             break
         cause = inner
+    if isinstance(cause, socket.gaierror) and cause.strerror:  # the resolver's errno is not errno's
+        return cause.strerror.lower()
     if isinstance(cause, OSError) and cause.errno:
         return os.strerror(cause.errno).lower()  # asyncio's own text names the address again
     return str(cause) or str(exc) or type(exc).__name__
