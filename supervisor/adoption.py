@@ -12,7 +12,6 @@ beyond the record it was adopted from.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import asdict
@@ -28,7 +27,7 @@ from .process import Child, ExitStatus
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from anyio.abc import TaskGroup, TaskStatus
+    from anyio.abc import TaskStatus
 
     from .cgroups import InstanceCgroup
     from .config import InstanceConfig
@@ -55,7 +54,6 @@ class Adoption:
         _sinks: dict[str, LogSink]
         _health: Health
         _lock: anyio.Lock
-        _tg: TaskGroup | None
         _next_try: float | None
         _kill_at: float | None
         _trouble: str | None
@@ -155,15 +153,19 @@ class Adoption:
         if child is not None:
             child.cgroup = self._cgroup
 
-    async def _resume(self, record: dict[str, Any]) -> None:
-        """Go on with what the adopted instance was doing (inside ``run()``, before it is started)."""
+    async def _resume(self, record: dict[str, Any], task_status: TaskStatus[None]) -> None:
+        """Go on with what the adopted instance was doing, in ``run()``'s own task.
+
+        ``task_status.started()`` once it is under way (a stop holds the lock by then).
+        """
         self._adopted = None
         state = self._state
-        assert self._tg is not None
         if state is State.STOPPING:
-            await self._tg.start(self._finish_stop, record)
+            await self._finish_stop(record, task_status=task_status)
         elif state in (State.STARTING, State.RUNNING, State.BACKOFF, State.WAITING):
-            await self._tg.start(functools.partial(self._supervise, resume=record))
+            await self._supervise(task_status=task_status, resume=record)
+        else:
+            task_status.started()
 
     async def _resume_run(self, record: dict[str, Any]) -> Retry | None:
         """The adopted part of the supervise loop. Returns why to back off, None when done, or

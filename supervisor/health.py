@@ -176,21 +176,11 @@ class Health:
         (if any) passed; ``on_running`` is called then, and liveness takes over.
         ``resumed``: a run adopted after a re-exec, with what ``adopt`` restored; what
         it had passed already is not asked again (a notify program says READY=1 once).
+        Call ``begin_run`` first.
         """
         config = self._config
-        if resumed is None:
-            if config.ready is not None:
-                self.ready = False
-            for kind in ("ready", "alive", "watchdog", "memory"):  # each run's first outcome is news
-                self._outcomes.pop(kind, None)
-            self._watchdog_trigger = False
-            self._main_pid = None
-            if self._notify is not None:
-                self._fresh_notify_events()
         limits = config.limits
-        memory = limits.memory
-        if memory is None and not self.kernel_memory_max:  # memory_max's fallback: a restart on RSS
-            memory = limits.memory_max
+        memory = self._memory_limit()
         if memory is None and self._notify is None:
             # No watcher beside the run (most instances): no task group, and once up without a
             # liveness check, this task ends; what it held goes with it.
@@ -204,6 +194,38 @@ class Health:
                 if config.watchdog is not None:
                     tg.start_soon(self._watch_dog, config.watchdog, kill)
             await self._up_then_alive(followers, context, on_running, kill, resumed)
+
+    def begin_run(self, resumed: Resumed | None) -> float | None:
+        """A run begins (or goes on after a re-exec): the last run's outcomes are forgotten.
+
+        Returns in how many seconds the run counts as up when only ``min_uptime`` is to
+        wait for (no readiness check left, no liveness check, no memory limit, no
+        notify socket): the instance waits for that in its own task, with no
+        ``watch_run`` beside it. None when ``watch_run`` must watch the run.
+        """
+        config = self._config
+        if resumed is None:
+            if config.ready is not None:
+                self.ready = False
+            for kind in ("ready", "alive", "watchdog", "memory"):  # each run's first outcome is news
+                self._outcomes.pop(kind, None)
+            self._watchdog_trigger = False
+            self._main_pid = None
+            if self._notify is not None:
+                self._fresh_notify_events()
+        if self._notify is not None or config.alive is not None or self._memory_limit() is not None:
+            return None
+        if config.ready is not None and not self.ready:
+            return None
+        uptime = 0.0 if resumed is None else resumed.uptime
+        return max(0.0, config.restart.min_uptime - uptime)
+
+    def _memory_limit(self) -> int | None:
+        limits = self._config.limits
+        memory = limits.memory
+        if memory is None and not self.kernel_memory_max:  # memory_max's fallback: a restart on RSS
+            memory = limits.memory_max
+        return memory
 
     def _fresh_notify_events(self) -> None:
         self._notified_ready = anyio.Event()
