@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .health import Health, LogSubscription
     from .instance import InstanceContext, Retry
     from .logs import LogSink
+    from .rendezvous import RequestLock
     from .stdio import LogPipe
 
 log = logging.getLogger("supervisor.instance")
@@ -53,7 +54,7 @@ class Adoption:
         _pipes: dict[str, LogPipe]
         _sinks: dict[str, LogSink]
         _health: Health
-        _lock: anyio.Lock
+        _lock: RequestLock
         _next_try: float | None
         _kill_at: float | None
         _trouble: str | None

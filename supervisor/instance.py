@@ -34,6 +34,7 @@ from .health import Health, LogSubscription, Resumed
 from .logs import LogFileError, LogSink
 from .process import Child, ExitStatus, SpawnError
 from .reactor import PipeReactor
+from .rendezvous import Announcement, RequestLock
 from .run_setup import RunSetup
 from .stdio import LogPipe, StdioError
 from .stopping import Stopping
@@ -137,7 +138,7 @@ class Instance(RunSetup, Stopping, Adoption):
         self._reason: str | None = None
         self._restarts = 0
         self._failures = 0  # failed starts in a row: the backoff exponent and the give-up count
-        self._lock = anyio.Lock()
+        self._lock = RequestLock()
         # Made by the first waiter after a transition (most instances have none): see wait_until.
         self._changed: anyio.Event | None = None
         self._closing = False  # close() began: no start any more
@@ -523,8 +524,9 @@ class Instance(RunSetup, Stopping, Adoption):
                     tg.cancel_scope.cancel()
             else:  # min_uptime alone (most instances): waited for here, no task beside
                 if not running:
-                    with anyio.move_on_after(up_in):
-                        await child.wait()
+                    if up_in > 0:
+                        with anyio.move_on_after(up_in):
+                            await child.wait()
                     if child.exit is None:
                         on_running()
                 await child.wait()
@@ -574,26 +576,6 @@ class Instance(RunSetup, Stopping, Adoption):
 
     def _count_restart(self) -> None:
         self._restarts += 1
-
-class Announcement:
-    """The ``task_status`` of a loop ``start()`` handed to ``run()``: the Event only if it must wait."""
-
-    __slots__ = ("_done", "_event")
-
-    def __init__(self) -> None:
-        self._done = False
-        self._event: anyio.Event | None = None
-
-    def started(self, value: None = None) -> None:
-        self._done = True
-        if self._event is not None:
-            self._event.set()
-
-    async def wait(self) -> None:
-        if not self._done:
-            self._event = anyio.Event()
-            await self._event.wait()
-
 
 @dataclass(frozen=True, slots=True)
 class Retry:

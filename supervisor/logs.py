@@ -146,6 +146,13 @@ class LogSink:
     when a streak of losses starts and when it ends (it must be quick, and not raise).
     """
 
+    # Two per instance: no __dict__ each.
+    __slots__ = (
+        "_at_line_start", "_carry", "_carry_size", "_closed", "_file", "_follower_bytes", "_followers",
+        "_initial_pipe_size", "_on_loss_change", "_pipe_size", "_reactor", "_read_fd", "_tail",
+        "_tail_bytes", "_tail_in_file", "_timestamps", "reads",
+    )
+
     def __init__(
         self,
         read_fd: int,
@@ -163,7 +170,8 @@ class LogSink:
             self._pipe_size = self._initial_pipe_size = fcntl.fcntl(read_fd, _F_GETPIPE_SZ)
         except OSError:  # not a pipe (a test's file, say): nothing to grow
             self._pipe_size = self._initial_pipe_size = _BIG_PIPE
-        hook = None if on_loss_change is None else lambda: on_loss_change(self)
+        self._on_loss_change = on_loss_change
+        hook = None if on_loss_change is None else self._loss_changed
         self._file = RotatingFile(Path(path), max_bytes, backups, on_change=hook)
         self._timestamps = timestamps
         self._tail = Tail(tail_bytes)
@@ -182,6 +190,10 @@ class LogSink:
         #: os.read calls that returned data or EOF: lets tests and benchmarks see the
         #: reactor leave the pipe alone at EOF instead of spinning.
         self.reads = 0
+
+    def _loss_changed(self) -> None:
+        assert self._on_loss_change is not None
+        self._on_loss_change(self)
 
     @property
     def path(self) -> Path:
