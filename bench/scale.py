@@ -23,8 +23,13 @@ docs/performance.md). supervisord is pip-installed into a venv of its own by
 it still keeps its stdio pipes per process, so it runs out of descriptors sooner
 (``minfds`` is set to the hard limit): a size it cannot start is reported as such.
 
+``--baseline DIR`` also runs ours from an older tree (DIR holds its ``supervisor`` package,
+e.g. ``git archive main supervisor | tar -x -C DIR``) with this venv's interpreter and packages,
+right before ours at each size: before and after side by side, in one run.
+
 Usage: python bench/scale.py [--sizes 1000,5000,10000] [--idle 30] [--runs 10]
        [--streams null|merged|log] [--only ours|supervisord] [--supervisord-venv DIR]
+       [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -160,12 +165,15 @@ def our_manifest(folder: Path, size: int, marker: str, streams: str, one: str) -
     return path
 
 
-def ours(size: int, args: argparse.Namespace, folder: Path, marker: str) -> Row:
+def ours(size: int, args: argparse.Namespace, folder: Path, marker: str, tree: Path | None = None) -> Row:
+    """``tree``: a folder holding an older ``supervisor`` package to run instead (``--baseline``)."""
     row = Row(size)
     folder.mkdir()
     manifest = our_manifest(folder, size, marker, args.streams, f"{marker}1")
     sock = folder / ".supervisor" / "control.sock"
     env = environment()
+    if tree is not None:
+        env["PYTHONPATH"] = str(tree)
     log = (folder / "service.log").open("wb")
     started = time.perf_counter()
     proc = subprocess.Popen([str(OURS), "run", "-f", str(manifest)], stdout=log, stderr=log, env=env)
@@ -357,10 +365,12 @@ def main() -> int:
     parser.add_argument("--streams", choices=["null", "merged", "log"], default="null")
     parser.add_argument("--only", choices=["ours", "supervisord"])
     parser.add_argument("--supervisord-venv", type=Path, help="reuse a venv that has supervisord installed")
+    parser.add_argument("--baseline", type=Path, help="an older tree of ours, run before ours at each size")
     args = parser.parse_args()
     sizes = [int(size) for size in args.sizes.split(",")]
     folder = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     ours_rows: list[Row] = []
+    before_rows: list[Row] = []
     theirs_rows: list[Row] = []
     venv = None
     if args.only != "ours":
@@ -372,6 +382,10 @@ def main() -> int:
     try:
         for size in sizes:
             marker = f"{31_000_000 + size}.{os.getpid()}"
+            if args.only != "supervisord" and args.baseline is not None:
+                row = ours(size, args, folder / f"before-{size}", marker + "9", args.baseline)
+                before_rows.append(row)
+                print(f"before {size}: {row}", file=sys.stderr)
             if args.only != "supervisord":
                 row = ours(size, args, folder / f"ours-{size}", marker)
                 ours_rows.append(row)
@@ -385,6 +399,8 @@ def main() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     print(machine())
     print(f"RLIMIT_NOFILE {soft}:{hard}; load average {os.getloadavg()[0]:.1f}; streams: {args.streams}")
+    if before_rows:
+        report(f"supervisor (procward), before: {args.baseline}", before_rows, args.idle)
     if ours_rows:
         report("supervisor (procward)", ours_rows, args.idle)
     if theirs_rows:

@@ -459,9 +459,13 @@ def delegated_cgroup(*, guardian_log: logging.Logger) -> Path | None:
         unavailable(f"{own} is not writable")
         return None
     for stale in own.glob("procward-*"):
+        if _service_lives(stale.name):
+            # Another service's, running beside this one: its instances' cgroups are its own (an
+            # empty one is a stopped instance's, not a leftover), and walking thousands of them
+            # cost a cold start 180 ms.
+            continue
         # From the bottom up: a service's own leaf and instance cgroups inside (cgroups.py). An
-        # rmdir fails, as it should, where processes are left; a live service makes an instance's
-        # cgroup again at its next start.
+        # rmdir fails, as it should, where processes are left.
         for folder, _, _ in os.walk(stale, topdown=False):
             with contextlib.suppress(OSError):
                 os.rmdir(folder)
@@ -476,6 +480,12 @@ def delegated_cgroup(*, guardian_log: logging.Logger) -> Path | None:
         unavailable("no cgroup.kill: Linux before 5.14")
         return None
     return path
+
+
+def _service_lives(name: str) -> bool:
+    """Whether ``procward-PID`` names a process that is alive (a reused pid keeps a leftover: harmless)."""
+    pid = name.removeprefix("procward-")
+    return pid.isdigit() and os.path.exists(f"/proc/{pid}")
 
 
 def _own_cgroup() -> Path | None:

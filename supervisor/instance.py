@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import anyio
@@ -65,9 +66,17 @@ class InvalidRequest(Exception):
         super().__init__(f"{instance}: {message}")
 
 
-@dataclass(frozen=True, slots=True)
+_NO_FILES: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(slots=True)
 class InstanceStatus:
-    """A snapshot of one instance, as `supervisor status` shows it."""
+    """A snapshot of one instance, as `supervisor status` shows it.
+
+    Not ``frozen``: a frozen dataclass sets each of its 19 fields through
+    ``object.__setattr__``, 3.6 µs a snapshot against 0.25; a status of 10,000
+    instances makes 10,000 of them. Nobody changes one after it is made.
+    """
 
     name: str
     group: str
@@ -151,6 +160,7 @@ class Instance(RunSetup, Stopping, Adoption):
         self._pipes: dict[str, LogPipe] = {}
         self._sinks: dict[str, LogSink] = {}
         self._targets = {"stdin": "", "stdout": "", "stderr": ""}
+        self._described: tuple[str, str, str] | None = None  # the config's streams, for status
         self._health = Health(name, group, config, context.bus)
         self._trouble: str | None = None  # why a check stopped the current run
         # For the handoff (re-exec): when the pause in backoff ends, when a SIGKILL is due
@@ -218,31 +228,57 @@ class Instance(RunSetup, Stopping, Adoption):
     def log_settings(self) -> LogSettings:
         return self.config.logs.resolved(self._context.settings.logs)
 
-    def status(self) -> InstanceStatus:
+    def status(self, now: float | None = None) -> InstanceStatus:
+        """``now``: ``time.time()``, read once by a caller that asks thousands of instances.
+
+        Built positionally, with the stream descriptions made once: a status of 10,000
+        instances calls this 10,000 times, and each keyword or f-string shows up there.
+        """
         child = self._child
-        alive = child is not None and child.exit is None
-        started = child.started_at if child is not None and alive else None
+        if child is not None and child.exit is None:
+            pid: int | None = child.pid
+            started: float | None = child.started_at
+            uptime = max(0.0, (time.time() if now is None else now) - child.started_at)
+        else:
+            pid = started = uptime = None
         last = self._last_exit
+        health = self._health
+        sinks = self._sinks
+        if sinks:
+            lost = sum(sink.bytes_lost for sink in sinks.values())
+            error = next((e for sink in sinks.values() if (e := sink.write_error)), None)
+            files: Mapping[str, str] = {stream: str(sink.path) for stream, sink in sinks.items()}
+        else:
+            lost, error, files = 0, None, _NO_FILES
+        targets = self._targets
+        described = self._described
+        if described is None:
+            config = self.config
+            described = self._described = (
+                _describe(config.stdin),
+                _describe(config.stdout),
+                _describe(config.stderr),
+            )
         return InstanceStatus(
-            name=self.name,
-            group=self.group,
-            state=self._state,
-            pid=child.pid if alive and child is not None else None,
-            started_at=started,
-            uptime_s=None if started is None else max(0.0, time.time() - started),
-            restarts=self._restarts,
-            exit_code=last.code if last else None,
-            exit_signal=last.signal if last else None,
-            reason=self._reason,
-            ready=self._health.ready,
-            last_check=self._health.last_check,
-            status_text=self._health.status_text,
-            log_bytes_lost=sum(sink.bytes_lost for sink in self._sinks.values()),
-            log_error=next((e for sink in self._sinks.values() if (e := sink.write_error)), None),
-            stdin=self._targets["stdin"] or _describe(self.config.stdin),
-            stdout=self._targets["stdout"] or _describe(self.config.stdout),
-            stderr=self._targets["stderr"] or _describe(self.config.stderr),
-            log_files={stream: str(sink.path) for stream, sink in self._sinks.items()},
+            self.name,
+            self.group,
+            self._state,
+            pid,
+            started,
+            uptime,
+            self._restarts,
+            None if last is None else last.code,
+            None if last is None else last.signal,
+            self._reason,
+            health.ready,
+            health.last_check,
+            health.status_text,
+            lost,
+            error,
+            targets["stdin"] or described[0],
+            targets["stdout"] or described[1],
+            targets["stderr"] or described[2],
+            files,
         )
 
     # -- lifetime --------------------------------------------------------------------------

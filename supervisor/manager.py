@@ -453,7 +453,8 @@ class Manager:
         return list(chosen.values())
 
     def status(self, patterns: Sequence[str] = ()) -> list[InstanceStatus]:
-        return [instance.status() for instance in self.select(patterns)]
+        now = time.time()
+        return [instance.status(now) for instance in self.select(patterns)]
 
     # -- shutdown ----------------------------------------------------------------------------
 

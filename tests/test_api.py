@@ -453,3 +453,30 @@ async def test_serve_control_in_process_keeps_a_quiet_event_stream_alive(tmp_pat
     assert seen.startswith(b"HTTP/1.1 200")
     assert b"text/event-stream" in seen and b": subscribed\n\n" in seen
     assert not manifest.control_socket.exists()
+
+
+def test_the_status_body_is_the_wire_statuses_and_survives_a_name_that_is_not_utf8() -> None:
+    """The list's body is encoded by orjson; a lone surrogate (a non-UTF-8 file name, decoded
+    with surrogateescape) makes orjson refuse, and the standard encoder escapes it instead."""
+    from supervisor.api.models import wire_status, wire_statuses
+    from supervisor.events import State
+    from supervisor.instance import InstanceStatus
+    from supervisor.resources import GroupFigures
+
+    def snapshot(name: str, pid: int | None, reason: str | None) -> InstanceStatus:
+        return InstanceStatus(
+            name, "g", State.RUNNING if pid else State.EXITED, pid, 1.5 if pid else None,
+            2.25 if pid else None, 3, None if pid else 1, None if pid else 9, reason, None, None,
+            None, 0, None, "null", "log", "log", {"stdout": "/tmp/x.out.log"},
+        )
+
+    figures = {41: GroupFigures(1.5, 2.0, 4096, 3, 1, 1)}
+    plain = [snapshot("a", 41, None), snapshot("b", None, "exited with code 1")]
+    body = wire_statuses(plain, figures)
+    assert json.loads(body) == [wire_status(plain[0], figures[41]), wire_status(plain[1])]
+    assert TypeAdapter(list[Status]).validate_json(body)[0].rss_bytes == 4096
+    assert json.loads(body)[1]["exit_signal"] == "SIGKILL"
+
+    odd = [snapshot("c", None, "cannot open /tmp/\udcff.log")]
+    decoded = json.loads(wire_statuses(odd))
+    assert decoded[0]["reason"] == "cannot open /tmp/\udcff.log"

@@ -10,7 +10,9 @@ for anything with the marker. No sleeps: every wait is on a pidfd or a bounded
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import random
 import select
@@ -320,3 +322,31 @@ def test_guardian_program_ignores_garbage_and_kills_the_group() -> None:
     wait_pid(pids["guardian"])  # survived its own pid written to it, and ended on its own
     wait_pid(pids["victim"])
     assert "SIGKILLed 1 of the 1 process groups it knew" in done.stderr
+
+
+def test_a_starting_service_clears_dead_services_cgroups_and_leaves_live_ones_alone() -> None:
+    """An empty cgroup under a live service's ``procward-PID`` is a stopped instance's, not a
+    leftover: a second service on the machine must neither remove it nor walk it at its start."""
+    own = guardian._own_cgroup()
+    if own is None or not os.access(own, os.W_OK):
+        pytest.skip("no writable cgroup v2 here")
+    alive = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    live_folder, dead_folder = own / f"procward-{alive.pid}", own / f"procward-{dead.pid}"
+    made = None
+    try:
+        (live_folder / "web.instance").mkdir(parents=True)
+        (dead_folder / "web.instance").mkdir(parents=True)
+        made = guardian.delegated_cgroup(guardian_log=logging.getLogger("test"))
+        assert made == own / f"procward-{os.getpid()}"
+        assert (live_folder / "web.instance").is_dir()
+        assert not dead_folder.exists()
+    finally:
+        alive.kill()
+        alive.wait()
+        for folder in (live_folder / "web.instance", live_folder, dead_folder / "web.instance", dead_folder):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if made is not None:
+            made.rmdir()

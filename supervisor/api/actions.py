@@ -13,12 +13,14 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
-from fastapi.responses import JSONResponse, Response
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from ..events import State
 from ..graph import first_of
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager
+from .inputs import body as read_body
 from .models import ActionRequest
 
 __all__ = ["Actions", "action_response", "refusal", "result", "run_all"]
@@ -56,8 +58,9 @@ class Actions:
         self.background = background
         self.closing = closing
 
-    def endpoint(self, verb: str) -> Callable[[ActionRequest], Awaitable[Response]]:
-        async def endpoint(body: ActionRequest) -> Response:
+    def endpoint(self, verb: str) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            body = await read_body(request, ActionRequest)
             instances = self.manager.select(body.patterns)
             results: dict[str, dict[str, Any]] = {}
             selected = {instance.name for instance in instances}

@@ -1,19 +1,27 @@
-"""The API's routes over a manager: a FastAPI app, so the OpenAPI document is the models' own."""
+"""The API's routes over a manager: a starlette app; each route declares what the OpenAPI document says of it.
+
+Bodies and query parameters are validated by the wire models (``inputs``); the
+document is built from the same declarations (``openapi``), on first request.
+FastAPI did both until #13: it cost about 7 MiB and 40 % of the control plane's
+start-up for four small bodies and two query strings (docs/performance.md).
+"""
 
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
-from typing import Annotated, Any, Literal, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
-from fastapi import FastAPI, Query
-from fastapi.responses import JSONResponse, Response
+from starlette.applications import Starlette
 from starlette.background import BackgroundTask
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from ..config import Manifest
@@ -22,13 +30,18 @@ from ..instance import Instance, InvalidRequest
 from ..manager import Manager, ReloadReport, UnknownInstance
 from ..pidns import service_pid
 from .actions import Actions, action_response, refusal, result, run_all
-from .errors import ERRORS, error, install_error_handlers, openapi_with_our_errors
+from .errors import ERRORS, HANDLERS, error
+from .inputs import body, optional_body, query
 from .limits import BodyLimit
 from .live import LiveResponse
 from .models import (
+    ActionRequest,
     ActionResponse,
     ErrorBody,
+    EventBody,
     Health,
+    InstancesQuery,
+    LogsQuery,
     ReexecBody,
     ReexecRequest,
     ReloadBody,
@@ -39,9 +52,11 @@ from .models import (
     Status,
     WaitRequest,
     wire_status,
+    wire_statuses,
 )
+from .openapi import Answer, Endpoint, Operation, serve_document
 from .sampling import Sampler
-from .web import add_dashboard
+from .web import dashboard_routes
 
 __all__ = ["KEEPALIVE", "ControlHooks", "UntilRosterKnown", "create_app"]
 
@@ -49,6 +64,11 @@ __all__ = ["KEEPALIVE", "ControlHooks", "UntilRosterKnown", "create_app"]
 # stream from a dead one.
 KEEPALIVE = 15.0
 _WAIT_DEFAULT = 30.0
+_INFO = {
+    "title": "supervisor control API",
+    "version": "1",
+    "summary": "Query and steer the instances of one running `supervisor run`.",
+}
 
 
 class ControlHooks(Protocol):
@@ -99,57 +119,34 @@ def create_app(
     background: TaskGroup,
     closing: anyio.Event | None = None,
     keepalive: float = KEEPALIVE,
-) -> FastAPI:
+) -> Starlette:
     """The API's routes over ``manager``.
 
     What requests ask of instances runs in ``background``; live streams end at ``closing``.
     """
-    with _without_pydantic_v1():
-        return _routes(manager, hooks, background, closing or anyio.Event(), keepalive)
-
-
-@contextmanager
-def _without_pydantic_v1() -> Iterator[None]:
-    """FastAPI imports all of ``pydantic.v1`` while it adds routes, only to refuse v1 models (we
-    have none): 1.9 MiB and half of this app's build time, on every cold start. Blocked for
-    that moment (a None in sys.modules makes the import fail, which FastAPI takes as "no v1");
-    anyone may import it afterwards."""
-    if "pydantic.v1" in sys.modules:
-        yield
-        return
-    sys.modules["pydantic.v1"] = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        if sys.modules.get("pydantic.v1", ...) is None:
-            del sys.modules["pydantic.v1"]
+    routes: list[BaseRoute] = [
+        *_routes(manager, hooks, background, closing or anyio.Event(), keepalive),
+        *dashboard_routes(),
+    ]
+    routes.append(Route("/openapi.json", serve_document(routes, _INFO), methods=["GET"]))
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(UntilRosterKnown, manager=manager), Middleware(BodyLimit)],
+        exception_handlers=HANDLERS,
+    )
 
 
 def _routes(
     manager: Manager, hooks: ControlHooks, background: TaskGroup, closing: anyio.Event, keepalive: float
-) -> FastAPI:
-    app = FastAPI(
-        title="supervisor control API",
-        version="1",
-        summary="Query and steer the instances of one running `supervisor run`.",
-        docs_url=None,
-        redoc_url=None,
-        openapi_url="/openapi.json",
-    )
-    install_error_handlers(app)
-    app.add_middleware(BodyLimit)
-    app.add_middleware(UntilRosterKnown, manager=manager)
-    app.openapi = openapi_with_our_errors(app)  # type: ignore[method-assign]
+) -> list[Endpoint]:
     actions = Actions(manager, background, closing)
     sampler = Sampler(background)
-    add_dashboard(app)
 
-    @app.get("/v1/health", response_model=Health, tags=["service"])
-    async def health() -> dict[str, Any]:
+    async def health(_: Request) -> Response:
         """The service answers; what it runs."""
         states = Counter(str(i.state) for i in manager.instances.values())
         source = hooks.manifest.source
-        return {
+        return JSONResponse({
             "ok": True,
             "pid": service_pid(),  # as seen from outside (--pid-namespace: not 1)
             "manifest": str(source) if source else None,
@@ -158,68 +155,43 @@ def _routes(
             "handoffs": getattr(hooks, "handoffs", 0),
             "handoff_error": getattr(hooks, "handoff_error", None),
             "starting": not manager.started.is_set(),
-        }
+        })
 
-    @app.get("/v1/instances", response_model=list[Status], responses=ERRORS, tags=["instances"])
-    async def list_instances(
-        names: Annotated[
-            list[str] | None, Query(description="Names, manifest names or globs; none: every instance.")
-        ] = None,
-    ) -> Response:
+    async def list_instances(request: Request) -> Response:
         """Status of every instance, or of those ``names`` select (404 when one selects none)."""
+        names = query(request, InstancesQuery).names
         statuses = manager.status(names or ())
         figures = await sampler.figures([s.pid for s in statuses], _cgroups(manager))
-        body = [wire_status(s, figures.get(s.pid or 0)) for s in statuses]
-        return JSONResponse(body, background=sampler.after_response())
+        body = wire_statuses(statuses, figures)
+        return Response(body, media_type="application/json", background=sampler.after_response())
 
-    @app.get("/v1/instances/{name}", response_model=Status, responses=ERRORS, tags=["instances"])
-    async def get_instance(name: str) -> Response:
+    async def get_instance(request: Request) -> Response:
         """Status of one instance, by its exact name."""
-        instance = _instance(manager, name)
+        instance = _instance(manager, request.path_params["name"])
         status = instance.status()
         figures = await sampler.figures([status.pid], _cgroups(manager))
         body = wire_status(status, figures.get(status.pid or 0))
         return JSONResponse(body, background=sampler.after_response())
 
-    for verb in ("start", "stop", "restart"):
-        app.post(
-            f"/v1/instances/{verb}",
-            response_model=ActionResponse,
-            responses={**ERRORS, 409: {"model": ActionResponse, "description": "Some did not make it."}},
-            tags=["instances"],
-            summary=f"{verb.capitalize()} instances",
-            description=_ACTION_DOCS[verb],
-        )(actions.endpoint(verb))
-
-    @app.post(
-        "/v1/instances/signal",
-        response_model=ActionResponse,
-        responses={**ERRORS, 409: {"model": ActionResponse, "description": "Some were not running."}},
-        tags=["instances"],
-    )
-    async def send_signal(body: SignalRequest) -> Response:
+    async def send_signal(request: Request) -> Response:
         """Send a signal to each selected instance's process (its group when ``stop.group`` is set)."""
+        asked = await body(request, SignalRequest)
         results = []
-        for instance in manager.select(body.patterns):
+        for instance in manager.select(asked.patterns):
             try:
-                instance.signal(body.signal)
+                instance.signal(asked.signal)
             except InvalidRequest as exc:
                 results.append(result(instance, False, refusal(instance, exc)))
             else:
                 results.append(result(instance, True))
         return action_response(results)
 
-    @app.post(
-        "/v1/instances/wait",
-        response_model=ActionResponse,
-        responses={**ERRORS, 409: {"model": ActionResponse, "description": "Some timed out."}},
-        tags=["instances"],
-    )
-    async def wait(body: WaitRequest) -> Response:
+    async def wait(request: Request) -> Response:
         """Wait until each selected instance is in one of ``state`` (default timeout 30s)."""
-        timeout = _WAIT_DEFAULT if body.timeout is None else body.timeout
-        wanted = frozenset(str(state) for state in body.state)
-        instances = manager.select(body.patterns)
+        asked = await body(request, WaitRequest)
+        timeout = _WAIT_DEFAULT if asked.timeout is None else asked.timeout
+        wanted = frozenset(str(state) for state in asked.state)
+        instances = manager.select(asked.patterns)
         results: dict[str, dict[str, Any]] = {}
 
         async def one(instance: Instance) -> None:
@@ -234,30 +206,16 @@ def _routes(
             [results.get(i.name) or result(i, False, "the service is shutting down") for i in instances]
         )
 
-    @app.get(
-        "/v1/instances/{name}/logs",
-        responses={
-            **ERRORS,
-            200: {"content": {"text/plain": {}}, "description": "The lines, as the program wrote them."},
-        },
-        response_class=Response,
-        tags=["logs"],
-    )
-    async def logs(
-        name: str,
-        stream: Literal["stdout", "stderr"] = "stdout",
-        lines: Annotated[int, Query(ge=0, le=1_000_000, description="How many of the last lines.")] = 10,
-        follow: Annotated[
-            bool, Query(description="Then stream what is written, until the client leaves.")
-        ] = False,
-    ) -> Response:
+    async def logs(request: Request) -> Response:
         """The last ``lines`` lines of a captured stream, then (``follow``) what comes next."""
+        asked = query(request, LogsQuery)
+        name, stream, lines = request.path_params["name"], asked.stream, asked.lines
         instance = _instance(manager, name)
         sink = instance.sinks.get(stream)
         if sink is None:
             target = getattr(instance.status(), stream)
             return error(404, f"{name}'s {stream} is not captured by the service: it goes to {target}")
-        if not follow:
+        if not asked.follow:
             return Response(_joined(sink.tail(lines)), media_type="text/plain; charset=utf-8")
 
         @asynccontextmanager
@@ -275,18 +233,7 @@ def _routes(
 
         return LiveResponse(source, media_type="text/plain; charset=utf-8", closing=closing)
 
-    @app.get(
-        "/v1/events",
-        response_class=Response,
-        responses={
-            200: {
-                "content": {"text/event-stream": {"schema": {"$ref": "#/components/schemas/EventBody"}}},
-                "description": "Server-Sent Events: one `data: <json>` per transition.",
-            }
-        },
-        tags=["events"],
-    )
-    async def events() -> Response:
+    async def events(_: Request) -> Response:
         """Every transition from now on, as Server-Sent Events (``text/event-stream``).
 
         Each event is one ``data:`` line holding a transition (``EventBody``). A
@@ -324,33 +271,17 @@ def _routes(
 
         return LiveResponse(source, media_type="text/event-stream", closing=closing)
 
-    @app.post(
-        "/v1/reload",
-        response_model=ReloadBody,
-        responses={422: {"model": ErrorBody, "description": "The manifest has problems; nothing changed."}},
-        tags=["service"],
-    )
-    async def reload() -> dict[str, list[str]]:
+    async def reload(_: Request) -> Response:
         """Re-read the manifest file and apply the difference (same as SIGHUP)."""
-        return _report(await hooks.reload())
+        return JSONResponse(_report(await hooks.reload()))
 
-    @app.post(
-        "/v1/scale",
-        response_model=ReloadBody,
-        responses={
-            **ERRORS,
-            409: {"model": ErrorBody, "description": "A count out of range, or the service is stopping."},
-            422: {"model": ErrorBody, "description": "Not enough descriptors for it; nothing changed."},
-        },
-        tags=["service"],
-    )
-    async def scale(body: ScaleRequest) -> dict[str, list[str]]:
+    async def scale(request: Request) -> Response:
         """Run this many replicas of each named entry until the next reload: new ones start (where
         the entry autostarts), the highest-numbered ones stop. 1 to more renames NAME to NAME-0 …"""
-        return _report(await manager.scale(body.scale))
+        asked = await body(request, ScaleRequest)
+        return JSONResponse(_report(await manager.scale(asked.scale)))
 
-    @app.post("/v1/shutdown", status_code=202, response_model=ShutdownBody, tags=["service"])
-    async def shutdown() -> Response:
+    async def shutdown(_: Request) -> Response:
         """Stop every instance gracefully, then end the service; answers before it starts."""
         async def begin() -> None:  # after the answer is out; in the control plane's task group
             background.start_soon(hooks.shutdown)
@@ -358,25 +289,12 @@ def _routes(
         later = BackgroundTask(begin)
         return JSONResponse(ShutdownBody().model_dump(), status_code=202, background=later)
 
-    @app.post(
-        "/v1/reexec",
-        response_model=ReexecBody,
-        status_code=202,
-        responses={
-            200: {"model": ReexecBody, "description": "`check`: the new code would resume."},
-            409: {
-                "model": ErrorBody,
-                "description": "The new code would not resume (why), or a re-exec, reload or shutdown is "
-                "under way; the service goes on as it is.",
-            },
-        },
-        tags=["service"],
-    )
-    async def reexec(body: ReexecRequest | None = None) -> Response:
+    async def reexec(request: Request) -> Response:
         """Replace the service with a fresh start of the installed code, in the same process: every
         instance keeps running (same pid, log pipe, counters). The new code is checked first, in a
         subprocess; answered (202) before the handover starts. See the guide's "Upgrading"."""
-        check = body is not None and body.check
+        asked = await optional_body(request, ReexecRequest)
+        check = asked is not None and asked.check
         hook = getattr(hooks, "reexec", None)
         if hook is None:
             raise InvalidRequest("service", "this service cannot re-exec itself (it is embedded)")
@@ -391,13 +309,7 @@ def _routes(
         answer = ReexecBody(check=check, message=message, report=report, handoffs=handoffs)
         return JSONResponse(answer.model_dump(), status_code=200 if check else 202)
 
-    @app.get(
-        "/metrics",
-        response_class=Response,
-        responses={200: {"content": {"text/plain": {}}, "description": "The Prometheus text format."}},
-        tags=["service"],
-    )
-    async def metrics() -> Response:
+    async def metrics(_: Request) -> Response:
         """Every instance's state and resource figures, and the service's own, for Prometheus."""
         from ..metrics import CONTENT_TYPE, render  # prometheus_client only for those who ask
 
@@ -405,12 +317,140 @@ def _routes(
         later = sampler.after_response()
         return Response(render(manager, figures), media_type=CONTENT_TYPE, background=later)
 
-    @app.post("/v1/logs/reopen", response_model=ReopenBody, tags=["logs"])
-    async def reopen_logs() -> dict[str, int]:
+    async def reopen_logs(_: Request) -> Response:
         """Reopen every log file, after an external logrotate moved them (same as SIGUSR2)."""
-        return {"reopened": hooks.reopen_logs()}
+        return JSONResponse({"reopened": hooks.reopen_logs()})
 
-    return app
+    def some(description: str) -> dict[int, Answer]:
+        """The answers of a request on some instances: 200 when all made it, 409 when some did not."""
+        return {**ERRORS, 200: Answer(model=ActionResponse), 409: Answer(description, ActionResponse)}
+
+    routes = [
+        Endpoint("/v1/health", health, "GET", Operation("service", {200: Answer(model=Health)})),
+        Endpoint(
+            "/v1/instances",
+            list_instances,
+            "GET",
+            Operation("instances", {200: Answer(model=Status, many=True), **ERRORS}, query=InstancesQuery),
+        ),
+        Endpoint(
+            "/v1/instances/{name}",
+            get_instance,
+            "GET",
+            Operation("instances", {200: Answer(model=Status), **ERRORS}),
+        ),
+    ]
+    for verb in ("start", "stop", "restart"):
+        routes.append(
+            Endpoint(
+                f"/v1/instances/{verb}",
+                actions.endpoint(verb),
+                "POST",
+                Operation(
+                    "instances",
+                    some("Some did not make it."),
+                    body=ActionRequest,
+                    summary=f"{verb.capitalize()} instances",
+                    description=_ACTION_DOCS[verb],
+                ),
+            )
+        )
+    text = "text/plain"
+    routes += [
+        Endpoint(
+            "/v1/instances/signal",
+            send_signal,
+            "POST",
+            Operation("instances", some("Some were not running."), body=SignalRequest),
+        ),
+        Endpoint(
+            "/v1/instances/wait",
+            wait,
+            "POST",
+            Operation("instances", some("Some timed out."), body=WaitRequest),
+        ),
+        Endpoint(
+            "/v1/instances/{name}/logs",
+            logs,
+            "GET",
+            Operation(
+                "logs",
+                {**ERRORS, 200: Answer("The lines, as the program wrote them.", media_type=text)},
+                query=LogsQuery,
+            ),
+        ),
+        Endpoint(
+            "/v1/events",
+            events,
+            "GET",
+            Operation(
+                "events",
+                {
+                    200: Answer(
+                        "Server-Sent Events: one `data: <json>` per transition.",
+                        EventBody,
+                        media_type="text/event-stream",
+                    )
+                },
+            ),
+        ),
+        Endpoint(
+            "/v1/reload",
+            reload,
+            "POST",
+            Operation(
+                "service",
+                {
+                    200: Answer(model=ReloadBody),
+                    422: Answer("The manifest has problems; nothing changed.", ErrorBody),
+                },
+            ),
+        ),
+        Endpoint(
+            "/v1/scale",
+            scale,
+            "POST",
+            Operation(
+                "service",
+                {
+                    200: Answer(model=ReloadBody),
+                    **ERRORS,
+                    409: Answer("A count out of range, or the service is stopping.", ErrorBody),
+                    422: Answer("Not enough descriptors for it; nothing changed.", ErrorBody),
+                },
+                body=ScaleRequest,
+            ),
+        ),
+        Endpoint("/v1/shutdown", shutdown, "POST", Operation("service", {202: Answer(model=ShutdownBody)})),
+        Endpoint(
+            "/v1/reexec",
+            reexec,
+            "POST",
+            Operation(
+                "service",
+                {
+                    202: Answer(model=ReexecBody),
+                    200: Answer("`check`: the new code would resume.", ReexecBody),
+                    400: ERRORS[400],
+                    409: Answer(
+                        "The new code would not resume (why), or a re-exec, reload or shutdown is "
+                        "under way; the service goes on as it is.",
+                        ErrorBody,
+                    ),
+                },
+                body=ReexecRequest,
+                body_required=False,
+            ),
+        ),
+        Endpoint(
+            "/metrics",
+            metrics,
+            "GET",
+            Operation("service", {200: Answer("The Prometheus text format.", media_type=text)}),
+        ),
+        Endpoint("/v1/logs/reopen", reopen_logs, "POST", Operation("logs", {200: Answer(model=ReopenBody)})),
+    ]
+    return routes
 
 
 _ACTION_DOCS = {

@@ -2,7 +2,7 @@
 
 ``supervisor status`` is typed by hand and run by scripts in loops, and it is
 benchmarked against ``supervisorctl status``: so this module imports nothing
-but the standard library (no pydantic, FastAPI or httpx), and answers are
+but the standard library (no pydantic, starlette or httpx), and answers are
 plain dicts and lists as the JSON has them. ``supervisor.api.models`` is the
 reference for their shape.
 

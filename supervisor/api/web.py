@@ -11,10 +11,11 @@ from collections.abc import Awaitable, Callable
 from functools import cache
 from importlib import resources
 
-from fastapi import FastAPI
-from fastapi.responses import Response
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
-__all__ = ["add_dashboard"]
+__all__ = ["dashboard_routes"]
 
 _FILES = {
     "dashboard.css": "text/css; charset=utf-8",
@@ -38,18 +39,21 @@ def _read(name: str) -> bytes:
     return resources.files("supervisor.web").joinpath(name).read_bytes()
 
 
-def add_dashboard(app: FastAPI) -> None:
-    @app.get("/", include_in_schema=False)
-    async def page() -> Response:
-        return Response(_read("index.html"), media_type="text/html; charset=utf-8", headers=_HEADERS)
+def dashboard_routes() -> list[Route]:
+    """The page and its files, as plain routes: not ``Endpoint``s, so the document leaves them out.
 
-    for name, media_type in _FILES.items():
-        app.get(f"/web/{name}", include_in_schema=False)(_static(name, media_type))
+    ``GET`` only: starlette's implicit ``HEAD`` is dropped, as for the API's routes, so
+    that every route answers the same methods as before (and 405 says which).
+    """
+    routes = [Route("/", _static("index.html", "text/html; charset=utf-8"), name="page")]
+    routes += [Route(f"/web/{name}", _static(name, media_type)) for name, media_type in _FILES.items()]
+    for route in routes:
+        route.methods = {"GET"}
+    return routes
 
 
-def _static(name: str, media_type: str) -> Callable[[], Awaitable[Response]]:
-    # A closure, not default arguments: FastAPI would take those for query parameters.
-    async def static() -> Response:
+def _static(name: str, media_type: str) -> Callable[[Request], Awaitable[Response]]:
+    async def static(_: Request) -> Response:
         return Response(_read(name), media_type=media_type, headers=_HEADERS)
 
     static.__name__ = f"static_{name.replace('.', '_')}"
