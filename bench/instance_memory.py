@@ -102,7 +102,9 @@ def main() -> int:
     trees: dict[str, Path | None] = {"after": None}
     if args.baseline is not None:
         trees = {"before": args.baseline.resolve(), **trees}
-    slopes: dict[str, dict[str, list[float]]] = {name: {"traced": [], "tasks": [], "rss": []} for name in trees}
+    slopes: dict[str, dict[str, list[float]]] = {
+        name: {"traced": [], "tasks": [], "rss": []} for name in trees
+    }
     for _ in range(args.rounds):
         for name, tree in trees.items():
             a, b = measure(tree, small, args.backend), measure(tree, large, args.backend)
