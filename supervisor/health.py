@@ -9,7 +9,6 @@ every transition still goes through the instance's one ``_transition``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -50,17 +49,38 @@ class Resumed:
 class LogSubscription:
     """The followers a log check reads: left as soon as the check passed (unread, they cost copies).
 
-    Without a log check (most instances) there is nothing to follow, and no exit stack is made.
+    An async context manager, entered before the spawn so that no line is missed, left when
+    the run ends. Without a log check (most instances) there is nothing to follow: no exit
+    stack is made, and entering it costs no generator frame kept for the run's lifetime.
     """
 
-    def __init__(self) -> None:
+    __slots__ = ("_sinks", "followers", "stack")
+
+    def __init__(self, sinks: Sequence[LogSink] | None) -> None:
+        self._sinks = sinks
         self.stack: AsyncExitStack | None = None
         self.followers: list[AsyncIterator[bytes]] = []
 
+    async def __aenter__(self) -> LogSubscription:
+        sinks, self._sinks = self._sinks, None
+        if sinks:
+            stack = self.stack = AsyncExitStack()
+            try:
+                for sink in sinks:
+                    self.followers.append(await stack.enter_async_context(sink.follow()))
+            except BaseException:
+                await self.aclose()
+                raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
         self.followers.clear()
-        if self.stack is not None:
-            await self.stack.aclose()
+        stack, self.stack = self.stack, None
+        if stack is not None:
+            await stack.aclose()
 
 
 class Health:
@@ -146,18 +166,10 @@ class Health:
         self._outcomes[kind] = outcome
         self._bus.publish(Update(self._name, self._group, kind, ok, message))
 
-    @contextlib.asynccontextmanager
-    async def log_subscription(self, sinks: Sequence[LogSink]) -> AsyncIterator[LogSubscription]:
-        """Follow the sinks for a log check; enter before the spawn, so that no line is missed."""
-        subscription = LogSubscription()
+    def log_subscription(self, sinks: Sequence[LogSink]) -> LogSubscription:
+        """Follow the sinks for a log check; enter it before the spawn, so that no line is missed."""
         check = self._config.ready
-        if check is None or check.kind != "log":
-            yield subscription
-            return
-        async with AsyncExitStack() as subscription.stack:
-            for sink in sinks:
-                subscription.followers.append(await subscription.stack.enter_async_context(sink.follow()))
-            yield subscription
+        return LogSubscription(sinks if check is not None and check.kind == "log" else None)
 
     # -- one run ---------------------------------------------------------------------------
 
