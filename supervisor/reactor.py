@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 TURN_BUDGET = 512 * 1024
 #: Bytes, and turns, after which the reactor lets the event loop go round once.
 ROUND_BYTES = 4 * TURN_BUDGET
-ROUND_TURNS = 64
+ROUND_TURNS = 4
 # How many ready pipes one epoll_wait reports; more are reported by the next one.
 _MAX_EVENTS = 1024
 _ARMED = select.EPOLLIN | select.EPOLLONESHOT
