@@ -48,8 +48,11 @@ logger = logging.getLogger(__name__)
 
 #: Bytes one pipe's reader may take in per turn.
 TURN_BUDGET = 512 * 1024
-#: Bytes, and turns, after which the reactor lets the event loop go round once.
-ROUND_BYTES = 4 * TURN_BUDGET
+#: Bytes, and turns, after which the reactor lets the event loop go round once. 1 MiB: the
+#: semaphore before it let 2 MiB in every other round (a sink handed its turn on only after
+#: its checkpoint); 2 MiB every round made `supervisor status`'s tail under a hundred chatty
+#: children longer (docs/performance.md, the chatty status benchmark).
+ROUND_BYTES = 2 * TURN_BUDGET
 ROUND_TURNS = 4
 # How many ready pipes one epoll_wait reports; more are reported by the next one.
 _MAX_EVENTS = 1024
