@@ -39,6 +39,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("supervisor.instance")
 
+
+class _UntilResumed:
+    """An adopted instance's lock, with a gate in front: requests wait until every instance resumed."""
+
+    def __init__(self, lock: RequestLock, resumed: anyio.Event) -> None:
+        self.lock = lock
+        self._resumed = resumed
+
+    async def __aenter__(self) -> None:
+        await self._resumed.wait()
+        await self.lock.__aenter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.lock.__aexit__(None, None, None)
+
+
 class Adoption:
     """The handoff methods of ``Instance`` (see the module's docstring)."""
 
@@ -110,6 +126,7 @@ class Adoption:
             "pipes": {stream: pipe.read_fd for stream, pipe in self._pipes.items()},
             "sinks": {stream: sink.handoff_state() for stream, sink in self._sinks.items()},
             "health": self._health.handoff_state(),
+            "cgroup": self._cgroup is not None,
         }
 
     def handoff_fds(self) -> list[int]:
@@ -120,13 +137,19 @@ class Adoption:
             fds.append(child.pidfd)
         return fds
 
-    def adopt(self, record: dict[str, Any], child: Child | None) -> None:
+    def adopt(self, record: dict[str, Any], child: Child | None, resumed: anyio.Event | None = None) -> None:
         """Before ``run()``: take over the instance a re-exec'd service described, spawning nothing.
 
         ``child``: its program, adopted by handoff (same pid, same pidfd), or None when it
         ended meanwhile (or nothing ran). ``run()`` then goes on where the old service was:
         the backoff pause ends when it would have, a stop sends its SIGKILL when due.
+
+        ``resumed``: set by the manager once every adopted instance's ``run()`` has resumed.
+        The instance answers queries from now on, but its requests (start, stop, restart)
+        wait for it: none can find the instance before its ``run()`` has taken over.
         """
+        if resumed is not None and not resumed.is_set():
+            self._lock = _UntilResumed(self._lock, resumed)  # type: ignore[assignment]
         self._adopted = record
         self._state = State(record["state"])
         self._reason = record["reason"]
@@ -134,20 +157,33 @@ class Adoption:
         last = record["last_exit"]
         self._last_exit = None if last is None else ExitStatus(**last)
         self._child = child
-        self._adopt_cgroup(child)
+        had = record.get("cgroup")
+        self._adopt_cgroup(child, had if isinstance(had, bool) else None)
         self._targets = dict(record["targets"])
         self._open_logs(record["pipes"])
         for stream, sink in self._sinks.items():
             sink.adopt(record["sinks"][stream])
         self._health.adopt(record["health"])
 
-    def _adopt_cgroup(self, child: Child | None) -> None:
-        """The cgroup the program already runs in (a stop must still ``cgroup.kill`` it)."""
+    def resumed(self) -> None:
+        """Every adopted instance has resumed: the gate ``adopt`` put before the lock goes."""
+        lock = self._lock
+        if isinstance(lock, _UntilResumed):
+            self._lock = lock.lock
+
+    def _adopt_cgroup(self, child: Child | None, had: bool | None) -> None:
+        """The cgroup the program already runs in (a stop must still ``cgroup.kill`` it).
+
+        ``had``: whether the old service had made the instance's cgroup (None: a version 1
+        record does not say; then it is made if missing, as at a spawn). One it had is there:
+        it is not made again (no mkdir per instance in the handover). One it had not is made
+        at the next spawn, as it would have been.
+        """
         tree = self._context.cgroups
-        if tree is None:
+        if tree is None or had is False:
             return
         try:
-            self._cgroup = tree.instance(self.name)
+            self._cgroup = tree.existing(self.name) if had else tree.instance(self.name)
         except CgroupError as exc:
             log.warning("%s: %s", self.name, exc)
             return
@@ -201,9 +237,12 @@ class Adoption:
     async def _finish_stop(self, record: dict[str, Any], *, task_status: TaskStatus[None]) -> None:
         """A stop the old service was in the middle of: SIGKILL when it was due, then ``stopped``.
 
-        It was a request: it holds the lock, and later requests queue behind it, as before.
+        It was a request: it holds the lock, and later requests queue behind it, as before
+        (the lock itself, not the gate around it that holds requests until every instance
+        has resumed: this is part of resuming).
         """
-        async with self._lock:
+        lock = self._lock
+        async with lock.lock if isinstance(lock, _UntilResumed) else lock:
             task_status.started()
             await self._finish_stop_locked(record)
 

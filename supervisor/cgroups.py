@@ -240,6 +240,13 @@ class CgroupTree:
                 raise CgroupError(f"cannot make the cgroup {path}: {_reason(exc)}") from None
         return InstanceCgroup(path, self.controllers, self.kill_file)
 
+    def existing(self, name: str) -> InstanceCgroup:
+        """The cgroup of an instance adopted at a re-exec: there already (its program runs in it).
+
+        No mkdir: 1,000 adopted instances cost 1,000 system calls less in the handover.
+        """
+        return InstanceCgroup(os.path.join(self.root, name + _SUFFIX), self.controllers, self.kill_file)
+
     def close(self) -> None:
         """Remove the tree's empty instance cgroups, and its root if the service made it."""
         with contextlib.suppress(OSError):

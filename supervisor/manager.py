@@ -15,13 +15,12 @@ first), and a dependency that restarts restarts the dependents whose edge says
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 import gc
 import os
 import resource
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +36,7 @@ from .graph import DependencyGate, in_reverse_order
 from .instance import Instance, InstanceContext, InstanceStatus, InvalidRequest
 from .process import Child
 from .reactor import PipeReactor
+from .resumption import Resumption
 
 
 class ApplyError(RuntimeError):
@@ -71,7 +71,7 @@ class _Plan:
     config: InstanceConfig
 
 
-class Manager:
+class Manager(Resumption):
     """Owns the instances of one manifest at a time."""
 
     def __init__(
@@ -106,6 +106,9 @@ class Manager:
         self.roster_known = anyio.Event()
         #: Set once the first manifest is applied: its instances spawned (or waiting, or failed).
         self.started = anyio.Event()
+        #: After a re-exec: when the adopted instances were known, as (time.monotonic(),
+        #: time.process_time()): the log says how long the handover took, and how much CPU.
+        self.roster_known_at: tuple[float, float] | None = None
 
     @property
     def instances(self) -> Mapping[str, Instance]:
@@ -136,58 +139,6 @@ class Manager:
             self._tg = None
             self._cgroups.close()
             reactor.close()
-
-    # -- the handoff (re-exec) ----------------------------------------------------------------
-
-    def resume(self, state: Mapping[str, Any], children: Mapping[str, Child]) -> None:
-        """Before ``run()``: adopt the instances ``state`` (``handoff_state()``) describes, not start.
-
-        ``children``: the adopted programs by instance name (those still the same process).
-        """
-        self._adopting = ({record["name"]: record for record in state["instances"]}, children)
-        self._scaled = set(state["scaled"])
-
-    def handoff_state(self) -> dict[str, Any]:
-        """The instances and what ``scale`` changed, for a re-exec (call it with ``quiet()`` held)."""
-        return {
-            "scaled": sorted(self._scaled),
-            "instances": [instance.handoff_state() for instance in self._instances.values()],
-        }
-
-    def handoff_fds(self) -> list[int]:
-        return [fd for instance in self._instances.values() for fd in instance.handoff_fds()]
-
-    @contextlib.asynccontextmanager
-    async def quiet(self, timeout: float) -> AsyncIterator[None]:
-        """Hold off reloads and scales (waiting up to ``timeout`` for one under way): a re-exec
-        must see every instance the manifest names, and only those."""
-        with anyio.move_on_after(timeout):
-            await self._apply_lock.acquire()
-        if not self._apply_lock.locked() or self._closing:
-            if self._apply_lock.locked():
-                self._apply_lock.release()
-            raise InvalidRequest("service", "a reload, scale or shutdown is under way: try again later")
-        try:
-            yield
-        finally:
-            self._apply_lock.release()
-
-    async def _adopt(self, records: dict[str, dict[str, Any]], children: Mapping[str, Child]) -> None:
-        """Every instance at once: the handover's gap is the time this takes (bench/reexec.py)."""
-        plans = _plan(self.manifest)
-        opened: dict[str, Instance] = {}
-
-        async def adopt(name: str, plan: _Plan) -> None:
-            record = records.get(name)
-            adopted = None if record is None else (record, children.get(name))
-            opened[name] = await self._open(name, plan, self.manifest.supervisor, adopted)
-
-        async with anyio.create_task_group() as tg:
-            for name, plan in plans.items():
-                tg.start_soon(adopt, name, plan)
-        self._instances = {name: opened[name] for name in plans}
-        self._roster_changed()
-        self.roster_known.set()
 
     # -- applying a manifest -----------------------------------------------------------------
 
@@ -302,9 +253,14 @@ class Manager:
         name: str,
         plan: _Plan,
         settings: ServiceSettings,
-        adopted: tuple[dict[str, Any], Child | None] | None = None,
     ) -> Instance:
-        assert self._tg is not None and self._reactor is not None, "apply() needs run() to be running"
+        assert self._tg is not None, "apply() needs run() to be running"
+        instance = self._make(name, plan, settings)
+        await self._tg.start(instance.run)
+        return instance
+
+    def _make(self, name: str, plan: _Plan, settings: ServiceSettings) -> Instance:
+        assert self._reactor is not None, "instances are made while run() runs"
         gate = None
         if plan.config.depends_on:
             gate = DependencyGate(plan.config.depends_on, self.replicas, self._group_event)
@@ -317,11 +273,7 @@ class Manager:
             on_transition=self._group_changed,
             cgroups=self._cgroups.tree if self._cgroups is not None else None,
         )
-        instance = Instance(name, plan.group, plan.config, context)
-        if adopted is not None:
-            instance.adopt(*adopted)
-        await self._tg.start(instance.run)
-        return instance
+        return Instance(name, plan.group, plan.config, context)
 
     def _group_event(self, group: str) -> anyio.Event:
         event = self._group_events.get(group)

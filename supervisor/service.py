@@ -9,7 +9,7 @@ reopens every log file for an external logrotate.
 
 from __future__ import annotations
 
-import errno
+import gc
 import json
 import logging
 import os
@@ -64,19 +64,28 @@ class Service:
         #: Why the last re-exec failed, for the health route.
         self.handoff_error: str | None = None
         self._handing_over = False
+        #: When the handover began: (time.monotonic(), time.process_time()), for the new service's log.
+        self._handover_began: tuple[float, float] | None = None
         # While handing over: the signals received (by any thread), sent again to the exec'd
         # program as pending signals of the one thread that survives execve.
         self._deferred: list[int] | None = None
+        self._handlers: dict[int, Any] = {}  # the signals' handlers from before the handover
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: ControlListeners | None = None
         self._guardian: Guardian | None = None
+        self._keeper: RecordKeeper | None = None
         self._hand_over_control = anyio.Event()
         self._control_answered = anyio.Event()
         self._control_done = anyio.Event()
         if takeover is not None:
             service = takeover.service
             self.manager.resume(
-                {"instances": takeover.record["instances"], "scaled": service["scaled"]}, takeover.children
+                {
+                    "instances": takeover.record["instances"],
+                    "scaled": service["scaled"],
+                    "events_seq": service["events_seq"],
+                },
+                takeover.children,
             )
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -86,9 +95,7 @@ class Service:
 
         # Imported now, not at the request: a re-exec must work even when the installed code under
         # it is broken (then the new code's check says so, and this service goes on).
-        from .handoff import reexec as _reexec  # noqa: F401
-
-        _one_line_for_accept_errors()
+        from .handoff import reexec as handoff
 
         # Made 0700 if missing; an existing one must be ours and private, and is not chmod-ed.
         prepare_state_dir(self.manifest.state_dir)
@@ -105,10 +112,10 @@ class Service:
             path = str(self.manifest.control_socket)
             raise ControlError(f"control socket {path!r}: a NUL byte is not allowed in a path") from None
         self._listeners = listeners
-        keeper = RecordKeeper(self.manager)
+        self._keeper = keeper = RecordKeeper(self.manager)
         if takeover is not None:
             # The record names our own (adopted) groups: they are no crashed run's leftovers.
-            keeper.adopt(self._takeover.children.values() if self._takeover is not None else ())
+            keeper.adopt(self._takeover.identities if self._takeover is not None else ())
             if takeover["guardian"] is not None:
                 guardian: Guardian | None = Guardian.adopt(takeover["guardian"])
             else:
@@ -137,6 +144,7 @@ class Service:
                 # can; until the instances exist, every route but /v1/health waits (api/app.py).
                 try:
                     await tg.start(self._serve_control)
+                    served = time.monotonic()
                     await tg.start(self._run_manager)
                 except BaseException:
                     listeners.close()
@@ -152,12 +160,11 @@ class Service:
                     os.getpid(),
                 )
                 if self._takeover is not None:
-                    written = float(self._takeover.service["written_at"])
-                    log.info(
-                        "re-exec: answering %.3fs after the old service wrote its state (%.3fs to import)",
-                        time.monotonic() - written,
-                        self._takeover.read_at - written,
-                    )
+                    # What the adoption made lives as long as the instances: the collector, held
+                    # off since the exec (run_service), need not walk it again and again.
+                    gc.freeze()
+                    gc.enable()
+                    handoff.log_handover(self._takeover, served, self.manager.roster_known_at)
                     await keeper.write_now()  # no transition tells the record of the adopted groups
                 self._takeover = None
                 task_status.started()
@@ -223,11 +230,23 @@ class Service:
         # or the handover is abandoned: a TERM sent meanwhile reaches the service that acts on it.
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDOFF_SIGNALS)
         self._deferred = []
+        # Blocked in this thread only: another (a worker thread) may still take one, and its C
+        # handler merely wakes the event loop, which may not run again before the exec. Python
+        # runs this handler in this thread at its next bytecode, before the exec too.
+        self._handlers = {signum: signal.signal(signum, self._defer) for signum in HANDOFF_SIGNALS}
         self._tg.start_soon(self._hand_over)
         return report
 
+    def _defer(self, signum: int, frame: object) -> None:
+        """A signal during the handover: kept for the new service (see ``reexec``)."""
+        if self._deferred is None:  # the record is written: pending in this thread crosses the exec
+            signal.pthread_kill(threading.main_thread().ident or 0, signum)
+        elif signum not in self._deferred:
+            self._deferred.append(signum)
+
     def _handoff_record(self) -> dict[str, Any]:
         from .handoff.reexec import service_record
+        from .handoff.state import process_start_ticks
 
         assert self._listeners is not None
         guardian = self._guardian
@@ -237,6 +256,8 @@ class Service:
             self._listeners.handoff_state(),
             None if guardian is None else guardian.handoff_state(),
             self.handoffs,
+            self._handover_began,
+            self._keeper.start_ticks if self._keeper is not None else process_start_ticks,
         )
 
     async def _hand_over(self) -> None:
@@ -250,6 +271,7 @@ class Service:
 
         listeners = self._listeners
         assert listeners is not None and self._tg is not None
+        self._handover_began = (time.monotonic(), time.process_time())
         stopped = False
         try:
             async with self.manager.quiet(timeout=_HANDOFF_QUIET):
@@ -265,6 +287,7 @@ class Service:
                     fds += self._guardian.handoff_fds()
                 # No await from here: nothing changes between the record and the exec.
                 for signum in self._deferred or ():  # pending (blocked) in this thread: execve keeps them
+                    log.info("got %s during the re-exec: for the new service", signal.Signals(signum).name)
                     signal.pthread_kill(threading.main_thread().ident or 0, signum)
                 self._deferred = None
                 error = exec_service(self._handoff_record(), fds)
@@ -274,6 +297,10 @@ class Service:
             self.handoff_error = str(exc)
             log.error("re-exec abandoned: %s", exc)
         finally:
+            self._handover_began = None
+            for signum, handler in self._handlers.items():
+                signal.signal(signum, handler)
+            self._handlers = {}
             deferred, self._deferred = self._deferred or [], None
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOFF_SIGNALS)  # what is pending comes now
             for signum in deferred:  # those the handover held back, acted on after all
@@ -356,9 +383,8 @@ class Service:
             async with anyio.create_task_group() as tg:
                 async for signum in signals:
                     if self._deferred is not None:  # handing over: the new service acts on it
-                        self._deferred.append(signum)
-                        name = signal.Signals(signum).name
-                        log.info("got %s during the re-exec: for the new service", name)
+                        if signum not in self._deferred:  # (``_defer`` may have it already)
+                            self._deferred.append(signum)
                     elif signum == signal.SIGHUP:
                         tg.start_soon(self._reload_logged)
                     elif signum == signal.SIGUSR2:
@@ -410,30 +436,6 @@ def _start_guardian() -> Guardian | None:
 _HANDOFF_QUIET = 10.0
 _HANDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
 
-_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-def _one_line_for_accept_errors() -> None:
-    """asyncio logs a traceback for every accept() that finds no free descriptor (then waits a
-    second and accepts again): under a flood of connections that is a traceback a connection.
-    One warning line says it; every other error of the loop is reported as before."""
-    import asyncio
-
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return  # trio: it retries accept() after EMFILE by itself, without a traceback
-
-    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
-            log.warning("control socket: cannot accept a connection (%s); trying again", exc.strerror)
-            return
-        loop.default_exception_handler(context)
-
-    loop.set_exception_handler(handler)
-
-
 async def _reap_leftovers() -> None:
     """Kill what is still our child (daemons that escaped their group and were reparented to us)."""
     leftovers = living_children()
@@ -484,10 +486,15 @@ def run_service(
                 report = check_report(state.read())
             print(json.dumps(report), flush=True)
             return 0 if report["ok"] else 1
+        # Nothing made from here until the instances are adopted is garbage: the collector would
+        # walk the whole heap again and again for nothing (Service.run enables it again).
+        gc.disable()
         try:
             record = read_state(resume_fd)
+            size = os.fstat(resume_fd).st_size  # read: it is open, and sealed
             os.close(resume_fd)
             takeover = prepare_resume(record)
+            takeover.size = size
         except HandoffError as exc:
             print(f"supervisor: cannot resume: {exc}", file=sys.stderr)
             return 1

@@ -296,7 +296,7 @@ def test_the_socket_is_found_as_the_manifest_says(service: Start, tmp_path: Path
 
 
 def test_the_cli_path_does_not_import_the_server_side(tmp_path: Path) -> None:
-    """`supervisor status` must start fast: no pydantic, starlette, hypercorn or anyio on its way."""
+    """`supervisor status` must start fast: no pydantic, starlette, h11 or anyio on its way."""
     write_manifest(tmp_path, MANIFEST)
     result = subprocess.run(
         [SUPERVISOR[0], "-X", "importtime", *SUPERVISOR[1:], "status"],
@@ -308,7 +308,7 @@ def test_the_cli_path_does_not_import_the_server_side(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "|" in line}
-    server_side = {"pydantic", "starlette", "hypercorn", "anyio", "httpx"}
+    server_side = {"pydantic", "fastapi", "starlette", "hypercorn", "h11", "anyio", "httpx"}
     heavy = {name for name in imported if name.split(".")[0] in server_side}
     assert not heavy, sorted(heavy)
     assert "supervisor.api.client" in imported and "supervisor.config" not in imported

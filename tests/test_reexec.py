@@ -23,6 +23,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+import httpx
 import pytest
 
 from supervisor.api.client import APIError, Client, ClientError
@@ -180,6 +181,8 @@ def test_reexec_keeps_every_instance_its_pid_counters_lines_and_deadlines(
     assert after["notify"]["ready"] is True
 
     # The backoff in progress during the exec ends when it would have (2 s, plus up to 10% jitter).
+    # (Status answers once the instances are built; the line comes once each has resumed.)
+    svc.wait_until(lambda: "re-exec'd: took over" in svc.log(), 10, "the new service's line")
     handoff = _reexec_line(svc.log())
     svc.wait_until(
         lambda: all(
@@ -284,7 +287,7 @@ def test_a_new_code_that_cannot_start_or_refuses_the_version_leaves_the_old_serv
     _swap(link, newer)
     refused = svc.cli("reexec")
     assert refused.returncode == 1
-    assert f"format version {VERSION}; this code reads version {VERSION + 1} only" in refused.stderr
+    assert f"format version {VERSION}; this code reads versions 1 and {VERSION + 1}" in refused.stderr
     assert svc.client().health()["handoffs"] == 0
 
     _swap(link, PACKAGE)
@@ -325,7 +328,7 @@ def test_run_resume_refuses_an_unknown_version_and_touches_nothing(tmp_path: Pat
     finally:
         os.close(fd)
     assert run.returncode == 1
-    assert f"format version {VERSION + 7}; this code reads version {VERSION} only" in run.stderr
+    assert f"format version {VERSION + 7}; this code reads versions 1 and {VERSION}" in run.stderr
     assert not (tmp_path / ".supervisor").exists()
 
 
@@ -333,7 +336,7 @@ def test_run_resume_refuses_an_unknown_version_and_touches_nothing(tmp_path: Pat
 
 
 def test_the_record_is_sealed_and_round_trips() -> None:
-    record = {"service": {"x": 1}, "instances": [{"name": "a\0b", "n": 1e300}]}
+    record = {"service": {"x": 1, "events_seq": 5}, "instances": [{"name": "a\0b", "n": 1e300}]}
     fd = write_state(record)
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -355,12 +358,77 @@ def test_the_record_is_sealed_and_round_trips() -> None:
         (json.dumps({"format": FORMAT, "version": 0}).encode(), "format version 0"),
         (json.dumps({"format": FORMAT, "version": "1"}).encode(), "format version '1'"),
         (json.dumps({"format": FORMAT, "version": float("nan")}).encode(), "format version nan"),
+        (json.dumps({"format": FORMAT, "version": True}).encode(), "format version True"),
+        (json.dumps({"format": FORMAT, "version": float(VERSION)}).encode(), f"format version {VERSION}.0"),
         (json.dumps({"format": FORMAT, "version": VERSION}).encode(), "no service or no instances"),
     ],
 )
 def test_a_bad_record_is_refused_with_a_reason(data: bytes, says: str) -> None:
     with pytest.raises(HandoffError, match=re.escape(says)):
         parse_state(data)
+
+
+def _with_seq(seq: object) -> bytes:
+    service = {} if seq is ... else {"events_seq": seq}
+    text = json.dumps({"format": FORMAT, "version": VERSION, "service": service, "instances": []})
+    return text.replace('"<huge>"', "1" + "0" * 40).encode()
+
+
+@pytest.mark.parametrize(
+    ("seq", "says"),
+    [
+        (float("nan"), "(got nan)"),
+        (float("inf"), "(got inf)"),
+        ("<huge>", "(got 10000000000"),
+        (2**63, f"(got {2**63})"),
+        (-1, "(got -1)"),
+        (1e3, "(got 1000.0)"),
+        (True, "(got True)"),
+        ("7", "(got '7')"),
+        (None, "(got None)"),
+        (..., "(got None)"),  # missing
+    ],
+)
+def test_a_record_with_a_bad_event_number_is_refused(seq: object, says: str) -> None:
+    expected = r"service\.events_seq must be a whole number from 0 to"
+    with pytest.raises(HandoffError, match=expected) as refused:
+        parse_state(_with_seq(seq))
+    assert says in str(refused.value) and "the running service goes on as it is" in str(refused.value)
+
+
+def test_a_version_1_record_is_read_and_numbers_events_from_the_start() -> None:
+    old = {"format": FORMAT, "version": 1, "service": {}, "instances": []}
+    record = parse_state(json.dumps(old).encode())
+    assert record["service"]["events_seq"] == 0
+    assert parse_state(_with_seq(2**63 - 1))["service"]["events_seq"] == 2**63 - 1
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_run_resume_refuses_a_bad_event_number_and_touches_nothing(tmp_path: Path, check: bool) -> None:
+    """What the old service's check (``--resume-check``) and a resume say of a record with a
+    negative number: refused, with the reason; so the old service goes on (the check comes first)."""
+    manifest = write_manifest(tmp_path, "version: 1\ninstances:\n  a:\n    command: [sleep, '1000']\n")
+    fd = write_state({"service": {"events_seq": -5}, "instances": []})
+    try:
+        os.set_inheritable(fd, True)
+        run = subprocess.run(
+            [*SUPERVISOR, "run", "-f", str(manifest), "--resume", str(fd), *(["--resume-check"] * check)],
+            pass_fds=[fd],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(fd)
+    assert run.returncode == 1
+    why = "service.events_seq must be a whole number from 0 to 9223372036854775807 (got -5)"
+    if check:
+        report = json.loads(run.stdout.strip().splitlines()[-1])
+        assert report["ok"] is False and why in report["error"]
+    else:
+        assert why in run.stderr
+    assert not (tmp_path / ".supervisor").exists()
 
 
 def test_an_unsealed_file_is_refused(tmp_path: Path) -> None:
@@ -467,7 +535,9 @@ def test_a_sigterm_during_the_handover_is_not_lost(service: Callable[..., Servic
     svc.proc.send_signal(signal.SIGTERM)
     assert svc.proc.wait(timeout=60) == 0, svc.log()
     log = svc.log()
-    assert "got SIGTERM during the re-exec: for the new service" in log
+    # Taken by the old service during the handover (it defers it: "got SIGTERM during the re-exec:
+    # for the new service"), or by the new one when the exec came first: the new one acts on it once.
+    assert log.count("INFO got SIGTERM\n") == 1, log
     assert "re-exec'd: took over" in log and log.rstrip().endswith("INFO stopped"), log
     assert pid_gone(child)
 
@@ -492,3 +562,66 @@ def test_a_service_in_its_pid_namespace_reexecs_inside_it(
     assert svc.stop() == 0  # SIGTERM to the outer process, forwarded to the re-exec'd inner one
     svc.expected_exit = None
     assert not pidfile.exists()
+
+
+def _restart_events(socket: Path, name: str) -> list[tuple[int, dict[str, object]]]:
+    """Subscribe to the raw event stream, restart ``name``, and return each (``id:``, data) of its
+    transitions until it runs again."""
+    transport = httpx.HTTPTransport(uds=os.fspath(socket))
+    found: list[tuple[int, dict[str, object]]] = []
+    with (
+        httpx.Client(transport=transport, base_url="http://supervisor", timeout=30) as api,
+        api.stream("GET", "/v1/events") as events,
+    ):
+        assert api.post("/v1/instances/restart", json={"names": [name]}).status_code == 200
+        last_id = None
+        for line in events.iter_lines():
+            if line.startswith("id: "):
+                last_id = int(line[4:])
+            elif line.startswith("data: "):
+                event = json.loads(line[6:])
+                assert last_id is not None and event["seq"] == last_id, (last_id, event)
+                if event.get("instance") == name:
+                    found.append((last_id, event))
+                    if event["to_state"] == "running":
+                        return found
+                last_id = None
+    raise AssertionError(f"the stream ended before {name} ran again: {found}")
+
+
+def test_event_numbers_go_on_across_a_reexec(service: Callable[..., ServiceProcess]) -> None:
+    """Each event's ``seq`` is its SSE ``id``, increasing; after a re-exec the numbering goes on
+    from where the old service stopped, never back (twice: the second re-exec's record carries the
+    number the first one's successor reached)."""
+    svc = service("version: 1\ninstances:\n  a:\n    command: [sleep, '271.125']\n")
+    seen: list[int] = []
+    for round in range(3):
+        if round:
+            done = svc.cli("reexec")
+            assert done.returncode == 0, done.stderr + svc.log()
+            assert svc.client().health()["handoffs"] == round
+        numbers = [seq for seq, _ in _restart_events(svc.socket, "a")]
+        assert numbers == sorted(set(numbers)) and len(numbers) == 4  # stopping, stopped, starting, running
+        assert not seen or numbers[0] > seen[-1], (seen, numbers)
+        seen += numbers
+
+
+def test_requests_sent_the_moment_the_new_service_answers_wait_for_the_instances_to_resume(
+    service: Callable[..., ServiceProcess],
+) -> None:
+    """Status answers once the adopted instances are built, before each has resumed; a stop sent at
+    once is carried out after they have, and what it stopped stays stopped (no resumed loop starts
+    it again)."""
+    svc = service("version: 1\ninstances:\n  w:\n    command: [sleep, '271.375']\n    replicas: 150\n")
+    svc.wait_for([f"w-{i}" for i in range(150)], "running", timeout=120)
+    pids = {name: s["pid"] for name, s in svc.status().items()}
+    client = svc.client(timeout=60)
+    assert client.request("POST", "/v1/reexec", {})["check"] is False
+    svc.wait_until(lambda: client.health()["handoffs"] == 1, 60, "the new service's answer")
+    stopped = client.stop(all=True)
+    assert stopped["ok"], stopped
+    svc.wait_until(lambda: "re-exec'd: took over" in svc.log(), 30, "every instance resumed")
+    after = svc.status()
+    assert {s["state"] for s in after.values()} == {"stopped"}, after
+    assert all(pid_gone(pid) for pid in pids.values())
+    assert "-> starting" not in svc.log().split("re-exec'd: took over", 1)[1]

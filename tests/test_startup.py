@@ -35,9 +35,10 @@ LATER = (
     "pydantic.v1",  # 1.9 MiB that nothing of ours needs (FastAPI imported it while it built routes)
 )
 # The control plane: the service imports it when it runs, never at import.
-CONTROL_PLANE = ("starlette", "hypercorn", "supervisor.api.server", "supervisor.api.app")
-# Never, not even while serving: the API is starlette and pydantic alone (#13, docs/performance.md).
-NEVER = ("fastapi",)
+CONTROL_PLANE = ("starlette", "supervisor.api.http1", "supervisor.api.server", "supervisor.api.app")
+# Never, not even while serving: the API is starlette and pydantic alone, served by our own
+# HTTP/1.1 server (#13, docs/performance.md).
+NEVER = ("fastapi", "hypercorn", "h2", "wsproto")
 
 
 def loaded_after(code: str, *, cwd: Path) -> set[str]:
@@ -89,7 +90,7 @@ async def main() -> None:
 anyio.run(main)
 """
     loaded = loaded_after(code, cwd=tmp_path)
-    assert "hypercorn" in loaded and "supervisor.api.server" in loaded  # it did serve
+    assert "supervisor.api.http1" in loaded and "supervisor.api.server" in loaded  # it did serve
     assert heavy(loaded, LATER + NEVER) == []
 
 

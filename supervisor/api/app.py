@@ -8,7 +8,6 @@ start-up for four small bodies and two query strings (docs/performance.md).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +24,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from ..config import Manifest
-from ..events import Transition, Update
+from ..events import sse_chunk
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager, ReloadReport, UnknownInstance
 from ..pidns import service_pid
@@ -236,8 +235,10 @@ def _routes(
     async def events(_: Request) -> Response:
         """Every transition from now on, as Server-Sent Events (``text/event-stream``).
 
-        Each event is one ``data:`` line holding a transition (``EventBody``). A
-        reader too slow to keep up gets ``event: dropped`` with ``{"dropped": N}``.
+        Each event is one ``data:`` line holding a transition (``EventBody``), after an
+        ``id:`` line with its sequence number (``seq``: increasing, and continued across a
+        re-exec; missed events are not replayed on reconnect). A reader too slow to keep up
+        gets ``event: dropped`` with ``{"dropped": N, "first_seq": F, "seq": L}``.
         A comment line (``: keep-alive``) comes after 15 seconds of quiet.
         """
 
@@ -256,15 +257,7 @@ def _routes(
                                 event = await anext(subscription)
                             except StopAsyncIteration:
                                 return
-                            data = json.dumps(event.to_dict(), separators=(",", ":")).encode()
-                            kind = (
-                                b""
-                                if isinstance(event, Transition)
-                                else b"event: update\n"
-                                if isinstance(event, Update)
-                                else b"event: dropped\n"
-                            )
-                            chunk = b"%sdata: %s\n\n" % (kind, data)
+                            chunk = sse_chunk(event)
                         yield chunk
 
                 yield body()

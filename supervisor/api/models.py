@@ -297,6 +297,10 @@ class EventBody(BaseModel):
     exit_code: int | None
     exit_signal: str | None
     reason: str | None
+    seq: int = Field(
+        description="The event's sequence number (also its SSE `id`): one counter per service, "
+        "from 1, increasing, continued across a re-exec."
+    )
 
 
 # -- requests ----------------------------------------------------------------------------------

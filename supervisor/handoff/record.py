@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
 
     from ..manager import Manager
-    from ..process import Child
 
 __all__ = [
     "MAX_RECORD_BYTES",
@@ -442,10 +441,27 @@ class RecordKeeper:
             elif isinstance(event, Dropped):
                 self._dirty.set()  # the write looks at the instances themselves
 
-    def adopt(self, children: Iterable[Child]) -> None:
-        """After a re-exec: the groups the old service ran are ours, known as if just started."""
-        for child in children:
-            self._learn(child.pid)
+    def adopt(self, found: Iterable[ProcessIdentity]) -> None:
+        """After a re-exec: the groups the old service ran are ours, known as if just started.
+
+        ``found``: the adopted children as the handover read them from /proc (``prepare_resume``
+        checked each one's start time): read once, not again here.
+        """
+        me = os.getpid()
+        for process in found:
+            if process.ppid == me and process.sid == process.pid:
+                self._known[process.pid] = process
+
+    def start_ticks(self, pid: int) -> int | None:
+        """The start time of our child ``pid``: as learnt when it started, else read now.
+
+        Learnt while it was surely ours; an unreaped child keeps its pid, so it is still right.
+        """
+        known = self._known.get(pid)
+        if known is None:
+            found = identity(pid)
+            return None if found is None else found.start
+        return known.start
 
     def _learn(self, pid: int) -> None:
         """Read the start time while the process is surely ours: our child, not reaped yet."""

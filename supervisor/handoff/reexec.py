@@ -31,15 +31,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import anyio
 
 from ..config import Manifest
 from ..process import Child, SpawnError, inherited_fd_limit, spawn
+from .record import ProcessIdentity, identity
 from .state import VERSION, HandoffError, StateRecord, parse_state, process_start_ticks, write_state
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "check_new_code",
     "check_report",
     "exec_service",
+    "log_handover",
     "prepare_resume",
     "resume_argv",
 ]
@@ -96,12 +98,20 @@ def service_record(
     listeners: dict[str, object],
     guardian: dict[str, object] | None,
     handoffs: int,
+    began: tuple[float, float] | None = None,
+    start_ticks: Callable[[int], int | None] = process_start_ticks,
 ) -> StateRecord:
-    """The record's ``service`` section and instances, with each live child's start time."""
+    """The record's ``service`` section and instances, with each live child's start time.
+
+    ``began``: when the handover began, ``(time.monotonic(), time.process_time())``, for the new
+    service's log (the CPU time of a process goes on across execve).
+    ``start_ticks``: a child's start time (the crash record's keeper knows it from its spawn:
+    no read of /proc per instance in the handover).
+    """
     for instance in manager_state["instances"]:
         child = instance["child"]
         if child is not None:
-            child["start_ticks"] = process_start_ticks(child["pid"])
+            child["start_ticks"] = start_ticks(child["pid"])
     from ..pidns import service_pid
 
     source = manifest.source
@@ -115,7 +125,10 @@ def service_record(
             "guardian": guardian,
             "nofile": inherited_fd_limit(),
             "handoffs": handoffs + 1,
+            "events_seq": manager_state["events_seq"],
             "scaled": manager_state["scaled"],
+            "handover_began": None if began is None else began[0],
+            "handover_cpu": None if began is None else began[1],
             "written_at": time.monotonic(),
         },
         "instances": manager_state["instances"],
@@ -230,9 +243,13 @@ class Takeover:
     manifest: Manifest
     record: StateRecord
     children: dict[str, Child] = field(default_factory=dict)
+    #: Each adopted child as /proc showed it when checked (the crash record's keeper learns them).
+    identities: list[ProcessIdentity] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)
     #: time.monotonic() when the new code had read the record (its imports done).
     read_at: float = field(default_factory=time.monotonic)
+    #: The record's size in bytes, for the log.
+    size: int = 0
 
     @property
     def service(self) -> dict[str, Any]:
@@ -289,7 +306,8 @@ def prepare_resume(record: StateRecord) -> Takeover:
         child = instance["child"]
         if child is None:
             continue
-        if process_start_ticks(child["pid"]) != child["start_ticks"]:
+        found = identity(child["pid"])
+        if found is None or found.start != child["start_ticks"]:
             if child["pidfd"] is not None:
                 os.close(child["pidfd"])
             instance["child"] = None
@@ -300,6 +318,7 @@ def prepare_resume(record: StateRecord) -> Takeover:
                 child["pid"],
             )
             continue
+        takeover.identities.append(found)
         takeover.children[instance["name"]] = Child.adopt(
             child["pid"],
             child["pgid"],
@@ -309,6 +328,44 @@ def prepare_resume(record: StateRecord) -> Takeover:
             bool(child["kill_group_on_exit"]),
         )
     return takeover
+
+
+def log_handover(takeover: Takeover, served: float, known: tuple[float, float] | None) -> None:
+    """Where a re-exec's time went (bench/reexec.py reads these lines), all from one clock.
+
+    ``served``: when the control plane served the inherited sockets; ``known``: when the
+    adopted instances were built, and so status answered with every one of them, as
+    ``(time.monotonic(), time.process_time())``.
+    """
+    service = takeover.service
+    written = float(service["written_at"])
+    began, began_cpu = service.get("handover_began"), service.get("handover_cpu")  # optional
+    if _number(began):
+        log.info("re-exec: the old service wrote its state %.3fs after the handover began", written - began)
+    now, cpu = time.monotonic(), time.process_time()
+    at, at_cpu = (now, cpu) if known is None else known
+    log.info(
+        "re-exec: answering %.3fs after the old service wrote its state (%.3fs to import; "
+        "then %.3fs until the socket was served, %.3fs adopting); every instance resumed %.3fs later; "
+        "the state took %d bytes",
+        at - written,
+        takeover.read_at - written,
+        served - takeover.read_at,
+        at - served,
+        now - at,
+        takeover.size,
+    )
+    if _number(began_cpu):  # the process's CPU time goes on across execve
+        log.info(
+            "re-exec: CPU since the handover began: %.3fs until answering, %.3fs until every "
+            "instance resumed",
+            at_cpu - began_cpu,
+            cpu - began_cpu,
+        )
+
+
+def _number(value: object) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_report(data: bytes) -> dict[str, Any]:

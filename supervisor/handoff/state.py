@@ -23,6 +23,8 @@ import json
 import os
 from typing import Any
 
+from ..events import MAX_SEQ
+
 __all__ = [
     "FORMAT",
     "VERSION",
@@ -35,7 +37,13 @@ __all__ = [
 
 FORMAT = "procward-handoff"
 #: Bumped whenever a field changes meaning or a new field is required; a reader refuses others.
-VERSION = 1
+#: Version 2 adds the event sequence number (``service.events_seq``, required) and, optional,
+#: when the handover began (``service.handover_began``) and whether an instance had its cgroup
+#: (``instances[].cgroup``).
+VERSION = 2
+#: What this code reads: its own version, and version 1 (a service that numbered no events:
+#: its successor numbers from 1, as a fresh start does; its instances' cgroups are looked up).
+READS = frozenset({1, VERSION})
 #: A record larger than this is refused unread (1,000 instances take about 1 MiB).
 MAX_BYTES = 256 * 1024 * 1024
 
@@ -103,14 +111,30 @@ def parse_state(data: bytes) -> StateRecord:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise HandoffError("the state record is not a procward handoff record")
     version = record.get("version")
-    if version != VERSION:
+    if type(version) is not int or version not in READS:  # not True, nor 2.0: they compare equal
+        readable = " and ".join(str(v) for v in sorted(READS))
         raise HandoffError(
-            f"the state record has format version {version!r}; this code reads version {VERSION} only: "
+            f"the state record has format version {version!r}; this code reads versions {readable}: "
             "the running service goes on as it is"
         )
-    if not isinstance(record.get("service"), dict) or not isinstance(record.get("instances"), list):
+    service = record.get("service")
+    if not isinstance(service, dict) or not isinstance(record.get("instances"), list):
         raise HandoffError("the state record has no service or no instances section")
+    if version >= 2:
+        seq = service.get("events_seq")
+        if type(seq) is not int or not 0 <= seq <= MAX_SEQ:  # NaN, 1e30, -1, true, "7", missing
+            raise HandoffError(
+                f"the state record's service.events_seq must be a whole number from 0 to {MAX_SEQ} "
+                f"(got {_short(seq)}): the running service goes on as it is"
+            )
+    else:
+        service["events_seq"] = 0
     return record
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def process_start_ticks(pid: int) -> int | None:

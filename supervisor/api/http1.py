@@ -1,0 +1,431 @@
+"""A small HTTP/1.1 server for the control API: h11 speaks the protocol, anyio moves the bytes.
+
+The control plane needs little of a server: HTTP/1.1 on sockets the service
+bound itself (a unix socket, a loopback port), under asyncio and trio; keep-alive;
+request bodies; streaming answers (``logs -f``, the event stream) that end when
+the client goes away; and a stop that knows exactly which connections it
+accepted, so that a re-exec answers each of them and leaves every other one
+waiting in the listening socket's backlog for the next service. hypercorn did
+all that and brought HTTP/2, WebSockets and TLS with it, none of which a unix
+socket uses: 6 to 9 MiB and a tenth of the cold start (docs/performance.md).
+
+It serves any ASGI 3 app, ``http`` scopes only: no lifespan (``serve_control``
+builds the app and tears it down itself), no WebSockets, no HTTP/2.
+
+One task per connection. It reads one request at a time and runs the app for
+it in that task, so pipelined requests are answered in order, and a client
+that stalls, trickles or never reads holds its own task and nothing else. What
+one client may hold, and for how long, is bounded (``Limits``): the request's
+head in bytes and in time, each wait for its body, each wait for it to read
+what we send; and the number of connections, beyond which new ones wait in
+the listening socket's backlog.
+
+The sockets are plain non-blocking sockets, read with ``recv`` once anyio says
+they are readable: no stream layer buffers on our behalf, so the server reads
+exactly what it asked for and a stop never loses a connection between the
+kernel's ``accept`` and our task.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+import anyio
+import anyio.lowlevel
+import h11
+from anyio.abc import TaskGroup, TaskStatus
+
+from .exchange import ClientGone, Exchange, reason
+
+__all__ = ["ASGIApp", "ClientGone", "HTTPServer", "Limits"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+log = logging.getLogger("supervisor.control.http")
+
+# accept() found no free descriptor (or memory): try again after this long, not in a hot loop.
+_ACCEPT_RETRY = 0.1
+_OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one client may hold of the service, and for how long (docs/control.md lists them).
+
+    ``connections``: open connections at most, over all listeners; further clients wait in
+    the listening socket's backlog until one closes. ``head_bytes``: the request line and
+    headers (431 beyond). ``head_timeout``: seconds for a whole request head to arrive,
+    counted from the accept or from the end of the previous answer; an idle keep-alive
+    connection is closed then too. ``read_timeout``: seconds any one wait for the request
+    body may last. ``send_timeout``: seconds a client may leave what we send unread before
+    it is dropped. ``grace``: seconds the requests in flight get when the server stops.
+    ``linger``: seconds we read (and drop) what a client still sends after we answered it
+    early and closed our side, so that our answer is not lost to a reset.
+    """
+
+    connections: int = 512
+    head_bytes: int = 16 * 1024
+    head_timeout: float = 10.0
+    read_timeout: float = 10.0
+    send_timeout: float = 60.0
+    grace: float = 2.0
+    linger: float = 1.0
+
+
+class HTTPServer:
+    """Serves ASGI apps on listening sockets until ``stop``; never closes the listening sockets.
+
+    ``accepted`` counts the connections taken from the backlogs, ``connections`` those still
+    open. A stop (``stop``) takes no connection from the backlogs any more; then idle
+    keep-alive connections close, and those with a request under way finish it (within
+    ``Limits.grace``, then they are cut). A handover (``stop(handover=True)``) also waits
+    for the first request of a connection accepted a moment before, which has not arrived
+    yet: that client connected to this service and is answered by it. Whatever waits in
+    the backlog stays there, for the next owner of the sockets.
+    """
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        if self.limits.connections < 1:
+            raise ValueError("Limits.connections must be at least 1")
+        self.accepted = 0
+        self.stopping = False
+        self.handover = False
+        self._open: set[_Connection] = set()
+        self._stopped = anyio.Event()
+        self._changed: anyio.Event | None = None
+
+    @property
+    def connections(self) -> int:
+        return len(self._open)
+
+    async def serve(
+        self,
+        endpoints: Sequence[tuple[socket.socket, ASGIApp]],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept on every ``(listening socket, app)`` until ``stop``, then finish as it says.
+
+        Cancelling this cuts every connection at once; a caller that wants the graceful
+        stop calls ``stop`` and shields the wait (``serve_control`` does).
+        """
+        slots = anyio.Semaphore(self.limits.connections)
+        async with anyio.create_task_group() as connections:
+            async with anyio.create_task_group() as accepting:
+                for sock, app in endpoints:
+                    sock.setblocking(False)
+                    accepting.start_soon(self._accept, sock, app, slots, connections)
+                task_status.started()
+                await self._stopped.wait()
+                accepting.cancel_scope.cancel()
+            connections.cancel_scope.deadline = anyio.current_time() + self.limits.grace
+            for connection in list(self._open):
+                connection.stop()
+
+    def stop(self, *, handover: bool = False) -> None:
+        """Stop accepting; let what was accepted finish (see the class). Idempotent."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.handover = handover
+        self._stopped.set()
+
+    async def until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds; it is asked again whenever a connection opens or closes."""
+        while not predicate():
+            if self._changed is None:
+                self._changed = anyio.Event()
+            await self._changed.wait()
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    async def _accept(
+        self, listener: socket.socket, app: ASGIApp, slots: anyio.Semaphore, connections: TaskGroup
+    ) -> None:
+        """Take connections from one listening socket, one free slot at a time.
+
+        Nothing is awaited between the kernel's ``accept`` and handing the connection to its
+        task: a stop (a cancellation of this loop) never loses one that was accepted.
+        """
+        local = _endpoint(listener.family, listener.getsockname())
+        out_of_resources = False
+        while True:
+            await slots.acquire()
+            try:
+                while True:
+                    if self.stopping:  # stop() may come while this task is woken, not yet resumed
+                        slots.release()
+                        return
+                    try:
+                        sock, peer = listener.accept()
+                        break
+                    except BlockingIOError:
+                        await anyio.wait_readable(listener)
+                    except OSError as exc:
+                        if exc.errno in (errno.ECONNABORTED, errno.EPROTO, errno.EINTR):
+                            continue
+                        if exc.errno not in _OUT_OF_RESOURCES:
+                            raise
+                        if not out_of_resources:  # once a run of failures, not once a try
+                            log.warning("control socket: cannot accept a connection (%s); trying again",
+                                        exc.strerror)
+                            out_of_resources = True
+                        await anyio.sleep(_ACCEPT_RETRY)
+            except BaseException:
+                slots.release()
+                raise
+            out_of_resources = False
+            self.accepted += 1
+            sock.setblocking(False)
+            remote = _endpoint(sock.family, peer) if sock.family != socket.AF_UNIX else None
+            connection = _Connection(self, sock, app, {"server": local, "client": remote})
+            self._open.add(connection)
+            self._notify()
+            connections.start_soon(self._run, connection, slots)
+
+    async def _run(self, connection: _Connection, slots: anyio.Semaphore) -> None:
+        try:
+            await connection.run()
+        except Exception:  # ours, not the app's (Exchange logs those): this connection only
+            log.exception("control connection failed")
+        finally:
+            self._open.discard(connection)
+            connection.sock.close()
+            slots.release()
+            self._notify()
+
+
+def _endpoint(family: int, address: Any) -> tuple[str, int | None] | None:
+    """ASGI's ``server``/``client``: (host, port) over TCP, (path, None) for a unix socket."""
+    if family == socket.AF_UNIX:
+        return (address if isinstance(address, str) else address.decode(errors="replace"), None)
+    return (address[0], address[1])
+
+
+class _Connection:
+    """One client: its requests in turn, each answered by the app (``Exchange``), then the close."""
+
+    def __init__(self, server: HTTPServer, sock: socket.socket, app: ASGIApp, base: dict[str, Any]) -> None:
+        self.server = server
+        self.limits = server.limits
+        self.sock = sock
+        self.app = app
+        self.base = base
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.limits.head_bytes)
+        self.keep = True  # may serve another request after this one
+        self.broken = False  # a write failed or was cut halfway: nothing more may be written
+        self.fresh = True  # no request read yet
+        self._waiting: anyio.CancelScope | None = None
+
+    def stop(self) -> None:
+        """The server stops: end the wait for a next request, unless one is owed an answer."""
+        if self._waiting is not None and not self._owed():
+            self._waiting.cancel()
+
+    async def run(self) -> None:
+        while True:
+            request = await self._next_request()
+            if request is None:
+                break
+            self.fresh = False
+            await Exchange(self, request).run()
+            if not self._next_cycle():
+                break
+        if self.h11.their_state in (h11.SEND_BODY, h11.ERROR) and not self.broken:
+            await self._linger()
+
+    async def _next_request(self) -> h11.Request | None:
+        """The next request's head; None when the connection should close instead."""
+        deadline = anyio.current_time() + self.limits.head_timeout
+        while True:
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                await self.refuse(exc)
+                return None
+            if event is h11.NEED_DATA:
+                if self.server.stopping and not self._owed():
+                    return None
+                data = await self._read_head(deadline)
+                if data is None:
+                    return None
+                self.h11.receive_data(data)
+            elif type(event) is h11.Request:
+                return event
+            else:  # ConnectionClosed
+                return None
+
+    def _owed(self) -> bool:
+        """Must this connection be read on at a stop? When a request has (partly) arrived, and
+        at a handover also when it was accepted and its first request is still to come."""
+        if self.fresh and self.server.handover:
+            return True
+        if self.h11.trailing_data[0]:
+            return True
+        try:
+            return bool(self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
+
+    async def _read_head(self, deadline: float) -> bytes | None:
+        """Bytes of a request head before ``deadline``; None at the deadline, or at a stop while
+        nothing is owed (``stop``)."""
+        with anyio.CancelScope(deadline=deadline) as self._waiting:
+            try:
+                return await self.recv()
+            finally:
+                self._waiting = None
+        return None
+
+    async def recv(self) -> bytes:
+        """What has arrived (at most ``_READ_SIZE`` bytes); ``b""`` when the client is gone.
+
+        No cancellation point lies between the ``recv`` and the return: bytes taken from the
+        kernel are never dropped by a cancellation.
+        """
+        while True:
+            try:
+                data = self.sock.recv(_READ_SIZE)
+            except BlockingIOError:
+                await anyio.wait_readable(self.sock)
+                continue
+            except OSError:
+                return b""
+            await anyio.lowlevel.cancel_shielded_checkpoint()  # a client that floods lets others run
+            return data
+
+    async def write(self, parts: Sequence[bytes]) -> None:
+        """Send ``parts`` (one ``sendmsg`` when the socket takes them); ``ClientGone`` when the client
+        left, or read nothing for ``send_timeout`` seconds (then the connection is dropped).
+
+        Cut by a cancellation halfway through, the connection is broken: the answer on it
+        cannot be completed, and it closes.
+        """
+        if self.broken:
+            raise ClientGone("the connection is closed")
+        pending = [part for part in parts if part]
+        started = False
+        try:
+            waited = False
+            while pending:
+                try:
+                    sent = self.sock.sendmsg(pending, (), socket.MSG_NOSIGNAL)
+                except BlockingIOError:
+                    with anyio.move_on_after(self.limits.send_timeout) as wait:
+                        await anyio.wait_writable(self.sock)
+                    if wait.cancelled_caught:
+                        idle = self.limits.send_timeout
+                        raise ClientGone(f"the client read nothing for {idle:g} s") from None
+                    waited = True
+                    continue
+                started = True
+                pending = _advance(pending, sent)
+            if not waited:
+                await anyio.lowlevel.checkpoint()  # every send lets the others run
+        except OSError as exc:
+            self.broken = True
+            if isinstance(exc, ClientGone):
+                raise
+            raise ClientGone(f"the client went away ({exc.strerror or exc})") from None
+        except BaseException:
+            self.broken = self.broken or (started and bool(pending))
+            raise
+
+    async def refuse(self, exc: h11.RemoteProtocolError) -> None:
+        """Answer a request h11 could not parse (400, or 431 for a head too large), then close."""
+        status = exc.error_status_hint
+        if status == 431:
+            message = f"the request's line and headers may hold at most {self.limits.head_bytes} bytes"
+        else:
+            message = f"malformed HTTP/1.1 request: {exc}"
+        await self.answer_error(status, message)
+
+    async def answer_error(self, status: int, message: str) -> None:
+        """An error answer of our own (the API's JSON error shape) with ``Connection: close``."""
+        self.keep = False
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE) or self.broken:
+            return
+        body = json.dumps({"error": message, "details": []}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        out = self.h11.send_with_data_passthrough(h11.Response(status_code=status, headers=headers,
+                                                               reason=reason(status)))
+        out += self.h11.send_with_data_passthrough(h11.Data(data=body))
+        out += self.h11.send_with_data_passthrough(h11.EndOfMessage())
+        try:
+            await self.write(out)
+        except ClientGone:
+            pass
+
+    def scope(self, request: h11.Request) -> Scope:
+        target = request.target
+        if not target.startswith(b"/") and b"://" in target:  # absolute-form: http://host/path?query
+            target = b"/" + target.split(b"://", 1)[1].partition(b"/")[2]
+        path, _, query = target.partition(b"?")
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.4"},
+            "http_version": request.http_version.decode("ascii"),
+            "method": request.method.decode("ascii"),
+            "scheme": "http",
+            "path": unquote_to_bytes(path).decode("utf-8", "replace"),
+            "raw_path": path,
+            "query_string": query,
+            "root_path": "",
+            "headers": list(request.headers),
+            "server": self.base["server"],
+            "client": self.base["client"],
+        }
+
+    def _next_cycle(self) -> bool:
+        """Ready for the next request on this connection? (Both sides done, nothing broken.)"""
+        if not self.keep or self.broken:
+            return False
+        if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+            return False
+        self.h11.start_next_cycle()
+        return True
+
+    async def _linger(self) -> None:
+        """We answered before reading the whole request (a 413, a 400): close our side and read
+        what is still coming for a moment, so that closing with it unread does not reset the
+        connection before the client has read our answer."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        with anyio.move_on_after(self.limits.linger):
+            while await self.recv():
+                pass
+
+
+def _advance(parts: list[bytes], sent: int) -> list[bytes]:
+    """What is left of ``parts`` once ``sent`` bytes of them went out."""
+    while sent:
+        first = parts[0]
+        if sent >= len(first):
+            sent -= len(first)
+            parts = parts[1:]
+        else:
+            parts = [memoryview(first)[sent:], *parts[1:]]  # type: ignore[list-item]
+            sent = 0
+    return parts
