@@ -12,7 +12,6 @@ beyond the record it was adopted from.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import asdict
@@ -28,13 +27,14 @@ from .process import Child, ExitStatus
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from anyio.abc import TaskGroup, TaskStatus
+    from anyio.abc import TaskStatus
 
     from .cgroups import InstanceCgroup
     from .config import InstanceConfig
     from .health import Health, LogSubscription
     from .instance import InstanceContext, Retry
     from .logs import LogSink
+    from .rendezvous import RequestLock
     from .stdio import LogPipe
 
 log = logging.getLogger("supervisor.instance")
@@ -43,16 +43,16 @@ log = logging.getLogger("supervisor.instance")
 class _UntilResumed:
     """An adopted instance's lock, with a gate in front: requests wait until every instance resumed."""
 
-    def __init__(self, lock: anyio.Lock, resumed: anyio.Event) -> None:
+    def __init__(self, lock: RequestLock, resumed: anyio.Event) -> None:
         self.lock = lock
         self._resumed = resumed
 
     async def __aenter__(self) -> None:
         await self._resumed.wait()
-        await self.lock.acquire()
+        await self.lock.__aenter__()
 
     async def __aexit__(self, *exc_info: object) -> None:
-        self.lock.release()
+        await self.lock.__aexit__(None, None, None)
 
 
 class Adoption:
@@ -70,8 +70,7 @@ class Adoption:
         _pipes: dict[str, LogPipe]
         _sinks: dict[str, LogSink]
         _health: Health
-        _lock: anyio.Lock
-        _tg: TaskGroup | None
+        _lock: RequestLock
         _next_try: float | None
         _kill_at: float | None
         _trouble: str | None
@@ -191,15 +190,19 @@ class Adoption:
         if child is not None:
             child.cgroup = self._cgroup
 
-    async def _resume(self, record: dict[str, Any]) -> None:
-        """Go on with what the adopted instance was doing (inside ``run()``, before it is started)."""
+    async def _resume(self, record: dict[str, Any], task_status: TaskStatus[None]) -> None:
+        """Go on with what the adopted instance was doing, in ``run()``'s own task.
+
+        ``task_status.started()`` once it is under way (a stop holds the lock by then).
+        """
         self._adopted = None
         state = self._state
-        assert self._tg is not None
         if state is State.STOPPING:
-            await self._tg.start(self._finish_stop, record)
+            await self._finish_stop(record, task_status=task_status)
         elif state in (State.STARTING, State.RUNNING, State.BACKOFF, State.WAITING):
-            await self._tg.start(functools.partial(self._supervise, resume=record))
+            await self._supervise(task_status=task_status, resume=record)
+        else:
+            task_status.started()
 
     async def _resume_run(self, record: dict[str, Any]) -> Retry | None:
         """The adopted part of the supervise loop. Returns why to back off, None when done, or

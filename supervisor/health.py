@@ -9,7 +9,6 @@ every transition still goes through the instance's one ``_transition``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -49,17 +48,38 @@ class Resumed:
 class LogSubscription:
     """The followers a log check reads: left as soon as the check passed (unread, they cost copies).
 
-    Without a log check (most instances) there is nothing to follow, and no exit stack is made.
+    An async context manager, entered before the spawn so that no line is missed, left when
+    the run ends. Without a log check (most instances) there is nothing to follow: no exit
+    stack is made, and entering it costs no generator frame kept for the run's lifetime.
     """
 
-    def __init__(self) -> None:
+    __slots__ = ("_sinks", "followers", "stack")
+
+    def __init__(self, sinks: Sequence[LogSink] | None) -> None:
+        self._sinks = sinks
         self.stack: AsyncExitStack | None = None
         self.followers: list[AsyncIterator[bytes]] = []
 
+    async def __aenter__(self) -> LogSubscription:
+        sinks, self._sinks = self._sinks, None
+        if sinks:
+            stack = self.stack = AsyncExitStack()
+            try:
+                for sink in sinks:
+                    self.followers.append(await stack.enter_async_context(sink.follow()))
+            except BaseException:
+                await self.aclose()
+                raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
         self.followers.clear()
-        if self.stack is not None:
-            await self.stack.aclose()
+        stack, self.stack = self.stack, None
+        if stack is not None:
+            await stack.aclose()
 
 
 class Health:
@@ -145,18 +165,10 @@ class Health:
         self._outcomes[kind] = outcome
         self._bus.publish(Update(self._name, self._group, kind, ok, message))
 
-    @contextlib.asynccontextmanager
-    async def log_subscription(self, sinks: Sequence[LogSink]) -> AsyncIterator[LogSubscription]:
-        """Follow the sinks for a log check; enter before the spawn, so that no line is missed."""
-        subscription = LogSubscription()
+    def log_subscription(self, sinks: Sequence[LogSink]) -> LogSubscription:
+        """Follow the sinks for a log check; enter it before the spawn, so that no line is missed."""
         check = self._config.ready
-        if check is None or check.kind != "log":
-            yield subscription
-            return
-        async with AsyncExitStack() as subscription.stack:
-            for sink in sinks:
-                subscription.followers.append(await subscription.stack.enter_async_context(sink.follow()))
-            yield subscription
+        return LogSubscription(sinks if check is not None and check.kind == "log" else None)
 
     # -- one run ---------------------------------------------------------------------------
 
@@ -175,21 +187,11 @@ class Health:
         (if any) passed; ``on_running`` is called then, and liveness takes over.
         ``resumed``: a run adopted after a re-exec, with what ``adopt`` restored; what
         it had passed already is not asked again (a notify program says READY=1 once).
+        Call ``begin_run`` first.
         """
         config = self._config
-        if resumed is None:
-            if config.ready is not None:
-                self.ready = False
-            for kind in ("ready", "alive", "watchdog", "memory"):  # each run's first outcome is news
-                self._outcomes.pop(kind, None)
-            self._watchdog_trigger = False
-            self._main_pid = None
-            if self._notify is not None:
-                self._fresh_notify_events()
         limits = config.limits
-        memory = limits.memory
-        if memory is None and not self.kernel_memory_max:  # memory_max's fallback: a restart on RSS
-            memory = limits.memory_max
+        memory = self._memory_limit()
         if memory is None and self._notify is None:
             # No watcher beside the run (most instances): no task group, and once up without a
             # liveness check, this task ends; what it held goes with it.
@@ -203,6 +205,38 @@ class Health:
                 if config.watchdog is not None:
                     tg.start_soon(self._watch_dog, config.watchdog, kill)
             await self._up_then_alive(followers, context, on_running, kill, resumed)
+
+    def begin_run(self, resumed: Resumed | None) -> float | None:
+        """A run begins (or goes on after a re-exec): the last run's outcomes are forgotten.
+
+        Returns in how many seconds the run counts as up when only ``min_uptime`` is to
+        wait for (no readiness check left, no liveness check, no memory limit, no
+        notify socket): the instance waits for that in its own task, with no
+        ``watch_run`` beside it. None when ``watch_run`` must watch the run.
+        """
+        config = self._config
+        if resumed is None:
+            if config.ready is not None:
+                self.ready = False
+            for kind in ("ready", "alive", "watchdog", "memory"):  # each run's first outcome is news
+                self._outcomes.pop(kind, None)
+            self._watchdog_trigger = False
+            self._main_pid = None
+            if self._notify is not None:
+                self._fresh_notify_events()
+        if self._notify is not None or config.alive is not None or self._memory_limit() is not None:
+            return None
+        if config.ready is not None and not self.ready:
+            return None
+        uptime = 0.0 if resumed is None else resumed.uptime
+        return max(0.0, config.restart.min_uptime - uptime)
+
+    def _memory_limit(self) -> int | None:
+        limits = self._config.limits
+        memory = limits.memory
+        if memory is None and not self.kernel_memory_max:  # memory_max's fallback: a restart on RSS
+            memory = limits.memory_max
+        return memory
 
     def _fresh_notify_events(self) -> None:
         self._notified_ready = anyio.Event()

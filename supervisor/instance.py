@@ -5,8 +5,10 @@ sinks live that long too (decision 7); each *run* of its program is one
 ``Child``. Requests (start, stop, restart, signal) are serialised by one lock,
 so twenty restarts fired at once run one after another and end with exactly
 one process. The automatic part (waiting for exits, backing off, starting
-again) is one task, the *supervise loop*, which a stop cancels before it
-signals the child: so an exit caused by a stop is never mistaken for a crash.
+again) is the *supervise loop*, which a stop cancels before it signals the
+child (stopping.py). It runs in ``run()``'s task, the one task an instance
+keeps (a task costs 3 to 4 KB; docs/performance.md); the manager's one
+``PipeReactor`` reads every log pipe.
 
 Every transition goes through ``_transition``, which asserts the state it
 leaves against ARCHITECTURE.md's table and publishes the event.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 
 from .adoption import Adoption
 from .cgroups import CgroupError, CgroupTree, InstanceCgroup
@@ -33,8 +34,11 @@ from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription, Resumed
 from .logs import LogFileError, LogSink
 from .process import Child, ExitStatus, SpawnError
+from .reactor import PipeReactor
+from .rendezvous import Announcement, RequestLock
 from .run_setup import RunSetup
 from .stdio import LogPipe, StdioError
+from .stopping import Stopping
 
 log = logging.getLogger("supervisor.instance")
 
@@ -114,6 +118,8 @@ class InstanceContext:
     settings: ServiceSettings
     bus: EventBus
     environ: Mapping[str, str]
+    #: Reads every instance's log pipes (reactor.py); the manager hosts its task.
+    reactor: PipeReactor
     dependencies: Dependencies | None = None
     #: Told the instance's group name at each transition (the manager wakes what waits on it).
     on_transition: Callable[[str], None] | None = None
@@ -121,12 +127,13 @@ class InstanceContext:
     cgroups: CgroupTree | None = None
 
 
-class Instance(RunSetup, Adoption):
+class Instance(RunSetup, Stopping, Adoption):
     """One named instance: a state machine driving successive runs of one program.
 
     How one run is set up (log pipes, cgroup, stdio, the spawn) is ``RunSetup``, in
-    run_setup.py; the re-exec handoff's half (describe, adopt, resume) is ``Adoption``,
-    in adoption.py.
+    run_setup.py; how a run is stopped (the loop cancelled, the signal, SIGKILL after
+    the timeout) is ``Stopping``, in stopping.py; the re-exec handoff's half (describe,
+    adopt, resume) is ``Adoption``, in adoption.py.
     """
 
     def __init__(self, name: str, group: str, config: InstanceConfig, context: InstanceContext) -> None:
@@ -140,14 +147,16 @@ class Instance(RunSetup, Adoption):
         self._reason: str | None = None
         self._restarts = 0
         self._failures = 0  # failed starts in a row: the backoff exponent and the give-up count
-        self._lock = anyio.Lock()
+        self._lock = RequestLock()
         # Made by the first waiter after a transition (most instances have none): see wait_until.
         self._changed: anyio.Event | None = None
-        self._closed = anyio.Event()
-        self._closing = False
-        self._tg: TaskGroup | None = None
+        self._closing = False  # close() began: no start any more
+        self._closed = False  # close() is done: run() returns
+        self._hosting = False  # run() is there to run the supervise loop
+        self._wake: anyio.Event | None = None  # run() waits on it while no loop runs
+        self._start_wanted: Announcement | None = None  # a start() handed to run()
         self._loop_scope: anyio.CancelScope | None = None
-        self._loop_done: anyio.Event | None = None
+        self._loop_exited: anyio.Event | None = None  # made by a stop that waits for the loop
         self._pipes: dict[str, LogPipe] = {}
         self._sinks: dict[str, LogSink] = {}
         self._targets = {"stdin": "", "stdout": "", "stderr": ""}
@@ -275,26 +284,34 @@ class Instance(RunSetup, Adoption):
     # -- lifetime --------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Own the log pipes and sinks, and host the supervise loop, until ``close()``."""
-        if self._adopted is None:
+        """Own the log pipes and sinks, and run the supervise loop when started, until ``close()``."""
+        adopted = self._adopted
+        if adopted is None:
             self._open_logs()
+        for sink in self._sinks.values():
+            sink.attach(self._context.reactor)
+        self._hosting = True
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                for sink in self._sinks.values():
-                    tg.start_soon(sink.run)
-                if self._adopted is not None:
-                    await self._resume(self._adopted)
+            if adopted is not None:
+                await self._resume(adopted, task_status)
+            else:
                 task_status.started()
-                await self._closed.wait()
-                tg.cancel_scope.cancel()
+            while not self._closed:
+                wanted, self._start_wanted = self._start_wanted, None
+                if wanted is not None:
+                    await self._supervise(task_status=wanted)
+                else:
+                    self._wake = anyio.Event()
+                    await self._wake.wait()
         finally:
-            self._tg = None
+            self._hosting = False
+            if self._start_wanted is not None:  # the service is going away: that start is not coming
+                self._start_wanted.started()
             with anyio.CancelScope(shield=True):
                 await self._kill_now()
                 await self._remove_cgroup()
-                for sink in self._sinks.values():
-                    await sink.aclose()
+            for sink in self._sinks.values():
+                sink.close()
             for pipe in self._pipes.values():
                 pipe.close()
             self._health.close()
@@ -307,7 +324,13 @@ class Instance(RunSetup, Adoption):
                 await self._stop_locked(reason)
             with anyio.CancelScope(shield=True):  # before a replacement of the same name makes it again
                 await self._remove_cgroup()
-            self._closed.set()
+            self._closed = True
+            self._wake_run()
+
+    def _wake_run(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.set()
 
     # -- the handoff (re-exec): the rest is in adoption.py ----------------------------------
 
@@ -413,57 +436,28 @@ class Instance(RunSetup, Adoption):
             self._context.on_transition(self.group)
 
     async def _start_locked(self) -> None:
-        if self._tg is None or self._closing:
+        if not self._hosting or self._closing:
             raise InvalidRequest(self.name, "the instance is closing (removed, or the service is stopping)")
         self._failures = 0
-        await self._tg.start(self._supervise)
-
-    async def _stop_locked(self, reason: str) -> None:
-        # Shielded: a stop abandoned halfway (a client hung up) would leave a live child in
-        # `stopping` for ever. It is bounded anyway, by stop.timeout and then SIGKILL.
-        with anyio.CancelScope(shield=True):
-            await self._stop_shielded(reason)
-
-    async def _stop_shielded(self, reason: str) -> None:
-        await self._cancel_loop()
-        if self._state in (State.BACKOFF, State.WAITING):
-            self._transition(State.STOPPED, reason=reason)
-            return
-        if self._state in (State.STARTING, State.RUNNING):
-            self._transition(State.STOPPING, reason=reason)
-        child = self._child
-        if child is not None and child.exit is None:
-            if await self._terminate(child, self.config.stop.signal):
-                reason = f"{reason}; killed after {self.config.stop.timeout:g}s"
-            self._last_exit = child.exit
-        if self._state is State.STOPPING:
-            self._transition(State.STOPPED, reason=reason, exit=self._last_exit)
-
-    async def _cancel_loop(self) -> None:
-        scope, done = self._loop_scope, self._loop_done
-        if scope is not None and done is not None:
-            scope.cancel()
-            await done.wait()
-
-    async def _kill_now(self) -> None:
-        """The service is going away: no grace, but reap what we started."""
-        child = self._child
-        if child is not None and child.exit is None:
-            child.send_signal(signal.SIGKILL, group=True)
-            self._last_exit = await child.wait()
+        wanted = self._start_wanted = Announcement()
+        self._wake_run()
+        try:
+            await wanted.wait()
+        finally:
+            if self._start_wanted is wanted:  # cancelled before run() took it: no start at all
+                self._start_wanted = None
 
     async def _supervise(
         self, *, task_status: TaskStatus[None], resume: dict[str, Any] | None = None
     ) -> None:
         """Wait for dependencies, start, watch, back off and start again, as the policy says.
 
-        ``task_status.started()`` is called right after the first spawn attempt (or
-        on entering ``waiting``), so that ``start()`` returns with the program
-        spawned, failed to spawn, or waiting for its dependencies.
+        Runs in ``run()``'s task; a stop cancels it (``_cancel_loop``). ``task_status.started()``
+        is called right after the first spawn attempt (or on entering ``waiting``), so that
+        ``start()`` returns with the program spawned, failed to spawn, or waiting for its
+        dependencies.
         """
-        scope = anyio.CancelScope()
-        done = anyio.Event()
-        self._loop_scope, self._loop_done = scope, done
+        scope = self._loop_scope = anyio.CancelScope()
         announced = False
 
         def announce() -> None:
@@ -489,8 +483,10 @@ class Instance(RunSetup, Adoption):
             with anyio.CancelScope(shield=True):
                 await self._give_up(f"unexpected error in its supervision: {_first_cause(exc)}")
         finally:
-            self._loop_scope = self._loop_done = None
-            done.set()
+            self._loop_scope = None
+            exited, self._loop_exited = self._loop_exited, None
+            if exited is not None:
+                exited.set()
             announce()
 
     async def _give_up(self, reason: str) -> None:
@@ -554,12 +550,22 @@ class Instance(RunSetup, Adoption):
             await self._terminate(child, self.config.stop.signal if sig is None else sig)
 
         try:
-            async with anyio.create_task_group() as tg:
-                # Not kept in this frame: the watcher drops it (the environment's copy) once done.
-                watch = self._health.watch_run
-                tg.start_soon(watch, child, followers, self._exec_context(), on_running, kill, resumed)
+            up_in = self._health.begin_run(resumed)
+            if up_in is None:  # checks to run beside the program: a watcher task
+                async with anyio.create_task_group() as tg:
+                    # Not kept in this frame: the watcher drops it (the environment's copy) once done.
+                    watch = self._health.watch_run
+                    tg.start_soon(watch, child, followers, self._exec_context(), on_running, kill, resumed)
+                    await child.wait()
+                    tg.cancel_scope.cancel()
+            else:  # min_uptime alone (most instances): waited for here, no task beside
+                if not running:
+                    if up_in > 0:
+                        with anyio.move_on_after(up_in):
+                            await child.wait()
+                    if child.exit is None:
+                        on_running()
                 await child.wait()
-                tg.cancel_scope.cancel()
         finally:  # ended, or a stop cancelled the watch: either way the run is not ready any more
             self._health.run_ended()
         status = child.exit
@@ -576,32 +582,6 @@ class Instance(RunSetup, Adoption):
         if early:
             return Retry(f"{status.describe()} after {uptime:.2f}s, before min_uptime", failed_start=True)
         return Retry(status.describe(), failed_start=False)
-
-    async def _terminate(self, child: Child, sig: int) -> bool:
-        """``sig``, then SIGKILL to the group after stop.timeout; True if it took the SIGKILL.
-
-        Returns once the leader is reaped.
-        """
-        stop = self.config.stop
-        child.send_signal(sig, group=stop.group)
-        return await self._kill_after(child, time.monotonic() + stop.timeout)
-
-    async def _kill_after(self, child: Child, deadline: float) -> bool:
-        """Wait for the leader until ``deadline`` (time.monotonic()), then SIGKILL the group.
-
-        The deadline is kept in ``_kill_at`` while it runs: a re-exec hands it over.
-        """
-        self._kill_at = deadline
-        try:
-            with anyio.move_on_after(max(0.0, deadline - time.monotonic())):
-                await child.wait()
-            if child.exit is not None:
-                return False
-            child.send_signal(signal.SIGKILL, group=True)
-            await child.wait()
-            return True
-        finally:
-            self._kill_at = None
 
     async def _back_off(self, retry: Retry) -> bool:
         """BACKOFF, then FAILED at the restart limit (False), or a pause before the next start.

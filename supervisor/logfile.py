@@ -297,6 +297,12 @@ class RotatingFile:
     called when a streak starts and when it ends, and the next write tries again.
     """
 
+    # One per captured stream of every instance: no __dict__ each.
+    __slots__ = (
+        "_check_folder", "_fd", "_folder", "_mid_line", "_on_change", "_rotation_failing", "_size",
+        "backups", "bytes_lost", "bytes_written", "leftovers_removed", "max_bytes", "path", "write_error",
+    )
+
     def __init__(
         self,
         path: Path,

@@ -3,15 +3,17 @@
 A log pipe belongs to the instance, not to one run of it (ARCHITECTURE.md, decision 7):
 the pipe's owner keeps the read end for the instance's whole life and hands each run a
 fresh write end. So between runs the read end sees EOF, and a writer can come back
-later. ``LogSink`` is the reader. It is built for the case where one chatty child
-writes as fast as it can, which shapes everything here:
+later. ``LogSink`` takes in what the pipe brings; it has no task of its own: one
+``PipeReactor`` (reactor.py) waits on every sink's pipe at once and gives each ready
+one a turn, ``read_turn``, synchronous code bounded by a budget. It is built for the
+case where one chatty child writes as fast as it can, which shapes everything here:
 
 * Bytes are read in large chunks and handled with bytes methods (``find``,
   ``rfind``, ``replace``, ``split``) that run at C speed; nothing loops over bytes in
   Python. Work per chunk is a handful of Python operations whatever the chunk holds.
-* The loop writes everything it read before it reads more. When the disk is slower
+* A turn writes everything it read before it reads more. When the disk is slower
   than the child, the pipe fills and the child waits: backpressure, nothing dropped.
-* A follower (``supervisor logs -f``) can never slow the loop, nor hold the service's
+* A follower (``supervisor logs -f``) can never slow the reading, nor hold the service's
   memory: each one has a queue bounded in bytes, and a follower that falls behind
   misses data and is told how much. The tail too is bounded by what it costs
   (``logtail.py``).
@@ -22,7 +24,6 @@ The file, its rotation, its folder and what it refuses to follow are ``logfile.p
 from __future__ import annotations
 
 import contextlib
-import enum
 import fcntl
 import logging
 import os
@@ -30,12 +31,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import anyio
-import anyio.lowlevel
-from anyio.lowlevel import RunVar
-
 from .logfile import LogFileError, RotatingFile
 from .logtail import Follower, Tail
+from .reactor import PipeReactor, Turn
 
 __all__ = ["LogFileError", "LogSink"]
 
@@ -43,10 +41,6 @@ logger = logging.getLogger(__name__)
 
 # One os.read asks for this much; a pipe hands over at most its capacity.
 _READ_SIZE = 1024 * 1024
-# Bytes one sink reads in one turn on the event loop, and how many sinks may read in one
-# round of the loop (see _read_turn).
-_TURN_BUDGET = 512 * 1024
-_SINKS_PER_ROUND = 4
 # Bytes read when draining without blocking at shutdown. A writer that keeps pace with
 # the reader (a grandchild that outlived its parent, say) must not hold shutdown forever.
 _DRAIN_LIMIT = 64 * _READ_SIZE
@@ -130,63 +124,34 @@ def _stamp_lines(data: bytes, stamp: bytes, at_line_start: bool) -> bytes:
     return stamp + body if at_line_start else body
 
 
-# Turns to read, shared by every sink of one event loop (a RunVar: tests run several loops).
-_TURNS: RunVar[anyio.Semaphore] = RunVar("supervisor.logs.turns")
-
-
-@contextlib.asynccontextmanager
-async def _read_turn() -> AsyncIterator[None]:
-    """A turn to read, held across one round of the event loop.
-
-    Every ready task runs once per round of the loop, and a control request needs a few
-    rounds to be answered. With a hundred chatty children, a round that let every sink
-    read its fill would take tens of milliseconds, so `supervisor status` would take
-    half a second. Instead at most ``_SINKS_PER_ROUND`` sinks read in one round; the
-    others wait their turn, first come first served, off the loop's ready queue. The
-    children meanwhile wait on their full pipes: backpressure, nothing is dropped.
-    """
-    try:
-        turns = _TURNS.get()
-    except LookupError:
-        turns = anyio.Semaphore(_SINKS_PER_ROUND)
-        _TURNS.set(turns)
-    try:
-        turns.acquire_nowait()  # no extra round when a turn is free (and nobody queues)
-    except anyio.WouldBlock:
-        await turns.acquire()
-    try:
-        yield
-    finally:
-        turns.release()
-
-
 # -- the sink ---------------------------------------------------------------------------------
-
-
-class _ReadOutcome(enum.Enum):
-    EMPTY = "the pipe is empty and a writer holds it open: wait until it is readable"
-    EOF = "no writer for now: wait for writer_attached()"
-    BUDGET = "read enough for one wakeup: let others run, then read on"
 
 
 class LogSink:
     """Reads one log pipe for the instance's whole life into a file, a tail and followers.
 
-    ``run()`` is the loop; the instance runs it in its task group and cancels it on
-    close. ``writer_attached()`` must be called each time a new write end is handed to
+    ``attach(reactor)`` has the reactor read it; ``close()`` ends that (and drains the
+    pipe). ``writer_attached()`` must be called each time a new write end is handed to
     a child, in the same synchronous stretch of code that opens that write end (no
-    ``await`` in between), so the loop cannot see the pipe between the two.
+    ``await`` in between): after an EOF, the reactor watches the pipe again from then.
 
-    The sink does not own ``read_fd``: its owner closes it, after ``aclose()``. Like
+    The sink does not own ``read_fd``: its owner closes it, after ``close()``. Like
     everything in the core, it is used from the event loop's thread only.
 
     ``open()`` opens the file (and creates its folder) up front and raises
     ``LogFileError`` when it cannot: the instance calls it before each spawn, so a log
-    that cannot be written fails that instance with the reason, not the service. The
-    loop never raises for the file: from then on, trouble with it is counted in
+    that cannot be written fails that instance with the reason, not the service. A
+    turn never raises for the file: from then on, trouble with it is counted in
     ``bytes_lost`` and said in ``write_error``, and ``on_loss_change(sink)`` is called
     when a streak of losses starts and when it ends (it must be quick, and not raise).
     """
+
+    # Two per instance: no __dict__ each.
+    __slots__ = (
+        "_at_line_start", "_carry", "_carry_size", "_closed", "_file", "_follower_bytes", "_followers",
+        "_initial_pipe_size", "_on_loss_change", "_pipe_size", "_reactor", "_read_fd", "_tail",
+        "_tail_bytes", "_tail_in_file", "_timestamps", "reads",
+    )
 
     def __init__(
         self,
@@ -205,7 +170,8 @@ class LogSink:
             self._pipe_size = self._initial_pipe_size = fcntl.fcntl(read_fd, _F_GETPIPE_SZ)
         except OSError:  # not a pipe (a test's file, say): nothing to grow
             self._pipe_size = self._initial_pipe_size = _BIG_PIPE
-        hook = None if on_loss_change is None else lambda: on_loss_change(self)
+        self._on_loss_change = on_loss_change
+        hook = None if on_loss_change is None else self._loss_changed
         self._file = RotatingFile(Path(path), max_bytes, backups, on_change=hook)
         self._timestamps = timestamps
         self._tail = Tail(tail_bytes)
@@ -219,15 +185,15 @@ class LogSink:
         self._carry_size = 0
         # The last byte read is a newline (or nothing was read yet): the next byte starts a line.
         self._at_line_start = True
-        # Counts writer_attached() calls: after an EOF, the loop waits for it to move.
-        self._generation = 0
-        self._generation_moved: anyio.Event | None = None
-        self._run_scope: anyio.CancelScope | None = None
-        self._run_done: anyio.Event | None = None
+        self._reactor: PipeReactor | None = None
         self._closed = False
         #: os.read calls that returned data or EOF: lets tests and benchmarks see the
-        #: loop idle at EOF instead of spinning.
+        #: reactor leave the pipe alone at EOF instead of spinning.
         self.reads = 0
+
+    def _loss_changed(self) -> None:
+        assert self._on_loss_change is not None
+        self._on_loss_change(self)
 
     @property
     def path(self) -> Path:
@@ -261,73 +227,70 @@ class LogSink:
         if not self._closed:
             self._file.open()
 
-    # -- the loop -------------------------------------------------------------------------
+    # -- reading (the reactor calls read_turn) -------------------------------------------
 
-    async def run(self) -> None:
-        """Read until cancelled; on the way out, take in what is still in the pipe.
+    def attach(self, reactor: PipeReactor) -> None:
+        """Have ``reactor`` read the pipe from now on, until ``close()``.
 
-        Returns at once if the sink is closed already: a task started just before
-        ``aclose()`` has nothing left to do.
+        Opens the file if it can (trouble with it is counted, as for any write). Does
+        nothing for a sink closed already: an instance closed before it ran has nothing
+        left to read.
         """
         if self._closed:
             return
-        if self._run_scope is not None:
-            raise RuntimeError(f"log sink for {self.path} is already running")
+        if self._reactor is not None:
+            raise RuntimeError(f"log sink for {self.path} is read already")
+        self._reactor = reactor
         self._file.open_quietly()
-        done = self._run_done = anyio.Event()
-        try:
-            with anyio.CancelScope() as scope:
-                self._run_scope = scope
-                await self._read_loop()
-        finally:
-            self._run_scope = None
-            self._drain()
-            done.set()
+        reactor.watch(self._read_fd, self)  # at EOF for now (no writer yet), its first turn says so
 
     def writer_attached(self) -> None:
-        """A new writer holds the pipe: after an EOF, the loop may read again."""
-        self._generation += 1
-        if self._generation_moved is not None:
-            self._generation_moved.set()
-            self._generation_moved = None
+        """A new writer holds the pipe: after an EOF, the reactor reads it again."""
+        if self._reactor is not None and not self._closed and self._read_fd >= 0:
+            self._reactor.watch(self._read_fd, self)
 
-    async def _read_loop(self) -> None:
-        while True:
-            generation = self._generation
-            async with _read_turn():
-                outcome = self._read(_TURN_BUDGET)
-                if outcome is _ReadOutcome.BUDGET:
-                    await anyio.lowlevel.checkpoint()  # the rest of the round belongs to others
-            if outcome is _ReadOutcome.EMPTY:
-                await anyio.wait_readable(self._read_fd)
-            elif outcome is _ReadOutcome.EOF:
-                self._file.idle()  # no run writes: no descriptor held until the next one does
-                # A pipe with no writer is always readable: waiting for that would spin.
-                while self._generation == generation:
-                    # No local name: a set Event would stay in this frame for the program's whole run.
-                    self._generation_moved = anyio.Event()
-                    await self._generation_moved.wait()
+    def read_turn(self, budget: int) -> tuple[Turn, int]:
+        """The reactor's call when the pipe is readable: take in up to ``budget`` bytes.
 
-    def _read(self, budget: int) -> _ReadOutcome:
-        """Read and take in chunks until the pipe is empty or at EOF, or ``budget`` is spent."""
+        At EOF the file is let go of (no run writes: no descriptor held until the next
+        one does), and the reactor stops watching the pipe until ``writer_attached()``.
+        A read end closed under the sink counts as EOF; ``close()`` says the rest.
+        """
+        try:
+            outcome, taken = self._read(budget)
+        except OSError as exc:  # EBADF: its owner closed the read end without close()
+            logger.warning("log pipe for %s: cannot be read any more: %s", self.path, exc)
+            # Its number may come back for another file (a socket, another pipe): never touched again.
+            self._read_fd = -1
+            return Turn.EOF, 0
+        if outcome is Turn.EOF:
+            self._file.idle()
+        return outcome, taken
+
+    def _read(self, budget: int) -> tuple[Turn, int]:
+        """Read and take in chunks until the pipe is empty or at EOF, or ``budget`` is spent.
+
+        Returns what it found and how many bytes it read.
+        """
         taken = 0
-        while budget > 0:
+        while taken < budget:
             try:
-                data = os.read(self._read_fd, min(budget, _READ_SIZE))
+                data = os.read(self._read_fd, min(budget - taken, _READ_SIZE))
             except BlockingIOError:
-                return _ReadOutcome.EMPTY
+                return Turn.EMPTY, taken
             self.reads += 1
             if not data:
-                return _ReadOutcome.EOF
+                return Turn.EOF, taken
             taken += len(data)
             if taken >= self._pipe_size:  # it refills as fast as we read: the child waits on us
                 self._pipe_size = _PIPE_GROWTH.grow(self._read_fd, self._pipe_size)
             self._take(data)
-            budget -= len(data)
-        return _ReadOutcome.BUDGET
+        return Turn.MORE, taken
 
     def _drain(self) -> None:
         """Take in what the pipe holds without waiting: bytes a child wrote are not lost at stop."""
+        if self._read_fd < 0:
+            return
         try:
             self._read(_DRAIN_LIMIT)
         except OSError as exc:  # the owner closed the pipe already
@@ -426,19 +389,17 @@ class LogSink:
         if not self._closed:
             self._file.reopen()
 
-    async def aclose(self) -> None:
-        """Stop ``run()`` if it still runs, take in what is left in the pipe, close the file.
+    def close(self) -> None:
+        """Stop reading, take in what is left in the pipe, hand followers the rest, close the file.
 
         Call it before the pipe's owner closes ``read_fd``: the last drain here catches
-        what a child wrote between the loop's end and its own death.
+        what a child wrote between the reactor's last turn and its own death.
         """
-        with anyio.CancelScope(shield=True):
-            if self._run_scope is not None and self._run_done is not None:
-                self._run_scope.cancel()
-                await self._run_done.wait()
         if self._closed:
             return
         self._closed = True
+        if self._reactor is not None:
+            self._reactor.unwatch(self._read_fd)
         self._drain()
         _PIPE_GROWTH.give_back(self._pipe_size - self._initial_pipe_size)
         if self._carry:

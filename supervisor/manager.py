@@ -35,6 +35,7 @@ from .events import EventBus, State, Transition
 from .graph import DependencyGate, in_reverse_order
 from .instance import Instance, InstanceContext, InstanceStatus, InvalidRequest
 from .process import Child
+from .reactor import PipeReactor
 from .resumption import Resumption
 
 
@@ -99,6 +100,7 @@ class Manager(Resumption):
         self._by_group: dict[str, list[Instance]] | None = None
         self._dependent_groups: dict[str, list[str]] | None = None
         self._cgroups: CgroupPolicy | None = None  # made by run(): supervisor.cgroups
+        self._reactor: PipeReactor | None = None  # made by run(): reads every instance's log pipes
         #: Set once the first manifest's instances are in the set, before any of them starts: the
         #: control plane, served from the start, answers about instances from then on.
         self.roster_known = anyio.Event()
@@ -118,9 +120,11 @@ class Manager(Resumption):
         CgroupRefused (before anything starts) where ``supervisor.cgroups: required`` cannot be met.
         """
         self._cgroups = CgroupPolicy.open(self.manifest)
+        reactor = self._reactor = PipeReactor()
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(reactor.run)
                 await tg.start(self._restart_dependents)
                 if self._adopting is None:
                     await self.apply(self.manifest)
@@ -134,6 +138,7 @@ class Manager(Resumption):
         finally:
             self._tg = None
             self._cgroups.close()
+            reactor.close()
 
     # -- applying a manifest -----------------------------------------------------------------
 
@@ -255,6 +260,7 @@ class Manager(Resumption):
         return instance
 
     def _make(self, name: str, plan: _Plan, settings: ServiceSettings) -> Instance:
+        assert self._reactor is not None, "instances are made while run() runs"
         gate = None
         if plan.config.depends_on:
             gate = DependencyGate(plan.config.depends_on, self.replicas, self._group_event)
@@ -262,6 +268,7 @@ class Manager(Resumption):
             settings=settings,
             bus=self.events,
             environ=self._environ,
+            reactor=self._reactor,
             dependencies=gate,
             on_transition=self._group_changed,
             cgroups=self._cgroups.tree if self._cgroups is not None else None,

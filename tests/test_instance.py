@@ -12,7 +12,8 @@ import anyio
 import pytest
 
 from supervisor.events import State
-from supervisor.instance import Instance, InvalidRequest
+from supervisor.health import Health, Resumed
+from supervisor.instance import InvalidRequest
 from supervisor.process import raise_fd_limit
 
 from .helpers import manifest_from, pid_alive, running, wait_for_output, wait_gone
@@ -432,14 +433,14 @@ async def test_a_fault_in_one_instances_supervision_fails_that_instance_only(
     async with running(manifest) as (manager, events):
         await events.wait_for(_to(State.RUNNING, "healthy"))
         healthy_pid = manager.instances["healthy"].pid
-        original = Instance._exec_context
+        original = Health.begin_run
 
-        def broken(self: Instance) -> object:
-            if self.name == "faulty":
+        def broken(self: Health, resumed: Resumed | None) -> float | None:
+            if self._name == "faulty":  # once the program is spawned, as it begins to be watched
                 raise RuntimeError("injected fault")
-            return original(self)
+            return original(self, resumed)
 
-        monkeypatch.setattr(Instance, "_exec_context", broken)
+        monkeypatch.setattr(Health, "begin_run", broken)
         await manager.instances["faulty"].start()
         failed = await events.wait_for(_to(State.FAILED, "faulty"))
         assert failed.reason == "unexpected error in its supervision: RuntimeError: injected fault"
@@ -449,6 +450,41 @@ async def test_a_fault_in_one_instances_supervision_fails_that_instance_only(
         assert "Traceback" in caplog.text or "injected fault" in caplog.text
         assert manager.instances["healthy"].pid == healthy_pid
         # Started by hand again (the fault gone), it runs.
-        monkeypatch.setattr(Instance, "_exec_context", original)
+        monkeypatch.setattr(Health, "begin_run", original)
         await manager.instances["faulty"].start()
         await events.until(lambda: manager.instances["faulty"].state is State.RUNNING)
+
+
+async def test_an_instance_keeps_one_task_and_its_log_pipes_none(tmp_path: Path) -> None:
+    """A running instance with both streams captured costs one task (``run()``, hosting the
+    supervise loop); its pipes are read by the manager's one reactor. A task per captured
+    stream, a supervise loop apart from ``run()``, or a watcher left beside a plain run
+    would each add one per instance here."""
+    manifest = manifest_from(
+        """
+        version: 1
+        instances:
+          many:
+            command: ["sh", "-c", "echo out; echo err >&2; exec sleep 300"]
+            replicas: 10
+            restart: {min_uptime: 0}
+        """,
+        tmp_path,
+    )
+
+    async def settled_tasks(count: int) -> int:
+        await events.until(lambda: manager.count(State.RUNNING) == count, timeout=30)
+        for instance in manager.instances.values():  # the reactor reads both pipes of each
+            await wait_for_output(instance, b"out")
+            with anyio.fail_after(10):
+                while not instance.sinks["stderr"].tail(1):
+                    await anyio.wait_all_tasks_blocked()
+        await anyio.wait_all_tasks_blocked()
+        return len(anyio.get_running_tasks())
+
+    async with running(manifest) as (manager, events):
+        ten = await settled_tasks(10)
+        await manager.scale({"many": 40})
+        forty = await settled_tasks(40)
+        assert forty - ten == 30
+        assert all(set(i.sinks) == {"stdout", "stderr"} for i in manager.instances.values())

@@ -1,9 +1,10 @@
 """LogSink on real pipes and files.
 
 Each test builds the pipe the way the stdio layer does: the test keeps the read end
-(non-blocking) and opens a fresh write end per "run" through /proc/self/fd. Nothing
-here sleeps: a test knows the sink has taken bytes in when a follower hands them over,
-or because cancelling ``run()`` drains the pipe.
+(non-blocking) and opens a fresh write end per "run" through /proc/self/fd. A
+``PipeReactor`` (reactor.py) reads the sinks, as the manager's does. Nothing here
+sleeps: a test knows the sink has taken bytes in when a follower hands them over, or
+because ``close()`` drains the pipe.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from pathlib import Path
 import anyio
 import anyio.lowlevel
 import pytest
-from anyio.abc import TaskGroup
 
 from supervisor import logs
 from supervisor.logs import LogSink
+from supervisor.reactor import PipeReactor
 
 pytestmark = pytest.mark.anyio
 
@@ -65,15 +66,20 @@ def pipe() -> Iterator[Pipe]:
 
 
 @asynccontextmanager
-async def running(sink: LogSink) -> AsyncIterator[TaskGroup]:
-    """Run the sink's loop; on the way out cancel it (which drains the pipe) and close it."""
+async def running(*sinks: LogSink) -> AsyncIterator[PipeReactor]:
+    """A reactor reading the sinks; on the way out close them (which drains the pipes), then it."""
+    reactor = PipeReactor()
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(sink.run)
-            yield tg
+            tg.start_soon(reactor.run)
+            for sink in sinks:
+                sink.attach(reactor)
+            yield reactor
             tg.cancel_scope.cancel()
     finally:
-        await sink.aclose()
+        for sink in sinks:
+            sink.close()
+        reactor.close()
 
 
 class Reader:
@@ -138,8 +144,8 @@ async def test_successive_writers_every_line_once_in_order(pipe: Pipe, tmp_path:
             await run_child(pipe, sink, code)
             await reader.until(len(expected))
 
-            # The child is gone and its bytes are in: the pipe is at EOF, and the loop
-            # waits for writer_attached() instead of reading an empty pipe again and again.
+            # The child is gone and its bytes are in: the pipe is at EOF, and the reactor
+            # leaves it be until writer_attached() instead of reading it again and again.
             await settle()
             reads = sink.reads
             await settle()
@@ -151,8 +157,8 @@ async def test_successive_writers_every_line_once_in_order(pipe: Pipe, tmp_path:
 
 async def test_direct_writes_across_runs_and_partial_last_line(pipe: Pipe, tmp_path: Path) -> None:
     sink = LogSink(pipe.read_fd, tmp_path / "out.log")
-    # Subscribed before the loop starts and unsubscribed after it is closed, so the
-    # follower sees what aclose() hands over.
+    # Subscribed before the reactor starts and unsubscribed after the sink is closed, so
+    # the follower sees what close() hands over.
     async with sink.follow() as follower, running(sink):
         reader = Reader(follower)
         fd = pipe.open_writer(sink)
@@ -358,7 +364,7 @@ async def test_slow_follower_never_blocks_the_writer(pipe: Pipe, tmp_path: Path)
     async with sink.follow() as slow, running(sink):
         # The follower reads nothing while a child writes 10 MB: the child still ends.
         await run_child(pipe, sink, code)
-        await sink.aclose()  # takes in what is left in the pipe, then ends the follower
+        sink.close()  # takes in what is left in the pipe, then ends the follower
     chunks = [chunk async for chunk in slow]
     # Bounded in bytes: what it holds while it does not read is at most 64 KiB, or one
     # chunk when a single chunk is bigger than that (it is taken whole into an empty queue).
@@ -465,41 +471,52 @@ async def test_reopen_after_the_file_was_moved_away(pipe: Pipe, tmp_path: Path) 
     assert sink.path == path
 
 
-async def test_cancellation_drains_the_pipe(pipe: Pipe, tmp_path: Path) -> None:
+async def test_close_drains_the_pipe_after_the_reactor_ended(pipe: Pipe, tmp_path: Path) -> None:
     path = tmp_path / "out.log"
     sink = LogSink(pipe.read_fd, path)
     pending = numbered(0, 1000)[:50_000]  # fits in the pipe; ends mid-line
     fd = pipe.open_writer(sink)
+    reactor = PipeReactor()
     async with anyio.create_task_group() as tg, sink.follow() as follower:
-        tg.start_soon(sink.run)
+        tg.start_soon(reactor.run)
+        sink.attach(reactor)
         os.write(fd, b"ready\n")
-        await Reader(follower).until(6)  # the loop is up and waiting on the pipe
+        await Reader(follower).until(6)  # the reactor is up and watches the pipe
         os.write(fd, pending)
-        tg.cancel_scope.cancel()  # no await in between: only the drain can take it in
-    assert path.read_bytes() == b"ready\n" + pending
-
-    # What a child writes after the loop ended (while it is being killed) is taken in by aclose().
-    os.write(fd, b"last words\n")
-    await sink.aclose()
-    assert path.read_bytes() == b"ready\n" + pending + b"last words\n"
+        tg.cancel_scope.cancel()  # no await in between: the reactor never sees it
+    # What a child wrote after the reactor ended (the service stopping, it being killed)
+    # is taken in by close(), the unfinished last line included.
+    os.write(fd, b"\nlast words\n")
+    sink.close()
+    assert path.read_bytes() == b"ready\n" + pending + b"\nlast words\n"
+    assert not reactor.watching(pipe.read_fd)
+    reactor.close()
     pipe.close_writer(fd)
 
 
-async def test_aclose_stops_a_running_loop(pipe: Pipe, tmp_path: Path) -> None:
-    path = tmp_path / "out.log"
-    sink = LogSink(pipe.read_fd, path)
-    fd = pipe.open_writer(sink)
-    async with anyio.create_task_group() as tg, sink.follow() as follower:
-        tg.start_soon(sink.run)
-        os.write(fd, b"hello\n")
-        await Reader(follower).until(6)
-        os.write(fd, b"bye\n")
-        with anyio.fail_after(5):
-            await sink.aclose()  # run() returns, so the task group can end
-    assert path.read_bytes() == b"hello\nbye\n"
-    with anyio.fail_after(5):
-        await sink.run()  # a closed sink has nothing to do
-    pipe.close_writer(fd)
+async def test_close_while_the_reactor_runs_leaves_the_others_be(tmp_path: Path) -> None:
+    first, second = Pipe(), Pipe()
+    try:
+        one = LogSink(first.read_fd, tmp_path / "one.log")
+        two = LogSink(second.read_fd, tmp_path / "two.log")
+        async with running(one, two) as reactor, one.follow() as ones, two.follow() as twos:
+            fd1, fd2 = first.open_writer(one), second.open_writer(two)
+            os.write(fd1, b"hello\n")
+            await Reader(ones).until(6)
+            os.write(fd1, b"bye\n")
+            one.close()  # drains: "bye" is in, and the reactor lets go of the pipe
+            assert (tmp_path / "one.log").read_bytes() == b"hello\nbye\n"
+            assert not reactor.watching(first.read_fd)
+            one.writer_attached()  # a closed sink is not watched again
+            one.attach(reactor)  # nor attached
+            assert not reactor.watching(first.read_fd)
+            os.write(fd2, b"still here\n")
+            assert await Reader(twos).until(11) == b"still here\n"
+            first.close_writer(fd1)
+            second.close_writer(fd2)
+    finally:
+        first.close()
+        second.close()
 
 
 async def test_file_is_created_at_run_and_not_inherited(pipe: Pipe, tmp_path: Path) -> None:
@@ -533,7 +550,7 @@ async def test_a_full_pipe_grows_and_a_quiet_one_does_not(tmp_path: Path) -> Non
         loud = LogSink(chatty.read_fd, tmp_path / "chatty.log")
         calm = LogSink(quiet.read_fd, tmp_path / "quiet.log")
         before = logs._PIPE_GROWTH.used
-        async with running(loud), running(calm):
+        async with running(loud, calm):
             fd = chatty.open_writer(loud)
             for _ in range(default // 1024):  # exactly full: the sink finds it so on its next read
                 os.write(fd, (b"y" * 63 + b"\n") * 16)
@@ -557,6 +574,7 @@ PIPE_BUDGET = """
     import anyio
     from supervisor import logs
     from supervisor.logs import LogSink
+    from supervisor.reactor import PipeReactor
 
     async def main():
         pipes, sinks = [], []
@@ -567,9 +585,11 @@ PIPE_BUDGET = """
             os.write(write_fd, b"x" * fcntl.fcntl(read_fd, fcntl.F_GETPIPE_SZ))  # full
             pipes.append((read_fd, write_fd))
             sinks.append(LogSink(read_fd, sys.argv[1] + f"/{i}.log"))
+        reactor = PipeReactor()
         async with anyio.create_task_group() as tg:
+            tg.start_soon(reactor.run)
             for sink in sinks:
-                tg.start_soon(sink.run)
+                sink.attach(reactor)
             await anyio.wait_all_tasks_blocked()  # every sink has read its pipe and waits for more
             assert all(sink.bytes_written == 65536 for sink in sinks)
             tg.cancel_scope.cancel()

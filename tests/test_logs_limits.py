@@ -98,6 +98,7 @@ FULL_DISK = """
     import json, os, resource, signal, sys, threading
     import anyio
     from supervisor.logs import LogSink
+    from supervisor.reactor import PipeReactor
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write(), not death
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))
@@ -113,8 +114,10 @@ FULL_DISK = """
         changes = []
         sink = LogSink(read_fd, sys.argv[1], max_bytes=0,
                        on_loss_change=lambda s: changes.append([s.write_error, s.bytes_lost]))
+        reactor = PipeReactor()
         async with anyio.create_task_group() as tg, sink.follow() as follower:
-            tg.start_soon(sink.run)
+            tg.start_soon(reactor.run)
+            sink.attach(reactor)
             sink.writer_attached()
             seen = 0
             async def until(total):
@@ -131,7 +134,7 @@ FULL_DISK = """
             write_all(write_fd, b"back again\\n")
             await until(304_011)
             tg.cancel_scope.cancel()
-        await sink.aclose()
+        sink.close()
         print(json.dumps({"written": sink.bytes_written, "lost": sink.bytes_lost,
                           "lost_while_full": lost_while_full, "changes": changes,
                           "size": os.path.getsize(sys.argv[1]), "error": sink.write_error}))
@@ -239,7 +242,7 @@ async def test_a_missing_log_folder_is_created(pipe: Pipe, tmp_path: Path) -> No
     path = tmp_path / "state" / "logs" / "a.out.log"
     sink = LogSink(pipe.read_fd, path)
     sink.open()
-    await sink.aclose()
+    sink.close()
     assert path.is_file() and stat.S_IMODE(path.stat().st_mode) == 0o640
 
 
@@ -264,7 +267,7 @@ async def test_a_log_folder_that_cannot_be_created_is_a_clear_error(
     assert f"cannot create the log folder {folder}" in message
     assert reason in message
     assert "Errno" not in message
-    await sink.aclose()
+    sink.close()
 
 
 async def test_reopen_follows_a_log_folder_that_was_moved_away(pipe: Pipe, tmp_path: Path) -> None:  # noqa: F811
