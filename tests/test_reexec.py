@@ -312,13 +312,14 @@ def test_a_new_code_that_cannot_start_or_refuses_the_version_leaves_the_old_serv
     assert svc.status("worker")["worker"]["pid"] == pid
 
 
-def test_run_resume_refuses_an_unknown_version_and_touches_nothing(tmp_path: Path) -> None:
-    manifest = write_manifest(tmp_path, "version: 1\ninstances:\n  a:\n    command: [sleep, '1000']\n")
-    fd = write_state({"service": {}, "instances": []} | {"version": VERSION + 7})
+def resume_from(folder: Path, record: dict[str, object], *flags: str) -> subprocess.CompletedProcess[str]:
+    """``supervisor run --resume FD`` of a one-instance manifest, FD holding ``record``."""
+    manifest = write_manifest(folder, "version: 1\ninstances:\n  a:\n    command: [sleep, '1000']\n")
+    fd = write_state(record)
     try:
         os.set_inheritable(fd, True)
-        run = subprocess.run(
-            [*SUPERVISOR, "run", "-f", str(manifest), "--resume", str(fd)],
+        return subprocess.run(
+            [*SUPERVISOR, "run", "-f", str(manifest), "--resume", str(fd), *flags],
             pass_fds=[fd],
             capture_output=True,
             text=True,
@@ -327,6 +328,10 @@ def test_run_resume_refuses_an_unknown_version_and_touches_nothing(tmp_path: Pat
         )
     finally:
         os.close(fd)
+
+
+def test_run_resume_refuses_an_unknown_version_and_touches_nothing(tmp_path: Path) -> None:
+    run = resume_from(tmp_path, {"service": {}, "instances": []} | {"version": VERSION + 7})
     assert run.returncode == 1
     assert f"format version {VERSION + 7}; this code reads versions 1 and {VERSION}" in run.stderr
     assert not (tmp_path / ".supervisor").exists()
@@ -407,20 +412,8 @@ def test_a_version_1_record_is_read_and_numbers_events_from_the_start() -> None:
 def test_run_resume_refuses_a_bad_event_number_and_touches_nothing(tmp_path: Path, check: bool) -> None:
     """What the old service's check (``--resume-check``) and a resume say of a record with a
     negative number: refused, with the reason; so the old service goes on (the check comes first)."""
-    manifest = write_manifest(tmp_path, "version: 1\ninstances:\n  a:\n    command: [sleep, '1000']\n")
-    fd = write_state({"service": {"events_seq": -5}, "instances": []})
-    try:
-        os.set_inheritable(fd, True)
-        run = subprocess.run(
-            [*SUPERVISOR, "run", "-f", str(manifest), "--resume", str(fd), *(["--resume-check"] * check)],
-            pass_fds=[fd],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-    finally:
-        os.close(fd)
+    record = {"service": {"events_seq": -5}, "instances": []}
+    run = resume_from(tmp_path, record, *(["--resume-check"] * check))
     assert run.returncode == 1
     why = "service.events_seq must be a whole number from 0 to 9223372036854775807 (got -5)"
     if check:
