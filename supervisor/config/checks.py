@@ -50,7 +50,14 @@ class _Check(StrictModel):
         max_length=500, description="http only: the status codes that pass. Unset: any 2xx or 3xx."
     )
     body: str | None = Field(None, description="http only: the answer's body must contain this text.")
-    interval: Duration = Field(1.0, ge=0.01, description="Time between two probes (at least 10ms).")
+    interval: Duration = Field(
+        1.0,
+        ge=0.01,
+        description=(
+            "Time between two probes (at least 10ms). tcp and status-only http probes of all "
+            "instances share one loop and may run up to a tenth of this early, to share its wake-ups."
+        ),
+    )
     timeout: Duration = Field(1.0, gt=0, description="A probe that takes longer fails.")
     initial_delay: Duration = Field(0.0, description="Wait this long after the start before the first probe.")
 
@@ -168,7 +175,14 @@ class ReadyCheck(_Check):
 class AliveCheck(_Check):
     """How a running instance is checked for life: failures in a row restart it."""
 
-    interval: Duration = Field(10.0, ge=0.01, description="Time between two probes (at least 10ms).")
+    interval: Duration = Field(
+        10.0,
+        ge=0.01,
+        description=(
+            "Time between two probes (at least 10ms). tcp and status-only http probes of all "
+            "instances share one loop and may run up to a tenth of this early, to share its wake-ups."
+        ),
+    )
     failure_threshold: StrictInt = Field(
         3, ge=1, le=1000, description="This many failures in a row restart the instance."
     )
