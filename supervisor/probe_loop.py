@@ -48,7 +48,7 @@ from anyio.lowlevel import RunVar
 
 from . import probes
 from .config import AliveCheck, ReadyCheck
-from .probes import Check, ExecContext, ProbeFailed, Report, _final_status, _NotHttp, _reason
+from .probes import Check, ExecContext, NotHttp, ProbeFailed, Report, failure_reason, final_status
 
 __all__ = ["ProbeLoop", "on_the_loop", "until_failed", "until_ready"]
 
@@ -56,7 +56,6 @@ __all__ = ["ProbeLoop", "on_the_loop", "until_failed", "until_ready"]
 Outcome = Callable[[bool, str], bool]
 
 _READ_MAX = 65536
-_TOO_LONG = probes._HTTP_HEAD_MAX + probes._HTTP_BODY_MAX  # a probe does not read a whole download
 _RESOLVERS = 4  # threads for host names; an IP address needs none
 _IN = select.EPOLLIN
 _OUT = select.EPOLLOUT
@@ -171,7 +170,7 @@ class _Watch:
             parts = urlsplit(self.url)
             self.host, self.port = parts.hostname or "", parts.port or 80
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            self.request = probes._request(parts.netloc, target)
+            self.request = probes.request_bytes(parts.netloc, target)
         else:
             self.host, self.port = check.address
         self.family: int | None = None  # None: a host name, resolved at each probe
@@ -196,8 +195,8 @@ class _Watch:
 
     def failure(self, exc: BaseException) -> str:
         if self.kind == "tcp":
-            return f"connect {self.host}:{self.port}: {_reason(exc)}"
-        return f"GET {self.url}: {_reason(exc)}"
+            return f"connect {self.host}:{self.port}: {failure_reason(exc)}"
+        return f"GET {self.url}: {failure_reason(exc)}"
 
 
 class ProbeLoop:
@@ -476,7 +475,7 @@ class ProbeLoop:
             self._drop_socket(watch)
             self._decide(watch, now, False, watch.failure(exc))
             return
-        except _NotHttp as exc:
+        except NotHttp as exc:
             self._drop_socket(watch)
             self._decide(watch, now, False, f"GET {watch.url}: not an HTTP answer ({exc})")
             return
@@ -484,21 +483,21 @@ class ProbeLoop:
             return
         self._drop_socket(watch)
         try:
-            message = probes._judge_status(watch.url, status, watch.expect)
+            message = probes.judge_status(watch.url, status, watch.expect)
         except ProbeFailed as exc:
             self._decide(watch, now, False, str(exc))
         else:
             self._decide(watch, now, True, message)
 
     def _read(self, watch: _Watch, sock: socket.socket) -> int | None:
-        """Read what is there; the answer's final status once it is complete (see probes._final_status)."""
+        """Read what is there; the answer's final status once it is complete (see probes.final_status)."""
         while True:
             try:
                 chunk = sock.recv(_READ_MAX)
             except BlockingIOError:
                 return None
             watch.data += chunk
-            status = _final_status(watch.data, eof=not chunk or len(watch.data) > _TOO_LONG)
+            status = final_status(watch.data, eof=not chunk or len(watch.data) > probes.ANSWER_MAX)
             if status is not None:
                 return status
 

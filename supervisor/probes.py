@@ -40,11 +40,17 @@ from .config import AliveCheck, ReadyCheck
 from .process import SpawnError, spawn
 
 __all__ = [
+    "ANSWER_MAX",
     "ExecContext",
+    "NotHttp",
     "NotifyMessage",
     "NotifySocket",
     "ProbeFailed",
+    "failure_reason",
+    "final_status",
+    "judge_status",
     "probe_once",
+    "request_bytes",
     "until_failed",
     "until_log_line",
     "until_ready",
@@ -60,8 +66,10 @@ _EXEC_OUTPUT = 4096
 _NOTIFY_MAX = 4096
 _STATUS_MAX = 200
 # What an http probe reads at most: the head, and of the body enough to look for a phrase in.
-_HTTP_HEAD_MAX = 64 * 1024
-_HTTP_BODY_MAX = 1024 * 1024
+HTTP_HEAD_MAX = 64 * 1024
+HTTP_BODY_MAX = 1024 * 1024
+#: What a probe reads of an answer at most: it does not read a whole download.
+ANSWER_MAX = HTTP_HEAD_MAX + HTTP_BODY_MAX
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?:[ \t][^\r\n]*)?\r?\n")
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length:[ \t]*([0-9]{1,18})[ \t]*\r?(?:\n|$)")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
@@ -69,7 +77,7 @@ _CHUNKED = re.compile(rb"\ntransfer-encoding:[^\n]*chunked")
 _CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class _NotHttp(Exception):
+class NotHttp(Exception):
     """What came back is not an HTTP answer (said in the probe's failure)."""
 
 
@@ -223,19 +231,19 @@ async def _http(url: str, expect: list[int] | None, body: str | None, timeout: f
         try:
             status, text = await _http_get(parts, body is not None)
         except OSError as exc:
-            raise ProbeFailed(f"GET {url}: {_reason(exc)}") from None
-        except (h11.ProtocolError, _NotHttp) as exc:
+            raise ProbeFailed(f"GET {url}: {failure_reason(exc)}") from None
+        except (h11.ProtocolError, NotHttp) as exc:
             raise ProbeFailed(f"GET {url}: not an HTTP answer ({exc})") from None
     if body is not None and body not in text and _status_passes(status, expect):
         raise ProbeFailed(f"GET {url}: status {status}, but the body lacks {body!r}")
-    return _judge_status(url, status, expect)
+    return judge_status(url, status, expect)
 
 
 def _status_passes(status: int, expect: list[int] | None) -> bool:
     return status in expect if expect else 200 <= status < 400
 
 
-def _judge_status(url: str, status: int, expect: list[int] | None) -> str:
+def judge_status(url: str, status: int, expect: list[int] | None) -> str:
     """What a status says (shared with the probe loop, which reads status-only answers itself)."""
     if not _status_passes(status, expect):
         wanted = ", ".join(map(str, expect)) if expect else "2xx or 3xx"
@@ -255,13 +263,13 @@ async def _http_get(parts: SplitResult, want_body: bool) -> tuple[int, str]:
     on loopback it is up by the time ``send`` runs, which saves a turn of the loop.
     """
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    request = _request(parts.netloc, target)
+    request = request_bytes(parts.netloc, target)
     sock = await _open(parts.hostname or "", parts.port or 80)
     try:
         await _send_all(sock, request)
         if not want_body:
             return await _read_status(sock), ""
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_HTTP_HEAD_MAX)
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=HTTP_HEAD_MAX)
         conn.send(h11.Request(method="GET", target=target, headers=_headers(parts.netloc)))
         conn.send(h11.EndOfMessage())
         return await _read_answer(sock, conn)
@@ -274,7 +282,7 @@ def _headers(netloc: str) -> list[tuple[str, str]]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _request(netloc: str, target: str) -> bytes:
+def request_bytes(netloc: str, target: str) -> bytes:
     """The request's bytes, made (and checked) by h11 once per URL, not once per probe."""
     conn = h11.Connection(h11.CLIENT)
     request = conn.send(h11.Request(method="GET", target=target, headers=_headers(netloc)))
@@ -287,25 +295,25 @@ async def _read_status(sock: socket.socket) -> int:
     while True:
         chunk = await _receive(sock)
         data += chunk
-        too_long = len(data) > _HTTP_HEAD_MAX + _HTTP_BODY_MAX  # a probe does not read a whole download
-        status = _final_status(data, eof=not chunk or too_long)
+        too_long = len(data) > ANSWER_MAX
+        status = final_status(data, eof=not chunk or too_long)
         if status is not None:
             return status
 
 
-def _final_status(data: bytearray, *, eof: bool) -> int | None:
+def final_status(data: bytearray, *, eof: bool) -> int | None:
     """The status of the complete answer in ``data``; None while more must be read."""
     at = 0
     while True:
         blank = _HEAD_END.search(data, at)
         line = _STATUS_LINE.match(data, at)
         if line is None and (blank is not None or eof or data.find(b"\n", at) >= 0):
-            raise _NotHttp("no HTTP status line")
+            raise NotHttp("no HTTP status line")
         if blank is None:
-            if len(data) - at > _HTTP_HEAD_MAX:
-                raise _NotHttp(f"a head of over {_HTTP_HEAD_MAX} bytes")
+            if len(data) - at > HTTP_HEAD_MAX:
+                raise NotHttp(f"a head of over {HTTP_HEAD_MAX} bytes")
             if eof:
-                raise _NotHttp("the connection closed before the end of the head")
+                raise NotHttp("the connection closed before the end of the head")
             return None
         assert line is not None
         status = int(line[1])
@@ -334,10 +342,10 @@ async def _read_answer(sock: socket.socket, conn: h11.Connection) -> tuple[int, 
         elif isinstance(event, h11.Data):
             # Read to the end (closing with unread data resets the server's connection, which
             # fills its log), keeping what a body check needs, up to a bound.
-            if len(content) < _HTTP_BODY_MAX:
-                content += event.data[: _HTTP_BODY_MAX - len(content)]
+            if len(content) < HTTP_BODY_MAX:
+                content += event.data[: HTTP_BODY_MAX - len(content)]
             read += len(event.data)
-            if read >= _HTTP_BODY_MAX:
+            if read >= HTTP_BODY_MAX:
                 break  # a probe does not read a whole download
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
             break
@@ -351,8 +359,8 @@ async def _https_get(url: str, timeout: float) -> tuple[int, str]:
         async with httpx.AsyncClient(timeout=timeout, verify=False, follow_redirects=False) as client:
             response = await client.get(url, headers={"User-Agent": "procward-probe"})
     except httpx.HTTPError as exc:
-        raise ProbeFailed(f"GET {url}: {_reason(exc)}") from None
-    return response.status_code, response.text[:_HTTP_BODY_MAX]
+        raise ProbeFailed(f"GET {url}: {failure_reason(exc)}") from None
+    return response.status_code, response.text[:HTTP_BODY_MAX]
 
 
 async def _open(host: str, port: int) -> socket.socket:
@@ -414,7 +422,7 @@ async def _receive(sock: socket.socket) -> bytes:
             await anyio.wait_readable(sock)
 
 
-def _reason(exc: BaseException) -> str:
+def failure_reason(exc: BaseException) -> str:
     """The root cause in a person's words: "connection refused", not "All connection attempts failed"."""
     cause: BaseException = exc
     while True:
@@ -433,7 +441,7 @@ async def _tcp(host: str, port: int) -> str:
     try:
         sock = await _connect(host, port)
     except OSError as exc:
-        raise ProbeFailed(f"connect {host}:{port}: {_reason(exc)}") from None
+        raise ProbeFailed(f"connect {host}:{port}: {failure_reason(exc)}") from None
     sock.close()
     return f"connect {host}:{port}: accepted"
 

@@ -19,7 +19,7 @@ import pytest
 
 from supervisor.config import ManifestError
 from supervisor.events import State
-from supervisor.probes import ExecContext, ProbeFailed, _final_status, _NotHttp, probe_once
+from supervisor.probes import ExecContext, NotHttp, ProbeFailed, final_status, probe_once
 
 from .helpers import manifest_from, running
 from .service_fixture import free_port
@@ -334,7 +334,7 @@ async def test_http_probe_reads_hostile_answers(
     ],
 )
 def test_the_status_of_an_answer_read_in_pieces(data: bytes, eof: bool, status: int | None) -> None:
-    assert _final_status(bytearray(data), eof=eof) == status
+    assert final_status(bytearray(data), eof=eof) == status
 
 
 @pytest.mark.parametrize(
@@ -348,8 +348,8 @@ def test_the_status_of_an_answer_read_in_pieces(data: bytes, eof: bool, status: 
     ],
 )
 def test_what_is_not_an_http_answer_says_why(data: bytes, eof: bool, problem: str) -> None:
-    with pytest.raises(_NotHttp, match=problem):
-        _final_status(bytearray(data), eof=eof)
+    with pytest.raises(NotHttp, match=problem):
+        final_status(bytearray(data), eof=eof)
 
 
 async def test_an_http_server_that_never_answers_is_cut_at_the_timeout(tmp_path: Path) -> None:
