@@ -165,10 +165,49 @@ class ResourceSampler:
             return None
         return {pgid: figures[pgid] for pgid in wanted if pgid in figures}
 
+    def age(self) -> float | None:
+        """Seconds since the last scan; None before the first."""
+        last = self._last
+        return None if last is None else self._clock() - last[0]
+
+    def covered(
+        self, pgids: Collection[int], max_age: float
+    ) -> tuple[dict[int, GroupFigures], frozenset[int]] | None:
+        """The last scan's figures of those of ``pgids`` it covered, and the rest; None if it is too old."""
+        last = self._last
+        if last is None or self._clock() - last[0] >= max_age:
+            return None
+        _, scanned, figures = last
+        wanted = frozenset(pgids)
+        return {pgid: figures[pgid] for pgid in wanted & scanned if pgid in figures}, wanted - scanned
+
+    def quick(
+        self, pgids: Collection[int], cgroups: Mapping[int, str] | None = None
+    ) -> dict[int, GroupFigures]:
+        """Figures of a few groups without a scan of /proc: their cgroup's members, else the leader alone.
+
+        For groups the last scan did not cover (instances started since): the leader of a
+        group that has just started is usually all of it, and the next whole scan counts
+        the rest. Safe beside a scan running in a worker thread.
+        """
+        wanted = frozenset(pgids)
+        members = self._members(wanted, cgroups, whole=False)
+        return self._summarize(members, wanted, self._clock(), forget_old=False)
+
     def _scan(
         self, wanted: frozenset[int], now: float, cgroups: Mapping[int, str] | None = None
     ) -> dict[int, GroupFigures]:
         self.scans += 1
+        figures = self._summarize(self._members(wanted, cgroups, whole=True), wanted, now, forget_old=True)
+        self._last = (now, wanted, figures)
+        return figures
+
+    @staticmethod
+    def _members(
+        wanted: frozenset[int], cgroups: Mapping[int, str] | None, *, whole: bool
+    ) -> dict[int, list[tuple[int, _Proc]]]:
+        """Each group's live processes: from its cgroup where it has one; else from a scan of all of
+        /proc (``whole``), or its leader alone."""
         members: dict[int, list[tuple[int, _Proc]]] = {}
         rest = set(wanted)
         for pgid, folder in (cgroups or {}).items():
@@ -178,13 +217,28 @@ class ResourceSampler:
                     proc = _read_stat(pid)
                     if proc is not None:
                         members.setdefault(pgid, []).append((int(pid), proc))
-        if rest:
+        if rest and whole:
             for name in os.listdir("/proc"):
                 if not name.isdigit():
                     continue
                 proc = _read_stat(name)
                 if proc is not None and proc.pgid in rest:
                     members.setdefault(proc.pgid, []).append((int(name), proc))
+        elif rest:
+            for pgid in rest:
+                proc = _read_stat(str(pgid))
+                if proc is not None and proc.pgid == pgid:
+                    members[pgid] = [(pgid, proc)]
+        return members
+
+    def _summarize(
+        self,
+        members: dict[int, list[tuple[int, _Proc]]],
+        wanted: frozenset[int],
+        now: float,
+        *,
+        forget_old: bool,
+    ) -> dict[int, GroupFigures]:
         uptime = _uptime() if members else 0.0
         figures: dict[int, GroupFigures] = {}
         for pgid, procs in members.items():
@@ -217,9 +271,8 @@ class ResourceSampler:
         # Groups asked for and gone are forgotten; those not asked for this time keep their
         # previous scan (a one-instance GET must not restart every other group's CPU window)
         # until it is too old to use.
-        for pgid in list(self._seen):
-            if pgid not in members and (pgid in wanted or now - self._seen[pgid] > self.window):
-                del self._seen[pgid]
+        for pgid, seen in list(self._seen.items()):
+            if pgid not in members and (pgid in wanted or (forget_old and now - seen > self.window)):
+                self._seen.pop(pgid, None)
                 self._ticks.pop(pgid, None)
-        self._last = (now, wanted, figures)
         return figures

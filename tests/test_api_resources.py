@@ -128,3 +128,37 @@ async def test_an_old_reading_answers_while_a_new_one_is_taken(anyio_backend: st
             newer = await sampler.figures([proc.pid])
             assert newer[proc.pid] is not first[proc.pid] and sampler.sampler.scans == 2
             tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+@pytest.mark.anyio
+async def test_a_group_started_since_the_last_reading_is_read_by_its_leader(anyio_backend: str) -> None:
+    """During a spawn storm every status names groups the last reading did not cover: they are
+    read on the spot (the leader alone, no scan of /proc), and the next whole reading counts the
+    rest of each group."""
+    with group("sleep 300") as old, group("sleep 301 & sleep 302 & echo up; wait") as new:
+        assert new.stdout is not None and new.stdout.readline() == b"up\n"  # its two children run
+        async with anyio.create_task_group() as tg:
+            # A reading younger than max_age: the new group's leader is read, no new reading asked.
+            young = Sampler(tg, max_age=60, stale=60)
+            first = await young.figures([old.pid])
+            both = await young.figures([old.pid, new.pid])
+            assert young.sampler.scans == 1 and young.after_response() is None
+            assert both[new.pid].processes == 1 and both[new.pid].rss_bytes > 0  # its leader, sh
+            assert both[old.pid] is first[old.pid]  # from the reading
+            # An older one: the same, and a whole reading once the answer is out.
+            sampler = Sampler(tg, max_age=0.0, stale=60)
+            await sampler.figures([old.pid])
+            both = await sampler.figures([old.pid, new.pid])
+            assert sampler.sampler.scans == 1 and both[new.pid].processes == 1
+            later = sampler.after_response()
+            assert later is not None
+            await later()
+            with anyio.fail_after(10):
+                while sampler._refreshing:
+                    async with sampler._lock:
+                        pass
+            assert sampler.sampler.scans == 2
+            whole = await sampler.figures([old.pid, new.pid])
+            assert whole[new.pid].processes == 3  # sh and both sleeps, from the whole reading
+            tg.cancel_scope.cancel()
