@@ -507,6 +507,7 @@ class Instance(RunSetup, Stopping, Adoption):
         if self._state is not State.WAITING:  # it is already, when adopted after a re-exec
             self._transition(State.WAITING, reason=blocker)
         announce()
+        self._make_cgroup_ahead()
         while True:
             await dependencies.changed()
             now = dependencies.blocker()

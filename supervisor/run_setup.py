@@ -137,6 +137,22 @@ class RunSetup:
             stdio.close()
         return self._child
 
+    def _make_cgroup_ahead(self) -> None:
+        """Make the cgroup now, while the instance waits for its dependencies.
+
+        A mkdir in cgroupfs is about a millisecond of kernel work: made at the spawn, the ten
+        instances of a level that wait on the level above would each add one between their
+        dependencies becoming ready and their start (bench/graph.py). ``_cgroup_for_run`` finds
+        it there; when it cannot be made now, the spawn tries again and says why.
+        """
+        tree = self._context.cgroups
+        if tree is None or self._cgroup is not None:
+            return
+        try:
+            self._cgroup = tree.instance(self.name)
+        except CgroupError:
+            pass
+
     def _cgroup_for_run(self) -> InstanceCgroup | None:
         """The instance's cgroup, made at the first run, with this config's memory.max and cpu.max."""
         tree = self._context.cgroups

@@ -331,6 +331,30 @@ def test_the_cgroup_is_removed_with_the_instance(service: Start, tmp_path: Path)
     assert not os.path.exists(tree)  # the service's own cgroups go with it
 
 
+@needs_v2
+def test_a_waiting_instance_has_its_cgroup_made_before_its_start(service: Start, tmp_path: Path) -> None:
+    """Made while it waits: the mkdir (kernel work) is not between its dependency's readiness
+    and its start. It runs in that cgroup once the dependency is up."""
+    svc = service(
+        """
+        version: 1
+        instances:
+          db: {command: [sleep, "300"], autostart: false, restart: {min_uptime: 0}}
+          api: {command: [sleep, "300"], depends_on: [db], restart: {min_uptime: 0}}
+          other: {command: [sleep, "300"], restart: {min_uptime: 0}}
+        """
+    )
+    svc.wait_for(["other"], "running")
+    svc.wait_for(["api"], "waiting")
+    tree = os.path.dirname(cgroup_of(svc.status("other")["other"]["pid"]))
+    assert os.path.isdir(os.path.join(tree, "api.instance"))
+    assert not os.path.exists(os.path.join(tree, "db.instance"))  # stopped, never asked: none
+    result = svc.cli("start", "db")
+    assert result.returncode == 0, result.stderr
+    svc.wait_for(["api"], "running")
+    assert cgroup_of(svc.status("api")["api"]["pid"]) == os.path.join(tree, "api.instance")
+
+
 LIMITED = """
 version: 1
 supervisor: {{cgroups: {mode}}}
