@@ -49,17 +49,41 @@ class ChildLimits:
     def __bool__(self) -> bool:
         return bool(self.rlimits) or self.nice is not None or self.oom_score_adj is not None
 
-    def prlimit_args(self, inherited_nofile: tuple[int, int] | None) -> list[str]:
-        """``--NAME=SOFT:HARD`` for prlimit; the service's own fd limit unless nofile is given."""
+    def nofile(self, inherited_nofile: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The open-files limit the program gets: the manifest's, else the one the service found."""
+        return self.rlimits.get("nofile", inherited_nofile)
+
+    def prlimit_args(
+        self, inherited_nofile: tuple[int, int] | None, *, nofile_in_gate: bool = False
+    ) -> list[str]:
+        """``--NAME=SOFT:HARD`` for prlimit; the service's own fd limit unless nofile is given.
+
+        ``nofile_in_gate``: the gate sets the open-files limit (``gate_lines``), not prlimit.
+        """
         wanted = dict(self.rlimits)
         if "nofile" not in wanted and inherited_nofile is not None:
             wanted["nofile"] = inherited_nofile
+        if nofile_in_gate:
+            wanted.pop("nofile", None)
         return [f"--{name}={_side(soft)}:{_side(hard)}" for name, (soft, hard) in sorted(wanted.items())]
 
-    def gate_lines(self, renice: str) -> list[str]:
-        """Shell lines that set oom_score_adj and nice on the gate itself, which then execs the program."""
+    def gate_lines(self, renice: str, nofile: tuple[int, int] | None = None) -> list[str]:
+        """Shell lines that set limits on the gate itself, which then execs the program.
+
+        ``nofile``: the open-files limit, by the shell's ``ulimit -n`` (a count, the same in
+        every shell, unlike the units of the other limits): most instances need no other
+        limit, and then prlimit is not exec'd at all, one exec of two or three less per spawn.
+        The soft limit goes first: a hard limit under the current soft one is refused.
+        """
         lines = []
         refused = f"exit {GATE_REFUSED}"
+        if nofile is not None:
+            soft, hard = (_side(side) for side in nofile)
+            complaint = f"supervisor: cannot set the open-files limit (RLIMIT_NOFILE) to {soft}:{hard}"
+            lines.append(
+                f"ulimit -S -n {soft} 2>/dev/null && ulimit -H -n {hard} 2>/dev/null || "
+                f"{{ echo '{complaint}' >&2; {refused}; }}"
+            )
         if self.oom_score_adj is not None:
             value = self.oom_score_adj
             lines.append(

@@ -68,10 +68,11 @@ def argv_before(
     nothing = death_signal is None and nofile is None and register is None and not limits and cgroup is None
     if nothing or not USE_LAUNCHER:
         return []
-    global _tools
+    global _tools, _gate_sets_nofile
     if _tools is None:
         found = [shutil.which(tool) or "" for tool in ("setpriv", "prlimit", "sh")]
         _tools = tuple(found) if all(found) and _setpriv_knows_pdeathsig(found[0]) else ()
+        _gate_sets_nofile = bool(_tools) and _shell_sets_nofile(_tools[2])
     if not _tools:
         return []
     setpriv, prlimit, sh = _tools
@@ -79,12 +80,13 @@ def argv_before(
     if renice is None:
         return []
     launcher: list[str] = []
-    rlimits = limits.prlimit_args(nofile)
+    in_gate = _gate_sets_nofile
+    rlimits = limits.prlimit_args(nofile, nofile_in_gate=in_gate)
     if rlimits:
         launcher += [prlimit, *rlimits, "--"]
     if death_signal is not None:
         launcher += [setpriv, f"--pdeathsig={signal.Signals(death_signal).name.removeprefix('SIG')}", "--"]
-    gate_limits = limits.gate_lines(renice)
+    gate_limits = limits.gate_lines(renice, limits.nofile(nofile) if in_gate else None)
     if cgroup is not None:
         procs = shlex.quote(cgroup.procs)
         if own_user:  # it may move itself (the service may): the program never runs outside
@@ -130,6 +132,17 @@ def _setpriv_knows_pdeathsig(setpriv: str) -> bool:
 
 #: (setpriv, prlimit, sh) once looked up; () when one is missing.
 _tools: tuple[str, ...] | None = None
+#: The shell sets the open-files limit itself (``ulimit -S -n``, ``-H -n``): no prlimit for it.
+_gate_sets_nofile = False
+
+
+def _shell_sets_nofile(sh: str) -> bool:
+    """Whether ``sh`` sets the soft and hard open-files limits (dash, bash, busybox ash do)."""
+    script = 'ulimit -S -n "$(ulimit -S -n)" && ulimit -H -n "$(ulimit -H -n)"'
+    try:
+        return subprocess.run([sh, "-c", script], capture_output=True, timeout=5).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def check_program(program: str, cwd: str | None, env: Mapping[str, str] | None) -> None:

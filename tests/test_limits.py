@@ -158,6 +158,41 @@ async def read_back(limits: ChildLimits) -> tuple[dict[str, tuple[str, str]], in
     return rows, oom, nice
 
 
+def test_the_open_files_limit_alone_is_set_by_the_gate_without_prlimit(tmp_path: Path) -> None:
+    """The shell's ``ulimit -n`` sets it: one exec less per spawn; other limits still need prlimit,
+    and a shell that cannot set it gets prlimit for it too."""
+    import signal
+
+    found = launcher.argv_before(signal.SIGKILL, (1024, 4096), None, None, ChildLimits())
+    if not found:
+        pytest.skip("util-linux setpriv is missing: the preexec path sets the limits")
+    assert not any(arg.endswith("prlimit") for arg in found)
+    script = found[found.index("-c") + 1]
+    assert "ulimit -S -n 1024" in script and "ulimit -H -n 4096" in script
+    core = launcher.argv_before(signal.SIGKILL, (1024, 4096), None, None, ChildLimits({"core": (0, 0)}))
+    assert core[0].endswith("prlimit") and core[1:3] == ["--core=0:0", "--"]
+    assert "ulimit -S -n 1024" in core[core.index("-c") + 1]
+
+    refuses = tmp_path / "sh-without-ulimit"
+    refuses.write_text("#!/bin/sh\nexit 2\n")
+    refuses.chmod(0o755)
+    assert not launcher._shell_sets_nofile(str(refuses))
+    assert launcher._shell_sets_nofile(found[found.index("-c") - 1])
+
+
+def test_a_shell_that_cannot_set_the_open_files_limit_leaves_it_to_prlimit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import signal
+
+    if not launcher.argv_before(signal.SIGKILL, (1024, 4096), None, None, ChildLimits()):
+        pytest.skip("util-linux setpriv is missing: the preexec path sets the limits")
+    monkeypatch.setattr(launcher, "_gate_sets_nofile", False)
+    found = launcher.argv_before(signal.SIGKILL, (1024, 4096), None, None, ChildLimits())
+    assert found[0].endswith("prlimit") and found[1:3] == ["--nofile=1024:4096", "--"]
+    assert "ulimit" not in found[found.index("-c") + 1]
+
+
 @pytest.fixture(params=["launcher", "preexec"])
 def path_taken(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setattr(launcher, "USE_LAUNCHER", request.param == "launcher")
