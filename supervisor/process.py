@@ -430,7 +430,11 @@ def spawn(
             popen.kill()
             popen.wait()
             raise SpawnError(argv, cwd, None, str(exc)) from exc
-    if watch is not None:  # again: a child dropped to another user cannot open the service's /proc
+    if watch is not None and (register is None or user is not None):
+        # The child registered its group itself, before its program ran (the gate, or
+        # child_setup), unless it was dropped to another user (who cannot open the service's
+        # /proc). Telling the guardian again would wake it a second time for each spawn: a
+        # context switch on the event loop's time, a tenth of a spawn's cost.
         watch.started(popen.pid)
     return Child(popen, argv, kill_group_on_exit, cgroup)
 
