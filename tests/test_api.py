@@ -434,15 +434,7 @@ async def test_serve_control_in_process_keeps_a_quiet_event_stream_alive(tmp_pat
     )
 
     def read_events() -> bytes:
-        sock = connect_unix(manifest.control_socket, timeout=10)
-        with sock:
-            sock.sendall(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
-            seen = b""
-            while seen.count(b": keep-alive") < 2:
-                chunk = sock.recv(4096)  # bounded by the socket's timeout
-                assert chunk, seen
-                seen += chunk
-            return seen
+        return _read_event_stream(manifest.control_socket, lambda seen: seen.count(b": keep-alive") >= 2)
 
     async with running(manifest) as (manager, _events), anyio.create_task_group() as tg:
         hooks = _InProcessHooks(manifest, manager)
@@ -453,6 +445,82 @@ async def test_serve_control_in_process_keeps_a_quiet_event_stream_alive(tmp_pat
     assert seen.startswith(b"HTTP/1.1 200")
     assert b"text/event-stream" in seen and b": subscribed\n\n" in seen
     assert not manifest.control_socket.exists()
+
+
+def _read_event_stream(path: Path, until: Callable[[bytes], bool]) -> bytes:
+    """The raw answer to GET /v1/events, read until ``until(all read so far)``."""
+    sock = connect_unix(path, timeout=10)
+    with sock:
+        sock.sendall(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        seen = b""
+        while not until(seen):
+            chunk = sock.recv(65536)  # bounded by the socket's timeout
+            assert chunk, seen
+            seen += chunk
+        return seen
+
+
+def _chunks(raw: bytes) -> list[bytes]:
+    """The chunks of a chunked HTTP body (``raw`` from the end of its headers): the writes it took."""
+    chunks = []
+    while raw:
+        size_line, _, raw = raw.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        chunks.append(raw[:size])
+        raw = raw[size + 2 :]
+    return chunks
+
+
+@pytest.mark.anyio
+async def test_a_burst_of_events_goes_out_in_few_writes_and_loses_none(tmp_path: Path) -> None:
+    """What is published in one turn of the loop (the waiting reasons of a level's dependents) is
+    sent in one write, not one write each; every event is there, in order, the odd one included."""
+    from supervisor.events import Update
+
+    manifest = manifest_from(
+        """
+        version: 1
+        instances:
+          one: {command: ["sleep", "300"], autostart: false}
+        """,
+        tmp_path,
+    )
+    subscribed = threading.Event()
+    burst = 300
+
+    def read_events() -> bytes:
+        def until(seen: bytes) -> bool:
+            if b": subscribed" in seen:
+                subscribed.set()
+            return f"id: {burst}\n".encode() in seen and seen.endswith(b"\n\n\r\n")
+
+        return _read_event_stream(manifest.control_socket, until)
+
+    async with running(manifest) as (manager, _events), anyio.create_task_group() as tg:
+        hooks = _InProcessHooks(manifest, manager)
+        await tg.start(functools.partial(serve_control, manager, hooks))
+        reader = threading.Thread(target=lambda: found.append(read_events()), daemon=True)
+        found: list[bytes] = []
+        reader.start()
+        assert await anyio.to_thread.run_sync(subscribed.wait, 10)
+        first = manager.events.seq + 1
+        for n in range(burst):  # one turn of the loop: the stream's task sees them all at once
+            message = "not UTF-8: \udcff" if n == 7 else f"waiting for db-{n}"
+            manager.events.publish(Update("one", "one", "waiting", None, message))
+        await anyio.to_thread.run_sync(reader.join, 10)
+        tg.cancel_scope.cancel()
+    assert found, "the reader got no answer"
+    body = found[0].partition(b"\r\n\r\n")[2]
+    chunks = [chunk for chunk in _chunks(body) if not chunk.startswith(b":")]
+    events = [block for chunk in chunks for block in chunk.split(b"\n\n") if block]
+    ids = [int(block.split(b"\n")[0].removeprefix(b"id: ")) for block in events]
+    assert ids == list(range(first, first + burst))  # none lost, none twice, in order
+    assert len(chunks) <= 4, len(chunks)  # 256 a write at most: two writes, not 300
+    data = [json.loads(block.rpartition(b"data: ")[2]) for block in events]
+    assert data[7]["message"] == "not UTF-8: \udcff"  # orjson refuses it; the standard encoder escapes it
+    assert data[8]["message"] == "waiting for db-8" and data[8]["kind"] == "waiting"
 
 
 def test_the_status_body_is_the_wire_statuses_and_survives_a_name_that_is_not_utf8() -> None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import anyio
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -24,7 +25,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from ..config import Manifest
-from ..events import sse_chunk
+from ..events import Event, sse_chunk
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager, ReloadReport, UnknownInstance
 from ..pidns import service_pid
@@ -254,11 +255,11 @@ def _routes(
                         chunk = b": keep-alive\n\n"
                         with anyio.move_on_after(keepalive):
                             try:
-                                event = await anext(subscription)
-                            except StopAsyncIteration:
+                                event = await subscription.receive()
+                            except anyio.EndOfStream:
                                 return
                             chunk = sse_chunk(event)
-                        yield chunk
+                        yield chunk + _more_events(subscription)
 
                 yield body()
 
@@ -486,6 +487,26 @@ def _cgroups(manager: Manager) -> dict[int, str]:
 def _joined(lines: list[bytes]) -> bytes:
     return b"\n".join(lines) + b"\n" if lines else b""
 
+
+
+#: The most events one write of the event stream carries.
+_SSE_BURST = 256
+
+
+def _more_events(subscription: MemoryObjectReceiveStream[Event]) -> bytes:
+    """The events already waiting, for the same write as the one just received.
+
+    A start of a hundred instances publishes a thousand events in bursts (the waiting
+    reasons of every dependent change at each transition of what they wait for): one
+    write a burst, not one for each event, is a tenth of the service's time for them.
+    """
+    chunks = []
+    for _ in range(_SSE_BURST - 1):
+        try:
+            chunks.append(sse_chunk(subscription.receive_nowait()))
+        except (anyio.WouldBlock, anyio.EndOfStream):
+            break
+    return b"".join(chunks)
 
 
 def _report(report: ReloadReport) -> dict[str, list[str]]:

@@ -173,16 +173,10 @@ def wire_statuses(
     A string orjson refuses (a lone surrogate, from a file name that is not UTF-8)
     falls back to the standard encoder, which escapes it.
     """
-    import orjson  # the service's, on the first status; the CLI never imports this module
+    from ..wire import json_bytes  # the service's, on the first status; the CLI never imports this module
 
     found = figures or {}
-    body = [wire_status(status, found.get(status.pid or 0)) for status in statuses]
-    try:
-        return orjson.dumps(body)
-    except orjson.JSONEncodeError:
-        import json
-
-        return json.dumps(body, separators=(",", ":")).encode()
+    return json_bytes([wire_status(status, found.get(status.pid or 0)) for status in statuses])
 
 
 def _figures(figures: GroupFigures) -> dict[str, Any]:
