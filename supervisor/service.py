@@ -403,9 +403,20 @@ class Service:
             log.error("reload refused, nothing changed:\n%s", exc)
 
     async def _log_transitions(self) -> None:
+        """Every transition and probe outcome, one line each; not what a waiting instance waits on now.
+
+        A waiting instance's reason changes at each transition of what it waits for: a
+        graph of a hundred instances coming up would log a thousand such lines (and spend a
+        quarter of the service's time on them). Its first reason is on the ``waiting``
+        transition's line, a ``blocked:`` one gets a line, and the rest are in its status
+        and on the event stream.
+        """
         async with self.manager.events.subscribe() as events:
             async for event in events:
-                if isinstance(event, Transition | Update):
+                if isinstance(event, Update) and event.kind == "waiting":
+                    if (event.message or "").startswith("blocked:"):
+                        log.info("%s", event.describe())
+                elif isinstance(event, Transition | Update):
                     log.info("%s", event.describe())
                 else:
                     log.warning("the service log missed %d events", event.count)

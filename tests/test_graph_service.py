@@ -153,3 +153,31 @@ def test_scale_until_the_next_reload(service: Start) -> None:
     out = ok(svc.cli("reload")).stdout.splitlines()
     assert "removed: web-2, web-3" in out and "rescaled: web: back to the manifest's 2 replicas" in out
     assert sorted(svc.status()) == ["web-0", "web-1"]
+
+
+def test_the_service_log_has_each_transition_and_a_blocked_reason_not_every_waiting_reason(
+    service: Start,
+) -> None:
+    """A waiting instance's reason changes at each transition of what it waits for: status and the
+    event stream have each; the service's log has the first (on the transition line) and a
+    ``blocked:`` one, so that a graph coming up does not write ten lines for each instance."""
+    svc = service(
+        r"""
+        version: 1
+        instances:
+          web: {command: [sleep, "300"], replicas: 2, autostart: false, restart: {min_uptime: 0}}
+          proxy: {command: [sleep, "300"], depends_on: [web], restart: {min_uptime: 0}}
+          job: {command: [sh, -c, "exit 3"], restart: {policy: "no", min_uptime: 0}}
+          after: {command: [sleep, "300"], depends_on: {job: {condition: completed}}}
+        """
+    )
+    svc.wait_log("(blocked: job ended with exit code 3)")
+    svc.wait_log("proxy: stopped -> waiting (waiting for web-0 (ready): web-0 is stopped; start it)")
+    ok(svc.cli("start", "web-0"))
+    second = "waiting for web-1 (ready): web-1 is stopped; start it"
+    svc.wait_until(lambda: svc.status("proxy")["proxy"]["reason"] == second, 20, "proxy's new reason")
+    ok(svc.cli("start", "web-1"))
+    svc.wait_log("proxy: waiting -> starting")  # the log is written in the order of the events
+    log = svc.log()
+    assert "web-1 is stopped" not in log  # the new reason was an event and a status, not a line
+    assert log.count("blocked: job ended") == 1
