@@ -145,6 +145,11 @@ class Service:
                 try:
                     await tg.start(self._serve_control)
                     served = time.monotonic()
+                    if self._takeover is None:
+                        # What is made so far (modules, the manifest's models, the control plane)
+                        # lives as long as the service: the collector need not walk it again at
+                        # each full collection, 20 to 40 ms of a spawn storm's status answers.
+                        gc.freeze()
                     await tg.start(self._run_manager)
                 except BaseException:
                     listeners.close()

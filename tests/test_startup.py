@@ -94,6 +94,49 @@ anyio.run(main)
     assert heavy(loaded, LATER + NEVER) == []
 
 
+def test_what_is_made_before_the_instances_is_kept_out_of_the_collectors_walks(tmp_path: Path) -> None:
+    """Modules, the manifest's models and the control plane live as long as the service: frozen
+    (``gc.freeze``) before the first spawn, so that no full collection in a storm of spawns walks
+    them again (the manager freezes the instances too, once they are all started)."""
+    manifest = write_manifest(
+        tmp_path,
+        """
+        version: 1
+        instances:
+          one: {command: ["sleep", "300"], restart: {min_uptime: 0}}
+        """,
+    )
+    code = f"""
+import gc
+import anyio
+from supervisor.config import load_manifest
+from supervisor.service import Service
+
+async def main() -> None:
+    manifest = load_manifest({str(manifest)!r})
+    service = Service(manifest)
+    before = gc.get_freeze_count()
+    frozen_at_apply = []
+    apply = service.manager.apply
+
+    async def watched(manifest):
+        frozen_at_apply.append(gc.get_freeze_count())
+        return await apply(manifest)
+
+    service.manager.apply = watched
+    async with anyio.create_task_group() as tg:
+        await tg.start(service.run)
+        assert frozen_at_apply[0] > 20_000 > before, (before, frozen_at_apply)
+        await service.shutdown()
+
+anyio.run(main)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_metrics_import_prometheus_client_when_asked(service: Start) -> None:
     """The other side of the laziness above: /metrics still works once someone asks for it."""
     svc = service(
