@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,8 +61,12 @@ def test_importing_the_service_leaves_the_control_plane_and_the_rest_for_later(t
     assert heavy(loaded, LATER + CONTROL_PLANE + NEVER) == []
 
 
-def test_the_running_service_imports_what_serves_and_nothing_asked_for_later(tmp_path: Path) -> None:
-    """A service in its own interpreter, answering on its socket: what did it load meanwhile?"""
+def service_script(tmp_path: Path, *, before: str = "", serving: str = "") -> str:
+    """A script that runs a ``Service`` of one instance in its own interpreter, then shuts it down.
+
+    ``before``: lines run once the service is made, before it runs (``service`` is there);
+    ``serving``: lines run once it serves (also ``manifest``). Both at the indent of ``main``'s body.
+    """
     manifest = write_manifest(
         tmp_path,
         """
@@ -70,7 +75,9 @@ def test_the_running_service_imports_what_serves_and_nothing_asked_for_later(tmp
           one: {command: ["sleep", "300"], restart: {min_uptime: 0}}
         """,
     )
-    code = f"""
+    indent = " " * 4
+    return f"""
+import gc
 import anyio
 from supervisor.api.client import Client
 from supervisor.config import load_manifest
@@ -79,16 +86,27 @@ from supervisor.service import Service
 async def main() -> None:
     manifest = load_manifest({str(manifest)!r})
     service = Service(manifest)
+{textwrap.indent(textwrap.dedent(before), indent)}
     async with anyio.create_task_group() as tg:
         await tg.start(service.run)
-        client = Client(manifest.control_socket, timeout=30)
-        answer = await anyio.to_thread.run_sync(client.status)
-        assert [s["name"] for s in answer] == ["one"], answer
-        await anyio.to_thread.run_sync(client.health)
+{textwrap.indent(textwrap.dedent(serving), indent * 2)}
         await service.shutdown()
 
 anyio.run(main)
 """
+
+
+def test_the_running_service_imports_what_serves_and_nothing_asked_for_later(tmp_path: Path) -> None:
+    """A service in its own interpreter, answering on its socket: what did it load meanwhile?"""
+    code = service_script(
+        tmp_path,
+        serving="""
+            client = Client(manifest.control_socket, timeout=30)
+            answer = await anyio.to_thread.run_sync(client.status)
+            assert [s["name"] for s in answer] == ["one"], answer
+            await anyio.to_thread.run_sync(client.health)
+        """,
+    )
     loaded = loaded_after(code, cwd=tmp_path)
     assert "supervisor.api.http1" in loaded and "supervisor.api.server" in loaded  # it did serve
     assert heavy(loaded, LATER + NEVER) == []
@@ -98,39 +116,23 @@ def test_what_is_made_before_the_instances_is_kept_out_of_the_collectors_walks(t
     """Modules, the manifest's models and the control plane live as long as the service: frozen
     (``gc.freeze``) before the first spawn, so that no full collection in a storm of spawns walks
     them again (the manager freezes the instances too, once they are all started)."""
-    manifest = write_manifest(
+    code = service_script(
         tmp_path,
-        """
-        version: 1
-        instances:
-          one: {command: ["sleep", "300"], restart: {min_uptime: 0}}
+        before="""
+            before = gc.get_freeze_count()
+            frozen_at_apply = []
+            apply = service.manager.apply
+
+            async def watched(manifest):
+                frozen_at_apply.append(gc.get_freeze_count())
+                return await apply(manifest)
+
+            service.manager.apply = watched
+        """,
+        serving="""
+            assert frozen_at_apply[0] > 20_000 > before, (before, frozen_at_apply)
         """,
     )
-    code = f"""
-import gc
-import anyio
-from supervisor.config import load_manifest
-from supervisor.service import Service
-
-async def main() -> None:
-    manifest = load_manifest({str(manifest)!r})
-    service = Service(manifest)
-    before = gc.get_freeze_count()
-    frozen_at_apply = []
-    apply = service.manager.apply
-
-    async def watched(manifest):
-        frozen_at_apply.append(gc.get_freeze_count())
-        return await apply(manifest)
-
-    service.manager.apply = watched
-    async with anyio.create_task_group() as tg:
-        await tg.start(service.run)
-        assert frozen_at_apply[0] > 20_000 > before, (before, frozen_at_apply)
-        await service.shutdown()
-
-anyio.run(main)
-"""
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
     )
