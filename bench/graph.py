@@ -20,8 +20,13 @@ an older tree of ours (DIR holds its `supervisor` package, e.g. `git archive mai
 tar -x -C DIR`), with this venv's interpreter and packages, the two services taking turns
 (`--rounds` each): before and after side by side, in the same run, on the same machine load.
 
+The graph is run `--graph-rounds` times (the median is the figure), and as many times again
+autostarted, from spawning `supervisor run` (the issue's wording): that figure has the service's
+start-up (imports, the manifest, the socket: bench/memory.py's cold start) before its first level.
+
 Usage: python bench/graph.py [--levels 10] [--width 10] [--delay 0.1] [--probe-seconds 30]
                              [--only graph|probes] [--baseline DIR] [--rounds 2] [--probe tcp|http]
+                             [--graph-rounds 3]
 """
 
 from __future__ import annotations
@@ -89,14 +94,15 @@ def stop(service: subprocess.Popen[bytes]) -> None:
     service.wait(timeout=120)
 
 
-def graph_manifest(folder: Path, levels: int, width: int, delay: float) -> Path:
+def graph_manifest(folder: Path, levels: int, width: int, delay: float, *, autostart: bool = False) -> Path:
     program = build_program(folder)
     lines = ["version: 1", "supervisor: {shutdown_timeout: 60s}", "instances:"]
     for level in range(levels):
         deps = f", depends_on: [l{level - 1}]" if level else ""
+        auto = str(autostart).lower()
         lines.append(
             f"  l{level}: {{command: [{str(program)!r}, '{delay}'], replicas: {width},"
-            f" ready: {{notify: true}}, restart: {{min_uptime: 0}}, autostart: false{deps}}}"
+            f" ready: {{notify: true}}, restart: {{min_uptime: 0}}, autostart: {auto}{deps}}}"
         )
     path = folder / "supervisor.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -132,6 +138,28 @@ def critical_path(levels: int, width: int, delay: float) -> dict[str, float]:
         "median_ms": statistics.median(latencies) * 1e3,
         "p99_ms": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1e3,
     }
+
+
+def from_run(levels: int, width: int, delay: float) -> dict[str, float]:
+    """The same graph autostarted: from spawning ``supervisor run`` until the last level is ready.
+
+    What the issue's wording measures: the service's own start-up (imports, the manifest, the
+    socket; bench/memory.py's cold start) comes before the first level, on top of the graph.
+    The service's own wait answers when the last level is ready (no polling); the first answer
+    of its socket is the start-up's end.
+    """
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        path = graph_manifest(Path(tmp), levels, width, delay, autostart=True)
+        service, client, began = start(path)
+        try:
+            answered = time.time()
+            result = client.wait([f"l{levels - 1}"], "ready", timeout=60)
+            done = time.time()
+            if not result.get("ok"):
+                raise SystemExit(f"bench: the graph did not come up: {result}")
+        finally:
+            stop(service)
+    return {"total": done - began, "startup": answered - began}
 
 
 def probing_cpu(instances: int, seconds: float, check: str | None, baseline: Path | None = None) -> float:
@@ -232,6 +260,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["graph", "probes"])
     parser.add_argument("--baseline", type=Path, help="an older tree of ours to compare the probing with")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--graph-rounds", type=int, default=3, help="runs of each graph figure (median)")
     args = parser.parse_args()
     print(
         f"machine: {os.cpu_count()} cpus, {platform.processor() or platform.machine()}, "
@@ -239,15 +268,29 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
     if args.only != "probes":
-        figures = critical_path(args.levels, args.width, args.delay)
         path = args.levels * args.delay
         delay_ms = args.delay * 1e3
         print(f"graph: {args.levels} levels x {args.width}, ready by sd_notify {delay_ms:.0f} ms after start")
-        print(f"  all ready after {figures['total']:.2f} s")
-        print(f"  critical path {path:.2f} s: ratio {figures['total'] / path:.2f} (target <= 1.3)")
+        runs = [critical_path(args.levels, args.width, args.delay) for _ in range(args.graph_rounds)]
+        ratios = sorted(run["total"] / path for run in runs)
+        rounds = ", ".join(f"{r:.2f}" for r in ratios)
         print(
-            f"  READY=1 -> ready event: median {figures['median_ms']:.2f} ms,"
-            f" p99 {figures['p99_ms']:.2f} ms (target: median <= 5 ms)"
+            f"  from `start --all` to all ready: ratio to the critical path ({path:.2f} s) median "
+            f"{statistics.median(ratios):.2f} (rounds: {rounds}; target <= 1.3)"
+        )
+        latencies = sorted(run["median_ms"] for run in runs)
+        worst = max(run["p99_ms"] for run in runs)
+        print(
+            f"  READY=1 -> ready event: median {statistics.median(latencies):.2f} ms,"
+            f" p99 (worst round) {worst:.2f} ms (target: median <= 5 ms)"
+        )
+        cold = [from_run(args.levels, args.width, args.delay) for _ in range(args.graph_rounds)]
+        totals = sorted(run["total"] / path for run in cold)
+        startup = statistics.median(run["startup"] for run in cold)
+        print(
+            f"  from spawning `supervisor run` (autostart) to all ready: ratio median "
+            f"{statistics.median(totals):.2f} (rounds: {', '.join(f'{r:.2f}' for r in totals)}), of which "
+            f"the service's start-up until its socket answered: median {startup * 1e3:.0f} ms"
         )
     if args.only != "graph":
         server = _Server(("127.0.0.1", 0), _Health)
