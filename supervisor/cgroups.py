@@ -64,7 +64,8 @@ __all__ = [
 CONTROLLERS = ("memory", "cpu")
 #: cpu.max's period, as systemd writes CPUQuota= (100 ms).
 CPU_PERIOD_US = 100_000
-_LEAF = "service"
+#: The leaf the service moves into, beside its instances' cgroups (the "no internal processes" rule).
+SERVICE_LEAF = "service"
 _SUFFIX = ".instance"
 _SHARED_PREFIX = "procward."
 
@@ -174,10 +175,10 @@ class CgroupTree:
         if own is None:
             raise CgroupError("the service is in no cgroup v2 (no 0:: line in /proc/self/cgroup)")
         here = os.path.normpath(mount + own)
-        if own != "/" and os.path.basename(here) == _LEAF:
+        if own != "/" and os.path.basename(here) == SERVICE_LEAF:
             return cls._build(mount, os.path.dirname(here), wanted)  # moved there before a re-exec
         if own != "/" and _alone(here):
-            leaf = os.path.join(here, _LEAF)
+            leaf = os.path.join(here, SERVICE_LEAF)
             try:
                 os.makedirs(leaf, exist_ok=True)
                 for pid in _members(here):

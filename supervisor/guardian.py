@@ -270,7 +270,7 @@ class Guardian:
                 with contextlib.suppress(OSError):
                     guardian.cgroup.rmdir()
             raise
-        if guardian.cgroup is not None and not _move(os.getpid(), guardian.cgroup):
+        if guardian.cgroup is not None and not _move_into_leaf(os.getpid(), guardian.cgroup):
             with contextlib.suppress(OSError):
                 guardian.cgroup.rmdir()
             guardian.cgroup = None
@@ -435,6 +435,27 @@ def _move(pid: int, cgroup: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def _move_into_leaf(pid: int, cgroup: Path) -> bool:
+    """Move the service straight into ``cgroup``'s leaf for it (cgroups.py), else into ``cgroup``.
+
+    The instances' tree needs the service in a leaf of its own (the kernel's "no internal
+    processes" rule); moved into ``cgroup`` first, it was moved a second time when the tree
+    was opened. Each move waits for the kernel's RCU grace period: 10 to 25 ms of a cold start.
+    """
+    from .cgroups import SERVICE_LEAF
+
+    leaf = cgroup / SERVICE_LEAF
+    try:
+        leaf.mkdir()
+    except OSError:
+        return _move(pid, cgroup)
+    if _move(pid, leaf):
+        return True
+    with contextlib.suppress(OSError):
+        leaf.rmdir()
+    return _move(pid, cgroup)
 
 
 def delegated_cgroup(*, guardian_log: logging.Logger) -> Path | None:
