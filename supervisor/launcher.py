@@ -80,13 +80,12 @@ def argv_before(
     if renice is None:
         return []
     launcher: list[str] = []
-    in_gate = _gate_sets_nofile
-    rlimits = limits.prlimit_args(nofile, nofile_in_gate=in_gate)
+    rlimits = limits.prlimit_args(nofile, nofile_in_gate=_gate_sets_nofile)
     if rlimits:
         launcher += [prlimit, *rlimits, "--"]
     if death_signal is not None:
         launcher += [setpriv, f"--pdeathsig={signal.Signals(death_signal).name.removeprefix('SIG')}", "--"]
-    gate_limits = limits.gate_lines(renice, limits.nofile(nofile) if in_gate else None)
+    gate_limits = limits.gate_lines(renice, limits.nofile(nofile) if _gate_sets_nofile else None)
     if cgroup is not None:
         procs = shlex.quote(cgroup.procs)
         if own_user:  # it may move itself (the service may): the program never runs outside

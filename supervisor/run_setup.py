@@ -140,7 +140,7 @@ class RunSetup:
     def _make_cgroup_ahead(self) -> None:
         """Make the cgroup now, while the instance waits for its dependencies.
 
-        A mkdir in cgroupfs is about a millisecond of kernel work: made at the spawn, the ten
+        A mkdir in cgroupfs is kernel work (up to a millisecond under load): made at the spawn, the ten
         instances of a level that wait on the level above would each add one between their
         dependencies becoming ready and their start (bench/graph.py). ``_cgroup_for_run`` finds
         it there; when it cannot be made now, the spawn tries again and says why.

@@ -352,7 +352,9 @@ def test_a_waiting_instance_has_its_cgroup_made_before_its_start(service: Start,
     result = svc.cli("start", "db")
     assert result.returncode == 0, result.stderr
     svc.wait_for(["api"], "running")
-    assert cgroup_of(svc.status("api")["api"]["pid"]) == os.path.join(tree, "api.instance")
+    pid = svc.status("api")["api"]["pid"]
+    # `running` comes at the spawn (min_uptime 0); the gate moves itself in just after.
+    svc.wait_until(lambda: cgroup_of(pid) == os.path.join(tree, "api.instance"), 10, "api in its cgroup")
 
 
 LIMITED = """
