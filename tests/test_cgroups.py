@@ -277,6 +277,17 @@ instances:
 """
 
 
+def instance_cgroup(svc: ServiceProcess, name: str) -> str:
+    """The folder of the instance's cgroup, once its process is in it.
+
+    ``running`` can come at the spawn (``min_uptime: 0``), while the child still runs the
+    launcher: the gate moves it into its cgroup just before the program runs.
+    """
+    pid = svc.status(name)[name]["pid"]
+    svc.wait_until(lambda: cgroup_of(pid).endswith(f"/{name}.instance"), 10, f"{name} in its cgroup")
+    return cgroup_of(pid)
+
+
 def _grandchild(svc: ServiceProcess, pidfile: Path) -> int:
     svc.wait_until(lambda: pidfile.exists() and pidfile.read_text().strip() != "", 20, "the grandchild's pid")
     return int(pidfile.read_text())
@@ -317,7 +328,7 @@ def test_the_cgroup_is_removed_with_the_instance(service: Start, tmp_path: Path)
     manifest = write_manifest(tmp_path, SETSID.format(pidfile=pidfile))
     svc = service(manifest)
     svc.wait_for(["web"], "running")
-    folder = cgroup_of(svc.status("web")["web"]["pid"])
+    folder = instance_cgroup(svc, "web")
     grandchild = _grandchild(svc, pidfile)
     write_manifest(tmp_path, "version: 1\ninstances:\n  other:\n    command: [sleep, '300']\n")
     result = svc.cli("reload")
@@ -326,7 +337,7 @@ def test_the_cgroup_is_removed_with_the_instance(service: Start, tmp_path: Path)
     assert pid_gone(grandchild)
     tree = os.path.dirname(folder)
     svc.wait_for(["other"], "running")
-    assert cgroup_of(svc.status("other")["other"]["pid"]) == os.path.join(tree, "other.instance")
+    assert instance_cgroup(svc, "other") == os.path.join(tree, "other.instance")
     assert svc.stop() == 0
     assert not os.path.exists(tree)  # the service's own cgroups go with it
 
@@ -346,15 +357,13 @@ def test_a_waiting_instance_has_its_cgroup_made_before_its_start(service: Start,
     )
     svc.wait_for(["other"], "running")
     svc.wait_for(["api"], "waiting")
-    tree = os.path.dirname(cgroup_of(svc.status("other")["other"]["pid"]))
+    tree = os.path.dirname(instance_cgroup(svc, "other"))
     assert os.path.isdir(os.path.join(tree, "api.instance"))
     assert not os.path.exists(os.path.join(tree, "db.instance"))  # stopped, never asked: none
     result = svc.cli("start", "db")
     assert result.returncode == 0, result.stderr
     svc.wait_for(["api"], "running")
-    pid = svc.status("api")["api"]["pid"]
-    # `running` comes at the spawn (min_uptime 0); the gate moves itself in just after.
-    svc.wait_until(lambda: cgroup_of(pid) == os.path.join(tree, "api.instance"), 10, "api in its cgroup")
+    assert instance_cgroup(svc, "api") == os.path.join(tree, "api.instance")
 
 
 LIMITED = """
@@ -375,7 +384,7 @@ def test_required_cgroups_without_the_controllers_are_refused_or_the_limits_are_
     if {"memory", "cpu"} <= _controllers_here():  # a machine with both: the kernel holds the limits
         svc.wait_ready()
         svc.wait_for(["web"], "running")
-        folder = cgroup_of(svc.status("web")["web"]["pid"])
+        folder = instance_cgroup(svc, "web")
         assert Path(folder, "memory.max").read_text().strip() == str(64 << 20)
         assert Path(folder, "cpu.max").read_text().strip() == "50000 100000"
         return
