@@ -73,17 +73,19 @@ class ChildLimits:
         ``nofile``: the open-files limit, by the shell's ``ulimit -n`` (a count, the same in
         every shell, unlike the units of the other limits): most instances need no other
         limit, and then prlimit is not exec'd at all, one exec of two or three less per spawn.
-        The soft limit goes first: a hard limit under the current soft one is refused.
+        The shell sets one side at a time, and the kernel refuses a soft limit over the hard
+        one: the hard side goes first (raising both, as root), else the soft side (lowering
+        both, as from the service's raised limit to the one it started with).
         """
         lines = []
         refused = f"exit {GATE_REFUSED}"
         if nofile is not None:
             soft, hard = (_side(side) for side in nofile)
+            hard_first = f"ulimit -H -n {hard} 2>/dev/null && ulimit -S -n {soft} 2>/dev/null"
+            soft_first = f"ulimit -S -n {soft} 2>/dev/null && ulimit -H -n {hard} 2>/dev/null"
             complaint = f"supervisor: cannot set the open-files limit (RLIMIT_NOFILE) to {soft}:{hard}"
-            lines.append(
-                f"ulimit -S -n {soft} 2>/dev/null && ulimit -H -n {hard} 2>/dev/null || "
-                f"{{ echo '{complaint}' >&2; {refused}; }}"
-            )
+            either = f"{{ {hard_first}; }} || {{ {soft_first}; }}"
+            lines.append(f"{either} || {{ echo '{complaint}' >&2; {refused}; }}")
         if self.oom_score_adj is not None:
             value = self.oom_score_adj
             lines.append(

@@ -220,6 +220,29 @@ async def test_the_program_runs_with_its_limits(path_taken: str) -> None:
     assert (oom, nice) == (321, 7)
 
 
+def _may_raise_hard_limits() -> bool:
+    """CAP_SYS_RESOURCE (bit 24) in this process's effective set."""
+    status = Path("/proc/self/status").read_text()
+    effective = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    return bool(effective >> 24 & 1)
+
+
+async def test_both_sides_of_a_higher_open_files_limit_are_raised_where_the_service_may(
+    path_taken: str,
+) -> None:
+    """The shell sets one side at a time, and the kernel refuses a soft limit over the hard one:
+    raising both, the gate sets the hard side first (prlimit sets both at once)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    if hard == resource.RLIM_INFINITY or hard >= nr_open:
+        pytest.skip(f"the hard fd limit ({hard}) is fs.nr_open already: nothing above it to raise it to")
+    if not _may_raise_hard_limits():
+        pytest.skip("raising a hard limit needs CAP_SYS_RESOURCE, which this process lacks")
+    target = min(hard + 1000, nr_open)
+    rows, _, _ = await read_back(ChildLimits({"nofile": (target, target)}))
+    assert rows["Max open files"] == (str(target), str(target))
+
+
 async def test_without_limits_the_program_keeps_the_services_values(path_taken: str) -> None:
     rows, oom, nice = await read_back(ChildLimits())
     assert oom == int(Path("/proc/self/oom_score_adj").read_text())
