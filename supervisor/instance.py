@@ -429,11 +429,15 @@ class Instance(RunSetup, Stopping, Adoption):
                 reason=reason,
             )
         )
+        self.wake_waiters()
+        if self._context.on_transition is not None:
+            self._context.on_transition(self.group)
+
+    def wake_waiters(self) -> None:
+        """Have each ``wait_until`` look at its condition again: a transition, or a request's end."""
         changed, self._changed = self._changed, None
         if changed is not None:
             changed.set()
-        if self._context.on_transition is not None:
-            self._context.on_transition(self.group)
 
     async def _start_locked(self) -> None:
         if not self._hosting or self._closing:

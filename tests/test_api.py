@@ -200,6 +200,10 @@ def test_start_reports_how_each_instance_ended_up(service: Start) -> None:
         stop = api.post("/v1/instances/stop", json={"names": ["slow"], "wait": False})
         assert stop.status_code == 200 and stop.json()["results"][0]["state"] in ("stopping", "stopped")
         svc.wait_for(["slow"], "stopped")
+        # Refused at once, with no transition to come: the answer has the reason, not a timeout.
+        again = api.post("/v1/instances/stop", json={"names": ["slow"], "wait": False, "timeout": 60})
+        assert again.status_code == 409
+        assert again.json()["results"][0]["error"] == "not running (stopped)"
 
         request = {"names": ["slow"], "state": ["running"], "timeout": 0.2}
         waited = api.post("/v1/instances/wait", json=request)

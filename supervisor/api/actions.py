@@ -17,7 +17,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..events import State
-from ..graph import first_of
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager
 from .inputs import body as read_body
@@ -120,11 +119,14 @@ class Actions:
                 refused.append(f"{verb} failed: {exc}")
             finally:
                 done.set()
+                instance.wake_waiters()  # a request that ends without a transition (refused)
 
         self.background.start_soon(run)
         with anyio.move_on_after(timeout):
             if not body.wait:
-                await first_of([done.wait, lambda: instance.wait_for(set(State) - {before})])
+                # Its end or the instance's next transition, whichever comes first: a wait on the
+                # instance's own event, not two tasks (and a task group) for each instance asked.
+                await instance.wait_until(lambda: done.is_set() or instance.state is not before)
                 return result(instance, not refused, refused[0] if refused else None)
             await done.wait()
             if refused:
