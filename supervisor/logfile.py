@@ -394,6 +394,8 @@ class RotatingFile:
     # -- writing ------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        if self._fd is None:
+            self.open_quietly()  # first: the rotation below needs the size of the file as it is
         limit = self.max_bytes
         view = memoryview(data)
         if limit <= 0:

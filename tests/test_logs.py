@@ -613,3 +613,20 @@ def test_pipe_growth_stops_at_its_budget(tmp_path: Path) -> None:
     assert len(grown) == report["limit"] // (1024 * 1024 - 65536)  # as many as fit, then no more
     assert report["used"] <= report["limit"]
     assert len(report["sizes"]) - len(grown) == 3
+
+
+def test_a_file_first_written_after_a_restart_rotates_by_its_real_size(tmp_path: Path) -> None:
+    """A file is opened by its first write (after a re-exec, a quiet instance's never is): the
+    rotation must count what the file holds already, not start from nothing."""
+    from supervisor.logfile import RotatingFile
+
+    path = tmp_path / "web.out.log"
+    path.write_bytes(b"x" * 89 + b"\n")  # 90 of 100 bytes, from before the handover
+    log = RotatingFile(path, max_bytes=100, backups=1)
+    try:
+        assert not log.is_open  # nothing opened it yet
+        log.write(b"y" * 19 + b"\n")  # 20 bytes: past the limit with what is there
+        assert Path(f"{path}.1").read_bytes() == b"x" * 89 + b"\n"
+        assert path.read_bytes() == b"y" * 19 + b"\n"
+    finally:
+        log.close()

@@ -6,6 +6,7 @@ on the real control socket that reads the answer's headers and then nothing more
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 from collections.abc import Callable
@@ -102,3 +103,28 @@ def test_stuck_followers_do_not_hold_the_service_s_memory(
     finally:
         for sock in readers:
             sock.close()
+
+
+def test_an_instance_never_started_holds_no_log_file(service: Callable[..., ServiceProcess]) -> None:
+    """The log files are opened by the spawn (or a first write after a re-exec), not when the
+    instance is made: one never started costs no descriptor and leaves no empty file."""
+    svc = service(
+        """
+        version: 1
+        instances:
+          idle: {command: [sh, -c, "echo hello; exec sleep 300"], autostart: false}
+          busy: {command: [sleep, "300"], restart: {min_uptime: 0}}
+        """
+    )
+    svc.wait_for(["busy"], "running")
+    logs = svc.socket.parent / "logs"
+
+    def open_logs() -> set[str]:
+        links = (os.readlink(f"/proc/{svc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{svc.pid}/fd"))
+        return {Path(link).name for link in links if link.endswith(".log")}
+
+    assert "idle.out.log" not in open_logs() and not (logs / "idle.out.log").exists()
+    assert "busy.out.log" in open_logs()  # opened by its spawn
+    svc.client().start(["idle"])
+    svc.wait_output("idle", b"hello\n")
+    assert "idle.out.log" in open_logs()
