@@ -85,7 +85,23 @@ def start_group(groups: list[subprocess.Popen[bytes]], script: str, marker: str)
     groups.append(proc)
     assert proc.stdout is not None
     assert proc.stdout.readline() == b"up\n"
+    # Forked, but maybe not yet exec'd: a child in the middle of its exec has no command line
+    # for a moment, and a look at /proc then would not count it among the marked.
+    wait_until(lambda: _children_run_sleep(proc.pid), proc, 10, "the group's children running sleep")
     return proc
+
+
+def _children_run_sleep(pid: int) -> bool:
+    children = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(f"/proc/{entry.name}/stat").read_bytes()
+            except OSError:
+                continue
+            if int(stat.rpartition(b")")[2].split()[1]) == pid:
+                children.append(stat.partition(b"(")[2].rpartition(b")")[0])
+    return bool(children) and all(comm == b"sleep" for comm in children)
 
 
 FORKER = 'sleep "$1" & sleep "$1" & echo up; wait'
