@@ -16,7 +16,6 @@ import os
 import signal
 import stat
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from .events import Transition, Update
 from .guardian import Guardian
 from .handoff.leftovers import stop_leftovers
 from .handoff.record import RecordKeeper
+from .handoff.signals import HANDOFF_SIGNALS, HeldSignals
 from .manager import ApplyError, Manager, ReloadReport
 from .orphans import become_subreaper, living_children, run_orphan_reaper
 from .process import raise_fd_limit, remember_fd_limit
@@ -66,10 +66,10 @@ class Service:
         self._handing_over = False
         #: When the handover began: (time.monotonic(), time.process_time()), for the new service's log.
         self._handover_began: tuple[float, float] | None = None
-        # While handing over: the signals received (by any thread), sent again to the exec'd
-        # program as pending signals of the one thread that survives execve.
-        self._deferred: list[int] | None = None
-        self._handlers: dict[int, Any] = {}  # the signals' handlers from before the handover
+        # While handing over: the handoff's signals, held for the service that acts on them.
+        self._held: HeldSignals | None = None
+        # Those the old service held during the handover that made this one: acted on at once.
+        self._resumed_signals: list[int] = [] if takeover is None else takeover.signals
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: ControlListeners | None = None
         self._guardian: Guardian | None = None
@@ -214,7 +214,7 @@ class Service:
         ``InvalidRequest`` (shutting down, or a re-exec under way). The handover runs in the
         service's task group, after this returns, so the answer reaches the client first.
         """
-        from .handoff.reexec import HANDOFF_SIGNALS, check_new_code
+        from .handoff.reexec import check_new_code
         from .instance import InvalidRequest
 
         if self._stopping:
@@ -231,23 +231,11 @@ class Service:
             self._handing_over = False
             return report
         log.info("re-exec: the new code would resume %d instances; handing over", report["instances"])
-        # Blocked from now (before the answer goes out) until the new service listens for them,
-        # or the handover is abandoned: a TERM sent meanwhile reaches the service that acts on it.
-        signal.pthread_sigmask(signal.SIG_BLOCK, HANDOFF_SIGNALS)
-        self._deferred = []
-        # Blocked in this thread only: another (a worker thread) may still take one, and its C
-        # handler merely wakes the event loop, which may not run again before the exec. Python
-        # runs this handler in this thread at its next bytecode, before the exec too.
-        self._handlers = {signum: signal.signal(signum, self._defer) for signum in HANDOFF_SIGNALS}
+        # Held from now (before the answer goes out) until the new service listens for them, or
+        # the handover is abandoned: a TERM sent meanwhile reaches the service that acts on it.
+        self._held = HeldSignals()
         self._tg.start_soon(self._hand_over)
         return report
-
-    def _defer(self, signum: int, frame: object) -> None:
-        """A signal during the handover: kept for the new service (see ``reexec``)."""
-        if self._deferred is None:  # the record is written: pending in this thread crosses the exec
-            signal.pthread_kill(threading.main_thread().ident or 0, signum)
-        elif signum not in self._deferred:
-            self._deferred.append(signum)
 
     def _handoff_record(self) -> dict[str, Any]:
         from .handoff.reexec import service_record
@@ -263,15 +251,16 @@ class Service:
             self.handoffs,
             self._handover_began,
             self._keeper.start_ticks if self._keeper is not None else process_start_ticks,
+            None if self._held is None else self._held.fd,
         )
 
     async def _hand_over(self) -> None:
         """Stop taking requests (the sockets stay open), let those in flight end, then exec.
 
-        Runs with the handoff's signals blocked (``reexec`` blocked them): unblocked here only
-        when the exec did not happen; otherwise the new service unblocks them.
+        Runs with the handoff's signals held (``reexec`` held them): let go here only when the
+        exec did not happen; otherwise the new service takes them (handoff/signals.py).
         """
-        from .handoff.reexec import HANDOFF_SIGNALS, exec_service
+        from .handoff.reexec import exec_service
         from .instance import InvalidRequest
 
         listeners = self._listeners
@@ -290,11 +279,9 @@ class Service:
                 fds = [*listeners.handoff_fds(), *self.manager.handoff_fds()]
                 if self._guardian is not None:
                     fds += self._guardian.handoff_fds()
+                if self._held is not None:
+                    fds.append(self._held.fd)
                 # No await from here: nothing changes between the record and the exec.
-                for signum in self._deferred or ():  # pending (blocked) in this thread: execve keeps them
-                    log.info("got %s during the re-exec: for the new service", signal.Signals(signum).name)
-                    signal.pthread_kill(threading.main_thread().ident or 0, signum)
-                self._deferred = None
                 error = exec_service(self._handoff_record(), fds)
             self.handoff_error = error
             log.error("re-exec failed, the service goes on: %s", error)
@@ -303,12 +290,10 @@ class Service:
             log.error("re-exec abandoned: %s", exc)
         finally:
             self._handover_began = None
-            for signum, handler in self._handlers.items():
-                signal.signal(signum, handler)
-            self._handlers = {}
-            deferred, self._deferred = self._deferred or [], None
+            held, self._held = self._held, None
+            came = [] if held is None else held.release()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDOFF_SIGNALS)  # what is pending comes now
-            for signum in deferred:  # those the handover held back, acted on after all
+            for signum in came:  # those the handover held back, acted on after all
                 signal.raise_signal(signum)
             self._handing_over = False
             if stopped:
@@ -380,16 +365,19 @@ class Service:
 
     async def _handle_signals(self) -> None:
         interrupts = 0
-        with anyio.open_signal_receiver(
-            signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2
-        ) as signals:
-            # A re-exec blocks these until here: one sent during the handover is delivered now.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals() & _HANDED_SIGNALS)
+        with anyio.open_signal_receiver(*HANDOFF_SIGNALS) as signals:
+            # A re-exec holds these until here: those that came during the handover come now,
+            # the ones a thread of the old service took (raised here, pending while blocked), then
+            # the ones no thread took (pending across the exec).
+            for signum in self._resumed_signals:
+                log.info("got %s during the re-exec", signal.Signals(signum).name)
+                signal.raise_signal(signum)
+            self._resumed_signals = []
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals() & HANDOFF_SIGNALS)
             async with anyio.create_task_group() as tg:
                 async for signum in signals:
-                    if self._deferred is not None:  # handing over: the new service acts on it
-                        if signum not in self._deferred:  # (``_defer`` may have it already)
-                            self._deferred.append(signum)
+                    if self._held is not None:  # the loop took it before the hold: for the new service
+                        self._held.add(signum)
                     elif signum == signal.SIGHUP:
                         tg.start_soon(self._reload_logged)
                     elif signum == signal.SIGUSR2:
@@ -450,7 +438,7 @@ def _start_guardian() -> Guardian | None:
 
 #: How long a re-exec waits for a reload under way, then for requests in flight, each.
 _HANDOFF_QUIET = 10.0
-_HANDED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2}
+
 
 async def _reap_leftovers() -> None:
     """Kill what is still our child (daemons that escaped their group and were reparented to us)."""

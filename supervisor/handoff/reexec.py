@@ -41,6 +41,7 @@ import anyio
 from ..config import Manifest
 from ..process import Child, SpawnError, inherited_fd_limit, spawn
 from .record import ProcessIdentity, identity
+from .signals import HANDOFF_SIGNALS, read_held
 from .state import VERSION, HandoffError, StateRecord, parse_state, process_start_ticks, write_state
 
 __all__ = [
@@ -59,9 +60,6 @@ log = logging.getLogger("supervisor")
 
 #: How long the new code may take to import and read the state in ``check_new_code``.
 CHECK_TIMEOUT = 30.0
-#: Blocked from the handoff's start until the new service listens for them (the mask and what
-#: is pending survive execv): a TERM sent meanwhile reaches the service that will act on it.
-HANDOFF_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2})
 _CHECK_OUTPUT = 64 * 1024
 _DROPPED_OPTIONS = ("--ready-fd", "--resume")
 _DROPPED_FLAGS = ("--resume-check", "-d", "--detach")
@@ -100,6 +98,7 @@ def service_record(
     handoffs: int,
     began: tuple[float, float] | None = None,
     start_ticks: Callable[[int], int | None] = process_start_ticks,
+    signals: int | None = None,
 ) -> StateRecord:
     """The record's ``service`` section and instances, with each live child's start time.
 
@@ -107,6 +106,7 @@ def service_record(
     service's log (the CPU time of a process goes on across execve).
     ``start_ticks``: a child's start time (the crash record's keeper knows it from its spawn:
     no read of /proc per instance in the handover).
+    ``signals``: the read end of ``HeldSignals``' pipe, handed over (signals.py).
     """
     for instance in manager_state["instances"]:
         child = instance["child"]
@@ -124,6 +124,7 @@ def service_record(
             "listeners": listeners,
             "guardian": guardian,
             "nofile": inherited_fd_limit(),
+            "signals": signals,
             "handoffs": handoffs + 1,
             "events_seq": manager_state["events_seq"],
             "scaled": manager_state["scaled"],
@@ -250,6 +251,9 @@ class Takeover:
     read_at: float = field(default_factory=time.monotonic)
     #: The record's size in bytes, for the log.
     size: int = 0
+    #: The handoff's signals that a thread of the old service took during the handover (the
+    #: new service acts on them as it starts listening).
+    signals: list[int] = field(default_factory=list)
 
     @property
     def service(self) -> dict[str, Any]:
@@ -263,6 +267,8 @@ def handed_fds(record: StateRecord) -> list[int]:
     guardian = service["guardian"]
     if guardian is not None:
         fds += [int(fd) for fd in (guardian["fd"], guardian["pidfd"]) if fd is not None]
+    if service.get("signals") is not None:  # optional: a record without it held no signals
+        fds.append(int(service["signals"]))
     for instance in record["instances"]:
         fds += [int(fd) for fd in instance["pipes"].values()]
         notify = instance["health"]["notify"]
@@ -299,6 +305,12 @@ def prepare_resume(record: StateRecord) -> Takeover:
         except OSError as exc:
             raise HandoffError(f"the inherited fd {fd} is not open ({exc.strerror}): not resuming") from None
     takeover = Takeover(load_manifest_from(record), record)
+    held = record["service"].get("signals")
+    if held is not None:
+        try:
+            takeover.signals = read_held(int(held))
+        finally:
+            os.close(int(held))
     from ..pidns import remember_service_pid
 
     remember_service_pid(int(record["service"]["service_pid"]))
