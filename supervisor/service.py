@@ -51,8 +51,13 @@ class Service:
         *,
         environ: Mapping[str, str] | None = None,
         takeover: Takeover | None = None,
+        collector_held: bool = False,
     ) -> None:
         self.manifest = manifest
+        # The caller (run_service) turned the garbage collector off for the start: what the
+        # start makes lives as long as the service, and the collector's passes over it while it
+        # grows were a tenth of a cold start. ``run`` freezes it all, then turns the collector on.
+        self._collector_held = collector_held
         self.manager = Manager(manifest, environ=environ)
         self._stopping = False
         self._cancel: anyio.CancelScope | None = None
@@ -150,6 +155,8 @@ class Service:
                         # lives as long as the service: the collector need not walk it again at
                         # each full collection, 20 to 40 ms of a spawn storm's status answers.
                         gc.freeze()
+                        if self._collector_held:
+                            gc.enable()
                     await tg.start(self._run_manager)
                 except BaseException:
                     listeners.close()
@@ -168,7 +175,8 @@ class Service:
                     # What the adoption made lives as long as the instances: the collector, held
                     # off since the exec (run_service), need not walk it again and again.
                     gc.freeze()
-                    gc.enable()
+                    if self._collector_held:
+                        gc.enable()
                     handoff.log_handover(self._takeover, served, self.manager.roster_known_at)
                     await keeper.write_now()  # no transition tells the record of the adopted groups
                 self._takeover = None
@@ -480,83 +488,90 @@ def run_service(
     ``resume_fd``: the state record of the service that re-exec'd into this one (handoff/);
     with ``resume_check``, only say on stdout what would be resumed, touching nothing.
     """
-    takeover = None
-    if resume_fd is not None:
-        from .handoff.reexec import check_report, prepare_resume
-        from .handoff.state import HandoffError, read_state
-
-        if resume_check:
-            with open(resume_fd, "rb", closefd=False) as state:
-                report = check_report(state.read())
-            print(json.dumps(report), flush=True)
-            return 0 if report["ok"] else 1
-        # Nothing made from here until the instances are adopted is garbage: the collector would
-        # walk the whole heap again and again for nothing (Service.run enables it again).
-        gc.disable()
-        try:
-            record = read_state(resume_fd)
-            size = os.fstat(resume_fd).st_size  # read: it is open, and sealed
-            os.close(resume_fd)
-            takeover = prepare_resume(record)
-            takeover.size = size
-        except HandoffError as exc:
-            print(f"supervisor: cannot resume: {exc}", file=sys.stderr)
-            return 1
-    if ready_fd is not None:
-        try:
-            os.set_inheritable(ready_fd, False)  # for us alone: an instance holding it would hide our end
-        except OSError as exc:
-            print(f"supervisor: --ready-fd {ready_fd}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
+    # The collector is off until the service has frozen what its start made (Service.run turns
+    # it on then); on again here when it ends or the start failed (tests call this in-process).
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        manifest = load_manifest(manifest_path) if takeover is None else takeover.manifest
-    except ManifestError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    own = Stdio.service()
-    with own.guard():
-        if log_file is not None or ready_fd is not None:
+        takeover = None
+        if resume_fd is not None:
+            from .handoff.reexec import check_report, prepare_resume
+            from .handoff.state import HandoffError, read_state
+
+            if resume_check:
+                with open(resume_fd, "rb", closefd=False) as state:
+                    report = check_report(state.read())
+                print(json.dumps(report), flush=True)
+                return 0 if report["ok"] else 1
             try:
-                _redirect_own_stdio(own, log_file, detached=ready_fd is not None)
-            except OSError as exc:
-                reason = exc.strerror or exc
-                print(f"supervisor: cannot open the log file {log_file}: {reason}", file=sys.stderr)
-                own.close()
+                record = read_state(resume_fd)
+                size = os.fstat(resume_fd).st_size  # read: it is open, and sealed
+                os.close(resume_fd)
+                takeover = prepare_resume(record)
+                takeover.size = size
+            except HandoffError as exc:
+                print(f"supervisor: cannot resume: {exc}", file=sys.stderr)
                 return 1
-        _configure_logging()
-        if takeover is not None:  # the limit the first start found: children get it, not ours
-            remember_fd_limit(takeover.service["nofile"])
-        raise_fd_limit()
-        if not become_subreaper():
-            log.warning("cannot become a child subreaper: orphaned grandchildren go to init")
-        from .api.server import ControlError
-        from .cgroup_policy import CgroupRefused
-        from .pidfile import PidfileError, live_service, remove_pidfile, write_pidfile
-
-        status = 0
+        if ready_fd is not None:
+            try:
+                os.set_inheritable(ready_fd, False)  # for us alone: an instance holding it would hide our end
+            except OSError as exc:
+                print(f"supervisor: --ready-fd {ready_fd}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
         try:
-            if pidfile is not None and (other := live_service(pidfile)) and other != os.getpid():
-                raise PidfileError(f"pidfile {pidfile} names a running service (pid {other}): stop it first")
+            manifest = load_manifest(manifest_path) if takeover is None else takeover.manifest
+        except ManifestError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        own = Stdio.service()
+        with own.guard():
+            if log_file is not None or ready_fd is not None:
+                try:
+                    _redirect_own_stdio(own, log_file, detached=ready_fd is not None)
+                except OSError as exc:
+                    reason = exc.strerror or exc
+                    print(f"supervisor: cannot open the log file {log_file}: {reason}", file=sys.stderr)
+                    own.close()
+                    return 1
+            _configure_logging()
+            if takeover is not None:  # the limit the first start found: children get it, not ours
+                remember_fd_limit(takeover.service["nofile"])
+            raise_fd_limit()
+            if not become_subreaper():
+                log.warning("cannot become a child subreaper: orphaned grandchildren go to init")
+            from .api.server import ControlError
+            from .cgroup_policy import CgroupRefused
+            from .pidfile import PidfileError, live_service, remove_pidfile, write_pidfile
 
-            def ready() -> None:
+            status = 0
+            try:
+                if pidfile is not None and (other := live_service(pidfile)) and other != os.getpid():
+                    raise PidfileError(
+                        f"pidfile {pidfile} names a running service (pid {other}): stop it first"
+                    )
+
+                def ready() -> None:
+                    if pidfile is not None:
+                        write_pidfile(pidfile)
+                    if ready_fd is not None:
+                        with open(ready_fd, "wb", closefd=True) as notify:
+                            notify.write(f"{os.getpid()}\n".encode())
+                    if on_ready is not None:
+                        on_ready()
+
+                anyio.run(_serve, manifest, ready, takeover, backend=backend)
+            except* (ControlError, StateDirError, PidfileError, CgroupRefused) as group:
+                for error in _leaves(group):  # a refusal from inside a task group comes nested
+                    log.error("cannot start: %s", error)
+                status = 1
+            finally:
                 if pidfile is not None:
-                    write_pidfile(pidfile)
-                if ready_fd is not None:
-                    with open(ready_fd, "wb", closefd=True) as notify:
-                        notify.write(f"{os.getpid()}\n".encode())
-                if on_ready is not None:
-                    on_ready()
-
-            anyio.run(_serve, manifest, ready, takeover, backend=backend)
-        except* (ControlError, StateDirError, PidfileError, CgroupRefused) as group:
-            for error in _leaves(group):  # a refusal from inside a task group comes nested
-                log.error("cannot start: %s", error)
-            status = 1
-        finally:
-            if pidfile is not None:
-                remove_pidfile(pidfile)
-    own.close()
-    return status
+                    remove_pidfile(pidfile)
+        own.close()
+        return status
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -586,7 +601,7 @@ def _redirect_own_stdio(own: Stdio, log_file: Path | None, *, detached: bool) ->
 async def _serve(manifest: Manifest, ready: Callable[[], None], takeover: Takeover | None) -> None:
     # Built inside the event loop: anyio's events and locks belong to a running loop.
     async with anyio.create_task_group() as tg:
-        await tg.start(Service(manifest, takeover=takeover).run)
+        await tg.start(Service(manifest, takeover=takeover, collector_held=True).run)
         ready()
 
 

@@ -8,6 +8,7 @@ served before the first instance is made. These tests pin both, on real processe
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -137,6 +138,62 @@ def test_what_is_made_before_the_instances_is_kept_out_of_the_collectors_walks(t
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_supervisor_run_starts_with_the_collector_off_and_serves_with_it_on(tmp_path: Path) -> None:
+    """The start makes tens of thousands of objects that live as long as the service and almost
+    no garbage: the collector's passes over them while they grew were a tenth of a cold start.
+    ``supervisor run`` (the CLI's own function, in its own interpreter) must run no collection
+    before it has frozen them, and must serve with the collector on."""
+    manifest = write_manifest(
+        tmp_path,
+        """
+        version: 1
+        instances:
+          one: {command: ["sleep", "300"], restart: {min_uptime: 0}}
+        """,
+    )
+    code = f"""
+import gc, json, os, sys, threading
+from supervisor.api.client import Client
+from supervisor.cli import main
+collections = []  # the freeze count at each collection once the service's import has begun
+
+def collecting(phase, info):
+    if phase == "start" and "supervisor.service" in sys.modules:
+        collections.append(gc.get_freeze_count())
+
+gc.callbacks.append(collecting)
+read, write = os.pipe()
+seen = {{}}
+
+def watch():
+    with open(read, "rb") as ready:
+        ready.read()  # the pid, then EOF: the service answers on its socket
+    seen.update(at_answer=list(collections), enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+    Client({str(manifest.parent / ".supervisor" / "control.sock")!r}, timeout=30).shutdown()
+
+threading.Thread(target=watch).start()
+status = main(["run", "-f", {str(manifest)!r}, "--ready-fd", str(write)])
+print(json.dumps(dict(seen, status=status)))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["status"] == 0 and found["enabled"] is True and found["frozen"] > 20_000, found
+    # Collections there were (the spawns run with it on), but none before the start was frozen.
+    assert all(frozen > 20_000 for frozen in found["at_answer"]), found
+
+
+def test_run_service_gives_the_collector_back_when_the_start_fails(tmp_path: Path) -> None:
+    from supervisor.service import run_service
+
+    (tmp_path / "bad.yaml").write_text("version: 1\ninstances: {a: {command: []}}\n")
+    assert gc.isenabled()
+    assert run_service(tmp_path / "bad.yaml") == 1
+    assert gc.isenabled()
 
 
 def test_metrics_import_prometheus_client_when_asked(service: Start) -> None:

@@ -7,6 +7,7 @@ when it runs, never at import.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     resumed_inside = args.resume is not None and args.pid_namespace
     if args.pid_namespace and not resumed_inside:
         return _run_in_pid_namespace(args)
+    # Off before the imports: they make tens of thousands of objects that live as long as the
+    # service and almost no garbage, and the collector's passes over them as they grow took a
+    # tenth of a cold start. The service turns it on once it has frozen them (service.py).
+    gc.disable()
     from ..service import run_service
 
     return run_service(
