@@ -24,8 +24,15 @@ supervisord is installed into a venv of its own by bench/cli.py's `install_super
 package, e.g. `git archive main supervisor | tar -x -C DIR`), with this venv's interpreter
 and packages: before and after side by side, in the same run.
 
+`--installed` also runs this checkout as a user has it: `pip install` of the checkout (not
+editable) into a venv of its own, made from the same interpreter as supervisord's. The
+project's venv is an editable install, whose import hook (and its imports: pathlib, re,
+urllib.parse...) runs at every interpreter start; an installed package has none. supervisord
+is measured as installed, so "ours (installed)" is the like-for-like row.
+`--installed-venv DIR` reuses such a venv (it must hold this checkout's code).
+
 Usage: python bench/memory.py [--instances 500] [--cold-runs 10] [--supervisord-venv DIR]
-                              [--baseline DIR]
+                              [--baseline DIR] [--installed | --installed-venv DIR]
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ import xmlrpc.client
 from collections.abc import Callable
 from pathlib import Path
 
-from cli import OURS, environment, install_supervisord, machine, our_manifest, supervisord_conf
+from cli import OURS, base_python, environment, install_supervisord, machine, our_manifest, supervisord_conf
 
 MiB = 1024 * 1024
 
@@ -104,6 +111,16 @@ BOOT = (
     "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in str(f).lower()]; "
     "from supervisor.cli import main; sys.exit(main())"
 )
+
+
+def install_ours(folder: Path) -> Path:
+    """This checkout, installed as a user installs it (not editable), into a venv of its own."""
+    venv = folder / "ours-venv"
+    subprocess.run([base_python(), "-m", "venv", str(venv)], check=True)
+    checkout = Path(__file__).resolve().parent.parent
+    pip = [str(venv / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, str(checkout)], check=True)
+    return venv
 
 
 def ours_command(baseline: Path | None) -> list[str]:
@@ -371,6 +388,8 @@ def main() -> int:
     parser.add_argument("--supervisord-venv", type=Path, help="reuse a venv that has supervisord installed")
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--baseline", type=Path, help="an older tree of ours to compare")
+    parser.add_argument("--installed", action="store_true", help="also: this checkout pip-installed")
+    parser.add_argument("--installed-venv", type=Path, help="reuse a venv with this checkout installed")
     args = parser.parse_args()
     if not OURS.exists():
         raise SystemExit(f"bench: {OURS} is missing: run from the project's venv (make test installs it)")
@@ -385,6 +404,9 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="bench-memory-venv-"))
     try:
         venv = args.supervisord_venv or install_supervisord(folder)
+        installed = args.installed_venv or (install_ours(folder) if args.installed else None)
+        if installed is not None:
+            ours["ours (installed)"] = [str(installed / "bin" / "supervisor")]
         version = subprocess.run(
             [str(venv / "bin" / "supervisord"), "--version"], capture_output=True, text=True, check=True
         ).stdout.strip()

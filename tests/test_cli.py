@@ -336,3 +336,63 @@ def test_the_socket_lookup_survives_a_hostile_manifest(tmp_path: Path) -> None:
     done = run("status", "-f", str(deep))
     assert done.returncode != 0 and "nested deeper than 64 levels" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- the parser: only the command named is built --------------------------------------------
+
+SAMPLES = {
+    "run": ["run", "-f", "x.yaml", "--pidfile", "p"],
+    "validate": ["validate", "-f", "x.yaml"],
+    "graph": ["graph", "--dot"],
+    "schema": ["schema"],
+    "status": ["status", "--json", "a", "b"],
+    "start": ["start", "a", "--no-wait", "--timeout", "5s"],
+    "stop": ["stop", "--all"],
+    "restart": ["restart", "a"],
+    "signal": ["signal", "HUP", "a"],
+    "logs": ["logs", "-n", "5", "-f", "a"],
+    "reload": ["reload", "--json"],
+    "scale": ["scale", "w=3"],
+    "wait": ["wait", "a", "--state", "running,ready"],
+    "shutdown": ["shutdown"],
+    "reexec": ["reexec", "--check"],
+    "dashboard": ["dashboard", "--port", "0"],
+    "import": ["import", "Procfile", "--format", "procfile"],
+    "export": ["export", "systemd", "-o", "out"],
+    "completion": ["completion", "bash"],
+    "_names": ["_names"],
+}
+
+
+def _parsed(parser: object, words: list[str]) -> dict[str, object]:
+    found = vars(parser.parse_args(words))  # type: ignore[attr-defined]
+    func = found.pop("func")
+    assert callable(func)
+    return found
+
+
+def test_the_command_list_is_the_full_parsers() -> None:
+    from supervisor.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    assert list(parser._subparsers._group_actions[0].choices) == list(COMMANDS)  # type: ignore[union-attr]
+    assert sorted(SAMPLES) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("command", sorted(SAMPLES))
+def test_a_command_alone_parses_as_with_every_command_built(command: str) -> None:
+    """``main`` builds the named command's parser alone (all twenty took ~10 ms of `status`)."""
+    from supervisor.cli import build_parser
+
+    alone = build_parser(command)
+    assert list(alone._subparsers._group_actions[0].choices) == [command]  # type: ignore[union-attr]
+    assert _parsed(alone, SAMPLES[command]) == _parsed(build_parser(), SAMPLES[command])
+
+
+def test_help_and_a_mistyped_command_still_list_every_command() -> None:
+    for words in (["--help"], ["stauts"]):
+        done = subprocess.run([*SUPERVISOR, *words], capture_output=True, text=True, timeout=30)
+        out = done.stdout + done.stderr
+        assert all(name in out for name in ("run", "status", "reexec", "export", "completion")), out
+    done = subprocess.run([*SUPERVISOR, "status", "--bogus"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and "unrecognized arguments: --bogus" in done.stderr, done.stderr
