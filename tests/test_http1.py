@@ -13,6 +13,7 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -503,34 +504,82 @@ async def test_a_stop_cuts_what_outlasts_the_grace(tmp_path: Path) -> None:
         assert await Reader(busy).closed()
 
 
-async def test_a_handover_answers_what_was_accepted_and_leaves_the_listener_open(tmp_path: Path) -> None:
-    """A client accepted before the handover whose request comes after it: answered by this server.
-    A client that connects meanwhile waits in the backlog and is answered by the next one."""
+async def test_a_handover_hands_connections_between_requests_to_the_next_server(tmp_path: Path) -> None:
+    """A client accepted before the handover that has sent nothing yet (a browser's preconnect),
+    and one idle after an answer: neither holds the handover up (its grace is 30 s here) nor is
+    closed. Both go to ``handed``, open, and the next server answers their next requests, sent
+    while no server ran. A client that connects meanwhile waits in the backlog for it."""
+    path = tmp_path / "http.sock"
+    listener = bind_unix(path)
+    try:
+        old = HTTPServer(Limits(grace=30))
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                await tg.start(old.serve, [(listener, App())])
+                silent = await connect(path)
+                idle = await connect(path)
+                await idle.send(get("/echo?first"))
+                first = await Reader(idle).answer()
+                assert first.json()["query"] == "first" and first.headers.get("connection") != "close"
+                await old.until(lambda: old.accepted == 2)
+                await anyio.wait_all_tasks_blocked()  # both wait for a request
+                old.stop(handover=True)
+        assert [index for _, index in old.handed] == [0, 0] and old.connections == 0
+        waiting = await connect(path)
+        await waiting.send(get("/echo?waiting"))
+        await silent.send(get("/echo?silent"))
+        await idle.send(get("/echo?second"))
+        new = HTTPServer()
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(new.serve, [(listener, App())], adopted=old.handed))
+            for client, query in [(silent, "silent"), (idle, "second"), (waiting, "waiting")]:
+                answer = await Reader(client).answer()
+                assert answer.json()["query"] == query and answer.headers.get("connection") != "close"
+            assert new.accepted == 1  # the two others were adopted, not accepted again
+            new.stop()
+        for client in (silent, idle, waiting):
+            await client.aclose()
+    finally:
+        listener.close()
+
+
+async def test_a_handover_answers_a_request_that_had_begun_to_arrive(tmp_path: Path) -> None:
+    """Half a request head read by the old server: that server reads the rest and answers (and
+    closes); only a connection with nothing of a request read by us is handed over."""
     path = tmp_path / "http.sock"
     listener = bind_unix(path)
     try:
         old = HTTPServer()
         async with anyio.create_task_group() as tg:
             await tg.start(old.serve, [(listener, App())])
-            accepted = await connect(path)
+            begun = await connect(path)
+            await begun.send(b"GET /echo?begun HTTP/1.1\r\nHost: x\r\n")
             await old.until(lambda: old.accepted == 1)
-            await anyio.wait_all_tasks_blocked()  # its task waits for the request, which is not sent yet
+            await anyio.wait_all_tasks_blocked()  # its task has read the half head, waits for more
             old.stop(handover=True)
-            await anyio.wait_all_tasks_blocked()  # the stop has been acted on: no accept any more
-            waiting = await connect(path)
-            await waiting.send(get("/echo?waiting"))
-            await accepted.send(get("/echo?accepted"))
-            answer = await Reader(accepted).answer()
-            assert answer.json()["query"] == "accepted" and answer.headers["connection"] == "close"
-        assert old.accepted == 1
-        new = HTTPServer()
-        async with anyio.create_task_group() as tg:
-            await tg.start(new.serve, [(listener, App())])
-            assert (await Reader(waiting).answer()).json()["query"] == "waiting"
-            new.stop()
-        await accepted.aclose()
-        await waiting.aclose()
+            await anyio.wait_all_tasks_blocked()
+            await begun.send(b"\r\n")
+            answer = await Reader(begun).answer()
+            assert answer.json()["query"] == "begun" and answer.headers["connection"] == "close"
+        assert old.handed == []
+        await begun.aclose()
     finally:
+        listener.close()
+
+
+async def test_an_adopted_connection_of_an_unknown_endpoint_is_closed(tmp_path: Path) -> None:
+    path = tmp_path / "http.sock"
+    listener = bind_unix(path)
+    ours, theirs = socket.socketpair()
+    try:
+        server = HTTPServer()
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(server.serve, [(listener, App())], adopted=[(ours, 3)]))
+            assert ours.fileno() == -1  # closed, not served
+            server.stop()
+        assert theirs.recv(1) == b""
+    finally:
+        theirs.close()
         listener.close()
 
 

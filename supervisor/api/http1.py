@@ -4,8 +4,9 @@ The control plane needs little of a server: HTTP/1.1 on sockets the service
 bound itself (a unix socket, a loopback port), under asyncio and trio; keep-alive;
 request bodies; streaming answers (``logs -f``, the event stream) that end when
 the client goes away; and a stop that knows exactly which connections it
-accepted, so that a re-exec answers each of them and leaves every other one
-waiting in the listening socket's backlog for the next service. hypercorn did
+accepted, so that a re-exec answers each request that has begun to arrive, hands
+every connection between two requests to the next service (``handed``), and
+leaves every other one waiting in the listening socket's backlog for it. hypercorn did
 all that and brought HTTP/2, WebSockets and TLS with it, none of which a unix
 socket uses: 6 to 9 MiB and a tenth of the cold start (docs/performance.md).
 
@@ -90,10 +91,14 @@ class HTTPServer:
     ``accepted`` counts the connections taken from the backlogs, ``connections`` those still
     open. A stop (``stop``) takes no connection from the backlogs any more; then idle
     keep-alive connections close, and those with a request under way finish it (within
-    ``Limits.grace``, then they are cut). A handover (``stop(handover=True)``) also waits
-    for the first request of a connection accepted a moment before, which has not arrived
-    yet: that client connected to this service and is answered by it. Whatever waits in
-    the backlog stays there, for the next owner of the sockets.
+    ``Limits.grace``, then they are cut). A handover (``stop(handover=True)``) closes
+    none: a connection between two requests (accepted a moment ago and silent, or idle
+    after an answer, with nothing of a next request read by us) goes to ``handed``, open,
+    with its endpoint's index, for the next owner of the sockets to serve (``serve``'s
+    ``adopted``); what its client sends meanwhile waits in the kernel for it. A client
+    that connected during the handover, or kept its connection, sees no close and no error,
+    and a browser's silent preconnect holds nothing up. Whatever waits in the backlog stays
+    there, for the next owner too.
     """
 
     def __init__(self, limits: Limits | None = None) -> None:
@@ -104,6 +109,9 @@ class HTTPServer:
         self.stopping = False
         self.handover = False
         self._open: set[_Connection] = set()
+        #: At a handover: the connections between two requests, open, each with the index of
+        #: its endpoint in ``serve``'s list (see the class).
+        self.handed: list[tuple[socket.socket, int]] = []
         self._stopped = anyio.Event()
         self._changed: anyio.Event | None = None
 
@@ -115,19 +123,32 @@ class HTTPServer:
         self,
         endpoints: Sequence[tuple[socket.socket, ASGIApp]],
         *,
+        adopted: Sequence[tuple[socket.socket, int]] = (),
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Accept on every ``(listening socket, app)`` until ``stop``, then finish as it says.
 
+        ``adopted``: connections an earlier server handed over (``handed``), each with the
+        index of its endpoint here; served from their next request, with their endpoint's app.
         Cancelling this cuts every connection at once; a caller that wants the graceful
         stop calls ``stop`` and shields the wait (``serve_control`` does).
         """
         slots = anyio.Semaphore(self.limits.connections)
         async with anyio.create_task_group() as connections:
+            for sock, index in adopted:
+                if not 0 <= index < len(endpoints):
+                    sock.close()
+                    continue
+                try:
+                    slots.acquire_nowait()
+                except anyio.WouldBlock:  # more than our limit: the client connects again
+                    sock.close()
+                    continue
+                self._start(sock, endpoints[index][0], index, endpoints[index][1], slots, connections)
             async with anyio.create_task_group() as accepting:
-                for sock, app in endpoints:
+                for index, (sock, app) in enumerate(endpoints):
                     sock.setblocking(False)
-                    accepting.start_soon(self._accept, sock, app, slots, connections)
+                    accepting.start_soon(self._accept, sock, index, app, slots, connections)
                 task_status.started()
                 await self._stopped.wait()
                 accepting.cancel_scope.cancel()
@@ -156,14 +177,18 @@ class HTTPServer:
             self._changed = None
 
     async def _accept(
-        self, listener: socket.socket, app: ASGIApp, slots: anyio.Semaphore, connections: TaskGroup
+        self,
+        listener: socket.socket,
+        index: int,
+        app: ASGIApp,
+        slots: anyio.Semaphore,
+        connections: TaskGroup,
     ) -> None:
         """Take connections from one listening socket, one free slot at a time.
 
         Nothing is awaited between the kernel's ``accept`` and handing the connection to its
         task: a stop (a cancellation of this loop) never loses one that was accepted.
         """
-        local = _endpoint(listener.family, listener.getsockname())
         out_of_resources = False
         while True:
             await slots.acquire()
@@ -192,21 +217,44 @@ class HTTPServer:
                 raise
             out_of_resources = False
             self.accepted += 1
-            sock.setblocking(False)
-            remote = _endpoint(sock.family, peer) if sock.family != socket.AF_UNIX else None
-            connection = _Connection(self, sock, app, {"server": local, "client": remote})
-            self._open.add(connection)
-            self._notify()
-            connections.start_soon(self._run, connection, slots)
+            self._start(sock, listener, index, app, slots, connections, peer)
+
+    def _start(
+        self,
+        sock: socket.socket,
+        listener: socket.socket,
+        index: int,
+        app: ASGIApp,
+        slots: anyio.Semaphore,
+        connections: TaskGroup,
+        peer: Any = None,
+    ) -> None:
+        """The task of one connection (its slot taken); ``peer`` unknown for an adopted one."""
+        sock.setblocking(False)
+        remote = None
+        if sock.family != socket.AF_UNIX:
+            try:
+                remote = _endpoint(sock.family, peer if peer is not None else sock.getpeername())
+            except OSError:  # gone already: its first read says so
+                pass
+        base = {"server": _endpoint(listener.family, listener.getsockname()), "client": remote}
+        connection = _Connection(self, sock, app, base, index)
+        self._open.add(connection)
+        self._notify()
+        connections.start_soon(self._run, connection, slots)
 
     async def _run(self, connection: _Connection, slots: anyio.Semaphore) -> None:
         try:
             await connection.run()
         except Exception:  # ours, not the app's (Exchange logs those): this connection only
             log.exception("control connection failed")
+            connection.handed = False
         finally:
             self._open.discard(connection)
-            connection.sock.close()
+            if connection.handed:
+                self.handed.append((connection.sock, connection.endpoint))
+            else:
+                connection.sock.close()
             slots.release()
             self._notify()
 
@@ -221,8 +269,11 @@ def _endpoint(family: int, address: Any) -> tuple[str, int | None] | None:
 class _Connection:
     """One client: its requests in turn, each answered by the app (``Exchange``), then the close."""
 
-    def __init__(self, server: HTTPServer, sock: socket.socket, app: ASGIApp, base: dict[str, Any]) -> None:
+    def __init__(
+        self, server: HTTPServer, sock: socket.socket, app: ASGIApp, base: dict[str, Any], endpoint: int
+    ) -> None:
         self.server = server
+        self.endpoint = endpoint
         self.limits = server.limits
         self.sock = sock
         self.app = app
@@ -231,11 +282,12 @@ class _Connection:
         self.keep = True  # may serve another request after this one
         self.broken = False  # a write failed or was cut halfway: nothing more may be written
         self.fresh = True  # no request read yet
+        self.handed = False  # left open at a handover, for the next server
         self._waiting: anyio.CancelScope | None = None
 
     def stop(self) -> None:
         """The server stops: end the wait for a next request, unless one is owed an answer."""
-        if self._waiting is not None and not self._owed():
+        if self._waiting is not None and (self._between_requests() or not self._owed()):
             self._waiting.cancel()
 
     async def run(self) -> None:
@@ -260,10 +312,12 @@ class _Connection:
                 await self.refuse(exc)
                 return None
             if event is h11.NEED_DATA:
-                if self.server.stopping and not self._owed():
+                if self.server.stopping and (self._between_requests() or not self._owed()):
+                    self.handed = self._between_requests()
                     return None
                 data = await self._read_head(deadline)
                 if data is None:
+                    self.handed = self.server.stopping and self._between_requests()
                     return None
                 self.h11.receive_data(data)
             elif type(event) is h11.Request:
@@ -271,11 +325,18 @@ class _Connection:
             else:  # ConnectionClosed
                 return None
 
+    def _between_requests(self) -> bool:
+        """At a handover: may this connection go to the next server as it is? When we have read
+        nothing of a next request (what the client sent since waits in the kernel for it)."""
+        return (
+            self.server.handover
+            and self.h11.our_state is h11.IDLE
+            and self.h11.their_state is h11.IDLE
+            and not self.h11.trailing_data[0]
+        )
+
     def _owed(self) -> bool:
-        """Must this connection be read on at a stop? When a request has (partly) arrived, and
-        at a handover also when it was accepted and its first request is still to come."""
-        if self.fresh and self.server.handover:
-            return True
+        """Must this connection be read on at a stop? When a request has (partly) arrived."""
         if self.h11.trailing_data[0]:
             return True
         try:

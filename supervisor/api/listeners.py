@@ -138,6 +138,9 @@ class ControlListeners:
         own = os.stat(self.path)
         self._inode = (own.st_dev, own.st_ino)
         self.sockets: list[tuple[socket.socket, str]] = [(unix, f"unix:{self.path}")]
+        #: Connections a server stopped for a re-exec left open (http1.HTTPServer.handed), each
+        #: with the index of its listening socket: the next server serves them.
+        self.connections: list[tuple[socket.socket, int]] = []
         self._kept = False
         if control.tcp:
             try:
@@ -156,10 +159,15 @@ class ControlListeners:
         listeners._inode = (int(state["inode"][0]), int(state["inode"][1]))
         listeners._kept = False
         listeners.sockets = []
+        listeners.connections = []
         for entry in state["sockets"]:
             sock = socket.socket(fileno=int(entry["fd"]))
             sock.set_inheritable(False)
             listeners.sockets.append((sock, str(entry["name"])))
+        for entry in state.get("connections", ()):  # optional: an older service handed none
+            sock = socket.socket(fileno=int(entry["fd"]))
+            sock.set_inheritable(False)
+            listeners.connections.append((sock, int(entry["listener"])))
         return listeners
 
     def handoff_state(self) -> dict[str, Any]:
@@ -168,10 +176,16 @@ class ControlListeners:
             "inode": list(self._inode),
             "token": None if self.token is None else self.token.hex(),
             "sockets": [{"fd": sock.fileno(), "name": name} for sock, name in self.sockets],
+            "connections": [{"fd": sock.fileno(), "listener": index} for sock, index in self.connections],
         }
 
     def handoff_fds(self) -> list[int]:
-        return [sock.fileno() for sock, _ in self.sockets]
+        return [sock.fileno() for sock, _ in [*self.sockets, *self.connections]]
+
+    def take_connections(self) -> list[tuple[socket.socket, int]]:
+        """The connections left for the next server: now its (``serve_control`` serves them)."""
+        taken, self.connections = self.connections, []
+        return taken
 
     def keep(self, keep: bool = True) -> None:
         """While set, ``close()`` leaves the sockets open and the file in place: a re-exec hands them
@@ -182,8 +196,9 @@ class ControlListeners:
         """Close every socket and remove our socket file (only ours, not a newer service's)."""
         if self._kept:
             return
-        for sock, _ in self.sockets:
+        for sock, _ in [*self.sockets, *self.connections]:
             sock.close()
         self.sockets = []
+        self.connections = []
         _remove_socket(self.path, self._inode)
 

@@ -52,10 +52,12 @@ async def serve_control(
 ) -> None:
     """Serve the control API until cancelled; ``started`` once every listener is listening.
 
-    ``hand_over`` (a re-exec, handoff/): once set, stop accepting, let what was accepted be
-    read and answered (bounded), and return, leaving the listening sockets open: connections
-    that arrive meanwhile wait in the backlog for the next service. ``answered`` is set then,
-    before the requests' background work (a stop under way) ends: the re-exec carries it over.
+    ``hand_over`` (a re-exec, handoff/): once set, stop accepting, let the requests that have
+    begun to arrive be read and answered (bounded), and return, leaving the listening sockets
+    open (connections that arrive meanwhile wait in the backlog for the next service) and
+    every connection between two requests open in ``listeners.connections``, for the next
+    service to serve. ``answered`` is set then, before the requests' background work (a stop
+    under way) ends: the re-exec carries it over.
 
     ``listeners`` bound earlier are served (and closed at the end); without them the
     manifest's are bound here, and ``ControlError`` is raised (before ``started``) when
@@ -73,20 +75,22 @@ async def serve_control(
                 (sock, app if name.startswith("unix:") else BearerAuth(app, listeners.token or b""))
                 for sock, name in listeners.sockets
             ]
+            adopted = listeners.take_connections()  # handed over by the last server (a re-exec)
             async with anyio.create_task_group() as servers:
-                servers.start_soon(_serve_http, server, endpoints, name="control API")
+                servers.start_soon(_serve_http, server, endpoints, adopted, name="control API")
                 log.info("control API on %s", ", ".join(name for _, name in listeners.sockets))
                 task_status.started()
                 try:
                     if hand_over is None:
                         await anyio.sleep_forever()
                     await hand_over.wait()
-                    # No accept() from here; what was accepted is read and answered, even a
-                    # connection whose request has not arrived yet (http1.HTTPServer).
+                    # No accept() from here; a request that has begun to arrive is read and
+                    # answered, a connection between two requests is kept (http1.HTTPServer).
                     server.stop(handover=True)
                 finally:
                     server.stop()
                     closing.set()
+            listeners.connections += server.handed
             if answered is not None:
                 answered.set()
             background.cancel_scope.cancel()
@@ -94,10 +98,14 @@ async def serve_control(
         listeners.close()
 
 
-async def _serve_http(server: HTTPServer, endpoints: list[tuple[socket.socket, ASGIApp]]) -> None:
+async def _serve_http(
+    server: HTTPServer,
+    endpoints: list[tuple[socket.socket, ASGIApp]],
+    adopted: list[tuple[socket.socket, int]],
+) -> None:
     """The server, shielded: when the service stops (or cancels us), it still finishes gracefully."""
     with anyio.CancelScope(shield=True):
-        await server.serve(endpoints)
+        await server.serve(endpoints, adopted=adopted)
 
 
 _HTTP_LOG = logging.getLogger("supervisor.control.http")

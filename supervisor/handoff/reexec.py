@@ -263,7 +263,8 @@ class Takeover:
 def handed_fds(record: StateRecord) -> list[int]:
     """Every fd the record says was handed over."""
     service = record["service"]
-    fds = [int(entry["fd"]) for entry in service["listeners"]["sockets"]]
+    listeners = service["listeners"]
+    fds = [int(entry["fd"]) for entry in [*listeners["sockets"], *listeners.get("connections", ())]]
     guardian = service["guardian"]
     if guardian is not None:
         fds += [int(fd) for fd in (guardian["fd"], guardian["pidfd"]) if fd is not None]

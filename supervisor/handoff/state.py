@@ -39,8 +39,9 @@ FORMAT = "procward-handoff"
 #: Bumped whenever a field changes meaning or a new field is required; a reader refuses others.
 #: Version 2 adds the event sequence number (``service.events_seq``, required) and, optional,
 #: when the handover began (``service.handover_began``), whether an instance had its cgroup
-#: (``instances[].cgroup``) and the fd of the signals held during the handover
-#: (``service.signals``, handoff/signals.py).
+#: (``instances[].cgroup``), the fd of the signals held during the handover
+#: (``service.signals``, handoff/signals.py) and the connections between two requests
+#: (``service.listeners.connections``, api/http1.py).
 VERSION = 2
 #: What this code reads: its own version, and version 1 (a service that numbered no events:
 #: its successor numbers from 1, as a fresh start does; its instances' cgroups are looked up).
