@@ -75,6 +75,9 @@ class Service:
         self._held: HeldSignals | None = None
         # Those the old service held during the handover that made this one: acted on at once.
         self._resumed_signals: list[int] = [] if takeover is None else takeover.signals
+        # Set once a re-exec'd service has taken over (its instances adopted): it acts on the
+        # handover's signals from then, so that a TERM stops what it took over, and says so.
+        self._took_over = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: ControlListeners | None = None
         self._guardian: Guardian | None = None
@@ -180,6 +183,7 @@ class Service:
                     handoff.log_handover(self._takeover, served, self.manager.roster_known_at)
                     await keeper.write_now()  # no transition tells the record of the adopted groups
                 self._takeover = None
+                self._took_over.set()
                 task_status.started()
                 await self._manager_done.wait()
                 tg.cancel_scope.cancel()
@@ -374,9 +378,13 @@ class Service:
     async def _handle_signals(self) -> None:
         interrupts = 0
         with anyio.open_signal_receiver(*HANDOFF_SIGNALS) as signals:
-            # A re-exec holds these until here: those that came during the handover come now,
-            # the ones a thread of the old service took (raised here, pending while blocked), then
-            # the ones no thread took (pending across the exec).
+            # A re-exec holds these until the new service has taken over (bounded: a takeover
+            # that hangs must not make the service deaf to a TERM), then those that came during
+            # the handover come: the ones a thread of the old service took (raised here, pending
+            # while blocked), then the ones no thread took (pending across the exec).
+            if self._takeover is not None:
+                with anyio.move_on_after(_HANDOFF_QUIET):
+                    await self._took_over.wait()
             for signum in self._resumed_signals:
                 log.info("got %s during the re-exec", signal.Signals(signum).name)
                 signal.raise_signal(signum)

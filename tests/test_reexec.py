@@ -532,6 +532,9 @@ def test_a_sigterm_during_the_handover_is_not_lost(service: Callable[..., Servic
     # for the new service"), or by the new one when the exec came first: the new one acts on it once.
     assert log.count("INFO got SIGTERM\n") == 1, log
     assert "re-exec'd: took over" in log and log.rstrip().endswith("INFO stopped"), log
+    # Acted on once the new service had taken over: it stops the instance it adopted.
+    assert log.index("re-exec'd: took over") < log.index("INFO got SIGTERM\n"), log
+    assert "shutting down: stopping 1 instances" in log, log
     assert pid_gone(child)
 
 
