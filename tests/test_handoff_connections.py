@@ -12,6 +12,10 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
+from supervisor.handoff.state import FORMAT, VERSION, HandoffError, parse_state
+
 from .service_fixture import ServiceProcess
 
 HEALTH = b"GET /v1/health HTTP/1.1\r\nHost: supervisor\r\n\r\n"
@@ -63,3 +67,29 @@ def test_a_kept_and_a_silent_connection_go_on_with_the_new_service(
     finally:
         for sock in connections:
             sock.close()
+
+
+@pytest.mark.parametrize(
+    "connections",
+    [
+        {"fd": 5, "listener": 0},  # not a list
+        [{"fd": -1, "listener": 0}],
+        [{"fd": 5, "listener": 1e30}],
+        [{"fd": "5", "listener": 0}],
+        [{"fd": 5}],
+        [[5, 0]],
+        [{"fd": True, "listener": 0}],
+    ],
+)
+def test_a_record_with_bad_handed_connections_is_refused(connections: object) -> None:
+    record = {
+        "format": FORMAT,
+        "version": VERSION,
+        "service": {"events_seq": 0, "listeners": {"sockets": [], "connections": connections}},
+        "instances": [],
+    }
+    with pytest.raises(HandoffError, match=r"service\.listeners\.connections must be a list") as refused:
+        parse_state(json.dumps(record).encode())
+    assert "the running service goes on as it is" in str(refused.value)
+    record["service"]["listeners"]["connections"] = [{"fd": 5, "listener": 0}]
+    assert parse_state(json.dumps(record).encode())["service"]["listeners"]["connections"][0]["fd"] == 5

@@ -17,6 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from supervisor.handoff.signals import HANDOFF_SIGNALS, read_held
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,3 +128,24 @@ def test_the_pipe_keeps_only_the_handoffs_signals_each_once_in_order() -> None:
         if write >= 0:
             os.close(write)
     assert signal.SIGUSR1 not in HANDOFF_SIGNALS
+
+
+def _record(**service: object) -> bytes:
+    from supervisor.handoff.state import FORMAT, VERSION
+
+    body = {"events_seq": 0, "listeners": {"sockets": []}, **service}
+    return json.dumps({"format": FORMAT, "version": VERSION, "service": body, "instances": []}).encode()
+
+
+@pytest.mark.parametrize("value", [-1, 2**31, 2**63, 3.0, "3", True, [3], {"fd": 3}])
+def test_a_record_whose_held_signals_are_no_descriptor_is_refused(value: object) -> None:
+    from supervisor.handoff.state import HandoffError, parse_state
+
+    with pytest.raises(HandoffError, match=r"service\.signals must be a descriptor number") as refused:
+        parse_state(_record(signals=value))
+    assert "the running service goes on as it is" in str(refused.value)
+    for word in (b"NaN", b"Infinity", b"1e400"):  # json.loads takes them as floats
+        with pytest.raises(HandoffError, match=r"service\.signals must be a descriptor number"):
+            parse_state(_record(signals=7).replace(b'"signals": 7', b'"signals": ' + word))
+    assert parse_state(_record(signals=7))["service"]["signals"] == 7
+    assert "signals" not in parse_state(_record())["service"]  # optional: an older service's

@@ -144,7 +144,9 @@ class HTTPServer:
                 except anyio.WouldBlock:  # more than our limit: the client connects again
                     sock.close()
                     continue
-                self._start(sock, endpoints[index][0], index, endpoints[index][1], slots, connections)
+                listener, app = endpoints[index]
+                local = _endpoint(listener.family, listener.getsockname())
+                self._start(sock, local, index, app, slots, connections)
             async with anyio.create_task_group() as accepting:
                 for index, (sock, app) in enumerate(endpoints):
                     sock.setblocking(False)
@@ -189,6 +191,7 @@ class HTTPServer:
         Nothing is awaited between the kernel's ``accept`` and handing the connection to its
         task: a stop (a cancellation of this loop) never loses one that was accepted.
         """
+        local = _endpoint(listener.family, listener.getsockname())
         out_of_resources = False
         while True:
             await slots.acquire()
@@ -217,12 +220,12 @@ class HTTPServer:
                 raise
             out_of_resources = False
             self.accepted += 1
-            self._start(sock, listener, index, app, slots, connections, peer)
+            self._start(sock, local, index, app, slots, connections, peer)
 
     def _start(
         self,
         sock: socket.socket,
-        listener: socket.socket,
+        local: tuple[str, int | None] | None,
         index: int,
         app: ASGIApp,
         slots: anyio.Semaphore,
@@ -237,7 +240,7 @@ class HTTPServer:
                 remote = _endpoint(sock.family, peer if peer is not None else sock.getpeername())
             except OSError:  # gone already: its first read says so
                 pass
-        base = {"server": _endpoint(listener.family, listener.getsockname()), "client": remote}
+        base = {"server": local, "client": remote}
         connection = _Connection(self, sock, app, base, index)
         self._open.add(connection)
         self._notify()

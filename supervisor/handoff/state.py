@@ -131,7 +131,38 @@ def parse_state(data: bytes) -> StateRecord:
             )
     else:
         service["events_seq"] = 0
+    _check_handed_fds(service)
     return record
+
+
+#: The largest descriptor number a record may name (the kernel's own limit is below 2**31).
+_MAX_FD = 2**31 - 1
+
+
+def _check_handed_fds(service: dict[str, Any]) -> None:
+    """The optional descriptors of the handover (its held signals, the connections between two
+    requests) must be descriptor numbers: else the record is refused before anything is taken."""
+    signals = service.get("signals")
+    if signals is not None and not _is_fd(signals):
+        raise HandoffError(
+            f"the state record's service.signals must be a descriptor number (got {_short(signals)}): "
+            "the running service goes on as it is"
+        )
+    listeners = service.get("listeners")
+    connections = listeners.get("connections", []) if isinstance(listeners, dict) else []
+    if not isinstance(connections, list) or not all(
+        isinstance(entry, dict) and _is_fd(entry.get("fd")) and _is_fd(entry.get("listener"))
+        for entry in connections
+    ):
+        raise HandoffError(
+            "the state record's service.listeners.connections must be a list of {fd, listener} "
+            f"with a descriptor number and a socket's index (got {_short(connections)}): "
+            "the running service goes on as it is"
+        )
+
+
+def _is_fd(value: object) -> bool:
+    return type(value) is int and 0 <= value <= _MAX_FD  # not NaN, 1e30, -1, true, "7"
 
 
 def _short(value: Any) -> str:
