@@ -14,7 +14,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -22,16 +22,11 @@ import anyio.to_thread
 from .config import InstanceConfig
 from .events import EventBus, Update
 from .logs import LogSink
-from .probe_loop import until_failed, until_ready
-from .probes import (
-    ExecContext,
-    NotifyMessage,
-    NotifySocket,
-    ProbeFailed,
-    until_log_line,
-)
 from .process import Child
 from .resources import ResourceSampler
+
+if TYPE_CHECKING:  # the probe machinery is imported by the instances that have checks only
+    from .probes import ExecContext, NotifyMessage, NotifySocket
 
 #: Stop the run's program (with this signal, or the stop signal when None), then SIGKILL.
 Kill = Callable[[str, int | None], Awaitable[None]]
@@ -98,7 +93,11 @@ class Health:
         #: The last STATUS= text an sd_notify program sent.
         self.status_text: str | None = None
         self._outcomes: dict[str, object] = {}
-        self._notify = NotifySocket() if check is not None and check.kind == "notify" else None
+        self._notify: NotifySocket | None = None
+        if check is not None and check.kind == "notify":
+            from .probes import NotifySocket
+
+            self._notify = NotifySocket()
         # Only a notify program sets these; the others' runs make none (an Event costs ~0.8 KB).
         self._notified_ready: anyio.Event | None = None
         self._watchdog_ping: anyio.Event | None = None
@@ -138,6 +137,8 @@ class Health:
         self._main_pid = state["main_pid"]
         notify = state["notify"]
         if notify is not None:
+            from .probes import NotifySocket
+
             if self._notify is not None:
                 self._notify.close()  # the fresh one made by __init__: the program knows the old one
             self._notify = NotifySocket.adopt(notify["fd"], notify["address"])
@@ -267,6 +268,8 @@ class Health:
                     startup.start_soon(self._become_ready, followers, context, kill)
             on_running()
         if config.alive is not None:
+            from .probe_loop import until_failed
+
             reason = await until_failed(config.alive, context, self._report("alive"))
             self.note("alive", False, f"restarting: {reason}")
             await kill(f"liveness: {reason}", None)
@@ -278,6 +281,9 @@ class Health:
             self.ready = False
 
     async def _become_ready(self, followers: LogSubscription, context: ExecContext, kill: Kill) -> None:
+        from .probe_loop import until_ready
+        from .probes import ProbeFailed, until_log_line
+
         check = self._config.ready
         assert check is not None
         limit = math.inf if check.start_timeout is None else check.start_timeout

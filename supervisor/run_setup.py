@@ -18,7 +18,6 @@ from .cgroups import CgroupError, InstanceCgroup
 from .config import rlimit_pair
 from .events import Update
 from .logs import LogSink
-from .probes import ExecContext
 from .process import Child, ChildLimits, spawn
 from .stdio import LogPipe, Stdio
 
@@ -26,6 +25,7 @@ if TYPE_CHECKING:
     from .config import InstanceConfig, LogSettings
     from .health import Health
     from .instance import InstanceContext
+    from .probes import ExecContext
 
 log = logging.getLogger("supervisor.instance")
 
@@ -93,6 +93,9 @@ class RunSetup:
         self._context.bus.publish(Update(self.name, self.group, "logs", error is None, message))
 
     def _exec_context(self) -> ExecContext:
+        """For a run with checks beside it: the probe machinery is imported only by these."""
+        from .probes import ExecContext
+
         config = self.config
         return ExecContext(
             cwd=config.cwd,

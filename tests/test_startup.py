@@ -35,6 +35,8 @@ LATER = (
     "prometheus_client",
     "httpx",  # https probes only
     "pydantic.v1",  # 1.9 MiB that nothing of ours needs (FastAPI imported it while it built routes)
+    "supervisor.probes",  # readiness and liveness checks: only for an instance that has one
+    "supervisor.probe_loop",
 )
 # The control plane: the service imports it when it runs, never at import.
 CONTROL_PLANE = ("starlette", "supervisor.api.http1", "supervisor.api.server", "supervisor.api.app")
