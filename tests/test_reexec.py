@@ -199,7 +199,10 @@ def test_reexec_keeps_every_instance_its_pid_counters_lines_and_deadlines(
         starts = [at for at, frm, to in moves if frm == "backoff" and to == "starting"]
         crossing = [(b, s) for b, s in zip(backoffs, starts, strict=False) if b < handoff < s]
         for entered, left in crossing:
-            assert 1.95 <= left - entered <= 2.8, (name, left - entered)
+            # Never early; on time, or at once when the new service took over after the deadline
+            # (a loaded machine can take seconds for the new code's imports).
+            due = max(entered + 2.2, handoff)
+            assert entered + 1.95 <= left <= due + 0.6, (name, left - entered, handoff - entered)
 
     # The waiter waits on, and starts when its dependency does.
     svc.client().start(["gate"])
