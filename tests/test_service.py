@@ -71,7 +71,9 @@ def test_sigterm_stops_two_hundred_instances_and_leaves_nothing(service: Start) 
     svc.wait_for(["many"], "running", timeout=60)
     pids = [s["pid"] for s in svc.status().values()]
     assert len(pids) == 200 and all(pids)
-    assert sorted(processes_with(marker)) == sorted(pids)
+    # running (min_uptime 0) can come before a child's exec of sleep, past the launcher's: then
+    # its command line does not have the marker yet.
+    svc.wait_until(lambda: sorted(processes_with(marker)) == sorted(pids), 20, "every sleep's exec")
     started = time.monotonic()
     assert svc.stop(timeout=60) == 0
     assert time.monotonic() - started < 30
@@ -266,6 +268,8 @@ def test_as_pid_1_it_reaps_orphans_and_stops_on_sigterm(tmp_path: Path) -> None:
         with client.follow("forker", lines=100) as chunks:
             assert any(b"ready" in chunk for chunk in chunks)
         (init,) = _children_of(unshare.pid)  # the service's pid outside the namespace
+        # "ready" may come before the backgrounded sleep has exec'd (it is the subshell until then).
+        wait_until(lambda: processes_with(marker), unshare, 20, "the orphan's exec")
         (orphan,) = processes_with(marker)
         assert orphan in _children_of(init)  # its parent exited: PID 1 adopted it
         os.kill(orphan, signal.SIGKILL)
