@@ -7,6 +7,7 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -396,3 +397,27 @@ def test_help_and_a_mistyped_command_still_list_every_command() -> None:
         assert all(name in out for name in ("run", "status", "reexec", "export", "completion")), out
     done = subprocess.run([*SUPERVISOR, "status", "--bogus"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2 and "unrecognized arguments: --bogus" in done.stderr, done.stderr
+
+
+def test_a_control_command_parses_without_shutil_and_help_still_fits_the_terminal(tmp_path: Path) -> None:
+    """argparse's formatter imports shutil (and lzma, bz2) for the width at every add_argument:
+    ours finds the width itself, as shutil does ($COLUMNS, then the terminal, then 80)."""
+    probe = (
+        "import json, sys; from supervisor.cli import build_parser\n"
+        "build_parser('status').parse_args(['status', '--json'])\n"
+        "print(json.dumps([m for m in ('shutil', 'lzma', 'bz2') if m in sys.modules]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=30
+    )
+    assert done.returncode == 0 and json.loads(done.stdout) == [], done.stdout + done.stderr
+    for columns, widest in (("50", 50), ("", 80), ("nonsense", 80), ("-3", 80)):
+        env = {**os.environ, "COLUMNS": columns}
+        shown = subprocess.run(
+            [*SUPERVISOR, "logs", "--help"], capture_output=True, text=True, env=env, timeout=30
+        )
+        lines = shown.stdout.splitlines()
+        assert shown.returncode == 0 and len(lines) > 10, shown.stderr
+        assert max(len(line) for line in lines) <= widest, (columns, shown.stdout)
+        if columns == "50":
+            assert max(len(line) for line in lines) > 40  # wrapped to it, not to some narrow default
