@@ -284,7 +284,6 @@ class _Connection:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.limits.head_bytes)
         self.keep = True  # may serve another request after this one
         self.broken = False  # a write failed or was cut halfway: nothing more may be written
-        self.fresh = True  # no request read yet
         self.handed = False  # left open at a handover, for the next server
         self._waiting: anyio.CancelScope | None = None
 
@@ -298,7 +297,6 @@ class _Connection:
             request = await self._next_request()
             if request is None:
                 break
-            self.fresh = False
             await Exchange(self, request).run()
             if not self._next_cycle():
                 break
