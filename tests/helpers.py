@@ -130,3 +130,64 @@ def under_open_files_limit(limit: int, argv: list[str]) -> list[str] | None:
             return None
         prefix = [setpriv, "--bounding-set=-sys_resource", "--", *prefix]
     return [*prefix, *argv]
+
+
+def handoff_record(*, version: int | None = None, **service: object) -> dict[str, object]:
+    """A state record of the shape a re-exec'd service reads (handoff/shape.py): a service with
+    one socket and one running instance; ``service`` replaces fields of its service section."""
+    from supervisor.handoff.state import FORMAT, VERSION
+
+    body: dict[str, object] = {
+        "pid": 100,
+        "service_pid": 100,
+        "manifest": {"version": 1, "instances": {"a": {"command": ["sleep", "1000"]}}},
+        "source": None,
+        "listeners": {
+            "path": "/run/x.sock",
+            "inode": [1, 2],
+            "token": None,
+            "sockets": [{"fd": 3, "name": "unix"}],
+        },
+        "guardian": None,
+        "nofile": None,
+        "handoffs": 1,
+        "events_seq": 0,
+        "scaled": [],
+        "written_at": 10.0,
+        **service,
+    }
+    instance = {
+        "name": "a",
+        "group": "a",
+        "state": "running",
+        "reason": None,
+        "counters": {"restarts": 0, "failures": 0},
+        "last_exit": {"pid": 101, "code": 3, "signal": None, "at": 1.7e9},
+        "child": {
+            "pid": 102,
+            "pgid": 102,
+            "pidfd": 4,
+            "argv": ["sleep", "1000"],
+            "started_at": 1.7e9,
+            "kill_group_on_exit": True,
+            "start_ticks": 5,
+        },
+        "next_try": None,
+        "kill_at": None,
+        "trouble": None,
+        "targets": {"stdin": "null", "stdout": "log", "stderr": "log"},
+        "pipes": {"stdout": 5, "stderr": 6},
+        "sinks": {"stdout": {"at_line_start": True}, "stderr": {"at_line_start": True}},
+        "health": {
+            "ready": None,
+            "last_check": None,
+            "status_text": None,
+            "main_pid": None,
+            "notified": False,
+            "armed": False,
+            "notify": None,
+        },
+        "cgroup": False,
+    }
+    version = VERSION if version is None else version
+    return {"format": FORMAT, "version": version, "service": body, "instances": [instance]}

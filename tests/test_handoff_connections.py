@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from supervisor.handoff.state import FORMAT, VERSION, HandoffError, parse_state
+from supervisor.handoff.state import HandoffError, parse_state
 
+from .helpers import handoff_record
 from .service_fixture import ServiceProcess
 
 HEALTH = b"GET /v1/health HTTP/1.1\r\nHost: supervisor\r\n\r\n"
@@ -82,12 +83,8 @@ def test_a_kept_and_a_silent_connection_go_on_with_the_new_service(
     ],
 )
 def test_a_record_with_bad_handed_connections_is_refused(connections: object) -> None:
-    record = {
-        "format": FORMAT,
-        "version": VERSION,
-        "service": {"events_seq": 0, "listeners": {"sockets": [], "connections": connections}},
-        "instances": [],
-    }
+    record = handoff_record()
+    record["service"]["listeners"]["connections"] = connections
     with pytest.raises(HandoffError, match=r"service\.listeners\.connections must be a list") as refused:
         parse_state(json.dumps(record).encode())
     assert "the running service goes on as it is" in str(refused.value)

@@ -21,6 +21,8 @@ import pytest
 
 from supervisor.handoff.signals import HANDOFF_SIGNALS, read_held
 
+from .helpers import handoff_record
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: The program exec'd into: what the new service would find.
@@ -131,10 +133,7 @@ def test_the_pipe_keeps_only_the_handoffs_signals_each_once_in_order() -> None:
 
 
 def _record(**service: object) -> bytes:
-    from supervisor.handoff.state import FORMAT, VERSION
-
-    body = {"events_seq": 0, "listeners": {"sockets": []}, **service}
-    return json.dumps({"format": FORMAT, "version": VERSION, "service": body, "instances": []}).encode()
+    return json.dumps(handoff_record(**service)).encode()
 
 
 @pytest.mark.parametrize("value", [-1, 2**31, 2**63, 3.0, "3", True, [3], {"fd": 3}])

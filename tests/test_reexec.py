@@ -39,6 +39,7 @@ from supervisor.handoff.state import (
     write_state,
 )
 
+from .helpers import handoff_record
 from .service_fixture import SUPERVISOR, ServiceProcess, pid_gone, write_manifest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "supervisor"
@@ -344,7 +345,9 @@ def test_run_resume_refuses_an_unknown_version_and_touches_nothing(tmp_path: Pat
 
 
 def test_the_record_is_sealed_and_round_trips() -> None:
-    record = {"service": {"x": 1, "events_seq": 5}, "instances": [{"name": "a\0b", "n": 1e300}]}
+    record = handoff_record(x=1, events_seq=5)
+    record["instances"][0] |= {"name": "a\0b", "n": 1e300}  # a key this code does not read stays
+    del record["format"], record["version"]
     fd = write_state(record)
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -377,9 +380,10 @@ def test_a_bad_record_is_refused_with_a_reason(data: bytes, says: str) -> None:
 
 
 def _with_seq(seq: object) -> bytes:
-    service = {} if seq is ... else {"events_seq": seq}
-    text = json.dumps({"format": FORMAT, "version": VERSION, "service": service, "instances": []})
-    return text.replace('"<huge>"', "1" + "0" * 40).encode()
+    record = handoff_record(events_seq=seq)
+    if seq is ...:
+        del record["service"]["events_seq"]
+    return json.dumps(record).replace('"<huge>"', "1" + "0" * 40).encode()
 
 
 @pytest.mark.parametrize(
@@ -405,20 +409,116 @@ def test_a_record_with_a_bad_event_number_is_refused(seq: object, says: str) -> 
 
 
 def test_a_version_1_record_is_read_and_numbers_events_from_the_start() -> None:
-    old = {"format": FORMAT, "version": 1, "service": {}, "instances": []}
+    old = handoff_record(version=1)
+    del old["service"]["events_seq"]
     record = parse_state(json.dumps(old).encode())
     assert record["service"]["events_seq"] == 0
     assert parse_state(_with_seq(2**63 - 1))["service"]["events_seq"] == 2**63 - 1
 
 
+def _spoilt(path: str, value: object) -> bytes:
+    """A valid record with the field at ``path`` (dots; a number indexes a list) set to ``value``
+    (``...``: removed; "<NaN>", "<Infinity>", "<huge>": the JSON words json.loads reads as floats)."""
+    record = handoff_record()
+    *parents, last = [int(part) if part.isdigit() else part for part in path.split(".")]
+    place: object = record
+    for part in parents:
+        place = place[part]  # type: ignore[index]
+    if value is ...:
+        del place[last]  # type: ignore[attr-defined]
+    else:
+        place[last] = value  # type: ignore[index]
+    text = json.dumps(record)
+    for word, literal in (("<NaN>", "NaN"), ("<Infinity>", "Infinity"), ("<huge>", "1" + "0" * 40)):
+        text = text.replace(f'"{word}"', literal)
+    return text.encode()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "says"),
+    [
+        ("instances.0.child.pidfd", "7", ": Input should be a valid integer (got '7')"),
+        ("instances.0.child.pidfd", -1, ": Input should be greater than or equal to 0"),
+        ("instances.0.child.pidfd", 2**31, ": Input should be less than or equal to"),
+        ("instances.0.child.pid", "<huge>", ": Input should be less than or equal to"),
+        ("instances.0.child.pid", 0, ": Input should be greater than or equal to 1"),
+        ("instances.0.child.started_at", "<NaN>", ": Input should be a finite number"),
+        ("instances.0.child.argv", [], ": List should have at least 1 item"),
+        ("instances.0.child.argv", ["sleep", 5], "[1]: Input should be a valid string"),
+        ("instances.0.next_try", "<Infinity>", ": Input should be a finite number"),
+        ("instances.0.counters.restarts", True, ": Input should be a valid int"),
+        ("instances.0.counters.failures", 1.0, ": Input should be a valid int"),
+        ("instances.0.state", "bogus", ": Input should be 'stopped'"),
+        ("instances.0.pipes.stdout", None, ": Input should be a valid int"),
+        ("instances.0.pipes", {"stdbogus": 5}, ".stdbogus (the key): Input should be"),
+        ("instances.0.last_exit.code", 256, ": Input should be less than or equal to 255"),
+        ("instances.0.last_exit.extra", 1, ": Extra inputs are not permitted"),
+        ("instances.0.health.notify", {"fd": "x", "address": "@a"}, ".fd:"),
+        ("instances.0.health", ..., ": Field required"),
+        ("instances.0.sinks.stdout.at_line_start", 1, ": Input should be"),
+        ("service.guardian", {"pid": 5, "pidfd": None, "fd": -3, "cgroup": None}, ".fd:"),
+        ("service.listeners.sockets.0.fd", 3.5, ": Input should be a valid int"),
+        ("service.listeners.inode", [1], ": List should have at least 2 items"),
+        ("service.written_at", "<NaN>", ": Input should be a finite number"),
+        ("service.handoffs", -1, ": Input should be greater than or equal to 0"),
+        ("service.manifest", [], ": Input should be a valid dictionary"),
+        ("service.service_pid", ..., ": Field required"),
+        ("instances.0", "a", ": Input should be a valid dictionary"),
+    ],
+)
+def test_a_record_the_code_would_choke_on_is_refused_with_its_place(
+    path: str, value: object, says: str
+) -> None:
+    """Checked before anything is taken (and by the old service's check), not found halfway
+    through the adoption after the exec, when the instances would die with the service."""
+    with pytest.raises(HandoffError) as refused:
+        parse_state(_spoilt(path, value))
+    place = re.sub(r"\.(\d+)", r"[\1]", path)  # as the record's JSON reads: instances[0].child
+    assert f"\n  {place}{says}" in str(refused.value), str(refused.value)
+    assert "the running service goes on as it is" in str(refused.value)
+
+
+def test_a_record_with_many_problems_names_the_first_five() -> None:
+    record = handoff_record()
+    record["instances"] = [record["instances"][0] | {"state": "bogus", "name": str(n)} for n in range(40)]
+    with pytest.raises(HandoffError) as refused:
+        parse_state(json.dumps(record).encode())
+    message = str(refused.value)
+    assert "instances[4].state" in message and "instances[5].state" not in message
+    assert message.endswith("and 35 more")
+
+
+def test_a_record_of_the_right_shape_is_read_as_written() -> None:
+    record = handoff_record(signals=9, handover_began=5.0, handover_cpu=0.5, future_field={"x": [1]})
+    record["instances"][0]["child"]["pidfd"] = None  # a kernel without pidfds
+    assert parse_state(json.dumps(record).encode()) == record
+
+
+def _wrong_shape() -> dict[str, object]:
+    record = json.loads(_spoilt("instances.0.child.pidfd", "<NaN>"))
+    del record["format"], record["version"]
+    return record
+
+
 @pytest.mark.parametrize("check", [False, True])
-def test_run_resume_refuses_a_bad_event_number_and_touches_nothing(tmp_path: Path, check: bool) -> None:
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        (
+            {"service": {"events_seq": -5}, "instances": []},
+            "service.events_seq must be a whole number from 0 to 9223372036854775807 (got -5)",
+        ),
+        (_wrong_shape(), "instances[0].child.pidfd: Input should be a valid integer (got nan)"),
+    ],
+)
+def test_run_resume_refuses_a_bad_record_and_touches_nothing(
+    tmp_path: Path, check: bool, record: dict[str, object], why: str
+) -> None:
     """What the old service's check (``--resume-check``) and a resume say of a record with a
-    negative number: refused, with the reason; so the old service goes on (the check comes first)."""
-    record = {"service": {"events_seq": -5}, "instances": []}
+    negative event number, or a descriptor that is NaN: refused, with the reason; so the old
+    service goes on (the check comes first)."""
     run = resume_from(tmp_path, record, *(["--resume-check"] * check))
     assert run.returncode == 1
-    why = "service.events_seq must be a whole number from 0 to 9223372036854775807 (got -5)"
     if check:
         report = json.loads(run.stdout.strip().splitlines()[-1])
         assert report["ok"] is False and why in report["error"]

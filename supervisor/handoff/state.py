@@ -105,7 +105,7 @@ def read_state(fd: int, *, require_seals: bool = True) -> StateRecord:
 
 
 def parse_state(data: bytes) -> StateRecord:
-    """The record from its bytes, after checking its format and version."""
+    """The record from its bytes, after checking its format, its version and its shape (shape.py)."""
     try:
         record = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -132,7 +132,22 @@ def parse_state(data: bytes) -> StateRecord:
     else:
         service["events_seq"] = 0
     _check_handed_fds(service)
+    from .shape import shape_problems  # built on first use: by a resume or its check, not a cold start
+
+    problems = shape_problems(record)
+    if problems:
+        lines = [f"  {place}: {what} (got {_short(value)})" for place, what, value in problems[:_SHOWN]]
+        if len(problems) > _SHOWN:
+            lines.append(f"  and {len(problems) - _SHOWN} more")
+        raise HandoffError(
+            "the state record is not what this code reads (the running service goes on as it is):\n"
+            + "\n".join(lines)
+        )
     return record
+
+
+#: How many of a bad record's problems a refusal lists (a broken writer repeats one per instance).
+_SHOWN = 5
 
 
 #: The largest descriptor number a record may name (the kernel's own limit is below 2**31).
