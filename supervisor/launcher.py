@@ -94,20 +94,41 @@ def argv_before(
         else:  # another user may not move itself: the service moves it after the spawn
             gate_limits.append(f"echo $$ 2>/dev/null >{procs} || :")
     if death_signal is not None or register is not None or gate_limits:
-        pwd = (env if env is not None else os.environ).get("PWD")
+        given = env if env is not None else os.environ
+        pwd = given.get("PWD")
         script = _gate(death_signal is not None, register, keep_pwd=pwd is not None, limits=gate_limits)
-        launcher += [sh, "-c", script, "gate", str(os.getpid()), pwd or ""]
+        locale = given.get("LC_ALL")  # the program's, put back by the gate: "=" + it, or "" for none
+        locale_arg = "" if locale is None else f"={locale}"
+        launcher += [sh, "-c", script, _GATE, str(os.getpid()), pwd or "", locale_arg]
     return launcher
 
 
+#: The gate's $0, which marks a launch chain that has one (``launch_env``).
+_GATE = "gate"
+
+
+def launch_env(before: Sequence[str], env: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    """The environment the launch chain starts with: the program's, in the C locale where a gate
+    puts the program's ``LC_ALL`` back before the program runs.
+
+    ``setpriv`` and ``prlimit`` load the locale the environment names as they start; for
+    C.UTF-8 that is a dozen files, a third of setpriv's CPU (0.35 of 1.1 ms a spawn, measured
+    side by side), and the launchers say nothing a user reads in the normal case.
+    """
+    if _GATE not in before:
+        return env
+    return {**(env if env is not None else os.environ), "LC_ALL": "C"}
+
+
 def _gate(check_parent: bool, register: int | None, *, keep_pwd: bool, limits: Sequence[str] = ()) -> str:
-    """The shell script between ``setpriv`` and the program; its arguments: parent pid, $PWD.
+    """The shell script between ``setpriv`` and the program; its arguments: the parent's pid, $PWD,
+    and the program's $LC_ALL (``launch_env``: "=" and its value, or empty for none).
 
     Once the death signal is set, a parent still there is one whose death kills us;
     else it is gone, and the program must not start (exit 125). Then the child tells
     the watch its pid through the parent's fd (opening a pipe's /proc link opens the
     pipe). Then the limits the gate sets on itself (they pass to the program through
-    exec). dash exports a PWD of its own: the program's is put back.
+    exec). dash exports a PWD of its own: the program's is put back, and its LC_ALL.
     """
     lines = []
     if check_parent:
@@ -116,7 +137,8 @@ def _gate(check_parent: bool, register: int | None, *, keep_pwd: bool, limits: S
         lines.append(f'echo "+$$" 2>/dev/null >"/proc/$1/fd/{register}"')
     lines += limits
     lines.append('PWD=$2; export PWD' if keep_pwd else "unset PWD")
-    lines.append('shift 2; exec "$@"')
+    lines.append('case $3 in =*) LC_ALL=${3#=}; export LC_ALL;; *) unset LC_ALL;; esac')
+    lines.append('shift 3; exec "$@"')
     return "\n".join(lines)
 
 

@@ -404,7 +404,7 @@ def spawn(
             stdout=subprocess.DEVNULL if stdout is None else stdout,
             stderr=subprocess.DEVNULL if stderr is None else stderr,
             cwd=cwd,
-            env=env,
+            env=launcher.launch_env(before, env) if before else env,
             user=uid,
             group=gid,
             extra_groups=groups,

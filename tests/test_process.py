@@ -487,9 +487,10 @@ def test_gate_stops_a_child_whose_parent_is_gone(tmp_path: Path) -> None:
     """The window setpriv leaves: the parent died before the death signal was set. No program then."""
     script = launcher._gate(True, None, keep_pwd=False)
     ran = tmp_path / "ran"
-    orphaned = subprocess.run(["sh", "-c", script, "gate", "1", "", "touch", str(ran)], timeout=20)
+    touch = ["touch", str(ran)]
+    orphaned = subprocess.run(["sh", "-c", script, "gate", "1", "", "", *touch], timeout=20)
     assert orphaned.returncode == 125 and not ran.exists()
-    ours = subprocess.run(["sh", "-c", script, "gate", str(os.getpid()), "", "touch", str(ran)], timeout=20)
+    ours = subprocess.run(["sh", "-c", script, "gate", str(os.getpid()), "", "", *touch], timeout=20)
     assert ours.returncode == 0 and ran.exists()
 
 
@@ -512,30 +513,42 @@ WATCH = """
     process.watch_groups(Watch())
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
-    program = "import os, sys; print(os.environ.get('PWD', 'unset'), flush=True); sys.stdin.read()"
+    program = (
+        "import os, sys; "
+        "print(repr((os.environ.get('PWD', 'unset'), os.environ.get('LC_ALL'))), flush=True); "
+        "sys.stdin.read()"
+    )
     child = process.spawn([sys.executable, "-c", program], stdin=in_r, stdout=out_w, stderr=None, env=env)
     os.close(in_r)
     os.close(out_w)
-    pwd = os.read(out_r, 1000).decode().strip()  # blocks until the program runs
+    pwd, locale = eval(os.read(out_r, 1000).decode())  # blocks until the program runs
     registered = os.read(read, 100).decode()  # so it must be here already
     fds = sorted(int(fd) for fd in os.listdir(f"/proc/{child.pid}/fd"))
     os.close(in_w)
     os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
     child.poll()
-    output = {"fds": fds, "pwd": pwd}
+    output = {"fds": fds, "pwd": pwd, "locale": locale}
     print(json.dumps({"pid": child.pid, "registered": registered, "calls": calls, "out": output}))
 """
 
 
 @pytest.mark.parametrize("how", ["launcher", "preexec"])
-@pytest.mark.parametrize("pwd", [None, "/no/such/folder"])
-def test_child_registers_its_group_before_the_program_runs(how: str, pwd: str | None) -> None:
-    report = run_script(WATCH, how, json.dumps({"PWD": pwd} if pwd else {}))
+@pytest.mark.parametrize(("pwd", "locale"), [(None, None), ("/no/such/folder", ""), (None, "C.UTF-8 'x' $y")])
+def test_child_registers_its_group_before_the_program_runs(
+    how: str, pwd: str | None, locale: str | None
+) -> None:
+    """The launchers run in the C locale (launcher.launch_env); the program gets its own LC_ALL
+    back from the gate, unset, empty or odd as it was, and its own PWD."""
+    env = {"PWD": pwd} if pwd else {}
+    if locale is not None:
+        env["LC_ALL"] = locale
+    report = run_script(WATCH, how, json.dumps(env))
     pid = report["pid"]
     assert report["registered"] == f"+{pid}\n"  # written by the child itself, before exec
     # Registered once, by the child: the service does not wake the guardian a second time for it.
     assert report["calls"] == [["ended", pid]]
-    assert report["out"] == {"fds": [0, 1, 2], "pwd": pwd or "unset"}  # no fd of the watch; PWD as given
+    # No fd of the watch; PWD and LC_ALL as given.
+    assert report["out"] == {"fds": [0, 1, 2], "pwd": pwd or "unset", "locale": locale}
 
 
 ORPHANS = """
