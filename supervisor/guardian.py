@@ -258,10 +258,23 @@ class Guardian:
         self._log = _logger()
 
     @classmethod
-    def start(cls, *, cgroup: bool = True) -> Guardian:
-        """Start the guardian (and make the instances' cgroup where one is delegated)."""
+    def start(cls, *, cgroup: bool = True, resumed: bool = False) -> Guardian:
+        """Start the guardian (and make the instances' cgroup where one is delegated).
+
+        ``resumed``: in a service that re-exec'd without a live guardian to adopt (the old one
+        had given up, or had just ended): the instances' cgroup is the one the service already
+        sits in (its leaf's parent), not a new one made inside it; the new guardian learns
+        every adopted group as it starts (``_spawn``).
+        """
         from . import process
 
+        if resumed:
+            guardian = cls(_cgroup_before_the_exec() if cgroup else None)
+            guardian._spawn()
+            process.watch_groups(guardian)
+            where = f"; instances run in cgroup {guardian.cgroup}" if guardian.cgroup else ""
+            guardian._log.info("a new guardian %d watches the adopted groups%s", guardian.pid, where)
+            return guardian
         guardian = cls(delegated_cgroup(guardian_log=_logger()) if cgroup else None)
         try:
             guardian._spawn()
@@ -301,22 +314,30 @@ class Guardian:
         process.watch_groups(guardian)
         return guardian
 
-    def handoff_state(self) -> dict[str, Any]:
-        """For a re-exec: what ``adopt`` needs (its pipe and its pidfd are handed over too)."""
+    def handoff_state(self) -> dict[str, Any] | None:
+        """For a re-exec: what ``adopt`` needs (its pipe and its pidfd are handed over too).
+
+        None when there is no live guardian on a pipe to hand over (it gave up after too many
+        ends, or it ended a moment ago and is not restarted yet): the new service starts its
+        own, where adopting half of one (a closed pidfd, no pipe) would have failed after the
+        exec, with every instance going down with the service.
+        """
         child = self.child
+        if self._fd is None or child is None or child.exit is not None:
+            return None
         return {
-            "pid": child.pid if child is not None else None,
-            "pidfd": child.pidfd if child is not None else None,
+            "pid": child.pid,
+            "pidfd": child.pidfd,
             "fd": self._fd,
             "cgroup": str(self.cgroup) if self.cgroup is not None else None,
         }
 
     def handoff_fds(self) -> list[int]:
-        child = self.child
-        fds = [self._fd] if self._fd is not None else []
-        if child is not None and child.exit is None and child.pidfd is not None:
-            fds.append(child.pidfd)
-        return fds
+        """The fds ``handoff_state`` names: none when it is None."""
+        state = self.handoff_state()
+        if state is None:
+            return []
+        return [state["fd"]] + ([state["pidfd"]] if state["pidfd"] is not None else [])
 
     @property
     def pid(self) -> int:
@@ -456,6 +477,17 @@ def _move_into_leaf(pid: int, cgroup: Path) -> bool:
     with contextlib.suppress(OSError):
         leaf.rmdir()
     return _move(pid, cgroup)
+
+
+def _cgroup_before_the_exec() -> Path | None:
+    """After a re-exec: ``procward-PID``, which the first start made and moved the service into
+    the leaf of (``_move_into_leaf``); None where it did not (no delegated cgroup then)."""
+    from .cgroups import SERVICE_LEAF
+
+    own = _own_cgroup()
+    if own is None or own.name != SERVICE_LEAF or own.parent.name != f"procward-{os.getpid()}":
+        return None
+    return own.parent
 
 
 def delegated_cgroup(*, guardian_log: logging.Logger) -> Path | None:

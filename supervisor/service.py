@@ -126,8 +126,8 @@ class Service:
             keeper.adopt(self._takeover.identities if self._takeover is not None else ())
             if takeover["guardian"] is not None:
                 guardian: Guardian | None = Guardian.adopt(takeover["guardian"])
-            else:
-                guardian = _start_guardian()
+            else:  # the old one had none alive to hand over
+                guardian = _start_guardian(resumed=True)
         else:
             # What a crashed run on this state folder left is stopped before anything new starts.
             await stop_leftovers(self.manifest.state_dir)
@@ -443,10 +443,10 @@ def _socket_problem(path: Path, exc: OSError) -> str:
     return f"control socket {path}: {exc.strerror or exc}"
 
 
-def _start_guardian() -> Guardian | None:
+def _start_guardian(*, resumed: bool = False) -> Guardian | None:
     """The second line of defence of decision 6 (guardian.py); the service runs on without it."""
     try:
-        return Guardian.start()
+        return Guardian.start(resumed=resumed)
     except OSError as exc:
         log.warning("cannot start the guardian (%s): instances' children may outlive the service", exc)
         return None

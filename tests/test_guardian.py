@@ -350,3 +350,40 @@ def test_a_starting_service_clears_dead_services_cgroups_and_leaves_live_ones_al
                 folder.rmdir()
         if made is not None:
             made.rmdir()
+
+
+@pytest.mark.parametrize("mode", CGROUP_MODES)
+def test_a_reexec_after_the_guardian_gave_up_starts_a_new_one_that_guards_the_adopted(
+    tmp_path: Path, services: list[ServiceProcess], mode: str
+) -> None:
+    """The guardian ended more than MAX_RESTARTS times in its window, so the service gave up on
+    it: a re-exec then hands no half guardian over (its pipe closed: adopting it failed after the
+    exec, and every instance went down with the service). The new service starts one, in the
+    cgroup the instances already run in, and tells it every adopted group: after a kill -9 of
+    the service, the adopted instances' background children are gone too."""
+    marker = unique_marker()
+    svc = start(services, tmp_path, forkers(marker, 1), mode)
+    svc.wait_until(lambda: len(snapshot(marker)) == 3 + 2, 30, "every instance's grandchildren")
+    tree = cgroup_dir(svc) if mode == "cgroup" else None
+    for _ in range(guardian.MAX_RESTARTS + 1):
+        svc.wait_until(lambda: len(guardians_of(svc)) == 1, 10, "a guardian")
+        killed = guardian_of(svc)
+        os.kill(killed, signal.SIGKILL)
+        svc.wait_until(lambda k=killed: k not in guardians_of(svc), 10, "the killed guardian gone")
+    svc.wait_log("the guardian keeps ending")
+    assert guardians_of(svc) == []
+    pids = {name: status["pid"] for name, status in svc.status().items()}
+
+    done = svc.cli("reexec")
+    assert done.returncode == 0, done.stderr + svc.log()
+    svc.wait_log("a new guardian")
+    assert {name: status["pid"] for name, status in svc.status().items()} == pids  # nothing restarted
+    new = guardian_of(svc)
+    argv = Path(f"/proc/{new}/cmdline").read_bytes().split(b"\0")
+    assert argv[-2] == (str(tree).encode() if tree is not None else b"")  # the same cgroup, none nested
+    if tree is not None:
+        assert not (tree / "service" / tree.name).exists()
+    before = snapshot(marker)
+    kill_9(svc)
+    wait_pid(new)
+    assert wait_dead(before) == []
