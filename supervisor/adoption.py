@@ -129,14 +129,6 @@ class Adoption:
             "cgroup": self._cgroup is not None,
         }
 
-    def handoff_fds(self) -> list[int]:
-        """The fds a re-exec must keep open for this instance: pidfd, log pipes, notify socket."""
-        child = self._child
-        fds = [pipe.read_fd for pipe in self._pipes.values()] + self._health.handoff_fds()
-        if child is not None and child.exit is None and child.pidfd is not None:
-            fds.append(child.pidfd)
-        return fds
-
     def adopt(self, record: dict[str, Any], child: Child | None, resumed: anyio.Event | None = None) -> None:
         """Before ``run()``: take over the instance a re-exec'd service described, spawning nothing.
 

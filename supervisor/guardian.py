@@ -332,13 +332,6 @@ class Guardian:
             "cgroup": str(self.cgroup) if self.cgroup is not None else None,
         }
 
-    def handoff_fds(self) -> list[int]:
-        """The fds ``handoff_state`` names: none when it is None."""
-        state = self.handoff_state()
-        if state is None:
-            return []
-        return [state["fd"]] + ([state["pidfd"]] if state["pidfd"] is not None else [])
-
     @property
     def pid(self) -> int:
         return self.child.pid if self.child is not None else 0

@@ -126,9 +126,6 @@ class Health:
             "notify": None if notify is None else {"fd": notify.fileno(), "address": notify.address},
         }
 
-    def handoff_fds(self) -> list[int]:
-        return [] if self._notify is None else [self._notify.fileno()]
-
     def adopt(self, state: dict[str, Any]) -> None:
         """Take over what ``handoff_state`` wrote, the notify socket included (its fd inherited)."""
         self.ready = state["ready"]

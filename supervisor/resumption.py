@@ -67,9 +67,6 @@ class Resumption:
             "instances": [instance.handoff_state() for instance in self._instances.values()],
         }
 
-    def handoff_fds(self) -> list[int]:
-        return [fd for instance in self._instances.values() for fd in instance.handoff_fds()]
-
     @contextlib.asynccontextmanager
     async def quiet(self, timeout: float) -> AsyncIterator[None]:
         """Hold off reloads and scales (waiting up to ``timeout`` for one under way): a re-exec

@@ -288,13 +288,8 @@ class Service:
                     await self._control_answered.wait()
                 if self._stopping:  # a TERM that came before the block, seen while we waited
                     raise InvalidRequest("service", "a shutdown was asked for meanwhile: it goes first")
-                fds = [*listeners.handoff_fds(), *self.manager.handoff_fds()]
-                if self._guardian is not None:
-                    fds += self._guardian.handoff_fds()
-                if self._held is not None:
-                    fds.append(self._held.fd)
                 # No await from here: nothing changes between the record and the exec.
-                error = exec_service(self._handoff_record(), fds)
+                error = exec_service(self._handoff_record())
             self.handoff_error = error
             log.error("re-exec failed, the service goes on: %s", error)
         except InvalidRequest as exc:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -565,7 +566,9 @@ import json, os, sys
 from supervisor.handoff.reexec import exec_service
 sys.executable = sys.argv[1]  # an interpreter that is not there (removed by an upgrade, say)
 keep = os.pipe()[0]
-reason = exec_service({"service": {}, "instances": []}, [keep])
+named = int(sys.argv[2]) if len(sys.argv) > 2 else keep  # a closed one: the record names it
+listeners = {"sockets": [{"fd": keep, "name": "x"}, {"fd": named, "name": "y"}]}
+reason = exec_service({"service": {"listeners": listeners, "guardian": None}, "instances": []})
 memfds = []
 for fd in os.listdir("/proc/self/fd"):
     try:
@@ -577,16 +580,29 @@ print(json.dumps({"reason": reason, "inheritable": os.get_inheritable(keep), "me
 """
 
 
-def test_a_failed_execv_returns_why_and_takes_the_descriptors_back(tmp_path: Path) -> None:
-    gone = tmp_path / "python-removed"
+def _exec_fails(*args: str) -> dict[str, Any]:
     run = subprocess.run(
-        [sys.executable, "-c", EXEC_FAILS, str(gone)], capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-c", EXEC_FAILS, *args], capture_output=True, text=True, timeout=60, check=False
     )
     assert run.returncode == 0, run.stderr
-    answer = json.loads(run.stdout)
+    return json.loads(run.stdout)  # type: ignore[no-any-return]
+
+
+def test_a_failed_execv_returns_why_and_takes_the_descriptors_back(tmp_path: Path) -> None:
+    gone = tmp_path / "python-removed"
+    answer = _exec_fails(str(gone))
     assert answer["reason"] == f"cannot exec {gone}: No such file or directory"
     assert answer["inheritable"] is False  # close-on-exec again: no instance may inherit it
     assert answer["memfds"] == []  # the state record is closed again
+
+
+def test_a_record_naming_a_descriptor_that_is_not_open_refuses_the_exec() -> None:
+    """The fds handed over are those the record names (the new service takes exactly those): one
+    that is not open is found before the exec, where the new service would have failed after it."""
+    answer = _exec_fails(sys.executable, "987")
+    assert answer["reason"] == "the state record names fd 987, which is not open (Bad file descriptor)"
+    assert answer["inheritable"] is False  # the one that was open, made close-on-exec again
+    assert answer["memfds"] == []
 
 
 def test_a_detached_service_reexecs_without_its_ready_fd_and_keeps_its_pidfile(tmp_path: Path) -> None:

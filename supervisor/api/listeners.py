@@ -179,9 +179,6 @@ class ControlListeners:
             "connections": [{"fd": sock.fileno(), "listener": index} for sock, index in self.connections],
         }
 
-    def handoff_fds(self) -> list[int]:
-        return [sock.fileno() for sock, _ in [*self.sockets, *self.connections]]
-
     def take_connections(self) -> list[tuple[socket.socket, int]]:
         """The connections left for the next server: now its (``serve_control`` serves them)."""
         taken, self.connections = self.connections, []

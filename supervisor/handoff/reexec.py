@@ -31,7 +31,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
@@ -201,20 +201,29 @@ def _last_json(lines: list[str]) -> dict[str, Any] | None:
     return None
 
 
-def exec_service(record: StateRecord, fds: Iterable[int]) -> str:
-    """Write ``record``, hand ``fds`` over and ``execv`` the new service; returns only on failure.
+def exec_service(record: StateRecord) -> str:
+    """Write ``record``, hand over the fds it names and ``execv`` the new service; returns only on
+    failure (the service goes on).
 
+    The fds kept open across the exec are read from the record (``handed_fds``, what the new
+    service takes), not from a second list that could name another set: one the record names
+    that is not open refuses the exec here, where the new service would have failed after it.
     Synchronous on purpose: no task runs between reading the state and the exec.
     """
-    handed = sorted(set(fds))
+    handed = sorted(set(handed_fds(record)))
     try:
         state_fd = write_state(record)
     except OSError as exc:
         return f"cannot write the state record: {exc.strerror or exc}"
     reason = "execv returned"
     try:
-        for fd in [*handed, state_fd]:
-            os.set_inheritable(fd, True)
+        for fd in handed:
+            try:
+                os.set_inheritable(fd, True)
+            except OSError as exc:
+                reason = f"the state record names fd {fd}, which is not open ({exc.strerror or exc})"
+                return reason
+        os.set_inheritable(state_fd, True)
         argv = resume_argv(sys.argv[1:], state_fd)
         for stream in (sys.stdout, sys.stderr):
             try:
