@@ -73,6 +73,8 @@ class Service:
         self._handover_began: tuple[float, float] | None = None
         # While handing over: the handoff's signals, held for the service that acts on them.
         self._held: HeldSignals | None = None
+        #: The manifest the new code's check read; the handover goes ahead only with it.
+        self._checked_manifest: Manifest | None = None
         # Those the old service held during the handover that made this one: acted on at once.
         self._resumed_signals: list[int] = [] if takeover is None else takeover.signals
         # Set once a re-exec'd service has taken over (its instances adopted): it acts on the
@@ -234,6 +236,7 @@ class Service:
         if self._handing_over or self._tg is None:
             raise InvalidRequest("service", "a re-exec is already under way")
         self._handing_over = True
+        checked = self.manifest  # what the check reads: a reload while it runs is not checked
         try:
             report = await check_new_code(self._handoff_record())
         except BaseException:
@@ -242,6 +245,7 @@ class Service:
         if check:
             self._handing_over = False
             return report
+        self._checked_manifest = checked
         log.info("re-exec: the new code would resume %d instances; handing over", report["instances"])
         # Held from now (before the answer goes out) until the new service listens for them, or
         # the handover is abandoned: a TERM sent meanwhile reaches the service that acts on it.
@@ -281,6 +285,12 @@ class Service:
         stopped = False
         try:
             async with self.manager.quiet(timeout=_HANDOFF_QUIET):
+                if self.manifest is not self._checked_manifest:  # reloaded while the check ran
+                    raise InvalidRequest(
+                        "service",
+                        "the manifest was reloaded after the new code's check (which read the one "
+                        "before): nothing changed; run reexec again",
+                    )
                 listeners.keep()
                 stopped = True
                 self._hand_over_control.set()

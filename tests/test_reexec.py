@@ -41,7 +41,7 @@ from supervisor.handoff.state import (
 )
 
 from .helpers import handoff_record
-from .service_fixture import SUPERVISOR, ServiceProcess, pid_gone, write_manifest
+from .service_fixture import SUPERVISOR, ServiceProcess, pid_gone, processes_with, write_manifest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "supervisor"
 
@@ -335,6 +335,63 @@ def resume_from(folder: Path, record: dict[str, object], *flags: str) -> subproc
         os.close(fd)
 
 
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_a_reload_while_the_new_code_checks_abandons_the_handover(
+    service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """The check reads the state as it was when the re-exec was asked for; a reload that lands
+    while it runs changes the manifest the exec would hand over, which no check has read: the
+    handover is abandoned with the reason, and the service goes on with the reloaded manifest.
+    (The new code here waits, in its check, for the test to open a fifo: no sleep decides.)"""
+    gated = tmp_path / "gated" / "supervisor"
+    shutil.copytree(PACKAGE, gated, ignore=shutil.ignore_patterns("__pycache__"))
+    code = gated / "handoff" / "reexec.py"
+    body = "    try:\n        record = parse_state(data)\n        manifest = load_manifest_from(record)\n"
+    assert body in code.read_text()
+    code.write_text(code.read_text().replace(body, '    open(os.environ["CHECK_GATE"]).read()\n' + body))
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    svc = service(
+        """
+        version: 1
+        instances:
+          worker:
+            command: ["sleep", "1000"]
+        """,
+        env={"PYTHONPATH": str(gated.parent), "PYTHONSAFEPATH": "1", "CHECK_GATE": str(gate)},
+    )
+    pid = svc.status("worker")["worker"]["pid"]
+    asked: list[subprocess.CompletedProcess[str]] = []
+    asking = threading.Thread(target=lambda: asked.append(svc.cli("reexec")))
+    asking.start()
+    try:
+        def checking() -> bool:  # the service's own check (another checkout's tests may run one too)
+            return any(_parent(pid) == svc.pid for pid in processes_with("--resume-check"))
+
+        svc.wait_until(checking, 20, "the new code's check running")
+        svc.manifest.write_text(svc.manifest.read_text() + "  added:\n    command: [sleep, '1000']\n")
+        reloaded = svc.cli("reload")
+        assert reloaded.returncode == 0 and "added: added" in reloaded.stdout, reloaded
+    finally:
+        with open(gate, "w") as opened:  # the check goes on (and ends) once a writer came and went
+            opened.write("go\n")
+        asking.join(timeout=60)
+    (refused,) = asked
+    assert refused.returncode == 1, refused
+    assert "the manifest was reloaded after the new code's check" in refused.stderr, refused.stderr
+    health = svc.client().health()
+    assert health["handoffs"] == 0 and health["pid"] == svc.pid
+    status = svc.status()
+    assert status["worker"]["pid"] == pid and "added" in status
+
+
 def test_run_resume_refuses_an_unknown_version_and_touches_nothing(tmp_path: Path) -> None:
     run = resume_from(tmp_path, {"service": {}, "instances": []} | {"version": VERSION + 7})
     assert run.returncode == 1
@@ -565,10 +622,14 @@ EXEC_FAILS = """
 import json, os, sys
 from supervisor.handoff.reexec import exec_service
 sys.executable = sys.argv[1]  # an interpreter that is not there (removed by an upgrade, say)
+from tests.helpers import handoff_record
 keep = os.pipe()[0]
 named = int(sys.argv[2]) if len(sys.argv) > 2 else keep  # a closed one: the record names it
-listeners = {"sockets": [{"fd": keep, "name": "x"}, {"fd": named, "name": "y"}]}
-reason = exec_service({"service": {"listeners": listeners, "guardian": None}, "instances": []})
+record = handoff_record(written_at=float(sys.argv[3]) if len(sys.argv) > 3 else 1.0)
+record["service"]["listeners"]["sockets"] = [{"fd": keep, "name": "x"}, {"fd": named, "name": "y"}]
+record["instances"] = []
+del record["format"], record["version"]
+reason = exec_service(record)
 memfds = []
 for fd in os.listdir("/proc/self/fd"):
     try:
@@ -603,6 +664,15 @@ def test_a_record_naming_a_descriptor_that_is_not_open_refuses_the_exec() -> Non
     assert answer["reason"] == "the state record names fd 987, which is not open (Bad file descriptor)"
     assert answer["inheritable"] is False  # the one that was open, made close-on-exec again
     assert answer["memfds"] == []
+
+
+def test_a_record_this_code_cannot_read_back_refuses_the_exec() -> None:
+    """The check ran the new code on an earlier copy; the record written at the exec is checked
+    again by this code (a NaN, which the new service's check would refuse after the exec)."""
+    answer = _exec_fails(sys.executable, "0", "nan")
+    assert answer["reason"].startswith("the state record at the exec is not one this code reads back:")
+    assert "service.written_at: Input should be a finite number (got nan)" in answer["reason"]
+    assert answer["inheritable"] is False and answer["memfds"] == []  # nothing was handed over
 
 
 def test_a_detached_service_reexecs_without_its_ready_fd_and_keeps_its_pidfile(tmp_path: Path) -> None:

@@ -42,7 +42,15 @@ from ..config import Manifest
 from ..process import Child, SpawnError, inherited_fd_limit, spawn
 from .record import ProcessIdentity, identity
 from .signals import HANDOFF_SIGNALS, read_held
-from .state import VERSION, HandoffError, StateRecord, parse_state, process_start_ticks, write_state
+from .state import (
+    VERSION,
+    HandoffError,
+    StateRecord,
+    encode_state,
+    parse_state,
+    process_start_ticks,
+    write_state,
+)
 
 __all__ = [
     "CHECK_TIMEOUT",
@@ -211,8 +219,15 @@ def exec_service(record: StateRecord) -> str:
     Synchronous on purpose: no task runs between reading the state and the exec.
     """
     handed = sorted(set(handed_fds(record)))
+    data = encode_state(record)
     try:
-        state_fd = write_state(record)
+        # The check ran the new code on an earlier copy; this is the record it will read. What
+        # this code cannot read back is refused here, before the point of no return.
+        parse_state(data)
+    except HandoffError as exc:
+        return f"the state record at the exec is not one this code reads back: {exc}"
+    try:
+        state_fd = write_state(data)
     except OSError as exc:
         return f"cannot write the state record: {exc.strerror or exc}"
     reason = "execv returned"

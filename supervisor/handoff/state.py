@@ -30,6 +30,7 @@ __all__ = [
     "VERSION",
     "HandoffError",
     "StateRecord",
+    "encode_state",
     "process_start_ticks",
     "read_state",
     "write_state",
@@ -60,9 +61,15 @@ class HandoffError(RuntimeError):
 StateRecord = dict[str, Any]
 
 
-def write_state(record: StateRecord) -> int:
-    """The record in a new sealed memfd (close-on-exec, read position at 0); its fd."""
-    data = json.dumps({"format": FORMAT, "version": VERSION, **record}, separators=(",", ":")).encode()
+def encode_state(record: StateRecord) -> bytes:
+    """The record as the memfd holds it: JSON, with the format and the version."""
+    return json.dumps({"format": FORMAT, "version": VERSION, **record}, separators=(",", ":")).encode()
+
+
+def write_state(record: StateRecord | bytes) -> int:
+    """The record (or ``encode_state``'s bytes) in a new sealed memfd (close-on-exec, read
+    position at 0); its fd."""
+    data = record if isinstance(record, bytes) else encode_state(record)
     fd = os.memfd_create("procward-handoff", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         view = memoryview(data)
