@@ -335,6 +335,50 @@ def resume_from(folder: Path, record: dict[str, object], *flags: str) -> subproc
         os.close(fd)
 
 
+def test_a_new_code_whose_probes_cannot_be_imported_is_refused_at_the_check(
+    service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """The resume imports the probes only as it adopts an instance's notify socket: a new code
+    whose probes.py is broken passed the check before, and failed after the exec, with every
+    instance going down with the service. The check imports what the resume will."""
+    path = tmp_path / "path"
+    path.mkdir()
+    link = path / "supervisor"
+    link.symlink_to(PACKAGE)
+    broken = tmp_path / "broken" / "supervisor"
+    shutil.copytree(PACKAGE, broken, ignore=shutil.ignore_patterns("__pycache__"))
+    (broken / "probes.py").write_text("raise ImportError('probes broken on purpose')\n")
+    notifier = tmp_path / "notifier.py"
+    notifier.write_text(
+        "import os, socket, time\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+        "s.connect(os.environ['NOTIFY_SOCKET'].replace('@', '\\0', 1))\n"
+        "s.send(b'READY=1')\n"
+        "time.sleep(1000)\n"
+    )
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          notifier:
+            command: ["{sys.executable}", "{notifier}"]
+            ready: {{notify: true}}
+        """,
+        env={"PYTHONPATH": str(path), "PYTHONSAFEPATH": "1"},
+    )
+    svc.wait_for(["notifier"], "running")
+    pid = svc.status("notifier")["notifier"]["pid"]
+    _swap(link, broken)
+    refused = svc.cli("reexec")
+    assert refused.returncode == 1, refused
+    assert "would not resume" in refused.stderr, refused.stderr
+    assert "probes broken on purpose" in refused.stderr, refused.stderr
+    health = svc.client().health()
+    assert health["handoffs"] == 0 and health["pid"] == svc.pid
+    assert svc.status("notifier")["notifier"]["pid"] == pid
+    _swap(link, PACKAGE)
+
+
 def _parent(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as stat:

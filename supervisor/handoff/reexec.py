@@ -407,8 +407,11 @@ def _number(value: object) -> TypeGuard[float]:
 
 def check_report(data: bytes) -> dict[str, Any]:
     """``run --resume-check``: what the new code makes of the state, touching nothing."""
-    # What the real resume imports, so that a broken install is found here and not after the exec.
-    from .. import service  # noqa: F401
+    # What the real resume imports, so that a broken install is found here and not after the exec
+    # (where the instances would go down with the service): the modules it imports at once, and
+    # those it imports on its way (an instance's notify socket and checks, the PID namespace, the
+    # pidfile, the cgroup policy).
+    from .. import cgroup_policy, pidfile, pidns, probe_loop, probes, service  # noqa: F401
     from ..api import app, server  # noqa: F401
 
     try:
