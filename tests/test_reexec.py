@@ -350,11 +350,11 @@ def test_a_new_code_whose_probes_cannot_be_imported_is_refused_at_the_check(
     (broken / "probes.py").write_text("raise ImportError('probes broken on purpose')\n")
     notifier = tmp_path / "notifier.py"
     notifier.write_text(
-        "import os, socket, time\n"
+        "import os, signal, socket\n"
         "s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
         "s.connect(os.environ['NOTIFY_SOCKET'].replace('@', '\\0', 1))\n"
         "s.send(b'READY=1')\n"
-        "time.sleep(1000)\n"
+        "signal.pause()  # until the service stops it\n"
     )
     svc = service(
         f"""
