@@ -37,6 +37,7 @@ LATER = (
     "pydantic.v1",  # 1.9 MiB that nothing of ours needs (FastAPI imported it while it built routes)
     "supervisor.probes",  # readiness and liveness checks: only for an instance that has one
     "supervisor.probe_loop",
+    "supervisor.handoff.shape",  # the re-exec record's check: a resume, its check, the exec
 )
 # The control plane: the service imports it when it runs, never at import.
 CONTROL_PLANE = ("starlette", "supervisor.api.http1", "supervisor.api.server", "supervisor.api.app")
