@@ -405,8 +405,34 @@ def _number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def check_report(data: bytes) -> dict[str, Any]:
-    """``run --resume-check``: what the new code makes of the state, touching nothing."""
+def _check_start(manifest: Manifest, log_file: Path | None) -> None:
+    """What the new service refuses as it starts, found here: a state folder that others may
+    write in now (or that is no longer ours), a log file it cannot open again. After the exec,
+    such a refusal would end the service, and every instance with it."""
+    from ..statedir import StateDirError, check_state_dir
+
+    if os.path.lexists(manifest.state_dir):  # a missing one is made again
+        try:
+            check_state_dir(manifest.state_dir)
+        except StateDirError as exc:
+            raise HandoffError(str(exc)) from None
+    if log_file is not None:
+        try:  # opened for appending, as the new service will; never made, never written
+            fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            if not os.path.isdir(os.path.dirname(os.path.abspath(log_file))):
+                raise HandoffError(f"the log file {log_file}: its folder is gone") from None
+        except OSError as exc:
+            raise HandoffError(f"the log file {log_file} cannot be opened: {exc.strerror or exc}") from None
+        else:
+            os.close(fd)
+
+
+def check_report(data: bytes, log_file: Path | None = None) -> dict[str, Any]:
+    """``run --resume-check``: what the new code makes of the state, touching nothing.
+
+    ``log_file``: the service's own ``--log-file``, which the new service opens again.
+    """
     # What the real resume imports, so that a broken install is found here and not after the exec
     # (where the instances would go down with the service): the modules it imports at once, and
     # those it imports on its way (an instance's notify socket and checks, the PID namespace, the
@@ -417,6 +443,7 @@ def check_report(data: bytes) -> dict[str, Any]:
     try:
         record = parse_state(data)
         manifest = load_manifest_from(record)
+        _check_start(manifest, log_file)
     except HandoffError as exc:
         return {"ok": False, "error": str(exc), "version": VERSION}
     same = gone = 0
