@@ -513,7 +513,7 @@ def run_service(
 
             if resume_check:
                 with open(resume_fd, "rb", closefd=False) as state:
-                    report = check_report(state.read(), log_file)
+                    report = check_report(state.read(), log_file, pidfile)
                 print(json.dumps(report), flush=True)
                 return 0 if report["ok"] else 1
             try:

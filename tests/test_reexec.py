@@ -379,14 +379,17 @@ def test_a_new_code_whose_probes_cannot_be_imported_is_refused_at_the_check(
     _swap(link, PACKAGE)
 
 
-@pytest.mark.parametrize("spoil", ["state folder", "log file"])
+@pytest.mark.parametrize("spoil", ["state folder", "log file", "pidfile"])
 def test_what_the_new_service_would_refuse_at_its_start_is_refused_at_the_check(
     service: Callable[..., ServiceProcess], tmp_path: Path, spoil: str
 ) -> None:
-    """A state folder that its group may now write in, or a log file that cannot be opened again
-    (a folder in its place): the new service refuses both as it starts, which after the exec
-    ended it and every instance. The check finds them first; the service goes on."""
+    """A state folder that its group may now write in, a log file that cannot be opened again
+    (a folder in its place), a pidfile whose folder is gone: the new service refuses each as it
+    starts, which after the exec ended it and every instance. The check finds them first; the
+    service goes on."""
     log_file = tmp_path / "service-own.log"
+    pidfile = tmp_path / "run" / "service.pid"
+    pidfile.parent.mkdir()
     svc = service(
         """
         version: 1
@@ -394,17 +397,20 @@ def test_what_the_new_service_would_refuse_at_its_start_is_refused_at_the_check(
           worker:
             command: ["sleep", "1000"]
         """,
-        args=("--log-file", str(log_file)),
+        args=("--log-file", str(log_file), "--pidfile", str(pidfile)),
     )
     pid = svc.status("worker")["worker"]["pid"]
     state_dir = svc.socket.parent
     if spoil == "state folder":
         state_dir.chmod(0o770)
         why = f"state_dir {state_dir} is writable by its group (mode 0770)"
-    else:
+    elif spoil == "log file":
         log_file.rename(tmp_path / "rotated.log")  # the service writes on to the rotated file
         log_file.mkdir()
         why = f"the log file {log_file} cannot be opened: Is a directory"
+    else:
+        shutil.rmtree(pidfile.parent)  # a tmpfiles cleaner, say
+        why = f"pidfile {pidfile}: its folder is gone"
     refused = svc.cli("reexec")
     assert refused.returncode == 1, refused
     assert "would not resume" in refused.stderr and why in refused.stderr, refused.stderr
@@ -413,11 +419,15 @@ def test_what_the_new_service_would_refuse_at_its_start_is_refused_at_the_check(
     assert svc.status("worker")["worker"]["pid"] == pid
     if spoil == "state folder":
         state_dir.chmod(0o700)
-    else:
+    elif spoil == "log file":
         log_file.rmdir()  # a missing log file is made again: that re-exec goes ahead
+    else:
+        pidfile.parent.mkdir()
     done = svc.cli("reexec")
     assert done.returncode == 0, done.stderr
     assert svc.status("worker")["worker"]["pid"] == pid
+    svc.wait_until(pidfile.exists, 20, "the pidfile written again")
+    assert pidfile.read_text() == f"{svc.pid}\n"
 
 
 def _parent(pid: int) -> int | None:

@@ -405,11 +405,25 @@ def _number(value: object) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_start(manifest: Manifest, log_file: Path | None) -> None:
+def _check_start(
+    record: StateRecord, manifest: Manifest, log_file: Path | None, pidfile: Path | None
+) -> None:
     """What the new service refuses as it starts, found here: a state folder that others may
-    write in now (or that is no longer ours), a log file it cannot open again. After the exec,
-    such a refusal would end the service, and every instance with it."""
+    write in now (or that is no longer ours), a log file it cannot open again, a pidfile it
+    cannot write again. After the exec, such a refusal would end the service, and every
+    instance with it."""
+    from ..pidfile import PidfileError, live_service
     from ..statedir import StateDirError, check_state_dir
+
+    if pidfile is not None:
+        try:
+            other = live_service(pidfile)
+        except PidfileError as exc:
+            raise HandoffError(str(exc)) from None
+        if other is not None and other != record["service"]["pid"]:  # not the service re-exec'ing
+            raise HandoffError(f"pidfile {pidfile} names another running service (pid {other})")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(pidfile))):
+            raise HandoffError(f"pidfile {pidfile}: its folder is gone")
 
     if os.path.lexists(manifest.state_dir):  # a missing one is made again
         try:
@@ -428,22 +442,24 @@ def _check_start(manifest: Manifest, log_file: Path | None) -> None:
             os.close(fd)
 
 
-def check_report(data: bytes, log_file: Path | None = None) -> dict[str, Any]:
+def check_report(data: bytes, log_file: Path | None = None, pidfile: Path | None = None) -> dict[str, Any]:
     """``run --resume-check``: what the new code makes of the state, touching nothing.
 
-    ``log_file``: the service's own ``--log-file``, which the new service opens again.
+    ``log_file``, ``pidfile``: the service's own ``--log-file`` and ``--pidfile``, which the
+    new service opens and writes again.
     """
     # What the real resume imports, so that a broken install is found here and not after the exec
     # (where the instances would go down with the service): the modules it imports at once, and
     # those it imports on its way (an instance's notify socket and checks, the PID namespace, the
     # pidfile, the cgroup policy).
-    from .. import cgroup_policy, pidfile, pidns, probe_loop, probes, service  # noqa: F401
+    from .. import cgroup_policy, pidns, probe_loop, probes, service  # noqa: F401
+    from .. import pidfile as pidfile_module  # noqa: F401
     from ..api import app, server  # noqa: F401
 
     try:
         record = parse_state(data)
         manifest = load_manifest_from(record)
-        _check_start(manifest, log_file)
+        _check_start(record, manifest, log_file, pidfile)
     except HandoffError as exc:
         return {"ok": False, "error": str(exc), "version": VERSION}
     same = gone = 0
