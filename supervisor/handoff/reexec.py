@@ -451,9 +451,8 @@ def check_report(data: bytes, log_file: Path | None = None, pidfile: Path | None
     # What the real resume imports, so that a broken install is found here and not after the exec
     # (where the instances would go down with the service): the modules it imports at once, and
     # those it imports on its way (an instance's notify socket and checks, the PID namespace, the
-    # pidfile, the cgroup policy).
+    # cgroup policy; the pidfile's module comes with ``_check_start``).
     from .. import cgroup_policy, pidns, probe_loop, probes, service  # noqa: F401
-    from .. import pidfile as pidfile_module  # noqa: F401
     from ..api import app, server  # noqa: F401
 
     try:
