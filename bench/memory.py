@@ -92,15 +92,17 @@ PACKAGES = frozenset(
 )
 
 # What `supervisor run` imports, in its order: each step's RSS includes the steps before it.
+# pydantic, YAML and the manifest's models are loaded by the manifest check's child
+# interpreter (supervisor/config/apart.py), not by the service; for a tree from before
+# that change, the `supervisor.config` step is the one that loads them.
 IMPORT_CHAIN = (
     "supervisor.cli",
     "anyio",
-    "pydantic",
-    "yaml",
     "supervisor.config",
     "supervisor.manager",
     "supervisor.service",
     "supervisor.api.server",
+    "supervisor.api.app",
 )
 
 

@@ -31,6 +31,7 @@ from .cgroup_policy import CgroupPolicy, CgroupRefused
 from .config import InstanceConfig, Manifest, ServiceSettings
 from .config.capacity import LOG_FILES_OPEN, SERVICE_RESERVE, captured_streams, descriptors_per_instance
 from .config.dependencies import levels
+from .config.records import running_form
 from .events import EventBus, State, Transition
 from .graph import DependencyGate, in_reverse_order
 from .instance import Instance, InstanceContext, InstanceStatus, InvalidRequest
@@ -81,7 +82,7 @@ class Manager(Resumption):
         bus: EventBus | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
-        self.manifest = manifest
+        self.manifest = running_form(manifest)
         self.events = bus or EventBus()
         self._environ = dict(os.environ if environ is None else environ)
         self._instances: dict[str, Instance] = {}
@@ -144,6 +145,7 @@ class Manager(Resumption):
 
     async def apply(self, manifest: Manifest) -> ReloadReport:
         """Make the running set match ``manifest`` (a reload): counts set by ``scale`` go back."""
+        manifest = running_form(manifest)
         async with self._apply_lock:
             report = await self._apply(manifest)
             for group in self._scaled:
@@ -166,8 +168,8 @@ class Manager(Resumption):
                     raise UnknownInstance(group, entries)
                 if not 0 <= count <= MAX_SCALE:
                     raise InvalidRequest(group, f"cannot scale to {count}: give 0 to {MAX_SCALE} replicas")
-                entries[group] = entries[group].model_copy(update={"replicas": count})
-            manifest = self.manifest.model_copy(update={"instances": entries})
+                entries[group] = entries[group].replace(replicas=count)
+            manifest = self.manifest.replace(instances=entries)
             report = await self._apply(manifest)
             self._scaled.update(counts)
             return report
@@ -502,7 +504,7 @@ def _plan(manifest: Manifest) -> dict[str, _Plan]:
 
 def _comparable(config: InstanceConfig) -> InstanceConfig:
     """A replica's identity without the keys that do not concern one running replica."""
-    return config.model_copy(update={"replicas": 1, "autostart": True})
+    return config.replace(replicas=1, autostart=True)
 
 
 class _Differences:
@@ -510,7 +512,7 @@ class _Differences:
 
     The replicas of one entry share its configuration object, before and after a
     reload: so 10,000 replicas of a few entries cost a few comparisons, not 10,000
-    copies and comparisons of pydantic models.
+    copies and comparisons of records.
     """
 
     def __init__(self) -> None:

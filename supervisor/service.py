@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .config import Manifest, ManifestError, load_manifest
+from .config import Manifest, ManifestError
+from .config.apart import ManifestCheck, check_apart
+from .config.records import running_form
 from .events import Transition, Update
 from .guardian import Guardian
 from .handoff.leftovers import stop_leftovers
@@ -53,7 +55,7 @@ class Service:
         takeover: Takeover | None = None,
         collector_held: bool = False,
     ) -> None:
-        self.manifest = manifest
+        self.manifest = running_form(manifest)
         # The caller (run_service) turned the garbage collector off for the start: what the
         # start makes lives as long as the service, and the collector's passes over it while it
         # grows were a tenth of a cold start. ``run`` freezes it all, then turns the collector on.
@@ -327,8 +329,9 @@ class Service:
         """Re-read the manifest file; a manifest with errors changes nothing (ManifestError)."""
         source = self.manifest.source
         assert source is not None
-        # In a worker thread: reading even a bounded manifest takes a moment the loop must not lose.
-        manifest = await anyio.to_thread.run_sync(load_manifest, source)
+        # In a child interpreter (config/apart.py): the loop goes on serving, and pydantic stays
+        # out of the service.
+        manifest = await check_apart(source)
         if manifest.state_dir != self.manifest.state_dir:
             try:  # the new folder gets the checks the first one got at start-up
                 prepare_state_dir(manifest.state_dir)
@@ -488,6 +491,7 @@ def run_service(
     on_ready: Callable[[], None] | None = None,
     resume_fd: int | None = None,
     resume_check: bool = False,
+    manifest_check: ManifestCheck | None = None,
 ) -> int:
     """The whole of ``supervisor run``: returns the exit status.
 
@@ -500,7 +504,39 @@ def run_service(
 
     ``resume_fd``: the state record of the service that re-exec'd into this one (handoff/);
     with ``resume_check``, only say on stdout what would be resumed, touching nothing.
+
+    ``manifest_check``: the check of the manifest the caller started already (a child
+    interpreter, config/apart.py); one is started here otherwise.
     """
+    try:
+        return _run_service(
+            manifest_path,
+            log_file=log_file,
+            backend=backend,
+            pidfile=pidfile,
+            ready_fd=ready_fd,
+            on_ready=on_ready,
+            resume_fd=resume_fd,
+            resume_check=resume_check,
+            manifest_check=manifest_check,
+        )
+    finally:
+        if manifest_check is not None:
+            manifest_check.abandon()  # a start that failed before it asked: no child left
+
+
+def _run_service(
+    manifest_path: Path,
+    *,
+    log_file: Path | None,
+    backend: str,
+    pidfile: Path | None,
+    ready_fd: int | None,
+    on_ready: Callable[[], None] | None,
+    resume_fd: int | None,
+    resume_check: bool,
+    manifest_check: ManifestCheck | None,
+) -> int:
     # The collector is off until the service has frozen what its start made (Service.run turns
     # it on then); on again here when it ends or the start failed (tests call this in-process).
     enabled = gc.isenabled()
@@ -532,7 +568,13 @@ def run_service(
                 print(f"supervisor: --ready-fd {ready_fd}: {exc.strerror or exc}", file=sys.stderr)
                 return 2
         try:
-            manifest = load_manifest(manifest_path) if takeover is None else takeover.manifest
+            if takeover is not None:
+                manifest = takeover.manifest
+            else:
+                check = manifest_check or ManifestCheck(manifest_path)
+                # While the child checks: the control plane is the rest of what the start imports.
+                from .api import server  # noqa: F401
+                manifest = check.result()
         except ManifestError as exc:
             print(exc, file=sys.stderr)
             return 1

@@ -531,7 +531,7 @@ async def test_a_burst_of_events_goes_out_in_few_writes_and_loses_none(tmp_path:
 def test_the_status_body_is_the_wire_statuses_and_survives_a_name_that_is_not_utf8() -> None:
     """The list's body is encoded by orjson; a lone surrogate (a non-UTF-8 file name, decoded
     with surrogateescape) makes orjson refuse, and the standard encoder escapes it instead."""
-    from supervisor.api.models import wire_status, wire_statuses
+    from supervisor.api.answers import wire_status, wire_statuses
     from supervisor.events import State
     from supervisor.instance import InstanceStatus
     from supervisor.resources import GroupFigures

@@ -57,13 +57,13 @@ def test_bodies_that_are_not_json_objects_are_a_400_that_says_so(service: Start)
         [line] = details(post(api, "stop", b"{not json"))
         assert line.startswith("the body is not valid UTF-8 JSON: ") and "line 1 column 2" in line
         [line] = details(post(api, "stop", b'{"names": ["idle"]}{}'))
-        assert "trailing characters" in line
+        assert "unexpected content after document" in line and "column 20" in line
         # Not UTF-8: Latin-1 in a name.
         [line] = details(post(api, "stop", b'{"names": ["caf\xe9"]}'))
-        assert "not valid UTF-8 JSON" in line and "unicode" in line
+        assert "not valid UTF-8 JSON" in line and "not valid UTF-8" in line.split(": ", 1)[1]
         # Nested past any sense, within the size limit: refused by depth, not by a crash.
         [line] = details(post(api, "start", b'{"names": ' + b"[" * 100_000))
-        assert "recursion limit" in line
+        assert "depth limit exceeded" in line
         # No body, or the right JSON sent as something else.
         assert details(post(api, "stop", b"")) == ["this route needs a JSON body (ActionRequest)"]
         assert details(api.post("/v1/instances/wait")) == ["this route needs a JSON body (WaitRequest)"]
@@ -93,13 +93,17 @@ def test_fields_that_do_not_fit_are_named_with_what_was_expected(service: Start)
         assert details(api.post("/v1/scale", json={"scale": {"idle": 1}, "all": True})) == [
             "all: Extra inputs are not permitted"
         ]
-        # NaN, infinities and numbers past any float, in a wait's timeout.
+        # NaN, infinities and numbers past any float, in a wait's timeout: NaN and the infinities
+        # are not JSON (refused by their column), the others are too long a wait.
         for timeout in (b"NaN", b"-Infinity", b"1e999", b"1e308", b"9" * 5000):
             raw = b'{"names": ["idle"], "state": "running", "timeout": %s}' % timeout
             [line] = details(post(api, "wait", raw))
-            assert line.startswith("timeout: ") or "number out of range" in line, (timeout, line)
+            assert line.startswith("timeout: ") or "line 1 column 5" in line, (timeout, line)
         [line] = details(post(api, "wait", b'{"names": ["idle"], "state": "running", "timeout": NaN}'))
-        assert line == "timeout: a duration must be a finite number of seconds, not nan"
+        assert line == (
+            "the body is not valid UTF-8 JSON: unexpected character, expected a JSON value: "
+            "line 1 column 52 (char 51)"
+        )
         # A replica count that is no integer, or out of range.
         counts = ((2.5, "valid integer"), ("2", "valid integer"), (10_001, "less than or equal"))
         for count, expected in counts:

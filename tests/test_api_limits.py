@@ -130,9 +130,12 @@ def test_nan_and_absurd_timeouts_are_a_400(service: Start, route: str, timeout: 
     svc = service(MANIFEST)
     extra = ', "state": "running"' if route == "wait" else ""
     raw = f'{{"names": ["idle"], "timeout": {timeout}{extra}}}'.encode()
+    # NaN and the infinities are not JSON: refused as the body is read, by their column; a number
+    # or a duration past a week is refused by the field's name.
+    not_json = timeout in ("NaN", "Infinity", "-Infinity", "1e999")
     with http(svc) as api:
         answer = api.post(f"/v1/instances/{route}", content=raw, headers=JSON)
-        assert_error(answer, 400, "timeout")
+        assert_error(answer, 400, "line 1 column 3" if not_json else "timeout")
     assert svc.status("idle")["idle"]["state"] == "stopped"
 
 

@@ -22,25 +22,39 @@ from pydantic import BaseModel
 
 from supervisor.api.client import _interpolate as client_interpolate
 from supervisor.config import (
-    FifoStream,
-    FileStream,
-    InheritStream,
     InstanceConfig,
-    LogStream,
     Manifest,
     ManifestError,
-    NullStream,
     Problem,
-    StdoutStream,
     format_duration,
     load_manifest,
+    models,
     parse_duration,
     parse_signal,
     parse_size,
 )
+from supervisor.config.loader import settled
+from supervisor.config.records import as_data
 from supervisor.config.reference import render
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _record_of(model: type[BaseModel]) -> Any:
+    """Builds the record the service holds as the model builds it (defaults, validation)."""
+    return lambda **fields: settled(model(**fields))
+
+
+# The stream kinds as the records a loaded manifest holds.
+_KINDS = ("LogStream", "NullStream", "InheritStream", "FileStream", "FifoStream", "StdoutStream")
+LogStream, NullStream, InheritStream, FileStream, FifoStream, StdoutStream = (
+    _record_of(getattr(models, kind)) for kind in _KINDS
+)
+
+
+def dumped(config: InstanceConfig) -> dict[str, Any]:
+    """The model's own dump of a loaded instance: the words a person would write."""
+    return models.InstanceConfig.model_validate(as_data(config)).model_dump(mode="json")
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -222,9 +236,9 @@ def test_units_in_a_manifest_are_parsed_and_dumped_back_in_words(tmp_path: Path)
     assert config.restart.min_uptime == 2.0
     assert (config.restart.backoff.initial, config.restart.backoff.max) == (0.05, 3600.0)
     assert config.logs.max_bytes == 1024**2
-    dumped = config.model_dump(mode="json")
-    assert dumped["stop"] == {"signal": "SIGINT", "timeout": "250ms", "group": True}
-    assert dumped["restart"]["backoff"]["initial"] == "50ms"
+    words = dumped(config)
+    assert words["stop"] == {"signal": "SIGINT", "timeout": "250ms", "group": True}
+    assert words["restart"]["backoff"]["initial"] == "50ms"
 
 
 def test_bad_units_in_a_manifest_are_placed_at_their_values(tmp_path: Path) -> None:
@@ -244,7 +258,7 @@ def test_bad_units_in_a_manifest_are_placed_at_their_values(tmp_path: Path) -> N
 def test_umask_is_octal_text(tmp_path: Path) -> None:
     config = web_config(tmp_path, "umask: '027'")
     assert config.umask == 0o027
-    assert config.model_dump(mode="json")["umask"] == "027"
+    assert dumped(config)["umask"] == "027"
     # YAML 1.1 reads an unquoted 022 as octal, and an unquoted 27 as decimal: the docs say quote it.
     # Unquoted digits are read as a shell's `umask 022` and `umask 27` read them: octal.
     assert web_config(tmp_path, "umask: 022").umask == 0o022
@@ -522,10 +536,10 @@ def test_merge_keys_take_an_anchor_and_written_keys_win(tmp_path: Path) -> None:
         ("stderr: null", NullStream()),
     ],
 )
-def test_stream_forms(tmp_path: Path, written: str, stream: BaseModel) -> None:
+def test_stream_forms(tmp_path: Path, written: str, stream: Any) -> None:
     expected = stream
     if getattr(stream, "path", None):
-        expected = stream.model_copy(update={"path": stream.path.format(dir=tmp_path)})  # type: ignore[attr-defined]
+        expected = stream.replace(path=stream.path.format(dir=tmp_path))
     config = web_config(tmp_path, written)
     assert getattr(config, written.split(":")[0]) == expected
 
@@ -537,10 +551,10 @@ def test_stream_defaults(tmp_path: Path) -> None:
 
 def test_streams_are_dumped_in_the_long_form_and_read_back(tmp_path: Path) -> None:
     config = web_config(tmp_path, "stdout: {file: o.log, mode: truncate}\nstderr: stdout\nstdin: ~")
-    dumped = config.model_dump(mode="json")
-    assert dumped["stdout"] == {"kind": "file", "path": str(tmp_path / "o.log"), "mode": "truncate"}
-    assert (dumped["stderr"], dumped["stdin"]) == ({"kind": "stdout"}, {"kind": "null"})
-    assert InstanceConfig.model_validate(dumped) == config
+    words = dumped(config)
+    assert words["stdout"] == {"kind": "file", "path": str(tmp_path / "o.log"), "mode": "truncate"}
+    assert (words["stderr"], words["stdin"]) == ({"kind": "stdout"}, {"kind": "null"})
+    assert settled(models.InstanceConfig.model_validate(words)) == config
 
 
 @pytest.mark.parametrize(
@@ -1043,7 +1057,7 @@ def _every_field(model: type[BaseModel], prefix: str) -> Iterator[tuple[type[Bas
             yield from _every_field(sub, path)
 
 
-ALL_FIELDS = list(_every_field(Manifest, ""))
+ALL_FIELDS = list(_every_field(models.Manifest, ""))
 
 
 def test_the_walk_sees_every_model() -> None:

@@ -41,9 +41,21 @@ LATER = (
 )
 # The control plane: the service imports it when it runs, never at import.
 CONTROL_PLANE = ("starlette", "supervisor.api.http1", "supervisor.api.server", "supervisor.api.app")
-# Never, not even while serving: the API is starlette and pydantic alone, served by our own
-# HTTP/1.1 server (#13, docs/performance.md).
+# Never, not even while serving: the API is starlette alone, served by our own HTTP/1.1 server
+# (#13, docs/performance.md).
 NEVER = ("fastapi", "hypercorn", "h2", "wsproto")
+# In a child interpreter only (config/apart.py), or for /openapi.json: the service holds records
+# (config/records.py) and checks requests by hand (api/requests.py). test_records.py runs a whole
+# service and finds none of these loaded.
+CHECKED_APART = (
+    "pydantic",
+    "pydantic_core",
+    "supervisor.config.models",
+    "supervisor.config.loader",
+    "supervisor.config.annotated",
+    "supervisor.api.models",
+    "yaml",
+)
 
 
 def loaded_after(code: str, *, cwd: Path) -> set[str]:
@@ -61,8 +73,16 @@ def heavy(loaded: set[str], names: tuple[str, ...]) -> list[str]:
 
 def test_importing_the_service_leaves_the_control_plane_and_the_rest_for_later(tmp_path: Path) -> None:
     loaded = loaded_after("import supervisor.service, supervisor.manager", cwd=tmp_path)
-    assert "supervisor.service" in loaded and "pydantic" in loaded
-    assert heavy(loaded, LATER + CONTROL_PLANE + NEVER) == []
+    assert "supervisor.service" in loaded
+    assert heavy(loaded, LATER + CONTROL_PLANE + NEVER + CHECKED_APART) == []
+
+
+def test_the_control_plane_checks_requests_without_pydantic(tmp_path: Path) -> None:
+    """The API's modules as the service imports them: requests are checked by hand (api/requests.py)."""
+    code = "import supervisor.service, supervisor.api.server, supervisor.api.app"
+    loaded = loaded_after(code, cwd=tmp_path)
+    assert "supervisor.api.requests" in loaded and "starlette" in loaded
+    assert heavy(loaded, LATER + NEVER + CHECKED_APART) == []
 
 
 def service_script(tmp_path: Path, *, before: str = "", serving: str = "") -> str:

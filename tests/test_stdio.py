@@ -140,8 +140,8 @@ def test_empty_path_is_not_set_up_without_a_warning(
 
 
 def test_none_path_is_not_set_up(tmp_path: Path, stdio_list: list[Stdio]) -> None:
-    # The models refuse None; a hand-built spec (model_construct) still must not crash the layer.
-    spec = FileStream.model_construct(path=None)
+    # The models refuse None; a hand-built record still must not crash the layer.
+    spec = FileStream(path=None)
     stdio = Stdio.from_config("web", spec, spec, spec)
     stdio_list.append(stdio)
     assert stdio.describe() == {"stdin": "null", "stdout": "null", "stderr": "null"}

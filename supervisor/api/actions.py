@@ -20,7 +20,7 @@ from ..events import State
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager
 from .inputs import body as read_body
-from .models import ActionRequest
+from .requests import ActionRequest
 
 __all__ = ["Actions", "action_response", "refusal", "result", "run_all"]
 

@@ -30,31 +30,21 @@ from ..instance import Instance, InvalidRequest
 from ..manager import Manager, ReloadReport, UnknownInstance
 from ..pidns import service_pid
 from .actions import Actions, action_response, refusal, result, run_all
+from .answers import wire_status, wire_statuses
 from .errors import ERRORS, HANDLERS, error
 from .inputs import body, optional_body, query
 from .limits import BodyLimit
 from .live import LiveResponse
-from .models import (
+from .openapi import Answer, Endpoint, Operation, serve_document
+from .requests import (
     ActionRequest,
-    ActionResponse,
-    ErrorBody,
-    EventBody,
-    Health,
     InstancesQuery,
     LogsQuery,
-    ReexecBody,
     ReexecRequest,
-    ReloadBody,
-    ReopenBody,
     ScaleRequest,
-    ShutdownBody,
     SignalRequest,
-    Status,
     WaitRequest,
-    wire_status,
-    wire_statuses,
 )
-from .openapi import Answer, Endpoint, Operation, serve_document
 from .sampling import Sampler
 from .web import dashboard_routes
 
@@ -281,7 +271,8 @@ def _routes(
             background.start_soon(hooks.shutdown)
 
         later = BackgroundTask(begin)
-        return JSONResponse(ShutdownBody().model_dump(), status_code=202, background=later)
+        shutting = {"ok": True, "message": "shutting down: stopping every instance"}  # a ShutdownBody
+        return JSONResponse(shutting, status_code=202, background=later)
 
     async def reexec(request: Request) -> Response:
         """Replace the service with a fresh start of the installed code, in the same process: every
@@ -300,8 +291,8 @@ def _routes(
             return error(409, str(exc))
         handoffs = getattr(hooks, "handoffs", 0)
         message = "the new code would resume" if check else "handing over to the new code"
-        answer = ReexecBody(check=check, message=message, report=report, handoffs=handoffs)
-        return JSONResponse(answer.model_dump(), status_code=200 if check else 202)
+        answer = {"ok": True, "check": check, "message": message, "report": report, "handoffs": handoffs}
+        return JSONResponse(answer, status_code=200 if check else 202)  # a ReexecBody
 
     async def metrics(_: Request) -> Response:
         """Every instance's state and resource figures, and the service's own, for Prometheus."""
@@ -317,21 +308,21 @@ def _routes(
 
     def some(description: str) -> dict[int, Answer]:
         """The answers of a request on some instances: 200 when all made it, 409 when some did not."""
-        return {**ERRORS, 200: Answer(model=ActionResponse), 409: Answer(description, ActionResponse)}
+        return {**ERRORS, 200: Answer(model="ActionResponse"), 409: Answer(description, "ActionResponse")}
 
     routes = [
-        Endpoint("/v1/health", health, "GET", Operation("service", {200: Answer(model=Health)})),
+        Endpoint("/v1/health", health, "GET", Operation("service", {200: Answer(model="Health")})),
         Endpoint(
             "/v1/instances",
             list_instances,
             "GET",
-            Operation("instances", {200: Answer(model=Status, many=True), **ERRORS}, query=InstancesQuery),
+            Operation("instances", {200: Answer(model="Status", many=True), **ERRORS}, query=InstancesQuery),
         ),
         Endpoint(
             "/v1/instances/{name}",
             get_instance,
             "GET",
-            Operation("instances", {200: Answer(model=Status), **ERRORS}),
+            Operation("instances", {200: Answer(model="Status"), **ERRORS}),
         ),
     ]
     for verb in ("start", "stop", "restart"):
@@ -382,7 +373,7 @@ def _routes(
                 {
                     200: Answer(
                         "Server-Sent Events: one `data: <json>` per transition.",
-                        EventBody,
+                        "EventBody",
                         media_type="text/event-stream",
                     )
                 },
@@ -395,8 +386,8 @@ def _routes(
             Operation(
                 "service",
                 {
-                    200: Answer(model=ReloadBody),
-                    422: Answer("The manifest has problems; nothing changed.", ErrorBody),
+                    200: Answer(model="ReloadBody"),
+                    422: Answer("The manifest has problems; nothing changed.", "ErrorBody"),
                 },
             ),
         ),
@@ -407,15 +398,15 @@ def _routes(
             Operation(
                 "service",
                 {
-                    200: Answer(model=ReloadBody),
+                    200: Answer(model="ReloadBody"),
                     **ERRORS,
-                    409: Answer("A count out of range, or the service is stopping.", ErrorBody),
-                    422: Answer("Not enough descriptors for it; nothing changed.", ErrorBody),
+                    409: Answer("A count out of range, or the service is stopping.", "ErrorBody"),
+                    422: Answer("Not enough descriptors for it; nothing changed.", "ErrorBody"),
                 },
                 body=ScaleRequest,
             ),
         ),
-        Endpoint("/v1/shutdown", shutdown, "POST", Operation("service", {202: Answer(model=ShutdownBody)})),
+        Endpoint("/v1/shutdown", shutdown, "POST", Operation("service", {202: Answer(model="ShutdownBody")})),
         Endpoint(
             "/v1/reexec",
             reexec,
@@ -423,13 +414,13 @@ def _routes(
             Operation(
                 "service",
                 {
-                    202: Answer(model=ReexecBody),
-                    200: Answer("`check`: the new code would resume.", ReexecBody),
+                    202: Answer(model="ReexecBody"),
+                    200: Answer("`check`: the new code would resume.", "ReexecBody"),
                     400: ERRORS[400],
                     409: Answer(
                         "The new code would not resume (why), or a re-exec, reload or shutdown is "
                         "under way; the service goes on as it is.",
-                        ErrorBody,
+                        "ErrorBody",
                     ),
                 },
                 body=ReexecRequest,
@@ -442,7 +433,9 @@ def _routes(
             "GET",
             Operation("service", {200: Answer("The Prometheus text format.", media_type=text)}),
         ),
-        Endpoint("/v1/logs/reopen", reopen_logs, "POST", Operation("logs", {200: Answer(model=ReopenBody)})),
+        Endpoint(
+            "/v1/logs/reopen", reopen_logs, "POST", Operation("logs", {200: Answer(model="ReopenBody")})
+        ),
     ]
     return routes
 

@@ -20,7 +20,6 @@ from ..config import ManifestError
 from ..instance import InvalidRequest
 from ..manager import ApplyError, UnknownInstance
 from .inputs import InvalidInput
-from .models import ErrorBody
 from .openapi import Answer
 
 __all__ = ["ERRORS", "HANDLERS", "error"]
@@ -32,8 +31,8 @@ def error(status: int, message: str, details: Collection[Any] = ()) -> JSONRespo
 
 #: The errors most routes may answer with, for the OpenAPI document.
 ERRORS: Mapping[int, Answer] = {
-    400: Answer("A malformed request (a field, a signal, a duration).", ErrorBody),
-    404: Answer("No instance by that name (or no such log stream).", ErrorBody),
+    400: Answer("A malformed request (a field, a signal, a duration).", "ErrorBody"),
+    404: Answer("No instance by that name (or no such log stream).", "ErrorBody"),
 }
 
 

@@ -1,17 +1,18 @@
 """The control API's wire models: what goes over the socket, as JSON.
 
-These are the server's contract and the source of its OpenAPI document. The
-CLI does not import them (pydantic costs tens of milliseconds at start-up):
-it reads the same JSON as plain dicts, so a field renamed here must be
-renamed in ``supervisor/cli/`` (``status.py``, ``control.py``) too. The tests
-check both ends against each other.
+These are the server's contract and the source of its OpenAPI document, built
+on the first request for it. Neither the CLI nor the running service imports
+them (pydantic costs 13 MiB and 100 ms of a start): the CLI reads the same JSON
+as plain dicts, and the service checks requests with ``requests.py`` and builds
+its status answers with ``answers.py``. So a field renamed here must be renamed
+there and in ``supervisor/cli/`` (``status.py``, ``control.py``) too; the tests
+check every side against these.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -23,13 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-from ..config import signal_name
-from ..config.units import Duration, Signal
+from ..config.annotated import Duration, Signal
 from ..events import State
-
-if TYPE_CHECKING:
-    from ..instance import InstanceStatus
-    from ..resources import GroupFigures
+from .requests import MAX_LINES, MAX_SCALE, MAX_SCALED_ENTRIES, MAX_TIMEOUT
 
 __all__ = [
     "ActionRequest",
@@ -48,7 +45,6 @@ __all__ = [
     "SignalRequest",
     "Status",
     "WaitRequest",
-    "wire_status",
 ]
 
 
@@ -58,10 +54,6 @@ class _Wire(BaseModel):
 
 
 _TIMEOUT = "Seconds (a number) or a duration such as '30s', '2m' or '500ms'; at most a week."
-
-#: The longest timeout a request may ask for: longer is a typo, not a wish (and NaN or an
-#: overflowing number must be a 400, never a timer that fires at once or never).
-MAX_TIMEOUT = 7 * 24 * 3600.0
 
 
 def _bounded(seconds: float) -> float:
@@ -127,69 +119,6 @@ class Status(BaseModel):
     processes: int | None = Field(description="Live processes in the group (the leader and its own).")
 
 
-_NO_FIGURES: dict[str, Any] = dict.fromkeys(
-    ("cpu_percent", "cpu_seconds", "rss_bytes", "open_fds", "threads", "processes")
-)
-
-
-def wire_status(status: InstanceStatus, figures: GroupFigures | None = None) -> dict[str, Any]:
-    """A ``Status`` as a plain dict, built without validation.
-
-    ``GET /v1/instances`` answers with thousands of these on a big manifest, and
-    every ``supervisor status`` waits for it; the tests check that the result
-    validates as ``Status``. ``figures``: the process group's, when a process runs.
-    """
-    return {
-        "name": status.name,
-        "group": status.group,
-        "state": str(status.state),
-        "pid": status.pid,
-        "started_at": status.started_at,
-        "uptime_s": None if status.uptime_s is None else round(status.uptime_s, 3),
-        "restarts": status.restarts,
-        "exit_code": status.exit_code,
-        "exit_signal": signal_name(status.exit_signal) if status.exit_signal else None,
-        "reason": status.reason,
-        "ready": status.ready,
-        "last_check": status.last_check,
-        "status_text": status.status_text,
-        "log_bytes_lost": status.log_bytes_lost,
-        "log_error": status.log_error,
-        "stdin": status.stdin,
-        "stdout": status.stdout,
-        "stderr": status.stderr,
-        "log_files": dict(status.log_files),
-        **(_NO_FIGURES if figures is None else _figures(figures)),
-    }
-
-
-def wire_statuses(
-    statuses: Sequence[InstanceStatus], figures: Mapping[int, GroupFigures] | None = None
-) -> bytes:
-    """The JSON body of a list of ``Status``, encoded by orjson.
-
-    With 10,000 instances the answer is 4 MB: the standard library's encoder takes
-    30 to 110 ms over it on the reference machine, orjson 3 to 15 (``bench/scale.py``).
-    A string orjson refuses (a lone surrogate, from a file name that is not UTF-8)
-    falls back to the standard encoder, which escapes it.
-    """
-    from ..wire import json_bytes  # the service's, on the first status; the CLI never imports this module
-
-    found = figures or {}
-    return json_bytes([wire_status(status, found.get(status.pid or 0)) for status in statuses])
-
-
-def _figures(figures: GroupFigures) -> dict[str, Any]:
-    return {
-        "cpu_percent": figures.cpu_percent,
-        "cpu_seconds": round(figures.cpu_seconds, 2),
-        "rss_bytes": figures.rss_bytes,
-        "open_fds": figures.open_fds,
-        "threads": figures.threads,
-        "processes": figures.processes,
-    }
-
-
 class Health(BaseModel):
     """The service answers: who it is and what it runs."""
 
@@ -239,9 +168,9 @@ class ReloadBody(BaseModel):
 class ScaleRequest(_Wire):
     """Run this many replicas of each named manifest entry, until the next reload."""
 
-    scale: dict[str, Annotated[int, Field(ge=0, le=10_000, strict=True)]] = Field(
+    scale: dict[str, Annotated[int, Field(ge=0, le=MAX_SCALE, strict=True)]] = Field(
         min_length=1,
-        max_length=1000,
+        max_length=MAX_SCALED_ENTRIES,
         description="Manifest entry name -> replica count (0 to 10,000).",
         examples=[{"worker": 5}],
     )
@@ -393,5 +322,5 @@ class InstancesQuery(QueryParameters):
 
 class LogsQuery(QueryParameters):
     stream: Literal["stdout", "stderr"] = "stdout"
-    lines: int = Field(10, ge=0, le=1_000_000, description="How many of the last lines.")
+    lines: int = Field(10, ge=0, le=MAX_LINES, description="How many of the last lines.")
     follow: bool = Field(False, description="Then stream what is written, until the client leaves.")

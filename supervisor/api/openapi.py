@@ -7,9 +7,11 @@ a route cannot be served without being documented, nor documented differently fr
 what it validates: the body and query models here are the ones ``inputs`` validates
 with.
 
-It is built on the first request for it, not at start-up: building the models' schemas
-costs tens of milliseconds and memory that a service nobody asks for its document
-never needs to spend (see docs/performance.md, "Does FastAPI earn its cost?").
+It is built on the first request for it, not at start-up, and only then imports
+pydantic and the wire models (``models.py``): a route names its answers' models by
+name, and its body and query by the class that checks them (``requests.py``), whose
+model has the same name. Building them costs 13 MiB and 100 ms that a service
+nobody asks for its document never spends (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -19,16 +21,16 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .limits import MAX_BODY
-from .models import ErrorBody, QueryParameters
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = ["Answer", "Endpoint", "Operation", "document", "serve_document"]
 
@@ -44,7 +46,7 @@ class Answer:
     """One status a route answers with: why, and the body's model (or only its media type)."""
 
     description: str = _OK
-    model: type[BaseModel] | None = None
+    model: str | None = None  # the name of a model in ``models.py``
     many: bool = False  # a JSON array of ``model``
     media_type: str = "application/json"
 
@@ -55,9 +57,9 @@ class Operation:
 
     tag: str
     answers: Mapping[int, Answer]
-    body: type[BaseModel] | None = None
+    body: type | None = None  # a class of ``requests.py``: its model has its name
     body_required: bool = True
-    query: type[QueryParameters] | None = None
+    query: type | None = None
     summary: str | None = None
     description: str | None = None
 
@@ -77,21 +79,23 @@ class Endpoint(Route):
 
 
 _TOO_LARGE = Answer(
-    f"The request body is larger than the limit ({MAX_BODY // (1024 * 1024)} MiB).", ErrorBody
+    f"The request body is larger than the limit ({MAX_BODY // (1024 * 1024)} MiB).", "ErrorBody"
 )
 
 
 def document(routes: Iterable[BaseRoute], info: Mapping[str, Any]) -> dict[str, Any]:
     """The OpenAPI document of every ``Endpoint`` among ``routes`` (the others are not the API)."""
+    from pydantic.json_schema import models_json_schema
+
     endpoints = [route for route in routes if isinstance(route, Endpoint)]
     wanted: dict[tuple[type[BaseModel], Mode], None] = {}
     for route in endpoints:
         operation = route.operation
         if operation.body is not None:
-            wanted[(operation.body, "validation")] = None
+            wanted[(_model(operation.body), "validation")] = None
         for answer in _answers(operation).values():
             if answer.model is not None:
-                wanted[(answer.model, "serialization")] = None
+                wanted[(_model(answer.model), "serialization")] = None
     refs, schemas = models_json_schema(list(wanted), ref_template=_REF)
     components: dict[str, Any] = dict(schemas.get("$defs", {}))
 
@@ -107,6 +111,14 @@ def document(routes: Iterable[BaseRoute], info: Mapping[str, Any]) -> dict[str, 
         "paths": paths,
         "components": {"schemas": dict(sorted(components.items()))},
     }
+
+
+def _model(named: str | type) -> type[BaseModel]:
+    """The wire model of that name, or of the name of that request class."""
+    from . import models
+
+    model: type[BaseModel] = getattr(models, named if isinstance(named, str) else named.__name__)
+    return model
 
 
 def _answers(operation: Operation) -> dict[int, Answer]:
@@ -138,7 +150,7 @@ def _operation(
     if parameters:
         out["parameters"] = parameters
     if operation.body is not None:
-        schema = ref(operation.body, "validation")
+        schema = ref(_model(operation.body), "validation")
         if not operation.body_required:  # left out, or null
             schema = {"anyOf": [schema, {"type": "null"}]}
         out["requestBody"] = {
@@ -151,8 +163,8 @@ def _operation(
     return out
 
 
-def _query_parameters(model: type[QueryParameters], components: dict[str, Any]) -> list[dict[str, Any]]:
-    schema = model.model_json_schema(ref_template=_REF)
+def _query_parameters(query: type, components: dict[str, Any]) -> list[dict[str, Any]]:
+    schema = _model(query).model_json_schema(ref_template=_REF)
     components.update(schema.get("$defs", {}))
     required = set(schema.get("required", ()))
     parameters = []
@@ -167,7 +179,7 @@ def _query_parameters(model: type[QueryParameters], components: dict[str, Any]) 
 def _response(answer: Answer, ref: Callable[[type[BaseModel], Mode], dict[str, Any]]) -> dict[str, Any]:
     content: dict[str, Any] = {}
     if answer.model is not None:
-        schema = ref(answer.model, "serialization")
+        schema = ref(_model(answer.model), "serialization")
         content["schema"] = {"type": "array", "items": schema} if answer.many else schema
     return {"description": answer.description, "content": {answer.media_type: content}}
 

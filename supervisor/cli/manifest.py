@@ -33,6 +33,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # service and almost no garbage, and the collector's passes over them as they grow took a
     # tenth of a cold start. The service turns it on once it has frozen them (service.py).
     gc.disable()
+    from ..config.apart import ManifestCheck
+
+    # The manifest is checked in a child interpreter (config/apart.py), started first: it loads
+    # pydantic and the models while this process imports the service.
+    check = ManifestCheck(args.file) if args.resume is None else None
     from ..service import run_service
 
     return run_service(
@@ -44,17 +49,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         ready_fd=args.ready_fd,
         resume_fd=args.resume,
         resume_check=args.resume_check,
+        manifest_check=check,
     )
 
 
 def _run_in_pid_namespace(args: argparse.Namespace) -> int:
-    from ..config import ManifestError, load_manifest
+    from ..config import ManifestError
+    from ..config.apart import ManifestCheck
     from ..pidns import PidNamespaceError, run_in_pid_namespace
     from ..service import run_service
     from ..statedir import StateDirError, prepare_state_dir
 
     try:
-        manifest = load_manifest(args.file)
+        manifest = ManifestCheck(args.file).result()  # in a child: the service never holds pydantic
         prepare_state_dir(manifest.state_dir)
     except (ManifestError, StateDirError) as exc:
         print(exc, file=sys.stderr)
@@ -101,7 +108,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     import json
 
-    from ..config import Manifest
+    from ..config.models import Manifest
 
     schema = Manifest.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

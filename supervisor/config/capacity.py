@@ -18,7 +18,7 @@ import resource
 from collections.abc import Iterator
 from pathlib import Path
 
-from .models import InstanceConfig, Manifest
+from .records import InstanceConfig, Manifest
 
 #: The most instances (replicas counted one by one) one manifest may declare.
 MAX_INSTANCES = 50_000

@@ -16,24 +16,16 @@ from urllib.parse import urlsplit
 
 from pydantic import BeforeValidator, Field, StrictInt, field_validator, model_validator
 
+from .annotated import Duration
 from .base import StrictModel
-from .units import Duration
+from .records import _KINDS, ProbeKind, _Probe, split_address
 
-ProbeKind = Literal["exec", "http", "tcp", "log", "notify"]
-_KINDS: tuple[ProbeKind, ...] = ("exec", "http", "tcp", "log", "notify")
+__all__ = ["AliveCheck", "Dependencies", "Dependency", "ProbeKind", "ReadyCheck", "split_address"]
+
 _HTTP_ONLY = ("expect", "body")
 
 
-def split_address(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[::1]:80`` for IPv6) as (host, port); ValueError says what is wrong."""
-    host, sep, port = value.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{value!r} is not HOST:PORT, e.g. 127.0.0.1:5432")
-    return host, int(port)
-
-
-class _Check(StrictModel):
+class _Check(_Probe, StrictModel):
     """What readiness and liveness checks share: the probe kinds that poll, and their timing."""
 
     exec: str | list[str] | None = Field(
@@ -60,25 +52,6 @@ class _Check(StrictModel):
     )
     timeout: Duration = Field(1.0, gt=0, description="A probe that takes longer fails.")
     initial_delay: Duration = Field(0.0, description="Wait this long after the start before the first probe.")
-
-    @property
-    def kind(self) -> ProbeKind:
-        for kind in _KINDS:
-            if getattr(self, kind, None) not in (None, False):
-                return kind
-        raise AssertionError("validated checks have a kind")
-
-    @property
-    def argv(self) -> list[str]:
-        """The exec probe's argument vector."""
-        command = self.exec
-        assert command is not None
-        return shlex.split(command) if isinstance(command, str) else list(command)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        assert self.tcp is not None
-        return split_address(self.tcp)
 
     @field_validator("exec")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from .models import Manifest
+from .records import Manifest
 
 __all__ = ["levels", "render_dot", "render_text"]
 

@@ -13,8 +13,9 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, ConfigDict, Field, StrictInt, WithJsonSchema
 
+from .annotated import Duration, Size
 from .base import StrictModel
-from .units import Duration, Size
+from .records import rlimit_pair as rlimit_pair
 
 #: The largest finite rlimit a manifest may give: 2**62. Larger is a typo, not a limit, and
 #: RLIM_INFINITY itself (2**64-1) is written ``unlimited``.
@@ -73,14 +74,6 @@ def parse_rlimit(value: Any) -> str:
     if hard is not None and (soft is None or soft > hard):
         raise ValueError(f"the soft limit {_text(soft)} is above the hard limit {_text(hard)}")
     return f"{_text(soft)}:{_text(hard)}"
-
-
-def rlimit_pair(text: str) -> tuple[int, int]:
-    """The canonical text as setrlimit's (soft, hard), RLIM_INFINITY for unlimited."""
-    soft, _, hard = text.partition(":")
-    return tuple(  # type: ignore[return-value]
-        resource.RLIM_INFINITY if side == "unlimited" else int(side) for side in (soft, hard)
-    )
 
 
 Rlimit = Annotated[
@@ -199,8 +192,3 @@ class Limits(StrictModel):
     data: Rlimit | None = _rlimit_field("data")
 
     model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)
-
-    def rlimits(self) -> dict[str, str]:
-        """prlimit name → canonical ``SOFT:HARD``, for the rlimits set."""
-        found = {name: getattr(self, "as_" if name == "as" else name) for name in RLIMITS}
-        return {name: value for name, value in found.items() if value is not None}

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from . import records
 from .capacity import MAX_INSTANCES, capacity_problems
 from .models import INSTANCE_NAME_PATTERN, MAX_NAME_LENGTH, MAX_REPLICAS, Backoff, Manifest, RestartPolicy
 from .problems import ManifestError, Problem
@@ -41,7 +42,7 @@ from .yaml_source import (
     resolve_plain,
 )
 
-__all__ = ["ManifestError", "Problem", "load_manifest", "parse_manifest"]
+__all__ = ["ManifestError", "Problem", "load_manifest", "parse_manifest", "settled"]
 
 KeyPath = tuple[str | int, ...]
 
@@ -259,7 +260,25 @@ def _part(part: str | int) -> str:
     return text if len(text) <= 60 else f"{text[:40]}…({len(text)} characters)"
 
 
-def load_manifest(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Manifest:
+def settled(model: Any) -> Any:
+    """A checked model as its record (``records.py``), what the service runs; other values as they are.
+
+    For a caller that built a ``models.Manifest`` itself (``Manifest.model_validate``):
+    ``Manager`` and ``Service`` take what this returns.
+    """
+    if isinstance(model, BaseModel):
+        record: type[records.Record] = getattr(records, type(model).__name__)
+        fields = {name: settled(getattr(model, name)) for name in type(model).model_fields}
+        fields.update(model.__pydantic_private__ or {})
+        return record(**fields)
+    if isinstance(model, dict):
+        return {key: settled(value) for key, value in model.items()}
+    if isinstance(model, list):
+        return [settled(value) for value in model]
+    return model
+
+
+def load_manifest(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> records.Manifest:
     """Read, interpolate and validate a manifest to run here; one ManifestError lists every problem."""
     file = Path(path)
     try:
@@ -272,7 +291,7 @@ def load_manifest(path: str | os.PathLike[str], environ: Mapping[str, str] | Non
 
 def parse_manifest(
     text: str | bytes, file: Path, environ: Mapping[str, str] | None = None, *, this_machine: bool = False
-) -> Manifest:
+) -> records.Manifest:
     """Validate a manifest's text (bytes must be UTF-8); ManifestError is the only error it raises.
 
     ``this_machine``: also check that it fits this machine's open-files limit, as
@@ -299,13 +318,15 @@ def parse_manifest(
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             _report(error, source)
+    result: records.Manifest | None = None
     if manifest is not None and not source.problems:
-        for message in capacity_problems(manifest, this_machine=this_machine):
+        manifest._source = file.resolve()
+        result = settled(manifest)
+        for message in capacity_problems(result, this_machine=this_machine):
             source.problem(("instances",), message, at_key=True)
-    if source.problems or manifest is None:
+    if source.problems or result is None:
         raise ManifestError(_in_file_order(source.problems))
-    manifest._source = file.resolve()
-    return manifest
+    return result
 
 
 def _in_file_order(problems: list[Problem]) -> list[Problem]:

@@ -26,10 +26,10 @@ from pydantic import (
     model_validator,
 )
 
+from .annotated import Duration, Signal, Size, Umask
 from .base import StrictModel
 from .checks import AliveCheck, Dependencies, ReadyCheck
 from .limits import Limits
-from .units import Duration, Signal, Size, Umask
 
 INSTANCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 #: A name becomes a file name, NAME-9999.out.log.1000 or NAME.err.log.dropped-PID-N; 200
@@ -200,13 +200,6 @@ class InstanceLogs(StrictModel):
         description="The log of captured stderr. Unset: <state_dir>/logs/NAME.err.log. "
         "With replicas, each gets its own file, as for stdout_file.",
     )
-
-    def resolved(self, defaults: LogSettings) -> LogSettings:
-        return LogSettings(
-            max_bytes=defaults.max_bytes if self.max_bytes is None else self.max_bytes,
-            backups=defaults.backups if self.backups is None else self.backups,
-            timestamps=defaults.timestamps if self.timestamps is None else self.timestamps,
-        )
 
 
 class Backoff(StrictModel):
@@ -395,26 +388,6 @@ class InstanceConfig(StrictModel):
             self._env_from_file = read_env_file(Path(self.env_file))
         return self
 
-    def environment(self, service_env: dict[str, str]) -> dict[str, str]:
-        """The child's environment: the service's (unless inherit_env is false), env_file, env."""
-        env = dict(service_env) if self.inherit_env else {}
-        env.update(self._env_from_file)
-        env.update(self.env)
-        return env
-
-    @property
-    def argv(self) -> list[str]:
-        """The argument vector to execute: the shell's when ``shell`` is set."""
-        if self.shell:
-            text = self.command if isinstance(self.command, str) else shlex.join(self.command)
-            return ["/bin/sh", "-c", text]
-        return shlex.split(self.command) if isinstance(self.command, str) else list(self.command)
-
-    def replica_names(self, name: str) -> list[str]:
-        if self.replicas == 1:
-            return [name]
-        return [f"{name}-{i}" for i in range(self.replicas)]
-
 
 # -- service ----------------------------------------------------------------------------------
 
@@ -547,17 +520,3 @@ class Manifest(StrictModel):
     instances: dict[InstanceName, InstanceConfig] = Field({}, description="The programs to run, by name.")
 
     _source: Path | None = PrivateAttr(None)
-
-    @property
-    def source(self) -> Path | None:
-        """The file this manifest was loaded from, for messages and reloads."""
-        return self._source
-
-    @property
-    def state_dir(self) -> Path:
-        return Path(self.supervisor.state_dir)
-
-    @property
-    def control_socket(self) -> Path:
-        socket = self.supervisor.control.socket
-        return Path(socket) if socket else self.state_dir / "control.sock"

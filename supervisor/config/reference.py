@@ -20,8 +20,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from . import checks, models, units
-from .loader import ManifestError, parse_manifest
+from . import checks, models, records, units
+from .loader import ManifestError, parse_manifest, settled
+from .records import as_data
 from .reference_words import (
     _CONDITIONS,
     _annotation,
@@ -67,14 +68,14 @@ def _keys_section(path: str, model: type[BaseModel]) -> list[str]:
 _EXAMPLE_FILE = Path("/srv/app/supervisor.yaml")
 
 
-def _load(text: str, environ: dict[str, str] | None = None) -> models.Manifest | ManifestError:
+def _load(text: str, environ: dict[str, str] | None = None) -> records.Manifest | ManifestError:
     try:
         return parse_manifest(text, _EXAMPLE_FILE, environ or {})
     except ManifestError as exc:
         return exc
 
 
-def _with_instance(lines: str, environ: dict[str, str] | None = None) -> models.Manifest | ManifestError:
+def _with_instance(lines: str, environ: dict[str, str] | None = None) -> records.Manifest | ManifestError:
     body = textwrap.indent(lines, "    ")
     return _load(f"version: 1\ninstances:\n  web:\n    command: run-web\n{body}\n", environ)
 
@@ -85,13 +86,13 @@ def _shown_path(path: str) -> str:
     return "/srv/app" + path[len(base) :] if path.startswith(base) else path
 
 
-def _refusal(result: models.Manifest | ManifestError, what: str) -> str:
+def _refusal(result: records.Manifest | ManifestError, what: str) -> str:
     if not isinstance(result, ManifestError):
         raise AssertionError(f"the reference says {what} is refused, but it loads")
     return "refused: " + result.problems[0].message
 
 
-def _accepts(result: models.Manifest | ManifestError, what: str) -> models.Manifest:
+def _accepts(result: records.Manifest | ManifestError, what: str) -> records.Manifest:
     if isinstance(result, ManifestError):
         raise AssertionError(f"the reference shows {what}, but it does not load:\n{result}")
     return result
@@ -265,7 +266,7 @@ def _streams_section() -> list[str]:
     for line in examples:
         key = line.split(":", 1)[0]
         config = _accepts(_with_instance(line), line).instances["web"]
-        dumped = getattr(config, key).model_dump()
+        dumped = as_data(getattr(config, key))
         if "path" in dumped:
             dumped["path"] = _shown_path(dumped["path"])
         example_rows.append([f"`{line}`", "`{" + ", ".join(f"{k}: {v}" for k, v in dumped.items()) + "}`"])
@@ -367,8 +368,8 @@ def _names_section() -> list[str]:
     for name in samples:  # written unquoted, as keys usually are
         loaded = _load(f"version: 1\ninstances:\n  {name}: {{command: x}}\n")
         rows.append([f"`{name}`", "no" if isinstance(loaded, ManifestError) else "yes"])
-    three = models.InstanceConfig(command="run", replicas=3).replica_names("worker")
-    one = models.InstanceConfig(command="run").replica_names("worker")
+    three = settled(models.InstanceConfig(command="run", replicas=3)).replica_names("worker")
+    one = settled(models.InstanceConfig(command="run")).replica_names("worker")
     clash = _load("version: 1\ninstances:\n  web: {command: x, replicas: 2}\n  web-1: {command: y}\n")
     bad = _load("version: 1\ninstances:\n  Web: {command: x}\n")
     return [

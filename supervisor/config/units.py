@@ -1,8 +1,8 @@
 """Durations, sizes and signals as a person writes them in a manifest.
 
-Each is an ``Annotated`` type: pydantic runs the parser, the JSON Schema says
-what a person may write, and a model dumps the value back in the same words,
-so that a reload can compare two manifests by their dumped form.
+The parsers and their words, without pydantic: the running service reads
+signal names and formats durations too. ``annotated.py`` makes them the
+pydantic types the models use.
 """
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ from __future__ import annotations
 import math
 import re
 import signal as _signal
-from typing import Annotated, Any
-
-from pydantic import BeforeValidator, PlainSerializer, WithJsonSchema
+from typing import Any
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -133,49 +131,3 @@ def parse_umask(value: Any) -> int:
     if not isinstance(value, int) or not 0 <= value <= 0o777:
         raise ValueError("expected an octal umask between '000' and '777'")
     return value
-
-
-Duration = Annotated[
-    float,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "minimum": 0, "maximum": MAX_DURATION},
-                {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d)?)+$"},
-            ],
-            "description": "A duration: 250ms, 30s, 2m, 1h, 1h30m, or a number of seconds; at most 365d.",
-        }
-    ),
-]
-Size = Annotated[
-    int,
-    BeforeValidator(parse_size),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "integer", "minimum": 0, "maximum": MAX_SIZE},
-                {"type": "string", "pattern": r"^\d+(\.\d+)?\s*([kKmMgG]([iI]?[bB])?|[bB])?$"},
-            ],
-            "description": "A size in bytes: 4096, 512KB, 50MB, 1GB (K, M, G: powers of 1024); at most 1TB.",
-        }
-    ),
-]
-Signal = Annotated[
-    int,
-    BeforeValidator(parse_signal),
-    PlainSerializer(signal_name, return_type=str),
-    WithJsonSchema(
-        {
-            "anyOf": [{"type": "string"}, {"type": "integer", "minimum": 1}],
-            "description": "A signal: TERM, SIGTERM or a number.",
-        }
-    ),
-]
-Umask = Annotated[
-    int,
-    BeforeValidator(parse_umask),
-    PlainSerializer(lambda v: f"{v:03o}", return_type=str),
-    WithJsonSchema({"type": "string", "pattern": "^[0-7]{3,4}$", "description": "Octal, e.g. '022'."}),
-]

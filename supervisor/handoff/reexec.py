@@ -38,7 +38,8 @@ from typing import Any, TypeGuard
 
 import anyio
 
-from ..config import Manifest
+from ..config import Manifest, ManifestError
+from ..config.records import as_data
 from ..process import Child, SpawnError, inherited_fd_limit, spawn
 from .record import ProcessIdentity, identity
 from .signals import HANDOFF_SIGNALS, read_held
@@ -127,7 +128,7 @@ def service_record(
         "service": {
             "pid": os.getpid(),
             "service_pid": service_pid(),  # the outer process's under --pid-namespace
-            "manifest": manifest.model_dump(mode="json"),
+            "manifest": as_data(manifest),
             "source": None if source is None else str(source),
             "listeners": listeners,
             "guardian": guardian,
@@ -306,17 +307,20 @@ def handed_fds(record: StateRecord) -> list[int]:
 
 
 def load_manifest_from(record: StateRecord) -> Manifest:
-    """The manifest the old service ran (not the file, which may have changed since)."""
-    from pydantic import ValidationError
+    """The manifest the old service ran (not the file, which may have changed since).
+
+    Checked by this code's models, in a child interpreter (config/apart.py), as a
+    manifest file is: the resumed service holds records and never pydantic.
+    """
+    from ..config.apart import ManifestCheck
 
     service = record["service"]
-    try:
-        manifest = Manifest.model_validate(service["manifest"])
-    except ValidationError as exc:
-        raise HandoffError(f"the running manifest does not validate under the new code:\n{exc}") from None
     source = service["source"]
-    manifest._source = None if source is None else Path(source)
-    return manifest
+    try:
+        manifest = ManifestCheck(Path(source or "manifest"), data=service["manifest"]).result()
+    except ManifestError as exc:
+        raise HandoffError(f"the running manifest does not validate under the new code:\n{exc}") from None
+    return manifest.replace(_source=None if source is None else Path(source))
 
 
 def prepare_resume(record: StateRecord) -> Takeover:

@@ -1,0 +1,284 @@
+"""The manifest checked in a child interpreter: how the service loads it without pydantic.
+
+pydantic and the manifest's models were 13 MiB of the service's memory and 100 ms
+of its start, for work done once per start and once per reload. So the service
+asks a child interpreter of the same code (``python -c`` with this package's folder
+first on its path) to load the file, and takes back the records (``records.py``),
+pickled, or the problems, each with its place, exactly as ``load_manifest`` in
+this process would have raised them. At start-up the child runs while the service
+imports the rest of itself; at a reload it runs beside the event loop, which goes
+on serving (the thread the check used to take is gone with it).
+
+The child's environment is the service's, so ``${VAR}`` reads what it always read.
+It runs no pydantic plugins: the manifest's models use none, and looking for them
+(``importlib.metadata`` and a scan of every installed package) was a sixth of its time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .problems import ManifestError
+    from .records import Manifest
+
+__all__ = ["CHECK_TIMEOUT", "ManifestCheck", "check_apart", "main"]
+
+#: A child that has not answered by then is killed, and the manifest refused with that reason.
+CHECK_TIMEOUT = 120.0
+#: The most a child may print on stderr that a refusal quotes.
+_ERROR_TAIL = 4000
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+# The collector off: the imports and the check make tens of thousands of objects and almost no
+# garbage, and its passes over them as they grew were a tenth of the check's time.
+_CHILD = (
+    "import gc; gc.disable(); import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from supervisor.config.apart import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def child_argv(path: str | os.PathLike[str]) -> list[str]:
+    return [sys.executable, "-c", _CHILD, _PACKAGE_ROOT, os.fspath(path)]
+
+
+def child_env() -> dict[str, str]:
+    return dict(os.environ)
+
+
+def _answer(path: str | Path, out: bytes, err: bytes, status: int | None) -> Manifest:
+    """The child's pickled answer as the records, or the ManifestError it found or met."""
+    import pickle
+
+    from .problems import ManifestError
+    from .records import Manifest
+
+    if status == 0 and out:
+        try:
+            kind, value = pickle.loads(out)  # our own child, of this very code
+        except Exception as exc:  # any garble is a failed check, said as such
+            raise _failed(path, f"its answer could not be read ({exc})", err) from None
+        if kind == "manifest" and isinstance(value, Manifest):
+            return value
+        if kind == "problems":
+            raise ManifestError(value)
+    how = "was killed by a signal" if status is not None and status < 0 else f"exited with {status}"
+    raise _failed(path, f"the check of the manifest {how}", err)
+
+
+def _failed(path: Path | str, what: str, err: bytes) -> ManifestError:
+    from .problems import ManifestError, Problem
+
+    tail = err.decode(errors="replace").strip()[-_ERROR_TAIL:]
+    return ManifestError([Problem(str(path), None, None, "", f"{what}{': ' + tail if tail else ''}")])
+
+
+class ManifestCheck:
+    """A check started now and answered later: ``supervisor run`` starts it before its imports.
+
+    Started with ``posix_spawn`` from a module that has imported nothing yet but ``os``
+    and ``sys``: every millisecond before the child starts is on the path to the first
+    status. ``data``: instead of the file, the manifest a re-exec'd service ran, as its
+    state record holds it (``records.as_data``), checked by this code's models.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], data: dict[str, Any] | None = None) -> None:
+        self.path = os.fspath(path)
+        argv = child_argv(self.path) + (["--data"] if data is not None else [])
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
+        self._input = b""
+        self._in: int | None = None
+        if data is None:
+            actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+        else:
+            import json
+
+            self._input = json.dumps(data).encode()
+            in_r, self._in = os.pipe2(os.O_CLOEXEC)
+            actions.append((os.POSIX_SPAWN_DUP2, in_r, 0))
+        # What this process inherited and kept (a --ready-fd, say) is not the child's to hold.
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds()]
+        try:
+            self.pid = os.posix_spawn(sys.executable, argv, child_env(), file_actions=actions)
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+            if data is not None:
+                os.close(in_r)
+        self._out, self._err = out_r, err_r
+        self._status: int | None = None
+
+    def result(self) -> Manifest:
+        """The records, or ManifestError: the manifest's problems, or why the check failed."""
+        import select
+        import time
+
+        output = {self._out: bytearray(), self._err: bytearray()}
+        poller = select.poll()
+        for fd in output:
+            poller.register(fd, select.POLLIN)
+        pending = memoryview(self._input)
+        if self._in is not None:
+            os.set_blocking(self._in, False)
+            poller.register(self._in, select.POLLOUT)
+        deadline = time.monotonic() + CHECK_TIMEOUT
+        open_fds = len(output)
+        while open_fds:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.abandon()
+                why = f"the check of the manifest took longer than {CHECK_TIMEOUT:g}s"
+                raise _failed(self.path, why, bytes(output[self._err]))
+            for fd, _ in poller.poll(left * 1000):
+                if fd == self._in:
+                    try:
+                        pending = pending[os.write(fd, pending) :]
+                    except BrokenPipeError:  # the child is gone: its stderr says why
+                        pending = pending[:0]
+                    if not pending:
+                        poller.unregister(fd)
+                        os.close(fd)
+                        self._in = None
+                    continue
+                chunk = os.read(fd, 1 << 16)
+                if chunk:
+                    output[fd] += chunk
+                else:
+                    poller.unregister(fd)
+                    open_fds -= 1
+        self._reap()
+        return _answer(self.path, bytes(output[self._out]), bytes(output[self._err]), self._status)
+
+    def _reap(self) -> None:
+        if self._status is None:
+            _, status = os.waitpid(self.pid, 0)
+            self._status = os.waitstatus_to_exitcode(status)
+            for fd in (self._out, self._err, self._in):
+                if fd is not None:
+                    os.close(fd)
+            self._in = None
+
+    def abandon(self) -> None:
+        """The start failed before it needed the answer: no child is left behind."""
+        if self._status is None:
+            os.kill(self.pid, signal.SIGKILL)
+            self._reap()
+
+
+def _inherited_fds() -> list[int]:
+    """The descriptors above 2 that an exec would pass on."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+    return found
+
+
+async def check_apart(path: Path) -> Manifest:
+    """The manifest at ``path`` checked in a child, while the event loop goes on (a reload)."""
+    import anyio
+
+    from ..process import SpawnError, spawn
+
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            child = spawn(child_argv(path), env=child_env(), stdin=None, stdout=out_w, stderr=err_w)
+        except SpawnError as exc:
+            raise _failed(path, f"the check of the manifest cannot start: {exc}", b"") from None
+        finally:
+            os.close(out_w)
+            os.close(err_w)
+        output: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray()}
+
+        async def drain(fd: int) -> None:
+            os.set_blocking(fd, False)
+            while True:
+                await anyio.wait_readable(fd)
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    continue
+                if not chunk:
+                    return
+                output[fd] += chunk
+
+        with anyio.move_on_after(CHECK_TIMEOUT) as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(drain, out_r)
+                tg.start_soon(drain, err_r)
+            await child.wait()
+        if scope.cancelled_caught:
+            child.send_signal(signal.SIGKILL, group=True)
+            await child.wait()
+            why = f"the check of the manifest took longer than {CHECK_TIMEOUT:g}s"
+            raise _failed(path, why, bytes(output[err_r]))
+    finally:
+        os.close(out_r)
+        os.close(err_r)
+    status = child.exit
+    code = None if status is None else (status.code if status.code is not None else -(status.signal or 0))
+    return _answer(path, bytes(output[out_r]), bytes(output[err_r]), code)
+
+
+def main(argv: list[str]) -> int:
+    """The child: load the manifest, print the pickled records or problems on stdout."""
+    import json
+    import pickle
+    from pathlib import Path
+
+    _lean()
+    from .loader import load_manifest, settled
+    from .problems import ManifestError
+
+    answer: tuple[str, Any]
+    try:
+        if argv[1:] == ["--data"]:
+            source = Path(argv[0])
+            answer = ("manifest", settled(_model_of(json.load(sys.stdin))).replace(_source=source))
+        else:
+            answer = ("manifest", load_manifest(argv[0]))
+    except ManifestError as exc:
+        answer = ("problems", exc.problems)
+    sys.stdout.buffer.write(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+    sys.stdout.flush()
+    return 0
+
+
+def _model_of(data: Any) -> Any:
+    """The models' reading of a manifest as data; its refusal as one problem, pydantic's words."""
+    from pydantic import ValidationError
+
+    from .models import Manifest as Model
+    from .problems import ManifestError, Problem
+
+    try:
+        return Model.model_validate(data)
+    except ValidationError as exc:
+        raise ManifestError([Problem("the state record", None, None, "manifest", str(exc))]) from None
+
+
+def _lean() -> None:
+    """The child's imports, cut to what a check needs (this process's alone: it checks and ends).
+
+    pydantic's plugin loader becomes a module that finds none (see the top), and OpenSSL's
+    ``_hashlib`` is not loaded: ``hashlib`` falls back to its own digests, which nothing
+    of a check uses anyway (pydantic's ``types`` imports ``secrets``).
+    """
+    import types
+
+    loader = types.ModuleType("pydantic.plugin._loader")
+    loader.get_plugins = lambda: ()  # type: ignore[attr-defined]
+    sys.modules.setdefault("pydantic.plugin._loader", loader)
+    sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]

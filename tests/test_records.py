@@ -1,0 +1,224 @@
+"""The records the service runs: each the image of its model, and the service without pydantic.
+
+The models check what a person wrote; the service holds records (config/records.py) and
+gets them from a child interpreter (config/apart.py). These tests keep the two sides one
+contract: the same fields, equal exactly when the models are, a round trip through the
+re-exec's data, and the child's answers (records, problems, a crash) as the service sees them.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+from pydantic import BaseModel
+
+from supervisor.config import checks, limits, models, records
+from supervisor.config.apart import ManifestCheck, check_apart
+from supervisor.config.loader import load_manifest, settled
+from supervisor.config.problems import ManifestError
+
+from .service_fixture import write_manifest
+
+MODELS = [
+    cls
+    for module in (models, checks, limits)
+    for _, cls in inspect.getmembers(module, inspect.isclass)
+    if issubclass(cls, BaseModel) and cls.__module__ == module.__name__ and not cls.__name__.startswith("_")
+]
+
+FULL = """
+version: 1
+supervisor:
+  shutdown_timeout: 30s
+  logs: {max_bytes: 1MB, backups: 2}
+instances:
+  db:
+    command: ["sleep", "300"]
+    env: {A: "1"}
+    env_file: app.env
+    umask: "027"
+    stdout: {file: db.log, mode: truncate}
+    stderr: stdout
+    stop: {signal: INT, timeout: 250ms, group: true}
+    restart: {policy: on-failure, min_uptime: 2s, backoff: {initial: 50ms, max: 1h}}
+    ready: {tcp: "127.0.0.1:5432", interval: 200ms}
+    limits: {memory: 512MB, nofile: "1024:4096", as: unlimited, nice: 5}
+  api:
+    command: "sleep 300"
+    replicas: 3
+    depends_on: {db: {condition: ready, restart: true}}
+    alive: {http: "http://127.0.0.1:8080/health", expect: [200], failure_threshold: 2}
+  job:
+    command: ["true"]
+    restart: {policy: "no"}
+    logs: {stdout_file: job.out}
+"""
+
+
+def full_manifest(tmp_path: Path) -> Path:
+    (tmp_path / "app.env").write_text("FROM_FILE=yes\n")
+    return write_manifest(tmp_path, FULL)
+
+
+@pytest.mark.parametrize("model", MODELS, ids=lambda m: m.__name__)
+def test_each_record_has_its_models_fields_and_private_values(model: type[BaseModel]) -> None:
+    record = getattr(records, model.__name__)
+    assert record.__slots__ == (*model.model_fields, *model.__private_attributes__)
+    for name, field in model.model_fields.items():
+        assert record.aliases.get(name, name) == (field.alias or name)
+
+
+def test_a_loaded_manifest_is_records_all_the_way_down(tmp_path: Path) -> None:
+    manifest = load_manifest(full_manifest(tmp_path))
+    seen: list[type] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, BaseModel):
+            raise AssertionError(f"a model in the records: {value!r}")
+        if isinstance(value, records.Record):
+            seen.append(type(value))
+            for name in value.__slots__:
+                walk(getattr(value, name))
+        elif isinstance(value, dict | list | tuple):
+            for item in value.values() if isinstance(value, dict) else value:
+                walk(item)
+
+    walk(manifest)
+    assert {records.Manifest, records.InstanceConfig, records.ReadyCheck, records.AliveCheck} <= set(seen)
+    db = manifest.instances["db"]
+    assert db.environment({"PATH": "/bin"}) == {"PATH": "/bin", "FROM_FILE": "yes", "A": "1"}
+    assert db.limits.rlimits() == {"as": "unlimited:unlimited", "nofile": "1024:4096"}
+    assert manifest.instances["api"].replica_names("api") == ["api-0", "api-1", "api-2"]
+    assert manifest.instances["api"].alive.kind == "http"
+    assert db.ready.address == ("127.0.0.1", 5432)
+    assert manifest.control_socket == manifest.state_dir / "control.sock"
+
+
+def test_records_are_frozen_equal_as_the_models_and_replaced_with_their_private_values(
+    tmp_path: Path,
+) -> None:
+    path = full_manifest(tmp_path)
+    one, two = load_manifest(path), load_manifest(path)
+    assert one == two and one is not two
+    with pytest.raises(AttributeError, match="frozen"):
+        one.version = 2  # type: ignore[misc]
+    db = one.instances["db"]
+    assert db.replace(replicas=2) != db and db.replace(replicas=2).replace(replicas=1) == db
+    assert db.replace(replicas=2).environment({})["FROM_FILE"] == "yes"  # env_file's values come along
+    with pytest.raises(TypeError, match="no field bogus"):
+        db.replace(bogus=1)
+    # The env_file's contents are part of the identity, as they were of the model: a reload sees them.
+    (tmp_path / "app.env").write_text("FROM_FILE=no\n")
+    assert load_manifest(path).instances["db"] != db
+
+
+def test_the_re_exec_data_reads_back_as_the_same_records(tmp_path: Path) -> None:
+    manifest = load_manifest(full_manifest(tmp_path))
+    data = records.as_data(manifest)
+    assert data["instances"]["db"]["limits"]["as"] == "unlimited:unlimited"
+    again = settled(models.Manifest.model_validate(data)).replace(_source=manifest.source)
+    assert again == manifest
+    assert pickle.loads(pickle.dumps(manifest)) == manifest
+
+
+def test_the_child_answers_records_or_the_problems_with_their_places(tmp_path: Path) -> None:
+    path = full_manifest(tmp_path)
+    assert ManifestCheck(path).result() == load_manifest(path)
+    text = "version: 1\ninstances:\n  web: {command: x, replicas: -1}\n"
+    bad = write_manifest(tmp_path, text, name="bad.yaml")
+    with pytest.raises(ManifestError) as found:
+        ManifestCheck(bad).result()
+    [problem] = found.value.problems
+    assert (problem.line, problem.path) == (3, "instances.web.replicas"), problem
+    with pytest.raises(ManifestError, match="cannot read"):
+        ManifestCheck(tmp_path / "missing.yaml").result()
+
+
+@pytest.mark.anyio
+async def test_a_reload_checks_in_a_child_beside_the_loop(tmp_path: Path) -> None:
+    path = full_manifest(tmp_path)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        manifest = await check_apart(path)
+        tg.cancel_scope.cancel()
+    assert manifest == load_manifest(path)
+    assert ticks > 10  # the loop went on while the child checked
+    (tmp_path / "app.env").unlink()
+    with pytest.raises(ManifestError, match=r"app\.env"):
+        await check_apart(path)
+
+
+def test_a_child_that_dies_is_a_refusal_that_says_so(tmp_path: Path) -> None:
+    """A check that crashes (here: its interpreter is killed) refuses the manifest, with why."""
+    path = full_manifest(tmp_path)
+    check = ManifestCheck(path)
+    os.kill(check.pid, 9)
+    with pytest.raises(ManifestError, match="was killed by a signal"):
+        check.result()
+
+
+def test_the_serving_service_never_imports_pydantic(tmp_path: Path) -> None:
+    """`supervisor run`, a status, a reload and a request with a body: pydantic stays out."""
+    path = full_manifest(tmp_path)
+    code = f"""
+import json, sys, threading
+from supervisor.api.client import Client
+from supervisor.service import run_service
+
+socket = {str(load_manifest(path).control_socket)!r}
+
+def steer():
+    client = Client(socket, timeout=30)
+    client.status()
+    client.reload()
+    client.stop(["job"])
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("pydantic", "pydantic_core"))
+    print("LOADED", json.dumps(loaded), flush=True)
+    client.request("POST", "/v1/shutdown", accept=(202,))
+
+sys.exit(run_service({str(path)!r}, on_ready=lambda: threading.Thread(target=steer).start()))
+"""
+    argv = [sys.executable, "-c", code]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("LOADED ")]
+    assert line == "LOADED []", (line, done.stderr[-2000:])
+
+
+HANGS = [sys.executable, "-c", "import signal; signal.pause()"]
+
+
+def test_a_check_that_hangs_is_killed_and_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor.config import apart
+
+    monkeypatch.setattr(apart, "CHECK_TIMEOUT", 0.5)
+    monkeypatch.setattr(apart, "child_argv", lambda path: HANGS)
+    check = ManifestCheck(full_manifest(tmp_path))
+    with pytest.raises(ManifestError, match=r"took longer than 0\.5s"):
+        check.result()
+    with pytest.raises(ProcessLookupError):
+        os.kill(check.pid, 0)  # killed and reaped
+
+
+@pytest.mark.anyio
+async def test_a_reload_whose_check_hangs_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supervisor.config import apart
+
+    monkeypatch.setattr(apart, "CHECK_TIMEOUT", 0.5)
+    monkeypatch.setattr(apart, "child_argv", lambda path: HANGS)
+    with pytest.raises(ManifestError, match=r"took longer than 0\.5s"):
+        await check_apart(full_manifest(tmp_path))
