@@ -39,6 +39,7 @@ from .stdio import Stdio, StdioStream
 
 if TYPE_CHECKING:
     from .api.listeners import ControlListeners
+    from .handoff.record_check import PendingResume
     from .handoff.reexec import Takeover
 
 log = logging.getLogger("supervisor")
@@ -492,6 +493,7 @@ def run_service(
     resume_fd: int | None = None,
     resume_check: bool = False,
     manifest_check: ManifestCheck | None = None,
+    resume: PendingResume | None = None,
 ) -> int:
     """The whole of ``supervisor run``: returns the exit status.
 
@@ -506,7 +508,8 @@ def run_service(
     with ``resume_check``, only say on stdout what would be resumed, touching nothing.
 
     ``manifest_check``: the check of the manifest the caller started already (a child
-    interpreter, config/apart.py); one is started here otherwise.
+    interpreter, config/apart.py); one is started here otherwise. ``resume``: likewise, the
+    record at ``resume_fd`` read and its check started (handoff/record_check.py).
     """
     try:
         return _run_service(
@@ -519,10 +522,12 @@ def run_service(
             resume_fd=resume_fd,
             resume_check=resume_check,
             manifest_check=manifest_check,
+            resume=resume,
         )
     finally:
-        if manifest_check is not None:
-            manifest_check.abandon()  # a start that failed before it asked: no child left
+        for started in (manifest_check, resume):
+            if started is not None:
+                started.abandon()  # a start that failed before it asked: no child left
 
 
 def _run_service(
@@ -536,6 +541,7 @@ def _run_service(
     resume_fd: int | None,
     resume_check: bool,
     manifest_check: ManifestCheck | None,
+    resume: PendingResume | None,
 ) -> int:
     # The collector is off until the service has frozen what its start made (Service.run turns
     # it on then); on again here when it ends or the start failed (tests call this in-process).
@@ -545,19 +551,22 @@ def _run_service(
         takeover = None
         if resume_fd is not None:
             from .handoff.reexec import check_report, prepare_resume
-            from .handoff.state import HandoffError, read_state
+            from .handoff.state import HandoffError
 
             if resume_check:
                 with open(resume_fd, "rb", closefd=False) as state:
                     report = check_report(state.read(), log_file, pidfile)
                 print(json.dumps(report), flush=True)
                 return 0 if report["ok"] else 1
+            if resume is None:
+                from .handoff.record_check import PendingResume
+
+                resume = PendingResume(resume_fd)
             try:
-                record = read_state(resume_fd)
-                size = os.fstat(resume_fd).st_size  # read: it is open, and sealed
-                os.close(resume_fd)
-                takeover = prepare_resume(record)
-                takeover.size = size
+                from .api import server  # imported while the child checks the record
+
+                takeover = prepare_resume(resume.record, resume.manifest())
+                takeover.size = resume.size
             except HandoffError as exc:
                 print(f"supervisor: cannot resume: {exc}", file=sys.stderr)
                 return 1
@@ -572,7 +581,10 @@ def _run_service(
                 manifest = takeover.manifest
             else:
                 check = manifest_check or ManifestCheck(manifest_path)
-                # While the child checks: the control plane is the rest of what the start imports.
+                # While the child checks: the control plane is the rest of what the start imports,
+                # and pickle reads the child's answer.
+                import pickle  # noqa: F401
+
                 from .api import server  # noqa: F401
                 manifest = check.result()
         except ManifestError as exc:

@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -24,7 +25,7 @@ from supervisor.config.apart import ManifestCheck, check_apart
 from supervisor.config.loader import load_manifest, settled
 from supervisor.config.problems import ManifestError
 
-from .service_fixture import write_manifest
+from .service_fixture import ServiceProcess, write_manifest
 
 MODELS = [
     cls
@@ -206,7 +207,7 @@ def test_a_check_that_hangs_is_killed_and_refuses(tmp_path: Path, monkeypatch: p
     from supervisor.config import apart
 
     monkeypatch.setattr(apart, "CHECK_TIMEOUT", 0.5)
-    monkeypatch.setattr(apart, "child_argv", lambda path: HANGS)
+    monkeypatch.setattr(apart, "child_argv", lambda *_: HANGS)
     check = ManifestCheck(full_manifest(tmp_path))
     with pytest.raises(ManifestError, match=r"took longer than 0\.5s"):
         check.result()
@@ -219,6 +220,36 @@ async def test_a_reload_whose_check_hangs_is_refused(tmp_path: Path, monkeypatch
     from supervisor.config import apart
 
     monkeypatch.setattr(apart, "CHECK_TIMEOUT", 0.5)
-    monkeypatch.setattr(apart, "child_argv", lambda path: HANGS)
+    monkeypatch.setattr(apart, "child_argv", lambda *_: HANGS)
     with pytest.raises(ManifestError, match=r"took longer than 0\.5s"):
         await check_apart(full_manifest(tmp_path))
+
+
+def loads_pydantic_or_yaml(pid: int) -> list[str]:
+    """The shared objects of pydantic-core and of PyYAML's C loader mapped in ``pid``."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    found = {line.split()[-1] for line in maps.splitlines() if "_pydantic_core" in line or "/_yaml" in line}
+    return sorted(found)
+
+
+def test_a_real_service_holds_no_pydantic_through_reload_requests_and_reexec(
+    service: Callable[..., ServiceProcess],
+) -> None:
+    svc = service(
+        "version: 1\ninstances:\n  a: {command: [sleep, '271.5']}\n  b: {command: [sleep, '271.5']}\n"
+    )
+    svc.wait_for(["a", "b"], "running")
+    client = svc.client()
+    client.reload()
+    assert client.stop(["b"])["ok"]
+    assert client.signal("HUP", ["a"])["ok"]
+    assert loads_pydantic_or_yaml(svc.pid) == []
+    done = svc.cli("reexec")
+    assert done.returncode == 0, done.stderr + svc.log()
+    assert client.health()["handoffs"] == 1
+    assert svc.status("a", "b") and loads_pydantic_or_yaml(svc.pid) == []
+    client.reload()
+    assert loads_pydantic_or_yaml(svc.pid) == []
+    # The probe of the probe: the document's route builds the wire models, in the service.
+    client.request("GET", "/openapi.json")
+    assert loads_pydantic_or_yaml(svc.pid) != []

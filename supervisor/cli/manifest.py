@@ -38,6 +38,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The manifest is checked in a child interpreter (config/apart.py), started first: it loads
     # pydantic and the models while this process imports the service.
     check = ManifestCheck(args.file) if args.resume is None else None
+    resume = None
+    if args.resume is not None and not args.resume_check:  # a re-exec: the record's check, as early
+        from ..handoff.record_check import PendingResume
+
+        resume = PendingResume(args.resume)
     from ..service import run_service
 
     return run_service(
@@ -50,6 +55,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         resume_fd=args.resume,
         resume_check=args.resume_check,
         manifest_check=check,
+        resume=resume,
     )
 
 

@@ -22,12 +22,21 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from .problems import ManifestError
     from .records import Manifest
 
-__all__ = ["CHECK_TIMEOUT", "ManifestCheck", "check_apart", "main"]
+__all__ = [
+    "CHECK_TIMEOUT",
+    "CheckRefused",
+    "ManifestCheck",
+    "answer",
+    "check_apart",
+    "main",
+    "manifest_from_data",
+]
 
 #: A child that has not answered by then is killed, and the manifest refused with that reason.
 CHECK_TIMEOUT = 120.0
@@ -35,15 +44,24 @@ CHECK_TIMEOUT = 120.0
 _ERROR_TAIL = 4000
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 # The collector off: the imports and the check make tens of thousands of objects and almost no
-# garbage, and its passes over them as they grew were a tenth of the check's time.
+# garbage, and its passes over them as they grew were a tenth of the check's time. No `site`
+# (-S): the child gets this process's module path as it is, with this package's folder first,
+# which spares it the .pth files and an editable install's import hook (15-20 ms of ~170).
 _CHILD = (
-    "import gc; gc.disable(); import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from supervisor.config.apart import main; sys.exit(main(sys.argv[1:]))"
+    "import gc; gc.disable(); import sys; sys.path[:] = {path!r}; "
+    "from {entry} import main; sys.exit(main(sys.argv[1:]))"
 )
+#: The child's ``main``: this module's; a re-exec's record has its own (handoff/record_check.py).
+MANIFEST = "supervisor.config.apart"
 
 
-def child_argv(path: str | os.PathLike[str]) -> list[str]:
-    return [sys.executable, "-c", _CHILD, _PACKAGE_ROOT, os.fspath(path)]
+class CheckRefused(Exception):
+    """The child refused what it was given for a reason of its own, not the manifest's problems."""
+
+
+def child_argv(path: str | os.PathLike[str], entry: str = MANIFEST) -> list[str]:
+    code = _CHILD.format(path=[_PACKAGE_ROOT, *(part for part in sys.path if part)], entry=entry)
+    return [sys.executable, "-S", "-c", code, os.fspath(path)]
 
 
 def child_env() -> dict[str, str]:
@@ -66,6 +84,8 @@ def _answer(path: str | Path, out: bytes, err: bytes, status: int | None) -> Man
             return value
         if kind == "problems":
             raise ManifestError(value)
+        if kind == "refused":
+            raise CheckRefused(value)
     how = "was killed by a signal" if status is not None and status < 0 else f"exited with {status}"
     raise _failed(path, f"the check of the manifest {how}", err)
 
@@ -86,9 +106,11 @@ class ManifestCheck:
     state record holds it (``records.as_data``), checked by this code's models.
     """
 
-    def __init__(self, path: str | os.PathLike[str], data: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], data: dict[str, Any] | None = None, *, entry: str = MANIFEST
+    ) -> None:
         self.path = os.fspath(path)
-        argv = child_argv(self.path) + (["--data"] if data is not None else [])
+        argv = child_argv(self.path, entry) + (["--data"] if data is not None else [])
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
@@ -233,40 +255,56 @@ async def check_apart(path: Path) -> Manifest:
 
 
 def main(argv: list[str]) -> int:
-    """The child: load the manifest, print the pickled records or problems on stdout."""
-    import json
-    import pickle
-    from pathlib import Path
+    """The child: load the manifest (``--data``: from stdin, as data), answer on stdout."""
 
-    _lean()
-    from .loader import load_manifest, settled
+    def check() -> tuple[str, Any]:
+        if argv[1:] == ["--data"]:
+            import json
+
+            return ("manifest", manifest_from_data(json.load(sys.stdin), argv[0]))
+        from .loader import load_manifest
+
+        return ("manifest", load_manifest(argv[0]))
+
+    return answer(check)
+
+
+def answer(check: Callable[[], tuple[str, Any]]) -> int:
+    """Run a child's ``check`` and write its answer, pickled, on stdout: (kind, value).
+
+    A ManifestError is the answer ("problems", its problems); anything else that goes wrong is
+    a traceback on stderr and a non-zero status, which the service reports as a failed check.
+    """
+    import pickle
+
     from .problems import ManifestError
 
-    answer: tuple[str, Any]
+    _lean()
     try:
-        if argv[1:] == ["--data"]:
-            source = Path(argv[0])
-            answer = ("manifest", settled(_model_of(json.load(sys.stdin))).replace(_source=source))
-        else:
-            answer = ("manifest", load_manifest(argv[0]))
+        found = check()
     except ManifestError as exc:
-        answer = ("problems", exc.problems)
-    sys.stdout.buffer.write(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+        found = ("problems", exc.problems)
+    sys.stdout.buffer.write(pickle.dumps(found, protocol=pickle.HIGHEST_PROTOCOL))
     sys.stdout.flush()
     return 0
 
 
-def _model_of(data: Any) -> Any:
-    """The models' reading of a manifest as data; its refusal as one problem, pydantic's words."""
+def manifest_from_data(data: Any, source: str) -> Manifest:
+    """A manifest given as data (a re-exec's record holds it so) read by the models, as records."""
+    from pathlib import Path
+
     from pydantic import ValidationError
 
+    from .loader import settled
     from .models import Manifest as Model
     from .problems import ManifestError, Problem
 
     try:
-        return Model.model_validate(data)
+        model = Model.model_validate(data)
     except ValidationError as exc:
         raise ManifestError([Problem("the state record", None, None, "manifest", str(exc))]) from None
+    manifest: Manifest = settled(model)
+    return manifest.replace(_source=Path(source))
 
 
 def _lean() -> None:

@@ -323,17 +323,20 @@ def load_manifest_from(record: StateRecord) -> Manifest:
     return manifest.replace(_source=None if source is None else Path(source))
 
 
-def prepare_resume(record: StateRecord) -> Takeover:
+def prepare_resume(record: StateRecord, manifest: Manifest | None = None) -> Takeover:
     """Take the fds back (close-on-exec), check each pid, adopt the children; before any task runs.
 
     Adopting registers the children at once, so the orphan reaper never takes their statuses.
+    ``manifest``: the record's, checked already (``record_check.PendingResume``).
     """
+    if manifest is None:
+        manifest = load_manifest_from(record)
     for fd in handed_fds(record):
         try:
             os.set_inheritable(fd, False)
         except OSError as exc:
             raise HandoffError(f"the inherited fd {fd} is not open ({exc.strerror}): not resuming") from None
-    takeover = Takeover(load_manifest_from(record), record)
+    takeover = Takeover(manifest, record)
     held = record["service"].get("signals")
     if held is not None:
         try:

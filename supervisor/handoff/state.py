@@ -83,10 +83,11 @@ def write_state(record: StateRecord | bytes) -> int:
     return fd
 
 
-def read_state(fd: int, *, require_seals: bool = True) -> StateRecord:
+def read_state(fd: int, *, require_seals: bool = True, shape: bool = True) -> StateRecord:
     """Read and check the record at ``fd`` (from its read position); raises ``HandoffError``.
 
-    ``require_seals``: refuse a file that could still be changed.
+    ``require_seals``: refuse a file that could still be changed. ``shape``: check the
+    record's shape here (see ``parse_state``).
     """
     try:
         size = os.fstat(fd).st_size
@@ -108,11 +109,16 @@ def read_state(fd: int, *, require_seals: bool = True) -> StateRecord:
                 raise HandoffError(f"the state record (fd {fd}) is larger than {MAX_BYTES} bytes")
     except OSError as exc:
         raise HandoffError(f"cannot read the state record (fd {fd}): {exc.strerror or exc}") from None
-    return parse_state(b"".join(chunks))
+    return parse_state(b"".join(chunks), shape=shape)
 
 
-def parse_state(data: bytes) -> StateRecord:
-    """The record from its bytes, after checking its format, its version and its shape (shape.py)."""
+def parse_state(data: bytes, *, shape: bool = True) -> StateRecord:
+    """The record from its bytes, after checking its format, its version and its shape (shape.py).
+
+    ``shape=False``: the caller has the shape checked elsewhere before it takes anything
+    (a resuming service: in the child interpreter that checks its manifest, which holds
+    pydantic so that the service does not; ``record_check.py``).
+    """
     try:
         record = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -139,18 +145,24 @@ def parse_state(data: bytes) -> StateRecord:
     else:
         service["events_seq"] = 0
     _check_handed_fds(service)
+    refusal = shape_refusal(record) if shape else None
+    if refusal is not None:
+        raise HandoffError(refusal)
+    return record
+
+
+def shape_refusal(record: StateRecord) -> str | None:
+    """Why the record's shape is not what this code reads (shape.py), or None."""
     from .shape import shape_problems  # built on first use: by a resume or its check, not a cold start
 
     problems = shape_problems(record)
-    if problems:
-        lines = [f"  {place}: {what} (got {_short(value)})" for place, what, value in problems[:_SHOWN]]
-        if len(problems) > _SHOWN:
-            lines.append(f"  and {len(problems) - _SHOWN} more")
-        raise HandoffError(
-            "the state record is not what this code reads (the running service goes on as it is):\n"
-            + "\n".join(lines)
-        )
-    return record
+    if not problems:
+        return None
+    lines = [f"  {place}: {what} (got {_short(value)})" for place, what, value in problems[:_SHOWN]]
+    if len(problems) > _SHOWN:
+        lines.append(f"  and {len(problems) - _SHOWN} more")
+    head = "the state record is not what this code reads (the running service goes on as it is):"
+    return "\n".join([head, *lines])
 
 
 #: How many of a bad record's problems a refusal lists (a broken writer repeats one per instance).
