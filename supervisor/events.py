@@ -20,31 +20,15 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .config import signal_name
+from .states import MAX_SEQ, State
 
-
-class State(StrEnum):
-    """The states of ARCHITECTURE.md's table."""
-
-    STOPPED = "stopped"
-    WAITING = "waiting"
-    STARTING = "starting"
-    RUNNING = "running"
-    BACKOFF = "backoff"
-    STOPPING = "stopping"
-    EXITED = "exited"
-    FAILED = "failed"
-
-    @property
-    def alive(self) -> bool:
-        """A process exists, or one is about to be started again without anyone asking."""
-        return self in (State.WAITING, State.STARTING, State.RUNNING, State.BACKOFF, State.STOPPING)
+__all__ = ["MAX_SEQ", "Dropped", "Event", "EventBus", "State", "Transition", "Update"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,8 +132,6 @@ class Dropped:
 
 Event = Transition | Update | Dropped
 
-#: The largest sequence number (a signed 64-bit integer: what a JSON reader in any language keeps).
-MAX_SEQ = (1 << 63) - 1
 
 
 def sse_chunk(event: Event) -> bytes:

@@ -107,7 +107,11 @@ class ManifestCheck:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], data: dict[str, Any] | None = None, *, entry: str = MANIFEST
+        self,
+        path: str | os.PathLike[str],
+        data: dict[str, Any] | bytes | None = None,
+        *,
+        entry: str = MANIFEST,
     ) -> None:
         self.path = os.fspath(path)
         argv = child_argv(self.path, entry) + (["--data"] if data is not None else [])
@@ -119,9 +123,12 @@ class ManifestCheck:
         if data is None:
             actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
         else:
-            import json
+            if isinstance(data, bytes):
+                self._input = data  # JSON already
+            else:
+                import json
 
-            self._input = json.dumps(data).encode()
+                self._input = json.dumps(data).encode()
             in_r, self._in = os.pipe2(os.O_CLOEXEC)
             actions.append((os.POSIX_SPAWN_DUP2, in_r, 0))
         # What this process inherited and kept (a --ready-fd, say) is not the child's to hold.

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..config.apart import CheckRefused, ManifestCheck, answer, manifest_from_data
 from ..config.problems import ManifestError
-from .state import HandoffError, StateRecord, read_state
+from .state import HandoffError, StateRecord, parse_state, read_state_bytes, shape_refusal
 
 if TYPE_CHECKING:
     from ..config import Manifest
@@ -28,7 +29,11 @@ ENTRY = "supervisor.handoff.record_check"
 
 
 class PendingResume:
-    """The record read from ``fd`` (all but its shape), and its check started in a child."""
+    """The record read from ``fd``, its check started in a child, then all but its shape checked here.
+
+    The child starts on the record's bytes before this process parses them: it is the longer
+    of the two, and the first to need the CPU.
+    """
 
     def __init__(self, fd: int) -> None:
         self.error: HandoffError | None = None
@@ -36,14 +41,15 @@ class PendingResume:
         self.size = 0
         self._check: ManifestCheck | None = None
         try:
-            self.record = read_state(fd, shape=False)
-            self.size = os.fstat(fd).st_size  # read: it is open, and sealed
+            data = read_state_bytes(fd)
+            self.size = len(data)
             os.close(fd)
+            self._check = ManifestCheck("the state record", data, entry=ENTRY)
+            self.record = parse_state(data, shape=False)
         except HandoffError as exc:
             self.error = exc
-            return
-        source = self.record["service"].get("source") or "the state record"
-        self._check = ManifestCheck(source, self.record, entry=ENTRY)
+        except OSError as exc:  # no descriptor or process left for the check's child
+            self.error = HandoffError(f"cannot check the state record: {exc.strerror or exc}")
 
     def manifest(self) -> Manifest:
         """The record's manifest as records, once the child found the record and it good."""
@@ -57,8 +63,6 @@ class PendingResume:
         except ManifestError as exc:
             raise HandoffError(f"the running manifest does not validate under the new code:\n{exc}") from None
         source = self.record["service"]["source"]
-        from pathlib import Path
-
         return found.replace(_source=None if source is None else Path(source))
 
     def abandon(self) -> None:
@@ -68,14 +72,13 @@ class PendingResume:
 
 def main(argv: list[str]) -> int:
     """The child: the record on stdin; its shape, then its manifest, checked."""
-    record: dict[str, Any] = json.load(sys.stdin)
+    record: dict[str, Any] = json.load(sys.stdin.buffer)  # parse_state's checks are the service's
 
     def check() -> tuple[str, Any]:
-        from .state import shape_refusal
-
         refusal = shape_refusal(record)
         if refusal is not None:
             return ("refused", refusal)
-        return ("manifest", manifest_from_data(record["service"]["manifest"], argv[0]))
+        source = record["service"]["source"] or argv[0]
+        return ("manifest", manifest_from_data(record["service"]["manifest"], source))
 
     return answer(check)

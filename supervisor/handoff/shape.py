@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal, NotRequired
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from typing_extensions import TypedDict  # pydantic reads typing's only from Python 3.12
 
-from ..events import MAX_SEQ, State
+from ..states import MAX_SEQ, State
 
 __all__ = ["shape_problems"]
 

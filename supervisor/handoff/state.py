@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any
 
-from ..events import MAX_SEQ
+from ..states import MAX_SEQ
 
 __all__ = [
     "FORMAT",
@@ -33,6 +33,7 @@ __all__ = [
     "encode_state",
     "process_start_ticks",
     "read_state",
+    "read_state_bytes",
     "write_state",
 ]
 
@@ -83,12 +84,16 @@ def write_state(record: StateRecord | bytes) -> int:
     return fd
 
 
-def read_state(fd: int, *, require_seals: bool = True, shape: bool = True) -> StateRecord:
+def read_state(fd: int, *, require_seals: bool = True) -> StateRecord:
     """Read and check the record at ``fd`` (from its read position); raises ``HandoffError``.
 
-    ``require_seals``: refuse a file that could still be changed. ``shape``: check the
-    record's shape here (see ``parse_state``).
+    ``require_seals``: refuse a file that could still be changed.
     """
+    return parse_state(read_state_bytes(fd, require_seals=require_seals))
+
+
+def read_state_bytes(fd: int, *, require_seals: bool = True) -> bytes:
+    """The record's bytes at ``fd``, from a sealed file of at most ``MAX_BYTES``; not parsed."""
     try:
         size = os.fstat(fd).st_size
         if require_seals:
@@ -109,7 +114,7 @@ def read_state(fd: int, *, require_seals: bool = True, shape: bool = True) -> St
                 raise HandoffError(f"the state record (fd {fd}) is larger than {MAX_BYTES} bytes")
     except OSError as exc:
         raise HandoffError(f"cannot read the state record (fd {fd}): {exc.strerror or exc}") from None
-    return parse_state(b"".join(chunks), shape=shape)
+    return b"".join(chunks)
 
 
 def parse_state(data: bytes, *, shape: bool = True) -> StateRecord:
