@@ -253,3 +253,18 @@ def test_a_real_service_holds_no_pydantic_through_reload_requests_and_reexec(
     # The probe of the probe: the document's route builds the wire models, in the service.
     client.request("GET", "/openapi.json")
     assert loads_pydantic_or_yaml(svc.pid) != []
+
+
+def test_a_check_that_cannot_start_refuses_and_leaks_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor.config import apart
+
+    path = full_manifest(tmp_path)
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(apart, "child_argv", lambda *_: [str(tmp_path / "no-such-python"), "-c", "pass"])
+    check = ManifestCheck(path, {"version": 1})
+    with pytest.raises(ManifestError, match="the check of the manifest cannot start: No such file"):
+        check.result()
+    check.abandon()  # nothing to kill
+    assert set(os.listdir("/proc/self/fd")) <= before | {str(fd) for fd in range(3)}

@@ -2,8 +2,8 @@
 
 pydantic and the manifest's models were 13 MiB of the service's memory and 100 ms
 of its start, for work done once per start and once per reload. So the service
-asks a child interpreter of the same code (``python -c`` with this package's folder
-first on its path) to load the file, and takes back the records (``records.py``),
+asks a child interpreter of the same code (``python -S -c``, given this process's
+module path with this package's folder first) to load the file, and takes back the records (``records.py``),
 pickled, or the problems, each with its place, exactly as ``load_manifest`` in
 this process would have raised them. At start-up the child runs while the service
 imports the rest of itself; at a reload it runs beside the event loop, which goes
@@ -86,6 +86,7 @@ def _answer(path: str | Path, out: bytes, err: bytes, status: int | None) -> Man
             raise ManifestError(value)
         if kind == "refused":
             raise CheckRefused(value)
+        raise _failed(path, f"the check of the manifest answered {kind!r}, which this code cannot read", err)
     how = "was killed by a signal" if status is not None and status < 0 else f"exited with {status}"
     raise _failed(path, f"the check of the manifest {how}", err)
 
@@ -114,39 +115,64 @@ class ManifestCheck:
         entry: str = MANIFEST,
     ) -> None:
         self.path = os.fspath(path)
-        argv = child_argv(self.path, entry) + (["--data"] if data is not None else [])
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)]
-        self._input = b""
-        self._in: int | None = None
-        if data is None:
-            actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
-        else:
-            if isinstance(data, bytes):
-                self._input = data  # JSON already
-            else:
-                import json
-
-                self._input = json.dumps(data).encode()
-            in_r, self._in = os.pipe2(os.O_CLOEXEC)
-            actions.append((os.POSIX_SPAWN_DUP2, in_r, 0))
-        # What this process inherited and kept (a --ready-fd, say) is not the child's to hold.
-        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds()]
-        try:
-            self.pid = os.posix_spawn(sys.executable, argv, child_env(), file_actions=actions)
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-            if data is not None:
-                os.close(in_r)
-        self._out, self._err = out_r, err_r
+        self.pid = 0
         self._status: int | None = None
+        self._in: int | None = None
+        self._unstarted: ManifestError | None = None
+        try:
+            self._start(child_argv(self.path, entry) + (["--data"] if data is not None else []), data)
+        except OSError as exc:  # no descriptor, process or interpreter for it: said, not raised here
+            why = f"the check of the manifest cannot start: {exc.strerror or exc}"
+            self._unstarted = _failed(self.path, why, b"")
+
+    def _start(self, argv: list[str], data: dict[str, Any] | bytes | None) -> None:
+        opened: list[int] = []  # closed here if the start fails halfway
+
+        def pipe() -> tuple[int, int]:
+            ends = os.pipe2(os.O_CLOEXEC)
+            opened.extend(ends)
+            return ends
+
+        try:
+            out_r, out_w = pipe()
+            err_r, err_w = pipe()
+            actions: list[tuple[Any, ...]] = [
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+            ]
+            self._input = b""
+            ours = [out_w, err_w]  # the child's ends, closed here once it has them
+            if data is None:
+                actions.append((os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+            else:
+                if isinstance(data, bytes):
+                    self._input = data  # JSON already
+                else:
+                    import json
+
+                    self._input = json.dumps(data).encode()
+                in_r, in_w = pipe()
+                actions.append((os.POSIX_SPAWN_DUP2, in_r, 0))
+                ours.append(in_r)
+            # What this process inherited and kept (a --ready-fd, say) is not the child's to hold.
+            actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inherited_fds()]
+            self.pid = os.posix_spawn(argv[0], argv, child_env(), file_actions=actions)
+        except OSError:
+            for fd in opened:
+                os.close(fd)
+            raise
+        for fd in ours:
+            os.close(fd)
+        self._out, self._err = out_r, err_r
+        self._in = None if data is None else in_w
 
     def result(self) -> Manifest:
         """The records, or ManifestError: the manifest's problems, or why the check failed."""
         import select
         import time
+
+        if self._unstarted is not None:
+            raise self._unstarted
 
         output = {self._out: bytearray(), self._err: bytearray()}
         poller = select.poll()
@@ -195,7 +221,7 @@ class ManifestCheck:
 
     def abandon(self) -> None:
         """The start failed before it needed the answer: no child is left behind."""
-        if self._status is None:
+        if self._status is None and self._unstarted is None:
             os.kill(self.pid, signal.SIGKILL)
             self._reap()
 
