@@ -1,4 +1,7 @@
-"""``supervisor run``: the manager, the control server, signals, and the service's own stdio.
+"""``supervisor run``'s service: the manager, the control server, and signals.
+
+The process around it (the manifest's check, its own stdio, the pidfile, the
+backend) is ``service_process.py``.
 
 The service is the one long-lived process. It owns a task group holding the
 manager (and through it every instance), the control server and the orphan
@@ -10,21 +13,19 @@ reopens every log file for an external logrotate.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import signal
 import stat
-import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from .config import Manifest, ManifestError
-from .config.apart import ManifestCheck, check_apart
+from .config.apart import check_apart
 from .config.records import running_form
 from .events import Transition, Update
 from .guardian import Guardian
@@ -32,14 +33,11 @@ from .handoff.leftovers import stop_leftovers
 from .handoff.record import RecordKeeper
 from .handoff.signals import HANDOFF_SIGNALS, HeldSignals
 from .manager import ApplyError, Manager, ReloadReport
-from .orphans import become_subreaper, living_children, run_orphan_reaper
-from .process import raise_fd_limit, remember_fd_limit
+from .orphans import living_children, run_orphan_reaper
 from .statedir import StateDirError, prepare_state_dir
-from .stdio import Stdio, StdioStream
 
 if TYPE_CHECKING:
     from .api.listeners import ControlListeners
-    from .handoff.record_check import PendingResume
     from .handoff.reexec import Takeover
 
 log = logging.getLogger("supervisor")
@@ -480,202 +478,3 @@ async def _reap_leftovers() -> None:
             pass
     if leftovers:
         log.warning("killed %d processes left behind by instances", len(leftovers))
-
-
-def run_service(
-    manifest_path: Path,
-    *,
-    log_file: Path | None = None,
-    backend: str = "asyncio",
-    pidfile: Path | None = None,
-    ready_fd: int | None = None,
-    on_ready: Callable[[], None] | None = None,
-    resume_fd: int | None = None,
-    resume_check: bool = False,
-    manifest_check: ManifestCheck | None = None,
-    resume: PendingResume | None = None,
-) -> int:
-    """The whole of ``supervisor run``: returns the exit status.
-
-    ``on_ready`` is called once the service answers on its socket (``run --pid-namespace``
-    tells the process outside the namespace, pidns.py).
-
-    ``ready_fd`` is set by ``run -d`` (supervisor.detach): the service reads
-    stdin from /dev/null and writes its pid to that fd once it answers on its
-    socket, then closes it; the waiting CLI takes EOF without a pid as failure.
-
-    ``resume_fd``: the state record of the service that re-exec'd into this one (handoff/);
-    with ``resume_check``, only say on stdout what would be resumed, touching nothing.
-
-    ``manifest_check``: the check of the manifest the caller started already (a child
-    interpreter, config/apart.py); one is started here otherwise. ``resume``: likewise, the
-    record at ``resume_fd`` read and its check started (handoff/record_check.py).
-    """
-    try:
-        return _run_service(
-            manifest_path,
-            log_file=log_file,
-            backend=backend,
-            pidfile=pidfile,
-            ready_fd=ready_fd,
-            on_ready=on_ready,
-            resume_fd=resume_fd,
-            resume_check=resume_check,
-            manifest_check=manifest_check,
-            resume=resume,
-        )
-    finally:
-        for started in (manifest_check, resume):
-            if started is not None:
-                started.abandon()  # a start that failed before it asked: no child left
-
-
-def _run_service(
-    manifest_path: Path,
-    *,
-    log_file: Path | None,
-    backend: str,
-    pidfile: Path | None,
-    ready_fd: int | None,
-    on_ready: Callable[[], None] | None,
-    resume_fd: int | None,
-    resume_check: bool,
-    manifest_check: ManifestCheck | None,
-    resume: PendingResume | None,
-) -> int:
-    # The collector is off until the service has frozen what its start made (Service.run turns
-    # it on then); on again here when it ends or the start failed (tests call this in-process).
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        takeover = None
-        if resume_fd is not None:
-            from .handoff.reexec import check_report, prepare_resume
-            from .handoff.state import HandoffError
-
-            if resume_check:
-                with open(resume_fd, "rb", closefd=False) as state:
-                    report = check_report(state.read(), log_file, pidfile)
-                print(json.dumps(report), flush=True)
-                return 0 if report["ok"] else 1
-            if resume is None:
-                from .handoff.record_check import PendingResume
-
-                resume = PendingResume(resume_fd)
-            try:
-                from .api import server  # imported while the child checks the record
-
-                takeover = prepare_resume(resume.record, resume.manifest())
-                takeover.size = resume.size
-            except HandoffError as exc:
-                print(f"supervisor: cannot resume: {exc}", file=sys.stderr)
-                return 1
-        if ready_fd is not None:
-            try:
-                os.set_inheritable(ready_fd, False)  # for us alone: an instance holding it would hide our end
-            except OSError as exc:
-                print(f"supervisor: --ready-fd {ready_fd}: {exc.strerror or exc}", file=sys.stderr)
-                return 2
-        try:
-            if takeover is not None:
-                manifest = takeover.manifest
-            else:
-                check = manifest_check or ManifestCheck(manifest_path)
-                # While the child checks: the control plane is the rest of what the start imports,
-                # and pickle reads the child's answer.
-                import pickle  # noqa: F401
-
-                from .api import server  # noqa: F401
-                manifest = check.result()
-        except ManifestError as exc:
-            print(exc, file=sys.stderr)
-            return 1
-        own = Stdio.service()
-        with own.guard():
-            if log_file is not None or ready_fd is not None:
-                try:
-                    _redirect_own_stdio(own, log_file, detached=ready_fd is not None)
-                except OSError as exc:
-                    reason = exc.strerror or exc
-                    print(f"supervisor: cannot open the log file {log_file}: {reason}", file=sys.stderr)
-                    own.close()
-                    return 1
-            _configure_logging()
-            if takeover is not None:  # the limit the first start found: children get it, not ours
-                remember_fd_limit(takeover.service["nofile"])
-            raise_fd_limit()
-            if not become_subreaper():
-                log.warning("cannot become a child subreaper: orphaned grandchildren go to init")
-            from .api.server import ControlError
-            from .cgroup_policy import CgroupRefused
-            from .pidfile import PidfileError, live_service, remove_pidfile, write_pidfile
-
-            status = 0
-            try:
-                if pidfile is not None and (other := live_service(pidfile)) and other != os.getpid():
-                    raise PidfileError(
-                        f"pidfile {pidfile} names a running service (pid {other}): stop it first"
-                    )
-
-                def ready() -> None:
-                    if pidfile is not None:
-                        write_pidfile(pidfile)
-                    if ready_fd is not None:
-                        with open(ready_fd, "wb", closefd=True) as notify:
-                            notify.write(f"{os.getpid()}\n".encode())
-                    if on_ready is not None:
-                        on_ready()
-
-                anyio.run(_serve, manifest, ready, takeover, backend=backend)
-            except* (ControlError, StateDirError, PidfileError, CgroupRefused) as group:
-                for error in _leaves(group):  # a refusal from inside a task group comes nested
-                    log.error("cannot start: %s", error)
-                status = 1
-            finally:
-                if pidfile is not None:
-                    remove_pidfile(pidfile)
-        own.close()
-        return status
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for error in group.exceptions:
-        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
-    return found
-
-
-def _redirect_own_stdio(own: Stdio, log_file: Path | None, *, detached: bool) -> None:
-    """Output to ``log_file`` (kept when None); when detached, input from /dev/null."""
-    stdin = StdioStream(0, os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)) if detached else own.stdin.clone()
-    if log_file is None:
-        out, err = own.stdout.clone(), own.stderr.clone()
-    else:
-        try:
-            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        except OSError:
-            stdin.close()
-            raise
-        out, err = StdioStream(1, fd), StdioStream(2, os.dup(fd))
-    redirected = Stdio(stdin, out, err)
-    redirected.redirect()
-    redirected.close()
-
-
-async def _serve(manifest: Manifest, ready: Callable[[], None], takeover: Takeover | None) -> None:
-    # Built inside the event loop: anyio's events and locks belong to a running loop.
-    async with anyio.create_task_group() as tg:
-        await tg.start(Service(manifest, takeover=takeover, collector_held=True).run)
-        ready()
-
-
-def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger("supervisor")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False

@@ -179,7 +179,7 @@ def test_the_serving_service_never_imports_pydantic(tmp_path: Path) -> None:
     code = f"""
 import json, sys, threading
 from supervisor.api.client import Client
-from supervisor.service import run_service
+from supervisor.service_process import run_service
 
 socket = {str(load_manifest(path).control_socket)!r}
 

@@ -211,7 +211,7 @@ print(json.dumps(dict(seen, status=status)))
 
 
 def test_run_service_gives_the_collector_back_when_the_start_fails(tmp_path: Path) -> None:
-    from supervisor.service import run_service
+    from supervisor.service_process import run_service
 
     (tmp_path / "bad.yaml").write_text("version: 1\ninstances: {a: {command: []}}\n")
     assert gc.isenabled()

@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from ..handoff.record_check import PendingResume
 
         resume = PendingResume(args.resume)
-    from ..service import run_service
+    from ..service_process import run_service
 
     return run_service(
         args.file,
@@ -63,7 +63,7 @@ def _run_in_pid_namespace(args: argparse.Namespace) -> int:
     from ..config import ManifestError
     from ..config.apart import ManifestCheck
     from ..pidns import PidNamespaceError, run_in_pid_namespace
-    from ..service import run_service
+    from ..service_process import run_service
     from ..statedir import StateDirError, prepare_state_dir
 
     try:

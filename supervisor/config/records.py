@@ -4,8 +4,8 @@ The models in ``models.py`` say what a person may write and check it; the servic
 needs only the checked values. Holding them as pydantic models cost the service
 process pydantic itself and every model's validator and serializer: about 13 MiB
 and 100 ms of its start (docs/performance.md). So the manifest is checked where
-pydantic is loaded (``validation.py``, in a child interpreter for the service) and
-the service gets these records: one class per model, the same field names, the
+pydantic is loaded (``loader.py``; for the service, in a child interpreter: ``apart.py``)
+and the service gets these records: one class per model, the same field names, the
 same methods, equal exactly when the models were.
 
 ``tests/test_records.py`` keeps each record's fields those of its model.
