@@ -160,3 +160,16 @@ def test_the_logs_query_is_read_as_the_model_reads_it(params: dict[str, str]) ->
     assert (theirs is None) == (ours is None), (params, theirs, ours)
     if theirs is not None:
         same_values(requests.LogsQuery, ours, theirs)
+
+
+def test_a_body_of_thousands_of_unknown_keys_is_refused_in_a_few_lines() -> None:
+    body = {f"{'k' * 500}{i}": i for i in range(5000)} | {"names": ["a"], "bad\x00key": 1}
+    with pytest.raises(InvalidInput) as refused:
+        requests.ActionRequest(body)
+    lines = refused.value.details
+    assert len(lines) == requests.MAX_PROBLEMS + 1 and lines[-1] == "… and 4981 more problems"
+    assert all(len(line) < 120 for line in lines), max(lines, key=len)
+    assert lines[0] == f"{'k' * 40}…(501 characters): Extra inputs are not permitted"
+    with pytest.raises(InvalidInput) as refused:
+        requests.ScaleRequest({"scale": {"web\x00\x1b": "2"}})
+    assert refused.value.details == ["scale.web\\x00\\x1b: Input should be a valid integer"]

@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, TypeVar
 
+from ..config.problems import shown_key
 from ..config.units import parse_duration, parse_signal
 from ..events import State
 
@@ -38,6 +39,8 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_SCALE = 10_000
 MAX_SCALED_ENTRIES = 1000
 MAX_LINES = 1_000_000
+#: The most problems a 400 lists; a count of the rest follows.
+MAX_PROBLEMS = 20
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -84,9 +87,14 @@ class _Reader:
     def no_others(self, known: tuple[str, ...]) -> None:
         for key in self.values:
             if key not in known:
-                self.fail(str(key), "Extra inputs are not permitted")
+                self.fail(shown_key(key), "Extra inputs are not permitted")
 
     def done(self) -> None:
+        """Raise the problems found, the first ``MAX_PROBLEMS`` of them: a body of ten thousand
+        unknown keys is refused in a few lines, not ten thousand."""
+        if len(self.problems) > MAX_PROBLEMS:
+            rest = len(self.problems) - MAX_PROBLEMS
+            self.problems[MAX_PROBLEMS:] = [f"… and {rest} more problem{'s' if rest != 1 else ''}"]
         if self.problems:
             raise InvalidInput(self.problems)
 
@@ -175,9 +183,10 @@ def _counts(value: Any, where: str) -> dict[str, int]:
             f"Dictionary should have at most {MAX_SCALED_ENTRIES} items after validation, not {len(value)}",
         )
     for name, count in value.items():
+        place = f"{where}.{shown_key(name)}"
         if not isinstance(count, int) or isinstance(count, bool):
-            raise _Wrong(f"{where}.{name}", "Input should be a valid integer")
-        _within(count, f"{where}.{name}", 0, MAX_SCALE)
+            raise _Wrong(place, "Input should be a valid integer")
+        _within(count, place, 0, MAX_SCALE)
     return value
 
 

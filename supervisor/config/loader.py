@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 from . import records
 from .capacity import MAX_INSTANCES, capacity_problems
 from .models import INSTANCE_NAME_PATTERN, MAX_NAME_LENGTH, MAX_REPLICAS, Backoff, Manifest, RestartPolicy
-from .problems import ManifestError, Problem
+from .problems import ManifestError, Problem, shown_key
 from .yaml_source import (
     MAX_DEPTH,
     MAX_MANIFEST_BYTES,
@@ -249,15 +249,7 @@ def _is_text_field(path: KeyPath) -> bool:
 
 
 def _dotted(path: KeyPath) -> str:
-    return ".".join(_part(p) for p in path)
-
-
-def _part(part: str | int) -> str:
-    """A key as a message shows it: control characters escaped, a very long one cut short."""
-    text = str(part)
-    if not text.isprintable():
-        text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= 60 else f"{text[:40]}…({len(text)} characters)"
+    return ".".join(shown_key(p) for p in path)
 
 
 def settled(model: Any) -> Any:
@@ -478,7 +470,7 @@ def _report(error: Mapping[str, Any], source: _Source) -> None:
                 "it becomes the name of its log files"
             )
         else:
-            message = f"{_part(loc[-1])!r} is not a valid instance name: use {INSTANCE_NAME_PATTERN}"
+            message = f"{shown_key(loc[-1])!r} is not a valid instance name: use {INSTANCE_NAME_PATTERN}"
         source.problem(loc, message, at_key=True)
         return
     given = error.get("input")

@@ -41,3 +41,11 @@ class ManifestError(Exception):
         self.problems = problems
         head = f"{count} problem{'s' if count != 1 else ''} in the manifest:"
         super().__init__("\n".join([head, *(f"  {p}" for p in problems)]))
+
+
+def shown_key(part: str | int) -> str:
+    """A key as a message shows it: control characters escaped, a very long one cut short."""
+    text = str(part)
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= 60 else f"{text[:40]}…({len(text)} characters)"
