@@ -32,24 +32,31 @@ class PendingResume:
     """The record read from ``fd``, its check started in a child, then all but its shape checked here.
 
     The child starts on the record's bytes before this process parses them: it is the longer
-    of the two, and the first to need the CPU.
+    of the two, and the first to need the CPU. ``of_bytes``: the same for a record already
+    read (the old service's check of the new code, ``reexec.check_report``, runs this very
+    path on its copy).
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int | None, data: bytes = b"") -> None:
         self.error: HandoffError | None = None
         self.record: StateRecord = {}
         self.size = 0
         self._check: ManifestCheck | None = None
         try:
-            data = read_state_bytes(fd)
+            if fd is not None:
+                data = read_state_bytes(fd)
+                os.close(fd)
             self.size = len(data)
-            os.close(fd)
             self._check = ManifestCheck("the state record", data, entry=ENTRY)
             self.record = parse_state(data, shape=False)
         except HandoffError as exc:
             self.error = exc
         except OSError as exc:  # no descriptor or process left for the check's child
             self.error = HandoffError(f"cannot check the state record: {exc.strerror or exc}")
+
+    @classmethod
+    def of_bytes(cls, data: bytes) -> PendingResume:
+        return cls(None, data)
 
     def manifest(self) -> Manifest:
         """The record's manifest as records, once the child found the record and it good."""

@@ -38,7 +38,7 @@ from typing import Any, TypeGuard
 
 import anyio
 
-from ..config import Manifest, ManifestError
+from ..config import Manifest
 from ..config.records import as_data
 from ..process import Child, SpawnError, inherited_fd_limit, spawn
 from .record import ProcessIdentity, identity
@@ -306,31 +306,12 @@ def handed_fds(record: StateRecord) -> list[int]:
     return fds
 
 
-def load_manifest_from(record: StateRecord) -> Manifest:
-    """The manifest the old service ran (not the file, which may have changed since).
-
-    Checked by this code's models, in a child interpreter (config/apart.py), as a
-    manifest file is: the resumed service holds records and never pydantic.
-    """
-    from ..config.apart import ManifestCheck
-
-    service = record["service"]
-    source = service["source"]
-    try:
-        manifest = ManifestCheck(Path(source or "manifest"), data=service["manifest"]).result()
-    except ManifestError as exc:
-        raise HandoffError(f"the running manifest does not validate under the new code:\n{exc}") from None
-    return manifest.replace(_source=None if source is None else Path(source))
-
-
-def prepare_resume(record: StateRecord, manifest: Manifest | None = None) -> Takeover:
+def prepare_resume(record: StateRecord, manifest: Manifest) -> Takeover:
     """Take the fds back (close-on-exec), check each pid, adopt the children; before any task runs.
 
     Adopting registers the children at once, so the orphan reaper never takes their statuses.
     ``manifest``: the record's, checked already (``record_check.PendingResume``).
     """
-    if manifest is None:
-        manifest = load_manifest_from(record)
     for fd in handed_fds(record):
         try:
             os.set_inheritable(fd, False)
@@ -459,12 +440,18 @@ def check_report(data: bytes, log_file: Path | None = None, pidfile: Path | None
     # (where the instances would go down with the service): the modules it imports at once, and
     # those it imports on its way (an instance's notify socket and checks, the PID namespace, the
     # cgroup policy; the pidfile's module comes with ``_check_start``).
-    from .. import cgroup_policy, pidns, probe_loop, probes, service  # noqa: F401
+    from .. import cgroup_policy, pidns, probe_loop, probes, service, service_process  # noqa: F401
     from ..api import app, server  # noqa: F401
+    from .record_check import PendingResume
 
     try:
-        record = parse_state(data)
-        manifest = load_manifest_from(record)
+        # What the new service does with the record after the exec (record_check.py), on this copy.
+        pending = PendingResume.of_bytes(data)
+        try:
+            manifest = pending.manifest()
+        finally:
+            pending.abandon()
+        record = pending.record
         _check_start(record, manifest, log_file, pidfile)
     except HandoffError as exc:
         return {"ok": False, "error": str(exc), "version": VERSION}
