@@ -21,9 +21,10 @@ import pytest
 from pydantic import BaseModel
 
 from supervisor.config import checks, limits, models, records
-from supervisor.config.apart import ManifestCheck, check_apart
+from supervisor.config.apart import ManifestCheck
 from supervisor.config.loader import load_manifest, settled
 from supervisor.config.problems import ManifestError
+from supervisor.service import check_apart
 
 from .service_fixture import ServiceProcess, write_manifest
 
@@ -268,3 +269,35 @@ def test_a_check_that_cannot_start_refuses_and_leaks_nothing(
         check.result()
     check.abandon()  # nothing to kill
     assert set(os.listdir("/proc/self/fd")) <= before | {str(fd) for fd in range(3)}
+
+
+def running_with(marker: str) -> list[int]:
+    """The processes whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.anyio
+async def test_a_reload_cancelled_while_its_check_runs_leaves_no_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supervisor.config import apart
+
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    waits = [sys.executable, "-c", "import signal, sys; open(sys.argv[1], 'w'); signal.pause()", str(gate)]
+    monkeypatch.setattr(apart, "child_argv", lambda *_: waits)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(check_apart, full_manifest(tmp_path))
+        with anyio.fail_after(30):
+            await anyio.to_thread.run_sync(lambda: open(gate).close())  # the child is running
+        assert running_with(str(gate))
+        tg.cancel_scope.cancel()
+    assert running_with(str(gate)) == []  # killed and reaped before the cancel went on

@@ -3,11 +3,13 @@
 pydantic and the manifest's models were 13 MiB of the service's memory and 100 ms
 of its start, for work done once per start and once per reload. So the service
 asks a child interpreter of the same code (``python -S -c``, given this process's
-module path with this package's folder first) to load the file, and takes back the records (``records.py``),
-pickled, or the problems, each with its place, exactly as ``load_manifest`` in
-this process would have raised them. At start-up the child runs while the service
-imports the rest of itself; at a reload it runs beside the event loop, which goes
-on serving (the thread the check used to take is gone with it).
+module path with this package's folder first) to load the file, and takes back the
+records (``records.py``), pickled, or the problems, each with its place, exactly as
+``load_manifest`` in this process would have raised them. At start-up the child runs
+while the service imports the rest of itself (``ManifestCheck``); at a reload the
+service starts the same child through its own spawn and waits for it beside the event
+loop (``service.check_apart``: this package imports nothing of ours, as ARCHITECTURE.md
+has it).
 
 The child's environment is the service's, so ``${VAR}`` reads what it always read.
 It runs no pydantic plugins: the manifest's models use none, and looking for them
@@ -33,9 +35,10 @@ __all__ = [
     "CheckRefused",
     "ManifestCheck",
     "answer",
-    "check_apart",
     "main",
     "manifest_from_data",
+    "read_answer",
+    "refusal",
 ]
 
 #: A child that has not answered by then is killed, and the manifest refused with that reason.
@@ -68,7 +71,7 @@ def child_env() -> dict[str, str]:
     return dict(os.environ)
 
 
-def _answer(path: str | Path, out: bytes, err: bytes, status: int | None) -> Manifest:
+def read_answer(path: str | Path, out: bytes, err: bytes, status: int | None) -> Manifest:
     """The child's pickled answer as the records, or the ManifestError it found or met."""
     import pickle
 
@@ -79,19 +82,20 @@ def _answer(path: str | Path, out: bytes, err: bytes, status: int | None) -> Man
         try:
             kind, value = pickle.loads(out)  # our own child, of this very code
         except Exception as exc:  # any garble is a failed check, said as such
-            raise _failed(path, f"its answer could not be read ({exc})", err) from None
+            raise refusal(path, f"its answer could not be read ({exc})", err) from None
         if kind == "manifest" and isinstance(value, Manifest):
             return value
         if kind == "problems":
             raise ManifestError(value)
         if kind == "refused":
             raise CheckRefused(value)
-        raise _failed(path, f"the check of the manifest answered {kind!r}, which this code cannot read", err)
+        raise refusal(path, f"the check of the manifest answered {kind!r}, which this code cannot read", err)
     how = "was killed by a signal" if status is not None and status < 0 else f"exited with {status}"
-    raise _failed(path, f"the check of the manifest {how}", err)
+    raise refusal(path, f"the check of the manifest {how}", err)
 
 
-def _failed(path: Path | str, what: str, err: bytes) -> ManifestError:
+def refusal(path: Path | str, what: str, err: bytes) -> ManifestError:
+    """A failed check as the manifest's one problem: ``what`` happened, and the child's stderr."""
     from .problems import ManifestError, Problem
 
     tail = err.decode(errors="replace").strip()[-_ERROR_TAIL:]
@@ -123,7 +127,7 @@ class ManifestCheck:
             self._start(child_argv(self.path, entry) + (["--data"] if data is not None else []), data)
         except OSError as exc:  # no descriptor, process or interpreter for it: said, not raised here
             why = f"the check of the manifest cannot start: {exc.strerror or exc}"
-            self._unstarted = _failed(self.path, why, b"")
+            self._unstarted = refusal(self.path, why, b"")
 
     def _start(self, argv: list[str], data: dict[str, Any] | bytes | None) -> None:
         opened: list[int] = []  # closed here if the start fails halfway
@@ -189,7 +193,7 @@ class ManifestCheck:
             if left <= 0:
                 self.abandon()
                 why = f"the check of the manifest took longer than {CHECK_TIMEOUT:g}s"
-                raise _failed(self.path, why, bytes(output[self._err]))
+                raise refusal(self.path, why, bytes(output[self._err]))
             for fd, _ in poller.poll(left * 1000):
                 if fd == self._in:
                     try:
@@ -208,7 +212,7 @@ class ManifestCheck:
                     poller.unregister(fd)
                     open_fds -= 1
         self._reap()
-        return _answer(self.path, bytes(output[self._out]), bytes(output[self._err]), self._status)
+        return read_answer(self.path, bytes(output[self._out]), bytes(output[self._err]), self._status)
 
     def _reap(self) -> None:
         if self._status is None:
@@ -237,54 +241,6 @@ def _inherited_fds() -> list[int]:
         except OSError:  # the listing's own descriptor, closed by now
             continue
     return found
-
-
-async def check_apart(path: Path) -> Manifest:
-    """The manifest at ``path`` checked in a child, while the event loop goes on (a reload)."""
-    import anyio
-
-    from ..process import SpawnError, spawn
-
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        try:
-            child = spawn(child_argv(path), env=child_env(), stdin=None, stdout=out_w, stderr=err_w)
-        except SpawnError as exc:
-            raise _failed(path, f"the check of the manifest cannot start: {exc}", b"") from None
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-        output: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray()}
-
-        async def drain(fd: int) -> None:
-            os.set_blocking(fd, False)
-            while True:
-                await anyio.wait_readable(fd)
-                try:
-                    chunk = os.read(fd, 1 << 16)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    return
-                output[fd] += chunk
-
-        with anyio.move_on_after(CHECK_TIMEOUT) as scope:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(drain, out_r)
-                tg.start_soon(drain, err_r)
-            await child.wait()
-        if scope.cancelled_caught:
-            child.send_signal(signal.SIGKILL, group=True)
-            await child.wait()
-            why = f"the check of the manifest took longer than {CHECK_TIMEOUT:g}s"
-            raise _failed(path, why, bytes(output[err_r]))
-    finally:
-        os.close(out_r)
-        os.close(err_r)
-    status = child.exit
-    code = None if status is None else (status.code if status.code is not None else -(status.signal or 0))
-    return _answer(path, bytes(output[out_r]), bytes(output[err_r]), code)
 
 
 def main(argv: list[str]) -> int:
