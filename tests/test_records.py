@@ -208,7 +208,7 @@ def test_a_check_that_hangs_is_killed_and_refuses(tmp_path: Path, monkeypatch: p
     from supervisor.config import apart
 
     monkeypatch.setattr(apart, "CHECK_TIMEOUT", 0.5)
-    monkeypatch.setattr(apart, "child_argv", lambda *_: HANGS)
+    monkeypatch.setattr(apart, "child_argv", lambda *_, **__: HANGS)
     check = ManifestCheck(full_manifest(tmp_path))
     with pytest.raises(ManifestError, match=r"took longer than 0\.5s"):
         check.result()
@@ -221,7 +221,7 @@ async def test_a_reload_whose_check_hangs_is_refused(tmp_path: Path, monkeypatch
     from supervisor.config import apart
 
     monkeypatch.setattr(apart, "CHECK_TIMEOUT", 0.5)
-    monkeypatch.setattr(apart, "child_argv", lambda *_: HANGS)
+    monkeypatch.setattr(apart, "child_argv", lambda *_, **__: HANGS)
     with pytest.raises(ManifestError, match=r"took longer than 0\.5s"):
         await check_apart(full_manifest(tmp_path))
 
@@ -263,7 +263,8 @@ def test_a_check_that_cannot_start_refuses_and_leaks_nothing(
 
     path = full_manifest(tmp_path)
     before = set(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(apart, "child_argv", lambda *_: [str(tmp_path / "no-such-python"), "-c", "pass"])
+    missing = [str(tmp_path / "no-such-python"), "-c", "pass"]
+    monkeypatch.setattr(apart, "child_argv", lambda *_, **__: missing)
     check = ManifestCheck(path, {"version": 1})
     with pytest.raises(ManifestError, match="the check of the manifest cannot start: No such file"):
         check.result()
@@ -293,7 +294,7 @@ async def test_a_reload_cancelled_while_its_check_runs_leaves_no_child(
     gate = tmp_path / "gate"
     os.mkfifo(gate)
     waits = [sys.executable, "-c", "import signal, sys; open(sys.argv[1], 'w'); signal.pause()", str(gate)]
-    monkeypatch.setattr(apart, "child_argv", lambda *_: waits)
+    monkeypatch.setattr(apart, "child_argv", lambda *_, **__: waits)
     async with anyio.create_task_group() as tg:
         tg.start_soon(check_apart, full_manifest(tmp_path))
         with anyio.fail_after(30):
@@ -301,3 +302,46 @@ async def test_a_reload_cancelled_while_its_check_runs_leaves_no_child(
         assert running_with(str(gate))
         tg.cancel_scope.cancel()
     assert running_with(str(gate)) == []  # killed and reaped before the cancel went on
+
+
+# A parent that starts a check of a manifest that is a fifo no one writes, says its child's
+# pid and waits to be killed.
+ORPHANING = """
+import sys
+from supervisor.config.apart import ManifestCheck
+check = ManifestCheck(sys.argv[1])
+print(check.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_check_whose_parent_dies_does_not_outlive_it(tmp_path: Path) -> None:
+    """`supervisor run -f FIFO` killed while its check waits on the fifo leaves no child behind.
+
+    The child is blocked in the manifest's open (a fifo with no writer), where nothing else
+    would ever wake it; its parent's death must.
+    """
+    import select
+    import signal
+
+    fifo = tmp_path / "supervisor.yaml"
+    os.mkfifo(fifo)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", ORPHANING, str(fifo)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())
+    watched = os.pidfd_open(child)
+    try:
+        # The child is still checking (blocked on the fifo) while its parent lives.
+        assert select.select([watched], [], [], 0)[0] == []
+        assert (Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"))[-2] == os.fsencode(fifo)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        ended, _, _ = select.select([watched], [], [], 30)  # readable once the child has ended
+        assert ended == [watched], "the check outlived its parent"
+    finally:
+        if not select.select([watched], [], [], 0)[0]:  # a failed run leaves no orphan either
+            signal.pidfd_send_signal(watched, signal.SIGKILL)
+        os.close(watched)
+        parent.stdin.close()  # type: ignore[union-attr]

@@ -51,9 +51,21 @@ _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.realpath
 # (-S): the child gets this process's module path as it is, with this package's folder first,
 # which spares it the .pth files and an editable install's import hook (15-20 ms of ~170).
 _CHILD = (
-    "import gc; gc.disable(); import sys; sys.path[:] = {path!r}; "
+    "import gc; gc.disable(); import sys; sys.path[:] = {path!r}; {watch}"
     "from {entry} import main; sys.exit(main(sys.argv[1:]))"
 )
+# A child blocked on a read (a manifest or env_file that is a fifo no one writes) would outlive
+# a parent that died meanwhile, and hang on forever: it looks at its parent once a second (the
+# alarm interrupts the read, and the read goes on if the parent is still there), at no cost to a
+# check that takes the usual 200 ms. A child of the service's own spawn needs none: its launch
+# chain gives it the parent-death signal, as every instance has it.
+_WATCH = (
+    "import os, signal; signal.signal(signal.SIGALRM, "
+    "lambda *_: os.getppid() == {parent} or os._exit(1)); "
+    "signal.setitimer(signal.ITIMER_REAL, {period}, {period}); "
+)
+#: How often a ManifestCheck's child looks whether its parent is still there.
+ORPHAN_CHECK_PERIOD = 1.0
 #: The child's ``main``: this module's; a re-exec's record has its own (handoff/record_check.py).
 MANIFEST = "supervisor.config.apart"
 
@@ -62,8 +74,12 @@ class CheckRefused(Exception):
     """The child refused what it was given for a reason of its own, not the manifest's problems."""
 
 
-def child_argv(path: str | os.PathLike[str], entry: str = MANIFEST) -> list[str]:
-    code = _CHILD.format(path=[_PACKAGE_ROOT, *(part for part in sys.path if part)], entry=entry)
+def child_argv(
+    path: str | os.PathLike[str], entry: str = MANIFEST, *, watch_parent: bool = False
+) -> list[str]:
+    """The child's command line; ``watch_parent``: it ends once this process is gone (see _WATCH)."""
+    watch = _WATCH.format(parent=os.getpid(), period=ORPHAN_CHECK_PERIOD) if watch_parent else ""
+    code = _CHILD.format(path=[_PACKAGE_ROOT, *(part for part in sys.path if part)], entry=entry, watch=watch)
     return [sys.executable, "-S", "-c", code, os.fspath(path)]
 
 
@@ -124,7 +140,8 @@ class ManifestCheck:
         self._in: int | None = None
         self._unstarted: ManifestError | None = None
         try:
-            self._start(child_argv(self.path, entry) + (["--data"] if data is not None else []), data)
+            argv = child_argv(self.path, entry, watch_parent=True)
+            self._start(argv + (["--data"] if data is not None else []), data)
         except OSError as exc:  # no descriptor, process or interpreter for it: said, not raised here
             why = f"the check of the manifest cannot start: {exc.strerror or exc}"
             self._unstarted = refusal(self.path, why, b"")
