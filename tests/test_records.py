@@ -333,9 +333,8 @@ def test_a_check_whose_parent_dies_does_not_outlive_it(tmp_path: Path) -> None:
     child = int(parent.stdout.readline())
     watched = os.pidfd_open(child)
     try:
-        # The child is still checking (blocked on the fifo) while its parent lives.
+        # The child is still checking (on its way to the fifo, or blocked on it) while its parent lives.
         assert select.select([watched], [], [], 0)[0] == []
-        assert (Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"))[-2] == os.fsencode(fifo)
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
         ended, _, _ = select.select([watched], [], [], 30)  # readable once the child has ended
