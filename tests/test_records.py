@@ -309,17 +309,18 @@ async def test_a_reload_cancelled_while_its_check_runs_leaves_no_child(
 ORPHANING = """
 import sys
 from supervisor.config.apart import ManifestCheck
-check = ManifestCheck(sys.argv[1])
+check = ManifestCheck(sys.argv[1], entry="tests.blocked_check")
 print(check.pid, flush=True)
 sys.stdin.read()
 """
 
 
 def test_a_check_whose_parent_dies_does_not_outlive_it(tmp_path: Path) -> None:
-    """`supervisor run -f FIFO` killed while its check waits on the fifo leaves no child behind.
+    """`supervisor run` killed while its check is stuck in a read leaves no child behind.
 
-    The child is blocked in the manifest's open (a fifo with no writer), where nothing else
-    would ever wake it; its parent's death must.
+    The child (tests/blocked_check.py, in the check's own interpreter) is blocked in the
+    open of a fifo with no writer, where nothing else would ever wake it; its parent's
+    death must. (The loader refuses a fifo; a stuck network mount blocks the same way.)
     """
     import select
     import signal
@@ -327,7 +328,11 @@ def test_a_check_whose_parent_dies_does_not_outlive_it(tmp_path: Path) -> None:
     fifo = tmp_path / "supervisor.yaml"
     os.mkfifo(fifo)
     parent = subprocess.Popen(
-        [sys.executable, "-c", ORPHANING, str(fifo)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", ORPHANING, str(fifo)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parent.parent,  # where `tests` is a package
     )
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
@@ -344,3 +349,23 @@ def test_a_check_whose_parent_dies_does_not_outlive_it(tmp_path: Path) -> None:
             signal.pidfd_send_signal(watched, signal.SIGKILL)
         os.close(watched)
         parent.stdin.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink to a fifo", "folder", "/dev/zero"])
+def test_a_manifest_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    """Not read, not waited on: a fifo with no writer would hold the check (and a reload) for good."""
+    path = tmp_path / "supervisor.yaml"
+    if kind == "/dev/zero":
+        path = Path("/dev/zero")
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        os.mkfifo(tmp_path / "fifo")
+        if kind == "fifo":
+            path = tmp_path / "fifo"
+        else:
+            path.symlink_to(tmp_path / "fifo")
+    validate = [sys.executable, "-m", "supervisor", "validate", "-f", str(path)]
+    done = subprocess.run(validate, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert f"{path}: cannot read: not a regular file" in done.stderr, done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 from collections.abc import Callable
@@ -120,6 +121,20 @@ def test_a_bad_manifest_changes_nothing(service: Start, tmp_path: Path) -> None:
     assert f"{manifest}:" in lines[1] and "min_uptim" in lines[1]
     assert f"{manifest}:" in lines[2] and "replicas" in lines[2]
     assert pids(svc) == before  # same instances, same processes
+
+
+def test_a_manifest_that_became_a_fifo_is_refused_at_once(service: Start, tmp_path: Path) -> None:
+    """A fifo no one writes is refused, not waited on: the reload answers, nothing changes."""
+    manifest = write_manifest(tmp_path, BEFORE)
+    svc = service(manifest)
+    svc.wait_for(["keep", "web"], "running")
+    before = pids(svc)
+    manifest.unlink()
+    os.mkfifo(manifest)
+    refused = svc.cli("reload", timeout=20)  # the check's own limit is 120 s
+    assert refused.returncode == 1
+    assert f"{manifest}: cannot read: not a regular file" in refused.stderr, refused.stderr
+    assert pids(svc) == before
 
 
 def test_sighup_reloads(service: Start, tmp_path: Path) -> None:

@@ -54,8 +54,9 @@ _CHILD = (
     "import gc; gc.disable(); import sys; sys.path[:] = {path!r}; {watch}"
     "from {entry} import main; sys.exit(main(sys.argv[1:]))"
 )
-# A child blocked on a read (a manifest or env_file that is a fifo no one writes) would outlive
-# a parent that died meanwhile, and hang on forever: it looks at its parent once a second (the
+# A child stuck in a read that never answers (a manifest on a network mount that stopped
+# answering; a fifo is refused before it is read) would outlive a parent that died meanwhile,
+# and hang on forever: it looks at its parent once a second (the
 # alarm interrupts the read, and the read goes on if the parent is still there), at no cost to a
 # check that takes the usual 200 ms. A child of the service's own spawn needs none: its launch
 # chain gives it the parent-death signal, as every instance has it.

@@ -26,6 +26,7 @@ from . import records
 from .capacity import MAX_INSTANCES, capacity_problems
 from .models import INSTANCE_NAME_PATTERN, MAX_NAME_LENGTH, MAX_REPLICAS, Backoff, Manifest, RestartPolicy
 from .problems import ManifestError, Problem, shown_key
+from .regular_file import NotARegularFile, read_regular_file
 from .yaml_source import (
     MAX_DEPTH,
     MAX_MANIFEST_BYTES,
@@ -273,11 +274,20 @@ def settled(model: Any) -> Any:
 def load_manifest(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> records.Manifest:
     """Read, interpolate and validate a manifest to run here; one ManifestError lists every problem."""
     file = Path(path)
+
+    def unreadable(why: str) -> ManifestError:
+        return ManifestError([Problem(str(file), None, None, "", f"cannot read: {why}")])
+
+    # A manifest is read again at every reload, so it has to be a file that is still there: a
+    # pipe (`-f <(...)`) would be empty then, and a fifo with no writer would hold the reload.
     try:
-        with open(file, "rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)  # a larger file is refused, never read whole
+        data = read_regular_file(file, MAX_MANIFEST_BYTES + 1)  # a larger file is refused, never read whole
+    except NotARegularFile:
+        raise unreadable("not a regular file (the manifest is read again at each reload)") from None
     except OSError as exc:
-        raise ManifestError([Problem(str(file), None, None, "", f"cannot read: {exc.strerror}")]) from None
+        raise unreadable(str(exc.strerror)) from None
+    except ValueError:  # a NUL in the path
+        raise unreadable("a NUL byte is not allowed in a path") from None
     return parse_manifest(data, file, environ, this_machine=True)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
-import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,6 +29,7 @@ from .annotated import Duration, Signal, Size, Umask
 from .base import StrictModel
 from .checks import AliveCheck, Dependencies, ReadyCheck
 from .limits import Limits
+from .regular_file import NotARegularFile, read_regular_file
 
 INSTANCE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]*$"
 #: A name becomes a file name, NAME-9999.out.log.1000 or NAME.err.log.dropped-PID-N; 200
@@ -452,21 +452,14 @@ MAX_ENV_FILE_BYTES = 1024 * 1024
 
 
 def _read_small_file(path: Path, key: str) -> str:
-    """A regular file's UTF-8 text, refused past MAX_ENV_FILE_BYTES.
-
-    Opened without blocking and checked before reading: ``/dev/zero`` would fill
-    memory and a fifo would never answer, inside a reload.
-    """
+    """A regular file's UTF-8 text, refused past MAX_ENV_FILE_BYTES (never waited on: regular_file.py)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_regular_file(path, MAX_ENV_FILE_BYTES + 1)
+    except NotARegularFile:
+        raise ValueError(f"{key} {str(path)!r} is not a regular file") from None
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise ValueError(f"cannot read {key} {str(path)!r}: {reason}") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise ValueError(f"{key} {str(path)!r} is not a regular file")
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(MAX_ENV_FILE_BYTES + 1)
     if len(data) > MAX_ENV_FILE_BYTES:
         raise ValueError(f"{key} {str(path)!r} is larger than {MAX_ENV_FILE_BYTES // 1024} KiB")
     try:
