@@ -369,3 +369,11 @@ def test_a_manifest_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path
     done = subprocess.run(validate, capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert f"{path}: cannot read: not a regular file" in done.stderr, done.stderr
+
+
+def test_a_symlink_to_a_manifest_is_read_through(tmp_path: Path) -> None:
+    """Only what the link points to is judged: a link to a regular file is that file."""
+    target = full_manifest(tmp_path)
+    link = tmp_path / "linked.yaml"
+    link.symlink_to(target)
+    assert ManifestCheck(link).result() == load_manifest(target)
