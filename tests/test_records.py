@@ -332,7 +332,6 @@ def test_a_check_whose_parent_dies_does_not_outlive_it(tmp_path: Path) -> None:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        cwd=Path(__file__).parent.parent,  # where `tests` is a package
     )
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
@@ -377,3 +376,10 @@ def test_a_symlink_to_a_manifest_is_read_through(tmp_path: Path) -> None:
     link = tmp_path / "linked.yaml"
     link.symlink_to(target)
     assert ManifestCheck(link).result() == load_manifest(target)
+
+
+def test_a_manifest_path_with_a_nul_is_one_problem_that_shows_it() -> None:
+    """Only code can pass one (argv cannot hold a NUL); refused with a message, not a traceback."""
+    with pytest.raises(ManifestError) as caught:
+        load_manifest("app\0.yaml")
+    assert str(caught.value.problems[0]) == "app\\0.yaml: cannot read: a NUL byte is not allowed in a path"

@@ -56,10 +56,10 @@ _CHILD = (
 )
 # A child stuck in a read that never answers (a manifest on a network mount that stopped
 # answering; a fifo is refused before it is read) would outlive a parent that died meanwhile,
-# and hang on forever: it looks at its parent once a second (the
-# alarm interrupts the read, and the read goes on if the parent is still there), at no cost to a
-# check that takes the usual 200 ms. A child of the service's own spawn needs none: its launch
-# chain gives it the parent-death signal, as every instance has it.
+# and hang on forever. So it looks at its parent once a second: the alarm interrupts the read,
+# which goes on if the parent is still there; a check takes the usual 200 ms at no cost. A
+# child of the service's own spawn needs none: its launch chain gives it the parent-death
+# signal, as every instance has it.
 _WATCH = (
     "import os, signal; signal.signal(signal.SIGALRM, "
     "lambda *_: os.getppid() == {parent} or os._exit(1)); "

@@ -276,7 +276,8 @@ def load_manifest(path: str | os.PathLike[str], environ: Mapping[str, str] | Non
     file = Path(path)
 
     def unreadable(why: str) -> ManifestError:
-        return ManifestError([Problem(str(file), None, None, "", f"cannot read: {why}")])
+        shown = str(file).replace("\0", "\\0")  # a NUL (from code: argv cannot hold one) is shown, not sent
+        return ManifestError([Problem(shown, None, None, "", f"cannot read: {why}")])
 
     # A manifest is read again at every reload, so it has to be a file that is still there: a
     # pipe (`-f <(...)`) would be empty then, and a fifo with no writer would hold the reload.
