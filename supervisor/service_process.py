@@ -116,8 +116,7 @@ def _run_service(
 
                 resume = PendingResume(resume_fd)
             try:
-                from .api import server  # imported while the child checks the record
-
+                _import_ahead(backend)  # while the child checks the record
                 takeover = prepare_resume(resume.record, resume.manifest())
                 takeover.size = resume.size
             except HandoffError as exc:
@@ -134,11 +133,7 @@ def _run_service(
                 manifest = takeover.manifest
             else:
                 check = manifest_check or ManifestCheck(manifest_path)
-                # While the child checks: the control plane is the rest of what the start imports,
-                # and pickle reads the child's answer.
-                import pickle  # noqa: F401
-
-                from .api import server  # noqa: F401
+                _import_ahead(backend)
                 manifest = check.result()
         except ManifestError as exc:
             print(exc, file=sys.stderr)
@@ -192,6 +187,28 @@ def _run_service(
     finally:
         if enabled:
             gc.enable()
+
+
+def _import_ahead(backend: str) -> None:
+    """What the start imports after the check, imported while the child checks instead.
+
+    The control plane; pickle, which reads the child's answer; what ``Service.run`` imports
+    (the re-exec, the signals); and the event loop's backend, which ``anyio.run`` imports only
+    when it is called: 10 to 15 ms of every cold start came after the check, where the service
+    waits 100 ms for its child with nothing to do (tests/test_startup.py keeps it so).
+    """
+    import importlib
+    import pickle  # noqa: F401
+
+    from . import pidfile  # noqa: F401
+    from .api import server  # noqa: F401
+    from .handoff import reexec  # noqa: F401
+
+    _ = anyio.open_signal_receiver  # anyio imports it when first asked for
+    try:  # anyio's own module for it: a name anyio may change, so only a head start
+        importlib.import_module(f"anyio._backends._{backend}")
+    except ImportError:
+        pass
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -210,6 +210,59 @@ print(json.dumps(dict(seen, status=status)))
     assert all(frozen > 20_000 for frozen in found["at_answer"]), found
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_supervisor_run_imports_while_its_manifest_is_checked(tmp_path: Path, backend: str) -> None:
+    """The service waits about 100 ms for its manifest's check (a child interpreter): what it
+    imports then is free, what it imports after the answer is on the path to the first status.
+    Only ``anyio.run`` itself imported its backend (10 to 15 ms); no module of the control plane
+    or of the event loop may come after the check's answer."""
+    manifest = write_manifest(
+        tmp_path,
+        """
+        version: 1
+        instances:
+          one: {command: ["sleep", "300"], restart: {min_uptime: 0}}
+        """,
+    )
+    code = f"""
+import json, os, sys, threading
+from supervisor.api.client import Client
+from supervisor.cli import main
+from supervisor.config import apart
+
+checked = {{}}
+result = apart.ManifestCheck.result
+
+def noted(self):
+    manifest = result(self)
+    checked.setdefault("modules", set(sys.modules))
+    return manifest
+
+apart.ManifestCheck.result = noted
+read, write = os.pipe()
+seen = {{}}
+
+def watch():
+    with open(read, "rb") as ready:
+        ready.read()  # the pid, then EOF: the service answers on its socket
+    seen["after"] = sorted(set(sys.modules) - checked["modules"])
+    Client({str(manifest.parent / ".supervisor" / "control.sock")!r}, timeout=30).shutdown()
+
+threading.Thread(target=watch).start()
+status = main(["run", "-f", {str(manifest)!r}, "--ready-fd", str(write), "--backend", {backend!r}])
+print(json.dumps(dict(seen, status=status)))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["status"] == 0, found
+    ours_and_the_loop = ("supervisor", "anyio", "asyncio", "trio", "sniffio", "starlette", "pickle")
+    late = heavy(set(found["after"]), ours_and_the_loop)
+    assert late == [], found["after"]
+
+
 def test_run_service_gives_the_collector_back_when_the_start_fails(tmp_path: Path) -> None:
     from supervisor.service_process import run_service
 
