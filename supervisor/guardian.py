@@ -65,16 +65,39 @@ def main(argv: list[str]) -> int:
     cgroup = argv[2] if len(argv) > 2 and argv[2] else None
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
+    outside = cgroup is None or _step_out(cgroup)
     os.set_blocking(0, False)
     groups: set[int] = set()
     why, dead = _watch(service, groups)
     killed, stragglers = _kill_groups(groups)
-    if cgroup is not None:
+    if cgroup is not None and not outside:
+        why += f"; the guardian is in {cgroup}: not killed"
+    elif cgroup is not None:
         why += _kill_cgroup(cgroup, service, dead)
     if dead or killed:
         known = len(groups)
         _say(f"{why}; SIGKILLed {killed} of the {known} process groups it knew, {stragglers} more processes")
     return 0
+
+
+def _step_out(cgroup: str) -> bool:
+    """Out of the instances' cgroup into the one above it (the service's own), before anything else.
+
+    The service spawns the guardian from inside its leaf (``CgroupPlacement``, or the leaf a
+    re-exec'd service sits in): left there, the guardian's own write to ``cgroup.kill`` would
+    kill it before it removed the cgroup. False where it is inside and cannot leave.
+    """
+    own = _own_cgroup()
+    top = cgroup.rstrip("/")
+    if own is None or not (str(own) == top or str(own).startswith(top + "/")):
+        return True
+    try:
+        with open(os.path.join(os.path.dirname(top), "cgroup.procs"), "w") as procs:
+            procs.write(str(os.getpid()))
+    except OSError as exc:
+        _say(f"cannot leave cgroup {own} ({exc.strerror}): it will not be killed")
+        return False
+    return True
 
 
 def _watch(service: int, groups: set[int]) -> tuple[str, bool]:
@@ -258,8 +281,11 @@ class Guardian:
         self._log = _logger()
 
     @classmethod
-    def start(cls, *, cgroup: bool = True, resumed: bool = False) -> Guardian:
-        """Start the guardian (and make the instances' cgroup where one is delegated).
+    def start(cls, *, resumed: bool = False, placement: CgroupPlacement | None = None) -> Guardian:
+        """Start the guardian, in the instances' cgroup where one is delegated.
+
+        ``placement``: the cgroup made and the service moved into its leaf already
+        (``supervisor run`` does it while its manifest is checked); made here otherwise.
 
         ``resumed``: in a service that re-exec'd without a live guardian to adopt (the old one
         had given up, or had just ended): the instances' cgroup is the one the service already
@@ -269,24 +295,23 @@ class Guardian:
         from . import process
 
         if resumed:
-            guardian = cls(_cgroup_before_the_exec() if cgroup else None)
+            guardian = cls(_cgroup_before_the_exec())
             guardian._spawn()
             process.watch_groups(guardian)
             where = f"; instances run in cgroup {guardian.cgroup}" if guardian.cgroup else ""
             guardian._log.info("a new guardian %d watches the adopted groups%s", guardian.pid, where)
             return guardian
-        guardian = cls(delegated_cgroup(guardian_log=_logger()) if cgroup else None)
+        placement = placement if placement is not None else CgroupPlacement.make()
+        if placement.unavailable:
+            why = placement.unavailable
+            _logger().info("no cgroup for the instances (%s): the guardian alone kills their groups", why)
+        guardian = cls(placement.cgroup)
         try:
-            guardian._spawn()
+            guardian._spawn()  # from inside the leaf: the guardian steps out first thing (_step_out)
         except BaseException:
-            if guardian.cgroup is not None:
-                with contextlib.suppress(OSError):
-                    guardian.cgroup.rmdir()
+            placement.undo()
             raise
-        if guardian.cgroup is not None and not _move_into_leaf(os.getpid(), guardian.cgroup):
-            with contextlib.suppress(OSError):
-                guardian.cgroup.rmdir()
-            guardian.cgroup = None
+        placement.taken = True
         process.watch_groups(guardian)
         where = f"; instances run in cgroup {guardian.cgroup}" if guardian.cgroup else ""
         guardian._log.info("guardian %d watches the process groups%s", guardian.pid, where)
@@ -451,6 +476,43 @@ def _move(pid: int, cgroup: Path) -> bool:
     return True
 
 
+class CgroupPlacement:
+    """The instances' cgroup made, and the service moved into its leaf, before the guardian starts.
+
+    The move waits for the kernel's RCU grace period (10 to 25 ms): ``supervisor run`` makes
+    the placement while its manifest is checked in a child (service_process.py), where the
+    service has nothing else to do, and the guardian is spawned later from inside the leaf
+    (it steps out first thing: ``_step_out``). A start that fails before a guardian takes the
+    placement calls ``undo``: the service back where it came from, the folders gone.
+    """
+
+    def __init__(self, cgroup: Path | None, unavailable: str) -> None:
+        self.cgroup = cgroup
+        #: Why there is no cgroup, for the log once it is set up ("" where there is one).
+        self.unavailable = unavailable
+        self.taken = False
+
+    @classmethod
+    def make(cls) -> CgroupPlacement:
+        cgroup, unavailable = delegated_cgroup()
+        if cgroup is not None and not _move_into_leaf(os.getpid(), cgroup):
+            with contextlib.suppress(OSError):
+                cgroup.rmdir()
+            return cls(None, f"cannot move the service into {cgroup}")
+        return cls(cgroup, unavailable)
+
+    def undo(self) -> None:
+        if self.cgroup is None or self.taken:
+            return
+        from .cgroups import SERVICE_LEAF
+
+        _move(os.getpid(), self.cgroup.parent)
+        for folder in (self.cgroup / SERVICE_LEAF, self.cgroup):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        self.cgroup = None
+
+
 def _move_into_leaf(pid: int, cgroup: Path) -> bool:
     """Move the service straight into ``cgroup``'s leaf for it (cgroups.py), else into ``cgroup``.
 
@@ -483,27 +545,21 @@ def _cgroup_before_the_exec() -> Path | None:
     return own.parent
 
 
-def delegated_cgroup(*, guardian_log: logging.Logger) -> Path | None:
+def delegated_cgroup() -> tuple[Path | None, str]:
     """A new cgroup v2 under the service's own, for the instances, where that is allowed.
 
     "Delegated" means here: the service's cgroup v2 folder is writable, a child can be
     made in it, and it has ``cgroup.kill`` (Linux 5.14). Empty ``procward-*`` folders
-    left by earlier services are removed. None, said once in the log, otherwise.
+    left by earlier services are removed. Otherwise None, and the reason, for the log
+    (``CgroupPlacement`` is made before the log is set up).
     """
-
-    def unavailable(reason: str) -> None:
-        guardian_log.info("no cgroup for the instances (%s): the guardian alone kills their groups", reason)
-
     if os.environ.get("SUPERVISOR_CGROUP", "").lower() in ("0", "off", "no", "false"):
-        unavailable("SUPERVISOR_CGROUP is off")
-        return None
+        return None, "SUPERVISOR_CGROUP is off"
     own = _own_cgroup()
     if own is None:
-        unavailable("no cgroup v2 hierarchy mounted")
-        return None
+        return None, "no cgroup v2 hierarchy mounted"
     if not os.access(own, os.W_OK):
-        unavailable(f"{own} is not writable")
-        return None
+        return None, f"{own} is not writable"
     for stale in own.glob("procward-*"):
         if _service_lives(stale.name):
             # Another service's, running beside this one: its instances' cgroups are its own (an
@@ -519,13 +575,11 @@ def delegated_cgroup(*, guardian_log: logging.Logger) -> Path | None:
     try:
         path.mkdir()
     except OSError as exc:
-        unavailable(f"cannot make {path}: {exc.strerror}")
-        return None
+        return None, f"cannot make {path}: {exc.strerror}"
     if not (path / "cgroup.kill").exists():
         path.rmdir()
-        unavailable("no cgroup.kill: Linux before 5.14")
-        return None
-    return path
+        return None, "no cgroup.kill: Linux before 5.14"
+    return path, ""
 
 
 def _service_lives(name: str) -> bool:

@@ -27,7 +27,7 @@ import anyio
 from .config import Manifest, ManifestError, apart
 from .config.records import running_form
 from .events import Transition, Update
-from .guardian import Guardian
+from .guardian import CgroupPlacement, Guardian
 from .handoff.leftovers import stop_leftovers
 from .handoff.record import RecordKeeper
 from .handoff.signals import HANDOFF_SIGNALS, HeldSignals
@@ -52,8 +52,12 @@ class Service:
         environ: Mapping[str, str] | None = None,
         takeover: Takeover | None = None,
         collector_held: bool = False,
+        placement: CgroupPlacement | None = None,
     ) -> None:
         self.manifest = running_form(manifest)
+        # The instances' cgroup, made (and the service moved into its leaf) by the caller while
+        # the manifest was checked: run_service. Made when the guardian starts otherwise.
+        self._placement = placement
         # The caller (run_service) turned the garbage collector off for the start: what the
         # start makes lives as long as the service, and the collector's passes over it while it
         # grows were a tenth of a cold start. ``run`` freezes it all, then turns the collector on.
@@ -133,7 +137,7 @@ class Service:
         else:
             # What a crashed run on this state folder left is stopped before anything new starts.
             await stop_leftovers(self.manifest.state_dir)
-            guardian = _start_guardian()
+            guardian = _start_guardian(placement=self._placement)
         self._guardian = guardian
         if any(config.limits.memory for config in self.manifest.instances.values()):
             log.info(
@@ -449,10 +453,10 @@ def _socket_problem(path: Path, exc: OSError) -> str:
     return f"control socket {path}: {exc.strerror or exc}"
 
 
-def _start_guardian(*, resumed: bool = False) -> Guardian | None:
+def _start_guardian(*, resumed: bool = False, placement: CgroupPlacement | None = None) -> Guardian | None:
     """The second line of defence of decision 6 (guardian.py); the service runs on without it."""
     try:
-        return Guardian.start(resumed=resumed)
+        return Guardian.start(resumed=resumed, placement=placement)
     except OSError as exc:
         log.warning("cannot start the guardian (%s): instances' children may outlive the service", exc)
         return None

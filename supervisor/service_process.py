@@ -22,6 +22,7 @@ import anyio
 
 from .config import Manifest, ManifestError
 from .config.apart import ManifestCheck
+from .guardian import CgroupPlacement
 from .orphans import become_subreaper
 from .process import raise_fd_limit, remember_fd_limit
 from .service import Service
@@ -100,6 +101,7 @@ def _run_service(
     # it on then); on again here when it ends or the start failed (tests call this in-process).
     enabled = gc.isenabled()
     gc.disable()
+    placement: CgroupPlacement | None = None
     try:
         takeover = None
         if resume_fd is not None:
@@ -133,6 +135,9 @@ def _run_service(
                 manifest = takeover.manifest
             else:
                 check = manifest_check or ManifestCheck(manifest_path)
+                # While the child checks: the instances' cgroup, and the service moved into its leaf
+                # (the kernel's RCU wait, 10 to 25 ms, guardian.py); undone if the start fails.
+                placement = CgroupPlacement.make()
                 _import_ahead(backend)
                 manifest = check.result()
         except ManifestError as exc:
@@ -174,7 +179,7 @@ def _run_service(
                     if on_ready is not None:
                         on_ready()
 
-                anyio.run(_serve, manifest, ready, takeover, backend=backend)
+                anyio.run(_serve, manifest, ready, takeover, placement, backend=backend)
             except* (ControlError, StateDirError, PidfileError, CgroupRefused) as group:
                 for error in _leaves(group):  # a refusal from inside a task group comes nested
                     log.error("cannot start: %s", error)
@@ -185,6 +190,8 @@ def _run_service(
         own.close()
         return status
     finally:
+        if placement is not None:
+            placement.undo()  # a start that failed before the guardian took it: nothing left in the cgroups
         if enabled:
             gc.enable()
 
@@ -235,10 +242,16 @@ def _redirect_own_stdio(own: Stdio, log_file: Path | None, *, detached: bool) ->
     redirected.close()
 
 
-async def _serve(manifest: Manifest, ready: Callable[[], None], takeover: Takeover | None) -> None:
+async def _serve(
+    manifest: Manifest,
+    ready: Callable[[], None],
+    takeover: Takeover | None,
+    placement: CgroupPlacement | None,
+) -> None:
     # Built inside the event loop: anyio's events and locks belong to a running loop.
+    service = Service(manifest, takeover=takeover, collector_held=True, placement=placement)
     async with anyio.create_task_group() as tg:
-        await tg.start(Service(manifest, takeover=takeover, collector_held=True).run)
+        await tg.start(service.run)
         ready()
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import random
 import select
@@ -112,6 +111,12 @@ def kill_9(svc: ServiceProcess) -> None:
     svc.proc.send_signal(signal.SIGKILL)
     assert svc.proc.wait(timeout=30) == -signal.SIGKILL
     svc.expected_exit = None
+
+
+def guardian_in(pid: int, tree: Path) -> bool:
+    """Whether process ``pid`` sits in cgroup ``tree`` or one below it."""
+    folders = [Path(folder) for folder, _, _ in os.walk(tree)]
+    return any(str(pid) in (folder / "cgroup.procs").read_text().split() for folder in folders)
 
 
 def cgroup_dir(svc: ServiceProcess) -> Path | None:
@@ -338,7 +343,7 @@ def test_a_starting_service_clears_dead_services_cgroups_and_leaves_live_ones_al
     try:
         (live_folder / "web.instance").mkdir(parents=True)
         (dead_folder / "web.instance").mkdir(parents=True)
-        made = guardian.delegated_cgroup(guardian_log=logging.getLogger("test"))
+        made = guardian.delegated_cgroup()[0]
         assert made == own / f"procward-{os.getpid()}"
         assert (live_folder / "web.instance").is_dir()
         assert not dead_folder.exists()
@@ -350,6 +355,34 @@ def test_a_starting_service_clears_dead_services_cgroups_and_leaves_live_ones_al
                 folder.rmdir()
         if made is not None:
             made.rmdir()
+
+
+@pytest.mark.parametrize("refusal", ["a bad manifest", "a second service on the socket"])
+def test_a_refused_start_leaves_no_cgroup_behind(
+    tmp_path: Path, services: list[ServiceProcess], refusal: str
+) -> None:
+    """``supervisor run`` makes the instances' cgroup and moves itself into its leaf while the
+    manifest is checked (guardian.CgroupPlacement): a start refused after that (its manifest, or
+    a socket another service holds) moves out again and takes the folders away."""
+    own = guardian._own_cgroup()
+    if own is None or not os.access(own, os.W_OK):
+        pytest.skip("no writable cgroup v2 here")
+    if refusal == "a bad manifest":
+        manifest = write_manifest(tmp_path, "version: 1\ninstances:\n  one: {nonsense: 1}\n")
+        expected = "unknown key 'nonsense'"
+    else:
+        manifest = start(services, tmp_path, "version: 1\ninstances: {}\n", "cgroup").manifest
+        expected = "another service answers"
+    second = subprocess.Popen(
+        [*SUPERVISOR, "run", "-f", str(manifest)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "SUPERVISOR_CGROUP": "on"},
+    )
+    output = second.communicate(timeout=60)[0]
+    assert second.returncode == 1 and expected in output, output
+    assert not (own / f"procward-{second.pid}").exists(), output
 
 
 @pytest.mark.parametrize("mode", CGROUP_MODES)
@@ -383,7 +416,12 @@ def test_a_reexec_after_the_guardian_gave_up_starts_a_new_one_that_guards_the_ad
     assert argv[-2] == (str(tree).encode() if tree is not None else b"")  # the same cgroup, none nested
     if tree is not None:
         assert not (tree / "service" / tree.name).exists()
+    if tree is not None:  # spawned from inside the service's leaf, it steps out of the tree first
+        svc.wait_until(lambda: not guardian_in(new, tree), 10, "the new guardian out of the cgroup")
     before = snapshot(marker)
     kill_9(svc)
     wait_pid(new)
     assert wait_dead(before) == []
+    if tree is not None:  # and so its cgroup.kill did not kill it before it removed the tree
+        assert not tree.exists(), svc.log()
+        assert "killed and removed cgroup" in svc.log()
