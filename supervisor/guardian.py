@@ -494,7 +494,10 @@ class CgroupPlacement:
 
     @classmethod
     def make(cls) -> CgroupPlacement:
-        cgroup, unavailable = delegated_cgroup()
+        try:
+            cgroup, unavailable = delegated_cgroup()
+        except OSError as exc:  # a folder that cannot be listed or removed: the guardian alone, as without
+            return cls(None, f"cannot look at the service's cgroup: {exc.strerror or exc}")
         if cgroup is not None and not _move_into_leaf(os.getpid(), cgroup):
             with contextlib.suppress(OSError):
                 cgroup.rmdir()
