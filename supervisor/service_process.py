@@ -9,14 +9,17 @@ service itself, long-lived, is ``service.py``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -65,6 +68,7 @@ def run_service(
     interpreter, config/apart.py); one is started here otherwise. ``resume``: likewise, the
     record at ``resume_fd`` read and its check started (handoff/record_check.py).
     """
+    stopped_by: int | None = None
     try:
         return _run_service(
             manifest_path,
@@ -78,10 +82,15 @@ def run_service(
             manifest_check=manifest_check,
             resume=resume,
         )
+    except _StopDuringCheck as stop:
+        stopped_by = stop.signum
+        return 128 + stop.signum
     finally:
         for started in (manifest_check, resume):
             if started is not None:
                 started.abandon()  # a start that failed before it asked: no child left
+        if stopped_by is not None:  # undone: now the signal ends the process, as it would have
+            os.kill(os.getpid(), stopped_by)
 
 
 def _run_service(
@@ -102,6 +111,7 @@ def _run_service(
     enabled = gc.isenabled()
     gc.disable()
     placement: CgroupPlacement | None = None
+    own_check: ManifestCheck | None = None
     try:
         takeover = None
         if resume_fd is not None:
@@ -134,12 +144,14 @@ def _run_service(
             if takeover is not None:
                 manifest = takeover.manifest
             else:
-                check = manifest_check or ManifestCheck(manifest_path)
-                # While the child checks: the instances' cgroup, and the service moved into its leaf
-                # (the kernel's RCU wait, 10 to 25 ms, guardian.py); undone if the start fails.
-                placement = CgroupPlacement.make()
-                _import_ahead(backend)
-                manifest = check.result()
+                check = own_check = manifest_check or ManifestCheck(manifest_path)
+                with _stop_signals_undo_the_start() as held:
+                    # While the child checks: the instances' cgroup, and the service moved into its
+                    # leaf (the kernel's RCU wait, 10 to 25 ms, guardian.py); undone if the start fails.
+                    with held():  # a stop signal waits until there is a placement to undo
+                        placement = CgroupPlacement.make()
+                    _import_ahead(backend)
+                    manifest = check.result()
         except ManifestError as exc:
             print(exc, file=sys.stderr)
             return 1
@@ -190,10 +202,57 @@ def _run_service(
         own.close()
         return status
     finally:
+        if own_check is not None and own_check is not manifest_check:
+            own_check.abandon()
         if placement is not None:
             placement.undo()  # a start that failed before the guardian took it: nothing left in the cgroups
         if enabled:
             gc.enable()
+
+
+class _StopDuringCheck(BaseException):
+    """SIGTERM or SIGHUP while the manifest was checked: the start is undone, then the signal ends it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_signals_undo_the_start() -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
+    """While the manifest is checked, SIGTERM and SIGHUP undo what the start made, then end it.
+
+    The service's own handlers come later (service.py). Until then these signals killed the
+    process outright: harmless before the start made anything, but the cgroup is made while
+    the check runs (guardian.CgroupPlacement), and would have been left behind. A signal
+    that was ignored when the service started (nohup's SIGHUP) stays ignored; off the main
+    thread (an embedding caller) nothing is changed. Yields ``held``: a block during which
+    they and SIGINT (whose KeyboardInterrupt undoes the start the same way) wait, blocked,
+    so that what the block makes is there to be undone.
+    """
+    taken: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+
+        def stop(signum: int, frame: object) -> None:
+            raise _StopDuringCheck(signum)
+
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                taken[signum] = signal.signal(signum, stop)
+
+    @contextlib.contextmanager
+    def held() -> Iterator[None]:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *taken})  # Ctrl-C too
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    try:
+        yield held
+    finally:
+        for signum, previous in taken.items():
+            signal.signal(signum, previous)
 
 
 def _import_ahead(backend: str) -> None:

@@ -385,6 +385,79 @@ def test_a_refused_start_leaves_no_cgroup_behind(
     assert not (own / f"procward-{second.pid}").exists(), output
 
 
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGHUP, -signal.SIGHUP), (signal.SIGINT, 130)],
+    ids=["SIGTERM", "SIGHUP", "SIGINT"],
+)
+def test_a_stop_signal_while_the_manifest_is_checked_undoes_the_start(
+    tmp_path: Path, signum: int, status: int
+) -> None:
+    """A stop signal while ``supervisor run`` checks its manifest, once it has made the instances'
+    cgroup and moved into it (guardian.CgroupPlacement): the start is undone (the service moved
+    back, the folders gone, the check's child ended), then the signal ends the process, as it
+    did before the cgroup was made that early (Ctrl-C: the CLI's 130). The check's child is
+    stopped (SIGSTOP) as soon as it is there, so the signal comes while the service waits for it
+    (after the check, SIGHUP is a reload and SIGTERM a clean stop); the signal is sent as soon as
+    the leaf exists, often while the move into it is still under way."""
+    own = guardian._own_cgroup()
+    if own is None or not os.access(own, os.W_OK):
+        pytest.skip("no writable cgroup v2 here")
+    # 1,000 entries: the check takes long enough (most of a second) to be caught and stopped.
+    entries = "".join(f"  i{n}: {{command: [sleep, '300'], autostart: false}}\n" for n in range(1000))
+    manifest = tmp_path / "supervisor.yaml"
+    manifest.write_text("version: 1\ninstances:\n" + entries)
+    service = subprocess.Popen(
+        [*SUPERVISOR, "run", "-f", str(manifest)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "SUPERVISOR_CGROUP": "on"},
+        # A test run in the background (nohup, a CI runner) may ignore SIGINT or SIGHUP, and so would
+        # the service (it leaves an ignored signal ignored): here it starts with both at their default.
+        preexec_fn=lambda: [signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGHUP)],
+    )
+
+    def checking(pid: int) -> bool:
+        """Whether ``pid`` runs the check already: stopped before its exec, it would hold the
+        service in posix_spawn's vfork for good."""
+        try:
+            return b"supervisor.config.apart" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+
+    check = None
+    try:
+        deadline = time.monotonic() + 30
+        while check is None and time.monotonic() < deadline and service.poll() is None:
+            found = [pid for pid in children_of(service.pid) if checking(pid)]
+            if found:
+                check = found[0]
+                os.kill(check, signal.SIGSTOP)
+            else:
+                time.sleep(0.001)
+        assert check is not None, "the manifest's check was not seen"
+
+        def state() -> bytes:  # of the check: T once it is stopped, Z if it had ended already
+            return Path(f"/proc/{check}/stat").read_bytes().rpartition(b")")[2].split()[0]
+
+        wait_until(lambda: state() in (b"T", b"Z"), service, 30, "the check stopped")
+        assert state() == b"T", "the check ended before it could be stopped: make the manifest longer"
+        leaf = own / f"procward-{service.pid}" / "service"
+        wait_until(leaf.exists, service, 30, "the service's move into its leaf")
+        service.send_signal(signum)
+        output = service.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        if service.poll() is None:
+            service.kill()
+            service.wait()
+        if check is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(check, signal.SIGKILL)
+    assert service.returncode == status, output
+    assert not leaf.parent.exists(), output
+    wait_pid(check)  # killed by the service as it undid the start, and reaped
+
+
 @pytest.mark.parametrize("mode", CGROUP_MODES)
 def test_a_reexec_after_the_guardian_gave_up_starts_a_new_one_that_guards_the_adopted(
     tmp_path: Path, services: list[ServiceProcess], mode: str

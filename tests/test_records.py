@@ -350,6 +350,22 @@ def test_a_check_whose_parent_dies_does_not_outlive_it(tmp_path: Path) -> None:
         parent.stdin.close()  # type: ignore[union-attr]
 
 
+def test_the_parent_watch_cannot_end_a_check_that_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watch's timer is off before the check answers: the interpreter gives SIGALRM its default
+    action back as it exits, and a tick then ended the process ("killed by a signal") after it had
+    answered. With a tick every millisecond, each exit met one; with the 1 s period, once in a few
+    hundred checks that outlasted a second (a re-exec's check under load, in CI)."""
+    from supervisor.config import apart
+
+    monkeypatch.setattr(apart, "ORPHAN_CHECK_PERIOD", 0.001)
+    path = write_manifest(tmp_path, "version: 1\ninstances:\n  one: {command: [sleep, '1']}\n")
+    for _ in range(3):
+        manifest = ManifestCheck(path).result()
+        assert list(manifest.instances) == ["one"]
+
+
 @pytest.mark.parametrize("kind", ["fifo", "symlink to a fifo", "folder", "/dev/zero"])
 def test_a_manifest_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
     """Not read, not waited on: a fifo with no writer would hold the check (and a reload) for good."""

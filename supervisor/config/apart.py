@@ -291,6 +291,11 @@ def answer(check: Callable[[], tuple[str, Any]]) -> int:
         found = check()
     except ManifestError as exc:
         found = ("problems", exc.problems)
+    finally:
+        # The parent watch's timer (_WATCH) off before the answer: at its exit the interpreter gives
+        # SIGALRM its default action back, which ends the process, and a tick in that moment (once
+        # in a few hundred checks that outlasted a second) made a good answer "killed by a signal".
+        signal.setitimer(signal.ITIMER_REAL, 0)
     sys.stdout.buffer.write(pickle.dumps(found, protocol=pickle.HIGHEST_PROTOCOL))
     sys.stdout.flush()
     return 0
