@@ -386,12 +386,18 @@ def test_a_refused_start_leaves_no_cgroup_behind(
 
 
 @pytest.mark.parametrize(
-    ("signum", "status"),
-    [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGHUP, -signal.SIGHUP), (signal.SIGINT, 130)],
-    ids=["SIGTERM", "SIGHUP", "SIGINT"],
+    ("signum", "status", "ignored"),
+    [
+        (signal.SIGTERM, -signal.SIGTERM, None),
+        (signal.SIGHUP, -signal.SIGHUP, None),
+        (signal.SIGINT, 130, None),
+        # Ignored at the start (nohup): it stays ignored while SIGTERM is caught.
+        (signal.SIGTERM, -signal.SIGTERM, signal.SIGHUP),
+    ],
+    ids=["SIGTERM", "SIGHUP", "SIGINT", "SIGHUP ignored"],
 )
 def test_a_stop_signal_while_the_manifest_is_checked_undoes_the_start(
-    tmp_path: Path, signum: int, status: int
+    tmp_path: Path, signum: int, status: int, ignored: int | None
 ) -> None:
     """A stop signal while ``supervisor run`` checks its manifest, once it has made the instances'
     cgroup and moved into it (guardian.CgroupPlacement): the start is undone (the service moved
@@ -414,7 +420,10 @@ def test_a_stop_signal_while_the_manifest_is_checked_undoes_the_start(
         env={**os.environ, "SUPERVISOR_CGROUP": "on"},
         # A test run in the background (nohup, a CI runner) may ignore SIGINT or SIGHUP, and so would
         # the service (it leaves an ignored signal ignored): here it starts with both at their default.
-        preexec_fn=lambda: [signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGHUP)],
+        preexec_fn=lambda: [
+            signal.signal(sig, signal.SIG_IGN if sig == ignored else signal.SIG_DFL)
+            for sig in (signal.SIGINT, signal.SIGHUP)
+        ],
     )
 
     def checking(pid: int) -> bool:
@@ -444,6 +453,12 @@ def test_a_stop_signal_while_the_manifest_is_checked_undoes_the_start(
         assert state() == b"T", "the check ended before it could be stopped: make the manifest longer"
         leaf = own / f"procward-{service.pid}" / "service"
         wait_until(leaf.exists, service, 30, "the service's move into its leaf")
+        status_file = Path(f"/proc/{service.pid}/status")
+        fields = (line.partition(":\t") for line in status_file.read_text().splitlines())
+        masks = {key: int(value, 16) for key, _, value in fields if key in ("SigIgn", "SigCgt")}
+        for caught in (signal.SIGTERM, signal.SIGHUP):  # while it waits, unless ignored at the start
+            mask = "SigIgn" if caught == ignored else "SigCgt"
+            assert masks[mask] & (1 << (caught - 1)), (signal.Signals(caught).name, mask, masks)
         service.send_signal(signum)
         output = service.communicate(timeout=60)[0].decode(errors="replace")
     finally:
