@@ -107,6 +107,13 @@ def wait_pid(pid: int, timeout: float = 30) -> None:
         os.close(pidfd)
 
 
+def groups_of(pids: dict[int, str]) -> int:
+    """How many process groups ``pids`` are in (0 if one is gone meanwhile)."""
+    with contextlib.suppress(ProcessLookupError):
+        return len({os.getpgid(pid) for pid in pids})
+    return 0
+
+
 def kill_9(svc: ServiceProcess) -> None:
     svc.proc.send_signal(signal.SIGKILL)
     assert svc.proc.wait(timeout=30) == -signal.SIGKILL
@@ -173,10 +180,14 @@ def test_kill_9_leaves_no_process_of_any_group(
 ) -> None:
     marker = unique_marker()
     svc = start(services, tmp_path, forkers(marker, 4), mode)
-    # forker-N: sh + 2 sleeps; jobs: sh + sleep + subshell + its sleep
-    svc.wait_until(lambda: len(snapshot(marker)) == 4 * 3 + 2, 30, "every instance's grandchildren")
+    # forker-N: sh + 2 sleeps; regrouper: itself + a child that moves to a group of its own. Waited
+    # for by groups too: that child is counted from its fork, before its setpgid().
+    svc.wait_until(
+        lambda: len(snapshot(marker)) == 4 * 3 + 2 and groups_of(snapshot(marker)) == 4 + 2,
+        30,
+        "every instance's grandchildren, one group escaped its leader's",
+    )
     before = snapshot(marker)
-    assert len({os.getpgid(pid) for pid in before}) == 4 + 2  # one group escaped its leader's
     keeper = guardian_of(svc)
     kill_9(svc)
     wait_pid(keeper)  # the guardian has done its work and is gone, not a zombie left to init
@@ -202,9 +213,17 @@ def test_cgroup_kills_what_left_the_session(tmp_path: Path, services: list[Servi
             restart: {{min_uptime: 0}}
         """
     svc = start(services, tmp_path, manifest, "cgroup")
-    svc.wait_until(lambda: len(snapshot(marker)) == 2, 30, "the daemon and the instance")
+
+    def sessions() -> int:  # of the marked processes: 2 once `setsid` has made its own
+        with contextlib.suppress(ProcessLookupError):
+            return len({os.getsid(pid) for pid in snapshot(marker)})
+        return 0
+
+    # Both processes exist before the daemon's setsid() (the forked shell, then `setsid`): the
+    # count of processes alone let the test look too early, and find them in one session.
+    in_two = "the daemon in a session of its own"
+    svc.wait_until(lambda: len(snapshot(marker)) == 2 and sessions() == 2, 30, in_two)
     before = snapshot(marker)
-    assert len({os.getsid(pid) for pid in before}) == 2  # really another session
     keeper = guardian_of(svc)
     kill_9(svc)
     wait_pid(keeper)
@@ -442,8 +461,9 @@ def test_a_stop_signal_while_the_manifest_is_checked_undoes_the_start(
             if found:
                 check = found[0]
                 os.kill(check, signal.SIGSTOP)
-            else:
-                time.sleep(0.001)
+            else:  # a bounded wait on the service, which must not exit meanwhile
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    service.wait(timeout=0.001)
         assert check is not None, "the manifest's check was not seen"
 
         def state() -> bytes:  # of the check: T once it is stopped, Z if it had ended already

@@ -9,6 +9,7 @@ tests ``kill -9`` a real ``supervisor run`` (and its guardian) and start another
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -589,11 +590,21 @@ def test_kill_9_of_a_service_in_its_pid_namespace_ends_everything_it_started(
     pidfile = tmp_path / "service.pid"
     env = {"SUPERVISOR_CGROUP": "off"}  # the namespace alone
     svc = service(escapers(marker), args=("--pid-namespace", "--pidfile", str(pidfile)), env=env)
-    svc.wait_until(lambda: len(marked(marker)) == 3 * 3 + 2 + 2, 30, "every instance's children")
+
+    def sessions() -> int:  # of the marked processes (0 if one is gone meanwhile)
+        with contextlib.suppress(ProcessLookupError):
+            return len({os.getsid(pid) for pid in marked(marker)})
+        return 0
+
+    # Waited for by sessions too: the daemon is counted from its fork, before its setsid().
+    svc.wait_until(
+        lambda: len(marked(marker)) == 3 * 3 + 2 + 2 and sessions() == 5 + 1,
+        30,
+        "every instance's children, the daemon out of its instance's session",
+    )
     svc.wait_until(pidfile.exists, 30, "the pidfile")
     assert pidfile.read_text() == f"{svc.pid}\n"  # the pid outside, not the namespace's 1
     before = marked(marker)
-    assert len({os.getsid(pid) for pid in before}) == 5 + 1  # the daemon left its instance's session
     statuses = svc.status()
     assert set(statuses) == {"forker-0", "forker-1", "forker-2", "regrouper", "daemon"}
     # The pids status shows are the namespace's: not the host's pids of those processes.

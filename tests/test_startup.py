@@ -163,11 +163,13 @@ def test_what_is_made_before_the_instances_is_kept_out_of_the_collectors_walks(t
     assert result.returncode == 0, result.stderr
 
 
-def test_supervisor_run_starts_with_the_collector_off_and_serves_with_it_on(tmp_path: Path) -> None:
-    """The start makes tens of thousands of objects that live as long as the service and almost
-    no garbage: the collector's passes over them while they grew were a tenth of a cold start.
-    ``supervisor run`` (the CLI's own function, in its own interpreter) must run no collection
-    before it has frozen them, and must serve with the collector on."""
+def run_until_it_answers(tmp_path: Path, *, before: str, at_answer: str, args: tuple[str, ...] = ()) -> Any:
+    """``supervisor run`` (the CLI's own function) in its own interpreter, shut down once it answers.
+
+    ``before``: lines run first (``sys`` and ``gc`` are imported); ``at_answer``: lines run in a
+    thread once the service answers on its socket, which put what they saw into ``seen``. The
+    result is ``seen``, with ``status``: what ``main`` returned.
+    """
     manifest = write_manifest(
         tmp_path,
         """
@@ -176,35 +178,52 @@ def test_supervisor_run_starts_with_the_collector_off_and_serves_with_it_on(tmp_
           one: {command: ["sleep", "300"], restart: {min_uptime: 0}}
         """,
     )
+    socket = manifest.parent / ".supervisor" / "control.sock"
     code = f"""
 import gc, json, os, sys, threading
 from supervisor.api.client import Client
 from supervisor.cli import main
-collections = []  # the freeze count at each collection once the service's import has begun
-
-def collecting(phase, info):
-    if phase == "start" and "supervisor.service" in sys.modules:
-        collections.append(gc.get_freeze_count())
-
-gc.callbacks.append(collecting)
+{textwrap.dedent(before)}
 read, write = os.pipe()
 seen = {{}}
 
 def watch():
     with open(read, "rb") as ready:
         ready.read()  # the pid, then EOF: the service answers on its socket
-    seen.update(at_answer=list(collections), enabled=gc.isenabled(), frozen=gc.get_freeze_count())
-    Client({str(manifest.parent / ".supervisor" / "control.sock")!r}, timeout=30).shutdown()
+{textwrap.indent(textwrap.dedent(at_answer), "    ")}
+    Client({str(socket)!r}, timeout=30).shutdown()
 
 threading.Thread(target=watch).start()
-status = main(["run", "-f", {str(manifest)!r}, "--ready-fd", str(write)])
+status = main(["run", "-f", {str(manifest)!r}, "--ready-fd", str(write), *{list(args)!r}])
 print(json.dumps(dict(seen, status=status)))
 """
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    found = json.loads(result.stdout.splitlines()[-1])
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_supervisor_run_starts_with_the_collector_off_and_serves_with_it_on(tmp_path: Path) -> None:
+    """The start makes tens of thousands of objects that live as long as the service and almost
+    no garbage: the collector's passes over them while they grew were a tenth of a cold start.
+    ``supervisor run`` (the CLI's own function, in its own interpreter) must run no collection
+    before it has frozen them, and must serve with the collector on."""
+    found = run_until_it_answers(
+        tmp_path,
+        before="""
+            collections = []  # the freeze count at each collection once the service's import has begun
+
+            def collecting(phase, info):
+                if phase == "start" and "supervisor.service" in sys.modules:
+                    collections.append(gc.get_freeze_count())
+
+            gc.callbacks.append(collecting)
+        """,
+        at_answer="""
+            seen.update(at_answer=list(collections), enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+        """,
+    )
     assert found["status"] == 0 and found["enabled"] is True and found["frozen"] > 20_000, found
     # Collections there were (the spawns run with it on), but none before the start was frozen.
     assert all(frozen > 20_000 for frozen in found["at_answer"]), found
@@ -216,47 +235,26 @@ def test_supervisor_run_imports_while_its_manifest_is_checked(tmp_path: Path, ba
     imports then is free, what it imports after the answer is on the path to the first status.
     Only ``anyio.run`` itself imported its backend (10 to 15 ms); no module of the control plane
     or of the event loop may come after the check's answer."""
-    manifest = write_manifest(
+    found = run_until_it_answers(
         tmp_path,
-        """
-        version: 1
-        instances:
-          one: {command: ["sleep", "300"], restart: {min_uptime: 0}}
+        before="""
+            from supervisor.config import apart
+
+            checked = {}
+            result = apart.ManifestCheck.result
+
+            def noted(self):
+                manifest = result(self)
+                checked.setdefault("modules", set(sys.modules))
+                return manifest
+
+            apart.ManifestCheck.result = noted
         """,
+        at_answer="""
+            seen["after"] = sorted(set(sys.modules) - checked["modules"])
+        """,
+        args=("--backend", backend),
     )
-    code = f"""
-import json, os, sys, threading
-from supervisor.api.client import Client
-from supervisor.cli import main
-from supervisor.config import apart
-
-checked = {{}}
-result = apart.ManifestCheck.result
-
-def noted(self):
-    manifest = result(self)
-    checked.setdefault("modules", set(sys.modules))
-    return manifest
-
-apart.ManifestCheck.result = noted
-read, write = os.pipe()
-seen = {{}}
-
-def watch():
-    with open(read, "rb") as ready:
-        ready.read()  # the pid, then EOF: the service answers on its socket
-    seen["after"] = sorted(set(sys.modules) - checked["modules"])
-    Client({str(manifest.parent / ".supervisor" / "control.sock")!r}, timeout=30).shutdown()
-
-threading.Thread(target=watch).start()
-status = main(["run", "-f", {str(manifest)!r}, "--ready-fd", str(write), "--backend", {backend!r}])
-print(json.dumps(dict(seen, status=status)))
-"""
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    found = json.loads(result.stdout.splitlines()[-1])
     assert found["status"] == 0, found
     ours_and_the_loop = ("supervisor", "anyio", "asyncio", "trio", "sniffio", "starlette", "pickle")
     late = heavy(set(found["after"]), ours_and_the_loop)
