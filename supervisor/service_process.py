@@ -202,8 +202,8 @@ def _run_service(
         own.close()
         return status
     finally:
-        if own_check is not None and own_check is not manifest_check:
-            own_check.abandon()
+        if own_check is not None:
+            own_check.abandon()  # a no-op once it has answered
         if placement is not None:
             placement.undo()  # a start that failed before the guardian took it: nothing left in the cgroups
         if enabled:
