@@ -79,6 +79,8 @@ class Service:
         self._held: HeldSignals | None = None
         #: The manifest the new code's check read; the handover goes ahead only with it.
         self._checked_manifest: Manifest | None = None
+        #: The new code's answer for that manifest, carried over the exec (handoff/record_check.py).
+        self._checked_answer: dict[str, str] | None = None
         # Those the old service held during the handover that made this one: acted on at once.
         self._resumed_signals: list[int] = [] if takeover is None else takeover.signals
         # Set once a re-exec'd service has taken over (its instances adopted): it acts on the
@@ -246,10 +248,13 @@ class Service:
         except BaseException:
             self._handing_over = False
             raise
+        # The new code's answer for the manifest goes over the exec, not to the client.
+        answer = report.pop("checked", None)
         if check:
             self._handing_over = False
             return report
         self._checked_manifest = checked
+        self._checked_answer = answer
         log.info("re-exec: the new code would resume %d instances; handing over", report["instances"])
         # Held from now (before the answer goes out) until the new service listens for them, or
         # the handover is abandoned: a TERM sent meanwhile reaches the service that acts on it.
@@ -257,7 +262,7 @@ class Service:
         self._tg.start_soon(self._hand_over)
         return report
 
-    def _handoff_record(self) -> dict[str, Any]:
+    def _handoff_record(self, checked: dict[str, str] | None = None) -> dict[str, Any]:
         from .handoff.reexec import service_record
         from .handoff.state import process_start_ticks
 
@@ -272,6 +277,7 @@ class Service:
             self._handover_began,
             self._keeper.start_ticks if self._keeper is not None else process_start_ticks,
             None if self._held is None else self._held.fd,
+            checked,
         )
 
     async def _hand_over(self) -> None:
@@ -303,7 +309,7 @@ class Service:
                 if self._stopping:  # a TERM that came before the block, seen while we waited
                     raise InvalidRequest("service", "a shutdown was asked for meanwhile: it goes first")
                 # No await from here: nothing changes between the record and the exec.
-                error = exec_service(self._handoff_record())
+                error = exec_service(self._handoff_record(self._checked_answer))
             self.handoff_error = error
             log.error("re-exec failed, the service goes on: %s", error)
         except InvalidRequest as exc:

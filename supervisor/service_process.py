@@ -131,6 +131,7 @@ def _run_service(
                 _import_ahead(backend)  # while the child checks the record
                 takeover = prepare_resume(resume.record, resume.manifest())
                 takeover.size = resume.size
+                takeover.handed = resume.handed is not None
             except HandoffError as exc:
                 print(f"supervisor: cannot resume: {exc}", file=sys.stderr)
                 return 1

@@ -186,6 +186,10 @@ def test_reexec_keeps_every_instance_its_pid_counters_lines_and_deadlines(
     # (Status answers once the instances are built; the line comes once each has resumed.)
     svc.wait_until(lambda: "re-exec'd: took over" in svc.log(), 10, "the new service's line")
     handoff = _reexec_line(svc.log())
+    # The new code's check of the manifest, made a moment before the exec, came with the record:
+    # the new process started no child for it (handoff/record_check.py).
+    assert "re-exec: the manifest came checked" in svc.log(), svc.log()
+    assert "the manifest was checked again" not in svc.log()
     svc.wait_until(
         lambda: all(
             any(at > handoff and to == "starting" for at, _, to in _transitions(svc.log(), name))

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHECK_TIMEOUT",
-    "CheckRefused",
     "ManifestCheck",
     "answer",
     "main",
@@ -71,10 +70,6 @@ ORPHAN_CHECK_PERIOD = 1.0
 MANIFEST = "supervisor.config.apart"
 
 
-class CheckRefused(Exception):
-    """The child refused what it was given for a reason of its own, not the manifest's problems."""
-
-
 def child_argv(
     path: str | os.PathLike[str], entry: str = MANIFEST, *, watch_parent: bool = False
 ) -> list[str]:
@@ -104,8 +99,6 @@ def read_answer(path: str | Path, out: bytes, err: bytes, status: int | None) ->
             return value
         if kind == "problems":
             raise ManifestError(value)
-        if kind == "refused":
-            raise CheckRefused(value)
         raise refusal(path, f"the check of the manifest answered {kind!r}, which this code cannot read", err)
     how = "was killed by a signal" if status is not None and status < 0 else f"exited with {status}"
     raise refusal(path, f"the check of the manifest {how}", err)

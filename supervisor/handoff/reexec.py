@@ -42,6 +42,7 @@ from ..config import Manifest
 from ..config.records import as_data
 from ..process import Child, SpawnError, inherited_fd_limit, spawn
 from .record import ProcessIdentity, identity
+from .record_check import HAND_OVER_ENV, HANDED_MAX
 from .signals import HANDOFF_SIGNALS, read_held
 from .state import (
     VERSION,
@@ -69,7 +70,8 @@ log = logging.getLogger("supervisor")
 
 #: How long the new code may take to import and read the state in ``check_new_code``.
 CHECK_TIMEOUT = 30.0
-_CHECK_OUTPUT = 64 * 1024
+#: What the check may print: its report, with the manifest's answer (record_check.py) in it.
+_CHECK_OUTPUT = 64 * 1024 + HANDED_MAX
 _DROPPED_OPTIONS = ("--ready-fd", "--resume")
 _DROPPED_FLAGS = ("--resume-check", "-d", "--detach")
 
@@ -108,6 +110,7 @@ def service_record(
     began: tuple[float, float] | None = None,
     start_ticks: Callable[[int], int | None] = process_start_ticks,
     signals: int | None = None,
+    checked: dict[str, str] | None = None,
 ) -> StateRecord:
     """The record's ``service`` section and instances, with each live child's start time.
 
@@ -116,6 +119,7 @@ def service_record(
     ``start_ticks``: a child's start time (the crash record's keeper knows it from its spawn:
     no read of /proc per instance in the handover).
     ``signals``: the read end of ``HeldSignals``' pipe, handed over (signals.py).
+    ``checked``: the new code's answer for the manifest, from its check (``check_new_code``).
     """
     for instance in manager_state["instances"]:
         child = instance["child"]
@@ -124,7 +128,7 @@ def service_record(
     from ..pidns import service_pid
 
     source = manifest.source
-    return {
+    record: StateRecord = {
         "service": {
             "pid": os.getpid(),
             "service_pid": service_pid(),  # the outer process's under --pid-namespace
@@ -143,11 +147,16 @@ def service_record(
         },
         "instances": manager_state["instances"],
     }
+    if checked is not None:
+        record["service"]["checked"] = checked
+    return record
 
 
 async def check_new_code(record: StateRecord) -> dict[str, Any]:
     """Run the new code on a copy of ``record`` in a subprocess; its report (``check_report``).
 
+    The report's ``checked``, when there, is the new code's answer for the manifest, for the
+    record at the exec (``service_record``): the new process then checks it no more.
     Raises ``HandoffError`` with the reason when it would not resume.
     """
     state_fd = write_state(record)
@@ -155,7 +164,11 @@ async def check_new_code(record: StateRecord) -> dict[str, Any]:
     try:
         try:
             child = spawn(
-                resume_argv(sys.argv[1:], 0, check=True), stdin=state_fd, stdout=write, stderr=write
+                resume_argv(sys.argv[1:], 0, check=True),
+                stdin=state_fd,
+                stdout=write,
+                stderr=write,
+                env={**os.environ, HAND_OVER_ENV: "1"},
             )
         except SpawnError as exc:
             raise HandoffError(f"the new code cannot start, the service goes on as it is: {exc}") from None
@@ -173,6 +186,11 @@ async def check_new_code(record: StateRecord) -> dict[str, Any]:
         if report is not None and report.get("error"):
             why = str(report["error"])
         raise HandoffError(f"the new code would not resume, the service goes on as it is:\n{why}")
+    checked = report.get("checked")
+    if checked is not None and not (
+        isinstance(checked, dict) and all(isinstance(checked.get(key), str) for key in ("digest", "answer"))
+    ):
+        report["checked"] = None  # not one the record can carry: the new process checks again
     return report
 
 
@@ -276,6 +294,8 @@ class Takeover:
     read_at: float = field(default_factory=time.monotonic)
     #: The record's size in bytes, for the log.
     size: int = 0
+    #: Whether the manifest came checked from the old service's check of this code (record_check.py).
+    handed: bool = False
     #: The handoff's signals that a thread of the old service took during the handover (the
     #: new service acts on them as it starts listening).
     signals: list[int] = field(default_factory=list)
@@ -364,6 +384,10 @@ def log_handover(takeover: Takeover, served: float, known: tuple[float, float] |
     """
     service = takeover.service
     written = float(service["written_at"])
+    if takeover.handed:
+        log.info("re-exec: the manifest came checked, from the old service's check of this code")
+    else:
+        log.info("re-exec: the manifest was checked again after the exec, in a child")
     began, began_cpu = service.get("handover_began"), service.get("handover_cpu")  # optional
     if _number(began):
         log.info("re-exec: the old service wrote its state %.3fs after the handover began", written - began)
@@ -442,7 +466,7 @@ def check_report(data: bytes, log_file: Path | None = None, pidfile: Path | None
     # cgroup policy; the pidfile's module comes with ``_check_start``).
     from .. import cgroup_policy, pidns, probe_loop, probes, service, service_process  # noqa: F401
     from ..api import app, server  # noqa: F401
-    from .record_check import PendingResume
+    from .record_check import PendingResume, checked_answer
 
     try:
         # What the new service does with the record after the exec (record_check.py), on this copy.
@@ -464,7 +488,7 @@ def check_report(data: bytes, log_file: Path | None = None, pidfile: Path | None
             same += 1
         else:
             gone += 1
-    return {
+    report = {
         "ok": True,
         "version": VERSION,
         "instances": len(record["instances"]),
@@ -473,3 +497,6 @@ def check_report(data: bytes, log_file: Path | None = None, pidfile: Path | None
         "gone": gone,
         "python": sys.version.split()[0],
     }
+    if os.environ.get(HAND_OVER_ENV):  # an old service that carries it over the exec asked for it
+        report["checked"] = checked_answer(manifest, record["service"])
+    return report

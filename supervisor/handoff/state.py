@@ -42,8 +42,9 @@ FORMAT = "procward-handoff"
 #: Version 2 adds the event sequence number (``service.events_seq``, required) and, optional,
 #: when the handover began (``service.handover_began``), whether an instance had its cgroup
 #: (``instances[].cgroup``), the fd of the signals held during the handover
-#: (``service.signals``, handoff/signals.py) and the connections between two requests
-#: (``service.listeners.connections``, api/http1.py).
+#: (``service.signals``, handoff/signals.py), the connections between two requests
+#: (``service.listeners.connections``, api/http1.py) and the new code's check of the manifest
+#: (``service.checked``, record_check.py).
 VERSION = 2
 #: What this code reads: its own version, and version 1 (a service that numbered no events:
 #: its successor numbers from 1, as a fresh start does; its instances' cgroups are looked up).
@@ -117,13 +118,8 @@ def read_state_bytes(fd: int, *, require_seals: bool = True) -> bytes:
     return b"".join(chunks)
 
 
-def parse_state(data: bytes, *, shape: bool = True) -> StateRecord:
-    """The record from its bytes, after checking its format, its version and its shape (shape.py).
-
-    ``shape=False``: the caller has the shape checked elsewhere before it takes anything
-    (a resuming service: in the child interpreter that checks its manifest, which holds
-    pydantic so that the service does not; ``record_check.py``).
-    """
+def parse_state(data: bytes) -> StateRecord:
+    """The record from its bytes, after checking its format, its version and its shape (shape.py)."""
     try:
         record = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -150,7 +146,7 @@ def parse_state(data: bytes, *, shape: bool = True) -> StateRecord:
     else:
         service["events_seq"] = 0
     _check_handed_fds(service)
-    refusal = shape_refusal(record) if shape else None
+    refusal = shape_refusal(record)
     if refusal is not None:
         raise HandoffError(refusal)
     return record
@@ -158,7 +154,7 @@ def parse_state(data: bytes, *, shape: bool = True) -> StateRecord:
 
 def shape_refusal(record: StateRecord) -> str | None:
     """Why the record's shape is not what this code reads (shape.py), or None."""
-    from .shape import shape_problems  # built on first use: by a resume or its check, not a cold start
+    from .shape import shape_problems  # a resume's, or its check's: a cold start never imports it
 
     problems = shape_problems(record)
     if not problems:
