@@ -68,14 +68,10 @@ def argv_before(
     nothing = death_signal is None and nofile is None and register is None and not limits and cgroup is None
     if nothing or not USE_LAUNCHER:
         return []
-    global _tools, _gate_sets_nofile
-    if _tools is None:
-        found = [shutil.which(tool) or "" for tool in ("setpriv", "prlimit", "sh")]
-        _tools = tuple(found) if all(found) and _setpriv_knows_pdeathsig(found[0]) else ()
-        _gate_sets_nofile = bool(_tools) and _shell_sets_nofile(_tools[2])
-    if not _tools:
+    tools = look_up_tools()
+    if not tools:
         return []
-    setpriv, prlimit, sh = _tools
+    setpriv, prlimit, sh = tools
     renice = shutil.which("renice") if limits.nice is not None else ""
     if renice is None:
         return []
@@ -155,6 +151,21 @@ def _setpriv_knows_pdeathsig(setpriv: str) -> bool:
 _tools: tuple[str, ...] | None = None
 #: The shell sets the open-files limit itself (``ulimit -S -n``, ``-H -n``): no prlimit for it.
 _gate_sets_nofile = False
+
+
+def look_up_tools() -> tuple[str, ...]:
+    """(setpriv, prlimit, sh), or () when one is missing: found, and setpriv and the shell asked
+    what they can do (two short processes, 10 to 20 ms), once.
+
+    The first spawn does it if nothing did before; ``supervisor run`` does it while its manifest
+    is checked (service_process.py), where those milliseconds are free.
+    """
+    global _tools, _gate_sets_nofile
+    if _tools is None:
+        found = [shutil.which(tool) or "" for tool in ("setpriv", "prlimit", "sh")]
+        _tools = tuple(found) if all(found) and _setpriv_knows_pdeathsig(found[0]) else ()
+        _gate_sets_nofile = bool(_tools) and _shell_sets_nofile(_tools[2])
+    return _tools
 
 
 def _shell_sets_nofile(sh: str) -> bool:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from . import launcher
 from .config import Manifest, ManifestError
 from .config.apart import ManifestCheck
 from .guardian import CgroupPlacement
@@ -152,6 +153,7 @@ def _run_service(
                     with held():  # a stop signal waits until there is a placement to undo
                         placement = CgroupPlacement.make()
                     _import_ahead(backend)
+                    launcher.look_up_tools()  # else at the first spawn, on the path to "running"
                     manifest = check.result()
         except ManifestError as exc:
             print(exc, file=sys.stderr)

@@ -234,10 +234,12 @@ def test_supervisor_run_imports_while_its_manifest_is_checked(tmp_path: Path, ba
     """The service waits about 100 ms for its manifest's check (a child interpreter): what it
     imports then is free, what it imports after the answer is on the path to the first status.
     Only ``anyio.run`` itself imported its backend (10 to 15 ms); no module of the control plane
-    or of the event loop may come after the check's answer."""
+    or of the event loop may come after the check's answer, and the launch tools are looked up
+    by then (else the first spawn waits 10 to 20 ms for it)."""
     found = run_until_it_answers(
         tmp_path,
         before="""
+            from supervisor import launcher
             from supervisor.config import apart
 
             checked = {}
@@ -246,12 +248,14 @@ def test_supervisor_run_imports_while_its_manifest_is_checked(tmp_path: Path, ba
             def noted(self):
                 manifest = result(self)
                 checked.setdefault("modules", set(sys.modules))
+                checked.setdefault("tools", launcher._tools)
                 return manifest
 
             apart.ManifestCheck.result = noted
         """,
         at_answer="""
             seen["after"] = sorted(set(sys.modules) - checked["modules"])
+            seen["tools"] = checked["tools"]
         """,
         args=("--backend", backend),
     )
@@ -259,6 +263,9 @@ def test_supervisor_run_imports_while_its_manifest_is_checked(tmp_path: Path, ba
     ours_and_the_loop = ("supervisor", "anyio", "asyncio", "trio", "sniffio", "starlette", "pickle")
     late = heavy(set(found["after"]), ours_and_the_loop)
     assert late == [], found["after"]
+    # The launch tools were looked up (setpriv and the shell asked what they can do: two short
+    # processes) by the time the check answered, not at the first spawn.
+    assert found["tools"] is not None, found
 
 
 def test_run_service_gives_the_collector_back_when_the_start_fails(tmp_path: Path) -> None:
