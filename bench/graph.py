@@ -15,10 +15,11 @@
    service's CPU over 30 s, in percent of one core, against the same 100 instances
    with no check (the idle floor) in the same run. Target: ≤ 2 % of one core.
 
-`--only probes` runs the third part alone. `--baseline DIR` runs the probing part also for
-an older tree of ours (DIR holds its `supervisor` package, e.g. `git archive main supervisor |
-tar -x -C DIR`), with this venv's interpreter and packages, the two services taking turns
-(`--rounds` each): before and after side by side, in the same run, on the same machine load.
+`--only probes` runs the third part alone. `--baseline DIR` runs every part also for an older
+tree of ours (DIR holds its `supervisor` package, e.g. `git archive main supervisor | tar -x -C
+DIR`), with this venv's interpreter and packages, the two services taking turns (the graph
+round by round; the probing `--rounds` each): before and after side by side, in the same run,
+on the same machine load.
 
 The graph is run `--graph-rounds` times (the median is the figure), and as many times again
 autostarted, from spawning `supervisor run` (the issue's wording): that figure has the service's
@@ -109,11 +110,11 @@ def graph_manifest(folder: Path, levels: int, width: int, delay: float, *, autos
     return path
 
 
-def critical_path(levels: int, width: int, delay: float) -> dict[str, float]:
+def critical_path(levels: int, width: int, delay: float, baseline: Path | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         path = graph_manifest(Path(tmp), levels, width, delay)
         ready_at: dict[str, float] = {}
-        service, client, _ = start(path)
+        service, client, _ = start(path, baseline)
         try:
             with client.events() as events:
                 # Subscribed first, then started: no ready event can come before we listen.
@@ -140,7 +141,7 @@ def critical_path(levels: int, width: int, delay: float) -> dict[str, float]:
     }
 
 
-def from_run(levels: int, width: int, delay: float) -> dict[str, float]:
+def from_run(levels: int, width: int, delay: float, baseline: Path | None = None) -> dict[str, float]:
     """The same graph autostarted: from spawning ``supervisor run`` until the last level is ready.
 
     What the issue's wording measures: the service's own start-up (imports, the manifest, the
@@ -150,7 +151,7 @@ def from_run(levels: int, width: int, delay: float) -> dict[str, float]:
     """
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         path = graph_manifest(Path(tmp), levels, width, delay, autostart=True)
-        service, client, began = start(path)
+        service, client, began = start(path, baseline)
         try:
             answered = time.time()
             result = client.wait([f"l{levels - 1}"], "ready", timeout=60)
@@ -249,6 +250,31 @@ class _Server(http.server.ThreadingHTTPServer):
         pass
 
 
+Figures = list[dict[str, float]]
+
+
+def _report_graph(label: str, path: float, runs: Figures, cold: Figures) -> None:
+    ratios = sorted(run["total"] / path for run in runs)
+    rounds = ", ".join(f"{r:.2f}" for r in ratios)
+    print(
+        f"  {label}from `start --all` to all ready: ratio to the critical path ({path:.2f} s) median "
+        f"{statistics.median(ratios):.2f} (rounds: {rounds}; target <= 1.3)"
+    )
+    latencies = sorted(run["median_ms"] for run in runs)
+    worst = max(run["p99_ms"] for run in runs)
+    print(
+        f"  {label}READY=1 -> ready event: median {statistics.median(latencies):.2f} ms,"
+        f" p99 (worst round) {worst:.2f} ms (target: median <= 5 ms)"
+    )
+    totals = sorted(run["total"] / path for run in cold)
+    startup = statistics.median(run["startup"] for run in cold)
+    print(
+        f"  {label}from spawning `supervisor run` (autostart) to all ready: ratio median "
+        f"{statistics.median(totals):.2f} (rounds: {', '.join(f'{r:.2f}' for r in totals)}), of which "
+        f"the service's start-up until its socket answered: median {startup * 1e3:.0f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--levels", type=int, default=10)
@@ -258,7 +284,7 @@ def main() -> None:
     parser.add_argument("--probe-seconds", type=float, default=30)
     parser.add_argument("--probe", choices=["http", "tcp"], default="http")
     parser.add_argument("--only", choices=["graph", "probes"])
-    parser.add_argument("--baseline", type=Path, help="an older tree of ours to compare the probing with")
+    parser.add_argument("--baseline", type=Path, help="an older tree of ours to compare with, side by side")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--graph-rounds", type=int, default=3, help="runs of each graph figure (median)")
     args = parser.parse_args()
@@ -268,30 +294,20 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
     )
     if args.only != "probes":
-        path = args.levels * args.delay
         delay_ms = args.delay * 1e3
         print(f"graph: {args.levels} levels x {args.width}, ready by sd_notify {delay_ms:.0f} ms after start")
-        runs = [critical_path(args.levels, args.width, args.delay) for _ in range(args.graph_rounds)]
-        ratios = sorted(run["total"] / path for run in runs)
-        rounds = ", ".join(f"{r:.2f}" for r in ratios)
-        print(
-            f"  from `start --all` to all ready: ratio to the critical path ({path:.2f} s) median "
-            f"{statistics.median(ratios):.2f} (rounds: {rounds}; target <= 1.3)"
-        )
-        latencies = sorted(run["median_ms"] for run in runs)
-        worst = max(run["p99_ms"] for run in runs)
-        print(
-            f"  READY=1 -> ready event: median {statistics.median(latencies):.2f} ms,"
-            f" p99 (worst round) {worst:.2f} ms (target: median <= 5 ms)"
-        )
-        cold = [from_run(args.levels, args.width, args.delay) for _ in range(args.graph_rounds)]
-        totals = sorted(run["total"] / path for run in cold)
-        startup = statistics.median(run["startup"] for run in cold)
-        print(
-            f"  from spawning `supervisor run` (autostart) to all ready: ratio median "
-            f"{statistics.median(totals):.2f} (rounds: {', '.join(f'{r:.2f}' for r in totals)}), of which "
-            f"the service's start-up until its socket answered: median {startup * 1e3:.0f} ms"
-        )
+        trees: list[tuple[str, Path | None]] = [("", None)]
+        if args.baseline is not None:  # both trees, round by round: the same load for both
+            trees = [("before: ", args.baseline), ("after: ", None)]
+        figures: dict[str, tuple[Figures, Figures]] = {label: ([], []) for label, _ in trees}
+        for _ in range(args.graph_rounds):
+            for label, tree in trees:
+                figures[label][0].append(critical_path(args.levels, args.width, args.delay, tree))
+        for _ in range(args.graph_rounds):
+            for label, tree in trees:
+                figures[label][1].append(from_run(args.levels, args.width, args.delay, tree))
+        for label, (runs, cold) in figures.items():
+            _report_graph(label, args.levels * args.delay, runs, cold)
     if args.only != "graph":
         server = _Server(("127.0.0.1", 0), _Health)
         threading.Thread(target=server.serve_forever, daemon=True).start()

@@ -342,9 +342,10 @@ class Manager(Resumption):
                 if source is None:
                     continue
                 for dependent in self.dependents(source):
-                    edge = dependent.config.depends_on[source.group]
-                    started = dependent.status().started_at
-                    if edge.restart and started is not None and started < event.at:
+                    if not dependent.config.depends_on[source.group].restart:
+                        continue  # most edges: every start of a graph's level came through here
+                    started = dependent.started_at
+                    if started is not None and started < event.at:
                         assert self._tg is not None
                         self._tg.start_soon(self._restart_quietly, dependent, source.name)
 
