@@ -138,43 +138,88 @@ def _gate(check_parent: bool, register: int | None, *, keep_pwd: bool, limits: S
     return "\n".join(lines)
 
 
-def _setpriv_knows_pdeathsig(setpriv: str) -> bool:
-    """setpriv learnt --pdeathsig in util-linux 2.33 (2018); older ones refuse it."""
-    try:
-        help_text = subprocess.run([setpriv, "--help"], capture_output=True, text=True, timeout=5).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "--pdeathsig" in help_text
+class _Probe:
+    """A short process that says what a tool can do: started now, its answer read later."""
+
+    def __init__(self, argv: list[str]) -> None:
+        try:
+            self._process: subprocess.Popen[bytes] | None = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+            )
+        except OSError:
+            self._process = None
+
+    def answer(self) -> tuple[int, bytes] | None:
+        """Its exit status and what it printed; None if it could not run or took over 5 s."""
+        process = self._process
+        if process is None:
+            return None
+        try:
+            out, _ = process.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            return None
+        return process.returncode, out
+
+
+#: Whether the shell sets the soft and hard open-files limits (dash, bash, busybox ash do).
+_SHELL_SETS_NOFILE = 'ulimit -S -n "$(ulimit -S -n)" && ulimit -H -n "$(ulimit -H -n)"'
+
+
+class ToolLookup:
+    """Where setpriv, prlimit and sh are, and what setpriv and the shell can do (util-linux
+    learnt ``--pdeathsig`` in 2.33, 2018): both probes started at once, read by ``finish``."""
+
+    def __init__(self) -> None:
+        found = [shutil.which(tool) or "" for tool in ("setpriv", "prlimit", "sh")]
+        self._found = tuple(found) if all(found) else ()
+        self._probes: tuple[_Probe, ...] = ()
+        if self._found:
+            self._probes = (_Probe([found[0], "--help"]), _Probe([found[2], "-c", _SHELL_SETS_NOFILE]))
+
+    def finish(self) -> tuple[tuple[str, ...], bool]:
+        """(setpriv, prlimit, sh), or () when one is missing or setpriv is too old; and whether
+        the shell sets the open-files limit itself."""
+        if not self._probes:
+            return (), False
+        helped, shell = (probe.answer() for probe in self._probes)
+        if helped is None or b"--pdeathsig" not in helped[1]:
+            return (), False
+        return self._found, shell is not None and shell[0] == 0
 
 
 #: (setpriv, prlimit, sh) once looked up; () when one is missing.
 _tools: tuple[str, ...] | None = None
 #: The shell sets the open-files limit itself (``ulimit -S -n``, ``-H -n``): no prlimit for it.
 _gate_sets_nofile = False
+#: A lookup started ahead (``start_tool_lookup``), not read yet.
+_lookup: ToolLookup | None = None
+
+
+def start_tool_lookup() -> None:
+    """Start the launch tools' lookup now, to be read by ``look_up_tools``: ``supervisor run``
+    starts it as its manifest's check begins, so that its two probes (10 to 20 ms) run while
+    the service imports itself, off the path to the first spawn."""
+    global _lookup
+    if _tools is None and _lookup is None:
+        _lookup = ToolLookup()
 
 
 def look_up_tools() -> tuple[str, ...]:
-    """(setpriv, prlimit, sh), or () when one is missing: found, and setpriv and the shell asked
-    what they can do (two short processes, 10 to 20 ms), once.
-
-    The first spawn does it if nothing did before; ``supervisor run`` does it while its manifest
-    is checked (service_process.py), where those milliseconds are free.
-    """
-    global _tools, _gate_sets_nofile
+    """(setpriv, prlimit, sh), or () when one is missing: looked up once (by the first spawn,
+    unless ``supervisor run`` did it while its manifest was checked)."""
+    global _tools, _gate_sets_nofile, _lookup
     if _tools is None:
-        found = [shutil.which(tool) or "" for tool in ("setpriv", "prlimit", "sh")]
-        _tools = tuple(found) if all(found) and _setpriv_knows_pdeathsig(found[0]) else ()
-        _gate_sets_nofile = bool(_tools) and _shell_sets_nofile(_tools[2])
+        lookup, _lookup = _lookup or ToolLookup(), None
+        _tools, _gate_sets_nofile = lookup.finish()
     return _tools
 
 
 def _shell_sets_nofile(sh: str) -> bool:
     """Whether ``sh`` sets the soft and hard open-files limits (dash, bash, busybox ash do)."""
-    script = 'ulimit -S -n "$(ulimit -S -n)" && ulimit -H -n "$(ulimit -H -n)"'
-    try:
-        return subprocess.run([sh, "-c", script], capture_output=True, timeout=5).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
+    answer = _Probe([sh, "-c", _SHELL_SETS_NOFILE]).answer()
+    return answer is not None and answer[0] == 0
 
 
 def check_program(program: str, cwd: str | None, env: Mapping[str, str] | None) -> None:

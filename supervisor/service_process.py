@@ -147,14 +147,15 @@ def _run_service(
                 manifest = takeover.manifest
             else:
                 check = own_check = manifest_check or ManifestCheck(manifest_path)
+                launcher.start_tool_lookup()  # read after the check: else at the first spawn
                 with _stop_signals_undo_the_start() as held:
                     # While the child checks: the instances' cgroup, and the service moved into its
                     # leaf (the kernel's RCU wait, 10 to 25 ms, guardian.py); undone if the start fails.
                     with held():  # a stop signal waits until there is a placement to undo
                         placement = CgroupPlacement.make()
                     _import_ahead(backend)
-                    launcher.look_up_tools()  # else at the first spawn, on the path to "running"
                     manifest = check.result()
+                launcher.look_up_tools()  # its probes have ended meanwhile
         except ManifestError as exc:
             print(exc, file=sys.stderr)
             return 1

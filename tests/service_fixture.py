@@ -156,6 +156,15 @@ def pid_gone(pid: int) -> bool:
         return True
 
 
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is ``pid`` (any of its threads), from /proc."""
+    found: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            found += [int(p) for p in children.read().split()]
+    return found
+
+
 def processes_with(marker: str) -> list[int]:
     """Pids whose command line contains ``marker`` (an argument unique to one test)."""
     found = []

@@ -27,7 +27,14 @@ import pytest
 
 from supervisor import guardian
 
-from .service_fixture import SUPERVISOR, ServiceProcess, processes_with, wait_until, write_manifest
+from .service_fixture import (
+    SUPERVISOR,
+    ServiceProcess,
+    children_of,
+    processes_with,
+    wait_until,
+    write_manifest,
+)
 
 CGROUP_MODES = ["cgroup", "guardian-only"]
 
@@ -70,14 +77,6 @@ def wait_dead(pids: dict[int, str], timeout: float = 20) -> list[str]:
         finally:
             os.close(pidfd)
     return survivors
-
-
-def children_of(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as children:
-            found += [int(p) for p in children.read().split()]
-    return found
 
 
 def guardians_of(svc: ServiceProcess) -> list[int]:
@@ -446,10 +445,9 @@ def test_a_stop_signal_while_the_manifest_is_checked_undoes_the_start(
     )
 
     def checking(pid: int) -> bool:
-        """Whether ``pid`` runs the check already: stopped before its exec, it would hold the
-        service in posix_spawn's vfork for good."""
+        """Whether ``pid`` is the check: a fork of the service, which names itself so for ps."""
         try:
-            return b"supervisor.config.apart" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            return Path(f"/proc/{pid}/comm").read_bytes().strip() == b"procward-check"
         except OSError:
             return False
 

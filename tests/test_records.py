@@ -8,11 +8,13 @@ re-exec's data, and the child's answers (records, problems, a crash) as the serv
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import pickle
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -307,20 +309,24 @@ async def test_a_reload_cancelled_while_its_check_runs_leaves_no_child(
 # A parent that starts a check of a manifest that is a fifo no one writes, says its child's
 # pid and waits to be killed.
 ORPHANING = """
-import sys
+import os, sys
 from supervisor.config.apart import ManifestCheck
-check = ManifestCheck(sys.argv[1], entry="tests.blocked_check")
-print(check.pid, flush=True)
+held = os.pipe()  # one inheritable (a --ready-fd, say), one not: a fork must hold neither
+os.set_inheritable(held[1], True)
+check = ManifestCheck(sys.argv[1], entry="tests.blocked_check", fork=sys.argv[2] == "fork")
+print(check.pid, os.fstat(held[0]).st_ino, flush=True)
 sys.stdin.read()
 """
 
 
-def test_a_check_whose_parent_dies_does_not_outlive_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["fork", "new interpreter"])
+def test_a_check_whose_parent_dies_does_not_outlive_it(tmp_path: Path, how: str) -> None:
     """`supervisor run` killed while its check is stuck in a read leaves no child behind.
 
-    The child (tests/blocked_check.py, in the check's own interpreter) is blocked in the
-    open of a fifo with no writer, where nothing else would ever wake it; its parent's
-    death must. (The loader refuses a fifo; a stuck network mount blocks the same way.)
+    The child (tests/blocked_check.py, in the check's own process) is blocked in the open of a
+    fifo with no writer, where nothing else would ever wake it; its parent's death must. (The
+    loader refuses a fifo; a stuck network mount blocks the same way.) A forked check (as
+    `supervisor run` starts it) names itself for ps and holds only its own stdio.
     """
     import select
     import signal
@@ -328,17 +334,28 @@ def test_a_check_whose_parent_dies_does_not_outlive_it(tmp_path: Path) -> None:
     fifo = tmp_path / "supervisor.yaml"
     os.mkfifo(fifo)
     parent = subprocess.Popen(
-        [sys.executable, "-c", ORPHANING, str(fifo)],
+        [sys.executable, "-c", ORPHANING, str(fifo), how],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert parent.stdout is not None
-    child = int(parent.stdout.readline())
+    child, held = (int(word) for word in parent.stdout.readline().split())
     watched = os.pidfd_open(child)
     try:
         # The child is still checking (on its way to the fifo, or blocked on it) while its parent lives.
         assert select.select([watched], [], [], 0)[0] == []
+        if how == "fork":
+            comm = Path(f"/proc/{child}/comm")
+            deadline = time.monotonic() + 30
+            while comm.read_text().strip() != "procward-check":  # named once its descriptors are closed
+                assert time.monotonic() < deadline and not select.select([watched], [], [], 0.001)[0]
+            fds = {}
+            for fd in os.listdir(f"/proc/{child}/fd"):  # what it opens itself (its imports) comes and goes
+                with contextlib.suppress(FileNotFoundError):
+                    fds[int(fd)] = os.readlink(f"/proc/{child}/fd/{fd}")
+            assert f"pipe:[{held}]" not in fds.values(), fds  # the parent's, inheritable or not
+            assert fds[0] == os.devnull and fds[1].startswith("pipe:") and fds[2].startswith("pipe:"), fds
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=30)
         ended, _, _ = select.select([watched], [], [], 30)  # readable once the child has ended

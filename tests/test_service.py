@@ -18,6 +18,7 @@ from .service_fixture import (
     SUPERVISOR,
     ServiceProcess,
     answers,
+    children_of,
     pid_gone,
     processes_with,
     wait_until,
@@ -233,14 +234,6 @@ def _unshare_works() -> bool:
     return probe.returncode == 0
 
 
-def _children_of(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as children:
-            found += [int(p) for p in children.read().split()]
-    return found
-
-
 @pytest.mark.skipif(not _unshare_works(), reason="needs unshare(1) and the right to make a PID namespace")
 def test_as_pid_1_it_reaps_orphans_and_stops_on_sigterm(tmp_path: Path) -> None:
     """`supervisor run` as the init of a PID namespace, as in a container."""
@@ -267,11 +260,11 @@ def test_as_pid_1_it_reaps_orphans_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert client.health()["pid"] == 1  # the init of its namespace
         with client.follow("forker", lines=100) as chunks:
             assert any(b"ready" in chunk for chunk in chunks)
-        (init,) = _children_of(unshare.pid)  # the service's pid outside the namespace
+        (init,) = children_of(unshare.pid)  # the service's pid outside the namespace
         # "ready" may come before the backgrounded sleep has exec'd (it is the subshell until then).
         wait_until(lambda: processes_with(marker), unshare, 20, "the orphan's exec")
         (orphan,) = processes_with(marker)
-        assert orphan in _children_of(init)  # its parent exited: PID 1 adopted it
+        assert orphan in children_of(init)  # its parent exited: PID 1 adopted it
         os.kill(orphan, signal.SIGKILL)
         wait_until(lambda: not os.path.exists(f"/proc/{orphan}"), unshare, 20, "the reaping of the orphan")
         os.kill(init, signal.SIGTERM)  # from outside: PID 1 gets only the signals it handles
@@ -280,7 +273,7 @@ def test_as_pid_1_it_reaps_orphans_and_stops_on_sigterm(tmp_path: Path) -> None:
         assert "got SIGTERM" in stderr and stderr.rstrip().endswith("stopped")
     finally:
         if unshare.poll() is None:
-            for init in _children_of(unshare.pid):  # a SIGKILL of unshare alone leaves the namespace
+            for init in children_of(unshare.pid):  # a SIGKILL of unshare alone leaves the namespace
                 os.kill(init, signal.SIGKILL)  # its init's death kills everything in it
             unshare.kill()
             unshare.wait()

@@ -22,7 +22,7 @@ import pytest
 
 from supervisor.api.client import Client, ClientError
 
-from .service_fixture import ServiceProcess, write_manifest
+from .service_fixture import SUPERVISOR, ServiceProcess, answers, children_of, wait_until, write_manifest
 
 Start = Callable[..., ServiceProcess]
 
@@ -248,7 +248,7 @@ def test_supervisor_run_imports_while_its_manifest_is_checked(tmp_path: Path, ba
             def noted(self):
                 manifest = result(self)
                 checked.setdefault("modules", set(sys.modules))
-                checked.setdefault("tools", launcher._tools)
+                checked.setdefault("tools", launcher._tools is not None or launcher._lookup is not None)
                 return manifest
 
             apart.ManifestCheck.result = noted
@@ -263,9 +263,55 @@ def test_supervisor_run_imports_while_its_manifest_is_checked(tmp_path: Path, ba
     ours_and_the_loop = ("supervisor", "anyio", "asyncio", "trio", "sniffio", "starlette", "pickle")
     late = heavy(set(found["after"]), ours_and_the_loop)
     assert late == [], found["after"]
-    # The launch tools were looked up (setpriv and the shell asked what they can do: two short
-    # processes) by the time the check answered, not at the first spawn.
-    assert found["tools"] is not None, found
+    # The launch tools' lookup (setpriv and the shell asked what they can do: two short
+    # processes) was under way by the time the check answered, not left to the first spawn.
+    assert found["tools"] is True, found
+
+
+def test_supervisor_run_checks_its_manifest_in_a_fork_of_itself(service: Start) -> None:
+    """A fork, not a new interpreter: it has the interpreter and the CLI's imports already (60 ms
+    of a cold start, config/apart.py), and names itself for ps. 1,000 entries: the check takes long
+    enough to be seen."""
+    entries = "".join(f"  i{n}: {{command: [sleep, '300'], autostart: false}}\n" for n in range(1000))
+    svc = service("version: 1\ninstances:\n" + entries, ready=False)
+
+    def check() -> list[str]:
+        names = []
+        for pid in children_of(svc.pid):
+            try:
+                names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+            except OSError:  # reaped meanwhile
+                continue
+        return names
+
+    svc.wait_until(lambda: "procward-check" in check(), 30, "the check's fork among the service's children")
+    svc.wait_ready()
+    assert "procward-check" not in check()  # answered, ended, reaped
+
+
+@pytest.mark.parametrize("closed", [(0,), (0, 1, 2)], ids=["stdin", "stdin, stdout and stderr"])
+def test_a_service_started_with_its_standard_streams_closed_checks_and_runs(
+    tmp_path: Path, closed: tuple[int, ...]
+) -> None:
+    """With fd 0 (or all three) closed, the check's pipes get those numbers: its fork must still
+    end up with its answer's pipes as its own stdout and stderr (config/apart.py)."""
+    import os
+    import signal
+
+    manifest = write_manifest(tmp_path, "version: 1\ninstances:\n  one: {command: [sleep, '300']}\n")
+    service = subprocess.Popen(
+        [*SUPERVISOR, "run", "-f", str(manifest)],
+        cwd=tmp_path,
+        preexec_fn=lambda: [os.close(fd) for fd in closed],
+    )
+    try:
+        client = Client(manifest.parent / ".supervisor" / "control.sock", timeout=5)
+        wait_until(lambda: answers(client), service, 30, "an answer on the socket")
+        [one] = client.status()
+        assert one["name"] == "one" and one["state"] in ("starting", "running"), one
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(timeout=60) == 0
 
 
 def test_run_service_gives_the_collector_back_when_the_start_fails(tmp_path: Path) -> None:

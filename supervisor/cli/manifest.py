@@ -35,9 +35,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     gc.disable()
     from ..config.apart import ManifestCheck
 
-    # The manifest is checked in a child interpreter (config/apart.py), started first: it loads
-    # pydantic and the models while this process imports the service.
-    check = ManifestCheck(args.file) if args.resume is None else None
+    # The manifest is checked in a child (config/apart.py), started first: it loads pydantic and
+    # the models while this process imports the service. A fork: this process runs one thread yet.
+    check = ManifestCheck(args.file, fork=True) if args.resume is None else None
     resume = None
     if args.resume is not None and not args.resume_check:  # a re-exec: the record's check, as early
         from ..handoff.record_check import PendingResume
@@ -67,7 +67,7 @@ def _run_in_pid_namespace(args: argparse.Namespace) -> int:
     from ..statedir import StateDirError, prepare_state_dir
 
     try:
-        manifest = ManifestCheck(args.file).result()  # in a child: the service never holds pydantic
+        manifest = ManifestCheck(args.file, fork=True).result()  # the service never holds pydantic
         prepare_state_dir(manifest.state_dir)
     except (ManifestError, StateDirError) as exc:
         print(exc, file=sys.stderr)

@@ -32,7 +32,7 @@ from .state import HandoffError, StateRecord, parse_state, read_state_bytes
 if TYPE_CHECKING:
     from ..config import Manifest
 
-__all__ = ["HANDED_MAX", "HAND_OVER_ENV", "PendingResume", "checked_answer", "main"]
+__all__ = ["HANDED_MAX", "HAND_OVER_ENV", "PendingResume", "check", "checked_answer", "main"]
 
 ENTRY = "supervisor.handoff.record_check"
 #: Set by the old service for its check of the new code: hand the manifest's answer over.
@@ -67,7 +67,7 @@ class PendingResume:
             self.record = parse_state(data)
             self.handed = _handed_answer(self.record["service"])
             if self.handed is None:
-                self._check = ManifestCheck("the state record", data, entry=ENTRY)
+                self._check = ManifestCheck("the state record", data, entry=ENTRY, fork=True)
         except HandoffError as exc:
             self.error = exc
         except OSError as exc:  # no descriptor or process left for the check's child
@@ -144,10 +144,12 @@ def _digest(service: dict[str, Any]) -> str:
 
 def main(argv: list[str]) -> int:
     """The child: the record on stdin (its shape checked by the service already); its manifest, checked."""
-    record: dict[str, Any] = json.load(sys.stdin.buffer)
+    data = sys.stdin.buffer.read()
+    return answer(lambda: check(argv[0], data))
 
-    def check() -> tuple[str, Any]:
-        source = record["service"]["source"] or argv[0]
-        return ("manifest", manifest_from_data(record["service"]["manifest"], source))
 
-    return answer(check)
+def check(path: str, data: dict[str, Any] | bytes | None) -> tuple[str, Any]:
+    """The record's manifest under this code's models, as records."""
+    record: dict[str, Any] = json.loads(data) if isinstance(data, bytes) else data or {}
+    source = record["service"]["source"] or path
+    return ("manifest", manifest_from_data(record["service"]["manifest"], source))
