@@ -167,7 +167,7 @@ class _Probe:
 _SHELL_SETS_NOFILE = 'ulimit -S -n "$(ulimit -S -n)" && ulimit -H -n "$(ulimit -H -n)"'
 
 
-class ToolLookup:
+class _ToolLookup:
     """Where setpriv, prlimit and sh are, and what setpriv and the shell can do (util-linux
     learnt ``--pdeathsig`` in 2.33, 2018): both probes started at once, read by ``finish``."""
 
@@ -194,7 +194,7 @@ _tools: tuple[str, ...] | None = None
 #: The shell sets the open-files limit itself (``ulimit -S -n``, ``-H -n``): no prlimit for it.
 _gate_sets_nofile = False
 #: A lookup started ahead (``start_tool_lookup``), not read yet.
-_lookup: ToolLookup | None = None
+_lookup: _ToolLookup | None = None
 
 
 def start_tool_lookup() -> None:
@@ -203,7 +203,7 @@ def start_tool_lookup() -> None:
     the service imports itself, off the path to the first spawn."""
     global _lookup
     if _tools is None and _lookup is None:
-        _lookup = ToolLookup()
+        _lookup = _ToolLookup()
 
 
 def look_up_tools() -> tuple[str, ...]:
@@ -211,7 +211,7 @@ def look_up_tools() -> tuple[str, ...]:
     unless ``supervisor run`` did it while its manifest was checked)."""
     global _tools, _gate_sets_nofile, _lookup
     if _tools is None:
-        lookup, _lookup = _lookup or ToolLookup(), None
+        lookup, _lookup = _lookup or _ToolLookup(), None
         _tools, _gate_sets_nofile = lookup.finish()
     return _tools
 

@@ -22,6 +22,7 @@ case, is walked once by ``ok``; ``problems`` walks it again only to say what is 
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,14 +47,16 @@ Problem = tuple[tuple[Any, ...], str, object]
 KEY = "[key]"
 
 
-class Shape:
+class Shape(ABC):
     """One field's kind. ``ok`` answers fast; ``problems`` says what is wrong, and where."""
 
+    @abstractmethod
     def ok(self, value: object) -> bool:
-        raise NotImplementedError
+        """Whether ``value`` is of this kind (the whole of it, for a container)."""
 
+    @abstractmethod
     def problems(self, value: object, path: tuple[Any, ...], out: list[Problem]) -> None:
-        raise NotImplementedError
+        """Append to ``out`` what is wrong with ``value``, at ``path`` and below."""
 
 
 class Int(Shape):
