@@ -14,7 +14,7 @@ import anyio
 
 from .launcher import prctl
 from .process import ExitStatus, exit_status, registered
-from .signal_wakeup import quiet_when_full
+from .signal_wakeup import signal_receiver
 
 __all__ = ["become_subreaper", "living_children", "reap_orphans", "run_orphan_reaper"]
 
@@ -74,8 +74,7 @@ async def run_orphan_reaper(sweep_interval: float = _SWEEP_INTERVAL) -> None:
     ``/proc`` (10,000 of them with 10,000 instances), and an idle service must cost
     no CPU at all (issue 13: 0 clock ticks over 30 s).
     """
-    with anyio.open_signal_receiver(signal.SIGCHLD) as signals:
-        quiet_when_full()  # a burst of exits overflows the wakeup fd: harmless, and no traceback
+    with signal_receiver(signal.SIGCHLD) as signals:  # a burst of exits overflows it, quietly
         while True:
             reap_orphans()
             with anyio.move_on_after(sweep_interval) as quiet:

@@ -33,7 +33,7 @@ from .handoff.record import RecordKeeper
 from .handoff.signals import HANDOFF_SIGNALS, HeldSignals
 from .manager import ApplyError, Manager, ReloadReport
 from .orphans import living_children, run_orphan_reaper
-from .signal_wakeup import quiet_when_full
+from .signal_wakeup import signal_receiver
 from .statedir import StateDirError, prepare_state_dir
 
 if TYPE_CHECKING:
@@ -394,8 +394,7 @@ class Service:
 
     async def _handle_signals(self) -> None:
         interrupts = 0
-        with anyio.open_signal_receiver(*HANDOFF_SIGNALS) as signals:
-            quiet_when_full()  # asyncio set the wakeup fd again, with a traceback for each overflow
+        with signal_receiver(*HANDOFF_SIGNALS) as signals:
             # A re-exec holds these until the new service has taken over (bounded: a takeover
             # that hangs must not make the service deaf to a TERM), then those that came during
             # the handover come: the ones a thread of the old service took (raised here, pending

@@ -14,13 +14,25 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator, Iterator
 
-__all__ = ["quiet_when_full"]
+import anyio
+
+__all__ = ["quiet_when_full", "signal_receiver"]
+
+
+@contextlib.contextmanager
+def signal_receiver(*signals: int) -> Iterator[AsyncIterator[int]]:
+    """``anyio.open_signal_receiver``, and the wakeup fd set again without the warning after it:
+    the service's receivers open through here, so that none brings the tracebacks back."""
+    with anyio.open_signal_receiver(*signals) as received:
+        quiet_when_full()
+        yield received
 
 
 def quiet_when_full() -> None:
-    """The current wakeup fd, set again without the warning. Call it in the main thread after
-    each ``anyio.open_signal_receiver`` (asyncio sets the fd again for each).
+    """The current wakeup fd, set again without the warning, in the main thread (asyncio sets
+    the fd again for each ``anyio.open_signal_receiver``: ``signal_receiver`` calls this after).
 
     There is no call that reads the fd without setting one, so a pipe of ours stands in for the
     moment between the two calls; a signal taken then (by any thread) wrote its number there, and

@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from supervisor.orphans import run_orphan_reaper
-from supervisor.signal_wakeup import quiet_when_full
+from supervisor.signal_wakeup import quiet_when_full, signal_receiver
 
 pytestmark = pytest.mark.anyio
 
@@ -24,8 +24,7 @@ BURST = 5000  # well over what the loop's socket pair holds (about a thousand on
 async def test_a_burst_overflowing_the_wakeup_fd_prints_nothing_and_still_wakes_the_loop(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    with anyio.open_signal_receiver(signal.SIGUSR1) as signals:
-        quiet_when_full()
+    with signal_receiver(signal.SIGUSR1) as signals:
         for _ in range(BURST):  # no await: the loop reads none of them meanwhile
             os.kill(os.getpid(), signal.SIGUSR1)
         with anyio.fail_after(10):

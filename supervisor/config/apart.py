@@ -375,9 +375,9 @@ def answer(check: Callable[[], tuple[str, Any]]) -> NoReturn:
     except ManifestError as exc:
         found = ("problems", exc.problems)
     finally:
-        # The parent watch's timer (_WATCH) off before the answer: at its exit the interpreter gives
-        # SIGALRM its default action back, which ends the process, and a tick in that moment (once
-        # in a few hundred checks that outlasted a second) made a good answer "killed by a signal".
+        # The parent watch's timer (watch_parent) off before the answer: nothing is left to watch
+        # for, and a tick as the process ends (Python gives SIGALRM its default action back at its
+        # exit, if it gets there) made a good answer "killed by a signal" once in a few hundred.
         signal.setitimer(signal.ITIMER_REAL, 0)
     view = memoryview(pickle.dumps(found, protocol=pickle.HIGHEST_PROTOCOL))
     while view:  # on the descriptor itself: a forked child's sys.stdout is not its own
