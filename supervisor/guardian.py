@@ -504,6 +504,13 @@ class CgroupPlacement:
             return cls(None, f"cannot move the service into {cgroup}")
         return cls(cgroup, unavailable)
 
+    @classmethod
+    def start(cls) -> PendingPlacement:
+        """``make`` in a thread of its own, for ``result`` later: the move waits on the kernel
+        (its RCU grace period, 10 to 25 ms of a cold start), and ``supervisor run`` imports the
+        service meanwhile; on the path to its first answer were both, one after the other."""
+        return PendingPlacement()
+
     def undo(self) -> None:
         if self.cgroup is None or self.taken:
             return
@@ -514,6 +521,39 @@ class CgroupPlacement:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         self.cgroup = None
+
+
+class PendingPlacement:
+    """A ``CgroupPlacement`` being made in a thread (``CgroupPlacement.start``).
+
+    The thread inherits the signal mask of the thread that starts it: started while stop
+    signals are blocked, it never takes one, and the main thread's handler does (Python
+    runs handlers there only; a signal the kernel gave this thread would wait for it).
+    A process that moves between cgroups holds up every fork in the system until the move
+    is done: start this after the forks of the same moment (the launch tools' probes).
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._made: CgroupPlacement | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._make, name="procward-placement", daemon=True)
+        self._thread.start()
+
+    def _make(self) -> None:
+        try:
+            self._made = CgroupPlacement.make()
+        except BaseException as exc:  # raised in the thread that asks for the result
+            self._error = exc
+
+    def result(self) -> CgroupPlacement:
+        """The placement, once made; the thread is gone when this returns."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._made is not None
+        return self._made
 
 
 def _move_into_leaf(pid: int, cgroup: Path) -> bool:

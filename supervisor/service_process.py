@@ -26,7 +26,7 @@ import anyio
 from . import launcher
 from .config import Manifest, ManifestError
 from .config.apart import ManifestCheck
-from .guardian import CgroupPlacement
+from .guardian import CgroupPlacement, PendingPlacement
 from .orphans import become_subreaper
 from .process import raise_fd_limit, remember_fd_limit
 from .service import Service
@@ -147,14 +147,25 @@ def _run_service(
                 manifest = takeover.manifest
             else:
                 check = own_check = manifest_check or ManifestCheck(manifest_path)
-                launcher.start_tool_lookup()  # read after the check: else at the first spawn
+                # Read after the check: else at the first spawn. Its forks come before the move
+                # below, which holds up any fork until it is done.
+                launcher.start_tool_lookup()
                 with _stop_signals_undo_the_start() as held:
                     # While the child checks: the instances' cgroup, and the service moved into its
-                    # leaf (the kernel's RCU wait, 10 to 25 ms, guardian.py); undone if the start fails.
-                    with held():  # a stop signal waits until there is a placement to undo
-                        placement = CgroupPlacement.make()
-                    _import_ahead(backend)
-                    manifest = check.result()
+                    # leaf, in a thread (the kernel's RCU wait, 10 to 25 ms, guardian.py) while
+                    # this one imports the service; undone if the start fails. The thread starts
+                    # with the stop signals blocked, so that this thread takes them; one that came
+                    # meanwhile is raised as the block ends, inside the try: the placement is joined.
+                    pending: PendingPlacement | None = None
+                    try:
+                        with held():
+                            pending = CgroupPlacement.start()
+                        _import_ahead(backend)
+                        manifest = check.result()
+                    finally:
+                        if pending is not None:
+                            with held():  # a stop signal waits until there is a placement to undo
+                                placement = pending.result()
                 launcher.look_up_tools()  # its probes have ended meanwhile
         except ManifestError as exc:
             print(exc, file=sys.stderr)

@@ -274,6 +274,12 @@ def test_clean_stop_ends_the_guardian(tmp_path: Path, services: list[ServiceProc
     svc = start(services, tmp_path, forkers(marker, 1), mode)
     svc.wait_until(lambda: len(snapshot(marker)) == 3 + 2, 30, "every instance's grandchildren")
     keeper = guardian_of(svc)
+    # The move into its leaf was made by a thread while the service imported itself
+    # (guardian.PendingPlacement): done, and the thread gone, before the service ran.
+    assert os.listdir(f"/proc/{svc.pid}/task") == [str(svc.pid)]
+    if mode == "cgroup":
+        own = Path(f"/proc/{svc.pid}/cgroup").read_text().strip().rpartition("::")[2]
+        assert own.endswith(f"/procward-{svc.pid}/service"), own
     assert os.getsid(keeper) == keeper != os.getsid(svc.pid)  # out of reach of the service's group
     fds = {int(fd): os.readlink(f"/proc/{keeper}/fd/{fd}") for fd in os.listdir(f"/proc/{keeper}/fd")}
     assert sorted(fds) == [0, 1, 2, 3]  # none of the service's sockets, pipes or log files
