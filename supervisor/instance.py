@@ -33,6 +33,7 @@ from .config import InstanceConfig, LogSettings, ServiceSettings
 from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription, Resumed
 from .logs import LogFileError, LogSink
+from .pacer import Pacer
 from .process import Child, ExitStatus, SpawnError
 from .reactor import PipeReactor
 from .rendezvous import Announcement, RequestLock
@@ -125,6 +126,8 @@ class InstanceContext:
     on_transition: Callable[[str], None] | None = None
     #: Where the instance's own cgroup goes (None: no cgroups; cgroup_policy.py says why).
     cgroups: CgroupTree | None = None
+    #: Does what a waiting instance makes ahead of its spawn, a slice at a time (None: at once).
+    ahead: Pacer | None = None
 
 
 class Instance(RunSetup, Stopping, Adoption):
@@ -511,7 +514,10 @@ class Instance(RunSetup, Stopping, Adoption):
         if self._state is not State.WAITING:  # it is already, when adopted after a re-exec
             self._transition(State.WAITING, reason=blocker)
         announce()
-        self._make_cgroup_ahead()
+        if self._context.ahead is not None:
+            self._context.ahead.add(self._prepare_ahead)
+        else:
+            self._prepare_ahead()
         while True:
             await dependencies.changed()
             now = dependencies.blocker()
@@ -520,6 +526,13 @@ class Instance(RunSetup, Stopping, Adoption):
             if now != self._reason:
                 self._reason = now
                 self._context.bus.publish(Update(self.name, self.group, "waiting", None, now))
+
+    def _prepare_ahead(self) -> None:
+        """The cgroup and the log files, made while the instance waits (if it still does): not
+        between its dependencies' readiness and its spawn, where they cost every level of a graph."""
+        if self._state is State.WAITING and not self._closing:
+            self._make_cgroup_ahead()
+            self._create_log_files_ahead()
 
     async def _run_once(self, announce: Callable[[], None]) -> Retry | None:
         """One run: spawn, watch until it ends. Returns why to retry, or None when done."""

@@ -35,6 +35,7 @@ from .config.records import running_form
 from .events import EventBus, State, Transition
 from .graph import DependencyGate, in_reverse_order
 from .instance import Instance, InstanceContext, InstanceStatus, InvalidRequest
+from .pacer import Pacer
 from .process import Child
 from .reactor import PipeReactor
 from .resumption import Resumption
@@ -102,6 +103,7 @@ class Manager(Resumption):
         self._dependent_groups: dict[str, list[str]] | None = None
         self._cgroups: CgroupPolicy | None = None  # made by run(): supervisor.cgroups
         self._reactor: PipeReactor | None = None  # made by run(): reads every instance's log pipes
+        self._pacer: Pacer | None = None  # made by run(): what waiting instances make ahead
         #: Set once the first manifest's instances are in the set, before any of them starts: the
         #: control plane, served from the start, answers about instances from then on.
         self.roster_known = anyio.Event()
@@ -122,10 +124,12 @@ class Manager(Resumption):
         """
         self._cgroups = CgroupPolicy.open(self.manifest)
         reactor = self._reactor = PipeReactor()
+        pacer = self._pacer = Pacer()
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(reactor.run)
+                tg.start_soon(pacer.run)
                 await tg.start(self._restart_dependents)
                 if self._adopting is None:
                     await self.apply(self.manifest)
@@ -274,6 +278,7 @@ class Manager(Resumption):
             dependencies=gate,
             on_transition=self._group_changed,
             cgroups=self._cgroups.tree if self._cgroups is not None else None,
+            ahead=self._pacer,
         )
         return Instance(name, plan.group, plan.config, context)
 

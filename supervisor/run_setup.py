@@ -156,6 +156,12 @@ class RunSetup:
         except CgroupError:
             pass
 
+    def _create_log_files_ahead(self) -> None:
+        """Create the log files now, while the instance waits for its dependencies: the spawn
+        then opens files that are there (``LogSink.create_ahead``), as it finds the cgroup."""
+        for sink in self._sinks.values():
+            sink.create_ahead()
+
     def _cgroup_for_run(self) -> InstanceCgroup | None:
         """The instance's cgroup, made at the first run, with this config's memory.max and cpu.max."""
         tree = self._context.cgroups

@@ -343,27 +343,41 @@ def test_the_cgroup_is_removed_with_the_instance(service: Start, tmp_path: Path)
 
 
 @needs_v2
-def test_a_waiting_instance_has_its_cgroup_made_before_its_start(service: Start, tmp_path: Path) -> None:
-    """Made while it waits: the mkdir (kernel work) is not between its dependency's readiness
-    and its start. It runs in that cgroup once the dependency is up."""
+def test_a_waiting_instance_has_its_cgroup_and_log_files_made_before_its_start(
+    service: Start, tmp_path: Path
+) -> None:
+    """Made while it waits (pacer.py, soon after it begins to wait): the mkdir (kernel work) and
+    the files' creation are not between its dependency's readiness and its start. It runs in
+    that cgroup, and writes to those files, once the dependency is up."""
     svc = service(
         """
         version: 1
         instances:
           db: {command: [sleep, "300"], autostart: false, restart: {min_uptime: 0}}
-          api: {command: [sleep, "300"], depends_on: [db], restart: {min_uptime: 0}}
+          api: {command: [sh, -c, "echo api-out; echo api-err >&2; exec sleep 300"], depends_on: [db],
+                restart: {min_uptime: 0}}
           other: {command: [sleep, "300"], restart: {min_uptime: 0}}
         """
     )
     svc.wait_for(["other"], "running")
     svc.wait_for(["api"], "waiting")
     tree = os.path.dirname(instance_cgroup(svc, "other"))
-    assert os.path.isdir(os.path.join(tree, "api.instance"))
+    svc.wait_until(lambda: os.path.isdir(os.path.join(tree, "api.instance")), 10, "api's cgroup")
+    files = svc.status("api")["api"]["log_files"]
+    assert sorted(files) == ["stderr", "stdout"], files
+    svc.wait_until(lambda: all(os.path.isfile(path) for path in files.values()), 10, "api's log files")
+    assert [os.path.getsize(path) for path in files.values()] == [0, 0]  # made, nothing written yet
+    assert svc.status("api")["api"]["state"] == "waiting"
     assert not os.path.exists(os.path.join(tree, "db.instance"))  # stopped, never asked: none
     result = svc.cli("start", "db")
     assert result.returncode == 0, result.stderr
     svc.wait_for(["api"], "running")
     assert instance_cgroup(svc, "api") == os.path.join(tree, "api.instance")
+    svc.wait_until(
+        lambda: [Path(files[s]).read_text() for s in ("stdout", "stderr")] == ["api-out\n", "api-err\n"],
+        10,
+        "api's lines in the files made ahead",
+    )
 
 
 LIMITED = """
