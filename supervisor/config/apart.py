@@ -410,9 +410,10 @@ def manifest_from_data(data: Any, source: str) -> Manifest:
 def _lean() -> None:
     """The child's imports, cut to what a check needs (this process's alone: it checks and ends).
 
-    pydantic's plugin loader becomes a module that finds none (see the top), and OpenSSL's
+    pydantic's plugin loader becomes a module that finds none (see the top), OpenSSL's
     ``_hashlib`` is not loaded: ``hashlib`` falls back to its own digests, which nothing
-    of a check uses anyway (pydantic's ``types`` imports ``secrets``).
+    of a check uses anyway (pydantic's ``types`` imports ``secrets``); and PyYAML's reader
+    compiles its one expression at its first use (``_import_yaml``).
     """
     import types
 
@@ -420,3 +421,55 @@ def _lean() -> None:
     loader.get_plugins = lambda: ()  # type: ignore[attr-defined]
     sys.modules.setdefault("pydantic.plugin._loader", loader)
     sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
+    _import_yaml()
+
+
+#: PyYAML's reader (``yaml.reader.Reader.NON_PRINTABLE``), as its source writes it: what its
+#: pure-Python reader looks for in a document. libyaml, which the loader uses where it is there
+#: (yaml_source.py), checks the characters itself and never asks for it.
+_YAML_NON_PRINTABLE = "[^\x09\x0A\x0D\x20-\x7E\x85\xA0-\uD7FF\uE000-\uFFFD\U00010000-\U0010ffff]"
+
+
+class _CompiledOnUse:
+    """A regular expression compiled at its first use, then that compiled expression."""
+
+    __slots__ = ("_compile", "_compiled", "_flags", "_pattern")
+
+    def __init__(self, compile: Callable[[str, int], Any], pattern: str, flags: int) -> None:
+        self._compile = compile
+        self._pattern = pattern
+        self._flags = flags
+        self._compiled: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._compiled is None:
+            self._compiled = self._compile(self._pattern, self._flags)
+        return getattr(self._compiled, name)
+
+
+def _import_yaml() -> None:
+    """Import PyYAML with its reader's expression compiled at its first use, not now.
+
+    A character class of Unicode ranges: ``re`` took 6 to 11 ms to compile it, a twentieth of
+    a check, on the path of every cold start. The pure-Python reader (no libyaml) still gets
+    it, compiled when it first reads. Any other PyYAML, whose source writes it otherwise, is
+    imported as it is.
+    """
+    if "yaml" in sys.modules:
+        return
+    import re
+
+    compile = re.compile
+
+    def compile_reader_lazily(pattern: Any, flags: int = 0) -> Any:
+        if pattern == _YAML_NON_PRINTABLE:
+            return _CompiledOnUse(compile, pattern, flags)
+        return compile(pattern, flags)
+
+    re.compile = compile_reader_lazily  # type: ignore[assignment]
+    try:
+        import yaml  # noqa: F401
+    except ImportError:  # said by the check that needs it, with its reason
+        pass
+    finally:
+        re.compile = compile
