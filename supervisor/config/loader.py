@@ -10,7 +10,6 @@ so that they are reported even when a field elsewhere is wrong.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import typing
@@ -563,5 +562,7 @@ def _unwrap(annotation: Any) -> Any:
 def _did_you_mean(word: str, choices: list[str]) -> str:
     if len(choices) > 1000:
         return ""  # a hint is not worth a quadratic search through a huge manifest
+    import difflib  # for a manifest with a mistake only: not on every check's path
+
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
