@@ -161,7 +161,7 @@ def _run_service(
                         with held():
                             pending = CgroupPlacement.start()
                         _import_ahead(backend)
-                        manifest = check.result()
+                        manifest = check.result(reap_later=True)  # by the service's orphan reaper
                     finally:
                         if pending is not None:
                             with held():  # a stop signal waits until there is a placement to undo
