@@ -7,7 +7,9 @@ on a tcp check) is an error with its place in the file, not a surprise when the
 instance first starts.
 """
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic then takes each field's type as the
+# object it is, instead of evaluating its text (a compile and an eval per field, 5 ms of every
+# manifest check, which is on the path of every cold start: docs/performance.md).
 
 import re
 import shlex
@@ -94,7 +96,7 @@ class _Check(_Probe, StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _one_kind(self) -> _Check:
+    def _one_kind(self) -> "_Check":
         given = [kind for kind in _KINDS if getattr(self, kind, None) not in (None, False)]
         if len(given) != 1:
             kinds = ", ".join(k for k in _KINDS if k in type(self).model_fields)

@@ -5,7 +5,9 @@ An rlimit is written as prlimit(1) writes it: a number, ``unlimited``, or
 ``prlimit --nofile=…`` takes, what a reload compares, and what the model dumps.
 """
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic then takes each field's type as the
+# object it is, instead of evaluating its text (a compile and an eval per field, 5 ms of every
+# manifest check, which is on the path of every cold start: docs/performance.md).
 
 import math
 import resource

@@ -5,7 +5,9 @@ rather than a setting silently ignored for months. Descriptions here are the
 source of ``docs/manifest.md`` and of the JSON Schema editors use.
 """
 
-from __future__ import annotations
+# Without `from __future__ import annotations`: pydantic then takes each field's type as the
+# object it is, instead of evaluating its text (a compile and an eval per field, 5 ms of every
+# manifest check, which is on the path of every cold start: docs/performance.md).
 
 import ipaddress
 import os
@@ -330,14 +332,14 @@ class InstanceConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _log_check_needs_a_log(self) -> InstanceConfig:
+    def _log_check_needs_a_log(self) -> "InstanceConfig":
         captured = "log" in (self.stdout.kind, self.stderr.kind)
         if self.ready is not None and self.ready.kind == "log" and not captured:
             raise ValueError("ready: {log: …} reads captured output, but neither stdout nor stderr is `log`")
         return self
 
     @model_validator(mode="after")
-    def _watchdog_needs_notify(self) -> InstanceConfig:
+    def _watchdog_needs_notify(self) -> "InstanceConfig":
         if self.watchdog is not None:
             if self.ready is None or self.ready.kind != "notify":
                 raise ValueError("watchdog needs ready: {notify: true}: the program pings over sd_notify")
@@ -382,7 +384,7 @@ class InstanceConfig(StrictModel):
     _env_from_file: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
-    def _read_env_file(self) -> InstanceConfig:
+    def _read_env_file(self) -> "InstanceConfig":
         """Read env_file at load time: a missing file is a load error, not a 3 a.m. restart error."""
         if self.env_file:
             self._env_from_file = read_env_file(Path(self.env_file))
@@ -420,7 +422,7 @@ class ControlSettings(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _tcp_needs_token(self) -> ControlSettings:
+    def _tcp_needs_token(self) -> "ControlSettings":
         if self.tcp and not self.token_file:
             raise ValueError("control.tcp needs control.token_file: TCP clients must authenticate")
         return self
