@@ -288,7 +288,13 @@ class ManifestCheck:
         out, err = bytes(output[self._out]), bytes(output[self._err])
         self._reap(wait=not reap_later)
         if self._status is None:  # still ending
-            found = _whole_answer(out)  # or the problems, raised
+            from .problems import ManifestError
+
+            try:
+                found = _whole_answer(out)
+            except ManifestError:  # the manifest's problems: a whole answer too
+                self._left_to_reap = True
+                raise
             if found is not None:
                 self._left_to_reap = True
                 return found
