@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import Manifest, ManifestError, load_manifest, parse_manifest
     from .events import Dropped, EventBus, State, Transition, Update
-    from .instance import Instance, InstanceStatus, InvalidRequest
+    from .instance import Instance, InvalidRequest
+    from .instance_status import InstanceStatus
     from .manager import ApplyError, Manager, ReloadReport, UnknownInstance
 
 _EXPORTS = {
@@ -26,7 +27,7 @@ _EXPORTS = {
     "Transition": "events",
     "Update": "events",
     "Instance": "instance",
-    "InstanceStatus": "instance",
+    "InstanceStatus": "instance_status",
     "InvalidRequest": "instance",
     "Manager": "manager",
     "ReloadReport": "manager",

@@ -14,7 +14,7 @@ process at start-up, the guardian, which
   session or group is one of them (found in ``/proc``: a shell with job control
   puts its jobs in groups of their own in the same session), round after round
   until a round finds no one new, then writes ``1`` to ``cgroup.kill`` of the
-  instances' cgroup where there is one (see ``delegated_cgroup``), and exits;
+  instances' cgroup where there is one (placement.py's ``delegated_cgroup``), and exits;
 - survives the service's SIGKILL: it runs in a session of its own (a terminal's
   Ctrl-C and a kill of the service's group do not reach it) and ignores INT and HUP;
 - holds none of the service's fds but its stderr (for its one line of report):
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     import logging
     from pathlib import Path
 
+    from .placement import CgroupPlacement
     from .process import Child
 
 #: How long the guardian waits for a killed cgroup to empty before removing it.
@@ -83,7 +84,7 @@ def main(argv: list[str]) -> int:
 def _step_out(cgroup: str) -> bool:
     """Out of the instances' cgroup into the one above it (the service's own), before anything else.
 
-    The service spawns the guardian from inside its leaf (``CgroupPlacement``, or the leaf a
+    The service spawns the guardian from inside its leaf (placement.py, or the leaf a
     re-exec'd service sits in): left there, the guardian's own write to ``cgroup.kill`` would
     kill it before it removed the cgroup. False where it is inside and cannot leave.
     """
@@ -295,13 +296,18 @@ class Guardian:
         from . import process
 
         if resumed:
-            guardian = cls(_cgroup_before_the_exec())
+            from .placement import cgroup_before_the_exec
+
+            guardian = cls(cgroup_before_the_exec())
             guardian._spawn()
             process.watch_groups(guardian)
             where = f"; instances run in cgroup {guardian.cgroup}" if guardian.cgroup else ""
             guardian._log.info("a new guardian %d watches the adopted groups%s", guardian.pid, where)
             return guardian
-        placement = placement if placement is not None else CgroupPlacement.make()
+        if placement is None:
+            from .placement import CgroupPlacement
+
+            placement = CgroupPlacement.make()
         if placement.unavailable:
             why = placement.unavailable
             _logger().info("no cgroup for the instances (%s): the guardian alone kills their groups", why)
@@ -474,161 +480,6 @@ def _move(pid: int, cgroup: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-class CgroupPlacement:
-    """The instances' cgroup made, and the service moved into its leaf, before the guardian starts.
-
-    The move waits for the kernel's RCU grace period (10 to 25 ms): ``supervisor run`` makes
-    the placement while its manifest is checked in a child (service_process.py), where the
-    service has nothing else to do, and the guardian is spawned later from inside the leaf
-    (it steps out first thing: ``_step_out``). A start that fails before a guardian takes the
-    placement calls ``undo``: the service back where it came from, the folders gone.
-    """
-
-    def __init__(self, cgroup: Path | None, unavailable: str) -> None:
-        self.cgroup = cgroup
-        #: Why there is no cgroup, for the log once it is set up ("" where there is one).
-        self.unavailable = unavailable
-        self.taken = False
-
-    @classmethod
-    def make(cls) -> CgroupPlacement:
-        try:
-            cgroup, unavailable = delegated_cgroup()
-        except OSError as exc:  # a folder that cannot be listed or removed: the guardian alone, as without
-            return cls(None, f"cannot look at the service's cgroup: {exc.strerror or exc}")
-        if cgroup is not None and not _move_into_leaf(os.getpid(), cgroup):
-            with contextlib.suppress(OSError):
-                cgroup.rmdir()
-            return cls(None, f"cannot move the service into {cgroup}")
-        return cls(cgroup, unavailable)
-
-    @classmethod
-    def start(cls) -> PendingPlacement:
-        """``make`` in a thread of its own, for ``result`` later: the move waits on the kernel
-        (its RCU grace period, 10 to 25 ms of a cold start), and ``supervisor run`` imports the
-        service meanwhile; on the path to its first answer were both, one after the other."""
-        return PendingPlacement()
-
-    def undo(self) -> None:
-        if self.cgroup is None or self.taken:
-            return
-        from .cgroups import SERVICE_LEAF
-
-        _move(os.getpid(), self.cgroup.parent)
-        for folder in (self.cgroup / SERVICE_LEAF, self.cgroup):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        self.cgroup = None
-
-
-class PendingPlacement:
-    """A ``CgroupPlacement`` being made in a thread (``CgroupPlacement.start``).
-
-    The thread inherits the signal mask of the thread that starts it: started while stop
-    signals are blocked, it never takes one, and the main thread's handler does (Python
-    runs handlers there only; a signal the kernel gave this thread would wait for it).
-    A process that moves between cgroups holds up every fork in the system until the move
-    is done: start this after the forks of the same moment (the launch tools' probes).
-    """
-
-    def __init__(self) -> None:
-        import threading
-
-        self._made: CgroupPlacement | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._make, name="procward-placement", daemon=True)
-        self._thread.start()
-
-    def _make(self) -> None:
-        try:
-            self._made = CgroupPlacement.make()
-        except BaseException as exc:  # raised in the thread that asks for the result
-            self._error = exc
-
-    def result(self) -> CgroupPlacement:
-        """The placement, once made; the thread is gone when this returns."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._made is not None
-        return self._made
-
-
-def _move_into_leaf(pid: int, cgroup: Path) -> bool:
-    """Move the service straight into ``cgroup``'s leaf for it (cgroups.py), else into ``cgroup``.
-
-    The instances' tree needs the service in a leaf of its own (the kernel's "no internal
-    processes" rule); moved into ``cgroup`` first, it was moved a second time when the tree
-    was opened. Each move waits for the kernel's RCU grace period: 10 to 25 ms of a cold start.
-    """
-    from .cgroups import SERVICE_LEAF
-
-    leaf = cgroup / SERVICE_LEAF
-    try:
-        leaf.mkdir()
-    except OSError:
-        return _move(pid, cgroup)
-    if _move(pid, leaf):
-        return True
-    with contextlib.suppress(OSError):
-        leaf.rmdir()
-    return _move(pid, cgroup)
-
-
-def _cgroup_before_the_exec() -> Path | None:
-    """After a re-exec: ``procward-PID``, which the first start made and moved the service into
-    the leaf of (``_move_into_leaf``); None where it did not (no delegated cgroup then)."""
-    from .cgroups import SERVICE_LEAF
-
-    own = _own_cgroup()
-    if own is None or own.name != SERVICE_LEAF or own.parent.name != f"procward-{os.getpid()}":
-        return None
-    return own.parent
-
-
-def delegated_cgroup() -> tuple[Path | None, str]:
-    """A new cgroup v2 under the service's own, for the instances, where that is allowed.
-
-    "Delegated" means here: the service's cgroup v2 folder is writable, a child can be
-    made in it, and it has ``cgroup.kill`` (Linux 5.14). Empty ``procward-*`` folders
-    left by earlier services are removed. Otherwise None, and the reason, for the log
-    (``CgroupPlacement`` is made before the log is set up).
-    """
-    if os.environ.get("SUPERVISOR_CGROUP", "").lower() in ("0", "off", "no", "false"):
-        return None, "SUPERVISOR_CGROUP is off"
-    own = _own_cgroup()
-    if own is None:
-        return None, "no cgroup v2 hierarchy mounted"
-    if not os.access(own, os.W_OK):
-        return None, f"{own} is not writable"
-    for stale in own.glob("procward-*"):
-        if _service_lives(stale.name):
-            # Another service's, running beside this one: its instances' cgroups are its own (an
-            # empty one is a stopped instance's, not a leftover), and walking thousands of them
-            # cost a cold start 180 ms.
-            continue
-        # From the bottom up: a service's own leaf and instance cgroups inside (cgroups.py). An
-        # rmdir fails, as it should, where processes are left.
-        for folder, _, _ in os.walk(stale, topdown=False):
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-    path = own / f"procward-{os.getpid()}"
-    try:
-        path.mkdir()
-    except OSError as exc:
-        return None, f"cannot make {path}: {exc.strerror}"
-    if not (path / "cgroup.kill").exists():
-        path.rmdir()
-        return None, "no cgroup.kill: Linux before 5.14"
-    return path, ""
-
-
-def _service_lives(name: str) -> bool:
-    """Whether ``procward-PID`` names a process that is alive (a reused pid keeps a leftover: harmless)."""
-    pid = name.removeprefix("procward-")
-    return pid.isdigit() and os.path.exists(f"/proc/{pid}")
 
 
 def _own_cgroup() -> Path | None:

@@ -21,7 +21,6 @@ import random
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any, Protocol
 
 import anyio
@@ -32,6 +31,7 @@ from .cgroups import CgroupError, CgroupTree, InstanceCgroup
 from .config import InstanceConfig, LogSettings, ServiceSettings
 from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription, Resumed
+from .instance_status import Reporting
 from .logs import LogFileError, LogSink
 from .pacer import Pacer
 from .process import Child, ExitStatus, SpawnError
@@ -67,39 +67,6 @@ class InvalidRequest(Exception):
         super().__init__(f"{instance}: {message}")
 
 
-_NO_FILES: Mapping[str, str] = MappingProxyType({})
-
-
-@dataclass(slots=True)
-class InstanceStatus:
-    """A snapshot of one instance, as `supervisor status` shows it.
-
-    Not ``frozen``: a frozen dataclass sets each of its 19 fields through
-    ``object.__setattr__``, 3.6 µs a snapshot against 0.25; a status of 10,000
-    instances makes 10,000 of them. Nobody changes one after it is made.
-    """
-
-    name: str
-    group: str
-    state: State
-    pid: int | None
-    started_at: float | None
-    uptime_s: float | None
-    restarts: int
-    exit_code: int | None
-    exit_signal: int | None
-    reason: str | None
-    ready: bool | None
-    last_check: str | None
-    status_text: str | None
-    log_bytes_lost: int
-    log_error: str | None
-    stdin: str
-    stdout: str
-    stderr: str
-    log_files: Mapping[str, str]
-
-
 class Dependencies(Protocol):
     """What an instance waits for before each start (the manager knows the other instances)."""
 
@@ -130,7 +97,7 @@ class InstanceContext:
     ahead: Pacer | None = None
 
 
-class Instance(RunSetup, Stopping, Adoption):
+class Instance(RunSetup, Stopping, Adoption, Reporting):
     """One named instance: a state machine driving successive runs of one program.
 
     How one run is set up (log pipes, cgroup, stdio, the spawn) is ``RunSetup``, in
@@ -230,59 +197,6 @@ class Instance(RunSetup, Stopping, Adoption):
     @property
     def log_settings(self) -> LogSettings:
         return self.config.logs.resolved(self._context.settings.logs)
-
-    def status(self, now: float | None = None) -> InstanceStatus:
-        """``now``: ``time.time()``, read once by a caller that asks thousands of instances.
-
-        Built positionally, with the stream descriptions made once: a status of 10,000
-        instances calls this 10,000 times, and each keyword or f-string shows up there.
-        """
-        child = self._child
-        if child is not None and child.exit is None:
-            pid: int | None = child.pid
-            started: float | None = child.started_at
-            uptime = max(0.0, (time.time() if now is None else now) - child.started_at)
-        else:
-            pid = started = uptime = None
-        last = self._last_exit
-        health = self._health
-        sinks = self._sinks
-        if sinks:
-            lost = sum(sink.bytes_lost for sink in sinks.values())
-            error = next((e for sink in sinks.values() if (e := sink.write_error)), None)
-            files: Mapping[str, str] = {stream: str(sink.path) for stream, sink in sinks.items()}
-        else:
-            lost, error, files = 0, None, _NO_FILES
-        targets = self._targets
-        described = self._described
-        if described is None:
-            config = self.config
-            described = self._described = (
-                _describe(config.stdin),
-                _describe(config.stdout),
-                _describe(config.stderr),
-            )
-        return InstanceStatus(
-            self.name,
-            self.group,
-            self._state,
-            pid,
-            started,
-            uptime,
-            self._restarts,
-            None if last is None else last.code,
-            None if last is None else last.signal,
-            self._reason,
-            health.ready,
-            health.last_check,
-            health.status_text,
-            lost,
-            error,
-            targets["stdin"] or described[0],
-            targets["stdout"] or described[1],
-            targets["stderr"] or described[2],
-            files,
-        )
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -637,14 +551,6 @@ class Retry:
 
     why: str
     failed_start: bool
-
-
-def _describe(spec: Any) -> str:
-    kind = spec.kind
-    # Only these kinds have a path: getattr with a default on a pydantic model that lacks the
-    # attribute raises and catches inside, 10 µs a call, three a status, 10,000 statuses a request.
-    path = spec.path if kind in ("file", "fifo") else ""
-    return f"{kind}:{path}" if path else kind
 
 
 def _first_cause(exc: BaseException) -> str:

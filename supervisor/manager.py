@@ -34,7 +34,8 @@ from .config.dependencies import levels
 from .config.records import running_form
 from .events import EventBus, State, Transition
 from .graph import DependencyGate, in_reverse_order
-from .instance import Instance, InstanceContext, InstanceStatus, InvalidRequest
+from .instance import Instance, InstanceContext, InvalidRequest
+from .instance_status import InstanceStatus
 from .pacer import Pacer
 from .process import Child
 from .reactor import PipeReactor

@@ -27,12 +27,13 @@ import anyio
 from .config import Manifest, ManifestError, apart
 from .config.records import running_form
 from .events import Transition, Update
-from .guardian import CgroupPlacement, Guardian
+from .guardian import Guardian
 from .handoff.leftovers import stop_leftovers
 from .handoff.record import RecordKeeper
 from .handoff.signals import HANDOFF_SIGNALS, HeldSignals
 from .manager import ApplyError, Manager, ReloadReport
 from .orphans import living_children, run_orphan_reaper
+from .placement import CgroupPlacement
 from .signal_wakeup import signal_receiver
 from .statedir import StateDirError, prepare_state_dir
 

@@ -26,8 +26,8 @@ import anyio
 from . import launcher
 from .config import Manifest, ManifestError
 from .config.apart import ManifestCheck
-from .guardian import CgroupPlacement, PendingPlacement
 from .orphans import become_subreaper
+from .placement import CgroupPlacement, PendingPlacement
 from .process import raise_fd_limit, remember_fd_limit
 from .service import Service
 from .statedir import StateDirError
@@ -152,7 +152,7 @@ def _run_service(
                 launcher.start_tool_lookup()
                 with _stop_signals_undo_the_start() as held:
                     # While the child checks: the instances' cgroup, and the service moved into its
-                    # leaf, in a thread (the kernel's RCU wait, 10 to 25 ms, guardian.py) while
+                    # leaf, in a thread (the kernel's RCU wait, 10 to 25 ms, placement.py) while
                     # this one imports the service; undone if the start fails. The thread starts
                     # with the stop signals blocked, so that this thread takes them; one that came
                     # meanwhile is raised as the block ends, inside the try: the placement is joined.
@@ -239,7 +239,7 @@ def _stop_signals_undo_the_start() -> Iterator[Callable[[], contextlib.AbstractC
 
     The service's own handlers come later (service.py). Until then these signals killed the
     process outright: harmless before the start made anything, but the cgroup is made while
-    the check runs (guardian.CgroupPlacement), and would have been left behind. A signal
+    the check runs (placement.CgroupPlacement), and would have been left behind. A signal
     that was ignored when the service started (nohup's SIGHUP) stays ignored; off the main
     thread (an embedding caller) nothing is changed. Yields ``held``: a block during which
     they and SIGINT (whose KeyboardInterrupt undoes the start the same way) wait, blocked,

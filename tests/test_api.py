@@ -533,7 +533,7 @@ def test_the_status_body_is_the_wire_statuses_and_survives_a_name_that_is_not_ut
     with surrogateescape) makes orjson refuse, and the standard encoder escapes it instead."""
     from supervisor.api.answers import wire_status, wire_statuses
     from supervisor.events import State
-    from supervisor.instance import InstanceStatus
+    from supervisor.instance_status import InstanceStatus
     from supervisor.resources import GroupFigures
 
     def snapshot(name: str, pid: int | None, reason: str | None) -> InstanceStatus:

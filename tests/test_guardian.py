@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import guardian
+from supervisor import guardian, placement
 
 from .service_fixture import (
     SUPERVISOR,
@@ -275,7 +275,7 @@ def test_clean_stop_ends_the_guardian(tmp_path: Path, services: list[ServiceProc
     svc.wait_until(lambda: len(snapshot(marker)) == 3 + 2, 30, "every instance's grandchildren")
     keeper = guardian_of(svc)
     # The move into its leaf was made by a thread while the service imported itself
-    # (guardian.PendingPlacement): done, and the thread gone, before the service ran.
+    # (placement.PendingPlacement): done, and the thread gone, before the service ran.
     assert os.listdir(f"/proc/{svc.pid}/task") == [str(svc.pid)]
     if mode == "cgroup":
         own = Path(f"/proc/{svc.pid}/cgroup").read_text().strip().rpartition("::")[2]
@@ -367,7 +367,7 @@ def test_a_starting_service_clears_dead_services_cgroups_and_leaves_live_ones_al
     try:
         (live_folder / "web.instance").mkdir(parents=True)
         (dead_folder / "web.instance").mkdir(parents=True)
-        made = guardian.delegated_cgroup()[0]
+        made = placement.delegated_cgroup()[0]
         assert made == own / f"procward-{os.getpid()}"
         assert (live_folder / "web.instance").is_dir()
         assert not dead_folder.exists()
@@ -386,7 +386,7 @@ def test_a_refused_start_leaves_no_cgroup_behind(
     tmp_path: Path, services: list[ServiceProcess], refusal: str
 ) -> None:
     """``supervisor run`` makes the instances' cgroup and moves itself into its leaf while the
-    manifest is checked (guardian.CgroupPlacement): a start refused after that (its manifest, or
+    manifest is checked (placement.CgroupPlacement): a start refused after that (its manifest, or
     a socket another service holds) moves out again and takes the folders away."""
     own = guardian._own_cgroup()
     if own is None or not os.access(own, os.W_OK):
@@ -424,7 +424,7 @@ def test_a_stop_signal_while_the_manifest_is_checked_undoes_the_start(
     tmp_path: Path, signum: int, status: int, ignored: int | None
 ) -> None:
     """A stop signal while ``supervisor run`` checks its manifest, once it has made the instances'
-    cgroup and moved into it (guardian.CgroupPlacement): the start is undone (the service moved
+    cgroup and moved into it (placement.CgroupPlacement): the start is undone (the service moved
     back, the folders gone, the check's child ended), then the signal ends the process, as it
     did before the cgroup was made that early (Ctrl-C: the CLI's 130). The check's child is
     stopped (SIGSTOP) as soon as it is there, so the signal comes while the service waits for it

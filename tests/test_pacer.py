@@ -6,12 +6,13 @@ import time
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from supervisor.events import State
 from supervisor.pacer import Pacer
 
-from .helpers import manifest_from, running
+from .helpers import manifest_from, running, wait_for_output
 
 pytestmark = pytest.mark.anyio
 
@@ -42,7 +43,7 @@ async def test_the_work_is_done_in_order_and_other_tasks_get_turns_between_slice
     async def ticker() -> None:
         while not done.is_set():
             order.append("t")
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(pacer.run)
@@ -69,17 +70,19 @@ async def test_work_added_later_is_done_and_one_item_always_runs() -> None:
     nothing, and work added then wakes it."""
     pacer = Pacer(slice_seconds=0.0)
     seen: list[int] = []
-    second = anyio.Event()
+    first, second = anyio.Event(), anyio.Event()
     async with anyio.create_task_group() as tg:
         tg.start_soon(pacer.run)
         pacer.add(lambda: seen.append(1))
-        await anyio.sleep(0.05)  # idle: nothing queued
-        assert seen == [1] and len(pacer) == 0
-        pacer.add(lambda: (seen.append(2), second.set()))
+        pacer.add(lambda: (seen.append(2), first.set()))
+        with anyio.fail_after(5):
+            await first.wait()
+        assert seen == [1, 2] and len(pacer) == 0  # and the pacer waits for work again
+        pacer.add(lambda: (seen.append(3), second.set()))
         with anyio.fail_after(5):
             await second.wait()
         tg.cancel_scope.cancel()
-    assert seen == [1, 2]
+    assert seen == [1, 2, 3]
 
 
 async def test_a_waiting_instance_has_its_log_files_made_while_it_waits(tmp_path: Path) -> None:
@@ -110,17 +113,19 @@ async def test_a_waiting_instance_has_its_log_files_made_while_it_waits(tmp_path
         assert api.state is State.WAITING
         files = {stream: Path(path) for stream, path in api.status().log_files.items()}
         assert sorted(files) == ["stderr", "stdout"]
+        done = anyio.Event()  # the pacer does its work in order: once this is done, so is api's
+        assert manager._pacer is not None
+        manager._pacer.add(done.set)
         with anyio.fail_after(10):
-            while not all(path.is_file() for path in files.values()):
-                await anyio.sleep(0.01)
+            await done.wait()
+        assert all(path.is_file() for path in files.values()), files
         assert [path.stat().st_size for path in files.values()] == [0, 0]
         assert api.state is State.WAITING
         assert manager.instances["blocked"].state is State.WAITING
         await manager.instances["db"].start()
         await events.wait_for(lambda e: e.instance == "api" and e.to_state is State.RUNNING, timeout=15)
-        with anyio.fail_after(10):
-            while files["stdout"].read_text() != "api-out\n":
-                await anyio.sleep(0.01)
+        await wait_for_output(api, b"api-out")  # the sink writes the file before it tells followers
+        assert files["stdout"].read_text() == "api-out\n"
         failed = await events.wait_for(
             lambda e: e.instance == "blocked" and e.to_state is State.BACKOFF, timeout=15
         )

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..config.units import signal_name
 
 if TYPE_CHECKING:
-    from ..instance import InstanceStatus
+    from ..instance_status import InstanceStatus
     from ..resources import GroupFigures
 
 __all__ = ["wire_status", "wire_statuses"]
