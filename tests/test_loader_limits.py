@@ -9,6 +9,7 @@ test: any text at all either loads or raises ManifestError, quickly.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from collections.abc import Mapping
@@ -62,6 +63,38 @@ def test_nesting_to_the_limit_loads_and_one_level_more_is_refused(tmp_path: Path
 
     assert "unknown key 'x'" in first_problem(tmp_path, nested(MAX_DEPTH - 2))
     assert f"nested more than {MAX_DEPTH} levels deep" in first_problem(tmp_path, nested(MAX_DEPTH))
+
+
+def test_the_characters_refused_are_those_pyyaml_refuses_on_every_code_point() -> None:
+    """The loader's own test for what YAML does not allow is written as the ranges refused
+    (quick to compile: it is on every cold start's path), PyYAML's as all that is allowed:
+    the two must find the same characters, every one of them."""
+    every = "".join(map(chr, range(0x110000)))
+    ours = [match.start() for match in yaml_source._NOT_PRINTABLE.finditer(every)]
+    pyyaml = [match.start() for match in re.compile(yaml.reader.Reader.NON_PRINTABLE.pattern).finditer(every)]
+    assert ours == pyyaml
+    assert len(ours) == 2111  # C0 but 3, DEL and C1 but NEL, 2,048 surrogates, U+FFFE and U+FFFF
+
+
+@pytest.mark.parametrize(
+    ("character", "what"),
+    [
+        ("\xa0", None),
+        ("\ufffd", None),
+        ("\x86", "the control character U+0086"),
+        ("\x9f", "the control character U+009F"),
+        ("\ufffe", "the noncharacter U+FFFE"),
+        ("\uffff", "the noncharacter U+FFFF"),
+    ],
+)
+def test_a_c1_control_or_a_noncharacter_is_refused_with_its_place(
+    tmp_path: Path, character: str, what: str | None
+) -> None:
+    text = f"version: 1\ninstances:\n  a: {{command: [sleep, '1{character}']}}\n"
+    if what is None:
+        assert load(tmp_path, text).instances["a"].command[1] == f"1{character}"
+    else:
+        assert f"m.yaml:3:26: {what} is not allowed in a manifest" in first_problem(tmp_path, text)
 
 
 @pytest.mark.parametrize("parser", ["libyaml", "python"])

@@ -463,8 +463,8 @@ def _lean() -> None:
 
     pydantic's plugin loader becomes a module that finds none (see the top), OpenSSL's
     ``_hashlib`` is not loaded: ``hashlib`` falls back to its own digests, which nothing
-    of a check uses anyway (pydantic's ``types`` imports ``secrets``); and PyYAML's reader
-    compiles its one expression at its first use (``_import_yaml``).
+    of a check uses anyway (pydantic's ``types`` imports ``secrets``); and PyYAML compiles its
+    expressions at their first use (``_import_yaml``).
     """
     import types
 
@@ -473,12 +473,6 @@ def _lean() -> None:
     sys.modules.setdefault("pydantic.plugin._loader", loader)
     sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
     _import_yaml()
-
-
-#: PyYAML's reader (``yaml.reader.Reader.NON_PRINTABLE``), as its source writes it: what its
-#: pure-Python reader looks for in a document. libyaml, which the loader uses where it is there
-#: (yaml_source.py), checks the characters itself and never asks for it.
-_YAML_NON_PRINTABLE = "[^\x09\x0A\x0D\x20-\x7E\x85\xA0-\uD7FF\uE000-\uFFFD\U00010000-\U0010ffff]"
 
 
 class _CompiledOnUse:
@@ -499,12 +493,13 @@ class _CompiledOnUse:
 
 
 def _import_yaml() -> None:
-    """Import PyYAML with its reader's expression compiled at its first use, not now.
+    """Import PyYAML with the expressions it compiles as it is imported compiled at their first use.
 
-    A character class of Unicode ranges: ``re`` took 6 to 11 ms to compile it, a twentieth of
-    a check, on the path of every cold start. The pure-Python reader (no libyaml) still gets
-    it, compiled when it first reads. Any other PyYAML, whose source writes it otherwise, is
-    imported as it is.
+    The check reads a manifest with libyaml (where PyYAML has it) and its own YAML 1.2
+    resolver (yaml_source.py): it never asks for PyYAML's pure-Python reader's class of
+    Unicode ranges (6 to 11 ms for ``re`` to compile, a twentieth of a check, on the path of
+    every cold start), nor for the YAML 1.1 resolver's and constructor's expressions (3 ms
+    more). Each is compiled if it is used (PyYAML only calls their ``match`` and ``search``).
     """
     if "yaml" in sys.modules:
         return
@@ -512,12 +507,12 @@ def _import_yaml() -> None:
 
     compile = re.compile
 
-    def compile_reader_lazily(pattern: Any, flags: int = 0) -> Any:
-        if pattern == _YAML_NON_PRINTABLE:
+    def compile_on_use(pattern: Any, flags: int = 0) -> Any:
+        if sys._getframe(1).f_globals.get("__name__", "").startswith("yaml."):  # not what it imports
             return _CompiledOnUse(compile, pattern, flags)
         return compile(pattern, flags)
 
-    re.compile = compile_reader_lazily  # type: ignore[assignment]
+    re.compile = compile_on_use  # type: ignore[assignment]
     try:
         import yaml  # noqa: F401
     except ImportError:  # said by the check that needs it, with its reason
