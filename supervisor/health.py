@@ -279,7 +279,7 @@ class Health:
 
     async def _become_ready(self, followers: LogSubscription, context: ExecContext, kill: Kill) -> None:
         from .probe_loop import until_ready
-        from .probes import ProbeFailed, until_log_line
+        from .probes import PatternTooSlow, ProbeFailed, until_log_line
 
         check = self._config.ready
         assert check is not None
@@ -293,6 +293,12 @@ class Health:
                 assert check.log is not None
                 try:
                     result = await until_log_line(list(followers.followers), check.log)
+                except PatternTooSlow as exc:  # searched again, it would hold the loop again
+                    await followers.aclose()
+                    reason = f"not ready: {exc}"
+                    self.note("ready", False, reason)
+                    await kill(reason, None)
+                    await anyio.sleep_forever()
                 except ProbeFailed:
                     await anyio.sleep_forever()  # the sinks closed: the instance is going away
             else:

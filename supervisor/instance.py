@@ -529,7 +529,7 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
             if self._failures > restart.max_restarts:
                 self._transition(
                     State.FAILED,
-                    reason=f"gave up after {self._failures} failed starts in a row; last: {retry.why}",
+                    reason=f"gave up after {_failed_starts(self._failures)} in a row; last: {retry.why}",
                 )
                 return False
             backoff = restart.backoff
@@ -558,3 +558,7 @@ def _first_cause(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return f"{type(exc).__name__}: {exc}"
+
+
+def _failed_starts(count: int) -> str:
+    return "1 failed start" if count == 1 else f"{count} failed starts"

@@ -37,6 +37,7 @@ import anyio.abc
 import h11
 
 from .config import AliveCheck, ReadyCheck
+from .config.records import LOG_SEARCH_TIMEOUT
 from .process import SpawnError, spawn
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "NotHttp",
     "NotifyMessage",
     "NotifySocket",
+    "PatternTooSlow",
     "ProbeFailed",
     "failure_reason",
     "final_status",
@@ -83,6 +85,10 @@ class NotHttp(Exception):
 
 class ProbeFailed(Exception):
     """One attempt did not pass; the message says why, for the instance's status."""
+
+
+class PatternTooSlow(ProbeFailed):
+    """A log probe's pattern took over ``LOG_SEARCH_TIMEOUT`` on one line: the start fails with it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,28 +153,49 @@ async def until_failed(check: AliveCheck, context: ExecContext, report: Report) 
         await anyio.sleep(check.interval)
 
 
+# LOG_SEARCH_TIMEOUT (config/records.py) is the longest a log probe's pattern may search one line.
+# Python's own ``re`` cannot be stopped: a pattern that backtracks without end on some line
+# (``(a|aa)+b`` on a long run of a's) held the event loop, and with it the whole service, for as
+# long as the search ran: minutes, deaf to its socket and to SIGTERM. The ``regex`` module (re's
+# syntax) stops a search at a timeout, and runs many such patterns (``(a+)+b``) in linear time to
+# begin with. A line reaches the probe at most a few hundred KiB long (logs.py), which a sane
+# pattern searches in a millisecond or two.
 async def until_log_line(followers: Iterable[AsyncIterator[bytes]], pattern: str) -> str:
     """Wait for a line that ``pattern`` matches in what the followers (``LogSink.follow()``) bring.
 
     The caller subscribes before it spawns the program, so that no line falls
     between the spawn and the first look. Lines are matched one by one (a
-    pattern never spans two), as text, with undecodable bytes replaced.
+    pattern never spans two), as text, with undecodable bytes replaced. A search
+    that takes over ``LOG_SEARCH_TIMEOUT`` on one line ends the probe: ``PatternTooSlow``.
     """
-    regex = re.compile(pattern)
+    import regex  # 20 ms to import, for a manifest with a log probe only
+
+    compiled = regex.compile(pattern)
     matched: list[str] = []
+    stopped_on: list[int] = []  # the length of a line whose search was stopped
 
     async def watch(chunks: AsyncIterator[bytes], tg: anyio.abc.TaskGroup) -> None:
         async for chunk in chunks:
             for raw in chunk.splitlines():
                 line = raw.decode(errors="replace")
-                if regex.search(line):
+                try:
+                    if compiled.search(line, timeout=LOG_SEARCH_TIMEOUT) is None:
+                        continue
                     matched.append(line)
-                    tg.cancel_scope.cancel()
-                    return
+                except TimeoutError:
+                    stopped_on.append(len(line))
+                tg.cancel_scope.cancel()
+                return
 
     async with anyio.create_task_group() as tg:
         for chunks in followers:
             tg.start_soon(watch, chunks, tg)
+    if stopped_on:
+        raise PatternTooSlow(
+            f"the log pattern {pattern!r} took over {LOG_SEARCH_TIMEOUT * 1000:g} ms to search a line of "
+            f"{stopped_on[0]} characters and was stopped: it backtracks without end on such lines (a "
+            "repetition of alternatives that overlap, like (a|aa)+); rewrite it"
+        )
     if not matched:  # every stream ended (the sinks closed): the instance is going away
         raise ProbeFailed("the log ended before a line matched")
     return f"log line matched: {matched[0][:200]}"

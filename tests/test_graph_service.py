@@ -181,3 +181,33 @@ def test_the_service_log_has_each_transition_and_a_blocked_reason_not_every_wait
     log = svc.log()
     assert "web-1 is stopped" not in log  # the new reason was an event and a status, not a line
     assert log.count("blocked: job ended") == 1
+
+
+def test_a_log_pattern_that_backtracks_without_end_is_stopped_and_the_service_answers(service: Start) -> None:
+    """``(a|aa)+b`` on a line of 60 a's: Python's ``re`` would search for hours, holding the event
+    loop (no status, no SIGTERM). The search is stopped after LOG_SEARCH_TIMEOUT, the start fails
+    with a reason that says so, the rest runs, and the service answers and stops as it should."""
+    svc = service(
+        """
+version: 1
+instances:
+  slow:
+    command: [sh, -c, 'echo aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa; exec sleep 300']
+    ready: {log: '(a|aa)+b'}
+    restart: {min_uptime: 0, max_restarts: 0}
+  other:
+    command: [sleep, "300"]
+"""
+    )
+    client = svc.client(timeout=5)  # a service held by the search would not answer in time
+    svc.wait_until(lambda: client.status(["slow"])[0]["state"] == "failed", 20, "slow failed")
+    by_name = {s["name"]: s for s in client.status([])}
+    reason = (
+        "not ready: the log pattern '(a|aa)+b' took over 25 ms to search a line of 60 characters and was"
+        " stopped: it backtracks without end on such lines (a repetition of alternatives that overlap,"
+        " like (a|aa)+); rewrite it"
+    )
+    slow = by_name["slow"]
+    assert slow["reason"] == f"gave up after 1 failed start in a row; last: {reason}", slow
+    assert slow["ready"] is False
+    svc.wait_for(["other"], "running")

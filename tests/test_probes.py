@@ -425,6 +425,8 @@ def _is_our_sleep(proc: Path) -> bool:
         ({"exec": []}, "the command is empty"),
         ({"exec": "echo 'unclosed"}, "cannot split the command"),
         ({"log": "("}, "not a regular expression"),
+        ({"log": "(" * 5000 + ")" * 5000}, "its groups are nested too deeply"),
+        ({"log": "a{99999999999}"}, "repeat count too big"),
         ({"log": ""}, "the pattern is empty"),
         ({"notify": False}, "write notify: true"),
         ({"http": "http://x/", "expect": [99]}, "greater than or equal to 100"),

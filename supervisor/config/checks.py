@@ -11,7 +11,6 @@ instance first starts.
 # object it is, instead of evaluating its text (a compile and an eval per field, 5 ms of every
 # manifest check, which is on the path of every cold start: docs/performance.md).
 
-import re
 import shlex
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -20,7 +19,7 @@ from pydantic import BeforeValidator, ConfigDict, Field, StrictInt, field_valida
 
 from .annotated import Duration
 from .base import StrictModel
-from .records import _KINDS, ProbeKind, _Probe, split_address
+from .records import _KINDS, LOG_SEARCH_TIMEOUT, ProbeKind, _Probe, split_address
 
 __all__ = ["AliveCheck", "Dependencies", "Dependency", "ProbeKind", "ReadyCheck", "split_address"]
 
@@ -120,8 +119,10 @@ class ReadyCheck(_Check):
 
     log: str | None = Field(
         None,
-        description="A regular expression (Python syntax) searched in each line the instance writes "
-        "to a captured stdout or stderr.",
+        description="A regular expression (Python's syntax) searched in each line the instance writes "
+        f"to a captured stdout or stderr. A search that takes over {LOG_SEARCH_TIMEOUT * 1000:g} ms on one "
+        "line (a pattern that backtracks without end, like (a|aa)+) is stopped, and the start fails with "
+        "that reason.",
     )
     notify: bool | None = Field(
         None,
@@ -141,10 +142,15 @@ class ReadyCheck(_Check):
         if value is not None:
             if not value:
                 raise ValueError("the pattern is empty: it would match every line")
+            import regex  # what runs it (probes.py): what loads is what runs
+
             try:
-                re.compile(value)
-            except re.error as exc:
+                regex.compile(value)
+            except regex.error as exc:
                 raise ValueError(f"not a regular expression: {exc}") from None
+            except RecursionError:  # the parser's own recursion, on thousands of nested groups
+                nested = "not a regular expression the service can run: its groups are nested too deeply"
+                raise ValueError(nested) from None
         return value
 
     @field_validator("notify")

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, TypeVar
 
 ProbeKind = Literal["exec", "http", "tcp", "log", "notify"]
 _KINDS: tuple[ProbeKind, ...] = ("exec", "http", "tcp", "log", "notify")
+#: The longest a log probe's pattern may search one line, in seconds (probes.py says why).
+LOG_SEARCH_TIMEOUT = 0.025
 
 R = TypeVar("R", bound="Record")
 
