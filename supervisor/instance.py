@@ -33,7 +33,7 @@ from .events import EventBus, State, Transition, Update
 from .health import Health, LogSubscription, Resumed
 from .instance_status import Reporting
 from .logs import LogFileError, LogSink
-from .pacer import Pacer
+from .pacer import Pacer, Turns
 from .process import Child, ExitStatus, SpawnError
 from .reactor import PipeReactor
 from .rendezvous import Announcement, RequestLock
@@ -95,6 +95,8 @@ class InstanceContext:
     cgroups: CgroupTree | None = None
     #: Does what a waiting instance makes ahead of its spawn, a slice at a time (None: at once).
     ahead: Pacer | None = None
+    #: Every spawn of the manager's instances passes it: a slice of a turn of the loop each.
+    spawn_turns: Turns | None = None
 
 
 class Instance(RunSetup, Stopping, Adoption, Reporting):
@@ -450,6 +452,8 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
 
     async def _run_once(self, announce: Callable[[], None]) -> Retry | None:
         """One run: spawn, watch until it ends. Returns why to retry, or None when done."""
+        if self._context.spawn_turns is not None:  # a thousand asked at once: not in one turn
+            await self._context.spawn_turns.wait()
         async with self._health.log_subscription(list(self._sinks.values())) as followers:
             # Spawn first, then announce: the STARTING event carries the new pid. Nothing
             # awaits in between, so no one can observe the state before the transition.

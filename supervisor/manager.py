@@ -36,7 +36,7 @@ from .events import EventBus, State, Transition
 from .graph import DependencyGate, in_reverse_order
 from .instance import Instance, InstanceContext, InvalidRequest
 from .instance_status import InstanceStatus
-from .pacer import Pacer
+from .pacer import Pacer, Turns
 from .process import Child
 from .reactor import PipeReactor
 from .resumption import Resumption
@@ -105,6 +105,7 @@ class Manager(Resumption):
         self._cgroups: CgroupPolicy | None = None  # made by run(): supervisor.cgroups
         self._reactor: PipeReactor | None = None  # made by run(): reads every instance's log pipes
         self._pacer: Pacer | None = None  # made by run(): what waiting instances make ahead
+        self._spawn_turns: Turns | None = None  # made by run(): every spawn passes it
         #: Set once the first manifest's instances are in the set, before any of them starts: the
         #: control plane, served from the start, answers about instances from then on.
         self.roster_known = anyio.Event()
@@ -126,6 +127,7 @@ class Manager(Resumption):
         self._cgroups = CgroupPolicy.open(self.manifest)
         reactor = self._reactor = PipeReactor()
         pacer = self._pacer = Pacer()
+        self._spawn_turns = Turns(SPAWN_SLICE)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -280,6 +282,7 @@ class Manager(Resumption):
             on_transition=self._group_changed,
             cgroups=self._cgroups.tree if self._cgroups is not None else None,
             ahead=self._pacer,
+            spawn_turns=self._spawn_turns,
         )
         return Instance(name, plan.group, plan.config, context)
 

@@ -11,6 +11,13 @@ creations each), and the first level's ``READY=1`` waited as long (bench/graph.p
 
 A ``Pacer`` takes such work and does it in the order it came, a slice of about
 ``SLICE`` seconds per turn of the event loop, which looks at its sockets between slices.
+
+Other work cannot wait, but must not come all in one turn either: the spawns. A spawn
+takes the loop for a millisecond or more, and a thousand instances asked to start at
+once (``start --all``, a thousand dependents of one database that became ready, a
+thousand restarts) spawned back to back, the socket deaf for seconds. ``Turns`` lets
+tasks through a slice of a turn's time each, and those that come later wait for a
+later turn.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from collections.abc import Callable
 
 import anyio
 
-__all__ = ["SLICE", "Pacer"]
+__all__ = ["SLICE", "Pacer", "Turns"]
 
 #: The most work, in seconds, done in one turn of the event loop (one item at least).
 SLICE = 0.002
@@ -58,3 +65,57 @@ class Pacer:
                 while queue and time.monotonic() - began < self._slice:
                     queue.popleft()()
                 await anyio.sleep(0)  # a turn of the loop: its sockets are looked at in between
+
+
+class Turns:
+    """A gate that lets tasks through for ``slice_seconds`` of a turn of the event loop.
+
+    A turn's slice begins when the first task passes; once it is spent, the next task
+    takes the loop round (its sockets are looked at) and the slice begins anew. What a
+    task does after it passed, until it next awaits, is what the slice pays for: the gate
+    measures the turn's time, not the task's. Tasks that come meanwhile wait in line and
+    are woken one at a time, each by the one before it as that one passes: a thousand
+    waiters cost a thousand wake-ups, not a thousand per turn. ``None``: no gate.
+    """
+
+    def __init__(self, slice_seconds: float | None) -> None:
+        self._slice = slice_seconds
+        self._began: float | None = None  # when this turn's slice began
+        self._line: deque[anyio.Event] = deque()
+        self._going_round = False
+
+    async def wait(self) -> None:
+        """Return when the current turn may go on: at once, or once the loop has gone round."""
+        if self._slice is None:
+            return
+        if self._line or self._going_round:
+            mine = anyio.Event()
+            self._line.append(mine)
+            try:
+                await mine.wait()
+            except BaseException:  # cancelled (its instance stopped)
+                if mine.is_set():
+                    self._wake_next()  # its turn had come: the next one's has
+                else:
+                    self._line.remove(mine)
+                raise
+        while True:
+            now = time.monotonic()
+            if self._began is None:
+                self._began = now
+            if now - self._began < self._slice:
+                self._wake_next()  # it looks once this task awaits again (after its spawn)
+                return
+            self._going_round = True
+            try:
+                await anyio.sleep(0)  # the loop goes round: its sockets are looked at
+            except BaseException:
+                self._wake_next()  # the line must not wait for a task that is gone
+                raise
+            finally:
+                self._going_round = False
+                self._began = None
+
+    def _wake_next(self) -> None:
+        if self._line:
+            self._line.popleft().set()

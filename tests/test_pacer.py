@@ -1,4 +1,5 @@
-"""The pacer: work that can wait, done in order, a slice at a time, with the loop's turns between."""
+"""The pacer: work that can wait, done in order, a slice at a time, with the loop's turns between;
+and the turns every spawn passes, a slice of a turn each."""
 
 from __future__ import annotations
 
@@ -10,11 +11,27 @@ import anyio.lowlevel
 import pytest
 
 from supervisor.events import State
-from supervisor.pacer import Pacer
+from supervisor.pacer import Pacer, Turns
 
 from .helpers import manifest_from, running, wait_for_output
 
 pytestmark = pytest.mark.anyio
+
+
+async def _tick(order: list[str], done: anyio.Event) -> None:
+    """A task that only yields: a "t" in ``order`` at each of its turns, until ``done``."""
+    while not done.is_set():
+        order.append("t")
+        await anyio.lowlevel.checkpoint()
+
+
+def _longest_run(order: list[str]) -> int:
+    """The most entries of work in ``order`` with no turn of the ticker between them."""
+    longest = run = 0
+    for entry in order:
+        run = run + 1 if entry != "t" else 0
+        longest = max(longest, run)
+    return longest
 
 
 def _busy(seconds: float) -> None:
@@ -40,27 +57,17 @@ async def test_the_work_is_done_in_order_and_other_tasks_get_turns_between_slice
         if n == 39:
             done.set()
 
-    async def ticker() -> None:
-        while not done.is_set():
-            order.append("t")
-            await anyio.lowlevel.checkpoint()
-
     async with anyio.create_task_group() as tg:
         tg.start_soon(pacer.run)
         for n in range(40):
             pacer.add(lambda n=n: item(n))
-        tg.start_soon(ticker)
+        tg.start_soon(_tick, order, done)
         with anyio.fail_after(10):
             await done.wait()
         tg.cancel_scope.cancel()
     work = [entry for entry in order if entry != "t"]
     assert work == [f"w{n}" for n in range(40)]
-    longest = 0
-    run = 0
-    for entry in order:
-        run = run + 1 if entry != "t" else 0
-        longest = max(longest, run)
-    assert longest <= 2 * 3, order
+    assert _longest_run(order) <= 2 * 3, order
     first, last = order.index("w0"), order.index("w39")
     assert order[first:last].count("t") >= 40 // (2 * 3), order
 
@@ -130,3 +137,66 @@ async def test_a_waiting_instance_has_its_log_files_made_while_it_waits(tmp_path
             lambda e: e.instance == "blocked" and e.to_state is State.BACKOFF, timeout=15
         )
         assert "a-file" in (failed.reason or ""), failed
+
+
+# -- Turns: what every spawn passes -------------------------------------------------------------
+
+
+async def test_turns_let_a_slice_of_work_through_then_the_loop_goes_round(anyio_backend_name: str) -> None:
+    """Thirty tasks that each hold the loop 1 ms once through (as a spawn does), asked at once
+    behind a 2.5 ms slice: three or so at a time, a task that only yields gets turns in
+    between, and (where the loop runs tasks in the order they came: asyncio) they pass in that
+    order. Without the gate all thirty pass in one turn, as a thousand spawns did."""
+    turns = Turns(0.0025)
+    order: list[str] = []
+    done = anyio.Event()
+
+    async def spawner(n: int) -> None:
+        await turns.wait()
+        _busy(0.001)
+        order.append(f"s{n}")
+        if len(order) - order.count("t") == 30:
+            done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_tick, order, done)
+        for n in range(30):
+            tg.start_soon(spawner, n)
+        with anyio.fail_after(10):
+            await done.wait()
+    passes = [entry for entry in order if entry != "t"]
+    assert sorted(passes) == sorted(f"s{n}" for n in range(30))
+    if anyio_backend_name == "asyncio":
+        assert passes == [f"s{n}" for n in range(30)]
+    assert _longest_run(order) <= 2 * 4, order  # a slice is three or four; trio may join two turns
+    assert order[order.index(passes[0]) : order.index(passes[-1])].count("t") >= 30 // (2 * 4), order
+
+
+@pytest.mark.parametrize("victim", ["b", "c", "d"])
+async def test_a_task_cancelled_in_line_or_as_it_goes_round_holds_no_one_up(victim: str) -> None:
+    """The slice is spent; of b, c and d (asked in that order) the first takes the loop round and
+    the others wait in line. Whichever is cancelled (its instance stopped before it spawned), the
+    others pass."""
+    turns = Turns(0.001)
+    await turns.wait()
+    _busy(0.002)  # the slice of this turn is spent
+    passed: list[str] = []
+    scopes = {name: anyio.CancelScope() for name in "bcd"}
+
+    async def task(name: str) -> None:
+        with scopes[name]:
+            await turns.wait()
+            passed.append(name)
+            _busy(0.002)  # each spends a slice: the next one goes round again
+
+    async with anyio.create_task_group() as tg:
+        for name in "bcd":
+            tg.start_soon(task, name)
+        await anyio.lowlevel.checkpoint()  # (asyncio) each has asked: one goes round, two wait in line
+        assert not passed
+        scopes[victim].cancel()
+        with anyio.fail_after(5):
+            while len(passed) < 2:
+                await anyio.lowlevel.checkpoint()
+    assert sorted(passed) == sorted(set("bcd") - {victim})
+    assert not turns._line and not turns._going_round  # nothing left behind

@@ -10,8 +10,9 @@ import os
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +54,31 @@ def threads(pid: int) -> int:
 
 # -- the storm ---------------------------------------------------------------------------------
 
+
+def answers_until_running(
+    svc: ServiceProcess, count: int, seconds: float
+) -> Iterator[tuple[float, dict[str, Any] | None]]:
+    """``/v1/health`` every 10 ms until ``count`` instances run: how long each answer took, and
+    the answer (None while the socket is not bound yet). The 10 ms between requests are a
+    bounded wait on the service, which must not exit meanwhile."""
+    client = svc.client(timeout=30)
+    deadline = time.monotonic() + seconds
+    while True:
+        began = time.perf_counter()
+        try:
+            health: dict[str, Any] | None = client.health()
+        except ClientError:
+            health = None
+        yield time.perf_counter() - began, health
+        if health is not None and health["states"].get("running", 0) >= count:
+            return
+        assert time.monotonic() < deadline, f"not all running after {seconds:g} s: {health}\n{svc.log()}"
+        try:
+            code = svc.proc.wait(timeout=0.01)
+        except subprocess.TimeoutExpired:
+            continue
+        raise AssertionError(f"the service exited with {code}:\n{svc.log()}")
+
 STORM = 2000
 
 
@@ -76,27 +102,12 @@ def test_status_answers_while_two_thousand_instances_spawn_and_the_service_keeps
     client = svc.client(timeout=30)
     during: list[float] = []  # how long each answer took while instances were still starting
     thread_counts: set[int] = set()
-    deadline = time.monotonic() + 300
-    while True:
-        started = time.perf_counter()
-        try:
-            health = client.health()
-        except ClientError:  # not bound yet
-            health = {"states": {}, "instances": 0}
-        else:  # one thread once it serves (its start moves it into its cgroup from a second one)
-            thread_counts.add(threads(svc.pid))
-        took = time.perf_counter() - started
-        running = health["states"].get("running", 0)
-        if running == STORM:
-            break
-        if health["instances"] == STORM:  # (a service may answer before it has made them all)
-            during.append(took)
-        assert time.monotonic() < deadline, f"not all running after 300 s: {health}\n{svc.log()}"
-        try:  # the 10 ms between requests, as a bounded wait on the service (it must not exit)
-            code = svc.proc.wait(timeout=0.01)
-        except subprocess.TimeoutExpired:
+    for took, health in answers_until_running(svc, STORM, 300):
+        if health is None:  # not bound yet
             continue
-        raise AssertionError(f"the service exited with {code} during the storm:\n{svc.log()}")
+        thread_counts.add(threads(svc.pid))  # one once it serves (its start moves it from a second one)
+        if health["states"].get("running", 0) < STORM and health["instances"] == STORM:
+            during.append(took)  # (a service may answer before it has made them all)
     # Answers came while the instances were spawning, not only once they all ran; each one
     # within a second even on a loaded machine (bench/spawn.py measures the p99: ≤ 100 ms).
     assert len(during) >= 3, f"only {len(during)} answers during the spawns"
@@ -108,6 +119,60 @@ def test_status_answers_while_two_thousand_instances_spawn_and_the_service_keeps
     # service's log (there were 881, signal_wakeup.py).
     assert svc.stop() == 0
     assert "Exception ignored" not in svc.log(), svc.log()[-3000:]
+
+
+ASKED = 1000
+
+ASKED_AT_ONCE = {
+    # `start --all`: a thousand starts in one request.
+    "start --all": f"""
+        version: 1
+        instances:
+          many:
+            command: [sleep, "314.15"]
+            replicas: {ASKED}
+            autostart: false
+            restart: {{min_uptime: 0}}
+        """,
+    # A thousand dependents of one instance that is started: all unblocked in the same turn.
+    "dependents": f"""
+        version: 1
+        instances:
+          gate: {{command: [sleep, "314.15"], autostart: false, restart: {{min_uptime: 0}}}}
+          many:
+            command: [sleep, "314.15"]
+            replicas: {ASKED}
+            restart: {{min_uptime: 0}}
+            depends_on: {{gate: {{condition: started}}}}
+        """,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", list(ASKED_AT_ONCE))
+def test_the_control_socket_answers_while_hundreds_asked_at_once_spawn(service: Start, how: str) -> None:
+    """Not only the start's storm: every spawn passes the manager's turns (pacer.Turns), so a
+    request that starts hundreds at once, or a dependency that unblocks hundreds, spawns them a
+    slice of the loop at a time, and the socket answers in between (it was deaf for 3 to 5 s)."""
+    svc = service(ASKED_AT_ONCE[how])
+    asked = ["--all"] if how == "start --all" else ["gate"]
+    asker = subprocess.Popen(
+        [*SUPERVISOR, "start", *asked, "--no-wait", "-s", str(svc.socket)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    count = ASKED if how == "start --all" else ASKED + 1  # and the gate
+    took = [
+        seconds
+        for seconds, health in answers_until_running(svc, count, 120)
+        if health is not None and health["states"].get("running", 0) < count
+    ]
+    _, err = asker.communicate(timeout=60)
+    assert asker.returncode == 0, err
+    # Answers came while they spawned, each within a second on a loaded machine (a loop that
+    # spawned all in one turn answered none of them until the last spawn).
+    assert len(took) >= 5, f"only {len(took)} answers while {ASKED} spawned"
+    assert max(took) < 1.0, sorted(took)[-5:]
 
 
 # -- descriptors per instance ------------------------------------------------------------------
