@@ -68,6 +68,7 @@ def main() -> None:
                 del kills[pid]
 
         try:
+            client.wait(["victim"], "running", timeout=30)  # its first start, before the stream
             with client.events() as events:
                 client.restart(["victim"])  # a start this script sees from its first event
                 ends = time.monotonic() + args.seconds

@@ -70,52 +70,70 @@ class Pacer:
 class Turns:
     """A gate that lets tasks through for ``slice_seconds`` of a turn of the event loop.
 
-    A turn's slice begins when the first task passes; once it is spent, the next task
-    takes the loop round (its sockets are looked at) and the slice begins anew. What a
-    task does after it passed, until it next awaits, is what the slice pays for: the gate
-    measures the turn's time, not the task's. Tasks that come meanwhile wait in line and
-    are woken one at a time, each by the one before it as that one passes: a thousand
-    waiters cost a thousand wake-ups, not a thousand per turn. ``None``: no gate.
+    A turn's slice begins when the first task passes. A task that comes once it is spent
+    waits in line; ``run`` ends each turn that let tasks through once the loop has gone
+    round (its sockets looked at), and wakes the next in line, a few more than the last turn
+    let through: they run back to back, each passing while the new slice lasts, the rest
+    back at the head of the line. What a task does after it passed, until it next awaits, is
+    what the slice pays for: the gate measures the turn's time, not the task's.
+
+    The first ``burst`` tasks after the gate was idle pass whatever their time: a small burst
+    (a level of a dependency graph: ten spawns, 25 ms) goes in one turn, where slicing it
+    spread it over ten turns, each with the loop's other work, and made every level of the
+    graph 9 ms longer. What comes beyond it, or before the line is empty again, is sliced.
+    ``slice_seconds`` None: no gate.
     """
 
-    def __init__(self, slice_seconds: float | None) -> None:
+    def __init__(self, slice_seconds: float | None, burst: int = 16) -> None:
         self._slice = slice_seconds
+        self._burst = self._free = burst  # passes left before the slice counts
         self._began: float | None = None  # when this turn's slice began
+        self._passed = 0  # how many this turn let through
         self._line: deque[anyio.Event] = deque()
-        self._going_round = False
+        self._again: list[anyio.Event] = []  # woken, but the slice was spent: the line's new head
+        self._turned = anyio.Event()  # a turn let tasks through, or some wait: run() looks a turn later
+
+    async def run(self) -> None:
+        """Ends the turns and wakes the line, until cancelled (the gate is then of no use)."""
+        while True:
+            await self._turned.wait()  # set in an earlier turn: this is a later one
+            self._turned = anyio.Event()
+            self._began = None
+            wake, self._passed = max(16, 2 * self._passed), 0
+            self._line.extendleft(reversed(self._again))
+            self._again.clear()
+            if not self._line:  # idle again: the next burst passes whole
+                self._free = self._burst
+            for _ in range(min(wake, len(self._line))):
+                self._line.popleft().set()
+            if self._line:
+                self._turned.set()  # the next turn wakes more, whether anyone passes or not
 
     async def wait(self) -> None:
-        """Return when the current turn may go on: at once, or once the loop has gone round."""
+        """Return when the current turn may go on: at once, or in a later turn."""
         if self._slice is None:
             return
-        if self._line or self._going_round:
+        woken = False
+        while True:
+            if woken or not self._line:
+                now = time.monotonic()
+                if self._began is None:
+                    self._began = now
+                    self._turned.set()
+                if self._free or now - self._began < self._slice:
+                    self._free = max(0, self._free - 1)
+                    self._passed += 1
+                    return
             mine = anyio.Event()
-            self._line.append(mine)
+            if woken:
+                self._again.append(mine)
+            else:
+                self._line.append(mine)
+                self._turned.set()
             try:
                 await mine.wait()
-            except BaseException:  # cancelled (its instance stopped)
-                if mine.is_set():
-                    self._wake_next()  # its turn had come: the next one's has
-                else:
-                    self._line.remove(mine)
+            except BaseException:  # cancelled (its instance stopped): out of the line
+                if not mine.is_set():
+                    (self._again.remove if mine in self._again else self._line.remove)(mine)
                 raise
-        while True:
-            now = time.monotonic()
-            if self._began is None:
-                self._began = now
-            if now - self._began < self._slice:
-                self._wake_next()  # it looks once this task awaits again (after its spawn)
-                return
-            self._going_round = True
-            try:
-                await anyio.sleep(0)  # the loop goes round: its sockets are looked at
-            except BaseException:
-                self._wake_next()  # the line must not wait for a task that is gone
-                raise
-            finally:
-                self._going_round = False
-                self._began = None
-
-    def _wake_next(self) -> None:
-        if self._line:
-            self._line.popleft().set()
+            woken = True

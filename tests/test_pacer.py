@@ -147,7 +147,7 @@ async def test_turns_let_a_slice_of_work_through_then_the_loop_goes_round(anyio_
     behind a 2.5 ms slice: three or so at a time, a task that only yields gets turns in
     between, and (where the loop runs tasks in the order they came: asyncio) they pass in that
     order. Without the gate all thirty pass in one turn, as a thousand spawns did."""
-    turns = Turns(0.0025)
+    turns = Turns(0.0025, burst=0)
     order: list[str] = []
     done = anyio.Event()
 
@@ -159,11 +159,13 @@ async def test_turns_let_a_slice_of_work_through_then_the_loop_goes_round(anyio_
             done.set()
 
     async with anyio.create_task_group() as tg:
+        tg.start_soon(turns.run)
         tg.start_soon(_tick, order, done)
         for n in range(30):
             tg.start_soon(spawner, n)
         with anyio.fail_after(10):
             await done.wait()
+        tg.cancel_scope.cancel()
     passes = [entry for entry in order if entry != "t"]
     assert sorted(passes) == sorted(f"s{n}" for n in range(30))
     if anyio_backend_name == "asyncio":
@@ -173,13 +175,10 @@ async def test_turns_let_a_slice_of_work_through_then_the_loop_goes_round(anyio_
 
 
 @pytest.mark.parametrize("victim", ["b", "c", "d"])
-async def test_a_task_cancelled_in_line_or_as_it_goes_round_holds_no_one_up(victim: str) -> None:
-    """The slice is spent; of b, c and d (asked in that order) the first takes the loop round and
-    the others wait in line. Whichever is cancelled (its instance stopped before it spawned), the
-    others pass."""
-    turns = Turns(0.001)
-    await turns.wait()
-    _busy(0.002)  # the slice of this turn is spent
+async def test_a_task_cancelled_in_line_holds_no_one_up(victim: str) -> None:
+    """The slice is spent; b, c and d (asked in that order) wait in line. Whichever is cancelled
+    (its instance stopped before it spawned), the others pass, in later turns, in their order."""
+    turns = Turns(0.001, burst=0)
     passed: list[str] = []
     scopes = {name: anyio.CancelScope() for name in "bcd"}
 
@@ -187,16 +186,83 @@ async def test_a_task_cancelled_in_line_or_as_it_goes_round_holds_no_one_up(vict
         with scopes[name]:
             await turns.wait()
             passed.append(name)
-            _busy(0.002)  # each spends a slice: the next one goes round again
+            _busy(0.002)  # each spends a slice: the next one passes a turn later
 
     async with anyio.create_task_group() as tg:
+        await turns.wait()
+        _busy(0.002)  # the slice of this turn is spent
         for name in "bcd":
             tg.start_soon(task, name)
-        await anyio.lowlevel.checkpoint()  # (asyncio) each has asked: one goes round, two wait in line
+        tg.start_soon(turns.run)
+        await anyio.lowlevel.checkpoint()  # (asyncio) each has asked, and waits in line
         assert not passed
         scopes[victim].cancel()
         with anyio.fail_after(5):
             while len(passed) < 2:
                 await anyio.lowlevel.checkpoint()
+        tg.cancel_scope.cancel()
     assert sorted(passed) == sorted(set("bcd") - {victim})
-    assert not turns._line and not turns._going_round  # nothing left behind
+    assert not turns._line and not turns._again  # nothing left behind
+
+
+async def test_tasks_that_come_in_later_turns_pass_at_once() -> None:
+    """A spawn a turn after the last one (a restart after a crash) passes without waiting for
+    the loop to go round again: each turn's slice ends with the turn."""
+    turns = Turns(0.002, burst=0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(turns.run)
+        for _ in range(5):
+            await turns.wait()
+            _busy(0.003)  # more than a slice
+            with anyio.fail_after(5):
+                while turns._began is not None:  # the turn ends: run() ends its slice
+                    await anyio.lowlevel.checkpoint()
+            with anyio.fail_after(0):  # it would time out at its first checkpoint: it passes at once
+                await turns.wait()
+            _busy(0.003)
+        tg.cancel_scope.cancel()
+
+
+async def test_a_burst_after_an_idle_gate_passes_whole_and_what_follows_is_sliced() -> None:
+    """A level of a graph: spawns of 1 ms each, behind a 2 ms slice and a burst of 16. Of 36
+    asked at once, the first 16 pass in one turn (sliced, a level spread over ten turns and the
+    loop's other work), the other 20 a slice at a time. Once the gate is idle again, the next
+    ten pass whole."""
+    turns = Turns(0.002, burst=16)
+    order: list[str] = []
+    done = anyio.Event()
+    passed = 0
+
+    async def spawner(name: str) -> None:
+        nonlocal passed
+        await turns.wait()
+        _busy(0.001)
+        order.append(name)
+        passed += 1
+        if passed == 46:
+            done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(turns.run)
+        tg.start_soon(_tick, order, done)
+        for n in range(36):
+            tg.start_soon(spawner, f"a{n}")
+        with anyio.fail_after(10):
+            while passed < 36 or turns._free != 16:  # all through, and run() has seen the gate idle
+                await anyio.lowlevel.checkpoint()
+        for n in range(10):
+            tg.start_soon(spawner, f"c{n}")
+        with anyio.fail_after(10):
+            await done.wait()
+        tg.cancel_scope.cancel()
+    passes = [at for at, entry in enumerate(order) if entry != "t"]
+    ticks = [at for at, entry in enumerate(order) if entry == "t"]
+
+    def turns_between(first: int, last: int) -> int:  # the ticker's turns between two passes
+        return sum(1 for at in ticks if passes[first] < at < passes[last])
+
+    # The burst in one turn (trio runs a turn's tasks in a random order: the ticker's one turn
+    # may fall among them); the rest a slice (two or three) per turn; the next burst in one turn.
+    assert turns_between(0, 15) <= 1, order
+    assert turns_between(15, 35) >= 20 // (2 * 3), order
+    assert turns_between(36, 45) <= 1, order
