@@ -170,8 +170,12 @@ async def test_turns_let_a_slice_of_work_through_then_the_loop_goes_round(anyio_
     assert sorted(passes) == sorted(f"s{n}" for n in range(30))
     if anyio_backend_name == "asyncio":
         assert passes == [f"s{n}" for n in range(30)]
-    assert _longest_run(order) <= 2 * 4, order  # a slice is three or four; trio may join two turns
-    assert order[order.index(passes[0]) : order.index(passes[-1])].count("t") >= 30 // (2 * 4), order
+    # A slice is three or four such tasks. Trio runs a turn's tasks in a random order, so the
+    # ticker's one run in a turn may come before or after its slices, and run() may end a slice
+    # in the middle of a turn: up to three slices may come with no tick between (once in a
+    # whole suite beside a CPU hog, nine passes did). Without the gate: thirty.
+    assert _longest_run(order) <= 3 * 4, order
+    assert order[order.index(passes[0]) : order.index(passes[-1])].count("t") >= 30 // (3 * 4), order
 
 
 @pytest.mark.parametrize("victim", ["b", "c", "d"])
