@@ -85,7 +85,7 @@ def guardians_of(svc: ServiceProcess) -> list[int]:
         try:
             if b"guardian.py" in Path(f"/proc/{pid}/cmdline").read_bytes():  # empty for a zombie
                 found.append(pid)
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone between the listing and the read
             continue
     return found
 
