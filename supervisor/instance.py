@@ -127,6 +127,7 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         self._hosting = False  # run() is there to run the supervise loop
         self._wake: anyio.Event | None = None  # run() waits on it while no loop runs
         self._start_wanted: Announcement | None = None  # a start() handed to run()
+        self._in_line_to_spawn = False  # at the manager's spawn gate (pacer.Turns), its turn to come
         self._loop_scope: anyio.CancelScope | None = None
         self._loop_exited: anyio.Event | None = None  # made by a stop that waits for the loop
         self._pipes: dict[str, LogPipe] = {}
@@ -320,6 +321,12 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         return False
 
     @property
+    def in_line_to_spawn(self) -> bool:
+        """Its spawn is decided and waits for its turn at the gate: a start that is under way
+        before its first transition (the thousandth of a `start --all` waits seconds)."""
+        return self._in_line_to_spawn
+
+    @property
     def is_ready(self) -> bool:
         """Running, and ready where a readiness check is configured: what dependents wait for."""
         return self._state is State.RUNNING and self._health.ready is not False
@@ -453,7 +460,12 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
     async def _run_once(self, announce: Callable[[], None]) -> Retry | None:
         """One run: spawn, watch until it ends. Returns why to retry, or None when done."""
         if self._context.spawn_turns is not None:  # a thousand asked at once: not in one turn
-            await self._context.spawn_turns.wait()
+            self._in_line_to_spawn = True
+            self.wake_waiters()  # a `--no-wait` request answers now, not once its turn came
+            try:
+                await self._context.spawn_turns.wait()
+            finally:
+                self._in_line_to_spawn = False
         async with self._health.log_subscription(list(self._sinks.values())) as followers:
             # Spawn first, then announce: the STARTING event carries the new pid. Nothing
             # awaits in between, so no one can observe the state before the transition.

@@ -130,9 +130,12 @@ class Actions:
         self.background.start_soon(run)
         with anyio.move_on_after(timeout):
             if not body.wait:
-                # Its end or the instance's next transition, whichever comes first: a wait on the
-                # instance's own event, not two tasks (and a task group) for each instance asked.
-                await instance.wait_until(lambda: done.is_set() or instance.state is not before)
+                # Its end, the instance's next transition, or its spawn in line at the gate,
+                # whichever comes first: a wait on the instance's own event, not two tasks (and a
+                # task group) for each instance asked.
+                await instance.wait_until(
+                    lambda: done.is_set() or instance.state is not before or instance.in_line_to_spawn
+                )
                 return result(instance, not refused, refused[0] if refused else None)
             await done.wait()
             if refused:
