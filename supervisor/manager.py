@@ -15,12 +15,11 @@ first), and a dependency that restarts restarts the dependents whose edge says
 
 from __future__ import annotations
 
-import fnmatch
 import gc
 import os
 import resource
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,20 +39,11 @@ from .pacer import Pacer, Turns
 from .process import Child
 from .reactor import PipeReactor
 from .resumption import Resumption
+from .selection import UnknownInstance, select
 
 
 class ApplyError(RuntimeError):
     """A manifest that is valid but cannot be applied now (descriptors, say); nothing was changed."""
-
-
-class UnknownInstance(LookupError):
-    """A name or pattern that matches no instance."""
-
-    def __init__(self, pattern: str, known: Iterable[str]) -> None:
-        self.pattern = pattern
-        names = sorted(known)
-        listing = ", ".join(names[:10]) + (", …" if len(names) > 10 else "")
-        super().__init__(f"no instance matches {pattern!r} (known: {listing or 'none'})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,20 +392,9 @@ class Manager(Resumption):
     # -- queries -----------------------------------------------------------------------------
 
     def select(self, patterns: Sequence[str]) -> list[Instance]:
-        """Instances by name, by manifest name (all its replicas), or by glob (``web-*``)."""
-        if not patterns:
-            return list(self._instances.values())
-        chosen: dict[str, Instance] = {}
-        for pattern in patterns:
-            found = [
-                inst
-                for name, inst in self._instances.items()
-                if name == pattern or inst.group == pattern or fnmatch.fnmatchcase(name, pattern)
-            ]
-            if not found:
-                raise UnknownInstance(pattern, self._instances)
-            chosen.update((inst.name, inst) for inst in found)
-        return list(chosen.values())
+        """Instances by name, by manifest name (all its replicas), or by glob (``web-*``):
+        selection.py (UnknownInstance, TooManyGlobs)."""
+        return select(self._instances, self._groups(), patterns)
 
     def status(self, patterns: Sequence[str] = ()) -> list[InstanceStatus]:
         now = time.time()

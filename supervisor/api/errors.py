@@ -19,6 +19,7 @@ from starlette.routing import Match
 from ..config import ManifestError
 from ..instance import InvalidRequest
 from ..manager import ApplyError, UnknownInstance
+from ..selection import MAX_GLOBS, TooManyGlobs
 from .inputs import InvalidInput
 from .openapi import Answer
 
@@ -31,7 +32,9 @@ def error(status: int, message: str, details: Collection[Any] = ()) -> JSONRespo
 
 #: The errors most routes may answer with, for the OpenAPI document.
 ERRORS: Mapping[int, Answer] = {
-    400: Answer("A malformed request (a field, a signal, a duration).", "ErrorBody"),
+    400: Answer(
+        f"A malformed request (a field, a signal, a duration, more than {MAX_GLOBS} globs).", "ErrorBody"
+    ),
     404: Answer("No instance by that name (or no such log stream).", "ErrorBody"),
 }
 
@@ -73,6 +76,10 @@ async def _cannot_apply(_: Request, exc: Exception) -> Response:
     return error(422, str(exc))
 
 
+async def _too_many_globs(_: Request, exc: Exception) -> Response:
+    return error(400, str(exc))
+
+
 async def _bad_request(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, InvalidInput)
     return error(400, "invalid request", exc.details)
@@ -96,5 +103,6 @@ HANDLERS: Mapping[Any, Any] = {
     ManifestError: _bad_manifest,
     ApplyError: _cannot_apply,
     InvalidInput: _bad_request,
+    TooManyGlobs: _too_many_globs,
     HTTPException: _http_error,
 }
