@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from supervisor.config import load_manifest
 from supervisor.convert import ConvertError
 from supervisor.convert.importer import detect_format, import_file
+from supervisor.convert.writer import validated
 
 from .service_fixture import ServiceProcess
 
@@ -53,12 +55,18 @@ def sample_conf() -> str:
 
 
 def test_sample_conf_as_shipped(sample_conf: str, tmp_path: Path) -> None:
+    """Every program in the sample is commented out: a manifest of no instances is an error, not a file."""
     (tmp_path / "supervisord.conf").write_text(sample_conf)
-    text, notes = convert(tmp_path / "supervisord.conf", tmp_path / "supervisor.yaml")
-    assert "instances: {}" in text  # every program in the sample is commented out
-    dropped = {n.split(": ")[1] for n in notes}
-    assert {"[supervisord]", "[unix_http_server]", "[supervisorctl]", "[rpcinterface:supervisor]"} <= dropped
-    assert all(n.startswith(f"{tmp_path / 'supervisord.conf'}:") for n in notes)
+    with pytest.raises(ConvertError) as caught:
+        import_file(tmp_path / "supervisord.conf", tmp_path / "supervisor.yaml")
+    conf = tmp_path / "supervisord.conf"
+    assert str(caught.value).startswith(f"{conf}: nothing to convert: no [program:x] section; ")
+    assert f" notes, the first: {conf}:" in str(caught.value)  # notes are not printed: the first is said
+    cli = subprocess.run(
+        [sys.executable, "-m", "supervisor", "import", str(tmp_path / "supervisord.conf")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 1 and not cli.stdout and "nothing to convert" in cli.stderr
 
 
 def test_sample_conf_program_uncommented(sample_conf: str, tmp_path: Path) -> None:
@@ -69,6 +77,9 @@ def test_sample_conf_program_uncommented(sample_conf: str, tmp_path: Path) -> No
     program = [line.removeprefix(";") for line in lines[start:end]]
     (tmp_path / "supervisord.conf").write_text("\n".join([*lines, *program, ""]))
     _, notes = convert(tmp_path / "supervisord.conf", tmp_path / "supervisor.yaml")
+    dropped = {n.split(": ")[1] for n in notes}
+    assert {"[supervisord]", "[unix_http_server]", "[supervisorctl]", "[rpcinterface:supervisor]"} <= dropped
+    assert all(n.startswith(f"{tmp_path / 'supervisord.conf'}:") for n in notes)
     config = load_manifest(tmp_path / "supervisor.yaml").instances["theprogramname"]
     assert config.command == "/bin/cat"
     assert (config.cwd, config.umask, config.user) == ("/tmp", 0o22, "chrism")
@@ -206,6 +217,74 @@ def test_detect_format() -> None:
         detect_format(Path("x"), "   \n")
 
 
+def test_docker_compose_is_named(tmp_path: Path) -> None:
+    """`services:` is docker compose's: refused as such, not read as a Procfile with no lines."""
+    compose = 'version: "3.8"\nservices:\n  web:\n    image: nginx\n'
+    with pytest.raises(ConvertError, match=r"^x:2: a docker compose file"):
+        detect_format(Path("x"), compose)
+    # a key alone on its line is not a `name: command` line: the command is not on the next line
+    with pytest.raises(ConvertError, match="cannot tell the format"):
+        detect_format(Path("x"), "web:\n  image: nginx\n")
+    assert detect_format(Path("x"), "services: ./run-services\n") == "procfile"  # a process type
+    for name in ("docker-compose.yml", "process-compose.yml"):  # by content, and by a misleading name
+        (tmp_path / name).write_text(compose)
+        cli = subprocess.run(
+            [sys.executable, "-m", "supervisor", "import", str(tmp_path / name)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert cli.returncode == 1 and not cli.stdout, cli.stdout
+        assert f"{tmp_path / name}:2: a docker compose file (top-level services:)" in cli.stderr
+        for readable in ("process-compose (processes:)", "a Procfile", "supervisord.conf"):
+            assert readable in cli.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "wanted"),
+    [
+        ("Procfile", "# nothing yet\n\n", "no `name: command` line"),
+        ("Procfile", "  web: indented\n", "no `name: command` line"),
+        ("process-compose.yaml", "processes: {}\n", "no process under processes:"),
+        ("a.conf", "[supervisord]\nlogfile=/tmp/x\n", "no [program:x] section"),
+    ],
+)
+def test_nothing_to_convert(tmp_path: Path, name: str, content: str, wanted: str) -> None:
+    """A manifest of no instances runs nothing: an error, and no file, rather than a silent success."""
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ConvertError, match=f"^{re.escape(str(tmp_path / name))}: nothing to convert: "):
+        import_file(tmp_path / name, tmp_path / "supervisor.yaml")
+    out = tmp_path / "out.yaml"
+    cli = subprocess.run(
+        [sys.executable, "-m", "supervisor", "import", str(tmp_path / name), "-o", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 1 and wanted in cli.stderr and not out.exists()
+
+
+def test_process_compose_ipv6_probe(tmp_path: Path) -> None:
+    """An IPv6 host is bracketed in the URL, as a URL needs it; a bracketed one is kept."""
+    (tmp_path / "process-compose.yaml").write_text(
+        "processes:\n"
+        "  a:\n    command: x\n    readiness_probe: {http_get: {host: '::1', port: 8080}}\n"
+        "  b:\n    command: x\n    liveness_probe: {http_get: {host: '[2001:db8::5]', port: 80, path: /h}}\n"
+    )
+    convert(tmp_path / "process-compose.yaml", tmp_path / "supervisor.yaml")
+    manifest = load_manifest(tmp_path / "supervisor.yaml")
+    a, b = manifest.instances["a"], manifest.instances["b"]
+    assert a.ready is not None and a.ready.http == "http://[::1]:8080/"
+    assert b.alive is not None and b.alive.http == "http://[2001:db8::5]:80/h"
+
+
+def test_unplaced_problem_names_the_converted_manifest(tmp_path: Path) -> None:
+    """Without a source place, a problem's line is said to be the converted manifest's, not the source's."""
+    text = "version: 1\ninstances:\n  a:\n    command: ''\n"
+    with pytest.raises(ConvertError) as caught:
+        validated(text, tmp_path / "supervisor.yaml", "Procfile")
+    assert str(caught.value) == (
+        "Procfile: the converted manifest does not validate: "
+        "instances.a.command: the command is empty (in the converted manifest, line 4)"
+    )
+
+
 def test_imported_procfile_runs(tmp_path: Path, service: Callable[..., ServiceProcess]) -> None:
     (tmp_path / "Procfile").write_text('web: echo "web on $PORT"; exec tail -f /dev/null\n')
     (tmp_path / ".env").write_text("PORT=7100\n")
@@ -290,6 +369,23 @@ def test_imported_process_compose_graph_runs(tmp_path: Path, service: Callable[.
         ("a.conf", "[program:a]\ncommand='x\n", ":2", "cannot split"),
         ("a.conf", "[include]\nfiles=*.conf\n", ":2", "include loop"),
         ("Procfile", "web: a\nworker: b\nweb: c\n", ":3", "given twice (first on line 1)"),
+        ("Procfile", "WEB: a\nweb: b\n", ":2", "'web' and 'WEB' (line 1) both become the instance 'web'"),
+        # found only when the converted manifest is loaded: reported at the source line it came from
+        ("Procfile", "web: \n", ":1", "web.command: the command is empty"),
+        ("Procfile", "# jobs\n\nweb: run\nworker: echo 'x\n", ":4", "worker.command: cannot split"),
+        ("a.conf", "[program:a]\ncommand=x\nstopwaitsecs=999999999\n", ":3", "a.stop.timeout: "),
+        (
+            "process-compose.yaml",
+            "processes:\n  a:\n    command: x\n    depends_on: {a: {}}\n",
+            ":4",
+            "a.depends_on.a: a cannot depend on itself",
+        ),
+        (
+            "process-compose.yaml",
+            'processes:\n  a:\n    command: x\n    working_dir: "\\0"\n',
+            ":4",
+            "a.cwd: a NUL character",
+        ),
         ("process-compose.yaml", "processes:\n  a: {command: x\n", ":3", "YAML"),
         (
             "process-compose.yaml",

@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from supervisor.config import load_manifest
+from supervisor.config import load_manifest, parse_manifest
 from supervisor.convert import ConvertError, kubernetes, read_source, systemd
 from supervisor.convert.importer import import_file
 
@@ -186,6 +186,84 @@ def test_systemd_awkward_values(tmp_path: Path) -> None:
     manifest.write_text('version: 1\ninstances:\n  app:\n    command: x\n    cwd: "/tmp/a\\nb"\n')
     with pytest.raises(ConvertError, match=r"supervisor\.yaml:3: app: .* line break"):
         systemd.export(manifest.read_text(), manifest, name="odd")
+
+
+def test_systemd_zero_timeouts(tmp_path: Path) -> None:
+    """A 0 here is no wait; systemd reads 0 as no limit at all: the unit gets 1ms, and a note says so."""
+    manifest = tmp_path / "supervisor.yaml"
+    manifest.write_text(
+        "version: 1\ninstances:\n"
+        "  quick:\n    command: sleep 1\n    stop: {timeout: 0}\n"
+        "  notified:\n    command: sleep 1\n    ready: {notify: true, start_timeout: 0}\n"
+        "    watchdog: 0.4ms\n"
+        "  polled:\n    command: sleep 1\n    ready: {exec: 'true', start_timeout: 0s}\n"
+        "  patient:\n    command: sleep 1\n    ready: {notify: true, start_timeout: null}\n"
+    )
+    result = systemd.export(manifest.read_text(), manifest, name="z", version=local_systemd())
+    verify(write(result.files, tmp_path / "units"))
+    units = result.files
+    assert unit_values(units["z-quick.service"], "TimeoutStopSec") == ["1ms"]
+    assert unit_values(units["z-notified.service"], "TimeoutStartSec") == ["1ms"]
+    assert unit_values(units["z-notified.service"], "WatchdogSec") == ["1ms"]
+    assert unit_values(units["z-polled.service"], "TimeoutStartSec") == ["1ms"]
+    assert unit_values(units["z-patient.service"], "TimeoutStartSec") == ["infinity"]  # null: no limit
+    assert unit_values(units["z-patient.service"], "TimeoutStopSec") == ["10s"]
+    notes = "\n".join(map(str, result.notes))
+    assert "supervisor.yaml:5: quick.stop.timeout: approximated: TimeoutStopSec=1ms" in notes
+    assert "supervisor.yaml:8: notified.ready.start_timeout: approximated: TimeoutStartSec=1ms" in notes
+    assert "supervisor.yaml:9: notified.watchdog: approximated: WatchdogSec=1ms" in notes
+    assert "polled.ready.start_timeout: approximated" in notes and "patient.ready" not in notes
+
+
+def kubelet_expand(text: str, env: dict[str, str]) -> str:
+    """What the kubelet runs for a command, arg or env value: Kubernetes' expansion.Expand in Python.
+
+    ``$(NAME)`` becomes NAME's value (kept as written where unset), ``$$`` one ``$``, any other
+    ``$`` stays: the oracle that an exported string reaches the program as the manifest says.
+    """
+    out, i = [], 0
+    while i < len(text):
+        if text[i] != "$" or i + 1 == len(text):
+            out.append(text[i])
+            i += 1
+            continue
+        after = text[i + 1]
+        close = text.find(")", i + 2) if after == "(" else -1
+        if after == "$":
+            out.append("$")
+        elif close >= 0:
+            name = text[i + 2 : close]
+            out.append(env.get(name, f"$({name})"))
+            i = close - 1
+        else:
+            out.append("$" + after)
+        i += 2
+    return "".join(out)
+
+
+def test_kubernetes_keeps_dollar_parens() -> None:
+    """$(NAME) and $$ reach the program as written: the kubelet would expand them, procward does not."""
+    manifest = Path("/srv/app/supervisor.yaml")
+    text = (
+        "version: 1\ninstances:\n  app:\n"
+        '    command: ["sh", "-c", "echo $$(HOSTNAME) $$(date) pid $$$$ cost $$5 $$(open"]\n'
+        '    env: {HOSTNAME: h, URL: "http://$$(HOSTNAME)/"}\n'
+        '    ready: {exec: ["sh", "-c", "test $$(cat /tmp/x) = $$HOSTNAME"]}\n'
+    )
+    config = parse_manifest(text, manifest).instances["app"]
+    assert config.argv[2] == "echo $(HOSTNAME) $(date) pid $$ cost $5 $(open"  # what procward runs
+    result = kubernetes.export(text, manifest, name="d", image="registry.local/app:1")
+    deployment = yaml.safe_load(result.files["app.yaml"])
+    kubernetes_validate.validate(deployment, KUBERNETES, strict=True)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["-c", "echo $$(HOSTNAME) $$(date) pid $$$ cost $5 $$(open"]
+    assert {"name": "URL", "value": "http://$$(HOSTNAME)/"} in container["env"]
+    probe = container["readinessProbe"]["exec"]["command"]
+    assert probe == ["sh", "-c", "test $$(cat /tmp/x) = $HOSTNAME"]
+    env = {e["name"]: kubelet_expand(e["value"], {}) for e in container["env"]}
+    assert env == config.env
+    assert [kubelet_expand(a, env) for a in [*container["command"], *container["args"]]] == config.argv
+    assert config.ready is not None and [kubelet_expand(a, env) for a in probe] == config.ready.argv
 
 
 def test_supervisord_continuation_lines(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from . import process_compose, procfile, supervisord
 from .notes import Converted, ConvertError, read_source
+from .process_compose import DOCKER_COMPOSE
 
 FORMATS = {
     "supervisord": supervisord.convert,
@@ -26,9 +27,14 @@ def detect_format(path: Path, text: str) -> str:
         return "supervisord"
     if re.search(r"^\s*\[(program|group|supervisord|include)[:\]]", text, re.MULTILINE):
         return "supervisord"
-    if re.search(r"^processes\s*:", text, re.MULTILINE):
+    if re.search(r"^processes[ \t]*:", text, re.MULTILINE):
         return "process-compose"
-    if re.search(r"^[A-Za-z0-9_-]+:\s*\S", text, re.MULTILINE):
+    # `services:` alone on its line opens docker compose's mapping; `services: cmd` is a Procfile's.
+    if services := re.search(r"^services[ \t]*:[ \t]*(#.*)?$", text, re.MULTILINE):
+        raise ConvertError(path, text.count("\n", 0, services.start()) + 1, DOCKER_COMPOSE)
+    # [ \t], not \s: a YAML mapping key ends its line, and \s would take the line break and
+    # find the command on the next line (`services:` of a docker compose file read as a Procfile).
+    if re.search(r"^[A-Za-z0-9_-]+:[ \t]*\S", text, re.MULTILINE):
         return "procfile"
     raise ConvertError(
         path, None, "cannot tell the format: give --format supervisord, procfile or process-compose"

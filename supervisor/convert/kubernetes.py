@@ -22,12 +22,24 @@ from .notes import ConvertError, Exported
 
 _LOCAL = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 WAIT_IMAGE = "busybox:1.36"
+_EXPANDED = re.compile(r"\$(?=[$(])")
 
 
 def dns_name(name: str) -> str:
     """A manifest name as a DNS-1035 label (what Services, containers and Deployments all accept)."""
     label = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:63].strip("-")
     return label if label[:1].isalpha() else f"x-{label}"[:63].rstrip("-")
+
+
+def unexpanded(text: str) -> str:
+    """``text`` as Kubernetes must be given it to pass it on unchanged.
+
+    The kubelet expands ``$(NAME)`` in a container's command, args and env values (and in an
+    exec probe's command) from the container's env, and reads ``$$`` as one ``$``; procward
+    does neither, so a shell's ``$(date)`` or ``$$`` has to reach it as written. A ``$`` before
+    ``(`` or another ``$`` is doubled; any other ``$`` Kubernetes already keeps as it is.
+    """
+    return _EXPANDED.sub("$$", text)
 
 
 def _int_seconds(value: float, low: int = 1) -> int:
@@ -55,7 +67,7 @@ class _Objects:
         note = self.source.note
         probe: dict[str, Any] = {}
         if check.kind == "exec":
-            probe["exec"] = {"command": check.argv}
+            probe["exec"] = {"command": [unexpanded(arg) for arg in check.argv]}
         elif check.kind == "http":
             assert check.http is not None
             url = urlsplit(check.http)
@@ -84,13 +96,13 @@ class _Objects:
 
     def container(self, entry: str, config: InstanceConfig) -> dict[str, Any]:
         note = self.source.note
-        argv = config.argv
+        argv = [unexpanded(arg) for arg in config.argv]
         container: dict[str, Any] = {"name": dns_name(entry), "image": self.image, "command": argv[:1]}
         if argv[1:]:
             container["args"] = argv[1:]
         env = config.environment({})
         if env:
-            container["env"] = [{"name": k, "value": v} for k, v in env.items()]
+            container["env"] = [{"name": k, "value": unexpanded(v)} for k, v in env.items()]
         if config.env_file:
             note(
                 entry,
@@ -209,7 +221,7 @@ class _Objects:
         return {
             "name": f"wait-{host}"[:63],
             "image": self.wait_image,
-            "command": ["sh", "-c", f"until {test}; do echo waiting for {host}; sleep 1; done"],
+            "command": ["sh", "-c", unexpanded(f"until {test}; do echo waiting for {host}; sleep 1; done")],
         }
 
     def workload(self, entry: str, config: InstanceConfig) -> dict[str, Any]:

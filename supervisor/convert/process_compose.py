@@ -17,6 +17,10 @@ from .notes import Converted, ConvertError, read_source
 from .positions import KeyPath, load_yaml
 from .writer import Draft, Interp, instance_name, relative_path
 
+DOCKER_COMPOSE = (
+    "a docker compose file (top-level services:), which this command does not read: it reads "
+    "process-compose (processes:), a Procfile (name: command lines) and supervisord.conf ([program:x])"
+)
 MAX_ENTRIES = 1000
 MAX_REPLICAS = 1000
 _CONDITIONS = {
@@ -33,6 +37,20 @@ _PROCESS_KEYS = {
     "liveness_probe", "shutdown", "replicas", "disabled", "is_daemon", "log_location", "description",
     "ready_log_line", "namespace",
 }  # fmt: skip
+# The process-compose keys a manifest key is made from (the first one written wins), so that a
+# problem the loader finds in the converted manifest is reported on the line to change.
+_SOURCE_KEYS: dict[str, tuple[str, ...]] = {
+    "command": ("command",),
+    "cwd": ("working_dir",),
+    "env": ("environment",),
+    "replicas": ("replicas",),
+    "logs": ("log_location",),
+    "restart": ("availability",),
+    "stop": ("shutdown",),
+    "ready": ("readiness_probe", "ready_log_line"),
+    "alive": ("liveness_probe",),
+    "depends_on": ("depends_on",),
+}
 _ENV_REF = re.compile(r"\$(\$|\{[A-Za-z_][A-Za-z0-9_]*\}|[A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -125,6 +143,8 @@ def _probe(reader: _Reader, value: Any, path: tuple[str | int, ...], ready: bool
         host = reader.text(http.get("host", "127.0.0.1"), (*path, "http_get", "host"))
         port = int(reader.number(http.get("port", 80), (*path, "http_get", "port"), 1, 65535))
         route = reader.text(http.get("path", "/"), (*path, "http_get", "path"))
+        if ":" in host and not host.startswith("["):  # an IPv6 literal: bracketed in a URL (RFC 3986)
+            host = f"[{host}]"
         check["http"] = f"{scheme}://{host}:{port}/{route.lstrip('/')}"
     else:
         raise reader.fail(path, "expected exec: {command: …} or http_get: {host, port, path}")
@@ -391,7 +411,7 @@ def _entries(reader: _Reader, processes: dict[Any, Any]) -> dict[str, list[str]]
 
 def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] = read_source) -> Converted:
     """A process-compose file's ``text`` (from ``source``) as a manifest to be written at ``output``."""
-    draft = Draft(source, "process-compose")
+    draft = Draft(source, "process-compose", "process under processes:")
     data, lines = load_yaml(text, source)
     reader = _Reader(source, lines, draft)
     dotenv = source.resolve().parent / ".env"
@@ -402,6 +422,8 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
             raise ConvertError(dotenv, None, str(exc)) from None
         reader.env_file = relative_path(dotenv, output)
     if not isinstance(data, dict) or not isinstance(data.get("processes"), dict):
+        if isinstance(data, dict) and "services" in data and "processes" not in data:
+            raise ConvertError(source, lines.get(("services",)), DOCKER_COMPOSE)
         raise ConvertError(source, 1, "expected a mapping with processes: {name: {command: …}}")
     processes: dict[Any, Any] = data["processes"]
     if len(processes) > MAX_ENTRIES:
@@ -423,4 +445,9 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
                 one = {k: v for k, v in one.items() if k != "replicas"}
                 one["environment"] = [*_as_list(one.get("environment")), f"PC_REPLICA_NUM={number}"]
             draft.instances[entry] = _process(reader, str(name), one, entry, names, glob_env)
+            draft.origin((entry,), reader.at("processes", str(name)))
+            for key, theirs in _SOURCE_KEYS.items():
+                written = [t for t in theirs if ("processes", str(name), t) in lines]
+                if written:
+                    draft.origin((entry, key), reader.at("processes", str(name), written[0]))
     return Converted(draft.text(output), draft.sorted_notes())

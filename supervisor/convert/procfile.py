@@ -35,13 +35,13 @@ def _base_port(env_path: Path) -> int:
 
 def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] = read_source) -> Converted:
     """A Procfile's ``text`` (from ``source``) as a manifest to be written at ``output``."""
-    draft = Draft(source, "Procfile")
+    draft = Draft(source, "Procfile", "`name: command` line")
     folder = source.resolve().parent
     env_path = folder / ".env"
     has_env = env_path.is_file()
     base = _base_port(env_path) if has_env else BASE_PORT
     cwd = relative_path(folder, output) or "."
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}  # instance name: the line and the spelling that made it
     for number, raw in enumerate(text.splitlines(), 1):
         if not raw.strip() or raw.lstrip().startswith("#"):
             continue
@@ -56,12 +56,17 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
             continue
         name, command = match.group(1), match.group(2).strip()
         entry = instance_name(name)
-        if name in seen or entry in draft.instances:
-            first = seen.get(name, number)
-            raise ConvertError(
-                source, number, f"the process type {name!r} is given twice (first on line {first})"
+        if entry in seen:
+            # Keyed by the instance name, not the spelling: WEB and web are two process types to
+            # honcho, but one instance here, and the first line is the one to point at.
+            first, spelled = seen[entry]
+            why = (
+                f"the process type {name!r} is given twice (first on line {first})"
+                if spelled == name
+                else f"{name!r} and {spelled!r} (line {first}) both become the instance {entry!r}"
             )
-        seen[name] = number
+            raise ConvertError(source, number, why)
+        seen[entry] = (number, name)
         if len(draft.instances) >= MAX_ENTRIES:
             raise ConvertError(source, number, f"more than {MAX_ENTRIES} process types")
         spec: dict[str, object] = {"command": command, "shell": True, "cwd": cwd}
@@ -71,6 +76,7 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
         spec["env"] = {"PORT": str(port)}
         spec["restart"] = {"policy": "no"}
         draft.instances[entry] = spec
+        draft.origin((entry,), (str(source), number))
         draft.comment((entry, "env", "PORT"), f"as foreman: {base} + 100 × {len(draft.instances) - 1}")
         draft.comment(
             (entry, "restart", "policy"), "foreman and honcho restart nothing: one exit stops them all"

@@ -72,6 +72,29 @@ _WHY_DROPPED = {
     "strip_ansi": "logs keep what the program wrote",
 }
 Where = tuple[str, int | None]
+# The supervisord keys a manifest key is made from (the first one given wins), so that a problem
+# the loader finds in the converted manifest is reported on the line to change.
+_SOURCE_KEYS: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("command",): ("command",),
+    ("cwd",): ("directory",),
+    ("env",): ("environment",),
+    ("user",): ("user",),
+    ("umask",): ("umask",),
+    ("stdout",): ("stdout_logfile",),
+    ("stderr",): ("redirect_stderr", "stderr_logfile"),
+    ("logs", "stdout_file"): ("stdout_logfile",),
+    ("logs", "stderr_file"): ("stderr_logfile",),
+    ("logs", "max_bytes"): ("stdout_logfile_maxbytes", "stderr_logfile_maxbytes"),
+    ("logs", "backups"): ("stdout_logfile_backups", "stderr_logfile_backups"),
+    ("restart", "policy"): ("autorestart",),
+    ("restart", "success_codes"): ("exitcodes",),
+    ("restart", "min_uptime"): ("startsecs",),
+    ("restart", "max_restarts"): ("startretries",),
+    ("stop", "signal"): ("stopsignal",),
+    ("stop", "timeout"): ("stopwaitsecs",),
+    ("stop", "group"): ("stopasgroup", "killasgroup"),
+    ("depends_on",): ("priority",),
+}
 
 
 def _scan(text: str, file: str, where: dict[tuple[str, str], Where]) -> None:
@@ -536,7 +559,7 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
             source, text.count("\n", 0, text.index("\0")) + 1, "a NUL byte: this is not a text file"
         )
     config = _Config(source)
-    draft = Draft(source, "supervisord")
+    draft = Draft(source, "supervisord", "[program:x] section")
     config.read(text, source)
     _include(config, draft, read)
     owner = _groups(config, draft)
@@ -557,6 +580,11 @@ def convert(text: str, source: Path, output: Path, read: Callable[[Path], str] =
                     raise ConvertError(*program.at(), f"two programs become the instance {entry!r}")
                 draft.instances[entry] = spec
                 priorities[entry] = (priority, program.at("priority"))
+                draft.origin((entry,), program.at())
+                for key, theirs in _SOURCE_KEYS.items():
+                    written = [t for t in theirs if program.has(t)]
+                    if written:
+                        draft.origin((entry, *key), program.at(written[0]))
         elif kind in _DROPPED_SECTIONS:
             draft.note(config.at(section), f"[{section}]", "dropped", _DROPPED_SECTIONS[kind])
         elif kind not in ("include", "group"):

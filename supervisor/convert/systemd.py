@@ -18,6 +18,7 @@ from .notes import ConvertError, Exported
 
 _PLAIN = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
 STEPS_VERSION = 254
+MIN_SPAN = 0.001  # format_duration writes whole milliseconds: 1ms is the shortest span that is not 0
 MAX_UNITS = 10_000
 
 
@@ -64,8 +65,21 @@ def _command(argv: list[str]) -> str:
     return " ".join(_word(arg) for arg in argv)
 
 
-def _seconds(value: float | None) -> str:
-    return "infinity" if value is None else format_duration(value)
+def _timeout(value: float | None) -> str:
+    """A time span for a key where systemd reads 0 as no limit (TimeoutStopSec=, TimeoutStartSec=, …).
+
+    Ours has no limit only where it is null; a 0 (or less than the millisecond written) is no
+    wait at all: SIGKILL right after the stop signal, a start that must be ready at once. The
+    nearest systemd can say is its shortest span, which keeps that meaning to within 1ms.
+    """
+    if value is None:
+        return "infinity"
+    return format_duration(max(value, MIN_SPAN))
+
+
+def _shortened(value: float | None) -> bool:
+    """Whether :func:`_timeout` wrote ``value`` longer than it is, which a note must say."""
+    return value is not None and value < MIN_SPAN
 
 
 class _Units:
@@ -241,7 +255,12 @@ class _Units:
     def _stop(self, entry: str, config: InstanceConfig, service: list[str]) -> None:
         stop = config.stop
         service.append(f"KillSignal={signal_name(stop.signal)}")
-        service.append(f"TimeoutStopSec={format_duration(stop.timeout)}")
+        service.append(f"TimeoutStopSec={_timeout(stop.timeout)}")
+        if _shortened(stop.timeout):
+            self.source.note(
+                entry, ("stop", "timeout"), "approximated",
+                "TimeoutStopSec=1ms, SIGKILL 1ms after the stop signal: systemd reads 0 as no timeout",
+            )  # fmt: skip
         service.append(f"KillMode={'control-group' if stop.group else 'process'}")
         if not stop.group:
             self.source.note(
@@ -289,15 +308,15 @@ class _Units:
         ready = config.ready
         if ready is not None:
             if ready.kind == "notify":
-                service.append(f"TimeoutStartSec={_seconds(ready.start_timeout)}")
+                service.append(f"TimeoutStartSec={_timeout(ready.start_timeout)}")
                 if config.watchdog is not None:
-                    service.append(f"WatchdogSec={format_duration(config.watchdog)}")
+                    service.append(f"WatchdogSec={_timeout(config.watchdog)}")
                     if config.watchdog_signal != 6:
                         service.append(f"WatchdogSignal={signal_name(config.watchdog_signal)}")
             elif ready.kind == "exec":
                 loop = f"until {shlex.join(ready.argv)}; do sleep {ready.interval:g}; done"
                 service.append(f"ExecStartPost={_command(['/bin/sh', '-c', loop])}")
-                service.append(f"TimeoutStartSec={_seconds(ready.start_timeout)}")
+                service.append(f"TimeoutStartSec={_timeout(ready.start_timeout)}")
                 note(
                     entry,
                     ("ready",),
@@ -311,6 +330,13 @@ class _Units:
                     "dropped",
                     f"no {ready.kind} readiness check in systemd: ready once started",
                 )
+            if ready.kind in ("notify", "exec") and _shortened(ready.start_timeout):
+                note(
+                    entry, ("ready", "start_timeout"), "approximated",
+                    "TimeoutStartSec=1ms: systemd reads 0 as no timeout",
+                )  # fmt: skip
+            if config.watchdog is not None and ready.kind == "notify" and _shortened(config.watchdog):
+                note(entry, ("watchdog",), "approximated", "WatchdogSec=1ms: systemd reads 0 as no watchdog")
         elif oneshot:
             service.append("TimeoutStartSec=infinity")
         if config.alive is not None:

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
-from ..config import ManifestError, parse_manifest
+from ..config import ManifestError, Problem, parse_manifest
+from ..config.problems import shown_key
 from .notes import Action, ConvertError, Note
 
 KeyPath = tuple[str, ...]
+Where = tuple[str, int | None]
 _NAME_BAD = re.compile(r"[^a-z0-9_.-]+")
 
 
@@ -100,25 +102,75 @@ class _AnyEnviron(dict[str, str]):
         return "x"
 
 
-def validated(text: str, output: Path, source: str | Path) -> str:
-    """``text`` if the loader accepts it as a manifest at ``output``; else a ConvertError naming why."""
+def _placed(problem: Problem, origins: Mapping[KeyPath, Where]) -> tuple[Where, str] | None:
+    """The source place of the entry (or key) a problem is under, and the problem as ``name.key: why``.
+
+    The loader's own line would be one of the converted text, which the user never saw: a
+    problem is named by the instance and the source line it came from instead.
+    """
+    best: KeyPath | None = None
+    longest = 0  # by the dotted text: an instance named a.b is under a's prefix too, but nearer
+    for path in origins:
+        dotted = ".".join(shown_key(p) for p in ("instances", *path))
+        if (problem.path == dotted or problem.path.startswith(f"{dotted}.")) and len(dotted) > longest:
+            best, longest = path, len(dotted)
+    if best is None:
+        return None
+    return origins[best], f"{problem.path.removeprefix('instances.')}: {problem.message}"
+
+
+def _unplaced(problem: Problem) -> str:
+    """A problem with no source place: its line is said to be the converted manifest's, not the source's."""
+    if not problem.path and problem.line is None:
+        return problem.message
+    line = f", line {problem.line}" if problem.line is not None else ""
+    return f"{problem.path or 'the manifest'}: {problem.message} (in the converted manifest{line})"
+
+
+def validated(
+    text: str, output: Path, source: str | Path, origins: Mapping[KeyPath, Where] | None = None
+) -> str:
+    """``text`` if the loader accepts it as a manifest at ``output``; else a ConvertError naming why.
+
+    ``origins`` gives the source place of each instance (and of keys read from their own line),
+    so that a problem found only now is reported at the place the user has to change.
+    """
     try:
         parse_manifest(text, output, environ=_AnyEnviron())
     except ManifestError as exc:
-        problems = "; ".join(str(p).removeprefix(f"{output}:") for p in exc.problems[:5])
-        raise ConvertError(source, None, f"the converted manifest does not validate: {problems}") from None
+        placed = [_placed(p, origins or {}) for p in exc.problems[:5]]
+        head = next((where for where, _ in filter(None, placed)), None)
+        parts = []
+        for problem, place in zip(exc.problems[:5], placed, strict=True):
+            if place is None:
+                parts.append(_unplaced(problem))
+            elif place[0] == head:
+                parts.append(place[1])
+            else:
+                (file, number), why = place
+                parts.append(f"{file}:{number}: {why}" if number is not None else f"{file}: {why}")
+        if head is not None:
+            raise ConvertError(head[0], head[1], "; ".join(parts)) from None
+        why = "; ".join(parts)
+        raise ConvertError(source, None, f"the converted manifest does not validate: {why}") from None
     return text
 
 
 class Draft:
     """A manifest being built from a foreign config, with its comments and notes."""
 
-    def __init__(self, source: str | Path, fmt: str) -> None:
+    def __init__(self, source: str | Path, fmt: str, wanted: str) -> None:
         self.source = str(source)
         self.format = fmt
+        self.wanted = wanted
         self.instances: dict[str, dict[str, Any]] = {}
         self.comments: dict[KeyPath, str] = {}
         self.notes: list[Note] = []
+        self.origins: dict[KeyPath, Where] = {}
+
+    def origin(self, path: KeyPath, where: Where) -> None:
+        """Where the instance (or the key) at ``path`` came from: a problem found there is reported there."""
+        self.origins[path] = where
 
     def comment(self, path: KeyPath, text: str) -> None:
         full = ("instances", *path)
@@ -142,8 +194,15 @@ class Draft:
             f"Converted from {self.format} ({self.source}) by `supervisor import`.",
             "Comments mark where a setting had no exact counterpart; see docs/migrate.md.",
         ]
+        if not self.instances:
+            # A manifest that runs nothing is what a wrong file or a wrong --format gives: say so,
+            # rather than write it and succeed. The notes are not printed with an error, so the
+            # first (why a line did not count, as a rule) goes into it.
+            notes = self.sorted_notes()
+            why = f"; {len(notes)} notes, the first: {notes[0]}" if notes else ""
+            raise ConvertError(self.source, None, f"nothing to convert: no {self.wanted}{why}")
         body = dump({"version": 1, "instances": self.instances}, self.comments, header)
-        return validated(body, output, self.source)
+        return validated(body, output, self.source, self.origins)
 
     def sorted_notes(self) -> list[Note]:
         return sorted(self.notes, key=lambda n: (n.file, n.line or 0))
