@@ -27,6 +27,7 @@ import secrets
 import signal
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import h11
 
 from .config import AliveCheck, ReadyCheck
@@ -160,13 +162,21 @@ async def until_failed(check: AliveCheck, context: ExecContext, report: Report) 
 # syntax) stops a search at a timeout, and runs many such patterns (``(a+)+b``) in linear time to
 # begin with. A line reaches the probe at most a few hundred KiB long (logs.py), which a sane
 # pattern searches in a millisecond or two.
+#
+# The limit is per line; a chunk of output (one read of the pipe) holds thousands of lines, and a
+# pattern just under the limit (16 ms on a line of twenty a's) held the loop for a minute on the
+# output of ``yes``. So the search lets the loop go round after each ``LOG_SEARCH_TURN`` of it: the
+# service answers, stops and supervises the rest meanwhile; what the probe is too slow to read,
+# its follower drops (logs.py), and ``start_timeout`` ends it.
+LOG_SEARCH_TURN = 0.005
 async def until_log_line(followers: Iterable[AsyncIterator[bytes]], pattern: str) -> str:
     """Wait for a line that ``pattern`` matches in what the followers (``LogSink.follow()``) bring.
 
     The caller subscribes before it spawns the program, so that no line falls
     between the spawn and the first look. Lines are matched one by one (a
     pattern never spans two), as text, with undecodable bytes replaced. A search
-    that takes over ``LOG_SEARCH_TIMEOUT`` on one line ends the probe: ``PatternTooSlow``.
+    that takes over ``LOG_SEARCH_TIMEOUT`` on one line ends the probe: ``PatternTooSlow``;
+    the loop goes round after every ``LOG_SEARCH_TURN`` of searching.
     """
     import regex  # 20 ms to import, for a manifest with a log probe only
 
@@ -176,10 +186,14 @@ async def until_log_line(followers: Iterable[AsyncIterator[bytes]], pattern: str
 
     async def watch(chunks: AsyncIterator[bytes], tg: anyio.abc.TaskGroup) -> None:
         async for chunk in chunks:
+            turn_began = time.monotonic()
             for raw in chunk.splitlines():
                 line = raw.decode(errors="replace")
                 try:
                     if compiled.search(line, timeout=LOG_SEARCH_TIMEOUT) is None:
+                        if time.monotonic() - turn_began >= LOG_SEARCH_TURN:
+                            await anyio.lowlevel.checkpoint()
+                            turn_began = time.monotonic()
                         continue
                     matched.append(line)
                 except TimeoutError:

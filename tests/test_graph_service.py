@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -211,3 +213,42 @@ instances:
     assert slow["reason"] == f"gave up after 1 failed start in a row; last: {reason}", slow
     assert slow["ready"] is False
     svc.wait_for(["other"], "running")
+
+
+def test_a_log_pattern_just_under_the_limit_lets_the_service_answer_between_lines(service: Start) -> None:
+    """``(a|aa)+b`` takes about a millisecond on a line of fifteen a's, within the line's limit;
+    four thousand such lines, in one write, held the loop for five seconds (no status, no
+    SIGTERM; twenty thousand, 25 s). The search now lets the loop go round every few
+    milliseconds: the service answers, stops on SIGTERM, and the probe goes on searching."""
+    program = 'import os; os.write(1, b"aaaaaaaaaaaaaaa\\n" * 4000); os.execvp("sleep", ["sleep", "300"])'
+    svc = service(
+        f"""
+version: 1
+instances:
+  slow:
+    command: [{json.dumps(sys.executable)}, -c, {json.dumps(program)}]
+    ready: {{log: '(a|aa)+b', start_timeout: 300s}}
+    restart: {{min_uptime: 0}}
+  other:
+    command: [sleep, "300"]
+"""
+    )
+    client = svc.client(timeout=10)
+    # Answers over six seconds from the moment the output is in the log file: the probe has it
+    # then (64,000 bytes in one write to an empty pipe: one read, one chunk). Each within a
+    # second. The file, not the service, says when: asked over the socket, the service said so
+    # after the hold.
+    out = svc.manifest.parent / ".supervisor" / "logs" / "slow.out.log"
+    svc.wait_until(lambda: out.exists() and out.stat().st_size > 0, 20, "slow's output in its log")
+    took: list[float] = []
+    until = time.monotonic() + 6
+    while time.monotonic() < until:
+        began = time.monotonic()
+        client.health()
+        took.append(time.monotonic() - began)
+    assert max(took) < 1.0, sorted(took)[-3:]
+    svc.wait_for(["other"], "running")
+    assert client.status(["slow"])[0]["state"] == "starting"  # still searching, not given up
+    began = time.monotonic()
+    assert svc.stop() == 0
+    assert time.monotonic() - began < 10, "SIGTERM waited for the search"
