@@ -134,6 +134,18 @@ class ServiceProcess:
             self._output_file.close()
 
 
+def health_times(client: Client, seconds: float) -> list[float]:
+    """How long each health check took, asked one after another for ``seconds``: a window
+    longer than whatever might hold the service, which a few answers in a row would miss."""
+    took: list[float] = []
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        began = time.monotonic()
+        client.health()
+        took.append(time.monotonic() - began)
+    return took
+
+
 def answers(client: Client) -> bool:
     """The service answers and is done starting (its socket answers from the start, before the
     spawns: a test that reads pids right after ``wait_ready`` must not race them)."""

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .service_fixture import SUPERVISOR, ServiceProcess, write_manifest
+from .service_fixture import SUPERVISOR, ServiceProcess, health_times, write_manifest
 
 Start = Callable[..., ServiceProcess]
 
@@ -240,12 +240,7 @@ instances:
     # after the hold.
     out = svc.manifest.parent / ".supervisor" / "logs" / "slow.out.log"
     svc.wait_until(lambda: out.exists() and out.stat().st_size > 0, 20, "slow's output in its log")
-    took: list[float] = []
-    until = time.monotonic() + 6
-    while time.monotonic() < until:
-        began = time.monotonic()
-        client.health()
-        took.append(time.monotonic() - began)
+    took = health_times(client, 6)
     assert max(took) < 1.0, sorted(took)[-3:]
     svc.wait_for(["other"], "running")
     assert client.status(["slow"])[0]["state"] == "starting"  # still searching, not given up

@@ -12,7 +12,7 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from .service_fixture import ServiceProcess
+from .service_fixture import ServiceProcess, health_times
 
 MEGABYTES = 200
 
@@ -135,3 +135,41 @@ def test_an_instance_never_started_holds_no_log_file(service: Callable[..., Serv
     svc.client().start(["idle"])
     svc.wait_output("idle", b"hello\n")
     assert "idle.out.log" in open_logs()
+
+
+BACKUPS = 1000
+
+TINY_FILES = f"""
+    version: 1
+    instances:
+      flood:
+        # 300 lines in one write: with max_bytes 16, each line or two is a rotation.
+        command: [python3, -c, 'import os; os.write(1, b"".join(b"line %d\\n" % i for i in range(300)))']
+        restart: {{policy: "no"}}
+        logs: {{max_bytes: 16, backups: {BACKUPS}}}
+"""
+
+
+def test_a_flood_into_tiny_files_with_a_thousand_backups_leaves_the_service_answering(
+    service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """Each rotation renames every backup, in the event loop: with a thousand there (15 ms a
+    rotation) and files of 16 bytes, 300 lines held the service for seconds (with files of one
+    byte, 3,000 lines held it for seven minutes: no status, no SIGTERM). Rotations now have a
+    twentieth of the loop's time; beyond it a file grows past max_bytes until the next is due.
+    No line is lost either way."""
+    logs = tmp_path / ".supervisor" / "logs"
+    logs.mkdir(parents=True)
+    for index in range(1, BACKUPS + 1):
+        (logs / f"flood.out.log.{index}").write_bytes(b"from before\n")
+    svc = service(TINY_FILES)
+    newest = logs / "flood.out.log.1"
+    svc.wait_until(lambda: newest.read_bytes() != b"from before\n", 20, "the first rotation")
+    client = svc.client(timeout=10)
+    took = health_times(client, 4)
+    assert max(took) < 1.0, sorted(took)[-3:]
+    svc.wait_for(["flood"], "exited", timeout=60)
+    assert svc.stop() == 0
+    files = [logs / f"flood.out.log.{index}" for index in range(BACKUPS, 0, -1)] + [logs / "flood.out.log"]
+    lines = b"".join(path.read_bytes() for path in files if path.exists()).splitlines()
+    assert [line for line in lines if line.startswith(b"line")] == [b"line %d" % i for i in range(300)]
