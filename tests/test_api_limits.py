@@ -111,6 +111,43 @@ def test_a_body_within_the_limit_is_read(service: Start) -> None:
         assert_error(api.post("/v1/instances/start", content=over, headers=JSON), 413, "at most 1048576")
 
 
+def _head_and_body(head_lines: list[bytes], body: bytes = b"") -> bytes:
+    return b"\r\n".join([b"POST /v1/instances/start HTTP/1.1", b"Host: supervisor", *head_lines]) + (
+        b"\r\n\r\n" + body
+    )
+
+
+CHUNKED = [b"Content-Type: application/json", b"Transfer-Encoding: chunked"]
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "says"),
+    [
+        (_head_and_body([b"X-Big: " + b"a" * 50_000]), 431, "at most 16384 bytes"),
+        (_head_and_body([b"X: b"] * 8000), 431, "at most 16384 bytes"),
+        (_head_and_body(CHUNKED, b"zz\r\n"), 400, "illegal chunk header"),
+        (_head_and_body(CHUNKED, b"1" * 24 + b"\r\n"), 400, "illegal chunk header"),
+        (_head_and_body(CHUNKED, b"FFFFFFFFFFFF\r\n"), 413, "not a chunk of 281474976710655 bytes"),
+    ],
+    ids=["50-kb-head", "8000-headers", "not-hex-chunk", "24-digit-chunk", "huge-chunk"],
+)
+def test_a_head_or_chunk_out_of_bounds_is_answered_in_one_write(
+    service: Start, request_bytes: bytes, status: int, says: str
+) -> None:
+    """Sent at once, as a client's one write: a whole head of up to 64 KiB passed h11's own bound,
+    and a chunk header that h11 refuses (or that waits for a terabyte) closed without an answer."""
+    svc = service(MANIFEST)
+    sock = connect_unix(svc.socket, timeout=5)  # the huge chunk: at once, not after the read timeout
+    with sock:
+        sock.sendall(request_bytes)
+        answer = _read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status) and b"connection: close" in head.lower(), answer
+    assert says in json.loads(body)["error"]
+    assert "Traceback" not in svc.log()
+    assert svc.status("idle")["idle"]["state"] == "stopped"
+
+
 @pytest.mark.parametrize(
     ("route", "timeout"),
     [

@@ -173,3 +173,22 @@ def test_a_body_of_thousands_of_unknown_keys_is_refused_in_a_few_lines() -> None
     with pytest.raises(InvalidInput) as refused:
         requests.ScaleRequest({"scale": {"web\x00\x1b": "2"}})
     assert refused.value.details == ["scale.web\\x00\\x1b: Input should be a valid integer"]
+
+
+@pytest.mark.parametrize(
+    ("timeout", "shown"),
+    [(604_800.0000001, "604800.0000001s"), ("7d1ms", "604800.001s"), (10**6, "1000000s")],
+)
+def test_a_timeout_past_a_week_is_shown_as_refused_not_rounded_to_a_week(timeout: Any, shown: str) -> None:
+    """``{:g}`` wrote 604800.0000001 as 604800: "at most 604800s, not 604800s". Both sides alike."""
+    line = f"timeout: at most a week (604800s), not {shown}"
+    for cls in (requests.ActionRequest, requests.WaitRequest):
+        body = {"all": True, "state": "running", "timeout": timeout}
+        if cls is requests.ActionRequest:
+            del body["state"]
+        with pytest.raises(InvalidInput) as refused:
+            cls(body)
+        assert refused.value.details == [line]
+        with pytest.raises(ValidationError) as theirs:
+            getattr(models, cls.__name__).model_validate(body)
+        assert line.removeprefix("timeout: ") in str(theirs.value)

@@ -336,6 +336,120 @@ async def test_a_malformed_request_is_a_400_and_a_close(
         await server.until(lambda: server.connections == 0)
 
 
+def head_of(size: int) -> bytes:
+    """A GET whose request line and headers are ``size`` bytes in all, blank line included."""
+    bare = get("/echo", "X-Pad: ")
+    return get("/echo", "X-Pad: " + "p" * (size - len(bare)))
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        head_of(16 * 1024 + 1),
+        get("/echo", "X-Big: " + "a" * 50_000),
+        get("/echo", *["X: b"] * 8000),
+        get("/echo", "X-Pad:" + " " * 40_000 + "v"),  # what h11 strips from a value counts as well
+        get("/echo") + get("/echo", "X-Big: " + "a" * 20_000),  # the second of two
+    ],
+    ids=["one-byte-over", "50-kb", "8000-headers", "spaces", "pipelined"],
+)
+async def test_a_head_over_the_limit_is_a_431_when_it_arrives_in_one_write(
+    tmp_path: Path, request_bytes: bytes
+) -> None:
+    """h11 bounds only a head still incomplete: a whole one in one read (up to 64 KiB) passed."""
+    assert len(request_bytes) < 65536  # one read of the server's takes it all
+    async with serving(tmp_path, App()) as (server, path):
+        async with await connect(path) as stream:
+            await stream.send(head_of(16 * 1024))  # at the limit: served, and the connection kept
+            reader = Reader(stream)
+            assert (await reader.answer()).status == 200
+            await stream.send(request_bytes)
+            answers = [await reader.answer()]
+            if answers[0].status == 200:  # the pipelined case: its first request is fine
+                answers.append(await reader.answer())
+            assert answers[-1].status == 431 and answers[-1].headers["connection"] == "close"
+            assert "at most 16384 bytes" in answers[-1].json()["error"]
+            assert await reader.closed()
+        await server.until(lambda: server.connections == 0)
+
+
+CHUNKED_POST = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"zz\r\n", b"1" * 24 + b"\r\n", b"5\r\nhello\r\nx\r\n", b"5\r\nhelloXX", b"5;a\nb\r\nhello\r\n"],
+    ids=["not-hex", "24-digits", "second-not-hex", "bad-chunk-end", "lf-in-extension"],
+)
+async def test_a_malformed_chunk_is_a_400_and_a_close(tmp_path: Path, body: bytes) -> None:
+    """Found while the app reads the body, which can only be told that the client left: the
+    server answers it once the app has returned (before, the connection closed unanswered)."""
+    async with serving(tmp_path, App()) as (server, path):
+        async with await connect(path) as stream:
+            await stream.send(CHUNKED_POST + body)
+            reader = Reader(stream)
+            answer = await reader.answer()
+            assert answer.status == 400 and answer.headers["connection"] == "close"
+            assert "malformed HTTP/1.1 request" in answer.json()["error"]
+            assert "chunk" in answer.json()["error"]
+            assert await reader.closed()
+        await server.until(lambda: server.connections == 0)
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        [b"FFFFFFFFFFFF\r\n"],
+        [b"FFFFFFFFFFFF;ext=1 \r\n" + b"x" * 1000],
+        [b"5\r\nhello\r\nFFFFFFFFFFFF\r\n"],
+        [b"5\r\nhello\r", b"\nFFFFFFFFFFFF\r\n"],
+        [b"5\r\nhello", b"\r\n", b"FFFFFF", b"FFFFFF\r\n"],
+    ],
+    ids=["header-only", "with-data", "second-chunk", "split-crlf", "split-header"],
+)
+async def test_a_chunk_declared_past_the_body_limit_is_a_413_at_its_header(
+    tmp_path: Path, parts: list[bytes]
+) -> None:
+    """The answer comes at once, not after the read timeout (an hour here) with nothing."""
+    async with serving(tmp_path, App(), Limits(read_timeout=3600)) as (server, path):
+        async with await connect(path) as stream:
+            await stream.send(CHUNKED_POST)
+            for part in parts:
+                await anyio.wait_all_tasks_blocked()  # the server has taken what came before
+                await stream.send(part)
+            reader = Reader(stream)
+            with anyio.fail_after(10):
+                answer = await reader.answer()
+            assert answer.status == 413 and answer.headers["connection"] == "close"
+            assert answer.json()["error"] == (
+                "the request body may hold at most 1048576 bytes, not a chunk of 281474976710655 bytes"
+            )
+            assert await reader.closed()
+        await server.until(lambda: server.connections == 0)
+
+
+async def test_only_a_chunk_header_is_read_as_a_chunk_size(tmp_path: Path) -> None:
+    """Data that looks like a huge chunk header, a chunk end split between writes, and a chunk of
+    exactly the limit: all taken; one byte more in a header is the 413."""
+    limits = Limits(body_bytes=16)
+    async with serving(tmp_path, App(), limits) as (_server, path), await connect(path) as stream:
+        reader = Reader(stream)
+        for parts, body in (
+            ([b"c\r\n", b"FFFFFFFFFF\r\n", b"\r\n0\r\n\r\n"], "FFFFFFFFFF\r\n"),
+            ([b"2\r\nab\r", b"\n2\r\ncd", b"\r", b"\n0\r\nX-Trailer: FFFFFFFF\r\n\r\n"], "abcd"),
+            ([b"10\r\n" + b"s" * 16 + b"\r\n0\r\n\r\n"], "s" * 16),
+        ):
+            await stream.send(CHUNKED_POST)
+            for part in parts:
+                await anyio.wait_all_tasks_blocked()  # the server has taken what came before
+                await stream.send(part)
+            answer = await reader.answer()
+            assert answer.status == 200 and answer.json()["body"] == body, answer
+        await stream.send(CHUNKED_POST + b"11\r\n")
+        answer = await reader.answer()
+        assert answer.status == 413 and "not a chunk of 17 bytes" in answer.json()["error"]
+
+
 @pytest.mark.parametrize(("length", "status"), [(2**40, 413), (10**30, 400)], ids=["tebibyte", "absurd"])
 async def test_a_huge_content_length_is_refused_unread_and_the_answer_arrives(
     tmp_path: Path, length: int, status: int

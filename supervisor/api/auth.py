@@ -12,7 +12,7 @@ import hashlib
 import hmac
 from collections.abc import Awaitable, Callable
 from http.cookies import CookieError, SimpleCookie
-from urllib.parse import parse_qs
+from urllib.parse import unquote_to_bytes
 
 from starlette.types import Receive, Scope, Send
 
@@ -47,11 +47,10 @@ class BearerAuth:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        if scope["type"] == "http" and scope["path"] == "/" and scope.get("query_string"):
-            given = parse_qs(scope["query_string"].decode("latin-1")).get("token", [""])[0].encode("latin-1")
-            if self._matches(given):
-                await _redirect_with_cookie(send, self.cookie)
-                return
+        query = scope.get("query_string", b"") if scope["type"] == "http" and scope["path"] == "/" else b""
+        if query and self._matches(_query_token(query)):
+            await _redirect_with_cookie(send, self.cookie)
+            return
         if not self._allowed(scope):
             body = b'{"error":"unauthorized","details":[]}'
             await send(
@@ -84,6 +83,20 @@ class BearerAuth:
 
     def _matches(self, given: bytes) -> bool:
         return hmac.compare_digest(given, self.token) and bool(given)
+
+
+def _query_token(query: bytes) -> bytes:
+    """The query's first non-empty ``token``, percent-decoded to bytes and compared as such.
+
+    The token file holds bytes, and a browser percent-encodes a non-ASCII token as UTF-8: that is
+    the file's bytes when it is UTF-8 text, as the ``Authorization`` header carries them. Never
+    decoded to text: ``%ff`` is a byte like any other, and only a wrong token (a 401).
+    """
+    for pair in query.split(b"&"):
+        name, _, value = pair.partition(b"=")
+        if value and unquote_to_bytes(name.replace(b"+", b" ")) == b"token":
+            return unquote_to_bytes(value.replace(b"+", b" "))
+    return b""
 
 
 async def _redirect_with_cookie(send: Send, value: bytes, name: str = COOKIE) -> None:

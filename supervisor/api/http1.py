@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ import h11
 from anyio.abc import TaskGroup, TaskStatus
 
 from .exchange import ClientGone, Exchange, reason
+from .limits import MAX_BODY
 
 __all__ = ["ASGIApp", "ClientGone", "HTTPServer", "Limits"]
 
@@ -59,6 +61,9 @@ log = logging.getLogger("supervisor.control.http")
 _ACCEPT_RETRY = 0.1
 _OUT_OF_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _READ_SIZE = 65536
+#: A chunk's header line as h11 reads it (h11/_abnf.py's chunk_header): where both agree on where a
+#: chunk begins, a size read here is the size h11 takes.
+_CHUNK_HEADER = re.compile(rb"(?P<size>[0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*\r\n")
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,9 @@ class Limits:
     body may last. ``send_timeout``: seconds a client may leave what we send unread before
     it is dropped. ``grace``: seconds the requests in flight get when the server stops.
     ``linger``: seconds we read (and drop) what a client still sends after we answered it
-    early and closed our side, so that our answer is not lost to a reset.
+    early and closed our side, so that our answer is not lost to a reset. ``body_bytes``: the
+    largest chunk a chunked body may declare (413 at its header, before any of it is read); the
+    body as a whole is the app's to bound (``limits.BodyLimit``, with the same 1 MiB).
     """
 
     connections: int = 512
@@ -83,6 +90,7 @@ class Limits:
     send_timeout: float = 60.0
     grace: float = 2.0
     linger: float = 1.0
+    body_bytes: int = MAX_BODY
 
 
 class HTTPServer:
@@ -281,9 +289,10 @@ class _Connection:
         self.sock = sock
         self.app = app
         self.base = base
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.limits.head_bytes)
+        self.h11 = _Parser(server.limits)
         self.keep = True  # may serve another request after this one
         self.broken = False  # a write failed or was cut halfway: nothing more may be written
+        self.refused = False  # answered with an error of ours: what the client still sends is unread
         self.handed = False  # left open at a handover, for the next server
         self._waiting: anyio.CancelScope | None = None
 
@@ -298,14 +307,22 @@ class _Connection:
             if request is None:
                 break
             await Exchange(self, request).run()
+            if self.h11.error is not None:
+                # The body's framing was bad. The exchange could only tell the app that the client
+                # left; unless the app answered anyway, the client learns why here.
+                await self.refuse(self.h11.error)
+                break
             if not self._next_cycle():
                 break
-        if self.h11.their_state in (h11.SEND_BODY, h11.ERROR) and not self.broken:
+        if (self.refused or self.h11.their_state in (h11.SEND_BODY, h11.ERROR)) and not self.broken:
             await self._linger()
 
     async def _next_request(self) -> h11.Request | None:
         """The next request's head; None when the connection should close instead."""
         deadline = anyio.current_time() + self.limits.head_timeout
+        # The bytes h11 holds, to measure the head by what it takes: its own bound applies only to
+        # a head still incomplete, and a whole one of up to a read (64 KiB) would pass it.
+        buffered = len(self.h11.trailing_data[0])
         while True:
             try:
                 event = self.h11.next_event()
@@ -321,7 +338,12 @@ class _Connection:
                     self.handed = self.server.stopping and self._between_requests()
                     return None
                 self.h11.receive_data(data)
+                buffered += len(data)
             elif type(event) is h11.Request:
+                if buffered - len(self.h11.trailing_data[0]) > self.limits.head_bytes:
+                    too_large = h11.RemoteProtocolError("request head too large", error_status_hint=431)
+                    await self.refuse(too_large)
+                    return None
                 return event
             else:  # ConnectionClosed
                 return None
@@ -410,10 +432,14 @@ class _Connection:
             raise
 
     async def refuse(self, exc: h11.RemoteProtocolError) -> None:
-        """Answer a request h11 could not parse (400, or 431 for a head too large), then close."""
+        """Answer a request h11 could not parse (400, 431 for a head too large, 413 for a chunk too
+        large), then close."""
+        self.refused = True
         status = exc.error_status_hint
         if status == 431:
             message = f"the request's line and headers may hold at most {self.limits.head_bytes} bytes"
+        elif status == 413:
+            message = str(exc)
         else:
             message = f"malformed HTTP/1.1 request: {exc}"
         await self.answer_error(status, message)
@@ -478,6 +504,66 @@ class _Connection:
         with anyio.move_on_after(self.limits.linger):
             while await self.recv():
                 pass
+
+
+class _Parser(h11.Connection):
+    """h11's server side, which keeps the protocol error it raised, and refuses a chunk declared
+    larger than a body may be.
+
+    A body's framing error is raised where the body is read (``Exchange``), which can only tell
+    the app that the client left; kept here, the connection answers it once the app is done. A
+    chunk's size is read off its header line before h11 takes the line: h11 tells nobody the size,
+    and would wait, silent, for the first bytes of a chunk of a terabyte.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=limits.head_bytes)
+        self.body_bytes = limits.body_bytes
+        self.error: h11.RemoteProtocolError | None = None
+        self._chunked = False  # a chunked body is under way, its last chunk header not yet taken
+        self._in_chunk = False  # h11 took a chunk's header and not yet all of its data
+        self._after_chunk = False  # a chunk ended: its CRLF may still be ahead of the next header
+
+    def next_event(self) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+        try:
+            if self._chunked and not self._in_chunk:
+                self._check_chunk()
+            event = super().next_event()
+        except h11.RemoteProtocolError as exc:
+            if self.error is None:  # the first: h11 raises again on each later call
+                self.error = exc
+            raise
+        if isinstance(event, h11.Request):
+            # h11 takes a body with any Transfer-Encoding as chunked (it refuses every other coding).
+            self._chunked = any(name == b"transfer-encoding" for name, _ in event.headers)
+            self._in_chunk = self._after_chunk = False
+        elif isinstance(event, h11.Data) and self._chunked:
+            self._in_chunk = not event.chunk_end
+            self._after_chunk = event.chunk_end
+        elif isinstance(event, h11.EndOfMessage):
+            self._chunked = False
+        return event
+
+    def _check_chunk(self) -> None:
+        """The next chunk's header, once its line is whole: 413 when it declares too much."""
+        data = self.trailing_data[0]
+        start = 0
+        if self._after_chunk:  # h11 may have taken none, or the CR, of the last chunk's CRLF
+            start = 2 if data.startswith(b"\r\n") else 1 if data.startswith(b"\n") else 0
+        end = data.find(b"\r\n", start)
+        if end < 0:
+            return
+        match = _CHUNK_HEADER.fullmatch(data, start, end + 2)
+        if match is None:  # h11 refuses the line itself (a 400)
+            return
+        size = int(match["size"], 16)
+        if size > self.body_bytes:
+            raise h11.RemoteProtocolError(
+                f"the request body may hold at most {self.body_bytes} bytes, not a chunk of {size} bytes",
+                error_status_hint=413,
+            )
+        self._in_chunk, self._after_chunk = size > 0, False
+        self._chunked = size > 0  # after the last chunk (size 0): its trailer, no more sizes
 
 
 def _advance(parts: list[bytes], sent: int) -> list[bytes]:

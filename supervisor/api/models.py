@@ -26,7 +26,7 @@ from pydantic import (
 
 from ..config.annotated import Duration, Signal
 from ..events import State
-from .requests import MAX_LINES, MAX_SCALE, MAX_SCALED_ENTRIES, MAX_TIMEOUT
+from .requests import MAX_LINES, MAX_SCALE, MAX_SCALED_ENTRIES, MAX_TIMEOUT, too_long
 
 __all__ = [
     "ActionRequest",
@@ -60,7 +60,7 @@ def _bounded(seconds: float) -> float:
     if not math.isfinite(seconds):
         raise ValueError("expected a finite duration")
     if seconds > MAX_TIMEOUT:
-        raise ValueError(f"at most a week ({MAX_TIMEOUT:g}s), not {seconds:g}s")
+        raise ValueError(too_long(seconds))
     return seconds
 
 

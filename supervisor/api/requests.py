@@ -31,6 +31,7 @@ __all__ = [
     "ScaleRequest",
     "SignalRequest",
     "WaitRequest",
+    "too_long",
 ]
 
 #: The longest timeout a request may ask for: longer is a typo, not a wish (and NaN or an
@@ -140,8 +141,17 @@ def _timeout(value: Any, where: str) -> float | None:
     if not math.isfinite(seconds):
         raise _Wrong(where, "expected a finite duration")
     if seconds > MAX_TIMEOUT:
-        raise _Wrong(where, f"at most a week ({MAX_TIMEOUT:g}s), not {seconds:g}s")
+        raise _Wrong(where, too_long(seconds))
     return seconds
+
+
+def too_long(seconds: float) -> str:
+    """Why a timeout past a week is refused, in the words of both sides (``models.py`` too).
+
+    The value as repr writes it: the shortest text that reads back as the same float, so that
+    604800.0000001 is not shown as the 604800 it was refused beside.
+    """
+    return f"at most a week ({MAX_TIMEOUT:g}s), not {repr(float(seconds)).removesuffix('.0')}s"
 
 
 def _signal(value: Any, where: str) -> int:
