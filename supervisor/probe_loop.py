@@ -168,7 +168,7 @@ class _Watch:
         self.request = b""
         if self.kind == "http":
             parts = urlsplit(self.url)
-            self.host, self.port = parts.hostname or "", parts.port or 80
+            self.host, self.port = parts.hostname or "", 80 if parts.port is None else parts.port
             target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             self.request = probes.request_bytes(parts.netloc, target)
         else:

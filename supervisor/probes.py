@@ -69,6 +69,13 @@ _EXEC_OUTPUT = 4096
 # systemd reads notify datagrams of up to this size; longer ones are cut off and ignored.
 _NOTIFY_MAX = 4096
 _STATUS_MAX = 200
+
+
+def printable(text: str, limit: int = _STATUS_MAX) -> str:
+    """A program's text as status, events and the service's log may show it: at most ``limit``
+    characters, each control character (an escape sequence, a bell, a carriage return) a space.
+    The program writes what it likes; a terminal that shows ``supervisor status`` must not obey it."""
+    return "".join(c if c.isprintable() else " " for c in text[:limit])
 # What an http probe reads at most: the head, and of the body enough to look for a phrase in.
 HTTP_HEAD_MAX = 64 * 1024
 HTTP_BODY_MAX = 1024 * 1024
@@ -212,7 +219,7 @@ async def until_log_line(followers: Iterable[AsyncIterator[bytes]], pattern: str
         )
     if not matched:  # every stream ended (the sinks closed): the instance is going away
         raise ProbeFailed("the log ended before a line matched")
-    return f"log line matched: {matched[0][:200]}"
+    return f"log line matched: {printable(matched[0])}"
 
 
 # -- exec, http, tcp ----------------------------------------------------------------------------
@@ -260,7 +267,7 @@ async def _exec(argv: list[str], context: ExecContext) -> str:
     if status.succeeded([0]):
         return f"{argv[0]} exited 0"
     last = output.decode(errors="replace").strip().splitlines()
-    detail = f": {last[-1][:200]}" if last else ""
+    detail = f": {printable(last[-1])}" if last else ""
     raise ProbeFailed(f"{argv[0]}: {status.describe()}{detail}")
 
 
@@ -273,6 +280,8 @@ async def _http(url: str, expect: list[int] | None, body: str | None, timeout: f
             status, text = await _http_get(parts, body is not None)
         except OSError as exc:
             raise ProbeFailed(f"GET {url}: {failure_reason(exc)}") from None
+        except h11.LocalProtocolError as exc:  # ours: the URL makes no request (the loader refuses such)
+            raise ProbeFailed(f"GET {url}: cannot be sent ({exc})") from None
         except (h11.ProtocolError, NotHttp) as exc:
             raise ProbeFailed(f"GET {url}: not an HTTP answer ({exc})") from None
     if body is not None and body not in text and _status_passes(status, expect):
@@ -305,7 +314,7 @@ async def _http_get(parts: SplitResult, want_body: bool) -> tuple[int, str]:
     """
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     request = request_bytes(parts.netloc, target)
-    sock = await _open(parts.hostname or "", parts.port or 80)
+    sock = await _open(parts.hostname or "", 80 if parts.port is None else parts.port)
     try:
         await _send_all(sock, request)
         if not want_body:
@@ -401,6 +410,8 @@ async def _https_get(url: str, timeout: float) -> tuple[int, str]:
             response = await client.get(url, headers={"User-Agent": "procward-probe"})
     except httpx.HTTPError as exc:
         raise ProbeFailed(f"GET {url}: {failure_reason(exc)}") from None
+    except (httpx.InvalidURL, UnicodeError, ValueError) as exc:  # a host httpx cannot encode (idna)
+        raise ProbeFailed(f"GET {url}: cannot be sent ({exc})") from None
     return response.status_code, response.text[:HTTP_BODY_MAX]
 
 
@@ -502,7 +513,7 @@ class NotifyMessage:
         text = self.fields.get("STATUS")
         if text is None:
             return None
-        return "".join(c if c.isprintable() else " " for c in text)[:_STATUS_MAX]
+        return printable(text)
 
 
 class NotifySocket:

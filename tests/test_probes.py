@@ -404,6 +404,34 @@ async def test_a_probe_that_hangs_is_cut_at_its_timeout(tmp_path: Path) -> None:
     assert leftovers == []
 
 
+async def test_what_a_probe_quotes_of_a_program_cannot_steer_a_terminal(tmp_path: Path) -> None:
+    """An exec probe's last line of output becomes the reason that ``supervisor status`` prints:
+    a colour, a window title and a bell reached the terminal as they were written."""
+    hostile = r"x\033[31mRED\033]0;pwned\007 done"
+    check = await _check({"exec": ["sh", "-c", f"printf '{hostile}'; exit 1"]}, tmp_path)
+    with pytest.raises(ProbeFailed) as failed:
+        await probe_once(check, ExecContext(cwd=None, env={}))  # type: ignore[arg-type]
+    reason = str(failed.value)
+    assert reason == "sh: exit code 1: x [31mRED ]0;pwned  done", reason
+    assert all(c.isprintable() for c in reason)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:1/a b", "http://127.0.0.1:1/\x01", "https://xn--a.example/"],
+)
+async def test_a_url_that_makes_no_request_fails_the_probe_and_says_so(url: str) -> None:
+    """The loader refuses these; one that got through anyway (an older record, a reload race)
+    must fail its probe with the reason, not end the instance's supervision with a traceback
+    (h11's LocalProtocolError, idna's InvalidCodepoint) or blame the server ("not an HTTP answer")."""
+    from supervisor import probes
+
+    with anyio.fail_after(10), pytest.raises(ProbeFailed, match=r"^GET .*: cannot be sent \("):
+        await probes._http(url, None, None, 1.0)
+    with anyio.fail_after(10), pytest.raises(ProbeFailed, match=r"^GET .*: cannot be sent \("):
+        await probes._http(url, None, "a body", 1.0)
+
+
 def _is_our_sleep(proc: Path) -> bool:
     try:
         stat = (proc / "stat").read_text()
