@@ -19,7 +19,7 @@ import gc
 import os
 import resource
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,7 @@ class Manager(Resumption):
                 if not 0 <= count <= MAX_SCALE:
                     raise InvalidRequest(group, f"cannot scale to {count}: give 0 to {MAX_SCALE} replicas")
                 entries[group] = entries[group].replace(replicas=count)
+            _refuse_name_clashes(entries, counts)
             manifest = self.manifest.replace(instances=entries)
             report = await self._apply(manifest)
             self._scaled.update(counts)
@@ -486,6 +487,18 @@ async def _run_batch(
         tg.start_soon(one, instance)
     with anyio.move_on_after(_BATCH_WAIT):
         await done.wait()
+
+
+def _refuse_name_clashes(entries: Mapping[str, InstanceConfig], scaled: Iterable[str]) -> None:
+    """A scaled entry's new replica names must be its own: ``web`` scaled to 3 names ``web-2``,
+    which may be another entry of the manifest (the loader refuses such a manifest; a scale
+    replaced nothing and reported that instance as the new replica, unchanged)."""
+    for group in scaled:
+        mine = set(entries[group].replica_names(group))
+        for name, config in entries.items():
+            if name != group and (taken := mine.intersection(config.replica_names(name))):
+                why = f"the replica name {min(taken)!r} is the instance {name!r}'s"
+                raise InvalidRequest(group, f"cannot scale to {entries[group].replicas}: {why}")
 
 
 def _plan(manifest: Manifest) -> dict[str, _Plan]:

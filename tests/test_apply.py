@@ -57,6 +57,25 @@ async def test_the_instances_keep_the_manifest_order_after_a_change(tmp_path: Pa
         assert list(manager.instances) == ["keep", "b", "c"]
 
 
+@pytest.mark.parametrize("order", ["web first", "web-2 first"])
+async def test_scale_refuses_a_replica_name_that_is_another_instance(tmp_path: Path, order: str) -> None:
+    """``web`` scaled to 3 would name ``web-2``, another entry: the scale said `unchanged: web-2`
+    and left both as they were, web still at two replicas. It is refused, and nothing changes."""
+    web = "  web: {command: [sleep, '60'], replicas: 2, restart: {min_uptime: 0}}\n"
+    other = "  web-2: {command: [sleep, '61'], restart: {min_uptime: 0}}\n"
+    text = "version: 1\ninstances:\n" + (web + other if order == "web first" else other + web)
+    manifest = manifest_from(text, tmp_path)
+    async with running(manifest) as (manager, events):
+        await events.until(lambda: manager.count(State.RUNNING) == 3)
+        pid = manager.instances["web-2"].pid
+        with pytest.raises(InvalidRequest, match=r"cannot scale to 3: the replica name 'web-2' is the inst"):
+            await manager.scale({"web": 3})
+        assert sorted(manager.instances) == ["web-0", "web-1", "web-2"]
+        assert manager.instances["web-2"].group == "web-2" and manager.instances["web-2"].pid == pid
+        report = await manager.scale({"web": 1})  # to one: named web, its own name
+        assert sorted(manager.instances) == ["web", "web-2"] and report.removed == ["web-0", "web-1"]
+
+
 async def test_scale_adds_and_removes_replicas_until_the_next_reload(tmp_path: Path) -> None:
     text = BASE + "  web: {command: [sleep, '60'], replicas: 2, restart: {min_uptime: 0}}\n"
     manifest = manifest_from(text, tmp_path)
