@@ -21,7 +21,8 @@ from .events import State
 from .instance import Instance
 
 #: The instances of a manifest entry (its replicas), by the entry's name.
-Lookup = Callable[[str], Sequence[Instance]]
+#: An entry's replicas; None while the entry has none loaded yet but is to have some.
+Lookup = Callable[[str], Sequence[Instance] | None]
 
 
 def unmet(dependency: Instance, condition: str) -> str | None:
@@ -69,8 +70,9 @@ class DependencyGate:
     def blocker(self) -> str | None:
         for group, edge in self._edges.items():
             replicas = self._lookup(group)
-            if not replicas:
+            if replicas is None:
                 return f"waiting for {group} ({edge.condition}): not loaded yet"
+            # No replicas at all (replicas: 0, or scaled to 0): each of none meets the condition.
             for dependency in replicas:
                 why = unmet(dependency, edge.condition)
                 if why is not None:

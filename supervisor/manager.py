@@ -264,7 +264,7 @@ class Manager(Resumption):
         assert self._reactor is not None, "instances are made while run() runs"
         gate = None
         if plan.config.depends_on:
-            gate = DependencyGate(plan.config.depends_on, self.replicas, self._group_event)
+            gate = DependencyGate(plan.config.depends_on, self._dependency_replicas, self._group_event)
         context = InstanceContext(
             settings=settings,
             bus=self.events,
@@ -298,6 +298,15 @@ class Manager(Resumption):
     def replicas(self, group: str) -> list[Instance]:
         """The instances of one manifest entry."""
         return list(self._groups().get(group, ()))
+
+    def _dependency_replicas(self, group: str) -> list[Instance] | None:
+        """What a dependent of ``group`` waits for: its replicas; none when the manifest gives it
+        none (a dependency with no replica holds nobody up); None while they are still to come."""
+        found = self._groups().get(group)
+        if found:
+            return found
+        entry = self.manifest.instances.get(group)
+        return [] if entry is not None and entry.replicas == 0 else None
 
     def dependents(self, instance: Instance) -> list[Instance]:
         """The instances that depend on ``instance`` directly (through its manifest entry)."""

@@ -93,6 +93,38 @@ async def test_a_dependent_waits_for_every_replica(tmp_path: Path) -> None:
         assert _first(events, State.STARTING, "proxy").at >= _first(events, State.RUNNING, "web-1").at
 
 
+async def test_a_dependency_with_no_replicas_holds_nobody_up(tmp_path: Path) -> None:
+    """``replicas: 0`` (a dependency switched off, say for a remote database), or one scaled to
+    0: every one of its none meets the condition. The dependent waited forever, "not loaded
+    yet"; scaled up again, the dependency is waited for as before by what starts next."""
+    manifest = manifest_from(
+        """
+        version: 1
+        instances:
+          db: {command: [sleep, "60"], replicas: 0, restart: {min_uptime: 0}}
+          job: {command: [sh, -c, "exit 0"], replicas: 0, restart: {policy: "no"}}
+          api:
+            command: [sleep, "60"]
+            restart: {min_uptime: 0}
+            depends_on: {db: {condition: ready}, job: {condition: completed}}
+          web: {command: [sleep, "60"], replicas: 2, restart: {min_uptime: 0}}
+          proxy: {command: [sleep, "60"], restart: {min_uptime: 0}, autostart: false, depends_on: [web]}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        await events.wait_for(_to(State.RUNNING, "api"))
+        await manager.scale({"web": 0})
+        await manager.instances["proxy"].start()
+        await events.wait_for(_to(State.RUNNING, "proxy"))
+        await manager.instances["proxy"].stop()
+        await manager.scale({"db": 1})  # there again: a new start of api waits for it
+        await manager.instances["db"].stop()
+        await manager.instances["api"].restart()
+        assert manager.instances["api"].state is State.WAITING
+        assert manager.instances["api"].reason == "waiting for db (ready): db is stopped; start it"
+
+
 async def test_an_http_ready_dependency_gates_its_dependent_until_the_port_answers(tmp_path: Path) -> None:
     import socket
 
