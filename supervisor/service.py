@@ -382,14 +382,19 @@ class Service:
         if self._cancel is not None:
             self._cancel.cancel()
 
-    def reopen_logs(self) -> int:
+    def reopen_logs(self) -> tuple[int, list[str]]:
+        """Reopen every log file: how many were, and why each other one was not (it names its file)."""
         count = 0
+        failed: list[str] = []
         for instance in self.manager.instances.values():
             for sink in instance.sinks.values():
                 sink.reopen()
-                count += 1
-        log.info("reopened %d log files", count)
-        return count
+                if sink.write_error is None:
+                    count += 1
+                else:
+                    failed.append(sink.write_error)
+        log.info("reopened %d log files%s", count, f"; {len(failed)} could not be" if failed else "")
+        return count, failed
 
     # -- the service's own background tasks --------------------------------------------------
 

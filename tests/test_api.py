@@ -406,8 +406,17 @@ def test_reopen_logs_starts_new_files(service: Start) -> None:
     files = sum(len(s["log_files"]) for s in svc.status().values())
     with http(svc) as api:
         answer = api.post("/v1/logs/reopen")
-        assert answer.status_code == 200 and answer.json()["reopened"] == files == 8
+        assert answer.status_code == 200 and answer.json() == {"reopened": 8, "failed": []} and files == 8
     assert log.exists() and moved.read_text() == "hi\n"
+    # A file that cannot be opened again (a folder where it was) is not counted, and says why; the
+    # CLI prints why and exits 1 (it said "reopened 8" and 0).
+    err = Path(svc.status("hi-0")["hi-0"]["log_files"]["stderr"])
+    err.rename(err.with_name("moved.err.log"))
+    err.mkdir()
+    cli = svc.cli("logs", "--reopen")
+    assert cli.returncode == 1, cli
+    assert cli.stdout == "reopened 7 log files\n"
+    assert str(err) in cli.stderr and cli.stderr.startswith("supervisor: "), cli.stderr
 
 
 class _InProcessHooks:

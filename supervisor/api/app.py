@@ -77,8 +77,8 @@ class ControlHooks(Protocol):
         """Stop every instance gracefully, then end the service."""
         ...
 
-    def reopen_logs(self) -> int:
-        """Reopen every log file; the number of files."""
+    def reopen_logs(self) -> tuple[int, list[str]]:
+        """Reopen every log file; how many were, and why each other one was not."""
         ...
 
 
@@ -304,7 +304,8 @@ def _routes(
 
     async def reopen_logs(_: Request) -> Response:
         """Reopen every log file, after an external logrotate moved them (same as SIGUSR2)."""
-        return JSONResponse({"reopened": hooks.reopen_logs()})
+        reopened, failed = hooks.reopen_logs()
+        return JSONResponse({"reopened": reopened, "failed": failed})
 
     def some(description: str) -> dict[int, Answer]:
         """The answers of a request on some instances: 200 when all made it, 409 when some did not."""

@@ -199,6 +199,9 @@ class ReexecBody(BaseModel):
 
 class ReopenBody(BaseModel):
     reopened: int = Field(description="How many log files were reopened.")
+    failed: list[str] = Field(
+        description="Why each other log file was not (each names its file); its output is counted as lost."
+    )
 
 
 class ErrorBody(BaseModel):

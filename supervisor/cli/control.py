@@ -236,7 +236,9 @@ def cmd_logs(args: argparse.Namespace, client: Client) -> int:
     if args.reopen:
         answer = client.reopen_logs()
         print(f"reopened {answer['reopened']} log files")
-        return 0
+        for why in answer.get("failed", []):  # an older service does not say
+            print(f"supervisor: {why}", file=sys.stderr)
+        return 1 if answer.get("failed") else 0
     stream = "stderr" if args.stderr else "stdout"
     out = sys.stdout.buffer
     names, prefixed = _log_sources(args, client, stream)
