@@ -314,6 +314,27 @@ def test_bad_commands_are_refused(tmp_path: Path) -> None:
     assert (found[3].line, found[3].column) == (6, 3)
 
 
+def test_an_empty_program_name_or_user_is_refused(tmp_path: Path) -> None:
+    # execve("") fails at every start; `user: ""` is no user a lookup can find.
+    found = problems(
+        tmp_path,
+        "version: 1\n"
+        "instances:\n"
+        "  a: {command: ['', x]}\n"
+        "  b: {command: \"'' x\"}\n"
+        "  c: {command: run, user: ''}\n"
+        "  d: {command: run, group: ''}\n",
+    )
+    program = "the command's first word is the program to run: it cannot be empty"
+    named = "the name is empty: expected a name or a number from 0 to 4294967294"
+    assert [(p.path, (p.line, p.column), p.message) for p in found] == [
+        ("instances.a.command", (3, 16), program),
+        ("instances.b.command", (4, 16), program),
+        ("instances.c.user", (5, 27), named),
+        ("instances.d.group", (6, 28), named),
+    ]
+
+
 # -- environment --------------------------------------------------------------------------------
 
 
@@ -370,6 +391,19 @@ def test_env_file_problems_are_load_errors(tmp_path: Path) -> None:
     assert bad.message == f"env_file '{tmp_path / 'bad.env'}' line 2: expected KEY=VALUE, got 'not a pair'"
     (tmp_path / "bad.env").write_text("1A=x\n")
     assert "line 1: expected KEY=VALUE" in only(problems(tmp_path, web("env_file: bad.env"))).message
+
+
+def test_every_bad_env_key_is_reported_at_its_key(tmp_path: Path) -> None:
+    # Only the first was reported, at the mapping: a fix-one-reload-find-the-next loop.
+    found = problems(tmp_path, web("env:\n  A=B: c\n  OK: d\n  '': e\nenv_file: {}"))
+    message = "cannot name an environment variable: it is empty or holds '='"
+    assert [(p.path, (p.line, p.column), p.message) for p in found] == [
+        ("instances.web.env.A=B", (6, 7), f"'A=B' {message}"),
+        ("instances.web.env.", (8, 7), f"'' {message}"),
+        ("instances.web.env_file", (9, 15), "Input should be a valid string"),
+    ]
+    flow = problems(tmp_path, web('env: {"A=B": c, "": d}'))
+    assert [(p.line, p.column) for p in flow] == [(5, 11), (5, 21)]
 
 
 # -- interpolation ------------------------------------------------------------------------------
@@ -712,6 +746,202 @@ def test_loading_the_same_file_twice_gives_equal_manifests(tmp_path: Path) -> No
     text = web("stop: {signal: INT}\nstdout: out.log\nreplicas: 2\ndepends_on: [db]") + "  db: {command: x}\n"
     assert load(tmp_path, text) == load(tmp_path, text)
     assert load(tmp_path, text) != load(tmp_path, text.replace("INT", "TERM"))
+
+
+# -- log files --------------------------------------------------------------------------------------
+
+_SHARED = (
+    "would both be logged to {path!r}: give each captured stream its own file (two writers interleave "
+    "their lines and rotate the file under each other)"
+)
+
+
+def test_two_instances_logged_to_one_file_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    found = problems(
+        tmp_path,
+        "version: 1\n"
+        "instances:\n"
+        "  a: {command: run, logs: {stdout_file: real/app.log}}\n"
+        "  b: {command: run, logs: {stdout_file: link/../link/app.log}}\n"  # the same file, by a symlink
+        "  c: {command: run, logs: {stderr_file: real/app.log}}\n",
+    )
+    shared = _SHARED.format(path=str(tmp_path / "real" / "app.log"))
+    assert [(p.path, (p.line, p.column), p.message) for p in found] == [
+        ("instances.b.logs.stdout_file", (4, 28), f"a's stdout and b's stdout {shared}"),
+        ("instances.c.logs.stderr_file", (5, 28), f"a's stdout and c's stderr {shared}"),
+    ]
+    # A stream that is not captured has no log file, whatever logs.*_file says; a file: is the program's.
+    manifest = load(
+        tmp_path,
+        "version: 1\n"
+        "instances:\n"
+        "  a: {command: run, logs: {stdout_file: o.log, stderr_file: e.log}}\n"
+        "  b: {command: run, stdout: null, stderr: stdout, logs: {stdout_file: o.log, stderr_file: o.log}}\n"
+        "  c: {command: run, stderr: stdout, logs: {stdout_file: c.log, stderr_file: c.log}}\n"
+        "  d: {command: run, replicas: 2, logs: {stdout_file: d.log, stderr_file: d.err}}\n"
+        "  e: {command: run, stdout: {file: e.log}, stderr: inherit}\n",
+    )
+    assert sorted(manifest.instances) == ["a", "b", "c", "d", "e"]
+
+
+def test_the_stdout_and_stderr_of_one_instance_or_its_replicas_logged_to_one_file_are_refused(
+    tmp_path: Path,
+) -> None:
+    one = only(problems(tmp_path, web("logs: {stdout_file: o.log, stderr_file: ./o.log}")))
+    assert (one.path, one.line, one.column) == ("instances.web.logs.stderr_file", 5, 32)
+    assert one.message == f"web's stdout and web's stderr {_SHARED.format(path=str(tmp_path / 'o.log'))}"
+    # Replicas: said once for the instance, not once for each of them.
+    replicas = only(problems(tmp_path, web("replicas: 3\nlogs: {stdout_file: o.log, stderr_file: o.log}")))
+    assert replicas.path == "instances.web.logs.stderr_file"
+    first = str(tmp_path / "o-0.log")
+    assert replicas.message.startswith(f"web-0's stdout and web-0's stderr would both be logged to {first!r}")
+
+
+def test_a_replicas_file_or_another_instances_default_log_is_refused(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        "version: 1\n"
+        "instances:\n"
+        "  web: {command: run, replicas: 2, logs: {stdout_file: web.log}}\n"
+        "  other: {command: run, logs: {stdout_file: web-1.log}}\n"  # what web-1 writes
+        "  db: {command: run}\n"
+        "  late: {command: run, logs: {stderr_file: .supervisor/logs/db.err.log}}\n",  # db's default
+    )
+    assert [(p.path, (p.line, p.column), p.message) for p in found] == [
+        (
+            "instances.other.logs.stdout_file",
+            (4, 32),
+            f"web-1's stdout and other's stdout {_SHARED.format(path=str(tmp_path / 'web-1.log'))}",
+        ),
+        (
+            "instances.late.logs.stderr_file",
+            (6, 31),
+            f"db's stderr and late's stderr "
+            f"{_SHARED.format(path=str(tmp_path / '.supervisor' / 'logs' / 'db.err.log'))}",
+        ),
+    ]
+    # Said at the file that can change even when the default comes second.
+    text = (
+        "version: 1\n"
+        "instances:\n"
+        "  early: {command: run, logs: {stdout_file: .supervisor/logs/db.out.log}}\n"
+        "  db: {command: run}\n"
+    )
+    early = only(problems(tmp_path, text))
+    assert (early.path, early.line) == ("instances.early.logs.stdout_file", 3)
+    assert early.message.startswith("early's stdout and db's stdout would both be logged to")
+
+
+def test_a_log_or_output_file_that_the_manifest_reads_is_refused(tmp_path: Path) -> None:
+    # Output appended to the manifest made the next reload fail on it.
+    (tmp_path / "app.env").write_text("A=1\n")
+    (tmp_path / "token").write_text("secret\n")
+    found = problems(
+        tmp_path,
+        "version: 1\n"
+        "supervisor: {control: {tcp: '127.0.0.1:9001', token_file: token}}\n"
+        "instances:\n"
+        "  a: {command: run, logs: {stdout_file: supervisor.yaml}}\n"
+        "  b: {command: run, env_file: app.env, logs: {stderr_file: ./app.env}}\n"
+        "  c: {command: run, stdout: {file: supervisor.yaml, mode: truncate}}\n"
+        "  d: {command: run, replicas: 1, logs: {stdout_file: token}}\n",
+    )
+    manifest, env, token = (str(tmp_path / name) for name in ("supervisor.yaml", "app.env", "token"))
+    assert [(p.path, (p.line, p.column), p.message) for p in found] == [
+        (
+            "instances.a.logs.stdout_file",
+            (4, 28),
+            f"a's stdout would be logged to {manifest!r}, the manifest itself: choose another file",
+        ),
+        (
+            "instances.b.logs.stderr_file",
+            (5, 47),
+            f"b's stderr would be logged to {env!r}, the env_file of b, which the manifest reads: "
+            "choose another file",
+        ),
+        ("instances.c.stdout", (6, 21), f"c's stdout would be written to {manifest!r}, the manifest itself"),
+        (
+            "instances.d.logs.stdout_file",
+            (7, 41),
+            f"d's stdout would be logged to {token!r}, supervisor.control.token_file, which the service "
+            "reads: choose another file",
+        ),
+    ]
+
+
+# -- http probe URLs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://127.0.0.1:8/a b", "'http://127.0.0.1:8/a b' holds a space, which a request cannot carry: "),
+        ("http://127.0.0.1:8/a\tb", "'http://127.0.0.1:8/a\\tb' holds '\\t' (U+0009), which a request"),
+        ("http://127.0.0.1:8/?q=\x7f", "holds '\\x7f' (U+007F), which a request cannot carry"),
+        ("http://127.0.0.1:8/caf\u00e9", "holds 'é' (U+00E9), which a request cannot carry: percent-encode"),
+        ("http://b\u00fccher.example/", "the host holds 'ü' (U+00FC); write it in ASCII, a name with other "
+         "letters in its xn-- form (bücher.example is xn--bcher-kva.example)"),
+    ],
+)
+def test_an_http_url_a_request_cannot_carry_is_refused(tmp_path: Path, url: str, message: str) -> None:
+    # h11 refuses such a target at the probe ("Illegal target characters"): the loader says so first.
+    for key in ("ready", "alive"):
+        problem = only(problems(tmp_path, web(f'{key}: {{http: "{url.encode("unicode_escape").decode()}"}}')))
+        column = len(f"    {key}: {{http: ") + 1
+        assert (problem.path, problem.line, problem.column) == (f"instances.web.{key}.http", 5, column)
+        assert message in problem.message, problem.message
+
+
+def test_an_http_url_on_port_0_is_refused_as_a_tcp_address_is(tmp_path: Path) -> None:
+    problem = only(problems(tmp_path, web('alive: {http: "http://127.0.0.1:0/health"}')))
+    assert problem.path == "instances.web.alive.http"
+    assert problem.message == (
+        "'http://127.0.0.1:0/health': port 0 cannot be connected to; give a port from 1 to 65535"
+    )
+    tcp = only(problems(tmp_path, web('alive: {tcp: "127.0.0.1:0"}')))
+    assert tcp.message == "'127.0.0.1:0' is not HOST:PORT, e.g. 127.0.0.1:5432"
+    assert web_config(tmp_path, 'alive: {http: "http://127.0.0.1:1/"}').alive is not None
+
+
+#: Hosts with an xn-- label: some are the punycode of a name, some are not.
+_XN_HOSTS = [
+    "xn--a.example",  # punycode of U+0080: idna's InvalidCodepoint ended the instance's supervision
+    "xn--9.example",  # not punycode at all
+    "xn--.example",
+    "www.xn--a.example",
+    "xn--ls8h.example",  # an emoji: IDNA 2003 allowed it, IDNA 2008 (httpx's idna) does not
+    "xn--a-ecp.example",  # a⒈: not a letter
+    "xn--bcher-kva.example",  # bücher
+    "xn--zca.example",  # ß: the IDNA 2003 'idna' codec refuses it, httpx sends it
+    "xn--80ak6aa92e.example",
+    "xn--nxasmq6b.example",
+]
+
+
+def test_an_xn_label_loads_exactly_when_httpx_can_send_to_it(tmp_path: Path) -> None:
+    import httpx  # what sends an https probe (probes.py); the loader must not import it
+
+    refused = []
+    for host in _XN_HOSTS:
+        url = f"https://{host}/health"
+        try:
+            for label in host.split("."):
+                httpx.URL(f"https://{label}/").host  # noqa: B018 - decodes an xn-- host, or raises
+        except UnicodeError:
+            refused.append(host)
+            problem = only(problems(tmp_path, web(f"ready: {{http: '{url}'}}")))
+            assert problem.path == "instances.web.ready.http"
+            label = next(part for part in host.split(".") if part.startswith("xn--"))
+            assert problem.message == (
+                f"{url!r}: the host's label {label!r} is not the xn-- form of a name (its punycode does "
+                "not decode to letters and digits): write the name's own xn-- form"
+            )
+        else:
+            ready = web_config(tmp_path, f"ready: {{http: '{url}'}}").ready
+            assert ready is not None and ready.http == url
+    assert len(refused) == 6  # a guard on the guard: both kinds are tried
 
 
 # -- depends_on ---------------------------------------------------------------------------------

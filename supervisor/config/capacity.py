@@ -76,14 +76,14 @@ def descriptors_per_instance(config: InstanceConfig) -> int:
     """
     count = 1
     for spec in (config.stdout, config.stderr):
-        if _captured(spec):
+        if captured(spec):
             count += 1
     if config.ready is not None and config.ready.kind == "notify":
         count += 1
     return count
 
 
-def _captured(spec: object) -> bool:
+def captured(spec: object) -> bool:
     """`log`, and the forms that fall back to the log when not set up (a fifo, an empty file path)."""
     kind = getattr(spec, "kind", "")
     return kind in ("log", "fifo") or (kind == "file" and not getattr(spec, "path", ""))
@@ -91,7 +91,7 @@ def _captured(spec: object) -> bool:
 
 def captured_streams(config: InstanceConfig) -> int:
     """How many log files one replica writes (0, 1 or 2)."""
-    return sum(1 for spec in (config.stdout, config.stderr) if _captured(spec))
+    return sum(1 for spec in (config.stdout, config.stderr) if captured(spec))
 
 
 def _log_folders(manifest: Manifest) -> set[str]:
@@ -100,7 +100,7 @@ def _log_folders(manifest: Manifest) -> set[str]:
     for config in manifest.instances.values():
         custom = {"stdout": config.logs.stdout_file, "stderr": config.logs.stderr_file}
         for stream, spec in (("stdout", config.stdout), ("stderr", config.stderr)):
-            if _captured(spec):
+            if captured(spec):
                 path = custom[stream]
                 folders.add(str(Path(path).parent) if path else default)
     return folders

@@ -41,7 +41,9 @@ class _Check(_Probe, StrictModel):
         "It runs in the instance's folder, with its environment and user.",
     )
     http: str | None = Field(
-        None, description="GET this http:// or https:// URL; a status in expect (and body, if set) passes."
+        None,
+        description="GET this http:// or https:// URL; a status in expect (and body, if set) passes. "
+        "Printable ASCII only: percent-encode a space or another character, write a host in its xn-- form.",
     )
     tcp: str | None = Field(None, description="Connect to HOST:PORT; an accepted connection passes.")
     expect: list[Annotated[StrictInt, Field(ge=100, le=599)]] | None = Field(
@@ -78,13 +80,22 @@ class _Check(_Probe, StrictModel):
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
             return value
+        _sendable(value)
         try:
             parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError for a port out of range
+            port = parts.port  # raises ValueError for a port out of range
         except ValueError as exc:
             raise ValueError(f"{value!r} is not a URL: {exc}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+        if port == 0:  # as a tcp check's: nothing listens there, and `:0` is no way to say "the default"
+            raise ValueError(f"{value!r}: port 0 cannot be connected to; give a port from 1 to 65535")
+        for label in parts.hostname.split("."):
+            if label.startswith("xn--") and not _a_label_decodes(label):
+                raise ValueError(
+                    f"{value!r}: the host's label {label!r} is not the xn-- form of a name "
+                    "(its punycode does not decode to letters and digits): write the name's own xn-- form"
+                )
         return value
 
     @field_validator("tcp")
@@ -106,6 +117,61 @@ class _Check(_Probe, StrictModel):
                 if getattr(self, key) is not None:
                     raise ValueError(f"{key!r} belongs to an http check, not to a {given[0]} check")
         return self
+
+
+def _sendable(url: str) -> None:
+    """Refuse what a request cannot carry: printable ASCII only (0x21 to 0x7E), as h11 sends it.
+
+    A space, a control character or a non-ASCII letter passed ``urlsplit`` (which even
+    drops tabs and newlines silently), and then every probe failed to be sent.
+    """
+    bad = next((char for char in url if not "!" <= char <= "~"), None)
+    if bad is None:
+        return
+    shown = "a space" if bad == " " else f"{bad!r} (U+{ord(bad):04X})"
+    rest = url.partition("//")[2]
+    if bad in rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]:  # the authority: host, port
+        raise ValueError(
+            f"{url!r}: the host holds {shown}; write it in ASCII, a name with other letters in its "
+            "xn-- form (bücher.example is xn--bcher-kva.example)"
+        )
+    raise ValueError(
+        f"{url!r} holds {shown}, which a request cannot carry: percent-encode it (%20 for a space)"
+    )
+
+
+#: What a label of an internationalized host name is made of (IDNA 2008's PVALID, nearly):
+#: lower-case letters, marks after a letter, digits. An upper-case letter, a symbol (an emoji),
+#: a control character or a space is not; httpx's idna refuses those when the probe runs.
+_LABEL_CATEGORIES = frozenset({"Ll", "Lo", "Lm", "Mn", "Mc", "Nd"})
+
+
+def _a_label_decodes(label: str) -> bool:
+    """Whether an ``xn--`` label is the punycode of a host name httpx can send a request to.
+
+    Python's own punycode codec and character database, not the idna package httpx uses:
+    this runs at every load, and idna's tables cost more than the check (idna also applies
+    the bidi and context rules this leaves out; a probe with such a host fails as 'cannot be sent').
+    Not the 'idna' codec either: it is IDNA 2003, which refuses names IDNA 2008 allows (ß).
+    """
+    import unicodedata  # only for a host with an xn-- label: not on every load's path
+
+    encoded = label[4:]
+    if not encoded or encoded.endswith("-"):
+        return False
+    try:
+        name = encoded.encode("ascii").decode("punycode")
+    except UnicodeError:
+        return False
+    return (
+        not name.isascii()
+        and not name.startswith("-")
+        and not name.endswith("-")
+        and name[2:4] != "--"
+        and not unicodedata.category(name[0]).startswith("M")
+        and unicodedata.is_normalized("NFC", name)
+        and all(char == "-" or unicodedata.category(char) in _LABEL_CATEGORIES for char in name)
+    )
 
 
 class ReadyCheck(_Check):

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import records
 from .capacity import MAX_INSTANCES, capacity_problems
+from .log_files import log_file_problems
 from .models import INSTANCE_NAME_PATTERN, MAX_NAME_LENGTH, MAX_REPLICAS, Backoff, Manifest, RestartPolicy
 from .problems import ManifestError, Problem, shown_key
 from .regular_file import NotARegularFile, read_regular_file
@@ -326,6 +327,8 @@ def parse_manifest(
         result = settled(manifest)
         for message in capacity_problems(result, this_machine=this_machine):
             source.problem(("instances",), message, at_key=True)
+        for where, message in log_file_problems(result):
+            source.problem(where, message, at_key=True)
     if source.problems or result is None:
         raise ManifestError(_in_file_order(source.problems))
     return result
@@ -473,7 +476,8 @@ def _report(error: Mapping[str, Any], source: _Source) -> None:
         source.problem(loc[:-1], f"the key {loc[-1]!r} is required here", at_key=True)
         return
     message = error["msg"].removeprefix("Value error, ")
-    if "[key]" in [str(p) for p in error["loc"]] and kind in ("string_pattern_mismatch", "string_too_long"):
+    at_key = "[key]" in [str(p) for p in error["loc"]]  # a mapping's key is wrong, not its value (env)
+    if at_key and kind in ("string_pattern_mismatch", "string_too_long"):
         if kind == "string_too_long":
             message = (
                 f"an instance name has at most {MAX_NAME_LENGTH} characters, not {len(str(loc[-1]))}: "
@@ -489,7 +493,7 @@ def _report(error: Mapping[str, Any], source: _Source) -> None:
         return
     if kind not in {"value_error", "assertion_error"} and not isinstance(given, dict | list):
         message += f" (got {given!r})"
-    source.problem(loc, message)
+    source.problem(loc, message, at_key=at_key)
 
 
 def _key_path(loc: tuple[Any, ...], source: _Source, *, keep_last: bool) -> KeyPath:

@@ -195,12 +195,14 @@ class InstanceLogs(StrictModel):
     stdout_file: RelativePath | None = Field(
         None,
         description="The log of captured stdout. Unset: <state_dir>/logs/NAME.out.log. "
-        "With replicas, each gets its own file: web.log becomes web-0.log, web-1.log …",
+        "With replicas, each gets its own file: web.log becomes web-0.log, web-1.log … "
+        "Each captured stream needs its own file: one that another stream logs to, the manifest "
+        "or an env_file is refused.",
     )
     stderr_file: RelativePath | None = Field(
         None,
         description="The log of captured stderr. Unset: <state_dir>/logs/NAME.err.log. "
-        "With replicas, each gets its own file, as for stdout_file.",
+        "With replicas, each gets its own file, as for stdout_file, and it cannot be another stream's.",
     )
 
 
@@ -265,11 +267,25 @@ class StopPolicy(StrictModel):
 
 def _user_or_group(value: Any) -> Any:
     """A name, or a number the kernel takes as an id (-1 and 2**32-1 mean "unchanged" to it)."""
-    if value is None or isinstance(value, str):
+    if value is None:
+        return value
+    if isinstance(value, str):
+        if not value:  # `user: ""` read as no user at all, or as a lookup that fails at every start
+            raise ValueError(f"the name is empty: expected a name or a number from 0 to {2**32 - 2}")
         return value
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32 - 1:
         return value
     raise ValueError(f"expected a name or a number from 0 to {2**32 - 2} (got {value!r})")
+
+
+def _env_name(key: str) -> str:
+    """A key of ``env``: checked one by one, so that each bad key is reported at its own place."""
+    if not key or "=" in key:
+        raise ValueError(f"{key!r} cannot name an environment variable: it is empty or holds '='")
+    return key
+
+
+EnvName = Annotated[str, AfterValidator(_env_name)]
 
 
 # -- instance ---------------------------------------------------------------------------------
@@ -285,7 +301,7 @@ class InstanceConfig(StrictModel):
     cwd: RelativePath | None = Field(
         None, description="The working folder, relative to the manifest's folder. Unset: the service's."
     )
-    env: dict[str, str] = Field({}, description="Merged over the service's environment.")
+    env: dict[EnvName, str] = Field({}, description="Merged over the service's environment.")
     inherit_env: bool = Field(True, description="false: start from an empty environment.")
     env_file: RelativePath | None = Field(
         None, description="A file of KEY=VALUE lines, read at load time, applied before env."
@@ -359,14 +375,6 @@ class InstanceConfig(StrictModel):
             }
         return value
 
-    @field_validator("env")
-    @classmethod
-    def _env_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not key or "=" in key:
-                raise ValueError(f"{key!r} cannot name an environment variable: it is empty or holds '='")
-        return value
-
     @field_validator("command")
     @classmethod
     def _command_splits(cls, value: str | list[str]) -> str | list[str]:
@@ -375,10 +383,12 @@ class InstanceConfig(StrictModel):
                 words = shlex.split(value)
             except ValueError as exc:
                 raise ValueError(f"cannot split the command: {exc}") from None
-            if not words:
-                raise ValueError("the command is empty")
-        elif not value:
+        else:
+            words = value
+        if not words:
             raise ValueError("the command is empty")
+        if not words[0]:
+            raise ValueError("the command's first word is the program to run: it cannot be empty")
         return value
 
     _env_from_file: dict[str, str] = PrivateAttr(default_factory=dict)
