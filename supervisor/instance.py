@@ -43,6 +43,13 @@ from .stopping import Stopping
 
 log = logging.getLogger("supervisor.instance")
 
+#: However short its runs, an instance is started again at most this often (a second's worth
+#: at once, then evenly): a program that exits at once under ``restart: always`` and
+#: ``min_uptime: 0`` (each run is up, none a failed start) was restarted 250 times a second,
+#: for ever, with the service's CPU and log taken up by it. systemd's answer is the same idea
+#: (StartLimitBurst, RestartSec=100ms); here it paces rather than gives up.
+RESTARTS_PER_SECOND = 20
+
 _ALLOWED: dict[State, frozenset[State]] = {
     State.STOPPED: frozenset({State.WAITING, State.STARTING}),
     # waiting -> failed: only for a fault in the supervision itself (see _give_up).
@@ -140,6 +147,8 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         # (both time.monotonic()), and the record this instance was adopted from.
         self._next_try: float | None = None
         self._kill_at: float | None = None
+        self._restarts_left = float(RESTARTS_PER_SECOND)  # of the pace's burst, as of _paced_at
+        self._paced_at = 0.0
         self._adopted: dict[str, Any] | None = None
         self._cgroup: InstanceCgroup | None = None  # made at the first spawn, removed by close()
 
@@ -552,11 +561,22 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
             delay = min(backoff.initial * backoff.factor ** (self._failures - 1), backoff.max)
             delay *= 1 + random.uniform(0, 0.1)
         else:
-            delay = restart.delay
+            delay = max(restart.delay, self._restart_pace())
         self._next_try = time.monotonic() + delay  # a re-exec meanwhile ends the pause on time
         await anyio.sleep(delay)
         self._count_restart()
         return True
+
+    def _restart_pace(self) -> float:
+        """Seconds to wait so that restarts keep to ``RESTARTS_PER_SECOND`` (0 almost always)."""
+        now = time.monotonic()
+        left = min(RESTARTS_PER_SECOND, self._restarts_left + (now - self._paced_at) * RESTARTS_PER_SECOND)
+        if left >= 1:
+            self._restarts_left, self._paced_at = left - 1, now
+            return 0.0
+        wait = (1 - left) / RESTARTS_PER_SECOND
+        self._restarts_left, self._paced_at = 0.0, now + wait
+        return wait
 
     def _count_restart(self) -> None:
         self._restarts += 1

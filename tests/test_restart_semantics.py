@@ -158,3 +158,30 @@ async def test_restart_delay_paces_a_run_that_came_up(tmp_path: Path) -> None:
         await events.until(_restarted(events, "paced", 2), timeout=20)
         pauses = _pauses(events.of("paced"))
         assert len(pauses) >= 2 and min(pauses) >= 0.4, pauses
+
+
+async def test_runs_that_end_at_once_are_restarted_at_a_bounded_pace(tmp_path: Path) -> None:
+    """``true`` under ``restart: always`` and ``min_uptime: 0``: every run is up, none a failed
+    start, so each was restarted at once, 250 times a second for ever, the service's CPU and
+    log all its. A second's worth (RESTARTS_PER_SECOND) goes at once, then that many a second:
+    it still never fails, and a restart after a run that lasted is not held up by it."""
+    from supervisor.instance import RESTARTS_PER_SECOND as rate
+
+    manifest = manifest_from(
+        """
+        version: 1
+        instances:
+          spin:
+            command: ["true"]
+            restart: {policy: always, min_uptime: 0}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (_manager, events):
+        await events.until(_restarted(events, "spin", 3 * rate), timeout=60)
+        history = events.of("spin")
+        assert State.FAILED not in [e.to_state for e in history]
+        starts = [e.at for e in history if e.to_state is State.STARTING]
+        # The burst, then one every 1/rate s: 3 * rate restarts take at least 2 s (at once: 0.2 s).
+        assert starts[3 * rate] - starts[0] >= 2 * 0.9, starts[3 * rate] - starts[0]
+        assert max(_pauses(history)) < 2 / rate, max(_pauses(history))  # evenly, not in lumps

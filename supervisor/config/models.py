@@ -228,7 +228,10 @@ class RestartPolicy(StrictModel):
     row grow the back-off and count towards ``max_restarts``; a run that reached
     ``running`` ends the streak, and when it ends it is started again after ``delay``
     (none by default), however often that happens. This is what supervisord
-    (``startretries``) and pm2 (``max_restarts`` of unstable restarts) do.
+    (``startretries``) and pm2 (``max_restarts`` of unstable restarts) do. However short
+    its runs, an instance is started again at most 20 times a second (twenty at once, then
+    evenly): a program that exits at once with ``min_uptime: 0`` and ``policy: always`` is
+    paced, not restarted in a tight loop.
     """
 
     policy: Literal["no", "on-failure", "always"] = Field(
