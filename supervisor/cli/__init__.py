@@ -141,7 +141,28 @@ class _Unbuilt:
         return self
 
 
+def fill_standard_streams() -> None:
+    """/dev/null for each of 0, 1 and 2 the process was started without, before anything is opened.
+
+    A process started with them closed (``supervisor run <&- >&- 2>&-``, some init systems) gets
+    its next descriptors there: the event loop's epoll and its signal pipe became 0 to 2, an
+    instance with ``stderr: inherit`` was handed the signal pipe, and a byte 0x0f it wrote was
+    read as SIGTERM (0x01 as SIGHUP, a reload). Three ``fstat`` calls when nothing is missing.
+    """
+    for number, mode in ((0, "r"), (1, "w"), (2, "w")):
+        try:
+            os.fstat(number)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != number:
+                os.dup2(null, number)
+                os.close(null)
+            stream = open(number, mode, buffering=1 if mode == "w" else -1, closefd=False)  # noqa: SIM115
+            setattr(sys, ("stdin", "stdout", "stderr")[number], stream)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    fill_standard_streams()
     words = sys.argv[1:] if argv is None else list(argv)
     # Only the command named first needs its arguments: building all twenty parsers took about
     # 10 ms, a fifth of `supervisor status`. Anything else (--help, a typo) gets every parser.
