@@ -81,6 +81,10 @@ class Stopping:
         """
         stop = self.config.stop
         child.send_signal(sig, group=stop.group)
+        if sig not in (signal.SIGKILL, signal.SIGCONT):
+            # A process stopped (SIGSTOP, ^Z, a debugger) takes the signal only once it runs:
+            # without SIGCONT it sat until the SIGKILL, its handler never run. systemd does so too.
+            child.send_signal(signal.SIGCONT, group=stop.group)
         return await self._kill_after(child, time.monotonic() + stop.timeout)
 
     async def _kill_after(self, child: Child, deadline: float) -> bool:

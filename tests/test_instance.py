@@ -160,6 +160,41 @@ async def test_program_ignoring_sigterm_is_killed_after_stop_timeout(tmp_path: P
         assert elapsed >= 0.3
 
 
+def _process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+async def test_a_stopped_program_is_continued_to_take_its_stop_signal(tmp_path: Path) -> None:
+    """A program paused with SIGSTOP (``supervisor signal STOP``, ^Z, a debugger) takes SIGTERM only
+    once it runs again: it sat until the SIGKILL, stop.timeout later, its handler never run."""
+    manifest = manifest_from(
+        """
+        version: 1
+        instances:
+          paused:
+            command: [sh, -c, "trap 'echo got TERM; exit 0' TERM; echo ready; while :; do sleep 0.1; done"]
+            restart: {min_uptime: 0}
+            stop: {timeout: 60s}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        instance = manager.instances["paused"]
+        await events.wait_for(_to(State.RUNNING, "paused"))
+        await wait_for_output(instance, b"ready")  # the trap is set
+        assert instance.pid is not None
+        instance.signal(signal.SIGSTOP)
+        with anyio.fail_after(10):
+            while _process_state(instance.pid) != "T":
+                await anyio.sleep(0.01)  # a state the kernel shows, not an event of ours
+        with anyio.fail_after(30):
+            await instance.stop()
+        stopped = await events.wait_for(_to(State.STOPPED, "paused"))
+        assert (stopped.exit_code, stopped.exit_signal) == (0, None), stopped
+        assert "killed after" not in (stopped.reason or "")
+        await wait_for_output(instance, b"got TERM")
+
+
 async def test_grandchild_dies_with_the_group_on_stop(tmp_path: Path) -> None:
     pidfile = tmp_path / "grandchild.pid"
     manifest = manifest_from(
