@@ -249,6 +249,7 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         """Stop the program if it runs, then end ``run()``: the instance is gone."""
         async with self._lock:
             self._closing = True  # requests queued behind this one must not start it again
+            self.wake_waiters()  # a request that waits for it to start waits no more
             if self._state.alive:
                 await self._stop_locked(reason)
             with anyio.CancelScope(shield=True):  # before a replacement of the same name makes it again
@@ -328,6 +329,11 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
                 await self._changed.wait()
             return True
         return False
+
+    @property
+    def removed(self) -> bool:
+        """``close()`` began: a reload, a scale or the shutdown takes it away; it starts no more."""
+        return self._closing
 
     @property
     def in_line_to_spawn(self) -> bool:

@@ -32,7 +32,14 @@ from supervisor.config import Manifest
 from supervisor.manager import Manager, ReloadReport
 
 from .helpers import manifest_from, running
-from .service_fixture import SUPERVISOR, ServiceProcess, pid_gone, processes_with, with_tcp_listener
+from .service_fixture import (
+    SUPERVISOR,
+    ServiceProcess,
+    pid_gone,
+    processes_with,
+    with_tcp_listener,
+    write_manifest,
+)
 
 Start = Callable[..., ServiceProcess]
 
@@ -212,6 +219,27 @@ def test_start_reports_how_each_instance_ended_up(service: Start) -> None:
         assert waited.json()["results"][0]["error"] == "not running after 0.2s"
         both = api.post("/v1/instances/wait", json={"all": True, "state": ["stopped", "exited", "failed"]})
         assert both.status_code == 200 and both.json()["ok"]
+
+
+def test_a_start_waiting_for_an_instance_a_reload_removes_answers_at_once(service: Start) -> None:
+    """``start slow`` waits for slow to run; a reload that takes slow away left the request waiting
+    out its timeout, then said "timed out (stopped)". It answers when the instance goes, and why."""
+    db = 'version: 1\ninstances:\n  db: {command: [sleep, "300"], autostart: false}\n'
+    svc = service(db + '  slow: {command: [sleep, "300"], autostart: false, depends_on: [db]}\n')
+    answers: list[httpx.Response] = []
+    asked = {"names": ["slow"], "timeout": 120}
+    with http(svc) as api:
+        asking = threading.Thread(target=lambda: answers.append(api.post("/v1/instances/start", json=asked)))
+        asking.start()
+        svc.wait_until(lambda: svc.status("slow")["slow"]["state"] == "waiting", 20, "slow waits for db")
+        write_manifest(svc.manifest.parent, db)
+        assert svc.client().reload()["removed"] == ["slow"]
+        asking.join(timeout=20)
+        assert not asking.is_alive(), "the start still waits for an instance that is gone"
+    (answer,) = answers
+    assert answer.status_code == 409
+    (slow,) = answer.json()["results"]
+    assert slow["error"] == "removed while the request waited (a reload or a scale took it away)", slow
 
 
 def test_openapi_document_is_valid_and_complete(service: Start) -> None:

@@ -23,11 +23,13 @@ from ..manager import Manager
 from .inputs import body as read_body
 from .requests import ActionRequest
 
-__all__ = ["Actions", "action_response", "refusal", "result", "run_all"]
+__all__ = ["REMOVED", "Actions", "action_response", "refusal", "result", "run_all"]
 
 log = logging.getLogger("supervisor.control")
 
 _STARTED = frozenset({State.RUNNING, State.EXITED, State.FAILED})
+#: Why a request on an instance that a reload or a scale took away ended before its timeout.
+REMOVED = "removed while the request waited (a reload or a scale took it away)"
 #: How many instances' actions a request queues before the loop goes round: queued all at
 #: once, a thousand took it for about 100 ms before the first ran (a task each, anyio's).
 _QUEUED_PER_TURN = 64
@@ -141,7 +143,9 @@ class Actions:
             if refused:
                 return result(instance, False, refused[0])
             targets = {State.STOPPED} if verb == "stop" else _STARTED
-            await instance.wait_for(targets)
+            await instance.wait_until(lambda: instance.state in targets or instance.removed)
+            if instance.removed and verb != "stop":
+                return result(instance, False, REMOVED)
             return self._judge(verb, instance)
         return result(instance, False, f"timed out after {timeout:g}s ({instance.state})")
 

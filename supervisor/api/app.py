@@ -29,7 +29,7 @@ from ..events import Event, sse_chunk
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager, ReloadReport, UnknownInstance
 from ..pidns import service_pid
-from .actions import Actions, action_response, refusal, result, run_all
+from .actions import REMOVED, Actions, action_response, refusal, result, run_all
 from .answers import wire_status, wire_statuses
 from .errors import ERRORS, HANDLERS, error
 from .inputs import body, optional_body, query
@@ -185,10 +185,13 @@ def _routes(
         results: dict[str, dict[str, Any]] = {}
 
         async def one(instance: Instance) -> None:
-            reached = await instance.wait_until(
-                lambda: instance.state in wanted or ("ready" in wanted and instance.is_ready), timeout
-            )
-            error = None if reached else f"not {' or '.join(sorted(wanted))} after {timeout:g}s"
+            def there() -> bool:
+                return instance.state in wanted or ("ready" in wanted and instance.is_ready)
+
+            await instance.wait_until(lambda: there() or instance.removed, timeout)
+            reached = there()
+            late = f"not {' or '.join(sorted(wanted))} after {timeout:g}s"
+            error = None if reached else REMOVED if instance.removed else late
             results[instance.name] = result(instance, reached, error)
 
         await actions.unless_closing(run_all(one, instances))
