@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskStatus
 
+from .handoff.state import scaled_counts
 from .instance import InvalidRequest
 
 if TYPE_CHECKING:
@@ -54,16 +55,37 @@ class Resumption:
         """Before ``run()``: adopt the instances ``state`` (``handoff_state()``) describes, not start.
 
         ``children``: the adopted programs by instance name (those still the same process).
+        ``state["scaled"]``: the entries ``scale`` changed, with their counts (a mapping), or
+        their names only (a list: a record of a service before counts were handed over, or a
+        caller that hands the record's ``service.scaled``); then each count is that of the
+        entry's instances in the record, which is what ran. The counts are applied to the
+        manifest the instances are built from, as ``scale`` applied them: else the entry's
+        manifest count was rebuilt, and the replicas beyond it ran on unsupervised (and those
+        below it came back ``stopped`` after a scale down, holding their dependents up).
         """
-        self._adopting = ({record["name"]: record for record in state["instances"]}, children)
-        self._scaled = set(state["scaled"])
+        instances = state["instances"]
+        self._adopting = ({record["name"]: record for record in instances}, children)
+        counts = scaled_counts(state["scaled"], instances)
+        entries = dict(self.manifest.instances)
+        counts = {group: count for group, count in counts.items() if group in entries}
+        if counts:
+            for group, count in counts.items():
+                entries[group] = entries[group].replace(replicas=count)
+            self.manifest = self.manifest.replace(instances=entries)
+        self._scaled = set(counts)  # still until the next reload, which sets them back
         self.events.carry_on(state["events_seq"])  # the numbering goes on, never back
 
     def handoff_state(self) -> dict[str, Any]:
-        """The instances and what ``scale`` changed, for a re-exec (call it with ``quiet()`` held)."""
+        """The instances and what ``scale`` changed, for a re-exec (call it with ``quiet()`` held).
+
+        ``scaled``: the entries' names, as older code reads them; ``scaled_replicas``: their
+        counts (this manager's manifest is the scaled one), which the new service applies.
+        """
+        scaled = sorted(self._scaled)
         return {
             "events_seq": self.events.seq,
-            "scaled": sorted(self._scaled),
+            "scaled": scaled,
+            "scaled_replicas": {group: self.manifest.instances[group].replicas for group in scaled},
             "instances": [instance.handoff_state() for instance in self._instances.values()],
         }
 

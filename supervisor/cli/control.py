@@ -321,7 +321,13 @@ def cmd_reexec(args: argparse.Namespace, client: Client) -> int:
         except ClientError:
             health = {}
         if health.get("handoffs", 0) > before.get("handoffs", 0):
-            print(f"re-exec'd: pid {health.get('pid')} runs the new code with {what}")
+            # What the new service took over, not the check's count of the state a moment before:
+            # its status answers once they are built (its health, at once, before).
+            try:
+                took = f"{len(client.status())} instances"
+            except ClientError:
+                took = what
+            print(f"re-exec'd: pid {health.get('pid')} runs the new code with {took}")
             return 0
         error = health.get("handoff_error")
         if error and error != before.get("handoff_error"):

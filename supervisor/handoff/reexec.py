@@ -51,6 +51,7 @@ from .state import (
     encode_state,
     parse_state,
     process_start_ticks,
+    scaled_counts,
     write_state,
 )
 
@@ -141,6 +142,7 @@ def service_record(
             "handoffs": handoffs + 1,
             "events_seq": manager_state["events_seq"],
             "scaled": manager_state["scaled"],
+            "scaled_replicas": manager_state["scaled_replicas"],
             "handover_began": None if began is None else began[0],
             "handover_cpu": None if began is None else began[1],
             "written_at": time.monotonic(),
@@ -331,6 +333,9 @@ def prepare_resume(record: StateRecord, manifest: Manifest) -> Takeover:
 
     Adopting registers the children at once, so the orphan reaper never takes their statuses.
     ``manifest``: the record's, checked already (``record_check.PendingResume``).
+    The record's ``service.scaled`` becomes the count of each entry ``scale`` changed (what
+    ``Manager.resume`` applies): ``service.scaled_replicas``, or, from an older service that
+    handed names only, the count of the entry's instances in the record (what it ran).
     """
     for fd in handed_fds(record):
         try:
@@ -338,6 +343,8 @@ def prepare_resume(record: StateRecord, manifest: Manifest) -> Takeover:
         except OSError as exc:
             raise HandoffError(f"the inherited fd {fd} is not open ({exc.strerror}): not resuming") from None
     takeover = Takeover(manifest, record)
+    service = record["service"]
+    service["scaled"] = scaled_counts(service.get("scaled_replicas", service["scaled"]), record["instances"])
     held = record["service"].get("signals")
     if held is not None:
         try:

@@ -234,6 +234,8 @@ FD = Int(0, 2**31 - 1)
 #: A process id (the kernel's PID_MAX_LIMIT is 2**22 on 64-bit; this allows more).
 PID = Int(1, 2**31 - 1)
 COUNT = Int(0, 2**63 - 1)
+#: The most replicas ``scale`` gives an entry (manager.MAX_SCALE; this module imports no manager).
+MAX_SCALE = 10_000
 CLOCK = Clock()
 STR = _Exactly(str, "string")
 BOOL = _Exactly(bool, "boolean")
@@ -265,13 +267,15 @@ SERVICE = Struct(
         "handoffs": COUNT,
         "events_seq": Int(0, MAX_SEQ),
         "scaled": ListOf(STR),
+        # Those entries' counts, which the new service applies: a record of older code has none.
+        "scaled_replicas": MapOf(STR, Int(0, MAX_SCALE)),
         "handover_began": Nullable(CLOCK),
         "handover_cpu": Nullable(CLOCK),
         "written_at": CLOCK,
         # The old service's check of this code, handed over (record_check.py).
         "checked": Nullable(Struct({"digest": STR, "answer": STR})),
     },
-    optional=["signals", "handover_began", "handover_cpu", "checked"],
+    optional=["signals", "handover_began", "handover_cpu", "checked", "scaled_replicas"],
 )
 
 INSTANCE = Struct(
