@@ -24,6 +24,7 @@ from supervisor.manager import MAX_SCALE
 
 from .helpers import handoff_record
 from .service_fixture import ServiceProcess, pid_gone
+from .test_reexec import _swap
 
 PACKAGE = Path(__file__).resolve().parent.parent / "supervisor"
 
@@ -127,13 +128,6 @@ def test_a_scale_to_zero_survives_a_reexec_and_holds_no_dependent_up(
     assert "rescaled: web: back to the manifest's 2 replicas" in out, out
     svc.wait_for(["web-0", "web-1"], "running")
     assert sorted(svc.status()) == ["api", "web-0", "web-1"]
-
-
-def _swap(link: Path, target: Path) -> None:
-    """Point ``link`` at ``target`` at once (rename over it): the package the next import finds."""
-    fresh = link.with_name(link.name + ".new")
-    fresh.symlink_to(target)
-    fresh.rename(link)
 
 
 def test_a_record_of_older_code_with_the_names_only_is_resumed_with_the_counts_it_ran(
