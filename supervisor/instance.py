@@ -249,7 +249,7 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         """Stop the program if it runs, then end ``run()``: the instance is gone."""
         async with self._lock:
             self._closing = True  # requests queued behind this one must not start it again
-            self.wake_waiters()  # a request that waits for it to start waits no more
+            self.wake_waiters()  # a request that waits for it to start waits no more (if down)
             if self._state.alive:
                 await self._stop_locked(reason)
             with anyio.CancelScope(shield=True):  # before a replacement of the same name makes it again
@@ -332,8 +332,8 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
 
     @property
     def removed(self) -> bool:
-        """``close()`` began: a reload, a scale or the shutdown takes it away; it starts no more."""
-        return self._closing
+        """Taken away (a reload, a scale, the shutdown) and down: it will not run again."""
+        return self._closing and not self._state.alive
 
     @property
     def in_line_to_spawn(self) -> bool:
