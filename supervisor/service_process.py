@@ -10,6 +10,7 @@ service itself, long-lived, is ``service.py``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import logging
@@ -30,8 +31,9 @@ from .orphans import become_subreaper
 from .placement import CgroupPlacement, PendingPlacement
 from .process import raise_fd_limit, remember_fd_limit
 from .service import Service
+from .service_log import service_handler
 from .statedir import StateDirError
-from .stdio import Stdio, StdioStream
+from .stdio import Stdio, StdioStream, open_path
 
 if TYPE_CHECKING:
     from .handoff.record_check import PendingResume
@@ -306,7 +308,7 @@ def _redirect_own_stdio(own: Stdio, log_file: Path | None, *, detached: bool) ->
         out, err = own.stdout.clone(), own.stderr.clone()
     else:
         try:
-            fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+            fd = _open_log_file(log_file)
         except OSError:
             stdin.close()
             raise
@@ -314,6 +316,24 @@ def _redirect_own_stdio(own: Stdio, log_file: Path | None, *, detached: bool) ->
     redirected = Stdio(stdin, out, err)
     redirected.redirect()
     redirected.close()
+
+
+def _open_log_file(log_file: Path) -> int:
+    """``--log-file`` opened for appending, without waiting for anyone; a blocking fd comes back.
+
+    A fifo with no reader would hold a blocking open forever, before the service even answers:
+    O_NONBLOCK makes it fail at once instead (ENXIO, said plainly). The flag is cleared after
+    the open: the fd becomes the service's stdout and stderr, which instances with ``inherit``
+    share, and they expect blocking writes (the service's own log does not block either way,
+    service_log.py).
+    """
+    try:
+        return open_path(str(log_file), os.O_WRONLY | os.O_CREAT | os.O_APPEND)  # stdio.py's, for `file:`
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            why = "a fifo with no reader (start its reader first)"
+            raise OSError(errno.ENXIO, why, str(log_file)) from None
+        raise
 
 
 async def _serve(
@@ -330,7 +350,12 @@ async def _serve(
 
 
 def _configure_logging() -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """The service's own log on its stderr (the log file with ``--log-file``), INFO and up.
+
+    Written by ``service_log.NonBlockingHandler``: a stderr nobody reads must not stop the
+    event loop; what it cannot take is dropped, counted, and reported once it takes output again.
+    """
+    handler = service_handler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root = logging.getLogger("supervisor")
     root.handlers[:] = [handler]

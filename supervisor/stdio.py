@@ -40,6 +40,7 @@ __all__ = [
     "StdioStream",
     "TakenFds",
     "initial_stdio",
+    "open_path",
     "restore_initial_stdio",
 ]
 
@@ -415,7 +416,7 @@ class _Opener:
         """
         name = _NAMES[number]
         try:
-            fd = _open_path(path, os.O_RDWR)
+            fd = open_path(path, os.O_RDWR)
         except FileNotFoundError:
             return self._not_set_up(number, f"{name} fifo {path} does not exist")
         except OSError as exc:
@@ -427,7 +428,7 @@ class _Opener:
 
     def _open_input_file(self, path: str) -> StdioStream:
         try:
-            fd = _open_path(path, os.O_RDONLY)
+            fd = open_path(path, os.O_RDONLY)
         except FileNotFoundError:
             return self._not_set_up(0, f"stdin file {path} does not exist")
         except OSError as exc:
@@ -450,7 +451,7 @@ class _Opener:
         if mode == "truncate":
             flags |= os.O_TRUNC
         try:
-            fd = _open_path(path, flags)
+            fd = open_path(path, flags)
         except FileNotFoundError:
             parent = os.path.dirname(path) or "."
             if not os.path.isdir(parent):
@@ -480,7 +481,7 @@ class _Opener:
             raise StdioError(self.instance, name, "", _reason(exc), what="log pipe") from None
 
 
-def _open_path(path: str, flags: int) -> int:
+def open_path(path: str, flags: int) -> int:
     """Open without blocking and without taking a controlling terminal; hand back a blocking fd.
 
     O_NONBLOCK guards the event loop when a path names a fifo without the other end (a `file`
