@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from supervisor.events import State
@@ -183,10 +184,14 @@ async def test_a_stopped_program_is_continued_to_take_its_stop_signal(tmp_path: 
         await events.wait_for(_to(State.RUNNING, "paused"))
         await wait_for_output(instance, b"ready")  # the trap is set
         assert instance.pid is not None
+        pid = instance.pid
         instance.signal(signal.SIGSTOP)
+        def stopped() -> None:  # the stop as the kernel reports it to the parent: this process
+            os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
+
         with anyio.fail_after(10):
-            while _process_state(instance.pid) != "T":
-                await anyio.sleep(0.01)  # a state the kernel shows, not an event of ours
+            await anyio.to_thread.run_sync(stopped, abandon_on_cancel=True)
+        assert _process_state(pid) == "T"
         with anyio.fail_after(30):
             await instance.stop()
         stopped = await events.wait_for(_to(State.STOPPED, "paused"))
