@@ -12,13 +12,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskStatus
 
-from .handoff.state import scaled_counts
 from .instance import InvalidRequest
 
 if TYPE_CHECKING:
@@ -162,3 +161,17 @@ class _Countdown(TaskStatus[None]):
 
     async def wait(self) -> None:
         await self._done.wait()
+
+
+def scaled_counts(
+    scaled: Mapping[str, int] | Iterable[str], instances: Iterable[Mapping[str, Any]]
+) -> dict[str, int]:
+    """The replica count of each scaled entry: ``scaled``'s own when it gives counts, else (names
+    only) the number of the record's instances of that entry, which is what the old service ran."""
+    if isinstance(scaled, Mapping):
+        return dict(scaled)
+    counts = dict.fromkeys(scaled, 0)
+    for record in instances:
+        if record["group"] in counts:
+            counts[record["group"]] += 1
+    return counts

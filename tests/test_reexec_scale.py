@@ -179,7 +179,7 @@ def test_the_record_carries_counts_that_a_scale_could_give_and_refuses_others() 
 
 
 def test_the_counts_of_a_record_with_names_only_are_those_of_its_instances() -> None:
-    from supervisor.handoff.state import scaled_counts
+    from supervisor.resumption import scaled_counts
 
     instances = [{"group": "web", "name": f"web-{i}"} for i in range(3)] + [{"group": "one", "name": "one"}]
     assert scaled_counts(["web", "one", "off"], instances) == {"web": 3, "one": 1, "off": 0}

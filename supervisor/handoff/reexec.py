@@ -41,6 +41,7 @@ import anyio
 from ..config import Manifest
 from ..config.records import as_data
 from ..process import Child, SpawnError, inherited_fd_limit, spawn
+from ..resumption import scaled_counts
 from .record import ProcessIdentity, identity
 from .record_check import HAND_OVER_ENV, HANDED_MAX
 from .signals import HANDOFF_SIGNALS, read_held
@@ -51,7 +52,6 @@ from .state import (
     encode_state,
     parse_state,
     process_start_ticks,
-    scaled_counts,
     write_state,
 )
 

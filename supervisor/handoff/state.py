@@ -21,7 +21,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..states import MAX_SEQ
@@ -35,7 +34,6 @@ __all__ = [
     "process_start_ticks",
     "read_state",
     "read_state_bytes",
-    "scaled_counts",
     "write_state",
 ]
 
@@ -49,7 +47,7 @@ FORMAT = "procward-handoff"
 #: (``service.checked``, record_check.py). Optional too, with no new version (an older reader
 #: lets it through and reads ``service.scaled``, the names, as before): the count of each entry
 #: ``scale`` changed (``service.scaled_replicas``); a record without it gives the counts of the
-#: entries' instances in it (``scaled_counts``).
+#: entries' instances in it (``resumption.scaled_counts``).
 VERSION = 2
 #: What this code reads: its own version, and version 1 (a service that numbered no events:
 #: its successor numbers from 1, as a fresh start does; its instances' cgroups are looked up).
@@ -208,20 +206,6 @@ def _is_fd(value: object) -> bool:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def scaled_counts(
-    scaled: Mapping[str, int] | Iterable[str], instances: Iterable[Mapping[str, Any]]
-) -> dict[str, int]:
-    """The replica count of each scaled entry: ``scaled``'s own when it gives counts, else (names
-    only) the number of the record's instances of that entry, which is what the old service ran."""
-    if isinstance(scaled, Mapping):
-        return dict(scaled)
-    counts = dict.fromkeys(scaled, 0)
-    for record in instances:
-        if record["group"] in counts:
-            counts[record["group"]] += 1
-    return counts
 
 
 def process_start_ticks(pid: int) -> int | None:
