@@ -27,6 +27,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from .adoption import Adoption
+from .budget import Budget
 from .cgroups import CgroupError, CgroupTree, InstanceCgroup
 from .config import InstanceConfig, LogSettings, ServiceSettings
 from .events import EventBus, State, Transition, Update
@@ -147,8 +148,7 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         # (both time.monotonic()), and the record this instance was adopted from.
         self._next_try: float | None = None
         self._kill_at: float | None = None
-        self._restarts_left = float(RESTARTS_PER_SECOND)  # of the pace's burst, as of _paced_at
-        self._paced_at = 0.0
+        self._restart_budget: Budget | None = None  # made at the first restart of a run that came up
         self._adopted: dict[str, Any] | None = None
         self._cgroup: InstanceCgroup | None = None  # made at the first spawn, removed by close()
 
@@ -575,14 +575,9 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
 
     def _restart_pace(self) -> float:
         """Seconds to wait so that restarts keep to ``RESTARTS_PER_SECOND`` (0 almost always)."""
-        now = time.monotonic()
-        left = min(RESTARTS_PER_SECOND, self._restarts_left + (now - self._paced_at) * RESTARTS_PER_SECOND)
-        if left >= 1:
-            self._restarts_left, self._paced_at = left - 1, now
-            return 0.0
-        wait = (1 - left) / RESTARTS_PER_SECOND
-        self._restarts_left, self._paced_at = 0.0, now + wait
-        return wait
+        if self._restart_budget is None:
+            self._restart_budget = Budget(RESTARTS_PER_SECOND, RESTARTS_PER_SECOND)
+        return self._restart_budget.wait_for(1)
 
     def _count_restart(self) -> None:
         self._restarts += 1

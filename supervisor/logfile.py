@@ -30,10 +30,11 @@ import queue
 import re
 import stat
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+
+from .budget import Budget
 
 __all__ = ["OPEN_FILES", "LogFileError", "RotatingFile"]
 
@@ -281,38 +282,14 @@ class _Reclaimer:
 # -- the loop's time for rotations ----------------------------------------------------------
 
 
-class _RotationBudget:
-    """A file's share of the event loop for its rotations, counted in renames, in bursts.
-
-    A rotation renames every backup there is, one after another, in the loop: 10 to 30 µs
-    each, 15 ms with a thousand backups. Small files with many backups under a flood of
-    output rotated hundreds of times in one write (300 lines into 16-byte files with a
-    thousand backups: the service deaf for 6.7 s; 3,000 lines into one-byte files, seven
-    minutes). A rotation takes its renames (and its close and open) from this budget, which
-    holds ``BURST`` and refills by ``PER_SECOND``: about a twentieth of the loop at 15 µs a
-    rename. Ordinary rotations (a few backups) never wait for it; when it is spent, the
-    file is written past ``max_bytes`` until a rotation is due, rather than hold everything
-    else up. Renames, not seconds: what a file may do does not depend on how busy the
-    machine was a moment ago.
-    """
-
-    __slots__ = ("_at", "_left")
-
-    BURST = 2000
-    PER_SECOND = 3000
-
-    def __init__(self) -> None:
-        self._left = float(self.BURST)
-        self._at = time.monotonic()
-
-    def allows(self) -> bool:
-        now = time.monotonic()
-        self._left = min(self.BURST, self._left + (now - self._at) * self.PER_SECOND)
-        self._at = now
-        return self._left > 0
-
-    def spend(self, renames: int) -> None:
-        self._left -= renames + 2  # and the close and the open
+#: A file's rotations, counted in renames (and a close and an open each): a rotation renames
+#: every backup there is, one after another, in the event loop (10 to 30 µs each, 15 ms with a
+#: thousand backups). Small files with many backups under a flood of output rotated hundreds of
+#: times in one write (300 lines into 16-byte files with a thousand backups: the service deaf for
+#: 6.7 s; 3,000 lines into one-byte files, seven minutes). 2,000 renames at once, 3,000 a second
+#: (about a twentieth of the loop at 15 µs a rename): ordinary rotations (a few backups) never wait;
+#: past that, the file is written beyond ``max_bytes`` until a rotation is due.
+ROTATION_BURST, ROTATION_RENAMES_PER_SECOND = 2000, 3000
 
 
 _RECLAIMER = _Reclaimer()
@@ -336,7 +313,7 @@ class RotatingFile:
     cut at ``max_bytes`` and goes on in the next file. So output without newlines (a
     ``\\r`` progress bar) rotates like any other, and no file grows past
     ``max_bytes`` plus an eighth, unless its rotations have spent their share of the
-    event loop (``_RotationBudget``: a flood into small files with many backups); then
+    event loop (``ROTATION_RENAMES_PER_SECOND``: a flood into small files with many backups); then
     the file grows on until the next rotation is due. A ``max_bytes`` of 0 or less turns
     rotation off.
 
@@ -378,7 +355,7 @@ class RotatingFile:
         # How many backups (.1 to .k) there are, as far as the rotations since the folder was
         # acquired know; None: count them at the next rotation.
         self._backups_present: int | None = None
-        self._rotations = _RotationBudget()
+        self._rotations = Budget(ROTATION_BURST, ROTATION_RENAMES_PER_SECOND)
         #: Set after a re-exec: the service before it removed them already.
         self.leftovers_removed = False
         # Reopened by hand: the shared folder descriptor may name a folder moved away.
@@ -468,7 +445,7 @@ class RotatingFile:
             if cut >= 0:
                 stop = cut + 1  # what fits; the next pass rotates
             elif self._size and not self._mid_line and not rotated:
-                if not self._rotations.allows():  # rotations have had their share: on in this file
+                if self._rotations.left() <= 0:  # rotations have had their share: on in this file
                     self._emit(view[pos:])
                     return
                 self._rotate()  # a line that does not fit starts in a fresh file
@@ -483,7 +460,7 @@ class RotatingFile:
                     stop = newline + 1
                 elif room > 0:
                     stop = pos + room
-                elif not rotated and self._rotations.allows():
+                elif not rotated and self._rotations.left() > 0:
                     self._rotate()
                     rotated = True
                     continue
@@ -534,7 +511,7 @@ class RotatingFile:
             while present < self.backups and _exists(folder, self._backup(present + 1)):
                 present += 1
             self._rotations.spend(present)  # the stats
-        self._rotations.spend(min(present, self.backups) + 1)
+        self._rotations.spend(min(present, self.backups) + 3)  # the renames, the close and the open
         if present >= self.backups:
             oldest = self._backup(self.backups) if self.backups else self.path.name
             doomed = _RECLAIMER.doomed_name(oldest)
