@@ -34,7 +34,7 @@ from .answers import wire_status, wire_statuses
 from .errors import ERRORS, HANDLERS, error
 from .inputs import body, optional_body, query
 from .limits import BodyLimit
-from .live import LiveResponse
+from .live import MAX_STREAMS, LiveResponse, StreamSlots
 from .openapi import Answer, Endpoint, Operation, serve_document
 from .requests import (
     ActionRequest,
@@ -109,13 +109,17 @@ def create_app(
     background: TaskGroup,
     closing: anyio.Event | None = None,
     keepalive: float = KEEPALIVE,
+    max_streams: int = MAX_STREAMS,
 ) -> Starlette:
     """The API's routes over ``manager``.
 
-    What requests ask of instances runs in ``background``; live streams end at ``closing``.
+    What requests ask of instances runs in ``background``; live streams end at ``closing``,
+    and at most ``max_streams`` of them are open at once (``live.StreamSlots``: give it
+    fewer than the server's connections, ``live.stream_cap(connections)``).
     """
+    slots = StreamSlots(max_streams)
     routes: list[BaseRoute] = [
-        *_routes(manager, hooks, background, closing or anyio.Event(), keepalive),
+        *_routes(manager, hooks, background, closing or anyio.Event(), keepalive, slots),
         *dashboard_routes(),
     ]
     routes.append(Route("/openapi.json", serve_document(routes, _INFO), methods=["GET"]))
@@ -127,7 +131,12 @@ def create_app(
 
 
 def _routes(
-    manager: Manager, hooks: ControlHooks, background: TaskGroup, closing: anyio.Event, keepalive: float
+    manager: Manager,
+    hooks: ControlHooks,
+    background: TaskGroup,
+    closing: anyio.Event,
+    keepalive: float,
+    slots: StreamSlots,
 ) -> list[Endpoint]:
     actions = Actions(manager, background, closing)
     sampler = Sampler(background)
@@ -145,6 +154,8 @@ def _routes(
             "handoffs": getattr(hooks, "handoffs", 0),
             "handoff_error": getattr(hooks, "handoff_error", None),
             "starting": not manager.started.is_set(),
+            "streams": slots.open,
+            "streams_max": slots.cap,
         })
 
     async def list_instances(request: Request) -> Response:
@@ -224,7 +235,7 @@ def _routes(
 
                 yield body()
 
-        return LiveResponse(source, media_type="text/plain; charset=utf-8", closing=closing)
+        return LiveResponse(source, media_type="text/plain; charset=utf-8", closing=closing, slots=slots)
 
     async def events(_: Request) -> Response:
         """Every transition from now on, as Server-Sent Events (``text/event-stream``).
@@ -256,7 +267,7 @@ def _routes(
 
                 yield body()
 
-        return LiveResponse(source, media_type="text/event-stream", closing=closing)
+        return LiveResponse(source, media_type="text/event-stream", closing=closing, slots=slots)
 
     async def reload(_: Request) -> Response:
         """Re-read the manifest file and apply the difference (same as SIGHUP)."""
@@ -364,7 +375,11 @@ def _routes(
             "GET",
             Operation(
                 "logs",
-                {**ERRORS, 200: Answer("The lines, as the program wrote them.", media_type=text)},
+                {
+                    **ERRORS,
+                    200: Answer("The lines, as the program wrote them.", media_type=text),
+                    503: _TOO_MANY_STREAMS,
+                },
                 query=LogsQuery,
             ),
         ),
@@ -379,7 +394,8 @@ def _routes(
                         "Server-Sent Events: one `data: <json>` per transition.",
                         "EventBody",
                         media_type="text/event-stream",
-                    )
+                    ),
+                    503: _TOO_MANY_STREAMS,
                 },
             ),
         ),
@@ -443,6 +459,12 @@ def _routes(
     ]
     return routes
 
+
+_TOO_MANY_STREAMS = Answer(
+    "`follow` (logs) or the event stream, while every place for a stream is taken (`streams` = "
+    "`streams_max` in `/v1/health`): nothing is streamed and the connection is closed.",
+    "ErrorBody",
+)
 
 _ACTION_DOCS = {
     "start": (

@@ -1,12 +1,23 @@
-"""Live answers: a streaming response (``logs -f``, the event stream) that ends cleanly.
+"""Live answers: a streaming response (``logs -f``, the event stream) that ends cleanly, and
+the count of them that keeps them from taking every connection.
 
-It ends when the client goes away or the server stops, and leaves its
+A stream ends when the client goes away or the server stops, and leaves its
 subscription however it ends.
+
+A stream holds its connection for as long as it lasts, and the server has a fixed
+number of connections (``http1.Limits.connections``: beyond them new clients wait in
+the listening socket's backlog). Left unbounded, open dashboard tabs and ``logs -f``
+loops (or a hostile local user) could take all of them, and ``supervisor status``,
+even ``/v1/health``, would get no answer at all. So streams have places of their
+own (``StreamSlots``), fewer than the connections: ``STREAM_RESERVE`` connections
+are always left to the short requests. A stream asked for when every place is taken
+is answered 503 at once, and its connection closed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -14,12 +25,72 @@ import anyio
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-__all__ = ["LiveResponse"]
+from .errors import error
+from .http1 import Limits
 
+__all__ = ["MAX_STREAMS", "STREAM_RESERVE", "LiveResponse", "StreamSlots", "stream_cap"]
+
+log = logging.getLogger("supervisor.control")
+
+#: Connections streams never take: left to status, health, actions, whatever else.
+STREAM_RESERVE = 64
+
+
+def stream_cap(connections: int) -> int:
+    """How many streams may be open at once on a server of ``connections`` connections.
+
+    All but ``STREAM_RESERVE`` of them (448 of the service's 512); half of them on a
+    server of fewer than 128 connections, and at least one.
+    """
+    return max(1, connections - min(STREAM_RESERVE, connections // 2))
+
+
+#: The default: the streams a server with the default connection limit keeps open at once.
+MAX_STREAMS = stream_cap(Limits.connections)
+
+
+class StreamSlots:
+    """How many streams are open, over every listener, and how many may be: a counter.
+
+    ``take`` as a stream begins (False: every place is taken), ``give_back`` as it ends.
+    The first refusal is logged; the next one again only after the count fell to half
+    the cap (a client that retries in a loop does not fill the service's log).
+    """
+
+    def __init__(self, cap: int = MAX_STREAMS) -> None:
+        if cap < 1:
+            raise ValueError("the stream cap must be at least 1")
+        self.cap = cap
+        self.open = 0
+        self._warned = False
+
+    def take(self) -> bool:
+        if self.open >= self.cap:
+            if not self._warned:
+                self._warned = True
+                log.warning("control API: %d streams are open, the most allowed; "
+                            "further ones are refused (503) until some close", self.open)
+            return False
+        self.open += 1
+        return True
+
+    def give_back(self) -> None:
+        self.open -= 1
+        if self.open <= self.cap // 2:
+            self._warned = False
+
+    def refusal(self) -> str:
+        """The 503's message: how many are open, the cap, and what to do."""
+        return (
+            f"too many streams: {self.open} are open (event streams and followed logs together), and "
+            f"the service keeps at most {self.cap} at once so that its other requests always answer; "
+            "close some (a dashboard tab, a `supervisor logs -f`) and try again"
+        )
 
 
 class LiveResponse(Response):
-    """A streaming answer that ends when the client goes away or the server stops.
+    """A streaming answer that ends when the client goes away or the server stops, and holds
+    one of ``slots``' places meanwhile (503 when none is free).
 
     ``source`` is entered before the headers go out, so that a client that
     has the headers knows the subscription is in place; it is left (and so
@@ -32,14 +103,30 @@ class LiveResponse(Response):
         *,
         media_type: str,
         closing: anyio.Event,
+        slots: StreamSlots,
     ) -> None:
         super().__init__(media_type=media_type, headers={"Cache-Control": "no-cache"})
         # No length: the body is chunked, and ends when the stream does.
         self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self._source = source
         self._closing = closing
+        self._slots = slots
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The place is taken here, where nothing can come between it and the try that gives it
+        # back: a stream counts from before it subscribes until after its last byte went out.
+        slots = self._slots
+        if not slots.take():
+            refused = error(503, slots.refusal())
+            refused.headers["Connection"] = "close"  # its connection is free at once, too
+            await refused(scope, receive, send)
+            return
+        try:
+            await self._stream(receive, send)
+        finally:
+            slots.give_back()
+
+    async def _stream(self, receive: Receive, send: Send) -> None:
         async with self._source() as chunks:
             try:
                 async with anyio.create_task_group() as tg:

@@ -134,6 +134,12 @@ class Health(BaseModel):
         description="The service is still making and spawning the manifest's instances (the socket "
         "answers from the start; until they are known, every route but this one waits).",
     )
+    streams: int = Field(0, description="Streams open now: event streams and followed logs, on any listener.")
+    streams_max: int = Field(
+        0,
+        description="The most streams open at once; beyond it a stream is refused with 503. Fewer than the "
+        "connections the service serves, so that status and health always answer.",
+    )
 
 
 class InstanceResult(BaseModel):

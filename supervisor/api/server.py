@@ -23,6 +23,7 @@ from .app import KEEPALIVE, ControlHooks, create_app
 from .auth import BearerAuth
 from .http1 import ASGIApp, HTTPServer, Limits
 from .listeners import ControlError, ControlListeners, check_socket_free
+from .live import stream_cap
 
 __all__ = [
     "ControlError",
@@ -68,9 +69,18 @@ async def serve_control(
         listeners = ControlListeners(hooks.manifest)
     try:
         closing = anyio.Event()
-        server = HTTPServer(Limits(grace=_GRACE))
+        limits = Limits(grace=_GRACE)
+        server = HTTPServer(limits)
         async with anyio.create_task_group() as background:
-            app = create_app(manager, hooks, background=background, closing=closing, keepalive=keepalive)
+            app = create_app(
+                manager,
+                hooks,
+                background=background,
+                closing=closing,
+                keepalive=keepalive,
+                # Streams hold their connections: some are always left to the other requests.
+                max_streams=stream_cap(limits.connections),
+            )
             endpoints: list[tuple[socket.socket, ASGIApp]] = [
                 (sock, app if name.startswith("unix:") else BearerAuth(app, listeners.token or b""))
                 for sock, name in listeners.sockets

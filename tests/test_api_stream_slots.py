@@ -1,0 +1,214 @@
+"""Long-lived streams (the event stream, followed logs) cannot starve the short requests.
+
+The server serves 512 connections at once (``http1.Limits.connections``) and a stream
+holds its connection for as long as it lasts. Unbounded, 512 streams (dashboard tabs,
+``logs -f`` loops, a hostile local user) took every connection, and ``supervisor
+status`` and even ``/v1/health`` waited in the listen backlog until their timeout.
+Streams now have 448 places (512 - 64, ``live.stream_cap``); one more is answered 503
+at once and its connection closed, and the 64 connections left answer everything else.
+
+Each test runs a real ``supervisor run`` and opens the cap's worth of real streams on
+its socket (a few hundred unix-socket connections take a fraction of a second).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from supervisor.api.client import Client, connect_unix
+
+from .service_fixture import ServiceProcess, with_tcp_listener
+
+Start = Callable[..., ServiceProcess]
+
+#: The default cap: the 512 connections less the 64 streams never take (docs/control.md).
+CAP = 448
+#: More than the connections the cap leaves free: unbounded, these would take every one of them.
+BEYOND = 100
+#: How long a short request may take while the streams are open: it used to get no answer at all.
+QUICK = 5.0
+
+MANIFEST = """
+version: 1
+instances:
+  sleeper:
+    command: ["sh", "-c", "echo hello; exec sleep 300"]
+    restart: {min_uptime: 0}
+"""
+
+EVENTS = b"GET /v1/events HTTP/1.1\r\nHost: supervisor\r\n\r\n"
+FOLLOW = b"GET /v1/instances/sleeper/logs?follow=true&lines=0 HTTP/1.1\r\nHost: supervisor\r\n\r\n"
+#: Connections sent at once before their answers are read: under the listen backlog (128),
+#: which a client connecting faster than the service accepts would fill (EAGAIN).
+BATCH = 50
+
+
+def _send(path: Path, request: bytes, timeout: float = 10) -> socket.socket:
+    sock = connect_unix(path, timeout=timeout)
+    sock.sendall(request)
+    return sock
+
+
+def _head(sock: socket.socket) -> tuple[int, bytes, bytes]:
+    """The answer's status, its head (lowercased) and what came after it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"the connection closed before an answer's head: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return int(head.split(None, 2)[1]), head.lower(), rest
+
+
+def _until_closed(sock: socket.socket, data: bytes) -> bytes:
+    """The rest of what the service sends, until it closes the connection."""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _open_streams(stack: ExitStack, path: Path, count: int) -> list[socket.socket]:
+    """``count`` live streams, half of them event streams and half followed logs, each
+    accepted (its head arrived: the service has counted it)."""
+    opened: list[socket.socket] = []
+    while len(opened) < count:
+        batch = [
+            stack.enter_context(_send(path, EVENTS if (len(opened) + i) % 2 else FOLLOW))
+            for i in range(min(BATCH, count - len(opened)))
+        ]
+        for sock in batch:
+            status, head, _ = _head(sock)
+            assert status == 200, (len(opened), head)
+            opened.append(sock)
+    return opened
+
+
+def _assert_refused(sock: socket.socket) -> dict[str, object]:
+    """A 503 in the API's error shape, which says what to do, on a connection the service closes."""
+    status, head, rest = _head(sock)
+    assert status == 503, head
+    assert b"connection: close" in head and b"content-type: application/json" in head, head
+    body = json.loads(_until_closed(sock, rest))  # the service closed it: the connection is free
+    assert set(body) == {"error", "details"} and body["details"] == [], body
+    message = str(body["error"])
+    assert f"{CAP} are open" in message and f"at most {CAP} at once" in message, message
+    assert "close some" in message, message
+    return body
+
+
+def _answers_quickly(client: Client) -> None:
+    """Health and status answer, within ``QUICK`` seconds (the client's timeout too)."""
+    began = time.monotonic()
+    assert client.health()["ok"]
+    statuses = client.status()
+    assert [s["name"] for s in statuses] == ["sleeper"], statuses
+    took = time.monotonic() - began
+    assert took < QUICK, f"health and status took {took:.2f}s with {CAP} streams open"
+
+
+@contextmanager
+def _full(svc: ServiceProcess) -> Iterator[tuple[ExitStack, list[socket.socket]]]:
+    """The service with every place for a stream taken."""
+    with ExitStack() as stack:
+        yield stack, _open_streams(stack, svc.socket, CAP)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_streams_over_the_cap_are_refused_at_once_and_short_requests_answer(
+    service: Start, backend: str
+) -> None:
+    svc = service(MANIFEST, args=("--backend", backend))
+    with _full(svc) as (stack, _streams):
+        client = svc.client(timeout=QUICK)
+        _answers_quickly(client)
+        # Past the connection limit (448 + 100 > 512), as many dashboard tabs or `logs -f` loops
+        # would go: each is refused at once and its connection closed, even while its client has
+        # not read the refusal yet, so status and health still answer (they waited in the listen
+        # backlog until their timeout).
+        extra = [stack.enter_context(_send(svc.socket, EVENTS if i % 2 else FOLLOW)) for i in range(BEYOND)]
+        _answers_quickly(client)
+        for sock in extra:
+            _assert_refused(sock)
+        health = client.health()
+        assert health["streams"] == CAP and health["streams_max"] == CAP, health
+        # The CLI says why, in one line, and fails.
+        follow = svc.cli("logs", "sleeper", "-f", timeout=30)
+        assert follow.returncode == 1, follow
+        assert follow.stderr.startswith("supervisor: too many streams:"), follow
+        assert "close some" in follow.stderr and follow.stderr.count("\n") == 1, follow
+        _answers_quickly(client)
+    # Every stream closed by its client: every place is free again.
+    svc.wait_until(lambda: svc.client().health()["streams"] == 0, 20, "every stream's place given back")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_closing_a_stream_frees_its_place(service: Start, backend: str) -> None:
+    svc = service(MANIFEST, args=("--backend", backend))
+    with _full(svc) as (stack, streams):
+        _assert_refused(stack.enter_context(_send(svc.socket, EVENTS)))
+        # The client of one followed log and of one event stream hang up.
+        for sock in streams[:2]:
+            sock.close()
+        svc.wait_until(lambda: svc.client().health()["streams"] == CAP - 2, 20, "two places given back")
+        # Their places are taken again, by one of each kind, which stream as they should.
+        follow = stack.enter_context(_send(svc.socket, FOLLOW))
+        status, head, _ = _head(follow)
+        assert status == 200 and b"transfer-encoding: chunked" in head, head
+        events = stack.enter_context(_send(svc.socket, EVENTS))
+        status, head, rest = _head(events)
+        assert status == 200 and b"text/event-stream" in head, head
+        while b": subscribed" not in rest:
+            rest += events.recv(65536)
+        assert svc.client().health()["streams"] == CAP
+        # And then the cap holds again.
+        _assert_refused(stack.enter_context(_send(svc.socket, FOLLOW)))
+        _answers_quickly(svc.client(timeout=QUICK))
+
+
+def test_the_cap_counts_the_streams_of_every_listener(service: Start, tmp_path: Path) -> None:
+    """The unix socket's streams fill the places a TCP client would take: one server, one count;
+    a TCP client without the token is refused (401) before it is counted."""
+    token = "stream-slots-token"
+    manifest, port = with_tcp_listener(
+        tmp_path,
+        token,
+        """
+      sleeper: {command: ["sleep", "300"]}
+        """,
+    )
+    svc = service(manifest)
+    bearer = {"Authorization": f"Bearer {token}"}
+    with _full(svc), httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=QUICK) as tcp:
+        assert tcp.get("/v1/events").status_code == 401
+        with tcp.stream("GET", "/v1/events", headers=bearer) as refused:  # a stream would not end
+            assert refused.status_code == 503 and refused.headers["connection"] == "close"
+            assert f"{CAP} are open" in json.loads(refused.read())["error"]
+        health = tcp.get("/v1/health", headers=bearer)
+        assert health.status_code == 200 and health.json()["streams"] == CAP, health.text
+        document = tcp.get("/openapi.json", headers=bearer).json()
+        for path in ("/v1/events", "/v1/instances/{name}/logs"):
+            assert "503" in document["paths"][path]["get"]["responses"], path
+
+
+def test_the_cap_leaves_connections_to_short_requests() -> None:
+    from supervisor.api.http1 import Limits
+    from supervisor.api.live import MAX_STREAMS, STREAM_RESERVE, StreamSlots, stream_cap
+
+    assert MAX_STREAMS == CAP == Limits.connections - STREAM_RESERVE
+    assert stream_cap(1024) == 960 and stream_cap(100) == 50 and stream_cap(2) == 1 and stream_cap(1) == 1
+    slots = StreamSlots(2)
+    assert slots.take() and slots.take() and not slots.take()
+    assert slots.open == 2 and "2 are open" in slots.refusal() and "at most 2 at once" in slots.refusal()
+    slots.give_back()
+    assert slots.take() and slots.open == 2
+    with pytest.raises(ValueError, match="at least 1"):
+        StreamSlots(0)
