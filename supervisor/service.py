@@ -35,7 +35,7 @@ from .manager import ApplyError, Manager, ReloadReport
 from .orphans import living_children, run_orphan_reaper
 from .placement import CgroupPlacement
 from .signal_wakeup import signal_receiver
-from .statedir import StateDirError, prepare_state_dir
+from .statedir import StateDirError, StateDirInUse, StateDirLock, prepare_state_dir
 
 if TYPE_CHECKING:
     from .api.listeners import ControlListeners
@@ -90,6 +90,7 @@ class Service:
         self._took_over = anyio.Event()
         self._tg: anyio.abc.TaskGroup | None = None
         self._listeners: ControlListeners | None = None
+        self._state_lock: StateDirLock | None = None
         self._guardian: Guardian | None = None
         self._keeper: RecordKeeper | None = None
         self._hand_over_control = anyio.Event()
@@ -108,6 +109,32 @@ class Service:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until shutdown; the manager's instances are all stopped when this returns."""
+        # Made 0700 if missing; an existing one must be ours and private, and is not chmod-ed.
+        prepare_state_dir(self.manifest.state_dir)
+        takeover = self._takeover.service if self._takeover is not None else None
+        # One service per state folder, whatever became of its socket file: taken before the
+        # socket and before a crashed run's leftovers are looked for (statedir.py).
+        if takeover is not None and takeover.get("state_lock") is not None:
+            self._state_lock = StateDirLock.adopt(self.manifest.state_dir, int(takeover["state_lock"]))
+        else:  # a new service, or the record of an older one, which held no lock (closed at the exec)
+            try:
+                self._state_lock = StateDirLock.acquire(self.manifest.state_dir)
+            except StateDirInUse as exc:
+                path = self.manifest.control_socket
+                if exc.holder is None or os.path.lexists(path):
+                    raise
+                raise StateDirInUse(  # what the operator most likely came for
+                    f"{exc}. Its control socket {path} is gone: `kill -HUP {exc.holder}` makes it again "
+                    "(a reload: it also applies what changed in its manifest)",
+                    exc.holder,
+                ) from None
+        try:
+            await self._supervise(task_status=task_status)
+        finally:
+            self._state_lock.release()  # the one of the folder a reload moved to, if it did
+
+    async def _supervise(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """``run``'s body, the state folder locked: the sockets, the guardian, the manager."""
         # The control plane is imported only by the service, never by `supervisor status`.
         from .api.server import ControlError, ControlListeners
 
@@ -115,8 +142,6 @@ class Service:
         # it is broken (then the new code's check says so, and this service goes on).
         from .handoff import reexec as handoff
 
-        # Made 0700 if missing; an existing one must be ours and private, and is not chmod-ed.
-        prepare_state_dir(self.manifest.state_dir)
         takeover = self._takeover.service if self._takeover is not None else None
         # Bound before any instance starts: a second service on this manifest stops here.
         try:
@@ -280,6 +305,7 @@ class Service:
             self._keeper.start_ticks if self._keeper is not None else process_start_ticks,
             None if self._held is None else self._held.fd,
             checked,
+            state_lock=None if self._state_lock is None else self._state_lock.fd,
         )
 
     async def _hand_over(self) -> None:
@@ -335,19 +361,42 @@ class Service:
 
     # -- requests (from signals and from the control API) ------------------------------------
 
+    def _remake_socket(self) -> None:
+        """The control socket bound again if its file was deleted (api/listeners.py)."""
+        from .api.listeners import ControlError
+
+        if self._listeners is None:
+            return
+        try:
+            self._listeners.remake_socket()
+        except (ControlError, OSError) as exc:
+            log.error("the control socket %s is gone and cannot be made again: %s", self._listeners.path, exc)
+
     async def reload(self) -> ReloadReport:
         """Re-read the manifest file; a manifest with errors changes nothing (ManifestError)."""
         source = self.manifest.source
         assert source is not None
+        self._remake_socket()  # whatever the manifest says: `kill -HUP` is the way back in
         # In a child interpreter (config/apart.py): the loop goes on serving, and pydantic stays
         # out of the service.
         manifest = await check_apart(source)
+        new_lock = None
         if manifest.state_dir != self.manifest.state_dir:
-            try:  # the new folder gets the checks the first one got at start-up
+            try:  # the new folder gets the checks (and the lock) the first one got at start-up
                 prepare_state_dir(manifest.state_dir)
+                new_lock = StateDirLock.acquire(manifest.state_dir)
             except StateDirError as exc:
                 raise ApplyError(f"{exc}; nothing was changed") from None
-        report = await self.manager.apply(manifest)
+        try:
+            report = await self.manager.apply(manifest)
+        except BaseException:
+            if new_lock is not None:
+                new_lock.release()
+            raise
+        if new_lock is not None:
+            assert self._state_lock is not None
+            self._state_lock.release()  # the old folder is free for another service from now
+            self._state_lock = new_lock
         old, self.manifest = self.manifest, manifest
         control = (manifest.control_socket, manifest.supervisor.control)
         if (old.control_socket, old.supervisor.control) != control:

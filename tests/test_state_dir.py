@@ -6,7 +6,10 @@ Everything here goes through the real CLI in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import signal
 import stat
 import subprocess
 from collections.abc import Callable
@@ -16,7 +19,7 @@ import pytest
 
 from supervisor.statedir import StateDirError, prepare_state_dir
 
-from .service_fixture import SUPERVISOR, ServiceProcess, write_manifest
+from .service_fixture import SUPERVISOR, ServiceProcess, answers, processes_with, write_manifest
 
 Start = Callable[..., ServiceProcess]
 
@@ -205,3 +208,150 @@ def test_a_reload_to_a_state_dir_others_can_write_changes_nothing(service: Start
     assert f"state_dir {shared} is writable by" in done.stderr and "nothing was changed" in done.stderr
     assert svc.status()["a"]["pid"] == pid
     assert stat.S_IMODE(shared.stat().st_mode) == 0o777 and list(shared.iterdir()) == []
+
+
+# -- one service per state folder ------------------------------------------------------------
+
+
+def _unique_sleep() -> str:
+    """A ``sleep`` argument no other test's process has: its processes are counted by it."""
+    return f"3000.{secrets.randbelow(10**9):09d}"
+
+
+def test_a_second_service_is_refused_even_when_the_first_ones_socket_is_gone(
+    service: Start, tmp_path: Path
+) -> None:
+    marker = _unique_sleep()
+    manifest = write_manifest(tmp_path, f"version: 1\ninstances: {{a: {{command: [sleep, '{marker}']}}}}\n")
+    first = service(manifest)
+    first.wait_for(["a"], "running")
+    first.socket.unlink()  # a cleaner of old files, an rm in the wrong folder: nothing answers there now
+    line = run_refused(manifest)
+    state = tmp_path / ".supervisor"
+    assert f"state_dir {state} is in use by another service (pid {first.pid})" in line, line
+    assert "supervisor shutdown" in line
+    # It started nothing: one `a`, the first service's (a second would have been spawned by now:
+    # the refusal comes after the manifest's check, where a service starts its instances).
+    assert len(processes_with(marker)) == 1
+    assert first.proc.poll() is None
+
+
+def test_two_manifests_with_one_state_dir_and_two_sockets_cannot_both_run(
+    service: Start, tmp_path: Path
+) -> None:
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    shared = tmp_path / "state"
+    text = (
+        "version: 1\nsupervisor: {{state_dir: '{state}', control: {{socket: '{sock}'}}}}\n"
+        "instances: {{a: {sleeper}}}\n"
+    )
+    first_manifest = write_manifest(one, text.format(state=shared, sock=one / "c.sock", sleeper=SLEEPER))
+    first = service(first_manifest, socket=one / "c.sock")
+    first.wait_for(["a"], "running")
+    line = run_refused(write_manifest(two, text.format(state=shared, sock=two / "c.sock", sleeper=SLEEPER)))
+    assert f"state_dir {shared} is in use by another service (pid {first.pid})" in line, line
+    assert not (two / "c.sock").exists()
+
+
+def test_the_folder_is_free_again_once_the_service_has_stopped(service: Start, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path, f"version: 1\ninstances: {{a: {SLEEPER}}}\n")
+    first = service(manifest)
+    first.wait_for(["a"], "running")
+    assert first.stop() == 0
+    assert not first.socket.exists()
+    first.expected_exit = None  # checked here: at the end its socket path is the second's
+    second = service(manifest)
+    second.wait_for(["a"], "running")
+
+
+def test_a_reexec_hands_the_lock_over(service: Start, tmp_path: Path) -> None:
+    marker = _unique_sleep()
+    manifest = write_manifest(tmp_path, f"version: 1\ninstances: {{a: {{command: [sleep, '{marker}']}}}}\n")
+    svc = service(manifest)
+    svc.wait_for(["a"], "running")
+    done = svc.cli("reexec")
+    assert done.returncode == 0, done.stderr + svc.log()
+    svc.wait_until(lambda: "re-exec'd: took over" in svc.log(), 30, "the new service took over")
+    svc.socket.unlink()
+    line = run_refused(manifest)
+    assert f"is in use by another service (pid {svc.pid})" in line, line
+    assert len(processes_with(marker)) == 1
+    # Held once, by the service: the lock's descriptor was taken back close-on-exec, and is one.
+    state = tmp_path / ".supervisor"
+    held = [fd for fd in os.listdir(f"/proc/{svc.pid}/fd") if _names(svc.pid, fd, state)]
+    assert len(held) == 1, held
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_sighup_makes_a_deleted_control_socket_again(service: Start, tmp_path: Path, backend: str) -> None:
+    marker = _unique_sleep()
+    manifest = write_manifest(tmp_path, f"version: 1\ninstances: {{a: {{command: [sleep, '{marker}']}}}}\n")
+    svc = service(manifest, args=("--backend", backend))
+    svc.wait_for(["a"], "running")
+    pid = svc.status()["a"]["pid"]
+    svc.socket.unlink()
+    assert not answers(svc.client(timeout=2))
+    line = run_refused(manifest)
+    assert f"Its control socket {svc.socket} is gone: `kill -HUP {svc.pid}` makes it again" in line, line
+    os.kill(svc.pid, signal.SIGHUP)
+    svc.wait_until(lambda: answers(svc.client(timeout=2)), 20, "the socket made again")
+    svc.wait_log("was gone: made again")
+    assert svc.status()["a"]["pid"] == pid  # the reload changed nothing else
+    assert stat.S_IMODE(svc.socket.stat().st_mode) == 0o600
+    assert processes_with(marker) == [pid]
+    # The old listening socket was closed: the service holds one unix listener, the new one.
+    assert _listening_unix_sockets(svc.pid) == 1
+
+
+def _listening_unix_sockets(pid: int) -> int:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    with open("/proc/net/unix") as table:
+        next(table)
+        # Num RefCount Protocol Flags Type St Inode Path; flags 00010000 is __SO_ACCEPTCON (listening)
+        return sum(
+            1
+            for fields in (line.split() for line in table)
+            if fields[6] in inodes
+            and int(fields[3], 16) & 0x10000
+            and len(fields) > 7
+            and not fields[7].startswith("@")
+        )
+
+
+def _names(pid: int, fd: str, folder: Path) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}") == str(folder)
+    except OSError:
+        return False
+
+
+def test_a_reload_onto_a_state_dir_another_service_holds_changes_nothing(
+    service: Start, tmp_path: Path
+) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    their_manifest = write_manifest(theirs, f"version: 1\ninstances: {{b: {SLEEPER}}}\n")
+    other = service(their_manifest, socket=theirs / ".supervisor" / "control.sock")
+    other.wait_for(["b"], "running")
+    manifest = write_manifest(tmp_path, f"version: 1\ninstances: {{a: {SLEEPER}}}\n")
+    svc = service(manifest)
+    svc.wait_for(["a"], "running")
+    pid = svc.status()["a"]["pid"]
+    moved = f"supervisor: {{state_dir: '{theirs / '.supervisor'}'}}"
+    write_manifest(tmp_path, f"version: 1\n{moved}\ninstances: {{a: {SLEEPER}}}\n")
+    done = svc.cli("reload")
+    assert done.returncode == 1, done.stdout
+    assert "is in use by another service" in done.stderr and "nothing was changed" in done.stderr, done.stderr
+    assert svc.status()["a"]["pid"] == pid
+    # Its own folder is still its own: a third service there is refused.
+    write_manifest(tmp_path, f"version: 1\ninstances: {{a: {SLEEPER}}}\n", name="again.yaml")
+    line = run_refused(tmp_path / "again.yaml")
+    assert f"is in use by another service (pid {svc.pid})" in line, line

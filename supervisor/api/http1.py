@@ -122,6 +122,12 @@ class HTTPServer:
         self.handed: list[tuple[socket.socket, int]] = []
         self._stopped = anyio.Event()
         self._changed: anyio.Event | None = None
+        # While ``serve`` accepts: what ``replace_listener`` starts a new accept loop with.
+        self._accepting: TaskGroup | None = None
+        self._accept_scopes: dict[int, anyio.CancelScope] = {}
+        self._endpoints: list[tuple[socket.socket, ASGIApp]] = []
+        self._slots: anyio.Semaphore | None = None
+        self._connection_tasks: TaskGroup | None = None
 
     @property
     def connections(self) -> int:
@@ -156,15 +162,55 @@ class HTTPServer:
                 local = _endpoint(listener.family, listener.getsockname())
                 self._start(sock, local, index, app, slots, connections)
             async with anyio.create_task_group() as accepting:
-                for index, (sock, app) in enumerate(endpoints):
-                    sock.setblocking(False)
-                    accepting.start_soon(self._accept, sock, index, app, slots, connections)
+                self._endpoints = list(endpoints)
+                self._slots, self._connection_tasks = slots, connections
+                self._accepting = accepting
+                for index in range(len(endpoints)):
+                    self._listen(index)
                 task_status.started()
-                await self._stopped.wait()
+                try:
+                    await self._stopped.wait()
+                finally:
+                    self._accepting = None
                 accepting.cancel_scope.cancel()
             connections.cancel_scope.deadline = anyio.current_time() + self.limits.grace
             for connection in list(self._open):
                 connection.stop()
+
+    @property
+    def listening(self) -> bool:
+        """Whether ``serve`` accepts now (``replace_listener`` may be called)."""
+        return self._accepting is not None and not self.stopping
+
+    def replace_listener(self, index: int, sock: socket.socket) -> None:
+        """Accept on ``sock`` instead of the listening socket at ``index``, which is closed.
+
+        For a unix socket whose file was deleted under the running service: nobody can
+        connect to the old one any more, and the service binds the path again
+        (``ControlListeners.remake_socket``). The old socket is closed once its accept loop
+        has ended, never under a task that waits on it. Connections accepted from it go on.
+        """
+        if not self.listening:
+            raise RuntimeError("the server does not accept now")
+        _, app = self._endpoints[index]
+        self._endpoints[index] = (sock, app)
+        self._accept_scopes[index].cancel()
+        self._listen(index)
+
+    def _listen(self, index: int) -> None:
+        """The accept loop of the endpoint at ``index``, in a scope of its own (``replace_listener``)."""
+        assert self._accepting is not None
+        self._accept_scopes[index] = scope = anyio.CancelScope()
+        self._accepting.start_soon(self._accept_until, scope, index)
+
+    async def _accept_until(self, scope: anyio.CancelScope, index: int) -> None:
+        assert self._slots is not None and self._connection_tasks is not None
+        listener, app = self._endpoints[index]
+        listener.setblocking(False)
+        with scope:
+            await self._accept(listener, index, app, self._slots, self._connection_tasks)
+        if scope.cancel_called and self._endpoints[index][0] is not listener:
+            listener.close()  # replaced (the stop's cancel is the outer scope's: the caller closes those)
 
     def stop(self, *, handover: bool = False) -> None:
         """Stop accepting; let what was accepted finish (see the class). Idempotent."""

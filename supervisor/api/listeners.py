@@ -14,10 +14,13 @@ import os
 import socket
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Manifest
 from .client import ServiceUnavailable, connect_unix, unix_address
+
+if TYPE_CHECKING:
+    from .http1 import HTTPServer
 
 __all__ = ["ControlError", "ControlListeners", "bind_tcp", "bind_unix", "check_socket_free"]
 
@@ -142,6 +145,8 @@ class ControlListeners:
         #: with the index of its listening socket: the next server serves them.
         self.connections: list[tuple[socket.socket, int]] = []
         self._kept = False
+        #: The server that accepts on the sockets now (``serve_control`` sets it while it serves).
+        self.server: HTTPServer | None = None
         if control.tcp:
             try:
                 self.sockets.append((bind_tcp(control.tcp), f"http://{control.tcp}"))
@@ -158,6 +163,7 @@ class ControlListeners:
         listeners.token = None if state["token"] is None else bytes.fromhex(state["token"])
         listeners._inode = (int(state["inode"][0]), int(state["inode"][1]))
         listeners._kept = False
+        listeners.server = None
         listeners.sockets = []
         listeners.connections = []
         for entry in state["sockets"]:
@@ -178,6 +184,32 @@ class ControlListeners:
             "sockets": [{"fd": sock.fileno(), "name": name} for sock, name in self.sockets],
             "connections": [{"fd": sock.fileno(), "listener": index} for sock, index in self.connections],
         }
+
+    def remake_socket(self) -> bool:
+        """Bind the unix socket again if its file is gone; True if it was made again.
+
+        A socket file deleted under the running service (a cleaner of old files, an ``rm``
+        in the wrong folder) leaves the service unreachable: nobody can connect to a socket
+        without a name. ``reload`` (``SIGHUP``) calls this first thing. Only a missing file is
+        replaced: whatever else is at the path now (another service's socket, a file) is not
+        ours, and is left as it is. ``ControlError`` when it cannot be bound.
+        """
+        server = self.server
+        if server is None or not server.listening:
+            return False
+        try:
+            self.path.lstat()
+            return False
+        except FileNotFoundError:
+            pass
+        new = bind_unix(self.path)
+        own = os.stat(self.path)
+        self._inode = (own.st_dev, own.st_ino)
+        _, name = self.sockets[0]
+        self.sockets[0] = (new, name)
+        server.replace_listener(0, new)  # closes the old one once nothing waits on it
+        log.warning("the control socket %s was gone: made again", self.path)
+        return True
 
     def take_connections(self) -> list[tuple[socket.socket, int]]:
         """The connections left for the next server: now its (``serve_control`` serves them)."""

@@ -88,6 +88,7 @@ async def serve_control(
             adopted = listeners.take_connections()  # handed over by the last server (a re-exec)
             async with anyio.create_task_group() as servers:
                 servers.start_soon(_serve_http, server, endpoints, adopted, name="control API")
+                listeners.server = server  # a reload makes the unix socket again if it was deleted
                 log.info("control API on %s", ", ".join(name for _, name in listeners.sockets))
                 task_status.started()
                 try:
@@ -98,6 +99,7 @@ async def serve_control(
                     # answered, a connection between two requests is kept (http1.HTTPServer).
                     server.stop(handover=True)
                 finally:
+                    listeners.server = None
                     server.stop()
                     closing.set()
             listeners.connections += server.handed

@@ -112,6 +112,8 @@ def service_record(
     start_ticks: Callable[[int], int | None] = process_start_ticks,
     signals: int | None = None,
     checked: dict[str, str] | None = None,
+    *,
+    state_lock: int | None = None,
 ) -> StateRecord:
     """The record's ``service`` section and instances, with each live child's start time.
 
@@ -121,6 +123,8 @@ def service_record(
     no read of /proc per instance in the handover).
     ``signals``: the read end of ``HeldSignals``' pipe, handed over (signals.py).
     ``checked``: the new code's answer for the manifest, from its check (``check_new_code``).
+    ``state_lock``: the descriptor of the state folder's lock (statedir.StateDirLock), handed
+    over so that no second service can start on the folder while the new code starts.
     """
     for instance in manager_state["instances"]:
         child = instance["child"]
@@ -139,6 +143,7 @@ def service_record(
             "guardian": guardian,
             "nofile": inherited_fd_limit(),
             "signals": signals,
+            "state_lock": state_lock,
             "handoffs": handoffs + 1,
             "events_seq": manager_state["events_seq"],
             "scaled": manager_state["scaled"],
@@ -317,6 +322,8 @@ def handed_fds(record: StateRecord) -> list[int]:
         fds += [int(fd) for fd in (guardian["fd"], guardian["pidfd"]) if fd is not None]
     if service.get("signals") is not None:  # optional: a record without it held no signals
         fds.append(int(service["signals"]))
+    if service.get("state_lock") is not None:  # optional: older code held no lock
+        fds.append(int(service["state_lock"]))
     for instance in record["instances"]:
         fds += [int(fd) for fd in instance["pipes"].values()]
         notify = instance["health"]["notify"]

@@ -264,6 +264,8 @@ SERVICE = Struct(
         "guardian": Nullable(Struct({"pid": PID, "pidfd": Nullable(FD), "fd": FD, "cgroup": Nullable(STR)})),
         "nofile": Nullable(PAIR),
         "signals": Nullable(FD),
+        # The state folder's lock (statedir.StateDirLock): a record of older code has none.
+        "state_lock": Nullable(FD),
         "handoffs": COUNT,
         "events_seq": Int(0, MAX_SEQ),
         "scaled": ListOf(STR),
@@ -275,7 +277,7 @@ SERVICE = Struct(
         # The old service's check of this code, handed over (record_check.py).
         "checked": Nullable(Struct({"digest": STR, "answer": STR})),
     },
-    optional=["signals", "handover_began", "handover_cpu", "checked", "scaled_replicas"],
+    optional=["signals", "handover_began", "handover_cpu", "checked", "scaled_replicas", "state_lock"],
 )
 
 INSTANCE = Struct(
