@@ -157,7 +157,7 @@ def test_a_service_that_cannot_start_says_why(
     assert second.returncode == 1 and second.stdout == ""
     log = tmp_path / ".supervisor" / "service.log"
     assert second.stderr.startswith(f"supervisor: the service could not start; from {log}:\n")
-    assert "another service answers at" in second.stderr
+    assert "is in use by another service" in second.stderr  # the state folder's lock
     ok(run("shutdown", cwd=tmp_path))
 
     bad = write_manifest(tmp_path, "version: 1\ninstances:\n  x: {command: []}\n", name="bad.yaml")
@@ -230,7 +230,7 @@ def test_closing_the_terminal_does_not_reach_the_service(
     finally:
         os.close(master)  # hang up: the terminal is gone
     second = detached()  # (registers the running service with the fixture, should this test fail)
-    assert second.returncode == 1 and "another service answers" in second.stderr
+    assert second.returncode == 1 and "is in use by another service" in second.stderr
     assert _service_pid(tmp_path) == pid and ok(run("status", cwd=tmp_path)).stdout.count("running") == 2
     ok(run("shutdown", cwd=tmp_path))
     assert _wait_gone(pid)

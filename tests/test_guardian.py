@@ -381,13 +381,13 @@ def test_a_starting_service_clears_dead_services_cgroups_and_leaves_live_ones_al
             made.rmdir()
 
 
-@pytest.mark.parametrize("refusal", ["a bad manifest", "a second service on the socket"])
+@pytest.mark.parametrize("refusal", ["a bad manifest", "a second service on the state folder"])
 def test_a_refused_start_leaves_no_cgroup_behind(
     tmp_path: Path, services: list[ServiceProcess], refusal: str
 ) -> None:
     """``supervisor run`` makes the instances' cgroup and moves itself into its leaf while the
     manifest is checked (placement.CgroupPlacement): a start refused after that (its manifest, or
-    a socket another service holds) moves out again and takes the folders away."""
+    a state folder another service holds) moves out again and takes the folders away."""
     own = guardian._own_cgroup()
     if own is None or not os.access(own, os.W_OK):
         pytest.skip("no writable cgroup v2 here")
@@ -396,7 +396,7 @@ def test_a_refused_start_leaves_no_cgroup_behind(
         expected = "unknown key 'nonsense'"
     else:
         manifest = start(services, tmp_path, "version: 1\ninstances: {}\n", "cgroup").manifest
-        expected = "another service answers"
+        expected = "is in use by another service"
     second = subprocess.Popen(
         [*SUPERVISOR, "run", "-f", str(manifest)],
         stdout=subprocess.PIPE,

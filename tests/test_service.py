@@ -135,8 +135,21 @@ def test_a_second_service_on_the_same_socket_is_refused(service: Start, tmp_path
         """
     )
     svc.wait_for(["one"], "running")
+    # A manifest of its own, with a state folder of its own (the same one is refused before the
+    # socket is looked at: test_state_dir.py), and the first one's socket.
+    other = tmp_path / "other"
+    other.mkdir()
+    manifest = write_manifest(
+        other,
+        f"""
+        version: 1
+        supervisor: {{control: {{socket: '{svc.socket}'}}}}
+        instances:
+          one: {{command: ["sleep", "{marker}"], restart: {{min_uptime: 0}}}}
+        """,
+    )
     second = subprocess.run(
-        [*SUPERVISOR, "run", "-f", str(svc.manifest)], capture_output=True, text=True, timeout=60, check=False
+        [*SUPERVISOR, "run", "-f", str(manifest)], capture_output=True, text=True, timeout=60, check=False
     )
     assert second.returncode == 1
     assert f"another service answers at {svc.socket}" in second.stderr
