@@ -26,6 +26,7 @@ import anyio
 
 from .config import Manifest, ManifestError, apart
 from .config.records import running_form
+from .early_signals import reload_asked
 from .events import Transition, Update
 from .guardian import Guardian
 from .handoff.leftovers import stop_leftovers
@@ -463,6 +464,8 @@ class Service:
             self._resumed_signals = []
             signal.pthread_sigmask(signal.SIG_UNBLOCK, signal.valid_signals() & HANDOFF_SIGNALS)
             async with anyio.create_task_group() as tg:
+                if reload_asked():  # a SIGHUP before we listened (early_signals.py): the manifest again
+                    tg.start_soon(self._reload_when_started)
                 async for signum in signals:
                     if self._held is not None:  # the loop took it before the hold: for the new service
                         self._held.add(signum)
@@ -476,6 +479,11 @@ class Service:
                         interrupts += signum == signal.SIGINT
                         log.info("got %s", signal.Signals(signum).name)
                         tg.start_soon(self.shutdown)
+
+    async def _reload_when_started(self) -> None:
+        await self.manager.started.wait()
+        log.info("got SIGHUP while starting: reloading the manifest")
+        await self._reload_logged()
 
     async def _reload_logged(self) -> None:
         try:

@@ -228,7 +228,7 @@ def _run_service(
 
 
 class _StopDuringCheck(BaseException):
-    """SIGTERM or SIGHUP while the manifest was checked: the start is undone, then the signal ends it."""
+    """SIGTERM while the manifest was checked: the start is undone, then the signal ends it."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -237,15 +237,16 @@ class _StopDuringCheck(BaseException):
 
 @contextlib.contextmanager
 def _stop_signals_undo_the_start() -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
-    """While the manifest is checked, SIGTERM and SIGHUP undo what the start made, then end it.
+    """While the manifest is checked, SIGTERM undoes what the start made, then ends it.
 
-    The service's own handlers come later (service.py). Until then these signals killed the
+    The service's own handlers come later (service.py). Until then SIGTERM killed the
     process outright: harmless before the start made anything, but the cgroup is made while
-    the check runs (placement.CgroupPlacement), and would have been left behind. A signal
-    that was ignored when the service started (nohup's SIGHUP) stays ignored; off the main
-    thread (an embedding caller) nothing is changed. Yields ``held``: a block during which
-    they and SIGINT (whose KeyboardInterrupt undoes the start the same way) wait, blocked,
-    so that what the block makes is there to be undone.
+    the check runs (placement.CgroupPlacement), and would have been left behind. A SIGTERM
+    that was ignored when the service started stays ignored; off the main thread (an
+    embedding caller) nothing is changed. SIGHUP is no stop: `supervisor run` remembers it
+    and reloads once the service listens (early_signals.py). Yields ``held``: a block during
+    which SIGTERM and SIGINT (whose KeyboardInterrupt undoes the start the same way) wait,
+    blocked, so that what the block makes is there to be undone.
     """
     taken: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -253,7 +254,7 @@ def _stop_signals_undo_the_start() -> Iterator[Callable[[], contextlib.AbstractC
         def stop(signum: int, frame: object) -> None:
             raise _StopDuringCheck(signum)
 
-        for signum in (signal.SIGTERM, signal.SIGHUP):
+        for signum in (signal.SIGTERM,):
             if signal.getsignal(signum) == signal.SIG_DFL:
                 taken[signum] = signal.signal(signum, stop)
 

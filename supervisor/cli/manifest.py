@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,21 +15,6 @@ from typing import Any
 
 from .args import _duration, _manifest_arg
 from .status import format_status
-
-
-def _nothing(signum: int, frame: object) -> None:
-    """SIGUSR1 (and SIGUSR2 until the service listens for it): nothing to do."""
-
-
-def _catch_user_signals() -> None:
-    """SIGUSR1 and SIGUSR2 end a process by default. The service does nothing with USR1, and
-    takes USR2 (reopen the log files) only once it runs: either, sent meanwhile (a logrotate
-    recipe written for nginx sends USR1), ended it, and the guardian SIGKILLed every instance.
-    A handler that does nothing, not SIG_IGN: an ignored signal stays ignored in what the
-    service starts, a handled one is back to its default there."""
-    for signum in (signal.SIGUSR1, signal.SIGUSR2):
-        if signal.getsignal(signum) == signal.SIG_DFL:
-            signal.signal(signum, _nothing)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -42,10 +26,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return start_detached(
             args.file, timeout=args.timeout, table=format_status, extra_args=extra, **options
         )
+    from ..early_signals import catch_early_signals
+
+    catch_early_signals()  # HUP, USR1, USR2 sent before the service listens: none ends it
     resumed_inside = args.resume is not None and args.pid_namespace
     if args.pid_namespace and not resumed_inside:
         return _run_in_pid_namespace(args)
-    _catch_user_signals()
     # Off before the imports: they make tens of thousands of objects that live as long as the
     # service and almost no garbage, and the collector's passes over them as they grow took a
     # tenth of a cold start. The service turns it on once it has frozen them (service.py).
