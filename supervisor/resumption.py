@@ -85,6 +85,7 @@ class Resumption:
             "events_seq": self.events.seq,
             "scaled": scaled,
             "scaled_replicas": {group: self.manifest.instances[group].replicas for group in scaled},
+            "env_files": applied_env_files(self.manifest),
             "instances": [instance.handoff_state() for instance in self._instances.values()],
         }
 
@@ -161,6 +162,51 @@ class _Countdown(TaskStatus[None]):
 
     async def wait(self) -> None:
         await self._done.wait()
+
+
+def applied_env_files(manifest: Manifest) -> dict[str, dict[str, str]]:
+    """What each entry with an ``env_file`` read from it when it was applied (a start or a reload),
+    by entry: what its instances were started with, and what the next reload compares against.
+
+    Handed over at a re-exec (``service.env_files``), since the manifest crosses as data and the
+    file's contents do not: read again by the new code, an edit made since the last reload
+    was taken as applied, and that reload saw no change (the instance ran on with the old
+    environment for good). The manager's manifest, not its instances: every replica of an entry
+    runs with the entry's config (a reload replaces those whose config changed).
+    """
+    return {
+        name: dict(config._env_from_file)
+        for name, config in manifest.instances.items()
+        if config.env_file
+    }
+
+
+def with_applied_env_files(
+    manifest: Manifest, applied: Mapping[str, Mapping[str, str]] | None
+) -> tuple[Manifest, list[str], list[str]]:
+    """``manifest`` (the record's, its ``env_file``s just read again by the new code) with each
+    entry's ``env_file`` contents as the old service applied them (``applied_env_files``).
+
+    Returns the manifest, the entries whose file says something else now (the next reload
+    replaces their instances, as it would have without the re-exec), and the entries whose
+    applied contents the record does not give (``applied`` None: a record of older code),
+    which keep what was read now: what they run with cannot be known.
+    """
+    entries = dict(manifest.instances)
+    edited: list[str] = []
+    unknown: list[str] = []
+    for name, config in manifest.instances.items():
+        if not config.env_file:
+            continue
+        found = None if applied is None else applied.get(name)
+        if found is None:
+            unknown.append(name)
+        elif found != config._env_from_file:
+            entries[name] = config.replace(_env_from_file=dict(found))
+            edited.append(name)
+    if edited:
+        manifest = manifest.replace(instances=entries)
+    return manifest, edited, unknown
 
 
 def scaled_counts(

@@ -69,6 +69,7 @@ def _full_record() -> dict[str, Any]:
     record = handoff_record(
         signals=7, handover_began=1.5, handover_cpu=0, nofile=[1024, 4096],
         guardian={"pid": 9, "pidfd": 10, "fd": 11, "cgroup": "/sys/fs/cgroup/x"},
+        env_files={"a": {"MARK": "old", "EMPTY": ""}, "b": {}},
     )
     record["service"]["listeners"]["connections"] = [{"fd": 12, "listener": 0}]
     instance = record["instances"][0]

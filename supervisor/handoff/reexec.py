@@ -41,7 +41,7 @@ import anyio
 from ..config import Manifest
 from ..config.records import as_data
 from ..process import Child, SpawnError, inherited_fd_limit, spawn
-from ..resumption import scaled_counts
+from ..resumption import scaled_counts, with_applied_env_files
 from .record import ProcessIdentity, identity
 from .record_check import HAND_OVER_ENV, HANDED_MAX
 from .signals import HANDOFF_SIGNALS, read_held
@@ -148,6 +148,7 @@ def service_record(
             "events_seq": manager_state["events_seq"],
             "scaled": manager_state["scaled"],
             "scaled_replicas": manager_state["scaled_replicas"],
+            "env_files": manager_state["env_files"],
             "handover_began": None if began is None else began[0],
             "handover_cpu": None if began is None else began[1],
             "written_at": time.monotonic(),
@@ -266,6 +267,7 @@ def exec_service(record: StateRecord) -> str:
                 return reason
         os.set_inheritable(state_fd, True)
         argv = resume_argv(sys.argv[1:], state_fd)
+        _end_exec_probes()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
@@ -282,6 +284,24 @@ def exec_service(record: StateRecord) -> str:
                 pass
         os.close(state_fd)
     return reason
+
+
+def _end_exec_probes() -> None:
+    """Kill and reap the exec probes' programs that run now (probes.end_exec_probes): the new
+    service knows nothing of them, and runs each probe again when its turn comes.
+
+    Looked up among the modules loaded, never imported here: a service whose instances have no
+    probe never loaded the probes, so none runs; and nothing may be imported at the exec, where
+    the package on disk may be the new (or a broken) one.
+    """
+    probes = sys.modules.get(_PROBES)
+    if probes is not None:
+        ended = probes.end_exec_probes()
+        if ended:
+            log.info("re-exec: ended %d exec probes in flight (each runs again after the exec)", ended)
+
+
+_PROBES = f"{__name__.rsplit('.', 2)[0]}.probes"
 
 
 # -- the new service's side ---------------------------------------------------------------------
@@ -306,6 +326,9 @@ class Takeover:
     #: The handoff's signals that a thread of the old service took during the handover (the
     #: new service acts on them as it starts listening).
     signals: list[int] = field(default_factory=list)
+    #: What the service's log must say of the takeover, as (level, text): the log is set up after
+    #: ``prepare_resume``, and ``log_handover`` says them.
+    notes: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def service(self) -> dict[str, Any]:
@@ -343,14 +366,17 @@ def prepare_resume(record: StateRecord, manifest: Manifest) -> Takeover:
     The record's ``service.scaled`` becomes the count of each entry ``scale`` changed (what
     ``Manager.resume`` applies): ``service.scaled_replicas``, or, from an older service that
     handed names only, the count of the entry's instances in the record (what it ran).
+    Each ``env_file``'s contents are the ones the old service applied (``service.env_files``),
+    not what the file says now (``_applied_env_files``).
     """
     for fd in handed_fds(record):
         try:
             os.set_inheritable(fd, False)
         except OSError as exc:
             raise HandoffError(f"the inherited fd {fd} is not open ({exc.strerror}): not resuming") from None
-    takeover = Takeover(manifest, record)
     service = record["service"]
+    takeover = Takeover(manifest, record)
+    takeover.manifest = _applied_env_files(manifest, service.get("env_files"), takeover.notes)
     service["scaled"] = scaled_counts(service.get("scaled_replicas", service["scaled"]), record["instances"])
     held = record["service"].get("signals")
     if held is not None:
@@ -389,6 +415,35 @@ def prepare_resume(record: StateRecord, manifest: Manifest) -> Takeover:
     return takeover
 
 
+def _applied_env_files(
+    manifest: Manifest, applied: dict[str, dict[str, str]] | None, notes: list[tuple[int, str]]
+) -> Manifest:
+    """The manifest with the ``env_file`` contents its instances were started with; ``notes``
+    gets what the log must say of it.
+
+    The manifest crosses the exec as data, and the new code read each ``env_file`` again: an
+    edit not reloaded yet would be taken as applied, and the next reload would see no change
+    (the instances running on with the old environment for good). With what the old service
+    applied, that reload replaces them, as it would have without the re-exec.
+    """
+    manifest, edited, unknown = with_applied_env_files(manifest, applied)
+    if edited:
+        notes.append((
+            logging.INFO,
+            f"re-exec: the env_file of {', '.join(edited)} changed since it was applied: its "
+            "instances keep the environment they were started with; the next reload applies the change",
+        ))
+    if unknown:
+        notes.append((
+            logging.WARNING,
+            f"re-exec: the old service did not hand over what it read from the env_file of "
+            f"{', '.join(unknown)} (older code): read again now, so an edit made since the last "
+            "reload cannot be told from what runs, and the next reload does not apply it "
+            "(restart those instances to be sure they run with what the file says)",
+        ))
+    return manifest
+
+
 def log_handover(takeover: Takeover, served: float, known: tuple[float, float] | None) -> None:
     """Where a re-exec's time went (bench/reexec.py reads these lines), all from one clock.
 
@@ -398,6 +453,8 @@ def log_handover(takeover: Takeover, served: float, known: tuple[float, float] |
     """
     service = takeover.service
     written = float(service["written_at"])
+    for level, note in takeover.notes:
+        log.log(level, "%s", note)
     if takeover.handed:
         log.info("re-exec: the manifest came checked, from the old service's check of this code")
     else:

@@ -271,13 +271,18 @@ SERVICE = Struct(
         "scaled": ListOf(STR),
         # Those entries' counts, which the new service applies: a record of older code has none.
         "scaled_replicas": MapOf(STR, Int(0, MAX_SCALE)),
+        # What each entry's env_file said when it was applied (resumption.applied_env_files):
+        # a record of older code has none.
+        "env_files": MapOf(STR, MapOf(STR, STR)),
         "handover_began": Nullable(CLOCK),
         "handover_cpu": Nullable(CLOCK),
         "written_at": CLOCK,
         # The old service's check of this code, handed over (record_check.py).
         "checked": Nullable(Struct({"digest": STR, "answer": STR})),
     },
-    optional=["signals", "handover_began", "handover_cpu", "checked", "scaled_replicas", "state_lock"],
+    optional=[
+        "signals", "handover_began", "handover_cpu", "checked", "scaled_replicas", "state_lock", "env_files"
+    ],
 )
 
 INSTANCE = Struct(
