@@ -55,7 +55,11 @@ class ServiceProcess:
         args: tuple[str, ...] = (),
         socket: Path | None = None,
         env: dict[str, str] | None = None,
+        default_signals: tuple[int, ...] = (),
     ) -> None:
+        """``default_signals``: set to their default action in the service (a test run under
+        ``nohup`` or by a CI runner may ignore SIGHUP, and the service leaves an ignored signal
+        ignored)."""
         self.manifest = manifest
         self.socket = socket or manifest.parent / ".supervisor" / "control.sock"
         self.output = manifest.parent / "service.log"
@@ -68,6 +72,9 @@ class ServiceProcess:
             stdout=self._output_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=(lambda: [signal.signal(sig, signal.SIG_DFL) for sig in default_signals])
+            if default_signals
+            else None,
         )
 
     @property

@@ -59,7 +59,7 @@ def test_a_sighup_while_the_service_starts_is_a_reload_once_it_listens(
     # 1,000 entries: the check takes long enough (most of a second) to be caught and stopped.
     entries = "".join(f"  i{n}: {{command: [sleep, '300'], autostart: false}}\n" for n in range(1000))
     first = "version: 1\ninstances:\n  a: {command: [sleep, '300'], restart: {min_uptime: 0}}\n" + entries
-    svc = service(first, ready=False)
+    svc = service(first, ready=False, default_signals=(signal.SIGHUP,))
     check = None
     try:
         svc.wait_until(
