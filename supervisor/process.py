@@ -44,7 +44,7 @@ import resource
 import signal
 import subprocess
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -394,6 +394,11 @@ def spawn(
     own_user = user is None
     death = parent_death_signal
     before = launcher.argv_before(death, nofile, register, env, limits, cgroup, own_user=own_user)
+    setup = None if before else launcher.child_setup(
+        os.getpid(), parent_death_signal, nofile, register, limits, cgroup, own_user=own_user
+    )
+    if signal.pthread_sigmask(signal.SIG_BLOCK, ()):  # what this thread blocks now (one syscall)
+        setup = _with_no_blocked_signals(setup)
     try:
         uid, gid, groups = _credentials(user, group)
         if before:
@@ -411,11 +416,7 @@ def spawn(
             umask=-1 if umask is None else umask,
             start_new_session=True,
             close_fds=True,
-            preexec_fn=None
-            if before
-            else launcher.child_setup(
-                os.getpid(), parent_death_signal, nofile, register, limits, cgroup, own_user=own_user
-            ),
+            preexec_fn=setup,
         )
     except OSError as exc:
         raise SpawnError(argv, cwd, exc.errno, str(exc)) from exc
@@ -437,6 +438,25 @@ def spawn(
         # context switch on the event loop's time, a tenth of a spawn's cost.
         watch.started(popen.pid)
     return Child(popen, argv, kill_group_on_exit, cgroup)
+
+
+def _with_no_blocked_signals(setup: Callable[[], None] | None) -> Callable[[], None]:
+    """``setup``, then every signal unblocked: the child's mask as the service's is normally.
+
+    A child inherits its parent's signal mask through fork and exec, and the service blocks
+    its stop signals for a while at times (a re-exec holds them from the request until the
+    new service listens: handoff/signals.py). An instance spawned then (a restart, a reload's
+    new entry) ran for good with SIGTERM, SIGINT and SIGHUP blocked: its stop waited for the
+    SIGKILL. A forked child has no pending signals, so unblocking them here delivers nothing.
+    The ``preexec_fn`` makes Popen fork instead of vfork: slower, only while signals are held.
+    """
+
+    def unblocked() -> None:
+        if setup is not None:
+            setup()
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+    return unblocked
 
 
 def _credentials(

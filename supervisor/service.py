@@ -76,6 +76,11 @@ class Service:
         #: Why the last re-exec failed, for the health route.
         self.handoff_error: str | None = None
         self._handing_over = False
+        # Reloads under way (their manifest's check runs in a child before the apply lock is
+        # taken): a re-exec waits for them (``_reloads_ended``), else the check's child was
+        # orphaned by the exec and the reload lost.
+        self._reloading = 0
+        self._no_reload: anyio.Event | None = None
         #: When the handover began: (time.monotonic(), time.process_time()), for the new service's log.
         self._handover_began: tuple[float, float] | None = None
         # While handing over: the handoff's signals, held for the service that acts on them.
@@ -323,6 +328,7 @@ class Service:
         self._handover_began = (time.monotonic(), time.process_time())
         stopped = False
         try:
+            await self._reloads_ended(_HANDOFF_QUIET)
             async with self.manager.quiet(timeout=_HANDOFF_QUIET):
                 if self.manifest is not self._checked_manifest:  # reloaded while the check ran
                     raise InvalidRequest(
@@ -337,6 +343,8 @@ class Service:
                     await self._control_answered.wait()
                 if self._stopping:  # a TERM that came before the block, seen while we waited
                     raise InvalidRequest("service", "a shutdown was asked for meanwhile: it goes first")
+                if self._reloading:  # a reload request that came meanwhile waits for the lock we hold
+                    raise InvalidRequest("service", "a reload was asked for meanwhile: it goes first")
                 # No await from here: nothing changes between the record and the exec.
                 error = exec_service(self._handoff_record(self._checked_answer))
             self.handoff_error = error
@@ -373,8 +381,33 @@ class Service:
         except (ControlError, OSError) as exc:
             log.error("the control socket %s is gone and cannot be made again: %s", self._listeners.path, exc)
 
+    async def _reloads_ended(self, timeout: float) -> None:
+        """Until no reload is under way (``InvalidRequest`` after ``timeout``): a re-exec's first step."""
+        from .instance import InvalidRequest
+
+        if not self._reloading:
+            return
+        log.info("re-exec: waiting for the reload under way")
+        with anyio.move_on_after(timeout):
+            while self._reloading:
+                if self._no_reload is None:
+                    self._no_reload = anyio.Event()
+                await self._no_reload.wait()
+        if self._reloading:
+            raise InvalidRequest("service", "a reload is still under way: nothing changed; run reexec again")
+
     async def reload(self) -> ReloadReport:
         """Re-read the manifest file; a manifest with errors changes nothing (ManifestError)."""
+        self._reloading += 1
+        try:
+            return await self._reload()
+        finally:
+            self._reloading -= 1
+            if not self._reloading and self._no_reload is not None:
+                self._no_reload.set()
+                self._no_reload = None
+
+    async def _reload(self) -> ReloadReport:
         source = self.manifest.source
         assert source is not None
         self._remake_socket()  # whatever the manifest says: `kill -HUP` is the way back in

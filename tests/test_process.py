@@ -192,6 +192,32 @@ def test_unknown_user_and_group() -> None:
 # -- what the child gets ----------------------------------------------------------------------
 
 
+def _blocked(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("SigBlk:")).split()[1], 16)
+
+
+@pytest.mark.parametrize("use_launcher", [True, False], ids=["launcher", "preexec_fn"])
+def test_signals_the_service_blocks_are_not_blocked_in_the_child(
+    children: list[Child], monkeypatch: pytest.MonkeyPatch, use_launcher: bool
+) -> None:
+    """A child inherits the signal mask, and the service blocks its stop signals at times (a
+    re-exec holds them): an instance spawned then ran with SIGTERM blocked, and its stop waited
+    for the SIGKILL. It gets none blocked; the service's own mask is left as it was."""
+    monkeypatch.setattr(launcher, "USE_LAUNCHER", use_launcher)
+    held = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        child = sleeper(children)
+        assert held <= signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+    assert _blocked(child.pid) == 0
+    child.send_signal(signal.SIGTERM)
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+    assert child.poll() is not None and child.poll().signal == signal.SIGTERM
+
+
 async def test_new_session(children: list[Child]) -> None:
     child = sleeper(children)
     assert child.pgid == child.pid == os.getpgid(child.pid) == os.getsid(child.pid)

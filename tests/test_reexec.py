@@ -491,6 +491,76 @@ def test_a_reload_while_the_new_code_checks_abandons_the_handover(
     assert status["worker"]["pid"] == pid and "added" in status
 
 
+def test_a_reexec_waits_for_a_reload_under_way_and_gives_way_to_it(
+    service: Callable[..., ServiceProcess], tmp_path: Path
+) -> None:
+    """SIGHUP's reload checks the manifest in a child before it takes the apply lock: a re-exec
+    asked for meanwhile exec'd at once, the check's child was orphaned and the reload lost (the
+    new service ran the manifest as it was). The re-exec now waits for the reload, which
+    changed the manifest its check read, and gives way to it. (The reload's check waits, in a
+    copy of the package, for the test to open a fifo once armed: no sleep decides.)"""
+    gated = tmp_path / "gated" / "supervisor"
+    shutil.copytree(PACKAGE, gated, ignore=shutil.ignore_patterns("__pycache__"))
+    code = gated / "config" / "apart.py"
+    body = '    data = sys.stdin.buffer.read() if argv[1:] == ["--data"] else None\n'
+    assert body in code.read_text()
+    gate_line = (
+        '    if os.path.exists(os.environ["RELOAD_ARMED"]):\n'
+        '        open(os.environ["RELOAD_GATE"]).read()\n'
+    )
+    code.write_text(code.read_text().replace(body, gate_line + body))
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    armed = tmp_path / "armed"
+    svc = service(
+        """
+        version: 1
+        instances:
+          worker:
+            command: ["sleep", "1000"]
+        """,
+        env={
+            "PYTHONPATH": str(gated.parent),
+            "PYTHONSAFEPATH": "1",
+            "RELOAD_GATE": str(gate),
+            "RELOAD_ARMED": str(armed),
+        },
+        default_signals=(signal.SIGHUP,),
+    )
+    pid = svc.status("worker")["worker"]["pid"]
+    svc.manifest.write_text(svc.manifest.read_text() + "  added:\n    command: [sleep, '1000']\n")
+    armed.touch()
+    os.kill(svc.pid, signal.SIGHUP)
+    asked: list[subprocess.CompletedProcess[str]] = []
+    asking = threading.Thread(target=lambda: asked.append(svc.cli("reexec")))
+    try:
+        def reload_checking() -> bool:
+            return any(_parent(p) == svc.pid for p in processes_with(str(svc.manifest)))
+
+        svc.wait_until(reload_checking, 20, "the reload's check running")
+        asking.start()
+        svc.wait_log("re-exec: waiting for the reload under way")
+    finally:
+        armed.unlink()
+        with open(gate, "w") as opened:  # the reload's check goes on once a writer came and went
+            opened.write("go\n")
+        if asking.is_alive() or asked:
+            asking.join(timeout=60)
+    (refused,) = asked
+    assert refused.returncode == 1, refused
+    assert "the manifest was reloaded after the new code's check" in refused.stderr, refused.stderr
+    health = svc.client().health()
+    assert health["handoffs"] == 0 and health["pid"] == svc.pid
+    status = svc.status()
+    assert status["worker"]["pid"] == pid and status["added"]["state"] in ("starting", "running")
+    # Spawned while the re-exec held the stop signals (blocked, in the service): not in the child.
+    blocked = next(
+        line for line in Path(f"/proc/{status['added']['pid']}/status").read_text().splitlines()
+        if line.startswith("SigBlk:")
+    )
+    assert int(blocked.split()[1], 16) == 0, blocked
+
+
 def test_run_resume_refuses_an_unknown_version_and_touches_nothing(tmp_path: Path) -> None:
     run = resume_from(tmp_path, {"service": {}, "instances": []} | {"version": VERSION + 7})
     assert run.returncode == 1
