@@ -442,6 +442,18 @@ def _parent(pid: int) -> int | None:
         return None
 
 
+def _gave_way_to_the_reload(
+    asked: list[subprocess.CompletedProcess[str]], svc: ServiceProcess
+) -> dict[str, dict[str, Any]]:
+    """The re-exec's answer said it gave way to a reload, and the same service runs on: its status."""
+    (refused,) = asked
+    assert refused.returncode == 1, refused
+    assert "the manifest was reloaded after the new code's check" in refused.stderr, refused.stderr
+    health = svc.client().health()
+    assert health["handoffs"] == 0 and health["pid"] == svc.pid
+    return svc.status()
+
+
 def test_a_reload_while_the_new_code_checks_abandons_the_handover(
     service: Callable[..., ServiceProcess], tmp_path: Path
 ) -> None:
@@ -482,12 +494,7 @@ def test_a_reload_while_the_new_code_checks_abandons_the_handover(
         with open(gate, "w") as opened:  # the check goes on (and ends) once a writer came and went
             opened.write("go\n")
         asking.join(timeout=60)
-    (refused,) = asked
-    assert refused.returncode == 1, refused
-    assert "the manifest was reloaded after the new code's check" in refused.stderr, refused.stderr
-    health = svc.client().health()
-    assert health["handoffs"] == 0 and health["pid"] == svc.pid
-    status = svc.status()
+    status = _gave_way_to_the_reload(asked, svc)
     assert status["worker"]["pid"] == pid and "added" in status
 
 
@@ -546,12 +553,7 @@ def test_a_reexec_waits_for_a_reload_under_way_and_gives_way_to_it(
             opened.write("go\n")
         if asking.is_alive() or asked:
             asking.join(timeout=60)
-    (refused,) = asked
-    assert refused.returncode == 1, refused
-    assert "the manifest was reloaded after the new code's check" in refused.stderr, refused.stderr
-    health = svc.client().health()
-    assert health["handoffs"] == 0 and health["pid"] == svc.pid
-    status = svc.status()
+    status = _gave_way_to_the_reload(asked, svc)
     assert status["worker"]["pid"] == pid and status["added"]["state"] in ("starting", "running")
     # Spawned while the re-exec held the stop signals (blocked, in the service): not in the child.
     blocked = next(
