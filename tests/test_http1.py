@@ -581,6 +581,33 @@ async def test_past_the_connection_cap_clients_wait_in_the_backlog(tmp_path: Pat
         await second.aclose()
 
 
+async def test_each_listener_has_its_own_connections(tmp_path: Path) -> None:
+    """Silent clients that fill one listener (the TCP one: connecting needs no token) leave the
+    other's connections alone: the unix socket, the operator's way in, still answers at once."""
+    flooded_path, other_path = tmp_path / "flooded.sock", tmp_path / "other.sock"
+    flooded, other = bind_unix(flooded_path), bind_unix(other_path)
+    server = HTTPServer(Limits(connections=2))
+    try:
+        with anyio.fail_after(20):  # a shared pool kept the other client in the backlog: no hang
+            async with anyio.create_task_group() as tg:
+                await tg.start(server.serve, [(flooded, App()), (other, App())])
+                silent = [raw_connect(flooded_path) for _ in range(3)]  # two taken, one in the backlog
+                try:
+                    await server.until(lambda: server.connections == 2)
+                    with anyio.fail_after(5):
+                        async with await connect(other_path) as stream:
+                            await stream.send(get("/echo?other"))
+                            assert (await Reader(stream).answer()).json()["query"] == "other"
+                    assert server.accepted == 3
+                finally:
+                    for sock in silent:
+                        sock.close()
+                    server.stop()
+    finally:
+        flooded.close()
+        other.close()
+
+
 async def test_a_stop_finishes_the_request_in_flight_and_closes_idle_connections(tmp_path: Path) -> None:
     app = App()
     path = tmp_path / "http.sock"

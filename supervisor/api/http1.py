@@ -70,7 +70,7 @@ _CHUNK_HEADER = re.compile(rb"(?P<size>[0-9A-Fa-f]{1,20})(?:;.*)?[ \t]*\r\n")
 class Limits:
     """What one client may hold of the service, and for how long (docs/control.md lists them).
 
-    ``connections``: open connections at most, over all listeners; further clients wait in
+    ``connections``: open connections at most, on each listener; further clients wait in
     the listening socket's backlog until one closes. ``head_bytes``: the request line and
     headers (431 beyond). ``head_timeout``: seconds for a whole request head to arrive,
     counted from the accept or from the end of the previous answer; an idle keep-alive
@@ -126,7 +126,7 @@ class HTTPServer:
         self._accepting: TaskGroup | None = None
         self._accept_scopes: dict[int, anyio.CancelScope] = {}
         self._endpoints: list[tuple[socket.socket, ASGIApp]] = []
-        self._slots: anyio.Semaphore | None = None
+        self._slots: list[anyio.Semaphore] = []
         self._connection_tasks: TaskGroup | None = None
 
     @property
@@ -147,20 +147,22 @@ class HTTPServer:
         Cancelling this cuts every connection at once; a caller that wants the graceful
         stop calls ``stop`` and shields the wait (``serve_control`` does).
         """
-        slots = anyio.Semaphore(self.limits.connections)
+        # Each listener its own: a flood of silent TCP clients (no token needed to connect)
+        # must not take the unix socket's connections, the operator's way in.
+        slots = [anyio.Semaphore(self.limits.connections) for _ in endpoints]
         async with anyio.create_task_group() as connections:
             for sock, index in adopted:
                 if not 0 <= index < len(endpoints):
                     sock.close()
                     continue
                 try:
-                    slots.acquire_nowait()
+                    slots[index].acquire_nowait()
                 except anyio.WouldBlock:  # more than our limit: the client connects again
                     sock.close()
                     continue
                 listener, app = endpoints[index]
                 local = _endpoint(listener.family, listener.getsockname())
-                self._start(sock, local, index, app, slots, connections)
+                self._start(sock, local, index, app, slots[index], connections)
             async with anyio.create_task_group() as accepting:
                 self._endpoints = list(endpoints)
                 self._slots, self._connection_tasks = slots, connections
@@ -204,11 +206,11 @@ class HTTPServer:
         self._accepting.start_soon(self._accept_until, scope, index)
 
     async def _accept_until(self, scope: anyio.CancelScope, index: int) -> None:
-        assert self._slots is not None and self._connection_tasks is not None
+        assert self._connection_tasks is not None
         listener, app = self._endpoints[index]
         listener.setblocking(False)
         with scope:
-            await self._accept(listener, index, app, self._slots, self._connection_tasks)
+            await self._accept(listener, index, app, self._slots[index], self._connection_tasks)
         if scope.cancel_called and self._endpoints[index][0] is not listener:
             listener.close()  # replaced (the stop's cancel is the outer scope's: the caller closes those)
 
