@@ -5,7 +5,11 @@ output: the folder with ``O_DIRECTORY | O_NOFOLLOW`` (a symlinked folder is refu
 then every open, rename and unlink relative to that folder's descriptor, and the file
 with ``O_NOFOLLOW | O_NONBLOCK`` and checked to be a regular file (a symlink to a
 root-owned file is refused; a planted fifo neither blocks the service nor takes the
-output). The service checks the state folder itself (``statedir.py``).
+output). The service checks the state folder itself (``statedir.py``), and where a log
+folder inside it has to be made again while the service runs (the state folder deleted
+under it: a cleaner of old files, an ``rm``), the state folder is made again with
+``statedir.py``'s own function, 0700 as at start, not with the umask's mode as ``makedirs``
+would make it (0755: others could list it, and with a looser umask, plant symlinks in it).
 
 The file is written with ``os.write`` on an ``O_APPEND`` descriptor: no user-space
 buffer, so there is nothing to lose on a crash of the service and nothing to flush.
@@ -35,6 +39,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .budget import Budget
+from .statedir import StateDirError, prepare_state_dir
 
 __all__ = ["OPEN_FILES", "LogFileError", "RotatingFile"]
 
@@ -57,8 +62,13 @@ class LogFileError(Exception):
     """A log file or its folder cannot be used; the message names the path and why."""
 
 
-def open_folder(folder: Path) -> int:
-    """A descriptor of ``folder`` (created if missing); never through a symlink at its last step."""
+def open_folder(folder: Path, state_dir: Path | None = None) -> int:
+    """A descriptor of ``folder`` (created if missing); never through a symlink at its last step.
+
+    ``state_dir``: the service's state folder. A missing ``folder`` inside it may have gone with
+    it; it is made again as the service's start makes it (``prepare_state_dir``: 0700, or checked
+    if it is there), then ``folder`` in it as at start.
+    """
     try:
         return os.open(folder, _FOLDER_FLAGS)
     except OSError as exc:
@@ -77,10 +87,19 @@ def open_folder(folder: Path) -> int:
             raise LogFileError(f"the log folder {folder} is not a folder")
         raise LogFileError(f"cannot open the log folder {folder}: {first.strerror}")
     try:
+        if state_dir is not None and _inside(folder, state_dir):
+            prepare_state_dir(state_dir)
         os.makedirs(folder, exist_ok=True)
         return os.open(folder, _FOLDER_FLAGS)
+    except StateDirError as exc:
+        raise LogFileError(f"cannot create the log folder {folder}: {exc}") from None
     except OSError as exc:
         raise LogFileError(f"cannot create the log folder {folder}: {exc.strerror}") from None
+
+
+def _inside(folder: Path, state_dir: Path) -> bool:
+    """``folder`` is ``state_dir`` or in it, as written (``..`` taken away, symlinks not followed)."""
+    return Path(os.path.normpath(folder)).is_relative_to(os.path.normpath(state_dir))
 
 
 def _exists(folder_fd: int, name: str) -> bool:
@@ -154,16 +173,17 @@ class _Folders:
     def __init__(self) -> None:
         self._open: dict[str, _Folder] = {}
 
-    def acquire(self, path: Path, *, check: bool = False) -> _Folder:
+    def acquire(self, path: Path, *, check: bool = False, state_dir: Path | None = None) -> _Folder:
         """The folder at ``path``, opened (and made) if no file holds it yet.
 
         ``check``: make sure the shared descriptor is still the folder at ``path``, and
         open the new one if it was moved away (a reopen after an external tool's move).
+        ``state_dir``: as for ``open_folder``.
         """
         key = str(path)
         folder = self._open.get(key)
         if folder is None or (check and not folder.same_as_path()):
-            fd = open_folder(path)
+            fd = open_folder(path, state_dir)
             folder = _Folder(key, path, fd, _leftovers(fd))
             self._open[key] = folder  # one moved away stays open for its holders until they let go
         folder.holders += 1
@@ -317,6 +337,9 @@ class RotatingFile:
     the file grows on until the next rotation is due. A ``max_bytes`` of 0 or less turns
     rotation off.
 
+    ``state_dir``: the service's state folder, made again as at start where the file's
+    folder is in it and has to be made again (``open_folder``).
+
     Disk errors (full disk, a removed folder, a refused path) must not take the
     instance down: they are logged once per streak, the bytes are counted in
     ``bytes_lost``, ``write_error`` says why while the streak lasts, ``on_change`` is
@@ -326,7 +349,7 @@ class RotatingFile:
     # One per captured stream of every instance: no __dict__ each.
     __slots__ = (
         "_backups_present", "_check_folder", "_fd", "_folder", "_mid_line", "_on_change", "_rotation_failing",
-        "_rotations", "_size",
+        "_rotations", "_size", "_state_dir",
         "backups", "bytes_lost", "bytes_written", "leftovers_removed", "max_bytes", "path", "write_error",
     )
 
@@ -337,10 +360,12 @@ class RotatingFile:
         backups: int,
         *,
         on_change: Callable[[], None] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = max(0, backups)
+        self._state_dir = state_dir
         self.bytes_written = 0
         self.bytes_lost = 0
         #: Why output is being dropped now; None while writing works.
@@ -370,7 +395,9 @@ class RotatingFile:
         if "\0" in str(self.path):  # the OS would raise ValueError, which nobody above expects
             raise LogFileError(f"the log file path {str(self.path)!r} contains a NUL byte")
         if self._folder is None:
-            self._folder = _FOLDERS.acquire(self.path.parent, check=self._check_folder)
+            self._folder = _FOLDERS.acquire(
+                self.path.parent, check=self._check_folder, state_dir=self._state_dir
+            )
             self._backups_present = None
             self._check_folder = False
             if not self.leftovers_removed:

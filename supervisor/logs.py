@@ -144,6 +144,11 @@ class LogSink:
     turn never raises for the file: from then on, trouble with it is counted in
     ``bytes_lost`` and said in ``write_error``, and ``on_loss_change(sink)`` is called
     when a streak of losses starts and when it ends (it must be quick, and not raise).
+
+    ``state_dir``: the service's state folder. Where the file's folder is in it and has to be
+    made again (deleted under the running service, the state folder with it), the state folder
+    is made again as private as the service's start made it (``logfile.open_folder``), not with
+    the umask's mode.
     """
 
     # Two per instance: no __dict__ each.
@@ -164,6 +169,7 @@ class LogSink:
         tail_bytes: int = 256 * 1024,
         follower_bytes: int = 1024 * 1024,
         on_loss_change: Callable[[LogSink], None] | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         self._read_fd = read_fd
         try:
@@ -172,7 +178,7 @@ class LogSink:
             self._pipe_size = self._initial_pipe_size = _BIG_PIPE
         self._on_loss_change = on_loss_change
         hook = None if on_loss_change is None else self._loss_changed
-        self._file = RotatingFile(Path(path), max_bytes, backups, on_change=hook)
+        self._file = RotatingFile(Path(path), max_bytes, backups, on_change=hook, state_dir=state_dir)
         self._timestamps = timestamps
         self._tail = Tail(tail_bytes)
         self._tail_bytes = tail_bytes

@@ -61,7 +61,8 @@ class RunSetup:
         ``adopted``: the read ends a re-exec'd service inherited, by stream; no new pipe.
         """
         settings = self.log_settings
-        logs_dir = Path(self._context.settings.state_dir) / "logs"
+        state_dir = Path(self._context.settings.state_dir)
+        logs_dir = state_dir / "logs"
         wanted = {"stdout": self.config.stdout, "stderr": self.config.stderr}
         custom = {"stdout": self.config.logs.stdout_file, "stderr": self.config.logs.stderr_file}
         suffix = {"stdout": "out", "stderr": "err"}
@@ -84,6 +85,7 @@ class RunSetup:
                 backups=settings.backups,
                 timestamps=settings.timestamps,
                 on_loss_change=self._log_loss_changed,
+                state_dir=state_dir,
             )
 
     def _log_loss_changed(self, sink: LogSink) -> None:

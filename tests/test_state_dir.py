@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import stat
 import subprocess
@@ -208,6 +209,61 @@ def test_a_reload_to_a_state_dir_others_can_write_changes_nothing(service: Start
     assert f"state_dir {shared} is writable by" in done.stderr and "nothing was changed" in done.stderr
     assert svc.status()["a"]["pid"] == pid
     assert stat.S_IMODE(shared.stat().st_mode) == 0o777 and list(shared.iterdir()) == []
+
+
+# -- deleted under the running service: made again as private as at start -------------------
+
+
+def test_a_deleted_state_folder_is_made_again_private_when_the_logs_are_reopened(
+    service: Start, tmp_path: Path
+) -> None:
+    """SIGUSR2 after the whole state folder was deleted (a cleaner of old files): reopening the
+    logs makes it again, 0700 as at start (it was made with the umask's mode: 0755 here, open to
+    others; group-writable under umask 002); the log folder inside it as at start. Then the same
+    for the log folder alone, through ``supervisor logs --reopen`` once SIGHUP has made the socket
+    again."""
+    # A fifo for each wait: on one fifo, the second `read` could open it while the test's writer
+    # still holds it, and read its EOF instead of waiting.
+    first, second = tmp_path / "first", tmp_path / "second"
+    os.mkfifo(first)
+    os.mkfifo(second)
+    script = f"echo before; read line < {first}; echo after; read line < {second}; echo again; exec sleep 300"
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          talker:
+            command: ["sh", "-c", "{script}"]
+            restart: {{min_uptime: 0}}
+        """
+    )
+    svc.wait_output("talker", b"before")
+    state = tmp_path / ".supervisor"
+    logs = state / "logs"
+    log = logs / "talker.out.log"
+    folder_at_start = stat.S_IMODE(logs.stat().st_mode)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+
+    shutil.rmtree(state)  # the socket, the record and the logs with it
+    svc.proc.send_signal(signal.SIGUSR2)
+    svc.wait_log("reopened 2 log files")
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE(logs.stat().st_mode) == folder_at_start
+    with open(first, "w") as poke:
+        poke.write("go\n")
+    svc.wait_until(lambda: log.exists() and log.read_bytes() == b"after\n", 20, "'after' in the new log file")
+
+    os.kill(svc.pid, signal.SIGHUP)  # the socket went with the folder: made again
+    svc.wait_until(lambda: answers(svc.client(timeout=2)), 20, "the socket made again")
+    svc.wait_log("reloaded ")  # the rest of the reload done: nothing changed
+    shutil.rmtree(logs)
+    done = svc.cli("logs", "--reopen")
+    assert done.returncode == 0 and done.stdout == "reopened 2 log files\n", done
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    assert stat.S_IMODE(logs.stat().st_mode) == folder_at_start
+    with open(second, "w") as poke:
+        poke.write("go\n")
+    svc.wait_until(lambda: log.exists() and log.read_bytes() == b"again\n", 20, "'again' in the new log file")
 
 
 # -- one service per state folder ------------------------------------------------------------
