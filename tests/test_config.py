@@ -834,6 +834,72 @@ def test_a_replicas_file_or_another_instances_default_log_is_refused(tmp_path: P
     assert early.message.startswith("early's stdout and db's stdout would both be logged to")
 
 
+def _backup_of(owner: str, stream: str, base: Path, kept: int) -> str:
+    name = base.name
+    return (
+        f"the name of a backup of {owner}'s {stream} log {str(base)!r} (it keeps {kept}: {name}.1 to "
+        f"{name}.{kept}): each rotation of that log would move this file away, and in the end delete "
+        "it; choose another file"
+    )
+
+
+def test_a_log_file_named_as_another_logs_backup_is_refused(tmp_path: Path) -> None:
+    # The rotation of a.out.log renames a.out.log.1 to .2 … and drops the last: b's log with it.
+    found = problems(
+        tmp_path,
+        "version: 1\n"
+        "instances:\n"
+        "  b: {command: run, logs: {stdout_file: a.out.log.1}}\n"  # before the log it is a backup of
+        "  a: {command: run, logs: {stdout_file: a.out.log, backups: 3}}\n"
+        "  c: {command: run, logs: {stderr_file: ./a.out.log.3}}\n"
+        "  d: {command: run, logs: {stdout_file: .supervisor/logs/db.err.log.5}}\n"  # a default's, 5 kept
+        "  db: {command: run}\n"
+        "  web: {command: run, replicas: 2, logs: {stdout_file: web.log, max_bytes: 1MB, backups: 2}}\n"
+        "  e: {command: run, logs: {stdout_file: web-1.log.2}}\n",  # a replica's
+    )
+    a, web1 = tmp_path / "a.out.log", tmp_path / "web-1.log"
+    db = tmp_path / ".supervisor" / "logs" / "db.err.log"
+    assert [(p.path, (p.line, p.column), p.message) for p in found] == [
+        (
+            "instances.b.logs.stdout_file",
+            (3, 28),
+            f"b's stdout would be logged to {str(a) + '.1'!r}, {_backup_of('a', 'stdout', a, 3)}",
+        ),
+        (
+            "instances.c.logs.stderr_file",
+            (5, 28),
+            f"c's stderr would be logged to {str(a) + '.3'!r}, {_backup_of('a', 'stdout', a, 3)}",
+        ),
+        (
+            "instances.d.logs.stdout_file",
+            (6, 28),
+            f"d's stdout would be logged to {str(db) + '.5'!r}, {_backup_of('db', 'stderr', db, 5)}",
+        ),
+        (
+            "instances.e.logs.stdout_file",
+            (9, 28),
+            f"e's stdout would be logged to {str(web1) + '.2'!r}, {_backup_of('web-1', 'stdout', web1, 2)}",
+        ),
+    ]
+    # Names no rotation takes: past the backups kept, not a backup's number, a log that keeps none
+    # or is not rotated, a stream that is not captured (no log at all).
+    manifest = load(
+        tmp_path,
+        "version: 1\n"
+        "instances:\n"
+        "  a: {command: run, logs: {stdout_file: a.out.log, backups: 3}}\n"
+        "  f: {command: run, logs: {stdout_file: a.out.log.4}}\n"
+        "  g: {command: run, logs: {stdout_file: a.out.log.0, stderr_file: a.out.log.01}}\n"
+        "  n: {command: run, logs: {stdout_file: n.log, backups: 0}}\n"
+        "  m: {command: run, logs: {stdout_file: n.log.1}}\n"
+        "  o: {command: run, logs: {stdout_file: o.log, max_bytes: 0}}\n"
+        "  p: {command: run, logs: {stdout_file: o.log.1}}\n"
+        "  q: {command: run, stdout: null, logs: {stdout_file: q.log}}\n"
+        "  r: {command: run, logs: {stdout_file: q.log.1}}\n",
+    )
+    assert len(manifest.instances) == 9
+
+
 def test_a_log_or_output_file_that_the_manifest_reads_is_refused(tmp_path: Path) -> None:
     # Output appended to the manifest made the next reload fail on it.
     (tmp_path / "app.env").write_text("A=1\n")

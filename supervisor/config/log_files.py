@@ -4,14 +4,18 @@ A log file has one writer, its sink, which rotates it past ``max_bytes``. Two si
 file (two instances, the stdout and stderr of one, two replicas) interleave their lines and
 rotate the file under each other, which left files past ``max_bytes``. A log file, or an output
 ``file:``, that is the manifest (or a file the manifest has read: an env_file, the control
-token) is appended to, and the next reload failed on the output it held. Both are refused at
-load time, with the paths derived as ``run_setup.py`` derives them when the instance starts,
-and compared with their folders' symlinks and ``..`` resolved.
+token) is appended to, and the next reload failed on the output it held. A log file named as
+another one's backup (``a.log.1`` beside ``a.log``, which keeps backups) is renamed away by
+that log's rotation (``logfile.py``: ``a.log.1`` to ``a.log.2`` …, the last one dropped), and
+its writer goes on in a file that ends up deleted. All are refused at load time, with the
+paths derived as ``run_setup.py`` derives them when the instance starts, and compared with
+their folders' symlinks and ``..`` resolved.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +25,9 @@ from .records import FileStream, InstanceConfig, Manifest
 KeyPath = tuple[str | int, ...]
 
 _SUFFIX = {"stdout": "out", "stderr": "err"}
+
+#: ``NAME.N``: the name of backup N of the log NAME (``RotatingFile._backup``: N from 1, no zeros before it).
+_BACKUP = re.compile(r"(?P<log>.+)\.(?P<index>[1-9][0-9]*)")
 
 
 class _Folders:
@@ -92,14 +99,21 @@ def _read_files(manifest: Manifest) -> dict[str, str]:
 
 
 def log_file_problems(manifest: Manifest) -> Iterator[tuple[KeyPath, str]]:
-    """(where, what) for each log file another stream writes too, or that the manifest reads."""
+    """(where, what) for each log file another stream writes too, that the manifest reads, or that
+    another log's rotation takes as a backup."""
     folders = _Folders()
     logs_dir = str(Path(manifest.supervisor.state_dir) / "logs")
     read = _read_files(manifest)
     #: resolved path -> the first stream logged there: (instance, replica, stream, written)
     owners: dict[str, tuple[str, str, str, bool]] = {}
+    #: resolved path -> the backups its rotation keeps (none where it is not rotated)
+    kept: dict[str, int] = {}
     said: set[tuple[KeyPath, str]] = set()  # the replicas of a clash: said once, for the first of them
+    defaults = manifest.supervisor.logs
     for name, config in manifest.instances.items():
+        logs = config.logs  # as ``InstanceLogs.resolved``, without a record per instance
+        rotated = (defaults.max_bytes if logs.max_bytes is None else logs.max_bytes) > 0
+        backups = (defaults.backups if logs.backups is None else logs.backups) if rotated else 0
         for replica, stream, path, written in _log_files(name, config, logs_dir, folders):
             where: KeyPath = ("instances", name, "logs", f"{stream}_file") if written else ("instances", name)
             if path in read:
@@ -110,6 +124,7 @@ def log_file_problems(manifest: Manifest) -> Iterator[tuple[KeyPath, str]]:
                 continue
             if path not in owners:
                 owners[path] = (name, replica, stream, written)
+                kept[path] = backups
                 continue
             other_name, other_replica, other_stream, other_written = owners[path]
             if not written and other_written:
@@ -132,3 +147,37 @@ def log_file_problems(manifest: Manifest) -> Iterator[tuple[KeyPath, str]]:
                     ("instances", name, stream),
                     f"{name}'s {stream} would be written to {path!r}, {read[path]}",
                 )
+    yield from _backup_names_taken(owners, kept)
+
+
+def _backup_names_taken(
+    owners: dict[str, tuple[str, str, str, bool]], kept: dict[str, int]
+) -> Iterator[tuple[KeyPath, str]]:
+    """(where, what) for each log file named as a backup another log's rotation makes.
+
+    Each log file's name is looked up once (is it ``LOG.N`` with LOG a log that keeps N
+    backups or more?), not each log's backup names: a log may keep a thousand.
+    """
+    said: set[tuple[KeyPath, str]] = set()
+    for path, (name, replica, stream, written) in owners.items():
+        # Most names end in a letter (every default: NAME.out.log): no match to try.
+        if not path[-1].isdigit() or (match := _BACKUP.fullmatch(path)) is None:
+            continue
+        log = match["log"]
+        if log not in owners or int(match["index"]) > kept[log]:
+            continue
+        where: KeyPath = ("instances", name, "logs", f"{stream}_file") if written else ("instances", name)
+        other_name, other_replica, other_stream, _ = owners[log]
+        if (where, other_name) in said:  # replicas: said once, for the first of them
+            continue
+        said.add((where, other_name))
+        backups, file = kept[log], os.path.basename(log)
+        yield (
+            where,
+            (
+                f"{replica}'s {stream} would be logged to {path!r}, the name of a backup of "
+                f"{other_replica}'s {other_stream} log {log!r} (it keeps {backups}: {file}.1 to "
+                f"{file}.{backups}): each rotation of that log would move this file away, and in the end "
+                "delete it; choose another file"
+            ),
+        )

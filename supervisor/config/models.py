@@ -196,8 +196,8 @@ class InstanceLogs(StrictModel):
         None,
         description="The log of captured stdout. Unset: <state_dir>/logs/NAME.out.log. "
         "With replicas, each gets its own file: web.log becomes web-0.log, web-1.log … "
-        "Each captured stream needs its own file: one that another stream logs to, the manifest "
-        "or an env_file is refused.",
+        "Each captured stream needs its own file: one that another stream logs to, the manifest, "
+        "an env_file, or another log's backup (a.log.1 to a.log.N beside a.log that keeps N) is refused.",
     )
     stderr_file: RelativePath | None = Field(
         None,
