@@ -8,18 +8,24 @@ with a one-time token) and on the TCP listener (its token, then a cookie).
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import select
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from supervisor.api.client import connect_unix
+from supervisor.api.live import MAX_STREAMS
 
 from .service_fixture import SUPERVISOR, ServiceProcess, with_tcp_listener
 
@@ -220,3 +226,76 @@ def test_the_dashboard_proxy_lets_in_one_browser_and_bounds_requests(
     with httpx.Client(base_url=base, timeout=10) as stranger:
         assert stranger.get("/", params={"token": token}).status_code == 401
     assert svc.status("web-1")["web-1"]["state"] == "stopped"
+
+
+# -- the event stream refused: every place for a stream taken ------------------------------------
+
+EVENTS = b"GET /v1/events HTTP/1.1\r\nHost: supervisor\r\n\r\n"
+
+
+def _open_event_streams(stack: ExitStack, path: Path, count: int) -> list[socket.socket]:
+    """``count`` event streams on the service's socket, each accepted (its 200 head arrived: counted).
+
+    Sent 50 at a time, under the listen backlog (128), as tests/test_api_stream_slots.py does.
+    """
+    opened: list[socket.socket] = []
+    while len(opened) < count:
+        batch = []
+        for _ in range(min(50, count - len(opened))):
+            sock = stack.enter_context(connect_unix(path, timeout=10))
+            sock.sendall(EVENTS)
+            batch.append(sock)
+        for sock in batch:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(65536)
+                assert chunk, f"the connection closed before an answer's head: {head!r}"
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 200"), (len(opened), head)
+            opened.append(sock)
+    return opened
+
+
+def test_a_refused_event_stream_is_said_and_tried_again_later(
+    browser: Any, dashboard: tuple[ServiceProcess, str]
+) -> None:
+    """With every place for a stream taken, the page's EventSource is answered 503 and gives up
+    for good: the badge said "reconnecting…" for ever. It says why, and the page asks again after
+    10 s or more (not at once, not never), and is live once a place is free."""
+    from playwright.sync_api import expect
+
+    svc, url = dashboard
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    asked: list[float] = []  # when the page opened an EventSource, on the test's clock
+    page.on(
+        "request",
+        lambda request: asked.append(time.monotonic())
+        if request.resource_type == "eventsource" and request.url.endswith("/v1/events")
+        else None,
+    )
+    badge = page.locator("#connection")
+    with ExitStack() as stack:
+        streams = _open_event_streams(stack, svc.socket, MAX_STREAMS)
+        assert svc.client().health()["streams"] == MAX_STREAMS
+        page.goto(url)
+        expect(badge).to_contain_text(
+            "live updates refused: too many streams are open; close some tabs", timeout=20_000
+        )
+        expect(badge).to_contain_text("next try at")
+        assert f"at most {MAX_STREAMS} at once" in (badge.get_attribute("title") or "")  # the service's words
+        expect(page.locator("#instances tbody tr")).to_have_count(3)  # short requests answer all the same
+        # Two places freed: the page's next try takes one.
+        for sock in streams[:2]:
+            sock.close()
+        expect(badge).to_have_text("live", timeout=45_000)
+        svc.wait_until(
+            lambda: svc.client().health()["streams"] == MAX_STREAMS - 1, 20, "the page's stream open"
+        )
+    assert len(asked) >= 2, asked
+    waits = [later - earlier for earlier, later in itertools.pairwise(asked)]
+    assert min(waits) >= 8, f"the page asked again after {waits} s: a tight loop"
+    assert not errors, errors
+    context.close()

@@ -8,6 +8,12 @@ const $ = (id) => document.getElementById(id);
 const tbody = document.querySelector("#instances tbody");
 const REFRESH_MS = 5000;     // CPU and memory figures: read again this often while the page is shown
 const LOG_LIMIT = 200000;    // characters kept in the log pane
+// An event stream refused (see listen): the wait before the page asks again, growing by half at each
+// refusal in a row up to the longest, each ±10 % so that many tabs refused together come back apart.
+const RETRY_FIRST_MS = 10000;
+const RETRY_LONGEST_MS = 30000;
+let refusals = 0;            // event streams refused in a row
+let stream = null;           // the page's EventSource now
 
 async function api(path, options = {}) {
   const response = await fetch(path, { credentials: "same-origin", ...options });
@@ -170,14 +176,73 @@ async function act(verb, names) {
 function listen() {
   const badge = $("connection");
   const events = new EventSource("v1/events");
+  stream = events;
   const changed = (event) => {
     try { refreshOne(JSON.parse(event.data).instance).catch(() => {}); } catch (_) { /* not JSON */ }
   };
-  events.onopen = () => { badge.textContent = "live"; badge.className = "badge live"; refreshAll().catch(() => {}); };
+  events.onopen = () => {
+    refusals = 0;
+    badge.textContent = "live";
+    badge.className = "badge live";
+    badge.title = "the live event stream";
+    refreshAll().catch(() => {});
+  };
   events.onmessage = changed;                       // transitions: plain data lines
   events.addEventListener("update", changed);       // probe results, waiting reasons
   events.addEventListener("dropped", () => refreshAll().catch(() => {}));
-  events.onerror = () => { badge.textContent = "reconnecting…"; badge.className = "badge down"; };
+  events.onerror = () => {
+    badge.className = "badge down";
+    if (events.readyState !== EventSource.CLOSED) {  // the connection dropped: the browser asks again itself
+      badge.textContent = "reconnecting…";
+      return;
+    }
+    // Answered with something other than a stream: a 503 while the service has as many streams
+    // open as it keeps (other tabs, `logs -f`), a 401, a 502 from `supervisor dashboard` once the
+    // service is gone. EventSource then gives up for good, and the badge said "reconnecting…" for
+    // ever. Say why, and open a new one later: not at once (a tab in a tight loop would keep the
+    // places taken), and less often the longer it is refused. The table is read every REFRESH_MS
+    // meanwhile.
+    events.close();
+    const wait = Math.min(RETRY_LONGEST_MS, RETRY_FIRST_MS * 1.5 ** refusals) * (0.9 + Math.random() / 5);
+    refusals += 1;
+    const next = new Date(Date.now() + wait).toLocaleTimeString();
+    badge.textContent = "live updates stopped";
+    whyRefused().then((why) => {
+      if (stream !== events) return;  // answered after the next try began: that one says how it went
+      badge.textContent = `${refusalText(why)} (next try at ${next})`;
+      badge.title = `${why ? why.error : "the event stream ended"}. The table is read every ` +
+        `${REFRESH_MS / 1000} s meanwhile.`;
+    });
+    setTimeout(listen, wait);
+  };
+}
+
+// EventSource tells neither the status nor the body of an answer it refuses: the same request by
+// fetch does. A stream it is given after all (a place came free meanwhile) is hung up at once.
+async function whyRefused() {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), REFRESH_MS);
+  try {
+    const response = await fetch("v1/events", { credentials: "same-origin", signal: controller.signal });
+    if (response.ok) return null;
+    let error = "";
+    try { error = (await response.json()).error || ""; } catch (_) { /* not JSON */ }
+    return { status: response.status, error: error || `${response.status} ${response.statusText}` };
+  } catch (error) {
+    const message = error.name === "AbortError" ? `no answer within ${REFRESH_MS / 1000} s` : error.message;
+    return { status: 0, error: message };
+  } finally {
+    clearTimeout(timer);
+    controller.abort();
+  }
+}
+
+function refusalText(why) {
+  if (!why) return "live updates interrupted";
+  if (why.status === 503 && why.error.startsWith("too many streams")) {
+    return "live updates refused: too many streams are open; close some tabs";
+  }
+  return `live updates stopped: ${why.error}`;
 }
 
 let following = null;  // the AbortController of the log being followed
