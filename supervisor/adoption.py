@@ -73,7 +73,7 @@ class Adoption:
         _lock: RequestLock
         _next_try: float | None
         _kill_at: float | None
-        _trouble: str | None
+        _trouble: Retry | None
         _adopted: dict[str, Any] | None
         _context: InstanceContext
         _cgroup: InstanceCgroup | None
@@ -102,6 +102,7 @@ class Adoption:
         child = self._child
         live = child is not None and child.exit is None
         last = self._last_exit
+        trouble = self._trouble
         return {
             "name": self.name,
             "group": self.group,
@@ -121,7 +122,10 @@ class Adoption:
             },
             "next_try": self._next_try if self._state is State.BACKOFF else None,
             "kill_at": self._kill_at,
-            "trouble": self._trouble,
+            "trouble": None if trouble is None else trouble.why,
+            # Whether the run a check stops had not come up: a failed start (read back for a
+            # `stopping` instance; a `starting` one, as an older service wrote, says so itself).
+            "trouble_failed_start": trouble is not None and trouble.failed_start,
             "targets": dict(self._targets),
             "pipes": {stream: pipe.read_fd for stream, pipe in self._pipes.items()},
             "sinks": {stream: sink.handoff_state() for stream, sink in self._sinks.items()},
@@ -189,9 +193,9 @@ class Adoption:
         """
         self._adopted = None
         state = self._state
-        if state is State.STOPPING:
+        if state is State.STOPPING and not _stopped_by_a_check(record):
             await self._finish_stop(record, task_status=task_status)
-        elif state in (State.STARTING, State.RUNNING, State.BACKOFF, State.WAITING):
+        elif state in (State.STARTING, State.RUNNING, State.STOPPING, State.BACKOFF, State.WAITING):
             await self._supervise(task_status=task_status, resume=record)
         else:
             task_status.started()
@@ -211,20 +215,34 @@ class Adoption:
             return Retry("", failed_start=False)
         if state is State.WAITING:
             return Retry("", failed_start=False)
+        if state is State.STOPPING:  # a check was stopping it (see _resume): finish that, then back off
+            failed_start = record.get("trouble_failed_start") is True
+            trouble = Retry(record["trouble"], failed_start=failed_start)
+            return await self._finish_check_stop(record, child, trouble)
         # STARTING or RUNNING
         early = state is State.STARTING
         if child is None:  # it ended while the old service handed over (and was reaped by it)
             last = self._last_exit
             ended = last.describe() if last else "ended"
             return Retry(f"{ended} during the service's re-exec", failed_start=early)
-        if record["kill_at"] is not None:  # a check was stopping it: finish that, then back off
-            self._trouble = record["trouble"]
-            await self._kill_after(child, record["kill_at"])
-            self._last_exit = child.exit
-            return Retry(self._trouble or "stopped by a check", failed_start=early)
+        if record["kill_at"] is not None:  # an older service's check stop, made without leaving the state
+            trouble = Retry(record["trouble"] or "stopped by a check", failed_start=early)
+            self._transition(State.STOPPING, reason=trouble.why)
+            return await self._finish_check_stop(record, child, trouble)
         async with self._health.log_subscription(list(self._sinks.values())) as followers:
             resumed = Resumed(state is State.RUNNING, max(0.0, time.time() - child.started_at))
             return await self._watch(child, followers, resumed)
+
+    async def _finish_check_stop(self, record: dict[str, Any], child: Child | None, trouble: Retry) -> Retry:
+        """The stop a check began in the old service: SIGKILL when it was due; then why to back off."""
+        self._trouble = trouble
+        if child is not None:
+            deadline = record["kill_at"]
+            if deadline is None:  # signalled, and then no deadline recorded: give it stop.timeout
+                deadline = time.monotonic() + self.config.stop.timeout
+            await self._kill_after(child, deadline)
+            self._last_exit = child.exit
+        return trouble
 
     async def _finish_stop(self, record: dict[str, Any], *, task_status: TaskStatus[None]) -> None:
         """A stop the old service was in the middle of: SIGKILL when it was due, then ``stopped``.
@@ -249,3 +267,15 @@ class Adoption:
                 reason = f"{reason}; killed after {self.config.stop.timeout:g}s"
             self._last_exit = child.exit
         self._transition(State.STOPPED, reason=reason, exit=self._last_exit)
+
+
+def _stopped_by_a_check(record: Mapping[str, Any]) -> bool:
+    """A ``stopping`` instance that a check was stopping to start it again, not a request.
+
+    A check's stop goes ``stopping`` with its reason, kept as the trouble too; a request that
+    takes over a check's stop clears the trouble (stopping.py). An older service stopped for
+    a check without leaving ``starting`` or ``running``, and a request over such a stop left
+    the check's trouble beside the request's own reason: the two differ there.
+    """
+    trouble = record["trouble"]
+    return trouble is not None and record["reason"] == trouble

@@ -51,6 +51,11 @@ log = logging.getLogger("supervisor.instance")
 #: (StartLimitBurst, RestartSec=100ms); here it paces rather than gives up.
 RESTARTS_PER_SECOND = 20
 
+#: A waiting instance's reason once what it waited for is met, until its spawn (pacer.Turns): a
+#: thousand dependents of one database that became ready spawn over seconds, and said all along
+#: `waiting for db (ready): db is starting`.
+IN_LINE_TO_SPAWN = "dependencies met; in line to spawn"
+
 _ALLOWED: dict[State, frozenset[State]] = {
     State.STOPPED: frozenset({State.WAITING, State.STARTING}),
     # waiting -> failed: only for a fault in the supervision itself (see _give_up).
@@ -61,7 +66,10 @@ _ALLOWED: dict[State, frozenset[State]] = {
     State.RUNNING: frozenset({State.EXITED, State.BACKOFF, State.STOPPING}),
     # backoff -> waiting: a dependency went down meanwhile; the next try waits for it.
     State.BACKOFF: frozenset({State.WAITING, State.STARTING, State.STOPPED, State.FAILED}),
-    State.STOPPING: frozenset({State.STOPPED}),
+    # stopping -> backoff: a check (liveness, readiness's start_timeout, the memory limit, the
+    # watchdog) stops the run to start it again; it is `stopping` while it stops, as for a stop
+    # by hand (an addition to ARCHITECTURE.md's table, see docs/guide.md).
+    State.STOPPING: frozenset({State.STOPPED, State.BACKOFF}),
     State.EXITED: frozenset({State.WAITING, State.STARTING}),
     State.FAILED: frozenset({State.WAITING, State.STARTING}),
 }
@@ -143,7 +151,7 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         self._targets = {"stdin": "", "stdout": "", "stderr": ""}
         self._described: tuple[str, str, str] | None = None  # the config's streams, for status
         self._health = Health(name, group, config, context.bus)
-        self._trouble: str | None = None  # why a check stopped the current run
+        self._trouble: Retry | None = None  # why a check stops the current run (to start it again)
         # For the handoff (re-exec): when the pause in backoff ends, when a SIGKILL is due
         # (both time.monotonic()), and the record this instance was adopted from.
         self._next_try: float | None = None
@@ -349,13 +357,16 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
     # -- the machine -----------------------------------------------------------------------
 
     def _transition(self, to: State, *, reason: str | None = None, exit: ExitStatus | None = None) -> None:
+        """Leave the current state for ``to`` (asserted against the table) and publish the event.
+
+        The status's reason becomes the transition's own, None included: it says why the
+        instance is in the state it is in now, and the reason for the last one (`waiting for
+        db (ready)`, `stopped on request`, the crash before a retry) is not why it starts.
+        """
         leaving = self._state
         assert to in _ALLOWED[leaving], f"{self.name}: no transition {leaving} -> {to}"
         self._state = to
-        if reason is not None:
-            self._reason = reason
-        elif to is State.RUNNING:
-            self._reason = None
+        self._reason = reason
         child = self._child
         pid = exit.pid if exit else (child.pid if child is not None else None)
         self._context.bus.publish(
@@ -437,7 +448,7 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
     async def _give_up(self, reason: str) -> None:
         """Kill what runs and end in ``failed``: nothing is retried after a fault of ours."""
         await self._kill_now()
-        if self._state in (State.STARTING, State.RUNNING):
+        if self._state in (State.STARTING, State.RUNNING, State.STOPPING):  # stopping: for a check
             self._transition(State.BACKOFF, reason=reason, exit=self._last_exit)
         if self._state in (State.BACKOFF, State.WAITING):
             self._transition(State.FAILED, reason=reason)
@@ -459,11 +470,14 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         while True:
             await dependencies.changed()
             now = dependencies.blocker()
-            if now is None:
-                return
+            met = now is None
+            if met:  # still `waiting`, for its spawn's turn (pacer.Turns): seconds when a thousand are
+                now = IN_LINE_TO_SPAWN
             if now != self._reason:
                 self._reason = now
                 self._context.bus.publish(Update(self.name, self.group, "waiting", None, now))
+            if met:
+                return
 
     def _prepare_ahead(self) -> None:
         """The cgroup and the log files, made while the instance waits (if it still does): not
@@ -504,12 +518,19 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
 
         def on_running() -> None:
             nonlocal running
+            if self._trouble is not None:  # a check stops this run (the memory limit, say): not up
+                return
             running = True
             self._failures = 0  # it came up: the streak of failed starts is over
             self._transition(State.RUNNING)
 
         async def kill(reason: str, sig: int | None) -> None:
-            self._trouble = reason
+            """A check stops the run, to start it again: ``stopping`` until it is gone, as a stop
+            by hand is, with the check's reason (not `running` while it takes its stop.timeout)."""
+            if self._trouble is not None:  # another check stops it already: that stop goes on
+                return
+            self._trouble = Retry(reason, failed_start=not running)
+            self._transition(State.STOPPING, reason=reason)
             await self._terminate(child, self.config.stop.signal if sig is None else sig)
 
         try:
@@ -537,7 +558,7 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         uptime = status.at - child.started_at
         early = not running
         if self._trouble is not None:
-            return Retry(self._trouble, failed_start=early)
+            return self._trouble
         succeeded = status.succeeded(restart.success_codes)
         if (restart.policy == "no" and not early) or (restart.policy != "always" and succeeded):
             self._transition(State.EXITED, reason=status.describe(), exit=status)

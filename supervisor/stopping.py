@@ -20,6 +20,7 @@ from .events import State
 
 if TYPE_CHECKING:
     from .config import InstanceConfig
+    from .instance import Retry
     from .process import Child, ExitStatus
 
 
@@ -34,6 +35,8 @@ class Stopping:
         _kill_at: float | None
         _loop_scope: anyio.CancelScope | None
         _loop_exited: anyio.Event | None
+        _reason: str | None
+        _trouble: Retry | None
 
         def _transition(
             self, to: State, *, reason: str | None = None, exit: ExitStatus | None = None
@@ -52,6 +55,11 @@ class Stopping:
             return
         if self._state in (State.STARTING, State.RUNNING):
             self._transition(State.STOPPING, reason=reason)
+        elif self._state is State.STOPPING:
+            # A check was stopping the run, to start it again: this request takes that stop
+            # over, and it ends ``stopped``, for the request's reason (a re-exec meanwhile too).
+            self._reason = reason
+            self._trouble = None
         child = self._child
         if child is not None and child.exit is None:
             if await self._terminate(child, self.config.stop.signal):

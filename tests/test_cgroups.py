@@ -444,8 +444,10 @@ def test_memory_max_without_the_memory_controller_restarts_on_rss(service: Start
             restart: {{min_uptime: 0, backoff: {{initial: 10ms}}}}
         """
     )
-    svc.wait_log("hog: running -> backoff", timeout=30)
-    assert "memory: RSS " in svc.log() and "over the limit 20MiB" in svc.log()
+    # Stopped for the restart (`stopping`, with the reason, while it stops), then backed off.
+    svc.wait_log("hog: stopping -> backoff", timeout=30)
+    stopping = next(line for line in svc.log().splitlines() if "hog: running -> stopping" in line)
+    assert "(memory: RSS " in stopping and "over the limit 20MiB" in stopping, stopping
 
 
 @needs_v2

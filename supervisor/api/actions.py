@@ -134,9 +134,14 @@ class Actions:
             if not body.wait:
                 # Its end, the instance's next transition, or its spawn in line at the gate,
                 # whichever comes first: a wait on the instance's own event, not two tasks (and a
-                # task group) for each instance asked.
+                # task group) for each instance asked. A stop of an instance `stopping` already (a
+                # check stops it, to restart it) takes that stop over: no transition until `stopped`.
+                taken_over = verb == "stop" and before is State.STOPPING
                 await instance.wait_until(
-                    lambda: done.is_set() or instance.state is not before or instance.in_line_to_spawn
+                    lambda: taken_over
+                    or done.is_set()
+                    or instance.state is not before
+                    or instance.in_line_to_spawn
                 )
                 return result(instance, not refused, refused[0] if refused else None)
             await done.wait()

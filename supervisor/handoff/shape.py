@@ -315,6 +315,7 @@ INSTANCE = Struct(
         "next_try": Nullable(CLOCK),
         "kill_at": Nullable(CLOCK),
         "trouble": Nullable(STR),
+        "trouble_failed_start": BOOL,
         "targets": MapOf(STREAM, STR),
         "pipes": MapOf(STREAM, FD),
         "sinks": MapOf(STREAM, Struct({"at_line_start": BOOL})),
@@ -331,7 +332,7 @@ INSTANCE = Struct(
         ),
         "cgroup": BOOL,
     },
-    optional=["cgroup"],
+    optional=["cgroup", "trouble_failed_start"],
 )
 
 #: The whole record.

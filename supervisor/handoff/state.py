@@ -47,7 +47,9 @@ FORMAT = "procward-handoff"
 #: (``service.checked``, record_check.py). Optional too, with no new version (an older reader
 #: lets it through and reads ``service.scaled``, the names, as before): the count of each entry
 #: ``scale`` changed (``service.scaled_replicas``); a record without it gives the counts of the
-#: entries' instances in it (``resumption.scaled_counts``).
+#: entries' instances in it (``resumption.scaled_counts``). And whether the run a check was
+#: stopping had not come up (``instances[].trouble_failed_start``): a check's stop is ``stopping``
+#: now; an older reader finishes such a stop as one asked for, and the instance stays stopped.
 VERSION = 2
 #: What this code reads: its own version, and version 1 (a service that numbered no events:
 #: its successor numbers from 1, as a fresh start does; its instances' cgroups are looked up).
