@@ -24,7 +24,6 @@ import ipaddress
 import os
 import re
 import secrets
-import select
 import signal
 import socket
 import struct
@@ -41,7 +40,8 @@ import h11
 
 from .config import AliveCheck, ReadyCheck
 from .config.records import LOG_SEARCH_TIMEOUT
-from .process import Child, SpawnError, spawn
+from .exec_probe_runs import EXEC_RUNS, ExecRun
+from .process import SpawnError, spawn
 
 __all__ = [
     "ANSWER_MAX",
@@ -51,7 +51,6 @@ __all__ = [
     "NotifySocket",
     "PatternTooSlow",
     "ProbeFailed",
-    "end_exec_probes",
     "failure_reason",
     "final_status",
     "judge_status",
@@ -227,54 +226,6 @@ async def until_log_line(followers: Iterable[AsyncIterator[bytes]], pattern: str
 # -- exec, http, tcp ----------------------------------------------------------------------------
 
 
-class _ExecRun:
-    """One exec probe's program while it runs (``_EXEC_RUNS``), and whether a re-exec ended it."""
-
-    __slots__ = ("child", "ended")
-
-    def __init__(self, child: Child) -> None:
-        self.child = child
-        self.ended = False
-
-
-#: The exec probes whose program runs now, of every instance: what ``end_exec_probes`` ends.
-_EXEC_RUNS: dict[_ExecRun, None] = {}
-#: How long ``end_exec_probes`` waits, in all, for the killed programs to be reaped.
-END_WAIT = 1.0
-
-
-def end_exec_probes(wait: float = END_WAIT) -> int:
-    """Kill every exec probe's process group now, and reap each program: the re-exec's last step.
-
-    Synchronous, for ``handoff.reexec.exec_service`` right before its ``execv``: the probe's
-    program is a child of the service, its pidfd and its output pipe close at the exec, and
-    the new code knows nothing of it. Left alone, it ran on unwatched, its timeout counted by
-    nobody (a ``sleep 30`` probe: 30 s; a hung one: for ever). Ended here, the new service
-    simply runs the probe again when its check's turn comes. Each program is reaped (so the
-    guardian forgets its group) once its pidfd says it has ended, within ``wait`` in all; one
-    that has not by then (held in the kernel: a hung mount) is killed all the same, and the
-    new service's orphan reaper takes its status when it goes, as it does the group's other
-    processes (reparented to the service, a subreaper). Returns how many were killed.
-
-    If the ``execv`` fails after this, the service goes on, and each probe ended here begins
-    its attempt again (``_exec``): the kill is not the probe's failure.
-    """
-    runs = [run for run in _EXEC_RUNS if run.child.exit is None]
-    for run in runs:
-        run.ended = True
-        run.child.send_signal(signal.SIGKILL, group=True)
-    deadline = time.monotonic() + wait
-    for run in runs:
-        child = run.child
-        fd = child.pidfd
-        if fd is not None and child.exit is None:
-            poller = select.poll()  # not select(): a service with many instances has fds past 1024
-            poller.register(fd, select.POLLIN)
-            poller.poll(max(0, round((deadline - time.monotonic()) * 1000)))
-        child.poll()
-    return len(runs)
-
-
 async def _exec(argv: list[str], context: ExecContext) -> str:
     while True:
         try:
@@ -307,8 +258,8 @@ async def _exec_once(argv: list[str], context: ExecContext) -> str:
         finally:
             os.close(write_fd)
         output = bytearray()
-        run = _ExecRun(child)
-        _EXEC_RUNS[run] = None
+        run = ExecRun(child)
+        EXEC_RUNS[run] = None
         try:
             while True:
                 await anyio.wait_readable(read_fd)
@@ -322,7 +273,7 @@ async def _exec_once(argv: list[str], context: ExecContext) -> str:
                 del output[:-_EXEC_OUTPUT]
             status = await child.wait()
         finally:
-            del _EXEC_RUNS[run]
+            del EXEC_RUNS[run]
             if child.exit is None:  # timed out or cancelled: no probe outlives its attempt
                 with anyio.CancelScope(shield=True):
                     child.send_signal(signal.SIGKILL, group=True)

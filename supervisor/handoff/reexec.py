@@ -287,7 +287,7 @@ def exec_service(record: StateRecord) -> str:
 
 
 def _end_exec_probes() -> None:
-    """Kill and reap the exec probes' programs that run now (probes.end_exec_probes): the new
+    """Kill and reap the exec probes' programs that run now (exec_probe_runs.py): the new
     service knows nothing of them, and runs each probe again when its turn comes.
 
     Looked up among the modules loaded, never imported here: a service whose instances have no
@@ -301,7 +301,7 @@ def _end_exec_probes() -> None:
             log.info("re-exec: ended %d exec probes in flight (each runs again after the exec)", ended)
 
 
-_PROBES = f"{__name__.rsplit('.', 2)[0]}.probes"
+_PROBES = f"{__name__.rsplit('.', 2)[0]}.exec_probe_runs"
 
 
 # -- the new service's side ---------------------------------------------------------------------
