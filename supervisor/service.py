@@ -121,7 +121,10 @@ class Service:
         # One service per state folder, whatever became of its socket file: taken before the
         # socket and before a crashed run's leftovers are looked for (statedir.py).
         if takeover is not None and takeover.get("state_lock") is not None:
-            self._state_lock = StateDirLock.adopt(self.manifest.state_dir, int(takeover["state_lock"]))
+            name = takeover.get("state_name")  # a record of older code hands no name
+            self._state_lock = StateDirLock.adopt(
+                self.manifest.state_dir, int(takeover["state_lock"]), None if name is None else int(name)
+            )
         else:  # a new service, or the record of an older one, which held no lock (closed at the exec)
             try:
                 self._state_lock = StateDirLock.acquire(self.manifest.state_dir)
@@ -312,6 +315,7 @@ class Service:
             None if self._held is None else self._held.fd,
             checked,
             state_lock=None if self._state_lock is None else self._state_lock.fd,
+            state_name=None if self._state_lock is None else self._state_lock.name_fd,
         )
 
     async def _hand_over(self) -> None:
@@ -371,11 +375,20 @@ class Service:
     # -- requests (from signals and from the control API) ------------------------------------
 
     def _remake_socket(self) -> None:
-        """The control socket bound again if its file was deleted (api/listeners.py)."""
+        """The state folder locked again and the control socket bound again if they were deleted
+        (statedir.py, api/listeners.py): a service started on the folder now must find it held."""
         from .api.listeners import ControlError
 
         if self._listeners is None:
             return
+        lock = self._state_lock
+        if lock is not None:
+            try:
+                if lock.follow():
+                    log.warning("the state folder %s was gone or replaced: locked again", lock.path)
+            except StateDirError as exc:
+                log.error("%s; the control socket is not made again", exc)
+                return
         try:
             self._listeners.remake_socket()
         except (ControlError, OSError) as exc:

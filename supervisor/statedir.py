@@ -17,16 +17,32 @@ wrong folder) a second service finds nothing there. A ``flock`` on the folder
 itself does, whatever happens to the files in it: the kernel lets it go when the
 service ends, however it ends, and a re-exec hands it over (its descriptor is in
 the state record).
+
+A ``flock`` holds the folder's inode, not its name: a folder deleted under the service
+(``rm -rf``, a cleaner of ``/tmp``) and made again by a second ``supervisor run`` is a new
+inode, free to lock, and the second service would start every instance beside the first.
+So the service also listens on an abstract unix socket named after the folder's path (its
+uid and a digest of the real path: abstract names live in no file system, and nothing can
+delete them). A service that takes the folder's lock and then finds the name held by a
+live service of its own user refuses, and names its pid (``SO_PEERCRED``). A name held by
+another user, or by something that does not listen, is not taken for a service: the
+``flock`` alone guards then (a name anyone can compute must not let another user keep our
+service from starting). Abstract names are per network namespace: two containers sharing
+the folder through a volume are told apart by the ``flock`` only.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import os
+import socket
 import stat
+import struct
 from pathlib import Path
 
-__all__ = ["StateDirError", "StateDirInUse", "StateDirLock", "prepare_state_dir"]
+__all__ = ["StateDirError", "StateDirInUse", "StateDirLock", "prepare_state_dir", "state_name"]
 
 _MODE = 0o700
 
@@ -95,53 +111,152 @@ def _make(path: Path) -> None:
 
 
 class StateDirLock:
-    """An exclusive ``flock`` on the state folder, held as long as the service runs there.
+    """An exclusive ``flock`` on the state folder, and the abstract name of its path, held as
+    long as the service runs there.
 
     Taken before the control socket is bound and before a crashed run's leftovers are
     looked for: a service that holds it knows that what the folder's record names is not
-    another live service's. The descriptor is close-on-exec (no instance inherits it) except
-    across a re-exec, which hands it over (``adopt``).
+    another live service's. Both descriptors are close-on-exec (no instance inherits them)
+    except across a re-exec, which hands them over (``adopt``).
     """
 
-    def __init__(self, path: Path, fd: int) -> None:
+    def __init__(self, path: Path, fd: int, name: socket.socket | None) -> None:
         self.path = path
         self.fd: int | None = fd
+        #: The listening abstract socket of the path (None where another user's process holds it).
+        self.name = name
+
+    @property
+    def name_fd(self) -> int | None:
+        return None if self.name is None else self.name.fileno()
 
     @classmethod
     def acquire(cls, path: Path) -> StateDirLock:
         """Lock ``path`` (a folder ``prepare_state_dir`` made or checked), or raise what holds it."""
+        fd = _lock(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise StateDirError(f"state_dir {path}: cannot open it: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(os.fstat(fd))
+            name = _claim_name(path)
+        except BaseException:
             os.close(fd)
-            who = "another service" if holder is None else f"another service (pid {holder})"
-            raise StateDirInUse(
-                f"state_dir {path} is in use by {who}: two services on one folder would each start "
-                "every instance; stop the other first (supervisor shutdown, or SIGTERM), or give this "
-                "manifest a state_dir of its own",
-                holder,
-            ) from None
-        except OSError as exc:  # a file system without flock: said, not fatal
-            os.close(fd)
-            raise StateDirError(f"state_dir {path}: cannot lock it: {exc.strerror}") from None
-        return cls(path, fd)
+            raise
+        return cls(path, fd, name)
 
     @classmethod
-    def adopt(cls, path: Path, fd: int) -> StateDirLock:
-        """After a re-exec: the lock the old service held, handed over as ``fd`` (close-on-exec again)."""
+    def adopt(cls, path: Path, fd: int, name_fd: int | None) -> StateDirLock:
+        """After a re-exec: what the old service held, handed over (close-on-exec again).
+
+        A record of older code hands no name: it is claimed now, the folder's lock being ours.
+        """
         os.set_inheritable(fd, False)
-        return cls(path, fd)
+        if name_fd is None:
+            try:
+                name = _claim_name(path)
+            except StateDirError:
+                name = None  # the lock is ours: whoever holds the name is not this folder's service
+        else:
+            name = socket.socket(fileno=name_fd)
+            name.set_inheritable(False)
+        return cls(path, fd, name)
+
+    def follow(self) -> bool:
+        """Lock the folder at ``path`` again if it is not the one locked (deleted, made again).
+
+        The service calls this before it makes its control socket again (SIGHUP): the folder
+        it makes or finds there is the one a service started on ``path`` would lock, and that
+        one must find it locked. The name is the path's, and stays. True if the lock moved;
+        ``StateDirError`` (``StateDirInUse``) if the folder there cannot be used, or is held.
+        """
+        assert self.fd is not None, "the lock was released"
+        prepare_state_dir(self.path)
+        try:
+            now = os.stat(self.path)
+        except OSError as exc:
+            raise StateDirError(f"state_dir {self.path}: {exc.strerror}") from None
+        held = os.fstat(self.fd)
+        if (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino):
+            return False
+        fd = _lock(self.path)
+        os.close(self.fd)
+        self.fd = fd
+        return True
 
     def release(self) -> None:
-        """Close the descriptor: the folder is free for the next service. Idempotent."""
+        """Close the descriptors: the folder is free for the next service. Idempotent."""
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)
+        name, self.name = self.name, None
+        if name is not None:
+            name.close()
+
+
+def _lock(path: Path) -> int:
+    """A close-on-exec descriptor of the folder at ``path``, flocked; else what holds it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StateDirError(f"state_dir {path}: cannot open it: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _holder(os.fstat(fd))
+        os.close(fd)
+        raise _in_use(path, holder) from None
+    except OSError as exc:  # a file system without flock: said, not fatal
+        os.close(fd)
+        raise StateDirError(f"state_dir {path}: cannot lock it: {exc.strerror}") from None
+    return fd
+
+
+def _in_use(path: Path, holder: int | None, *, replaced: bool = False) -> StateDirInUse:
+    who = "another service" if holder is None else f"another service (pid {holder})"
+    how = ", whose folder was deleted or replaced while it runs" if replaced else ""
+    return StateDirInUse(
+        f"state_dir {path} is in use by {who}{how}: two services on one folder would each start "
+        "every instance; stop the other first (supervisor shutdown, or SIGTERM), or give this "
+        "manifest a state_dir of its own",
+        holder,
+    )
+
+
+def state_name(path: Path) -> bytes:
+    """The abstract socket address that stands for the folder at ``path`` (which exists)."""
+    real = os.fsencode(os.path.realpath(path))
+    digest = hashlib.sha256(real).hexdigest()[:40]
+    return b"\0procward/state/%d/%s" % (os.geteuid(), digest.encode())
+
+
+def _claim_name(path: Path) -> socket.socket | None:
+    """Listen on the folder's abstract name; ``StateDirInUse`` if a live service of this user
+    holds it; None if another user's process (or one that does not listen) does."""
+    address = state_name(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address)
+        # Nobody accepts: a connection only asks who listens (SO_PEERCRED) and goes. The
+        # backlog bounds how many refused starts learn the pid before they learn nothing.
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            return None  # no abstract names here: the flock alone guards
+        holder = _name_holder(address)
+        if holder is None or holder[1] != os.geteuid():
+            return None
+        raise _in_use(path, holder[0] or None, replaced=True) from None
+    return sock
+
+
+def _name_holder(address: bytes) -> tuple[int, int] | None:
+    """(pid, uid) of the process that listens on ``address``; None if it does not answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.setblocking(False)
+        try:
+            probe.connect(address)
+        except OSError:  # ECONNREFUSED (bound, not listening), EAGAIN (its backlog is full)
+            return None
+        pid, uid, _ = struct.unpack("3i", probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid
 
 
 def _holder(found: os.stat_result) -> int | None:

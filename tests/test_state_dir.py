@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.statedir import StateDirError, prepare_state_dir
+from supervisor.statedir import StateDirError, StateDirInUse, StateDirLock, prepare_state_dir, state_name
 
 from .service_fixture import SUPERVISOR, ServiceProcess, answers, processes_with, write_manifest
 
@@ -411,3 +412,127 @@ def test_a_reload_onto_a_state_dir_another_service_holds_changes_nothing(
     write_manifest(tmp_path, f"version: 1\ninstances: {{a: {SLEEPER}}}\n", name="again.yaml")
     line = run_refused(tmp_path / "again.yaml")
     assert f"is in use by another service (pid {svc.pid})" in line, line
+
+
+# -- a state folder deleted under the service ---------------------------------------------
+
+
+def test_a_folder_deleted_under_the_service_and_made_again_is_still_refused(
+    service: Start, tmp_path: Path
+) -> None:
+    """``rm -rf`` of the state folder (or a cleaner of ``/tmp``) takes the flocked inode away:
+    a second ``supervisor run`` makes a new folder, which nothing locks. The abstract name of
+    the path still stands for the first service; SIGHUP makes the folder, locks it and binds the
+    socket again."""
+    marker = _unique_sleep()
+    manifest = write_manifest(tmp_path, f"version: 1\ninstances: {{a: {{command: [sleep, '{marker}']}}}}\n")
+    svc = service(manifest)
+    svc.wait_for(["a"], "running")
+    pid = svc.status()["a"]["pid"]
+    state = tmp_path / ".supervisor"
+    shutil.rmtree(state)
+    line = run_refused(manifest)
+    assert f"is in use by another service (pid {svc.pid}), whose folder was deleted or replaced" in line, line
+    assert "Its control socket" in line and f"`kill -HUP {svc.pid}`" in line, line
+    assert processes_with(marker) == [pid]  # the refused run started nothing
+    os.kill(svc.pid, signal.SIGHUP)
+    svc.wait_until(lambda: answers(svc.client(timeout=2)), 20, "the socket made again")
+    svc.wait_log("was gone or replaced: locked again")
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    held = [fd for fd in os.listdir(f"/proc/{svc.pid}/fd") if _names(svc.pid, fd, state)]
+    assert len(held) == 1, held  # the new folder's lock; the deleted one's descriptor was closed
+    line = run_refused(manifest)  # the flock refuses now, as for a folder never deleted
+    assert f"state_dir {state} is in use by another service (pid {svc.pid}):" in line, line
+    assert svc.status()["a"]["pid"] == pid
+
+
+def test_a_reexec_hands_the_folder_s_name_over(service: Start, tmp_path: Path) -> None:
+    marker = _unique_sleep()
+    manifest = write_manifest(tmp_path, f"version: 1\ninstances: {{a: {{command: [sleep, '{marker}']}}}}\n")
+    svc = service(manifest)
+    svc.wait_for(["a"], "running")
+    state = tmp_path / ".supervisor"
+    address = state_name(state)
+    before = _name_holders(address)
+    done = svc.cli("reexec")
+    assert done.returncode == 0, done.stderr + svc.log()
+    svc.wait_until(lambda: "re-exec'd: took over" in svc.log(), 30, "the new service took over")
+    assert _name_holders(address) == before == [svc.pid]  # the same socket, held once, not claimed anew
+    shutil.rmtree(state)
+    line = run_refused(manifest)
+    assert f"is in use by another service (pid {svc.pid}), whose folder was deleted" in line, line
+    assert len(processes_with(marker)) == 1
+
+
+def _name_holders(address: bytes) -> list[int]:
+    """The pids of our processes that hold the listening socket bound at ``address`` (once each fd)."""
+    shown = "@" + address[1:].decode()
+    with open("/proc/net/unix") as table:
+        next(table)
+        inodes = {f[6] for f in (line.split() for line in table) if len(f) > 7 and f[7] == shown}
+    holders = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] in inodes:
+                        holders.append(int(pid))
+    return holders
+
+
+def test_the_name_is_given_up_with_the_lock_and_claimed_again(tmp_path: Path) -> None:
+    folder = tmp_path / "state"
+    prepare_state_dir(folder)
+    first = StateDirLock.acquire(folder)
+    assert first.name is not None
+    shutil.rmtree(folder)
+    prepare_state_dir(folder)  # a new inode: its flock is free, the path's name is not
+    with pytest.raises(StateDirInUse, match="whose folder was deleted or replaced") as refused:
+        StateDirLock.acquire(folder)
+    assert refused.value.holder == os.getpid()
+    assert first.follow() is True  # the service's SIGHUP: it locks the folder now at the path
+    assert first.follow() is False
+    with pytest.raises(StateDirInUse, match=r"in use by another service \(pid \d+\):"):
+        StateDirLock.acquire(folder)
+    first.release()
+    first.release()  # idempotent
+    second = StateDirLock.acquire(folder)
+    assert second.name is not None
+    second.release()
+
+
+@pytest.mark.parametrize("listens", [False, True], ids=["bound-only", "listening"])
+def test_a_name_squatted_by_what_is_not_a_service_of_ours(tmp_path: Path, listens: bool) -> None:
+    """Anyone can compute the name. One that is bound and does not listen is no service: the
+    flock alone guards, and the service starts. One of our user that listens may be a service
+    whose folder was deleted: refused. (Another user's listener is treated like the first: its
+    uid is not ours. That needs a second user, which this test has not.)"""
+    folder = tmp_path / "state"
+    prepare_state_dir(folder)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as squatter:
+        squatter.bind(state_name(folder))
+        if listens:
+            squatter.listen(1)
+            with pytest.raises(StateDirInUse, match=f"pid {os.getpid()}"):
+                StateDirLock.acquire(folder)
+            return
+        lock = StateDirLock.acquire(folder)
+        assert lock.name is None and lock.fd is not None
+        lock.release()
+
+
+def test_a_record_of_older_code_hands_no_name_and_the_adopter_claims_it(tmp_path: Path) -> None:
+    folder = tmp_path / "state"
+    prepare_state_dir(folder)
+    old = StateDirLock.acquire(folder)
+    assert old.name is not None and old.fd is not None
+    old.name.close()  # what older code held: the flock only
+    fd, old.fd = old.fd, None
+    os.set_inheritable(fd, True)
+    adopted = StateDirLock.adopt(folder, fd, None)
+    assert adopted.name is not None and not os.get_inheritable(fd)
+    shutil.rmtree(folder)
+    prepare_state_dir(folder)
+    with pytest.raises(StateDirInUse, match="whose folder was deleted"):
+        StateDirLock.acquire(folder)
+    adopted.release()

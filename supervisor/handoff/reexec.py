@@ -114,6 +114,7 @@ def service_record(
     checked: dict[str, str] | None = None,
     *,
     state_lock: int | None = None,
+    state_name: int | None = None,
 ) -> StateRecord:
     """The record's ``service`` section and instances, with each live child's start time.
 
@@ -124,7 +125,8 @@ def service_record(
     ``signals``: the read end of ``HeldSignals``' pipe, handed over (signals.py).
     ``checked``: the new code's answer for the manifest, from its check (``check_new_code``).
     ``state_lock``: the descriptor of the state folder's lock (statedir.StateDirLock), handed
-    over so that no second service can start on the folder while the new code starts.
+    over so that no second service can start on the folder while the new code starts;
+    ``state_name``: the abstract socket named after the folder's path, handed over with it.
     """
     for instance in manager_state["instances"]:
         child = instance["child"]
@@ -144,6 +146,7 @@ def service_record(
             "nofile": inherited_fd_limit(),
             "signals": signals,
             "state_lock": state_lock,
+            "state_name": state_name,
             "handoffs": handoffs + 1,
             "events_seq": manager_state["events_seq"],
             "scaled": manager_state["scaled"],
@@ -345,8 +348,9 @@ def handed_fds(record: StateRecord) -> list[int]:
         fds += [int(fd) for fd in (guardian["fd"], guardian["pidfd"]) if fd is not None]
     if service.get("signals") is not None:  # optional: a record without it held no signals
         fds.append(int(service["signals"]))
-    if service.get("state_lock") is not None:  # optional: older code held no lock
-        fds.append(int(service["state_lock"]))
+    for held in ("state_lock", "state_name"):  # optional: older code held neither
+        if service.get(held) is not None:
+            fds.append(int(service[held]))
     for instance in record["instances"]:
         fds += [int(fd) for fd in instance["pipes"].values()]
         notify = instance["health"]["notify"]

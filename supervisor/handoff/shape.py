@@ -266,6 +266,8 @@ SERVICE = Struct(
         "signals": Nullable(FD),
         # The state folder's lock (statedir.StateDirLock): a record of older code has none.
         "state_lock": Nullable(FD),
+        # The abstract socket named after the state folder's path (statedir.py); optional too.
+        "state_name": Nullable(FD),
         "handoffs": COUNT,
         "events_seq": Int(0, MAX_SEQ),
         "scaled": ListOf(STR),
@@ -281,7 +283,8 @@ SERVICE = Struct(
         "checked": Nullable(Struct({"digest": STR, "answer": STR})),
     },
     optional=[
-        "signals", "handover_began", "handover_cpu", "checked", "scaled_replicas", "state_lock", "env_files"
+        "signals", "handover_began", "handover_cpu", "checked", "scaled_replicas", "state_lock", "state_name",
+        "env_files",
     ],
 )
 
