@@ -212,3 +212,54 @@ def test_the_cap_leaves_connections_to_short_requests() -> None:
     assert slots.take() and slots.open == 2
     with pytest.raises(ValueError, match="at least 1"):
         StreamSlots(0)
+
+
+def _post(path: Path, route: str, body: dict[str, object]) -> socket.socket:
+    data = json.dumps(body).encode()
+    head = (
+        f"POST {route} HTTP/1.1\r\nHost: supervisor\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    )
+    return _send(path, head.encode() + data)
+
+
+#: A wait that lasts: the sleeper is never stopped here.
+NEVER = {"names": ["sleeper"], "state": ["stopped"], "timeout": "1h"}
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_requests_that_wait_take_the_streams_places_and_give_them_back_when_their_client_leaves(
+    service: Start, backend: str
+) -> None:
+    """A ``wait``, or a start/stop/restart that waits for its outcome, holds its connection up to
+    its timeout (a week at most). Uncounted, 64 of them beside the streams left status and health
+    no connection: they take the streams' places now. And a client that leaves ends its wait:
+    the place (and the connection) were held until the timeout, with nobody to answer."""
+    svc = service(MANIFEST, args=("--backend", backend))
+    client = svc.client(timeout=QUICK)
+    with ExitStack() as stack:
+        _open_streams(stack, svc.socket, CAP - 2)
+        waits = [stack.enter_context(_post(svc.socket, "/v1/instances/wait", NEVER)) for _ in range(2)]
+        svc.wait_until(lambda: client.health()["streams"] == CAP, 20, "the two waits counted")
+        _answers_quickly(client)
+        # Every place is taken: a further wait, and a restart that would wait, are refused at once.
+        _assert_refused(stack.enter_context(_post(svc.socket, "/v1/instances/wait", NEVER)))
+        restart = {"names": ["sleeper"]}
+        _assert_refused(stack.enter_context(_post(svc.socket, "/v1/instances/restart", restart)))
+        done = svc.cli("wait", "sleeper", "--state", "stopped", "--timeout", "1h", timeout=30)
+        assert done.returncode == 1 and "too many streams:" in done.stderr, done
+        assert "`supervisor wait`" in done.stderr, done.stderr
+        # One that does not wait holds no place: it is done at once.
+        quick = stack.enter_context(
+            _post(svc.socket, "/v1/instances/start", {"names": ["sleeper"], "wait": False})
+        )
+        status, head, _ = _head(quick)
+        assert status != 503, head
+        assert svc.status()["sleeper"]["state"] == "running"  # the refused restart did nothing
+        # The waits' clients hang up: their places come back long before the hour is out.
+        for sock in waits:
+            sock.close()
+        svc.wait_until(lambda: client.health()["streams"] == CAP - 2, 20, "the waits' places given back")
+        waiting = stack.enter_context(_post(svc.socket, "/v1/instances/wait", NEVER))
+        svc.wait_until(lambda: client.health()["streams"] == CAP - 1, 20, "a place for a wait again")
+        waiting.close()

@@ -21,6 +21,7 @@ from ..events import State
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager
 from .inputs import body as read_body
+from .live import StreamSlots
 from .requests import ActionRequest
 
 __all__ = ["REMOVED", "Actions", "action_response", "refusal", "result", "run_all"]
@@ -60,14 +61,25 @@ async def run_all(one: Callable[[Instance], Coroutine[Any, Any, None]], instance
 class Actions:
     """start, stop and restart: run in the control plane's task group, awaited by the request."""
 
-    def __init__(self, manager: Manager, background: TaskGroup, closing: anyio.Event) -> None:
+    def __init__(
+        self, manager: Manager, background: TaskGroup, closing: anyio.Event, slots: StreamSlots
+    ) -> None:
         self.manager = manager
         self.background = background
         self.closing = closing
+        self.slots = slots
 
     def endpoint(self, verb: str) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             body = await read_body(request, ActionRequest)
+            if not body.wait:
+                return await act(request, body)
+            # It waits for the outcome, up to its timeout (a week at most): it holds one of the
+            # places streams take, or 64 of them would leave the short requests no connection.
+            with self.slots.place() as taken:
+                return await act(request, body) if taken else self.slots.refused()
+
+        async def act(request: Request, body: ActionRequest) -> Response:
             instances = self.manager.select(body.patterns)
             results: dict[str, dict[str, Any]] = {}
             selected = {instance.name for instance in instances}
@@ -75,7 +87,7 @@ class Actions:
             async def one(instance: Instance) -> None:
                 results[instance.name] = await self.perform(verb, instance, body, selected)
 
-            await self.unless_closing(run_all(one, instances))
+            await self.unless_closing(run_all(one, instances), request)
             return action_response(
                 [results.get(i.name) or result(i, False, "the service is shutting down") for i in instances]
             )
@@ -83,15 +95,25 @@ class Actions:
         endpoint.__name__ = f"{verb}_instances"
         return endpoint
 
-    async def unless_closing(self, work: Awaitable[None]) -> None:
-        """Await ``work``, but give up when the server stops (the service is shutting down)."""
+    async def unless_closing(self, work: Awaitable[None], request: Request) -> None:
+        """Await ``work``, but give up when the server stops (the service is shutting down) or
+        the client goes away: nobody is left to read the answer, and a wait held its connection
+        and its place (``live.StreamSlots``) until its timeout, a week at most. What an action
+        asked for goes on in the background either way."""
         async with anyio.create_task_group() as tg:
 
             async def watch() -> None:
                 await self.closing.wait()
                 tg.cancel_scope.cancel()
 
+            async def until_gone() -> None:
+                # The body is read: receive() now returns only when the client has left.
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                tg.cancel_scope.cancel()
+
             tg.start_soon(watch)
+            tg.start_soon(until_gone)
             await work
             tg.cancel_scope.cancel()
 

@@ -138,7 +138,7 @@ def _routes(
     keepalive: float,
     slots: StreamSlots,
 ) -> list[Endpoint]:
-    actions = Actions(manager, background, closing)
+    actions = Actions(manager, background, closing, slots)
     sampler = Sampler(background)
 
     async def health(_: Request) -> Response:
@@ -190,6 +190,11 @@ def _routes(
     async def wait(request: Request) -> Response:
         """Wait until each selected instance is in one of ``state`` (default timeout 30s)."""
         asked = await body(request, WaitRequest)
+        # Up to its timeout, a week at most: it holds one of the places streams take.
+        with slots.place() as taken:
+            return await waited(request, asked) if taken else slots.refused()
+
+    async def waited(request: Request, asked: WaitRequest) -> Response:
         timeout = _WAIT_DEFAULT if asked.timeout is None else asked.timeout
         wanted = frozenset(str(state) for state in asked.state)
         instances = manager.select(asked.patterns)
@@ -205,7 +210,7 @@ def _routes(
             error = None if reached else REMOVED if instance.removed else late
             results[instance.name] = result(instance, reached, error)
 
-        await actions.unless_closing(run_all(one, instances))
+        await actions.unless_closing(run_all(one, instances), request)
         return action_response(
             [results.get(i.name) or result(i, False, "the service is shutting down") for i in instances]
         )
@@ -348,7 +353,7 @@ def _routes(
                 "POST",
                 Operation(
                     "instances",
-                    some("Some did not make it."),
+                    {**some("Some did not make it."), 503: _TOO_MANY_WAITING},
                     body=ActionRequest,
                     summary=f"{verb.capitalize()} instances",
                     description=_ACTION_DOCS[verb],
@@ -367,7 +372,7 @@ def _routes(
             "/v1/instances/wait",
             wait,
             "POST",
-            Operation("instances", some("Some timed out."), body=WaitRequest),
+            Operation("instances", {**some("Some timed out."), 503: _TOO_MANY_WAITING}, body=WaitRequest),
         ),
         Endpoint(
             "/v1/instances/{name}/logs",
@@ -463,6 +468,11 @@ def _routes(
 _TOO_MANY_STREAMS = Answer(
     "`follow` (logs) or the event stream, while every place for a stream is taken (`streams` = "
     "`streams_max` in `/v1/health`): nothing is streamed and the connection is closed.",
+    "ErrorBody",
+)
+_TOO_MANY_WAITING = Answer(
+    "Every place for a stream is taken (`streams` = `streams_max` in `/v1/health`), and a request "
+    "that waits takes one: nothing was done, and the connection is closed.",
     "ErrorBody",
 )
 

@@ -12,13 +12,18 @@ even ``/v1/health``, would get no answer at all. So streams have places of their
 own (``StreamSlots``), fewer than the connections: ``STREAM_RESERVE`` connections
 are always left to the short requests. A stream asked for when every place is taken
 is answered 503 at once, and its connection closed.
+
+The requests that wait take the same places (``StreamSlots.place``): a ``wait``, or a
+start, stop or restart that waits for its outcome, holds its connection up to its
+timeout (a week at most), and 64 of them (``xargs -P``, a script's ``&``, starts of
+instances whose dependency is down) left the short requests nothing either.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 
 import anyio
@@ -82,10 +87,27 @@ class StreamSlots:
     def refusal(self) -> str:
         """The 503's message: how many are open, the cap, and what to do."""
         return (
-            f"too many streams: {self.open} are open (event streams and followed logs together), and "
-            f"the service keeps at most {self.cap} at once so that its other requests always answer; "
-            "close some (a dashboard tab, a `supervisor logs -f`) and try again"
+            f"too many streams: {self.open} are open (event streams and followed logs, with the "
+            "requests that wait: wait, and start, stop or restart until done), and the service keeps "
+            f"at most {self.cap} at once so that its other requests always answer; close some (a "
+            "dashboard tab, a `supervisor logs -f`, a `supervisor wait`) and try again"
         )
+
+    def refused(self) -> Response:
+        """The 503, on a connection closed after it: the service is at its limit, and frees it."""
+        answer = error(503, self.refusal())
+        answer.headers["Connection"] = "close"
+        return answer
+
+    @contextlib.contextmanager
+    def place(self) -> Iterator[bool]:
+        """One place for what is done inside, if one is free (False: answer ``refused()``)."""
+        taken = self.take()
+        try:
+            yield taken
+        finally:
+            if taken:
+                self.give_back()
 
 
 class LiveResponse(Response):
@@ -115,16 +137,11 @@ class LiveResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The place is taken here, where nothing can come between it and the try that gives it
         # back: a stream counts from before it subscribes until after its last byte went out.
-        slots = self._slots
-        if not slots.take():
-            refused = error(503, slots.refusal())
-            refused.headers["Connection"] = "close"  # its connection is free at once, too
-            await refused(scope, receive, send)
-            return
-        try:
-            await self._stream(receive, send)
-        finally:
-            slots.give_back()
+        with self._slots.place() as taken:
+            if taken:
+                await self._stream(receive, send)
+            else:
+                await self._slots.refused()(scope, receive, send)
 
     async def _stream(self, receive: Receive, send: Send) -> None:
         async with self._source() as chunks:

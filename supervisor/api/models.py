@@ -134,7 +134,11 @@ class Health(BaseModel):
         description="The service is still making and spawning the manifest's instances (the socket "
         "answers from the start; until they are known, every route but this one waits).",
     )
-    streams: int = Field(0, description="Streams open now: event streams and followed logs, on any listener.")
+    streams: int = Field(
+        0,
+        description="Streams open now: event streams, followed logs and requests that wait (wait; "
+        "start, stop, restart unless wait is false), on any listener.",
+    )
     streams_max: int = Field(
         0,
         description="The most streams open at once; beyond it a stream is refused with 503. Fewer than the "
