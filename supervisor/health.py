@@ -272,8 +272,8 @@ class Health:
             await kill(f"liveness: {reason}", None)
             await anyio.sleep_forever()  # the program is gone: the caller cancels us
 
-    def run_ended(self) -> None:
-        """The program is gone: whatever it was, it is not ready now."""
+    def run_ending(self) -> None:
+        """The program is gone, or on its way out (``stopping``): whatever it was, not ready now."""
         if self._config.ready is not None:
             self.ready = False
 
@@ -384,6 +384,9 @@ class Health:
             self.note("ready", False, "RELOADING=1")
         if fields.get("STOPPING") == "1":
             self.note("notify", None, "STOPPING=1")
+            if self.ready:  # it said it is shutting down: it serves nobody any more (systemd's deactivating)
+                self.ready = False
+                self.note("ready", False, "STOPPING=1")
         assert self._watchdog_armed is not None and self._notified_ready is not None
         if fields.get("READY") == "1":
             self._watchdog_armed.set()

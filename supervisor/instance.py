@@ -367,6 +367,8 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         assert to in _ALLOWED[leaving], f"{self.name}: no transition {leaving} -> {to}"
         self._state = to
         self._reason = reason
+        if to is State.STOPPING:  # a program on its way out serves nobody: `ready: false` from now
+            self._health.run_ending()
         child = self._child
         pid = exit.pid if exit else (child.pid if child is not None else None)
         self._context.bus.publish(
@@ -551,7 +553,7 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
                         on_running()
                 await child.wait()
         finally:  # ended, or a stop cancelled the watch: either way the run is not ready any more
-            self._health.run_ended()
+            self._health.run_ending()
         status = child.exit
         assert status is not None
         self._last_exit = status

@@ -112,6 +112,32 @@ async def test_notify_ready_status_and_a_foreign_ready_is_ignored(tmp_path: Path
         assert texts == ["waiting for a go", "got the go", "serving"]
 
 
+async def test_stopping_1_makes_a_notify_instance_not_ready(tmp_path: Path) -> None:
+    """``STOPPING=1``: the program began its shutdown (systemd's deactivating), and serves nobody."""
+    program = _notify_program(tmp_path)
+    manifest = manifest_from(
+        f"""
+        version: 1
+        instances:
+          svc:
+            command: [python3, "{program}", "READY=1", "wait", "STOPPING=1"]
+            ready: {{notify: true}}
+            restart: {{min_uptime: 0}}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        await events.wait_for(_to(State.RUNNING, "svc"))
+        svc = manager.instances["svc"]
+        assert svc.status().ready is True
+        svc.signal(signal.SIGUSR1)
+        await events.until(lambda: any(u.kind == "ready" and u.ok is False for u in events.updates))
+        status = svc.status()
+        assert (status.state, status.ready) == (State.RUNNING, False)
+        update = next(u for u in events.updates if u.kind == "ready" and u.ok is False)
+        assert update.message == "STOPPING=1"
+
+
 async def test_a_missing_watchdog_ping_sends_the_watchdog_signal_and_restarts(tmp_path: Path) -> None:
     program = _notify_program(tmp_path)
     manifest = manifest_from(

@@ -311,3 +311,31 @@ def test_dependents_in_line_to_spawn_do_not_say_they_wait_for_a_ready_dependency
                 started.add(name)
                 if started == names:
                     break
+
+
+def test_an_instance_a_check_is_stopping_is_not_ready(service: Start, go: Path, tmp_path: Path) -> None:
+    """A program on its way out serves nobody: ``ready`` is false from ``stopping`` on. A failed
+    liveness check's stop said `ready: true` for the whole stop, up to stop.timeout, to whoever
+    routes traffic by it (a stop by hand ends the run's checks at once, and said false)."""
+    fail = tmp_path / "fail"
+    svc = service(
+        f"""
+        version: 1
+        instances:
+          api:
+            command: {SLOW_STOP.format(go=go)}
+            ready: {{exec: ["true"], interval: 100ms}}
+            alive: {{exec: [test, "!", -e, "{fail}"], interval: 100ms, failure_threshold: 1}}
+            restart: {{min_uptime: 0}}
+            stop: {{timeout: 60s}}
+        """
+    )
+    svc.wait_output("api", b"armed")
+    svc.wait_until(lambda: svc.status("api")["api"]["ready"] is True, 10, "api ready")
+    fail.touch()
+    _until_state(svc, "stopping", "the liveness check failed")
+    found = svc.status("api")["api"]
+    assert (found["state"], found["reason"], found["ready"]) == ("stopping", LIVENESS_REASON, False), found
+    fail.unlink()
+    go.touch()
+    svc.wait_until(lambda: svc.status("api")["api"]["ready"] is True, 20, "ready again after the restart")
