@@ -18,7 +18,7 @@ import anyio
 import anyio.streams.tls
 import pytest
 
-from supervisor.config import ManifestError
+from supervisor.config import Manifest, ManifestError
 from supervisor.events import State
 from supervisor.probes import ExecContext, NotHttp, ProbeFailed, final_status, probe_once
 
@@ -53,6 +53,17 @@ def _notify_program(tmp_path: Path) -> Path:
     return path
 
 
+def _notify_manifest(tmp_path: Path, *messages: str, settings: str = "restart: {min_uptime: 0}") -> Manifest:
+    """An instance ``svc`` that runs ``NOTIFY_PROGRAM`` with ``messages`` and is ready by notify."""
+    program = _notify_program(tmp_path)
+    command = json.dumps(["python3", str(program), *messages])
+    return manifest_from(
+        f"version: 1\ninstances:\n  svc:\n    command: {command}\n    ready: {{notify: true}}\n"
+        f"    {settings}\n",
+        tmp_path,
+    )
+
+
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode().split("\0") if "=" in item)
@@ -72,18 +83,8 @@ def _send(address: str, payload: bytes, fds: list[int] | None = None) -> None:
 
 
 async def test_notify_ready_status_and_a_foreign_ready_is_ignored(tmp_path: Path) -> None:
-    program = _notify_program(tmp_path)
-    manifest = manifest_from(
-        f"""
-        version: 1
-        instances:
-          svc:
-            command: [python3, "{program}", "STATUS=waiting for a go", wait, "STATUS=got the go", wait,
-                      "READY=1|STATUS=serving"]
-            ready: {{notify: true}}
-            restart: {{min_uptime: 0}}
-        """,
-        tmp_path,
+    manifest = _notify_manifest(
+        tmp_path, "STATUS=waiting for a go", "wait", "STATUS=got the go", "wait", "READY=1|STATUS=serving"
     )
     async with running(manifest) as (manager, events):
         svc = manager.instances["svc"]
@@ -114,18 +115,7 @@ async def test_notify_ready_status_and_a_foreign_ready_is_ignored(tmp_path: Path
 
 async def test_stopping_1_makes_a_notify_instance_not_ready(tmp_path: Path) -> None:
     """``STOPPING=1``: the program began its shutdown (systemd's deactivating), and serves nobody."""
-    program = _notify_program(tmp_path)
-    manifest = manifest_from(
-        f"""
-        version: 1
-        instances:
-          svc:
-            command: [python3, "{program}", "READY=1", "wait", "STOPPING=1"]
-            ready: {{notify: true}}
-            restart: {{min_uptime: 0}}
-        """,
-        tmp_path,
-    )
+    manifest = _notify_manifest(tmp_path, "READY=1", "wait", "STOPPING=1")
     async with running(manifest) as (manager, events):
         await events.wait_for(_to(State.RUNNING, "svc"))
         svc = manager.instances["svc"]
@@ -139,19 +129,8 @@ async def test_stopping_1_makes_a_notify_instance_not_ready(tmp_path: Path) -> N
 
 
 async def test_a_missing_watchdog_ping_sends_the_watchdog_signal_and_restarts(tmp_path: Path) -> None:
-    program = _notify_program(tmp_path)
-    manifest = manifest_from(
-        f"""
-        version: 1
-        instances:
-          svc:
-            command: [python3, "{program}", "READY=1|WATCHDOG=1"]
-            ready: {{notify: true}}
-            watchdog: 300ms
-            restart: {{min_uptime: 0, backoff: {{initial: 10ms}}}}
-        """,
-        tmp_path,
-    )
+    settings = "watchdog: 300ms\n    restart: {min_uptime: 0, backoff: {initial: 10ms}}"
+    manifest = _notify_manifest(tmp_path, "READY=1|WATCHDOG=1", settings=settings)
     async with running(manifest) as (manager, events):
         await events.wait_for(_to(State.RUNNING, "svc"))
         assert _environ(manager.instances["svc"].pid or 0)["WATCHDOG_USEC"] == "300000"
@@ -165,20 +144,9 @@ async def test_a_missing_watchdog_ping_sends_the_watchdog_signal_and_restarts(tm
 
 
 async def test_notify_messages_from_the_group_are_bounded_and_cleaned(tmp_path: Path) -> None:
-    program = _notify_program(tmp_path)
     long_status = "x" * 5000  # one datagram over the 4 KiB systemd takes: ignored whole
     messages = [f"STATUS={long_status}", "STATUS=tab\tand\x01control", "READY=1"]
-    manifest = manifest_from(
-        f"""
-        version: 1
-        instances:
-          svc:
-            command: [python3, "{program}", {", ".join(json.dumps(m) for m in messages)}]
-            ready: {{notify: true}}
-            restart: {{min_uptime: 0}}
-        """,
-        tmp_path,
-    )
+    manifest = _notify_manifest(tmp_path, *messages)
     async with running(manifest) as (manager, events):
         await events.wait_for(_to(State.RUNNING, "svc"))
         assert manager.instances["svc"].status().status_text == "tab and control"

@@ -36,6 +36,7 @@ instances:
     alive: {{{{exec: [test, "!", -e, "{{fail}}"], interval: 100ms, failure_threshold: 1}}}}
     restart: {{{{min_uptime: 0}}}}
     stop: {{{{timeout: 60s}}}}
+    {{ready}}
 """
 LIVENESS_REASON = "liveness: test: exit code 1"
 #: A waiting instance's reason once its dependencies are met, until its spawn (instance.py).
@@ -84,7 +85,7 @@ def _liveness_stop(
     service: Start, go: Path, tmp_path: Path, *args: str
 ) -> tuple[ServiceProcess, dict[str, Any]]:
     """A service whose ``api`` a failing liveness check is stopping (the program waits for ``go``)."""
-    svc = service(LIVENESS.format(go=go, fail=tmp_path / "fail"), args=args)
+    svc = service(LIVENESS.format(go=go, fail=tmp_path / "fail", ready=""), args=args)
     svc.wait_output("api", b"armed")
     before = svc.status("api")["api"]
     assert before["state"] == "running", before
@@ -318,18 +319,7 @@ def test_an_instance_a_check_is_stopping_is_not_ready(service: Start, go: Path, 
     liveness check's stop said `ready: true` for the whole stop, up to stop.timeout, to whoever
     routes traffic by it (a stop by hand ends the run's checks at once, and said false)."""
     fail = tmp_path / "fail"
-    svc = service(
-        f"""
-        version: 1
-        instances:
-          api:
-            command: {SLOW_STOP.format(go=go)}
-            ready: {{exec: ["true"], interval: 100ms}}
-            alive: {{exec: [test, "!", -e, "{fail}"], interval: 100ms, failure_threshold: 1}}
-            restart: {{min_uptime: 0}}
-            stop: {{timeout: 60s}}
-        """
-    )
+    svc = service(LIVENESS.format(go=go, fail=fail, ready='ready: {exec: ["true"], interval: 100ms}'))
     svc.wait_output("api", b"armed")
     svc.wait_until(lambda: svc.status("api")["api"]["ready"] is True, 10, "api ready")
     fail.touch()
