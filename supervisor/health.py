@@ -218,6 +218,11 @@ class Health:
                 self.ready = False
             for kind in ("ready", "alive", "watchdog", "memory"):  # each run's first outcome is news
                 self._outcomes.pop(kind, None)
+            # The last run's probe and STATUS= text say nothing of this one: a `starting`
+            # instance showed the `status 200` that made the last run ready, beside `ready:
+            # false`, and its `serving 300 req/s` (systemd clears a unit's status text too).
+            self.last_check = None
+            self.status_text = None
             self._watchdog_trigger = False
             self._main_pid = None
             if self._notify is not None:

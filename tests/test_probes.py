@@ -128,6 +128,46 @@ async def test_stopping_1_makes_a_notify_instance_not_ready(tmp_path: Path) -> N
         assert update.message == "STOPPING=1"
 
 
+FIRST_RUN_ONLY = """
+import os, signal, socket, sys
+if not os.path.exists(sys.argv[1]):  # the first run says it is ready and how it is; the next, nothing
+    open(sys.argv[1], "w").close()
+    address = os.environ["NOTIFY_SOCKET"].replace("@", "\\0", 1)
+    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"STATUS=serving 300 req/s\\nREADY=1", address)
+while True:
+    signal.pause()
+"""
+
+
+async def test_a_new_run_shows_neither_the_last_run_s_check_nor_its_status_text(tmp_path: Path) -> None:
+    program = tmp_path / "first_run_only.py"
+    program.write_text(FIRST_RUN_ONLY)
+    manifest = manifest_from(
+        f"""
+        version: 1
+        instances:
+          svc:
+            command: [python3, "{program}", "{tmp_path / "ran"}"]
+            ready: {{notify: true}}
+            restart: {{min_uptime: 0}}
+        """,
+        tmp_path,
+    )
+    async with running(manifest) as (manager, events):
+        await events.wait_for(_to(State.RUNNING, "svc"))
+        svc = manager.instances["svc"]
+        status = svc.status()
+        assert (status.ready, status.last_check, status.status_text) == (True, "READY=1", "serving 300 req/s")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(svc.restart)
+            await events.until(lambda: [e.to_state for e in events.of("svc")].count(State.STARTING) == 2)
+            status = svc.status()
+            assert (status.state, status.ready, status.last_check, status.status_text) == (
+                State.STARTING, False, None, None
+            )
+            tg.cancel_scope.cancel()
+
+
 async def test_a_missing_watchdog_ping_sends_the_watchdog_signal_and_restarts(tmp_path: Path) -> None:
     settings = "watchdog: 300ms\n    restart: {min_uptime: 0, backoff: {initial: 10ms}}"
     manifest = _notify_manifest(tmp_path, "READY=1|WATCHDOG=1", settings=settings)
