@@ -175,7 +175,7 @@ def applied_env_files(manifest: Manifest) -> dict[str, dict[str, str]]:
     runs with the entry's config (a reload replaces those whose config changed).
     """
     return {
-        name: dict(config._env_from_file)
+        name: dict(config.env_from_file)
         for name, config in manifest.instances.items()
         if config.env_file
     }
@@ -201,8 +201,8 @@ def with_applied_env_files(
         found = None if applied is None else applied.get(name)
         if found is None:
             unknown.append(name)
-        elif found != config._env_from_file:
-            entries[name] = config.replace(_env_from_file=dict(found))
+        elif found != config.env_from_file:
+            entries[name] = config.with_env_from_file(found)
             edited.append(name)
     if edited:
         manifest = manifest.replace(instances=entries)

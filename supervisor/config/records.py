@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import resource
 import shlex
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, TypeVar
 
@@ -362,6 +363,15 @@ class InstanceConfig(Record):
     watchdog_signal: int
     limits: Limits
     _env_from_file: dict[str, str]
+
+    @property
+    def env_from_file(self) -> Mapping[str, str]:
+        """What ``env_file`` said when the manifest was read (after a re-exec: when it was applied)."""
+        return self._env_from_file
+
+    def with_env_from_file(self, values: Mapping[str, str]) -> InstanceConfig:
+        """A copy that runs with ``values`` for its ``env_file``'s contents (a re-exec's record)."""
+        return self.replace(_env_from_file=dict(values))
 
     def environment(self, service_env: dict[str, str]) -> dict[str, str]:
         """The child's environment: the service's (unless inherit_env is false), env_file, env."""
