@@ -781,7 +781,7 @@ def test_two_instances_logged_to_one_file_are_refused(tmp_path: Path) -> None:
         "  b: {command: run, stdout: null, stderr: stdout, logs: {stdout_file: o.log, stderr_file: o.log}}\n"
         "  c: {command: run, stderr: stdout, logs: {stdout_file: c.log, stderr_file: c.log}}\n"
         "  d: {command: run, replicas: 2, logs: {stdout_file: d.log, stderr_file: d.err}}\n"
-        "  e: {command: run, stdout: {file: e.log}, stderr: inherit}\n",
+        "  e: {command: run, stdout: {file: d.log.txt}, stderr: inherit}\n",  # not a log's name
     )
     assert sorted(manifest.instances) == ["a", "b", "c", "d", "e"]
 
@@ -933,6 +933,39 @@ def test_a_log_or_output_file_that_the_manifest_reads_is_refused(tmp_path: Path)
             (7, 41),
             f"d's stdout would be logged to {token!r}, supervisor.control.token_file, which the service "
             "reads: choose another file",
+        ),
+    ]
+
+
+def test_an_output_file_that_is_a_log_file_or_its_backup_is_refused(tmp_path: Path) -> None:
+    """The sink rotates its log: a program writing there by ``file:`` interleaved its lines with the
+    sink's, and went on into a backup (then into a deleted file) after each rotation."""
+    found = problems(
+        tmp_path,
+        "version: 1\n"
+        "instances:\n"
+        "  web: {command: run}\n"
+        "  a: {command: run, stdout: {file: .supervisor/logs/web.out.log}}\n"  # web's default log
+        "  b: {command: run, stderr: {file: ./custom.log.2, mode: truncate}}\n"  # a backup of c's log
+        "  c: {command: run, logs: {stdout_file: custom.log, backups: 2}}\n"
+        "  d: {command: run, stdout: {file: shared.out}, stderr: {file: shared.out}}\n"  # outputs may share
+        "  e: {command: run, stdout: {file: shared.out}}\n"
+        "  f: {command: run, stdout: {file: custom.log.3}}\n",  # past the backups kept
+    )
+    web, custom = tmp_path / ".supervisor" / "logs" / "web.out.log", tmp_path / "custom.log"
+    assert [(p.path, (p.line, p.column), p.message) for p in found] == [
+        (
+            "instances.a.stdout",
+            (4, 21),
+            f"a's stdout would be written to {str(web)!r}, the log file of web's stdout, which the service "
+            "writes and rotates: choose another file, or capture a's stdout (log) to have it logged",
+        ),
+        (
+            "instances.b.stderr",
+            (5, 21),
+            f"b's stderr would be written to {str(custom) + '.2'!r}, a backup name (it keeps 2) of the log "
+            "file of c's stdout, which the service writes and rotates: choose another file, or capture "
+            "b's stderr (log) to have it logged",
         ),
     ]
 

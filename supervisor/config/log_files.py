@@ -7,7 +7,8 @@ rotate the file under each other, which left files past ``max_bytes``. A log fil
 token) is appended to, and the next reload failed on the output it held. A log file named as
 another one's backup (``a.log.1`` beside ``a.log``, which keeps backups) is renamed away by
 that log's rotation (``logfile.py``: ``a.log.1`` to ``a.log.2`` …, the last one dropped), and
-its writer goes on in a file that ends up deleted. All are refused at load time, with the
+its writer goes on in a file that ends up deleted; so does a program whose output ``file:``
+is a log file or one of its backups. All are refused at load time, with the
 paths derived as ``run_setup.py`` derives them when the instance starts, and compared with
 their folders' symlinks and ``..`` resolved.
 """
@@ -109,6 +110,7 @@ def log_file_problems(manifest: Manifest) -> Iterator[tuple[KeyPath, str]]:
     #: resolved path -> the backups its rotation keeps (none where it is not rotated)
     kept: dict[str, int] = {}
     said: set[tuple[KeyPath, str]] = set()  # the replicas of a clash: said once, for the first of them
+    outputs: list[tuple[str, str, str]] = []  # (instance, stream, folder-resolved path) of each output file
     defaults = manifest.supervisor.logs
     for name, config in manifest.instances.items():
         logs = config.logs  # as ``InstanceLogs.resolved``, without a record per instance
@@ -142,12 +144,51 @@ def log_file_problems(manifest: Manifest) -> Iterator[tuple[KeyPath, str]]:
                 ),
             )
         for stream, spec in (("stdout", config.stdout), ("stderr", config.stderr)):
-            if isinstance(spec, FileStream) and spec.path and (path := os.path.realpath(spec.path)) in read:
-                yield (
-                    ("instances", name, stream),
-                    f"{name}'s {stream} would be written to {path!r}, {read[path]}",
-                )
+            if isinstance(spec, FileStream) and spec.path:
+                if (path := os.path.realpath(spec.path)) in read:
+                    yield (
+                        ("instances", name, stream),
+                        f"{name}'s {stream} would be written to {path!r}, {read[path]}",
+                    )
+                else:
+                    outputs.append((name, stream, folders.file(spec.path)))
     yield from _backup_names_taken(owners, kept)
+    yield from _outputs_into_logs(outputs, owners, kept)
+
+
+def _outputs_into_logs(
+    outputs: list[tuple[str, str, str]], owners: dict[str, tuple[str, str, str, bool]], kept: dict[str, int]
+) -> Iterator[tuple[KeyPath, str]]:
+    """(where, what) for each output ``file:`` that is a log file, or one of its backups.
+
+    The log's sink writes and rotates it: the program's lines would interleave with the
+    sink's, and a rotation renames the file under the program, which goes on writing into a
+    backup (and, the last one dropped, into a deleted file). Outputs may share a file with
+    each other (appended by each, as with ``>>``): only a log's file is refused.
+    """
+    for name, stream, path in outputs:
+        log = path if path in owners else _backup_of(path, owners, kept)
+        if log is None:
+            continue
+        _, other_replica, other_stream, _ = owners[log]
+        what = "the log file" if log == path else f"a backup name (it keeps {kept[log]}) of the log file"
+        yield (
+            ("instances", name, stream),
+            (
+                f"{name}'s {stream} would be written to {path!r}, {what} of {other_replica}'s "
+                f"{other_stream}, which the service writes and rotates: choose another file, or "
+                f"capture {name}'s {stream} (log) to have it logged"
+            ),
+        )
+
+
+def _backup_of(path: str, owners: dict[str, tuple[str, str, str, bool]], kept: dict[str, int]) -> str | None:
+    """The log whose rotation makes a backup named ``path`` (``LOG.N``, N within its backups), if any."""
+    # Most names end in a letter (every default: NAME.out.log): no match to try.
+    if not path[-1].isdigit() or (match := _BACKUP.fullmatch(path)) is None:
+        return None
+    log = match["log"]
+    return log if log in owners and int(match["index"]) <= kept[log] else None
 
 
 def _backup_names_taken(
@@ -160,11 +201,8 @@ def _backup_names_taken(
     """
     said: set[tuple[KeyPath, str]] = set()
     for path, (name, replica, stream, written) in owners.items():
-        # Most names end in a letter (every default: NAME.out.log): no match to try.
-        if not path[-1].isdigit() or (match := _BACKUP.fullmatch(path)) is None:
-            continue
-        log = match["log"]
-        if log not in owners or int(match["index"]) > kept[log]:
+        log = _backup_of(path, owners, kept)
+        if log is None:
             continue
         where: KeyPath = ("instances", name, "logs", f"{stream}_file") if written else ("instances", name)
         other_name, other_replica, other_stream, _ = owners[log]
