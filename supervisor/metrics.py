@@ -61,6 +61,7 @@ _FAMILIES = (
     ("procward_instance_open_fds", "gauge", "Open fds of the group's processes."),
     ("procward_instance_threads", "gauge", "Threads of the group's processes."),
     ("procward_instance_processes", "gauge", "Live processes in the group."),
+    ("procward_instance_paused", "gauge", "1 while the program is stopped by a signal (SIGSTOP…)."),
     ("procward_log_written_bytes", "counter", "Bytes written to the log, by stream."),
     ("procward_log_lost_bytes", "counter", "Bytes the log could not take (disk full…)."),
 )
@@ -149,6 +150,7 @@ def _instances(manager: Manager, figures: Mapping[int, GroupFigures]) -> Iterato
     yield family([f"procward_instance_open_fds{{{lb}}} {g.open_fds}\n" for lb, g in running])
     yield family([f"procward_instance_threads{{{lb}}} {g.threads}\n" for lb, g in running])
     yield family([f"procward_instance_processes{{{lb}}} {g.processes}\n" for lb, g in running])
+    yield family([f"procward_instance_paused{{{lb}}} {1 if g.paused else 0}\n" for lb, g in running])
     yield family([f"procward_log_written_bytes_total{{{lb}}} {written}\n" for lb, written, _ in streams])
     yield family([f"procward_log_lost_bytes_total{{{lb}}} {lost}\n" for lb, _, lost in streams])
     yield "# HELP procward_instances Instances (replicas) in the manifest.\n"

@@ -47,6 +47,9 @@ class GroupFigures(NamedTuple):
     open_fds: int
     threads: int
     processes: int
+    #: The group's leader (the program) is stopped: SIGSTOP, a terminal's SIGTSTP/SIGTTIN/SIGTTOU,
+    #: or a debugger. It runs nothing until SIGCONT, and the instance's state (running) cannot say it.
+    paused: bool
 
 
 class _Proc(NamedTuple):
@@ -57,6 +60,7 @@ class _Proc(NamedTuple):
     cpu_ticks: int
     threads: int
     rss_pages: int
+    stopped: bool  # state T (stopped by a signal) or t (by a debugger)
 
 
 def _read_stat(pid: str) -> _Proc | None:
@@ -74,7 +78,8 @@ def _read_stat(pid: str) -> _Proc | None:
     fields = data[data.rfind(b")") + 2 :].split()
     try:
         ticks = int(fields[11]) + int(fields[12])
-        return _Proc(int(fields[2]), int(fields[19]), ticks, int(fields[17]), int(fields[21]))
+        stopped = fields[0] in (b"T", b"t")
+        return _Proc(int(fields[2]), int(fields[19]), ticks, int(fields[17]), int(fields[21]), stopped)
     except (IndexError, ValueError):
         return None
 
@@ -265,8 +270,9 @@ class ResourceSampler:
                 rss = sum(p.rss_pages for _, p in procs)
                 fds = sum(_count_fds(pid) for pid, _ in procs)
                 threads = sum(p.threads for _, p in procs)
+            paused = any(p.stopped for pid, p in procs if pid == pgid)  # no leader: not the program's
             figures[pgid] = GroupFigures(
-                round(percent, 2), total / _TICKS, rss * _PAGE, fds, threads, len(procs)
+                round(percent, 2), total / _TICKS, rss * _PAGE, fds, threads, len(procs), paused
             )
         # Groups asked for and gone are forgotten; those not asked for this time keep their
         # previous scan (a one-instance GET must not restart every other group's CPU window)

@@ -581,7 +581,7 @@ def test_the_status_body_is_the_wire_statuses_and_survives_a_name_that_is_not_ut
             None, 0, None, "null", "log", "log", {"stdout": "/tmp/x.out.log"},
         )
 
-    figures = {41: GroupFigures(1.5, 2.0, 4096, 3, 1, 1)}
+    figures = {41: GroupFigures(1.5, 2.0, 4096, 3, 1, 1, False)}
     plain = [snapshot("a", 41, None), snapshot("b", None, "exited with code 1")]
     body = wire_statuses(plain, figures)
     assert json.loads(body) == [wire_status(plain[0], figures[41]), wire_status(plain[1])]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -126,3 +128,29 @@ def test_the_cli_does_not_import_prometheus_client() -> None:
     code = "import sys, supervisor.cli, supervisor.api.client; print('prometheus_client' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_a_program_stopped_by_a_signal_is_shown_paused(service: Start) -> None:
+    """SIGSTOP (or a terminal's SIGTSTP, a debugger) leaves the instance `running` while its program
+    does nothing: status, the table and the metrics say it is paused, until SIGCONT."""
+    svc = service("version: 1\ninstances:\n  web: {command: [sleep, '300'], restart: {min_uptime: 0}}\n")
+    svc.wait_for(["web"], "running")
+    pid = svc.status()["web"]["pid"]
+    svc.wait_until(lambda: svc.status()["web"]["paused"] is False, 10, "figures read while it runs")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # The figures are read at most once a second: the next reading says it.
+        svc.wait_until(lambda: svc.status()["web"]["paused"] is True, 10, "status saying paused")
+        found = svc.status()["web"]
+        assert (found["state"], found["pid"]) == ("running", pid), found
+        table = svc.cli("status", "web").stdout.splitlines()[1]
+        assert table.endswith("paused by a stop signal: `supervisor signal web CONT` resumes it"), table
+        with http(svc) as api:
+            samples = scrape(api.get("/metrics").text)
+        assert value(samples, "procward_instance_paused", name="web", group="web") == 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    svc.wait_until(lambda: svc.status()["web"]["paused"] is False, 10, "status saying it runs again")
+    with http(svc) as api:
+        samples = scrape(api.get("/metrics").text)
+    assert value(samples, "procward_instance_paused", name="web", group="web") == 0

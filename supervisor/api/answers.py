@@ -20,7 +20,7 @@ __all__ = ["wire_status", "wire_statuses"]
 
 
 _NO_FIGURES: dict[str, Any] = dict.fromkeys(
-    ("cpu_percent", "cpu_seconds", "rss_bytes", "open_fds", "threads", "processes")
+    ("cpu_percent", "cpu_seconds", "rss_bytes", "open_fds", "threads", "processes", "paused")
 )
 
 
@@ -79,4 +79,5 @@ def _figures(figures: GroupFigures) -> dict[str, Any]:
         "open_fds": figures.open_fds,
         "threads": figures.threads,
         "processes": figures.processes,
+        "paused": figures.paused,
     }

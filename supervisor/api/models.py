@@ -117,6 +117,12 @@ class Status(BaseModel):
     open_fds: int | None = Field(description="Open file descriptors of the group's processes, summed.")
     threads: int | None = Field(description="Threads of the group's processes, summed.")
     processes: int | None = Field(description="Live processes in the group (the leader and its own).")
+    paused: bool | None = Field(
+        None,
+        description="The program (the group's leader) is stopped by a signal: SIGSTOP, a terminal's "
+        "SIGTSTP, SIGTTIN or SIGTTOU, or a debugger. It does nothing until SIGCONT (`supervisor signal "
+        "NAME CONT`), while its state stays running. Read with the other figures; null when no process runs.",
+    )
 
 
 class Health(BaseModel):

@@ -20,6 +20,8 @@ def _info(status: dict[str, Any]) -> str:
     """What the table's last column says: why the instance is where it is (nothing when it runs)."""
     if status["reason"]:
         return str(status["reason"])
+    if status.get("paused"):
+        return f"paused by a stop signal: `supervisor signal {status['name']} CONT` resumes it"
     if status["state"] in ("starting", "running"):
         return str(status.get("status_text") or "")
     if status["exit_signal"]:
