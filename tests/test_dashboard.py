@@ -8,14 +8,12 @@ with a one-time token) and on the TCP listener (its token, then a cookie).
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import select
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -231,6 +229,11 @@ def test_the_dashboard_proxy_lets_in_one_browser_and_bounds_requests(
 # -- the event stream refused: every place for a stream taken ------------------------------------
 
 EVENTS = b"GET /v1/events HTTP/1.1\r\nHost: supervisor\r\n\r\n"
+#: The page's first wait after a refusal: RETRY_FIRST_MS (10 s) in dashboard.js, ±10 %.
+RETRY_EARLIEST_MS, RETRY_LATEST_MS = 9_000, 11_000
+#: Where the page's clock starts, in seconds as Playwright's Python API takes it (any time: the
+#: page shows times of day, never dates).
+EPOCH = 1_900_000_000
 
 
 def _open_event_streams(stack: ExitStack, path: Path, count: int) -> list[socket.socket]:
@@ -256,12 +259,27 @@ def _open_event_streams(stack: ExitStack, path: Path, count: int) -> list[socket
     return opened
 
 
+#: Records, on the page's clock, when the page makes each EventSource (the real one, unchanged).
+OPENED_STREAMS = """
+const RealEventSource = window.EventSource;
+window.openedStreams = [];
+window.EventSource = class extends RealEventSource {
+  constructor(...args) { super(...args); window.openedStreams.push(Date.now()); }
+};
+"""
+
+
 def test_a_refused_event_stream_is_said_and_tried_again_later(
     browser: Any, dashboard: tuple[ServiceProcess, str]
 ) -> None:
     """With every place for a stream taken, the page's EventSource is answered 503 and gives up
     for good: the badge said "reconnecting…" for ever. It says why, and the page asks again after
-    10 s or more (not at once, not never), and is live once a place is free."""
+    10 s ±10 % (not at once, not never), and is live once a place is free.
+
+    The page runs on Playwright's clock, paused: the refusal and its answer take real time, the
+    back-off only the clock's. It is moved to just before the earliest retry (no new stream yet),
+    then past the latest (one, whose request reaches the service and is live).
+    """
     from playwright.sync_api import expect
 
     svc, url = dashboard
@@ -269,13 +287,16 @@ def test_a_refused_event_stream_is_said_and_tried_again_later(
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    asked: list[float] = []  # when the page opened an EventSource, on the test's clock
+    asked: list[str] = []  # the EventSource requests that reached the network
     page.on(
         "request",
-        lambda request: asked.append(time.monotonic())
+        lambda request: asked.append(request.url)
         if request.resource_type == "eventsource" and request.url.endswith("/v1/events")
         else None,
     )
+    page.clock.install(time=EPOCH)
+    page.clock.pause_at(EPOCH + 1)  # from here, page time moves only when the test moves it
+    page.add_init_script(OPENED_STREAMS)
     badge = page.locator("#connection")
     with ExitStack() as stack:
         streams = _open_event_streams(stack, svc.socket, MAX_STREAMS)
@@ -287,15 +308,22 @@ def test_a_refused_event_stream_is_said_and_tried_again_later(
         expect(badge).to_contain_text("next try at")
         assert f"at most {MAX_STREAMS} at once" in (badge.get_attribute("title") or "")  # the service's words
         expect(page.locator("#instances tbody tr")).to_have_count(3)  # short requests answer all the same
-        # Two places freed: the page's next try takes one.
+        refused_at = page.evaluate("Date.now()")
+        assert page.evaluate("window.openedStreams") == [refused_at] and len(asked) == 1, asked
+        # Two places freed: the page's next try takes one, and not before its time.
         for sock in streams[:2]:
             sock.close()
-        expect(badge).to_have_text("live", timeout=45_000)
+        page.clock.run_for(RETRY_EARLIEST_MS - 100)
+        assert page.evaluate("window.openedStreams") == [refused_at], "the page asked again too soon"
+        expect(badge).to_contain_text("live updates refused")
+        page.clock.run_for(RETRY_LATEST_MS - RETRY_EARLIEST_MS + 200)
+        opened = page.evaluate("window.openedStreams")
+        assert len(opened) == 2, opened
+        assert RETRY_EARLIEST_MS <= opened[1] - opened[0] <= RETRY_LATEST_MS, opened
+        expect(badge).to_have_text("live", timeout=20_000)
         svc.wait_until(
             lambda: svc.client().health()["streams"] == MAX_STREAMS - 1, 20, "the page's stream open"
         )
-    assert len(asked) >= 2, asked
-    waits = [later - earlier for earlier, later in itertools.pairwise(asked)]
-    assert min(waits) >= 8, f"the page asked again after {waits} s: a tight loop"
+    assert len(asked) == 2, asked
     assert not errors, errors
     context.close()
