@@ -216,7 +216,10 @@ class ResourceSampler:
         members: dict[int, list[tuple[int, _Proc]]] = {}
         rest = set(wanted)
         for pgid, folder in (cgroups or {}).items():
-            if pgid in rest and (pids := _cgroup_members(folder)) is not None:
+            # An empty cgroup: the program has not joined it yet (its gate writes its pid there
+            # just after the spawn). Read like a group without one, or a status asked in that
+            # moment had no figures, and kept none for the next second's requests.
+            if pgid in rest and (pids := _cgroup_members(folder)):
                 rest.discard(pgid)
                 for pid in pids:
                     proc = _read_stat(pid)

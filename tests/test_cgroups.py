@@ -248,6 +248,28 @@ def test_alone_in_its_cgroup_the_service_moves_into_a_leaf_and_finds_it_again(tm
                 os.rmdir(folder)
 
 
+@needs_v2
+def test_a_group_that_has_not_joined_its_cgroup_yet_is_read_without_it() -> None:
+    """Just after a spawn the instance's cgroup is empty (its gate writes its pid there first
+    thing): a status asked then had no figures, and kept none for the next second's requests."""
+    tree = CgroupTree.open(())
+    try:
+        cgroup = tree.instance(f"test-{uuid.uuid4().hex[:8]}")
+        proc = subprocess.Popen(["sleep", "300"], start_new_session=True)  # not in the cgroup
+        try:
+            assert cgroup.pids() == []
+            whole = ResourceSampler(max_age=0).figures([proc.pid], {proc.pid: cgroup.path})
+            assert whole[proc.pid].processes == 1, whole
+            quick = ResourceSampler(max_age=0).quick([proc.pid], {proc.pid: cgroup.path})
+            assert quick[proc.pid].processes == 1, quick
+        finally:
+            proc.kill()
+            proc.wait()
+        cgroup.remove()
+    finally:
+        tree.close()
+
+
 async def close_cgroup(path: str) -> None:
     from supervisor.cgroups import InstanceCgroup
 
