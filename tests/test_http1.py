@@ -450,6 +450,33 @@ async def test_only_a_chunk_header_is_read_as_a_chunk_size(tmp_path: Path) -> No
         assert answer.status == 413 and "not a chunk of 17 bytes" in answer.json()["error"]
 
 
+async def test_a_body_in_more_chunks_than_the_limit_is_a_413(tmp_path: Path) -> None:
+    """A megabyte in one-byte chunks held the loop for ten seconds (an event of h11's, and a piece
+    of the app's, per byte). Up to the limit a body is taken whole; one chunk more is the 413,
+    at that chunk's header, and the connection is closed."""
+    limits = Limits(body_chunks=100)
+    async with serving(tmp_path, App(), limits) as (server, path):
+        async with await connect(path) as stream:
+            reader = Reader(stream)
+            await stream.send(CHUNKED_POST + b"1\r\nx\r\n" * 100 + b"0\r\n\r\n")
+            answer = await reader.answer()
+            assert answer.status == 200 and answer.json()["body"] == "x" * 100, answer
+            await stream.send(CHUNKED_POST + b"1\r\nx\r\n" * 101 + b"0\r\n\r\n")
+            with anyio.fail_after(10):
+                answer = await reader.answer()
+            assert answer.status == 413 and answer.headers["connection"] == "close"
+            assert answer.json()["error"] == (
+                "the request body may come in at most 100 chunks: send it in fewer, larger ones "
+                "(or with a Content-Length)"
+            )
+            assert await reader.closed()
+        await server.until(lambda: server.connections == 0)
+
+
+def test_the_default_chunk_limit_leaves_a_full_body_in_128_byte_chunks() -> None:
+    assert Limits().body_chunks * 128 >= Limits().body_bytes
+
+
 @pytest.mark.parametrize(("length", "status"), [(2**40, 413), (10**30, 400)], ids=["tebibyte", "absurd"])
 async def test_a_huge_content_length_is_refused_unread_and_the_answer_arrives(
     tmp_path: Path, length: int, status: int
