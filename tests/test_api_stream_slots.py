@@ -263,3 +263,15 @@ def test_requests_that_wait_take_the_streams_places_and_give_them_back_when_thei
         waiting = stack.enter_context(_post(svc.socket, "/v1/instances/wait", NEVER))
         svc.wait_until(lambda: client.health()["streams"] == CAP - 1, 20, "a place for a wait again")
         waiting.close()
+
+
+def test_a_wait_whose_client_closes_its_side_ends_at_once(service: Start) -> None:
+    """A half-close (``shutdown(SHUT_WR)``, as ``nc -N`` does) reads as the client gone, as for a
+    stream (and as nginx and uvicorn take it): the wait ends, its place and connection are free,
+    and no answer is sent (docs/control.md says to keep the connection open until the answer)."""
+    svc = service(MANIFEST)
+    with _post(svc.socket, "/v1/instances/wait", NEVER) as sock:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(10)
+        assert sock.recv(65536) == b""  # closed by the service, long before the hour is out
+    svc.wait_until(lambda: svc.client().health()["streams"] == 0, 10, "the wait's place given back")
