@@ -120,6 +120,18 @@ def test_the_dashboard_lists_restarts_and_follows(browser: Any, dashboard: tuple
     assert second.isdigit() and second == str(svc.status("web-0")["web-0"]["pid"])
     expect(log).to_contain_text(f"hello from {second}")  # arrived live, without reloading
 
+    # A program stopped by a signal is running and does nothing: the row says so, until SIGCONT.
+    # (The page reads the figures every 5 s; refreshAll is that timer's own call, made now.)
+    for sig, paused in ((signal.SIGSTOP, True), (signal.SIGCONT, False)):
+        os.kill(int(second), sig)
+        svc.wait_until(lambda p=paused: svc.status("web-0")["web-0"]["paused"] is p, 10, f"paused {paused}")
+        page.evaluate("refreshAll()")
+        reason = web0.locator(".reason")
+        if paused:
+            expect(reason).to_have_text("paused by a stop signal: send it CONT to resume")
+        else:
+            expect(reason).to_have_count(0)
+
     # The filter, and an action on a selection.
     page.fill("#filter", "idle")
     expect(page.locator("#instances tbody tr:visible")).to_have_count(1)

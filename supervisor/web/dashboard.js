@@ -84,8 +84,9 @@ function render(name) {
   title.append(button(name, () => follow(name)));
   title.firstChild.dataset.action = "logs";
   const state = cell(s.state, `state state-${s.state}`);
-  const why = s.reason || s.status_text;
-  if (why && s.state !== "running") {
+  // A program stopped by a signal (SIGSTOP, a debugger) is `running` and does nothing: said even then.
+  const why = s.paused ? "paused by a stop signal: send it CONT to resume" : s.reason || s.status_text;
+  if (why && (s.paused || s.state !== "running")) {
     const small = document.createElement("span");
     small.className = "reason";
     small.textContent = why;
