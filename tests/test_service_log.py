@@ -9,6 +9,7 @@ answer (``poll`` on a write end says no POLLOUT), never a sleep.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -237,6 +238,13 @@ instances:
 """
 
 
+#: The pipe's size while the test leaves it unread: two pages, not the default 64 KiB, which
+#: the flapping instances' lines (about 13 KB a second) took 3.5 s to fill, in each of four
+#: tests. Full is the same thing at any size (no free slot in the pipe's ring: no POLLOUT), and
+#: what a blocking writer could still put into the last page is as small (< 4 KiB).
+SMALL_PIPE = 2 * os.sysconf("SC_PAGE_SIZE")
+
+
 class UnreadService:
     """``supervisor run`` with stdout and stderr on one pipe (``2>&1 | sleep 1000``) that the
     test reads only when it says so. The test keeps a write end of its own, only to ask the
@@ -254,6 +262,7 @@ class UnreadService:
             stderr=self.write_fd,
         )
         self.read = b""
+        self.size = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)  # the kernel's default
 
     def client(self, timeout: float = 5) -> Client:
         return Client(self.socket, timeout=timeout)
@@ -276,9 +285,26 @@ class UnreadService:
 
         self.wait_until(ready, 30, "an answer on the socket")
 
+    def resize(self, size: int) -> bool:
+        """Set the pipe's size; False while it holds more than ``size`` takes (EBUSY)."""
+        try:
+            fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, size)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            return False
+        return True
+
     def wait_full(self) -> None:
+        # Shrunk after the start (read meanwhile, as in wait_ready), once what it holds fits.
+        def shrunk() -> bool:
+            self.read += drain(self.read_fd)
+            return self.resize(SMALL_PIPE)
+
+        self.wait_until(shrunk, 10, "a smaller pipe")
         self.wait_until(lambda: not writable(self.write_fd), 60, "a full pipe")
-        assert unread(self.read_fd) >= fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ) // 2
+        assert fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ) == SMALL_PIPE
+        assert unread(self.read_fd) >= SMALL_PIPE // 2
 
     def restarts(self) -> int:
         began = time.monotonic()
@@ -349,6 +375,9 @@ def test_once_stderr_is_read_again_the_service_says_how_many_lines_it_dropped(
     before = svc.restarts()
     svc.wait_until(lambda: svc.restarts() > before + 100, 30, "restarts while the pipe is full")
     kept = b""
+    # The reader comes back to a pipe of its default size again: a reader that keeps up (the
+    # notice must come once) then has the room it had before, not two pages a stall could fill.
+    assert svc.resize(svc.size)
 
     def told() -> bool:
         nonlocal kept
