@@ -28,15 +28,20 @@ from .test_reexec import _swap
 
 PACKAGE = Path(__file__).resolve().parent.parent / "supervisor"
 
+# min_uptime 0: ``running`` at the spawn. The tests wait for it six times or more (api only
+# after web), a second each at the default; what they check is which processes each service
+# supervises, never how long one has been up.
 MANIFEST = """
 version: 1
 instances:
   web:
     command: [sleep, '3000.0625']
     replicas: 2
+    restart: {min_uptime: 0}
   api:
     command: [sleep, '3000.125']
     depends_on: [web]
+    restart: {min_uptime: 0}
 """
 
 #: What a status keeps across a re-exec for one instance.
