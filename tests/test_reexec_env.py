@@ -23,22 +23,28 @@ from supervisor.handoff.state import HandoffError, encode_state, parse_state
 from .helpers import handoff_record, manifest_from
 from .service_fixture import ServiceProcess
 
+# min_uptime 0: ``running`` at the spawn, not a second later (each test waited for it twice);
+# what they check is the environment each process runs with, never how long it has been up.
 MANIFEST = """
 version: 1
 instances:
   app:
     command: [sleep, '3000.0371']
     env_file: app.env
+    restart: {min_uptime: 0}
   pool:
     command: [sleep, '3000.0372']
     env_file: pool.env
     replicas: 2
+    restart: {min_uptime: 0}
   plain:
     command: [sleep, '3000.0373']
     env: {MARK: plain-old}
+    restart: {min_uptime: 0}
   steady:
     command: [sleep, '3000.0374']
     env_file: steady.env
+    restart: {min_uptime: 0}
 """
 
 
@@ -64,8 +70,17 @@ def _reexec(svc: ServiceProcess, handoffs: int) -> None:
     svc.wait_until(lambda: svc.log().count("re-exec'd: took over") == handoffs, 30, "every instance resumed")
 
 
+def _program(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+
+
 def _pids(svc: ServiceProcess) -> dict[str, int]:
-    return {name: status["pid"] for name, status in svc.status().items()}
+    """Each instance's pid, once it runs ``sleep``: at ``running`` with min_uptime 0 it may still
+    be in the launchers before it (setpriv, the gate), whose environment is not quite the
+    program's (LC_ALL)."""
+    pids = {name: status["pid"] for name, status in svc.status().items()}
+    svc.wait_until(lambda: all(_program(pid) == b"sleep" for pid in pids.values()), 10, "the programs exec'd")
+    return pids
 
 
 def test_an_env_file_edited_before_a_reexec_is_applied_by_the_next_reload(
