@@ -958,7 +958,10 @@ def test_event_numbers_go_on_across_a_reexec(service: Callable[..., ServiceProce
     """Each event's ``seq`` is its SSE ``id``, increasing; after a re-exec the numbering goes on
     from where the old service stopped, never back (twice: the second re-exec's record carries the
     number the first one's successor reached)."""
-    svc = service("version: 1\ninstances:\n  a:\n    command: [sleep, '271.125']\n")
+    # min_uptime 0: each restart is 'running' at its spawn, not a second later (three rounds).
+    svc = service(
+        "version: 1\ninstances:\n  a:\n    command: [sleep, '271.125']\n    restart: {min_uptime: 0}\n"
+    )
     seen: list[int] = []
     for round in range(3):
         if round:
