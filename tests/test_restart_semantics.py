@@ -67,10 +67,13 @@ async def test_a_run_that_came_up_is_restarted_at_once_however_often(tmp_path: P
 async def test_a_run_that_came_up_ends_the_streak_of_failed_starts(tmp_path: Path) -> None:
     # Runs 1-2 fail at once, run 3 comes up and then dies, runs 4-5 fail at once, run 6
     # stays up: four failed starts in all, never more than two in a row (max_restarts: 2).
+    # min_uptime 500 ms: run 3 is up past it by 500 ms (as by 1 s past 1 s before), the failed
+    # starts end ten times sooner than it, and run 6 is running half a second after its spawn.
+    # The back-off's pauses stay as they were: their upper bounds are what a loaded machine needs.
     counter = tmp_path / "runs"
     script = (
         f'n=$(($(cat {counter} 2>/dev/null || echo 0) + 1)); echo $n > {counter}; '
-        'case $n in 3) sleep 1.5; exit 1;; 6) exec sleep 300;; *) exit 1;; esac'
+        'case $n in 3) sleep 1.0; exit 1;; 6) exec sleep 300;; *) exit 1;; esac'
     )
     manifest = manifest_from(
         f"""
@@ -78,7 +81,7 @@ async def test_a_run_that_came_up_ends_the_streak_of_failed_starts(tmp_path: Pat
         instances:
           streaky:
             command: ["sh", "-c", {script!r}]
-            restart: {{min_uptime: 1s, max_restarts: 2, backoff: {{initial: 500ms, factor: 2, max: 10s}}}}
+            restart: {{min_uptime: 500ms, max_restarts: 2, backoff: {{initial: 500ms, factor: 2, max: 10s}}}}
         """,
         tmp_path,
     )
