@@ -324,11 +324,15 @@ def test_the_folder_is_free_again_once_the_service_has_stopped(service: Start, t
     second.wait_for(["a"], "running")
 
 
-def test_a_reexec_hands_the_lock_over(service: Start, tmp_path: Path) -> None:
+def test_a_reexec_hands_the_lock_and_the_folder_s_name_over(service: Start, tmp_path: Path) -> None:
     marker = _unique_sleep()
     manifest = write_manifest(tmp_path, f"version: 1\ninstances: {{a: {{command: [sleep, '{marker}']}}}}\n")
     svc = service(manifest)
     svc.wait_for(["a"], "running")
+    state = tmp_path / ".supervisor"
+    address = state_name(state)
+    before = _name_holders(address)
+    assert [pid for pid, _ in before] == [svc.pid]
     done = svc.cli("reexec")
     assert done.returncode == 0, done.stderr + svc.log()
     svc.wait_until(lambda: "re-exec'd: took over" in svc.log(), 30, "the new service took over")
@@ -337,9 +341,14 @@ def test_a_reexec_hands_the_lock_over(service: Start, tmp_path: Path) -> None:
     assert f"is in use by another service (pid {svc.pid})" in line, line
     assert len(processes_with(marker)) == 1
     # Held once, by the service: the lock's descriptor was taken back close-on-exec, and is one.
-    state = tmp_path / ".supervisor"
     held = [fd for fd in os.listdir(f"/proc/{svc.pid}/fd") if _names(svc.pid, fd, state)]
     assert len(held) == 1, held
+    # The name's socket too: the same one (its inode), held once, not claimed anew.
+    assert _name_holders(address) == before
+    shutil.rmtree(state)
+    line = run_refused(manifest)
+    assert f"is in use by another service (pid {svc.pid}), whose folder was deleted" in line, line
+    assert len(processes_with(marker)) == 1
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -446,26 +455,8 @@ def test_a_folder_deleted_under_the_service_and_made_again_is_still_refused(
     assert svc.status()["a"]["pid"] == pid
 
 
-def test_a_reexec_hands_the_folder_s_name_over(service: Start, tmp_path: Path) -> None:
-    marker = _unique_sleep()
-    manifest = write_manifest(tmp_path, f"version: 1\ninstances: {{a: {{command: [sleep, '{marker}']}}}}\n")
-    svc = service(manifest)
-    svc.wait_for(["a"], "running")
-    state = tmp_path / ".supervisor"
-    address = state_name(state)
-    before = _name_holders(address)
-    done = svc.cli("reexec")
-    assert done.returncode == 0, done.stderr + svc.log()
-    svc.wait_until(lambda: "re-exec'd: took over" in svc.log(), 30, "the new service took over")
-    assert _name_holders(address) == before == [svc.pid]  # the same socket, held once, not claimed anew
-    shutil.rmtree(state)
-    line = run_refused(manifest)
-    assert f"is in use by another service (pid {svc.pid}), whose folder was deleted" in line, line
-    assert len(processes_with(marker)) == 1
-
-
-def _name_holders(address: bytes) -> list[int]:
-    """The pids of our processes that hold the listening socket bound at ``address`` (once each fd)."""
+def _name_holders(address: bytes) -> list[tuple[int, str]]:
+    """(pid, socket inode) for each descriptor of a process that holds the socket bound at ``address``."""
     shown = "@" + address[1:].decode()
     with open("/proc/net/unix") as table:
         next(table)
@@ -475,8 +466,8 @@ def _name_holders(address: bytes) -> list[int]:
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 with contextlib.suppress(OSError):
-                    if os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] in inodes:
-                        holders.append(int(pid))
+                    if (inode := os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1]) in inodes:
+                        holders.append((int(pid), inode))
     return holders
 
 
