@@ -381,18 +381,27 @@ class Service:
 
         if self._listeners is None:
             return
-        lock = self._state_lock
-        if lock is not None:
-            try:
-                if lock.follow():
-                    log.warning("the state folder %s was gone or replaced: locked again", lock.path)
-            except StateDirError as exc:
-                log.error("%s; the control socket is not made again", exc)
-                return
+        if not self._lock_state_folder_again():
+            log.error("the control socket is not made again")
+            return
         try:
             self._listeners.remake_socket()
         except (ControlError, OSError) as exc:
             log.error("the control socket %s is gone and cannot be made again: %s", self._listeners.path, exc)
+
+    def _lock_state_folder_again(self) -> bool:
+        """Lock the folder now at the state folder's path if it is not the one locked (it was
+        deleted and made again: by a log's reopen, or by this); False if it cannot be used."""
+        lock = self._state_lock
+        if lock is None:
+            return True
+        try:
+            if lock.follow():
+                log.warning("the state folder %s was gone or replaced: locked again", lock.path)
+        except StateDirError as exc:
+            log.error("%s", exc)
+            return False
+        return True
 
     async def _reloads_ended(self, timeout: float) -> None:
         """Until no reload is under way (``InvalidRequest`` after ``timeout``): a re-exec's first step."""
@@ -489,6 +498,8 @@ class Service:
                     count += 1
                 else:
                     failed.append(sink.write_error)
+        if self._state_lock is not None and self._state_lock.path.is_dir():
+            self._lock_state_folder_again()  # a log's folder made the deleted state folder again
         log.info("reopened %d log files%s", count, f"; {len(failed)} could not be" if failed else "")
         return count, failed
 

@@ -250,6 +250,11 @@ def test_a_deleted_state_folder_is_made_again_private_when_the_logs_are_reopened
     svc.wait_log("reopened 2 log files")
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     assert stat.S_IMODE(logs.stat().st_mode) == folder_at_start
+    # The folder made again is the one locked now (a service started there finds it held by the
+    # flock, as any other's would be): the deleted one's descriptor was let go.
+    svc.wait_log("was gone or replaced: locked again")
+    held = [fd for fd in os.listdir(f"/proc/{svc.pid}/fd") if _names(svc.pid, fd, state)]
+    assert len(held) == 1, held
     with open(first, "w") as poke:
         poke.write("go\n")
     svc.wait_until(lambda: log.exists() and log.read_bytes() == b"after\n", 20, "'after' in the new log file")
