@@ -92,7 +92,9 @@ def _open_streams(stack: ExitStack, path: Path, count: int) -> list[socket.socke
     return opened
 
 
-def _assert_refused(sock: socket.socket) -> dict[str, object]:
+def _assert_refused(
+    sock: socket.socket, said: tuple[str, ...] = (f"{CAP} are open", f"at most {CAP} at once", "close some")
+) -> dict[str, object]:
     """A 503 in the API's error shape, which says what to do, on a connection the service closes."""
     status, head, rest = _head(sock)
     assert status == 503, head
@@ -100,8 +102,7 @@ def _assert_refused(sock: socket.socket) -> dict[str, object]:
     body = json.loads(_until_closed(sock, rest))  # the service closed it: the connection is free
     assert set(body) == {"error", "details"} and body["details"] == [], body
     message = str(body["error"])
-    assert f"{CAP} are open" in message and f"at most {CAP} at once" in message, message
-    assert "close some" in message, message
+    assert all(phrase in message for phrase in said), message
     return body
 
 
@@ -201,10 +202,20 @@ def test_the_cap_counts_the_streams_of_every_listener(service: Start, tmp_path: 
 
 def test_the_cap_leaves_connections_to_short_requests() -> None:
     from supervisor.api.http1 import Limits
-    from supervisor.api.live import MAX_STREAMS, STREAM_RESERVE, StreamSlots, stream_cap
+    from supervisor.api.live import (
+        MAX_STREAMS,
+        MAX_WAITING,
+        STREAM_RESERVE,
+        StreamSlots,
+        stream_cap,
+        wait_cap,
+    )
 
     assert MAX_STREAMS == CAP == Limits.connections - STREAM_RESERVE
     assert stream_cap(1024) == 960 and stream_cap(100) == 50 and stream_cap(2) == 1 and stream_cap(1) == 1
+    # The requests that wait: half of what streams leave; the other half answers everything else.
+    assert MAX_WAITING == WAITS and Limits.connections > MAX_STREAMS + MAX_WAITING
+    assert wait_cap(1024) == 32 and wait_cap(100) == 25 and wait_cap(2) == 1 and wait_cap(1) == 1
     slots = StreamSlots(2)
     assert slots.take() and slots.take() and not slots.take()
     assert slots.open == 2 and "2 are open" in slots.refusal() and "at most 2 at once" in slots.refusal()
@@ -227,42 +238,51 @@ def _post(path: Path, route: str, body: dict[str, object]) -> socket.socket:
 NEVER = {"names": ["sleeper"], "state": ["stopped"], "timeout": "1h"}
 
 
+#: The places of the requests that wait: half of the 64 connections streams leave (docs/control.md).
+WAITS = 32
+WAITS_REFUSED = (f"too many requests that wait: {WAITS} are held", f"at most {WAITS} at once", "--no-wait")
+
+
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_requests_that_wait_take_the_streams_places_and_give_them_back_when_their_client_leaves(
+def test_requests_that_wait_have_places_of_their_own_and_give_them_back_when_their_client_leaves(
     service: Start, backend: str
 ) -> None:
     """A ``wait``, or a start/stop/restart that waits for its outcome, holds its connection up to
-    its timeout (a week at most). Uncounted, 64 of them beside the streams left status and health
-    no connection: they take the streams' places now. And a client that leaves ends its wait:
-    the place (and the connection) were held until the timeout, with nobody to answer."""
+    its timeout (a week at most): 64 of them beside the streams left status and health no
+    connection. They have 32 places, apart from the streams' (every stream place taken refuses
+    no restart). And a client that leaves ends its wait: the place (and the connection) were
+    held until the timeout, with nobody to answer."""
     svc = service(MANIFEST, args=("--backend", backend))
     client = svc.client(timeout=QUICK)
-    with ExitStack() as stack:
-        _open_streams(stack, svc.socket, CAP - 2)
-        waits = [stack.enter_context(_post(svc.socket, "/v1/instances/wait", NEVER)) for _ in range(2)]
-        svc.wait_until(lambda: client.health()["streams"] == CAP, 20, "the two waits counted")
+    with _full(svc) as (stack, _streams):
+        waits = [stack.enter_context(_post(svc.socket, "/v1/instances/wait", NEVER)) for _ in range(WAITS)]
+        svc.wait_until(lambda: client.health()["waits"] == WAITS, 20, "the waits counted")
+        health = client.health()
+        assert (health["streams"], health["waits_max"]) == (CAP, WAITS), health
         _answers_quickly(client)
         # Every place is taken: a further wait, and a restart that would wait, are refused at once.
-        _assert_refused(stack.enter_context(_post(svc.socket, "/v1/instances/wait", NEVER)))
+        _assert_refused(stack.enter_context(_post(svc.socket, "/v1/instances/wait", NEVER)), WAITS_REFUSED)
         restart = {"names": ["sleeper"]}
-        _assert_refused(stack.enter_context(_post(svc.socket, "/v1/instances/restart", restart)))
+        refused = stack.enter_context(_post(svc.socket, "/v1/instances/restart", restart))
+        _assert_refused(refused, WAITS_REFUSED)
         done = svc.cli("wait", "sleeper", "--state", "stopped", "--timeout", "1h", timeout=30)
-        assert done.returncode == 1 and "too many streams:" in done.stderr, done
-        assert "`supervisor wait`" in done.stderr, done.stderr
+        assert done.returncode == 1 and "too many requests that wait:" in done.stderr, done
         # One that does not wait holds no place: it is done at once.
         quick = stack.enter_context(
             _post(svc.socket, "/v1/instances/start", {"names": ["sleeper"], "wait": False})
         )
         status, head, _ = _head(quick)
         assert status != 503, head
+        pid = svc.status()["sleeper"]["pid"]
         assert svc.status()["sleeper"]["state"] == "running"  # the refused restart did nothing
         # The waits' clients hang up: their places come back long before the hour is out.
         for sock in waits:
             sock.close()
-        svc.wait_until(lambda: client.health()["streams"] == CAP - 2, 20, "the waits' places given back")
-        waiting = stack.enter_context(_post(svc.socket, "/v1/instances/wait", NEVER))
-        svc.wait_until(lambda: client.health()["streams"] == CAP - 1, 20, "a place for a wait again")
-        waiting.close()
+        svc.wait_until(lambda: client.health()["waits"] == 0, 20, "the waits' places given back")
+        # And with every stream's place still taken, a restart is asked, and waited for.
+        restarted = client.restart(["sleeper"])
+        assert restarted["ok"] and restarted["results"][0]["pid"] != pid, restarted
+        assert client.health()["streams"] == CAP
 
 
 def test_a_wait_whose_client_closes_its_side_ends_at_once(service: Start) -> None:
@@ -274,4 +294,4 @@ def test_a_wait_whose_client_closes_its_side_ends_at_once(service: Start) -> Non
         sock.shutdown(socket.SHUT_WR)
         sock.settimeout(10)
         assert sock.recv(65536) == b""  # closed by the service, long before the hour is out
-    svc.wait_until(lambda: svc.client().health()["streams"] == 0, 10, "the wait's place given back")
+    svc.wait_until(lambda: svc.client().health()["waits"] == 0, 10, "the wait's place given back")

@@ -21,7 +21,7 @@ from ..events import State
 from ..instance import Instance, InvalidRequest
 from ..manager import Manager
 from .inputs import body as read_body
-from .live import StreamSlots
+from .live import WaitSlots
 from .requests import ActionRequest
 
 __all__ = ["REMOVED", "Actions", "action_response", "refusal", "result", "run_all"]
@@ -62,7 +62,7 @@ class Actions:
     """start, stop and restart: run in the control plane's task group, awaited by the request."""
 
     def __init__(
-        self, manager: Manager, background: TaskGroup, closing: anyio.Event, slots: StreamSlots
+        self, manager: Manager, background: TaskGroup, closing: anyio.Event, slots: WaitSlots
     ) -> None:
         self.manager = manager
         self.background = background
@@ -75,7 +75,7 @@ class Actions:
             if not body.wait:
                 return await act(request, body)
             # It waits for the outcome, up to its timeout (a week at most): it holds one of the
-            # places streams take, or 64 of them would leave the short requests no connection.
+            # places of the requests that wait, or 64 of them left the short requests no connection.
             with self.slots.place() as taken:
                 return await act(request, body) if taken else self.slots.refused()
 

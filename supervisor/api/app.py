@@ -34,7 +34,7 @@ from .answers import wire_status, wire_statuses
 from .errors import ERRORS, HANDLERS, error
 from .inputs import body, optional_body, query
 from .limits import BodyLimit
-from .live import MAX_STREAMS, LiveResponse, StreamSlots
+from .live import MAX_STREAMS, MAX_WAITING, LiveResponse, StreamSlots, WaitSlots
 from .openapi import Answer, Endpoint, Operation, serve_document
 from .requests import (
     ActionRequest,
@@ -110,6 +110,7 @@ def create_app(
     closing: anyio.Event | None = None,
     keepalive: float = KEEPALIVE,
     max_streams: int = MAX_STREAMS,
+    max_waiting: int = MAX_WAITING,
 ) -> Starlette:
     """The API's routes over ``manager``.
 
@@ -118,8 +119,9 @@ def create_app(
     fewer than the server's connections, ``live.stream_cap(connections)``).
     """
     slots = StreamSlots(max_streams)
+    waiting = WaitSlots(max_waiting)
     routes: list[BaseRoute] = [
-        *_routes(manager, hooks, background, closing or anyio.Event(), keepalive, slots),
+        *_routes(manager, hooks, background, closing or anyio.Event(), keepalive, slots, waiting),
         *dashboard_routes(),
     ]
     routes.append(Route("/openapi.json", serve_document(routes, _INFO), methods=["GET"]))
@@ -137,8 +139,9 @@ def _routes(
     closing: anyio.Event,
     keepalive: float,
     slots: StreamSlots,
+    waiting: WaitSlots,
 ) -> list[Endpoint]:
-    actions = Actions(manager, background, closing, slots)
+    actions = Actions(manager, background, closing, waiting)
     sampler = Sampler(background)
 
     async def health(_: Request) -> Response:
@@ -156,6 +159,8 @@ def _routes(
             "starting": not manager.started.is_set(),
             "streams": slots.open,
             "streams_max": slots.cap,
+            "waits": waiting.open,
+            "waits_max": waiting.cap,
         })
 
     async def list_instances(request: Request) -> Response:
@@ -190,9 +195,9 @@ def _routes(
     async def wait(request: Request) -> Response:
         """Wait until each selected instance is in one of ``state`` (default timeout 30s)."""
         asked = await body(request, WaitRequest)
-        # Up to its timeout, a week at most: it holds one of the places streams take.
-        with slots.place() as taken:
-            return await waited(request, asked) if taken else slots.refused()
+        # Up to its timeout, a week at most: it holds one of the places of the requests that wait.
+        with waiting.place() as taken:
+            return await waited(request, asked) if taken else waiting.refused()
 
     async def waited(request: Request, asked: WaitRequest) -> Response:
         timeout = _WAIT_DEFAULT if asked.timeout is None else asked.timeout
@@ -471,8 +476,8 @@ _TOO_MANY_STREAMS = Answer(
     "ErrorBody",
 )
 _TOO_MANY_WAITING = Answer(
-    "Every place for a stream is taken (`streams` = `streams_max` in `/v1/health`), and a request "
-    "that waits takes one: nothing was done, and the connection is closed.",
+    "Every place for a request that waits is taken (`waits` = `waits_max` in `/v1/health`): nothing "
+    "was done, and the connection is closed.",
     "ErrorBody",
 )
 

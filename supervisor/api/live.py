@@ -13,10 +13,12 @@ own (``StreamSlots``), fewer than the connections: ``STREAM_RESERVE`` connection
 are always left to the short requests. A stream asked for when every place is taken
 is answered 503 at once, and its connection closed.
 
-The requests that wait take the same places (``StreamSlots.place``): a ``wait``, or a
+The requests that wait have places of their own too (``WaitSlots``): a ``wait``, or a
 start, stop or restart that waits for its outcome, holds its connection up to its
 timeout (a week at most), and 64 of them (``xargs -P``, a script's ``&``, starts of
-instances whose dependency is down) left the short requests nothing either.
+instances whose dependency is down) left the short requests nothing either. Half of
+the connections streams leave (32 of 64), apart from the streams' places: open
+dashboards must not keep an operator's restart from being asked.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from starlette.types import Receive, Scope, Send
 from .errors import error
 from .http1 import Limits
 
-__all__ = ["MAX_STREAMS", "STREAM_RESERVE", "LiveResponse", "StreamSlots", "stream_cap"]
+__all__ = [
+    "MAX_STREAMS", "MAX_WAITING", "STREAM_RESERVE", "LiveResponse", "StreamSlots", "WaitSlots", "stream_cap",
+    "wait_cap",
+]
 
 log = logging.getLogger("supervisor.control")
 
@@ -54,6 +59,16 @@ def stream_cap(connections: int) -> int:
 MAX_STREAMS = stream_cap(Limits.connections)
 
 
+def wait_cap(connections: int) -> int:
+    """How many requests that wait may be held at once: half the connections streams leave (32
+    of the service's 512), at least one. The other half answers status, health and the rest."""
+    return max(1, min(STREAM_RESERVE, connections // 2) // 2)
+
+
+#: The default: the requests that wait a server with the default connection limit holds at once.
+MAX_WAITING = wait_cap(Limits.connections)
+
+
 class StreamSlots:
     """How many streams are open, over every listener, and how many may be: a counter.
 
@@ -62,9 +77,12 @@ class StreamSlots:
     the cap (a client that retries in a loop does not fill the service's log).
     """
 
+    #: What is counted, in the log's warning.
+    kind = "streams"
+
     def __init__(self, cap: int = MAX_STREAMS) -> None:
         if cap < 1:
-            raise ValueError("the stream cap must be at least 1")
+            raise ValueError(f"the cap of {self.kind} must be at least 1")
         self.cap = cap
         self.open = 0
         self._warned = False
@@ -73,8 +91,8 @@ class StreamSlots:
         if self.open >= self.cap:
             if not self._warned:
                 self._warned = True
-                log.warning("control API: %d streams are open, the most allowed; "
-                            "further ones are refused (503) until some close", self.open)
+                log.warning("control API: %d %s are open, the most allowed; "
+                            "further ones are refused (503) until some close", self.open, self.kind)
             return False
         self.open += 1
         return True
@@ -87,10 +105,9 @@ class StreamSlots:
     def refusal(self) -> str:
         """The 503's message: how many are open, the cap, and what to do."""
         return (
-            f"too many streams: {self.open} are open (event streams and followed logs, with the "
-            "requests that wait: wait, and start, stop or restart until done), and the service keeps "
-            f"at most {self.cap} at once so that its other requests always answer; close some (a "
-            "dashboard tab, a `supervisor logs -f`, a `supervisor wait`) and try again"
+            f"too many streams: {self.open} are open (event streams and followed logs together), and "
+            f"the service keeps at most {self.cap} at once so that its other requests always answer; "
+            "close some (a dashboard tab, a `supervisor logs -f`) and try again"
         )
 
     def refused(self) -> Response:
@@ -108,6 +125,24 @@ class StreamSlots:
         finally:
             if taken:
                 self.give_back()
+
+
+class WaitSlots(StreamSlots):
+    """The same count, for the requests that wait: ``wait``, and start, stop or restart until
+    their outcome (``wait: false`` takes none)."""
+
+    kind = "requests that wait"
+
+    def __init__(self, cap: int = MAX_WAITING) -> None:
+        super().__init__(cap)
+
+    def refusal(self) -> str:
+        return (
+            f"too many requests that wait: {self.open} are held (wait, and start, stop or restart "
+            f"until done), and the service holds at most {self.cap} at once so that its other "
+            "requests always answer; try again once some are answered, or ask without waiting "
+            "(--no-wait)"
+        )
 
 
 class LiveResponse(Response):

@@ -142,13 +142,22 @@ class Health(BaseModel):
     )
     streams: int = Field(
         0,
-        description="Streams open now: event streams, followed logs and requests that wait (wait; "
-        "start, stop, restart unless wait is false), on any listener.",
+        description="Streams open now: event streams and followed logs, on any listener.",
     )
     streams_max: int = Field(
         0,
         description="The most streams open at once; beyond it a stream is refused with 503. Fewer than the "
         "connections the service serves, so that status and health always answer.",
+    )
+    waits: int = Field(
+        0,
+        description="Requests that wait, held now: wait, and start, stop or restart until their outcome "
+        "(unless wait is false), on any listener.",
+    )
+    waits_max: int = Field(
+        0,
+        description="The most requests that wait held at once; beyond it one is refused with 503, and "
+        "nothing is done. Apart from the streams' places: open streams never refuse a restart.",
     )
 
 

@@ -23,7 +23,7 @@ from .app import KEEPALIVE, ControlHooks, create_app
 from .auth import BearerAuth
 from .http1 import ASGIApp, HTTPServer, Limits
 from .listeners import ControlError, ControlListeners, check_socket_free
-from .live import stream_cap
+from .live import stream_cap, wait_cap
 
 __all__ = [
     "ControlError",
@@ -80,6 +80,7 @@ async def serve_control(
                 keepalive=keepalive,
                 # Streams hold their connections: some are always left to the other requests.
                 max_streams=stream_cap(limits.connections),
+                max_waiting=wait_cap(limits.connections),
             )
             endpoints: list[tuple[socket.socket, ASGIApp]] = [
                 (sock, app if name.startswith("unix:") else BearerAuth(app, listeners.token or b""))
