@@ -7,6 +7,7 @@ waits for those). Runs in the event-loop thread, like the registry it reads.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -16,7 +17,11 @@ from .launcher import prctl
 from .process import ExitStatus, exit_status, registered
 from .signal_wakeup import signal_receiver
 
-__all__ = ["become_subreaper", "living_children", "reap_orphans", "run_orphan_reaper"]
+log = logging.getLogger("supervisor")
+
+__all__ = [
+    "become_subreaper", "kill_leftover_children", "living_children", "reap_orphans", "run_orphan_reaper",
+]
 
 _PR_SET_CHILD_SUBREAPER = 36
 _SWEEP_INTERVAL = 5.0
@@ -122,3 +127,21 @@ def _children_from_stat() -> list[int]:
         if int(fields[1]) == me:
             pids.append(int(name))
     return pids
+
+
+def kill_leftover_children() -> None:
+    """Kill and reap what is still our child at the end (daemons that escaped their group and
+    were reparented to us: the service is their subreaper)."""
+    leftovers = living_children()
+    for pid in leftovers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for pid in leftovers:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    if leftovers:
+        log.warning("killed %d processes left behind by instances", len(leftovers))

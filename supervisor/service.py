@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from .config import Manifest, ManifestError, apart
+from .config import Manifest, ManifestError
 from .config.records import running_form
 from .early_signals import reload_asked
 from .events import Transition, Update
@@ -33,7 +33,8 @@ from .handoff.leftovers import stop_leftovers
 from .handoff.record import RecordKeeper
 from .handoff.signals import HANDOFF_SIGNALS, HeldSignals
 from .manager import ApplyError, Manager, ReloadReport
-from .orphans import living_children, run_orphan_reaper
+from .manifest_check import check_apart
+from .orphans import kill_leftover_children, run_orphan_reaper
 from .placement import CgroupPlacement
 from .signal_wakeup import signal_receiver
 from .statedir import StateDirError, StateDirInUse, StateDirLock, prepare_state_dir
@@ -234,7 +235,7 @@ class Service:
         with anyio.CancelScope(shield=True):
             if guardian is not None:  # before the leftovers: it is one of our children
                 await guardian.stop()
-            await _reap_leftovers()
+            kill_leftover_children()
         keeper.remove()  # nothing of ours runs any more
         log.info("stopped")
 
@@ -591,77 +592,3 @@ def _start_guardian(*, resumed: bool = False, placement: CgroupPlacement | None 
 
 #: How long a re-exec waits for a reload under way, then for requests in flight, each.
 _HANDOFF_QUIET = 10.0
-
-
-async def _reap_leftovers() -> None:
-    """Kill what is still our child (daemons that escaped their group and were reparented to us)."""
-    leftovers = living_children()
-    for pid in leftovers:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    for pid in leftovers:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-    if leftovers:
-        log.warning("killed %d processes left behind by instances", len(leftovers))
-
-
-async def check_apart(path: Path) -> Manifest:
-    """The manifest at ``path`` checked in a child (config/apart.py) while the event loop serves.
-
-    Spawned as the instances are (``process.spawn``: registered, so the orphan reaper never
-    takes its status; killed with the service). A reload cancelled meanwhile (a shutdown)
-    kills the child and waits for it: none is left to finish alone.
-    """
-    from .process import SpawnError, spawn
-
-    out_r, out_w = os.pipe2(os.O_CLOEXEC)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        try:
-            argv = apart.child_argv(path)
-            child = spawn(argv, env=apart.child_env(), stdin=None, stdout=out_w, stderr=err_w)
-        except SpawnError as exc:
-            raise apart.refusal(path, f"the check of the manifest cannot start: {exc}", b"") from None
-        finally:
-            os.close(out_w)
-            os.close(err_w)
-        output: dict[int, bytearray] = {out_r: bytearray(), err_r: bytearray()}
-
-        async def drain(fd: int) -> None:
-            os.set_blocking(fd, False)
-            while True:
-                await anyio.wait_readable(fd)
-                try:
-                    chunk = os.read(fd, 1 << 16)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    return
-                output[fd] += chunk
-
-        try:
-            with anyio.move_on_after(apart.CHECK_TIMEOUT) as scope:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(drain, out_r)
-                    tg.start_soon(drain, err_r)
-                await child.wait()
-        finally:
-            if child.exit is None:  # the time is up, or the reload was cancelled
-                child.send_signal(signal.SIGKILL, group=True)
-                with anyio.CancelScope(shield=True):
-                    await child.wait()
-        if scope.cancelled_caught:
-            why = f"the check of the manifest took longer than {apart.CHECK_TIMEOUT:g}s"
-            raise apart.refusal(path, why, bytes(output[err_r]))
-    finally:
-        os.close(out_r)
-        os.close(err_r)
-    status = child.exit
-    assert status is not None
-    code = status.code if status.code is not None else -(status.signal or 0)
-    return apart.read_answer(path, bytes(output[out_r]), bytes(output[err_r]), code)

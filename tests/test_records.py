@@ -26,7 +26,7 @@ from supervisor.config import checks, limits, models, records
 from supervisor.config.apart import ManifestCheck
 from supervisor.config.loader import load_manifest, settled
 from supervisor.config.problems import ManifestError
-from supervisor.service import check_apart
+from supervisor.manifest_check import check_apart
 
 from .service_fixture import ServiceProcess, write_manifest
 

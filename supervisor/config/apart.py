@@ -9,7 +9,7 @@ fork of ``supervisor run`` (which runs one thread then), and runs while the serv
 imports the rest of itself (``ManifestCheck``); at a reload the service starts a child
 interpreter (``python -S -c``, given this process's module path with this package's
 folder first) through its own spawn, and waits for it beside the event loop
-(``service.check_apart``: this package imports nothing of ours, as ARCHITECTURE.md has it).
+(``manifest_check.check_apart``: this package imports nothing of ours, as ARCHITECTURE.md has it).
 
 The child's environment is the service's, so ``${VAR}`` reads what it always read.
 It runs no pydantic plugins: the manifest's models use none, and looking for them
