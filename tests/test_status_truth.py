@@ -92,14 +92,17 @@ def _liveness_stop(
     with svc.client(timeout=10).events() as events:
         (tmp_path / "fail").touch()
         _next(events, "api", kind="alive", ok=False)
-        _until_state(svc, "stopping", "the liveness check failed")
-        stopping = _next(events, "api", to_state="stopping")
-    assert (stopping["from_state"], stopping["reason"], stopping["pid"]) == (
-        "running",
-        LIVENESS_REASON,
-        before["pid"],
-    ), stopping
+        _until_stopping(svc, events, "the liveness check failed", ("running", LIVENESS_REASON, before["pid"]))
     return svc, before
+
+
+def _until_stopping(
+    svc: ServiceProcess, events: Iterator[dict[str, Any]], since: str, came: tuple[object, object, object]
+) -> None:
+    """Until status says api is ``stopping``, and its event came as ``came`` (from_state, reason, pid)."""
+    _until_state(svc, "stopping", since)
+    stopping = _next(events, "api", to_state="stopping")
+    assert (stopping["from_state"], stopping["reason"], stopping["pid"]) == came, stopping
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
@@ -201,13 +204,7 @@ def test_a_readiness_timeout_is_stopping_then_a_failed_start(
     with client.events() as events:
         assert client.start(["api"], wait=False)["ok"]
         starting = _next(events, "api", to_state="starting")
-        _until_state(svc, "stopping", "start_timeout passed")
-        stopping = _next(events, "api", to_state="stopping")
-        assert (stopping["from_state"], stopping["reason"], stopping["pid"]) == (
-            "starting",
-            reason,
-            starting["pid"],
-        ), stopping
+        _until_stopping(svc, events, "start_timeout passed", ("starting", reason, starting["pid"]))
         assert _status(svc, "api") == ("stopping", reason, starting["pid"])
         assert svc.status("api")["api"]["ready"] is False
         go.touch()
