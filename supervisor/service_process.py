@@ -244,8 +244,10 @@ def _stop_signals_undo_the_start() -> Iterator[Callable[[], contextlib.AbstractC
     the check runs (placement.CgroupPlacement), and would have been left behind. A SIGTERM
     that was ignored when the service started stays ignored; off the main thread (an
     embedding caller) nothing is changed. SIGHUP is no stop: `supervisor run` remembers it
-    and reloads once the service listens (early_signals.py). Yields ``held``: a block during
-    which SIGTERM and SIGINT (whose KeyboardInterrupt undoes the start the same way) wait,
+    and reloads once the service listens (early_signals.py). SIGINT is taken the same way
+    where Python's own handler has it: left to raise KeyboardInterrupt wherever the start was,
+    it ended the service, once in about fifteen starts, by SIGINT itself, with no word and
+    nothing undone (tests/test_guardian.py). Yields ``held``: a block during which both wait,
     blocked, so that what the block makes is there to be undone.
     """
     taken: dict[int, Any] = {}
@@ -254,8 +256,9 @@ def _stop_signals_undo_the_start() -> Iterator[Callable[[], contextlib.AbstractC
         def stop(signum: int, frame: object) -> None:
             raise _StopDuringCheck(signum)
 
-        for signum in (signal.SIGTERM,):
-            if signal.getsignal(signum) == signal.SIG_DFL:
+        defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+        for signum, default in defaults.items():
+            if signal.getsignal(signum) == default:
                 taken[signum] = signal.signal(signum, stop)
 
     @contextlib.contextmanager
