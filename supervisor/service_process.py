@@ -36,6 +36,8 @@ from .statedir import StateDirError
 from .stdio import Stdio, StdioStream, open_path
 
 if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
     from .handoff.record_check import PendingResume
     from .handoff.reexec import Takeover
 
@@ -152,7 +154,7 @@ def _run_service(
                 # Read after the check: else at the first spawn. Its forks come before the move
                 # below, which holds up any fork until it is done.
                 launcher.start_tool_lookup()
-                with _stop_signals_undo_the_start() as held:
+                with _stop_signals_undo_the_start() as (held, wakeup_fd):
                     # While the child checks: the instances' cgroup, and the service moved into its
                     # leaf, in a thread (the kernel's RCU wait, 10 to 25 ms, placement.py) while
                     # this one imports the service; undone if the start fails. The thread starts
@@ -163,7 +165,8 @@ def _run_service(
                         with held():
                             pending = CgroupPlacement.start()
                         _import_ahead(backend)
-                        manifest = check.result(reap_later=True)  # by the service's orphan reaper
+                        # reaped later by the service's orphan reaper
+                        manifest = check.result(reap_later=True, wakeup_fd=wakeup_fd)
                     finally:
                         if pending is not None:
                             with held():  # a stop signal waits until there is a placement to undo
@@ -236,7 +239,7 @@ class _StopDuringCheck(BaseException):
 
 
 @contextlib.contextmanager
-def _stop_signals_undo_the_start() -> Iterator[Callable[[], contextlib.AbstractContextManager[None]]]:
+def _stop_signals_undo_the_start() -> Iterator[tuple[Callable[[], AbstractContextManager[None]], int | None]]:
     """While the manifest is checked, SIGTERM undoes what the start made, then ends it.
 
     The service's own handlers come later (service.py). Until then SIGTERM killed the
@@ -247,10 +250,16 @@ def _stop_signals_undo_the_start() -> Iterator[Callable[[], contextlib.AbstractC
     and reloads once the service listens (early_signals.py). SIGINT is taken the same way
     where Python's own handler has it: left to raise KeyboardInterrupt wherever the start was,
     it ended the service, once in about fifteen starts, by SIGINT itself, with no word and
-    nothing undone (tests/test_guardian.py). Yields ``held``: a block during which both wait,
-    blocked, so that what the block makes is there to be undone.
+    nothing undone (tests/test_guardian.py). Yields ``held``, a block during which both wait,
+    blocked, so that what the block makes is there to be undone; and the read end of the
+    signal wakeup fd, for the wait on the check to poll (ManifestCheck.result): a handler runs
+    only between two steps of Python code, and a signal that came just before the poll began
+    (or to another thread) left the service asleep in it, its SIGTERM unheeded for as long as
+    the check took (once in about 150 tries, tests/test_guardian.py).
     """
     taken: dict[int, Any] = {}
+    wakeup: tuple[int, int] | None = None
+    previous_wakeup = -1
     if threading.current_thread() is threading.main_thread():
 
         def stop(signum: int, frame: object) -> None:
@@ -260,6 +269,9 @@ def _stop_signals_undo_the_start() -> Iterator[Callable[[], contextlib.AbstractC
         for signum, default in defaults.items():
             if signal.getsignal(signum) == default:
                 taken[signum] = signal.signal(signum, stop)
+        wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The event loop sets its own later (trio warns when it finds one set): ours is undone below.
+        previous_wakeup = signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)
 
     @contextlib.contextmanager
     def held() -> Iterator[None]:
@@ -270,8 +282,12 @@ def _stop_signals_undo_the_start() -> Iterator[Callable[[], contextlib.AbstractC
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     try:
-        yield held
+        yield held, None if wakeup is None else wakeup[0]
     finally:
+        if wakeup is not None:
+            signal.set_wakeup_fd(previous_wakeup)
+            for fd in wakeup:
+                os.close(fd)
         for signum, previous in taken.items():
             signal.signal(signum, previous)
 

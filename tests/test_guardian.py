@@ -497,6 +497,50 @@ def test_a_stop_signal_while_the_manifest_is_checked_undoes_the_start(
     wait_pid(check)  # killed by the service as it undid the start, and reaped
 
 
+# The wait on the manifest's check as `supervisor run` makes it, a SIGTERM given to another
+# thread once the main one is asleep in the poll; the check (tests/blocked_check.py) never answers.
+STOPPED_FROM_ANOTHER_THREAD = """
+import signal, sys, threading
+from pathlib import Path
+from supervisor.config.apart import ManifestCheck
+from supervisor.service_process import _StopDuringCheck, _stop_signals_undo_the_start
+
+check = ManifestCheck(sys.argv[1], entry="tests.blocked_check", fork=True)
+waiting = Path(f"/proc/self/task/{threading.get_native_id()}/wchan")
+
+def stop_from_here():  # the kernel runs the C handler in this thread, which does not block SIGTERM
+    while "poll" not in waiting.read_text():
+        threading.Event().wait(0.001)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+try:
+    with _stop_signals_undo_the_start() as (held, wakeup_fd):
+        threading.Thread(target=stop_from_here).start()
+        check.result(wakeup_fd=wakeup_fd)
+except _StopDuringCheck as stop:
+    print("stopped by", signal.Signals(stop.signum).name)
+finally:
+    check.abandon()
+"""
+
+
+def test_a_stop_signal_that_does_not_wake_the_wait_on_the_check_still_ends_it(tmp_path: Path) -> None:
+    """Python runs a signal's handler in the main thread between two steps of its code: a SIGTERM
+    that came just before the wait on the check began its poll (or that the kernel gave another
+    thread) ran no handler until the poll ended, and the service that was to stop sat waiting for
+    a check that was stopped (the test above, once in about 150 tries). The wait polls the signal
+    wakeup fd too; a signal given to another thread is the same case, made certain."""
+    fifo = tmp_path / "supervisor.yaml"
+    os.mkfifo(fifo)  # no writer: the check's child blocks in its open for good
+    ended = subprocess.run(
+        [sys.executable, "-c", STOPPED_FROM_ANOTHER_THREAD, str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=30,  # the check's own time limit is 120 s
+    )
+    assert ended.stdout == "stopped by SIGTERM\n", ended.stderr
+
+
 @pytest.mark.parametrize("mode", CGROUP_MODES)
 def test_a_reexec_after_the_guardian_gave_up_starts_a_new_one_that_guards_the_adopted(
     tmp_path: Path, services: list[ServiceProcess], mode: str

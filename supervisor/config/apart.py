@@ -236,8 +236,14 @@ class ManifestCheck:
         self._in = None if data is None else in_w
         self._pipes_open = True
 
-    def result(self, *, reap_later: bool = False) -> Manifest:
+    def result(self, *, reap_later: bool = False, wakeup_fd: int | None = None) -> Manifest:
         """The records, or ManifestError: the manifest's problems, or why the check failed.
+
+        ``wakeup_fd``: the read end of the interpreter's signal wakeup fd (non-blocking), polled
+        beside the child's pipes, so that a signal whose Python handler ends the wait (SIGTERM
+        while ``supervisor run`` checks, service_process.py) is taken at once. Without it, a
+        signal that came just before the poll began, or that the kernel gave another thread,
+        left the handler to run only when the poll ended: after the check, or at its timeout.
 
         ``reap_later``: a whole answer is taken as soon as the child has closed its pipes
         (``answer`` does, before it ends), not once it is gone: its end, the kernel handing
@@ -260,6 +266,8 @@ class ManifestCheck:
         if self._in is not None:
             os.set_blocking(self._in, False)
             poller.register(self._in, select.POLLOUT)
+        if wakeup_fd is not None:
+            poller.register(wakeup_fd, select.POLLIN)
         deadline = time.monotonic() + CHECK_TIMEOUT
         open_fds = len(output)
         while open_fds:
@@ -269,6 +277,9 @@ class ManifestCheck:
                 why = f"the check of the manifest took longer than {CHECK_TIMEOUT:g}s"
                 raise refusal(self.path, why, bytes(output[self._err]))
             for fd, _ in poller.poll(left * 1000):
+                if fd == wakeup_fd:  # its handler runs as this call returns; a handler that
+                    _drain(fd)  # does not raise (a SIGHUP remembered) leaves the wait to go on
+                    continue
                 if fd == self._in:
                     try:
                         pending = pending[os.write(fd, pending) :]
@@ -318,6 +329,15 @@ class ManifestCheck:
         if self._status is None and self._unstarted is None and not self._left_to_reap:
             os.kill(self.pid, signal.SIGKILL)
             self._reap()
+
+
+def _drain(fd: int) -> None:
+    """Read a non-blocking pipe empty (the signal numbers are not needed: each handler ran)."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _inherited_fds() -> list[int]:
