@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from pathlib import Path
 
 # The guardian's program imports nothing of ours: these two live there, and are shared.
@@ -70,9 +71,9 @@ class CgroupPlacement:
 class PendingPlacement:
     """A ``CgroupPlacement`` being made in a thread (``CgroupPlacement.start``).
 
-    The thread inherits the signal mask of the thread that starts it: started while stop
-    signals are blocked, it never takes one, and the main thread's handler does (Python
-    runs handlers there only; a signal the kernel gave this thread would wait for it).
+    The thread is started with every signal blocked (it inherits the mask), so that the kernel
+    gives each to the main thread, where Python runs the handlers: one given to this thread
+    would interrupt its writes to the cgroup's files for nothing.
     A process that moves between cgroups holds up every fork in the system until the move
     is done: start this after the forks of the same moment (the launch tools' probes).
     """
@@ -83,7 +84,11 @@ class PendingPlacement:
         self._made: CgroupPlacement | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._make, name="procward-placement", daemon=True)
-        self._thread.start()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            self._thread.start()
+        finally:  # one that came meanwhile is delivered here, to the main thread
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
     def _make(self) -> None:
         try:

@@ -9,22 +9,20 @@ service itself, long-lived, is ``service.py``.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import gc
 import json
 import logging
 import os
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
 from . import launcher
+from .check_signals import CheckSignals, StopDuringCheck
 from .config import Manifest, ManifestError
 from .config.apart import ManifestCheck
 from .orphans import become_subreaper
@@ -36,8 +34,6 @@ from .statedir import StateDirError
 from .stdio import Stdio, StdioStream, open_path
 
 if TYPE_CHECKING:
-    from contextlib import AbstractContextManager
-
     from .handoff.record_check import PendingResume
     from .handoff.reexec import Takeover
 
@@ -87,7 +83,7 @@ def run_service(
             manifest_check=manifest_check,
             resume=resume,
         )
-    except _StopDuringCheck as stop:
+    except StopDuringCheck as stop:
         stopped_by = stop.signum
         return 128 + stop.signum
     finally:
@@ -154,23 +150,26 @@ def _run_service(
                 # Read after the check: else at the first spawn. Its forks come before the move
                 # below, which holds up any fork until it is done.
                 launcher.start_tool_lookup()
-                with _stop_signals_undo_the_start() as (held, wakeup_fd):
+                with CheckSignals() as signals:
                     # While the child checks: the instances' cgroup, and the service moved into its
                     # leaf, in a thread (the kernel's RCU wait, 10 to 25 ms, placement.py) while
-                    # this one imports the service; undone if the start fails. The thread starts
-                    # with the stop signals blocked, so that this thread takes them; one that came
-                    # meanwhile is raised as the block ends, inside the try: the placement is joined.
+                    # this one imports the service; undone if the start fails. A stop signal ends
+                    # the start between these steps, or the wait on the check, never inside one:
+                    # the placement is joined first (check_signals.py).
                     pending: PendingPlacement | None = None
                     try:
-                        with held():
-                            pending = CgroupPlacement.start()
+                        pending = CgroupPlacement.start()
+                        signals.stop_if_signalled()
                         _import_ahead(backend)
-                        # reaped later by the service's orphan reaper
-                        manifest = check.result(reap_later=True, wakeup_fd=wakeup_fd)
+                        signals.stop_if_signalled()
+                        manifest = check.result(
+                            reap_later=True,  # by the service's orphan reaper
+                            wakeup_fd=signals.wakeup_fd,
+                            on_signal=signals.stop_if_signalled,
+                        )
                     finally:
                         if pending is not None:
-                            with held():  # a stop signal waits until there is a placement to undo
-                                placement = pending.result()
+                            placement = pending.result()
                 launcher.look_up_tools()  # its probes have ended meanwhile
         except ManifestError as exc:
             print(exc, file=sys.stderr)
@@ -228,68 +227,6 @@ def _run_service(
             placement.undo()  # a start that failed before the guardian took it: nothing left in the cgroups
         if enabled:
             gc.enable()
-
-
-class _StopDuringCheck(BaseException):
-    """SIGTERM while the manifest was checked: the start is undone, then the signal ends it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _stop_signals_undo_the_start() -> Iterator[tuple[Callable[[], AbstractContextManager[None]], int | None]]:
-    """While the manifest is checked, SIGTERM undoes what the start made, then ends it.
-
-    The service's own handlers come later (service.py). Until then SIGTERM killed the
-    process outright: harmless before the start made anything, but the cgroup is made while
-    the check runs (placement.CgroupPlacement), and would have been left behind. A SIGTERM
-    that was ignored when the service started stays ignored; off the main thread (an
-    embedding caller) nothing is changed. SIGHUP is no stop: `supervisor run` remembers it
-    and reloads once the service listens (early_signals.py). SIGINT is taken the same way
-    where Python's own handler has it: left to raise KeyboardInterrupt wherever the start was,
-    it ended the service, once in about fifteen starts, by SIGINT itself, with no word and
-    nothing undone (tests/test_guardian.py). Yields ``held``, a block during which both wait,
-    blocked, so that what the block makes is there to be undone; and the read end of the
-    signal wakeup fd, for the wait on the check to poll (ManifestCheck.result): a handler runs
-    only between two steps of Python code, and a signal that came just before the poll began
-    (or to another thread) left the service asleep in it, its SIGTERM unheeded for as long as
-    the check took (once in about 150 tries, tests/test_guardian.py).
-    """
-    taken: dict[int, Any] = {}
-    wakeup: tuple[int, int] | None = None
-    previous_wakeup = -1
-    if threading.current_thread() is threading.main_thread():
-
-        def stop(signum: int, frame: object) -> None:
-            raise _StopDuringCheck(signum)
-
-        defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
-        for signum, default in defaults.items():
-            if signal.getsignal(signum) == default:
-                taken[signum] = signal.signal(signum, stop)
-        wakeup = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        # The event loop sets its own later (trio warns when it finds one set): ours is undone below.
-        previous_wakeup = signal.set_wakeup_fd(wakeup[1], warn_on_full_buffer=False)
-
-    @contextlib.contextmanager
-    def held() -> Iterator[None]:
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *taken})  # Ctrl-C too
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-    try:
-        yield held, None if wakeup is None else wakeup[0]
-    finally:
-        if wakeup is not None:
-            signal.set_wakeup_fd(previous_wakeup)
-            for fd in wakeup:
-                os.close(fd)
-        for signum, previous in taken.items():
-            signal.signal(signum, previous)
 
 
 def _import_ahead(backend: str) -> None:

@@ -497,13 +497,13 @@ def test_a_stop_signal_while_the_manifest_is_checked_undoes_the_start(
     wait_pid(check)  # killed by the service as it undid the start, and reaped
 
 
-# The wait on the manifest's check as `supervisor run` makes it, a SIGTERM given to another
-# thread once the main one is asleep in the poll; the check (tests/blocked_check.py) never answers.
-STOPPED_FROM_ANOTHER_THREAD = """
-import signal, sys, threading
+# The wait on the manifest's check as `supervisor run` makes it (the check, tests/blocked_check.py,
+# never answers), and a SIGTERM that comes where a handler that raised was taken apart.
+STOPPED_DURING_THE_CHECK = """
+import os, signal, sys, threading
 from pathlib import Path
+from supervisor.check_signals import CheckSignals, StopDuringCheck
 from supervisor.config.apart import ManifestCheck
-from supervisor.service_process import _StopDuringCheck, _stop_signals_undo_the_start
 
 check = ManifestCheck(sys.argv[1], entry="tests.blocked_check", fork=True)
 waiting = Path(f"/proc/self/task/{threading.get_native_id()}/wchan")
@@ -513,32 +513,49 @@ def stop_from_here():  # the kernel runs the C handler in this thread, which doe
         threading.Event().wait(0.001)
     signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
 
+class Sends:
+    def __set_name__(self, owner, name):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs here, as this call returns
+
 try:
-    with _stop_signals_undo_the_start() as (held, wakeup_fd):
-        threading.Thread(target=stop_from_here).start()
-        check.result(wakeup_fd=wakeup_fd)
-except _StopDuringCheck as stop:
+    with CheckSignals() as signals:
+        if sys.argv[2] == "in a class body":
+            class Imported:  # as the imports of the control plane make classes
+                field = Sends()
+            print("the class was made")
+        else:
+            threading.Thread(target=stop_from_here).start()
+        check.result(wakeup_fd=signals.wakeup_fd, on_signal=signals.stop_if_signalled)
+except StopDuringCheck as stop:
     print("stopped by", signal.Signals(stop.signum).name)
 finally:
     check.abandon()
 """
 
 
-def test_a_stop_signal_that_does_not_wake_the_wait_on_the_check_still_ends_it(tmp_path: Path) -> None:
-    """Python runs a signal's handler in the main thread between two steps of its code: a SIGTERM
-    that came just before the wait on the check began its poll (or that the kernel gave another
-    thread) ran no handler until the poll ended, and the service that was to stop sat waiting for
-    a check that was stopped (the test above, once in about 150 tries). The wait polls the signal
-    wakeup fd too; a signal given to another thread is the same case, made certain."""
+@pytest.mark.parametrize(
+    ("where", "said"),
+    [("in a class body", "the class was made\n"), ("to another thread, in the poll", "")],
+)
+def test_a_stop_signal_during_the_check_ends_the_start_wherever_it_came(
+    tmp_path: Path, where: str, said: str
+) -> None:
+    """A handler that raised where the signal found the start was taken apart (the test above, once
+    in about 60 tries each): inside a class's ``__set_name__`` (starlette's, imported during the
+    check) Python turned it into a RuntimeError, the service ended with a traceback and status 1;
+    and a SIGTERM that came just before the wait's poll began ran no handler until the poll ended,
+    so the service sat waiting for a check that was stopped. A signal given to another thread once
+    the main one sleeps in the poll is that case made certain. The handler now only remembers, the
+    wait polls the signal wakeup fd, and the start acts on the signal between its steps."""
     fifo = tmp_path / "supervisor.yaml"
     os.mkfifo(fifo)  # no writer: the check's child blocks in its open for good
     ended = subprocess.run(
-        [sys.executable, "-c", STOPPED_FROM_ANOTHER_THREAD, str(fifo)],
+        [sys.executable, "-c", STOPPED_DURING_THE_CHECK, str(fifo), where],
         capture_output=True,
         text=True,
         timeout=30,  # the check's own time limit is 120 s
     )
-    assert ended.stdout == "stopped by SIGTERM\n", ended.stderr
+    assert ended.stdout == said + "stopped by SIGTERM\n", ended.stderr
 
 
 @pytest.mark.parametrize("mode", CGROUP_MODES)

@@ -236,14 +236,21 @@ class ManifestCheck:
         self._in = None if data is None else in_w
         self._pipes_open = True
 
-    def result(self, *, reap_later: bool = False, wakeup_fd: int | None = None) -> Manifest:
+    def result(
+        self,
+        *,
+        reap_later: bool = False,
+        wakeup_fd: int | None = None,
+        on_signal: Callable[[], None] | None = None,
+    ) -> Manifest:
         """The records, or ManifestError: the manifest's problems, or why the check failed.
 
         ``wakeup_fd``: the read end of the interpreter's signal wakeup fd (non-blocking), polled
-        beside the child's pipes, so that a signal whose Python handler ends the wait (SIGTERM
-        while ``supervisor run`` checks, service_process.py) is taken at once. Without it, a
-        signal that came just before the poll began, or that the kernel gave another thread,
-        left the handler to run only when the poll ended: after the check, or at its timeout.
+        beside the child's pipes; once it has woken the wait, and the signal's Python handler
+        has run, ``on_signal`` is called, which raises to end the wait (a stop signal while
+        ``supervisor run`` checks, check_signals.py). A handler runs only between two steps of
+        Python code: a signal that came just before the poll began, or that the kernel gave
+        another thread, would otherwise be seen when the poll ended, after the check.
 
         ``reap_later``: a whole answer is taken as soon as the child has closed its pipes
         (``answer`` does, before it ends), not once it is gone: its end, the kernel handing
@@ -277,8 +284,10 @@ class ManifestCheck:
                 why = f"the check of the manifest took longer than {CHECK_TIMEOUT:g}s"
                 raise refusal(self.path, why, bytes(output[self._err]))
             for fd, _ in poller.poll(left * 1000):
-                if fd == wakeup_fd:  # its handler runs as this call returns; a handler that
-                    _drain(fd)  # does not raise (a SIGHUP remembered) leaves the wait to go on
+                if fd == wakeup_fd:
+                    _drain(fd)  # the handler has run by the time the read returns
+                    if on_signal is not None:
+                        on_signal()  # raises for a stop; other signals (a SIGHUP remembered) go on
                     continue
                 if fd == self._in:
                     try:
