@@ -109,26 +109,51 @@ import anyio
 from supervisor.handoff.reexec import exec_service
 from supervisor.probes import ExecContext, until_failed
 from tests.helpers import handoff_record, manifest_from
-from tests.service_fixture import pid_gone, processes_with
+from tests.service_fixture import pid_gone
 
 # From the environment: an argument of this process would be found by processes_with too.
 shell, pause, folder = os.environ["PROBE_SHELL"], os.environ["PROBE_PAUSE"], sys.argv[1]
+# Each attempt of the probe writes its shell's pid and its sleep's to this fifo once both are there
+# ($$ is the manifest's escape for a $).
+said = os.path.join(folder, "attempts")
+os.mkfifo(said)
 manifest = manifest_from(
     "version: 1\\ninstances:\\n  a:\\n    command: [sleep, '1']\\n"
-    f"    alive: {{exec: [sh, -c, 'sleep {pause}; :', {shell}], interval: 1s, timeout: 60s, "
-    "failure_threshold: 1}\\n",
+    f"    alive: {{exec: [sh, -c, 'sleep {pause} & echo $$$$ $$! >{said}; wait; :', {shell}], interval: 1s, "
+    "timeout: 60s, failure_threshold: 1}\\n",
     __import__("pathlib").Path(folder),
 )
 check = manifest.instances["a"].alive
 reports = []
 answer = {}
+attempts = os.open(said, os.O_RDWR | os.O_NONBLOCK)  # read and write: an attempt's open never waits
+heard = bytearray()
 
 
-async def until(condition):  # whether it came true within 20 s (/proc has no event to wait on)
+async def next_attempt():  # the pids the next attempt wrote, or [] if none came within 20 s
     with anyio.move_on_after(20):
-        while not condition():
-            await anyio.sleep(0.01)
-    return bool(condition())
+        while b"\\n" not in heard:
+            await anyio.wait_readable(attempts)
+            heard.extend(os.read(attempts, 4096))
+        line, _, rest = bytes(heard).partition(b"\\n")
+        heard[:] = rest
+        return [int(pid) for pid in line.split()]
+    return []
+
+
+async def all_ended(pids):  # whether each ended within 20 s (a pidfd is readable once it has)
+    with anyio.move_on_after(20):
+        for pid in pids:
+            try:
+                watched = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            try:
+                await anyio.wait_readable(watched)
+            finally:
+                os.close(watched)
+        return True
+    return False
 
 
 async def main():
@@ -140,8 +165,8 @@ async def main():
             reports.append([ok, message])
 
         tg.start_soon(probe)
-        assert await until(lambda: processes_with(shell) and processes_with(pause))
-        first = processes_with(shell) + processes_with(pause)
+        first = await next_attempt()  # [the shell, its sleep]
+        assert len(first) == 2, first
         sys.executable = os.path.join(folder, "python-removed")  # the exec fails: the service goes on
         keep = os.pipe()[0]
         record = handoff_record()
@@ -150,8 +175,9 @@ async def main():
         del record["format"], record["version"]
         answer["reason"] = exec_service(record)
         answer["leader_reaped"] = pid_gone(first[0])  # the shell, reaped before exec_service returned
-        answer["gone"] = await until(lambda: all(pid_gone(pid) for pid in first))  # its sleep: killed
-        answer["again"] = await until(lambda: processes_with(shell) and processes_with(shell) != first[:1])
+        answer["gone"] = await all_ended(first)  # its sleep: killed
+        again = await next_attempt()
+        answer["again"] = bool(again) and again[0] != first[0]
         tg.cancel_scope.cancel()
     answer["reports"] = reports
 
