@@ -179,6 +179,44 @@ def test_not_executable(tmp_path: Path) -> None:
     assert str(script) in str(caught.value)
 
 
+async def test_a_program_looked_up_before_is_looked_up_again_when_it_went(tmp_path: Path) -> None:
+    """check_program remembers where it found a program: gone, moved or no longer executable
+    since, the spawn says so clearly (not a launcher's exit 127), or finds it where it went."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    env = {**os.environ, "PATH": f"{first}:{second}:/usr/bin:/bin"}
+
+    async def runs(program: str) -> ExitStatus:
+        child = spawn([program], **QUIET, env=env)
+        with anyio.fail_after(10):
+            return await child.wait()
+
+    for folder in (first, second):
+        (folder / "tool").write_text(f"#!/bin/sh\nexit {1 if folder == first else 2}\n")
+    (first / "tool").chmod(0o755)
+    assert (await runs("tool")).code == 1
+    (first / "tool").unlink()
+    with pytest.raises(SpawnError) as caught:
+        spawn(["tool"], **QUIET, env=env)  # the second one is not executable
+    assert caught.value.errno == errno.ENOENT and "tool" in caught.value.reason
+    (second / "tool").chmod(0o755)
+    assert (await runs("tool")).code == 2
+    (second / "tool").unlink()
+    (second / "tool").mkdir(mode=0o755)  # a folder where the program was: exec could not run it
+    with pytest.raises(SpawnError) as caught:
+        spawn(["tool"], **QUIET, env=env)
+    assert caught.value.errno == errno.ENOENT
+    (second / "tool").rmdir()
+    (second / "tool").write_text("#!/bin/sh\nexit 3\n")
+    (second / "tool").chmod(0o755)
+    assert (await runs("tool")).code == 3
+    (second / "tool").chmod(0o644)
+    with pytest.raises(SpawnError) as caught:
+        spawn(["tool"], **QUIET, env=env)
+    assert caught.value.errno == errno.ENOENT
+
+
 def test_unknown_user_and_group() -> None:
     with pytest.raises(SpawnError, match="unknown user 'no-such-user-xyz'") as caught:
         spawn(["true"], **QUIET, user="no-such-user-xyz")
