@@ -232,7 +232,13 @@ class CgroupTree:
         path = os.path.join(self.root, name + _SUFFIX)
         for attempt in range(3):
             try:
-                os.makedirs(path, exist_ok=True)
+                try:
+                    os.mkdir(path)  # one system call where the root is there (makedirs: a stat first)
+                except FileNotFoundError:
+                    os.makedirs(path, exist_ok=True)
+                except FileExistsError:
+                    if not os.path.isdir(path):
+                        raise
                 break
             except FileNotFoundError:  # the root went while makedirs made it: once more
                 if attempt == 2:

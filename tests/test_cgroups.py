@@ -277,6 +277,24 @@ async def close_cgroup(path: str) -> None:
         await InstanceCgroup(path, frozenset()).close()
 
 
+def test_an_instance_cgroup_is_made_again_with_its_root_and_a_file_in_its_place_is_an_error(
+    tmp_path: Path,
+) -> None:
+    """One mkdir where the root is there; the root made again where it went (a guardian's sweep
+    of empty trees); a cgroup there already is found; a file by its name is a clear error."""
+    tree = CgroupTree(str(tmp_path), str(tmp_path / "procward-1"), frozenset())
+    os.mkdir(tree.root)
+    first = tree.instance("web")
+    assert os.path.isdir(first.path) and first.path.startswith(tree.root + "/")
+    assert tree.instance("web").path == first.path  # there already: the same one
+    os.rmdir(first.path)
+    os.rmdir(tree.root)
+    assert os.path.isdir(tree.instance("web").path)  # with its root
+    Path(tree.root, "db" + os.path.basename(first.path).removeprefix("web")).write_text("")
+    with pytest.raises(CgroupError, match="cannot make the cgroup .*db"):
+        tree.instance("db")
+
+
 def test_wait_empty_raises_nothing_for_a_cgroup_that_is_gone(tmp_path: Path) -> None:
     from supervisor.cgroups import InstanceCgroup
 
