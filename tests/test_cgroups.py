@@ -291,7 +291,7 @@ def test_an_instance_cgroup_is_made_again_with_its_root_and_a_file_in_its_place_
     os.rmdir(tree.root)
     assert os.path.isdir(tree.instance("web").path)  # with its root
     Path(tree.root, "db" + os.path.basename(first.path).removeprefix("web")).write_text("")
-    with pytest.raises(CgroupError, match="cannot make the cgroup .*db"):
+    with pytest.raises(CgroupError, match=r"cannot make the cgroup .*db"):
         tree.instance("db")
 
 
