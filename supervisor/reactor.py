@@ -125,10 +125,14 @@ class PipeReactor:
         epoll = self._epoll
         read = 0
         turns = 0
+        reader: PipeReader | None = None
         while True:
             ready = epoll.poll(0, _MAX_EVENTS)
             if not ready:
                 read = turns = 0
+                # Not the last pipe's reader held while idle: it and its instance are garbage
+                # once removed, which the collection before a change's freeze must find.
+                reader = None
                 await anyio.wait_readable(epoll.fileno())
                 continue
             self.passes += 1

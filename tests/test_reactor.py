@@ -11,6 +11,7 @@ import itertools
 import os
 import subprocess
 import sys
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -336,3 +337,25 @@ async def test_a_follower_that_never_reads_loses_what_it_missed_not_the_service(
     delivered = sum(len(chunk) for chunk in got[:-1])
     assert 0 < delivered < total
     assert got[-1] == dropped_marker(total - delivered)  # every byte accounted for
+
+
+async def test_an_idle_reactor_holds_no_reader_it_served() -> None:
+    """The last reader served stayed in the loop's frame while it waited for the next round: a
+    removed instance's sink, and through it the instance, stayed reachable, so the collection
+    a change makes before it freezes what lives could not free it (test_apply.py)."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    log: list[tuple[str, int]] = []
+    try:
+        async with reactor_running() as reactor:
+            reader = Recording("served", read_fd, log)
+            gone = weakref.ref(reader)
+            reactor.watch(read_fd, reader)
+            os.write(write_fd, b"a line\n")
+            await reader.until(7)
+            reactor.unwatch(read_fd)
+            del reader  # the reactor went back to its wait in the step that served it
+            assert gone() is None, "the reactor still holds the reader it served last"
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
