@@ -141,6 +141,8 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
         self._closing = False  # close() began: no start any more
         self._closed = False  # close() is done: run() returns
         self._hosting = False  # run() is there to run the supervise loop
+        self._run_over = False  # run() has returned: what it held is let go
+        self._run_returned: anyio.Event | None = None  # made by a change that waits for that
         self._wake: anyio.Event | None = None  # run() waits on it while no loop runs
         self._start_wanted: Announcement | None = None  # a start() handed to run()
         self._in_line_to_spawn = False  # at the manager's spawn gate (pacer.Turns), its turn to come
@@ -247,11 +249,25 @@ class Instance(RunSetup, Stopping, Adoption, Reporting):
             with anyio.CancelScope(shield=True):
                 await self._kill_now()
                 await self._remove_cgroup()
-            for sink in self._sinks.values():
-                sink.close()
-            for pipe in self._pipes.values():
-                pipe.close()
-            self._health.close()
+            try:
+                for sink in self._sinks.values():
+                    sink.close()
+                for pipe in self._pipes.values():
+                    pipe.close()
+                self._health.close()
+            finally:
+                self._run_over = True
+                if self._run_returned is not None:
+                    self._run_returned.set()
+
+    async def returned(self) -> None:
+        """Wait until ``run()`` has returned, after ``close()``: then nothing of the service's
+        but its caller holds the instance, and a collection frees it (the manager's ``_apply``)."""
+        if self._run_over or not self._closed:
+            return  # returned already, or not on its way out (a run() that never began)
+        if self._run_returned is None:
+            self._run_returned = anyio.Event()
+        await self._run_returned.wait()
 
     async def close(self, reason: str = "removed") -> None:
         """Stop the program if it runs, then end ``run()``: the instance is gone."""

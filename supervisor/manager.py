@@ -221,7 +221,8 @@ class Manager(Resumption):
             prepared = await self._prepare([(n, plan[n]) for n in [*changed, *added]], manifest.supervisor)
 
         self.manifest = manifest
-        await self.stop_in_order([self._instances[n] for n in [*leaving, *changed]], "removed")
+        replaced = [self._instances[n] for n in [*leaving, *changed]]
+        await self.stop_in_order(replaced, "removed")
         old = self._instances
         self._instances = {name: prepared.get(name) or old[name] for name in plan}
         self._roster_changed()
@@ -233,6 +234,15 @@ class Manager(Resumption):
         # again and again. With 10,000 instances, each full collection walked millions of
         # objects, and the spawns, status answers and shutdown all allocate enough to set
         # one off often: a third of the time of a shutdown went to it (docs/performance.md).
+        # But first the garbage goes: an instance this change stopped is cycles (it and its log
+        # sinks point at each other), which only a full collection frees. Frozen with the rest,
+        # they stayed for good: 42 objects an instance replaced, 80 KiB a reload of ten, at
+        # every reload. A change that stopped nothing (the start) has none: no walk (45 ms at 500).
+        garbage = bool(replaced)
+        await _until_returned(replaced)  # so that the collection finds them
+        del replaced, old  # nor may this frame hold one
+        if garbage:
+            gc.collect()
         gc.freeze()
         return report
 
@@ -518,6 +528,18 @@ def _collector_held() -> Iterator[None]:
     finally:
         if collecting:
             gc.enable()
+
+
+#: How long a change waits for the run() of an instance it stopped to return (it lets go of
+#: its log pipes and sinks then), before the collection that frees it: only a stuck one waits.
+_RUN_RETURN_WAIT = 5.0
+
+
+async def _until_returned(instances: Sequence[Instance]) -> None:
+    """Wait until the ``run()`` of each of ``instances`` (closed) has returned, within a bound."""
+    with anyio.move_on_after(_RUN_RETURN_WAIT):
+        for instance in instances:
+            await instance.returned()
 
 
 def _refuse_name_clashes(entries: Mapping[str, InstanceConfig], scaled: Iterable[str]) -> None:
