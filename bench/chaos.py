@@ -18,7 +18,16 @@ being ``running`` again (the longest is "down"). Every 2 s the service's zombies
 the start and the end, and the least-squares slope per minute. After a SIGTERM it
 checks that no process of the run is left.
 
-Usage: python bench/chaos.py [--minutes 5] [--followers 4] [--reload-every 1]
+``--graph`` adds the service graph and its checks to the same storm: 8 small HTTP servers
+(ready and alive by http, every 100 and 200 ms), each with a dependent on its port (ready and
+alive by tcp; ``depends_on: {condition: ready, restart: true}``), 10 instances with exec
+probes every 100 ms, 5 that speak sd_notify with a 2 s watchdog, 5 ready by a line of their
+log, a one-shot ``job`` and 10 ``fleet`` replicas that wait for it to complete and for the
+first server to be ready (their environment changes at every reload, so each reload replaces
+all ten). Each round also kills one running instance of the graph at random. At the end, after
+the storm stops, every instance must be running again (the states are printed).
+
+Usage: python bench/chaos.py [--minutes 5] [--followers 4] [--reload-every 1] [--graph]
 """
 
 from __future__ import annotations
@@ -49,11 +58,88 @@ TALKER = "import sys, time\nline = 'x' * 99 + '\\n'\nwhile True:\n    sys.stdout
 )
 
 
-def write_manifest(path: Path, generation: int) -> None:
-    restart = (
-        "{policy: always, min_uptime: 0, max_restarts: 1000000, window: 1s,"
-        " backoff: {initial: 10ms, factor: 1, max: 10ms, reset_after: 1s}}"
+RESTART = (
+    "{policy: always, min_uptime: 0, max_restarts: 1000000, backoff: {initial: 10ms, factor: 1, max: 10ms}}"
+)
+SERVER = (
+    "import http.server, sys\n"
+    "class Handler(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
+    "    def log_message(self, *args): pass\n"
+    "http.server.ThreadingHTTPServer(('127.0.0.1', int(sys.argv[1])), Handler).serve_forever()\n"
+)
+NOTIFIER = (
+    "import os, socket, time\n"
+    "address = os.environ['NOTIFY_SOCKET'].replace('@', '\\0', 1)\n"
+    "sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n"
+    "while True:\n"
+    "    sock.sendto(b'READY=1\\nWATCHDOG=1', address)\n"
+    "    time.sleep(0.5)\n"
+)
+
+
+GRAPH_TARGETS = [
+    *(f"srv{i}" for i in range(8)),
+    *(f"tcp{i}" for i in range(8)),
+    *(f"exec{i}" for i in range(10)),
+    *(f"notify{i}" for i in range(5)),
+    *(f"line{i}" for i in range(5)),
+    *(f"fleet-{i}" for i in range(10)),
+]
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (the kernel's choice), for the graph's servers."""
+    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def graph_entries(ports: list[int], generation: int) -> list[str]:
+    """The ``--graph`` part of the manifest, one entry a line (flow style)."""
+    python = json.dumps(sys.executable)
+    entries = []
+    for i, port in enumerate(ports):
+        url = f"http://127.0.0.1:{port}/"
+        entries.append(
+            f"srv{i}: {{command: [{python}, -c, {json.dumps(SERVER)}, '{port}'], restart: {RESTART},"
+            f" ready: {{http: '{url}', interval: 100ms, start_timeout: 20s}},"
+            f" alive: {{http: '{url}', interval: 200ms, failure_threshold: 2}}}}"
+        )
+        entries.append(
+            f"tcp{i}: {{command: [sleep, '{MARKER}'], restart: {RESTART},"
+            f" depends_on: {{srv{i}: {{condition: ready, restart: true}}}},"
+            f" ready: {{tcp: '127.0.0.1:{port}', interval: 100ms}},"
+            f" alive: {{tcp: '127.0.0.1:{port}', interval: 200ms}}}}"
+        )
+    for i in range(10):
+        entries.append(
+            f"exec{i}: {{command: [sleep, '{MARKER}'], restart: {RESTART},"
+            " ready: {exec: [true], interval: 100ms}, alive: {exec: [true], interval: 100ms}}"
+        )
+    for i in range(5):
+        entries.append(
+            f"notify{i}: {{command: [{python}, -c, {json.dumps(NOTIFIER)}], restart: {RESTART},"
+            " ready: {notify: true}, watchdog: 2s}"
+        )
+        entries.append(
+            f"line{i}: {{command: [sh, -c, 'echo listening on port {i}; exec sleep {MARKER}'],"
+            f" restart: {RESTART},"
+            " ready: {log: 'listening on port \\d+'}}"
+        )
+    entries.append("job: {command: [sh, -c, 'exit 0'], restart: {policy: 'no', min_uptime: 0}}")
+    entries.append(
+        f"fleet: {{command: [sleep, '{MARKER}'], replicas: 10, restart: {RESTART},"
+        f" env: {{GENERATION: '{generation}'}},"
+        " depends_on: {job: {condition: completed}, srv0: {condition: ready, restart: true}}}"
     )
+    return entries
+
+
+def write_manifest(path: Path, generation: int, ports: list[int] | None = None) -> None:
+    restart = RESTART
+    graph = "".join(f"\n  {entry}" for entry in graph_entries(ports, generation)) if ports else ""
     path.write_text(
         textwrap.dedent(
             f"""
@@ -74,6 +160,8 @@ def write_manifest(path: Path, generation: int) -> None:
                 restart: {{min_uptime: 0}}
             """
         )
+        + graph
+        + "\n"
     )
 
 
@@ -197,69 +285,87 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5)
     parser.add_argument("--followers", type=int, default=4)
     parser.add_argument("--reload-every", type=float, default=1.0)
+    parser.add_argument("--graph", action="store_true", help="add the service graph and its checks")
     args = parser.parse_args()
+    ports = free_ports(8) if args.graph else None
 
     with tempfile.TemporaryDirectory(prefix="chaos-") as folder:
         manifest = Path(folder) / "supervisor.yaml"
-        write_manifest(manifest, 0)
+        write_manifest(manifest, 0, ports)
         log = open(Path(folder) / "service.log", "wb")  # noqa: SIM115
         service = subprocess.Popen([str(SUPERVISOR), "run", "-f", str(manifest)], stdout=log, stderr=log)
         address = Path(folder) / ".supervisor" / "control.sock"
-        client = Client(address, timeout=30)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.health()
-                break
-            except ClientError:
-                if time.monotonic() > deadline or service.poll() is not None:
-                    log.close()
-                    text = (Path(folder) / "service.log").read_text()
-                    raise SystemExit(f"chaos: the service did not come up:\n{text}") from None
-                time.sleep(0.05)
-        if not client.wait(["worker-*", "talker", "flipper"], "running", timeout=60)["ok"]:
-            raise SystemExit("chaos: the instances did not all run")
-
-        watch, stop = Watch(), threading.Event()
-        reader = threading.Thread(target=read_events, args=(address, watch, stop), daemon=True)
-        reader.start()
-        for status in client.status():
-            watch.feed({"instance": status["name"], "to_state": status["state"], "pid": status["pid"]})
-        followers = [stuck_follower(address) for _ in range(args.followers)]
-        samples = [sample(service.pid)]
-        kills = reloads = reload_errors = 0
-        began = time.monotonic()
-        end = began + args.minutes * 60
-        next_sample, next_reload = began + 2, began + args.reload_every
-        while (now := time.monotonic()) < end:
-            with watch.lock:
-                targets = sorted(name for name in watch.running if name.startswith("worker"))
-                pid = watch.pids.get(random.choice(targets)) if targets else None
-            if pid is not None and is_child_of(pid, service.pid):
-                os.kill(pid, signal.SIGKILL)
-                kills += 1
-            if now >= next_reload:
-                next_reload += args.reload_every
-                reloads += 1
-                write_manifest(manifest, reloads)
+        try:
+            client = Client(address, timeout=30)
+            deadline = time.monotonic() + 60
+            while True:
                 try:
-                    client.request("POST", "/v1/reload")
-                except ClientError as exc:
-                    reload_errors += 1
-                    print(f"chaos: reload failed: {exc}", file=sys.stderr)
-            if now >= next_sample:
-                next_sample += 2
-                samples.append(sample(service.pid))
-            time.sleep(0.1)
-        samples.append(sample(service.pid))
-        elapsed = time.monotonic() - began
-        stop.set()
-        for sock in followers:
-            sock.close()
-        service.send_signal(signal.SIGTERM)
-        code = service.wait(timeout=120)
-        reader.join(timeout=5)
-        log.close()
+                    client.health()
+                    break
+                except ClientError:
+                    if time.monotonic() > deadline or service.poll() is not None:
+                        log.close()
+                        text = (Path(folder) / "service.log").read_text()
+                        raise SystemExit(f"chaos: the service did not come up:\n{text}") from None
+                    time.sleep(0.05)
+            everyone = ["worker-*", "talker", "flipper", *(GRAPH_TARGETS if args.graph else [])]
+            if not client.wait(everyone, "running", timeout=60)["ok"]:
+                raise SystemExit("chaos: the instances did not all run")
+
+            watch, stop = Watch(), threading.Event()
+            reader = threading.Thread(target=read_events, args=(address, watch, stop), daemon=True)
+            reader.start()
+            for status in client.status():
+                watch.feed({"instance": status["name"], "to_state": status["state"], "pid": status["pid"]})
+            followers = [stuck_follower(address) for _ in range(args.followers)]
+            samples = [sample(service.pid)]
+            kills = graph_kills = reloads = reload_errors = 0
+            began = time.monotonic()
+            end = began + args.minutes * 60
+            next_sample, next_reload = began + 2, began + args.reload_every
+            while (now := time.monotonic()) < end:
+                with watch.lock:
+                    targets = sorted(name for name in watch.running if name.startswith("worker"))
+                    pid = watch.pids.get(random.choice(targets)) if targets else None
+                if pid is not None and is_child_of(pid, service.pid):
+                    os.kill(pid, signal.SIGKILL)
+                    kills += 1
+                if args.graph:
+                    with watch.lock:
+                        pid = watch.pids.get(random.choice(GRAPH_TARGETS))
+                    if pid is not None and is_child_of(pid, service.pid):
+                        os.kill(pid, signal.SIGKILL)
+                        graph_kills += 1
+                if now >= next_reload:
+                    next_reload += args.reload_every
+                    reloads += 1
+                    write_manifest(manifest, reloads, ports)
+                    try:
+                        client.request("POST", "/v1/reload")
+                    except ClientError as exc:
+                        reload_errors += 1
+                        print(f"chaos: reload failed: {exc}", file=sys.stderr)
+                if now >= next_sample:
+                    next_sample += 2
+                    samples.append(sample(service.pid))
+                time.sleep(0.1)
+            samples.append(sample(service.pid))
+            elapsed = time.monotonic() - began
+            came_back = client.wait(everyone, "running", timeout=25)["ok"]  # under the client's 30 s
+            states: dict[str, int] = {}
+            for status in client.status():
+                states[status["state"]] = states.get(status["state"], 0) + 1
+            stop.set()
+            for sock in followers:
+                sock.close()
+            service.send_signal(signal.SIGTERM)
+            code = service.wait(timeout=120)
+            reader.join(timeout=5)
+            log.close()
+        finally:  # a failure above must not leave the service and its instances running
+            if service.poll() is None:
+                service.send_signal(signal.SIGTERM)
+                service.wait(timeout=120)
         left = leftovers()
 
     first, last = samples[0], samples[-1]
@@ -267,6 +373,9 @@ def main() -> None:
     print(f"kills {kills}, restarts {watch.restarts}, reloads {reloads} ({reload_errors} failed), "
           f"events {watch.events}, stuck followers {args.followers}")
     print(f"longest down {watch.longest_down * 1e3:.0f} ms ({watch.longest_name})")
+    if args.graph:
+        print(f"graph: {graph_kills} kills of its instances; all running again after the storm: {came_back}")
+    print("states after the storm: " + ", ".join(f"{n} {state}" for state, n in sorted(states.items())))
     print("| figure | start | end | max | slope per minute |")
     print("| --- | --- | --- | --- | --- |")
     for key in ("zombies", "fds", "threads", "rss_mb"):
