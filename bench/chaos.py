@@ -87,6 +87,8 @@ GRAPH_TARGETS = [
     *(f"line{i}" for i in range(5)),
     *(f"fleet-{i}" for i in range(10)),
 ]
+
+
 def free_ports(count: int) -> list[int]:
     """Ports nothing listens on now (the kernel's choice), for the graph's servers."""
     socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(count)]
@@ -138,7 +140,6 @@ def graph_entries(ports: list[int], generation: int) -> list[str]:
 
 
 def write_manifest(path: Path, generation: int, ports: list[int] | None = None) -> None:
-    restart = RESTART
     graph = "".join(f"\n  {entry}" for entry in graph_entries(ports, generation)) if ports else ""
     path.write_text(
         textwrap.dedent(
@@ -149,7 +150,7 @@ def write_manifest(path: Path, generation: int, ports: list[int] | None = None) 
               worker:
                 command: ["sh", "-c", "sleep {MARKER} & wait"]
                 replicas: {WORKERS}
-                restart: {restart}
+                restart: {RESTART}
               talker:
                 command: [{json.dumps(sys.executable)}, "-c", {json.dumps(TALKER)}]
                 restart: {{min_uptime: 0}}
